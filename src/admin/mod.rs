@@ -1,0 +1,114 @@
+//! The admin listener (SPEC §5): tasks, reload, metrics, health. Every `/v1/` route needs
+//! `Authorization: Bearer <admin token>`, compared in constant time. Never imports `proxy`.
+
+pub mod client;
+mod routes;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::state::State;
+
+pub type AdminResponse = Response<Full<Bytes>>;
+
+/// Accepts admin connections until shutdown.
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    let mut shutdown = state.shutdown_signal();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((stream, _peer)) = accepted else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/healthz") => text(StatusCode::OK, "ok\n"),
+        ("GET", "/readyz") => routes::readyz(state),
+        ("GET", "/metrics") => routes::metrics(state),
+        (_, p) if p == "/v1" || p.starts_with("/v1/") => {
+            if !authorized(state, &req) {
+                let mut resp = json(
+                    StatusCode::UNAUTHORIZED,
+                    &serde_json::json!({"error": "unauthorized", "message": "send Authorization: Bearer <admin token>"}),
+                );
+                resp.headers_mut().insert(
+                    "www-authenticate",
+                    HeaderValue::from_static("Bearer realm=\"keyward-admin\""),
+                );
+                return resp;
+            }
+            routes::v1(state, req).await
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "not_found"}),
+        ),
+    }
+}
+
+fn authorized(state: &State, req: &Request<Incoming>) -> bool {
+    let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Some(token) = v
+        .to_str()
+        .ok()
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+    else {
+        return false;
+    };
+    // SECURITY: constant-time comparison of the admin token.
+    state.admin_token.ct_eq(token.as_bytes())
+}
+
+pub fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,310 @@
+//! Admin route handlers: tasks (mint, list, get, revoke), reload, metrics, readiness.
+//! Task listings never include tokens; errors name what is wrong, never a secret.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::admin::{json, text, AdminResponse};
+use crate::state::State;
+use crate::tasks::{Grant, MintError, MintSpec, Task};
+
+const MAX_BODY: usize = 64 * 1024;
+
+pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::POST, "/v1/tasks") => mint(state, req).await,
+        (&Method::GET, "/v1/tasks") => {
+            let now = SystemTime::now();
+            let tasks: Vec<Value> = state
+                .tasks
+                .list()
+                .iter()
+                .map(|t| task_json(t, now))
+                .collect();
+            json(StatusCode::OK, &json!({ "tasks": tasks }))
+        }
+        (&Method::POST, "/v1/reload") => match state.reload().await {
+            Ok(version) => json(StatusCode::OK, &json!({ "policy_version": version })),
+            Err(errors) => {
+                let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
+                json(
+                    StatusCode::BAD_REQUEST,
+                    &json!({ "error": "invalid_policy", "errors": list }),
+                )
+            }
+        },
+        (m, p) if p.starts_with("/v1/tasks/") => {
+            let id = &p["/v1/tasks/".len()..];
+            match *m {
+                Method::GET => match state.tasks.get(id) {
+                    Some(t) => json(StatusCode::OK, &task_json(&t, SystemTime::now())),
+                    None => not_found(),
+                },
+                Method::DELETE => match state.tasks.revoke(id) {
+                    Some(t) => {
+                        tracing::info!(task = %t.id, agent = %t.agent, "task revoked");
+                        json(StatusCode::OK, &task_json(&t, SystemTime::now()))
+                    }
+                    None => not_found(),
+                },
+                _ => method_not_allowed(),
+            }
+        }
+        _ => json(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
+    }
+}
+
+fn not_found() -> AdminResponse {
+    json(StatusCode::NOT_FOUND, &json!({"error": "unknown_task"}))
+}
+
+fn method_not_allowed() -> AdminResponse {
+    json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &json!({"error": "method_not_allowed"}),
+    )
+}
+
+/// The body of `POST /v1/tasks`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintRequest {
+    agent: String,
+    #[serde(default)]
+    task: Option<String>,
+    intent: Vec<IntentItem>,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    max_requests: Option<u64>,
+    /// keyward extension: constraints applied to every capability of the intent that has the
+    /// parameter (what `keyward task mint --where` sends).
+    #[serde(default, rename = "where")]
+    where_all: BTreeMap<String, OneOrMany>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntentItem {
+    Name(String),
+    Constrained {
+        capability: String,
+        #[serde(default, rename = "where")]
+        constraints: BTreeMap<String, OneOrMany>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(list) => list,
+        }
+    }
+}
+
+async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad_request("bad_body", "the body could not be read or is over 64 KiB"),
+    };
+    let parsed: MintRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return bad_request("bad_json", &format!("invalid mint request: {e}")),
+    };
+    let ttl = match parsed.ttl.as_deref().map(humantime::parse_duration) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(_)) => return bad_request("bad_ttl", "ttl must be a duration such as 30m or 1h"),
+    };
+    let intent: Vec<Grant> = parsed
+        .intent
+        .into_iter()
+        .map(|i| match i {
+            IntentItem::Name(capability) => Grant {
+                capability,
+                constraints: Vec::new(),
+            },
+            IntentItem::Constrained {
+                capability,
+                constraints,
+            } => Grant {
+                capability,
+                constraints: constraints
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_vec()))
+                    .collect(),
+            },
+        })
+        .collect();
+    let generation = state.current();
+    let everywhere: Vec<(String, Vec<String>)> = parsed
+        .where_all
+        .into_iter()
+        .map(|(k, v)| (k, v.into_vec()))
+        .collect();
+    let intent = match crate::tasks::apply_where(&generation.policy, intent, &everywhere) {
+        Ok(i) => i,
+        Err(e) => return bad_request(mint_error_code(&e), &e.to_string()),
+    };
+    let spec = MintSpec {
+        agent: parsed.agent,
+        task: parsed.task,
+        intent,
+        ttl,
+        max_requests: parsed.max_requests,
+    };
+    match state
+        .tasks
+        .mint(&generation.policy, spec, SystemTime::now())
+    {
+        Ok((task, token)) => {
+            let proxy = state
+                .proxy_addr
+                .get()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(task = %task.id, agent = %task.agent, "task minted");
+            json(
+                StatusCode::CREATED,
+                &json!({
+                    "task": task.id,
+                    "agent": task.agent,
+                    "token": token.expose(),
+                    "expires_at": rfc3339(task.expires_at),
+                    "proxy_url": format!("http://{}:{}@{}", task.id, token.expose(), proxy),
+                }),
+            )
+        }
+        Err(MintError::Conflict(id)) => json(
+            StatusCode::CONFLICT,
+            &json!({"error": "task_exists", "message": format!("task id `{id}` is in use")}),
+        ),
+        Err(e) => bad_request(mint_error_code(&e), &e.to_string()),
+    }
+}
+
+fn mint_error_code(e: &MintError) -> &'static str {
+    match e {
+        MintError::UnknownAgent(_) => "unknown_agent",
+        MintError::UnknownCapability(_) => "unknown_capability",
+        MintError::NotGranted { .. } => "capability_not_granted",
+        MintError::UnknownParam { .. } | MintError::EmptyConstraint(_) => "invalid_constraint",
+        MintError::EmptyIntent => "empty_intent",
+        MintError::TtlTooLong { .. } | MintError::ZeroTtl => "invalid_ttl",
+        MintError::ZeroBudget => "invalid_max_requests",
+        MintError::BadTaskId => "invalid_task_id",
+        MintError::Conflict(_) => "task_exists",
+    }
+}
+
+fn bad_request(code: &str, message: &str) -> AdminResponse {
+    json(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": code, "message": message}),
+    )
+}
+
+fn task_json(t: &Task, now: SystemTime) -> Value {
+    let intent: Vec<Value> = t
+        .intent
+        .iter()
+        .map(|g| {
+            if g.constraints.is_empty() {
+                json!(g.capability)
+            } else {
+                let wh: BTreeMap<&str, &Vec<String>> =
+                    g.constraints.iter().map(|(k, v)| (k.as_str(), v)).collect();
+                json!({"capability": g.capability, "where": wh})
+            }
+        })
+        .collect();
+    let status = if t.is_revoked() {
+        "revoked"
+    } else if t.is_expired(now) {
+        "expired"
+    } else {
+        "active"
+    };
+    json!({
+        "task": t.id,
+        "agent": t.agent,
+        "intent": intent,
+        "status": status,
+        "created_at": rfc3339(t.created_at),
+        "expires_at": rfc3339(t.expires_at),
+        "max_requests": t.max_requests,
+        "requests_used": t.requests_used(),
+        "requests_denied": t.requests_denied(),
+    })
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64;
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+pub fn metrics(state: &Arc<State>) -> AdminResponse {
+    let now = SystemTime::now();
+    state.metrics.tasks_active_reset();
+    for (agent, n) in state.tasks.active_by_agent(now) {
+        state.metrics.tasks_active_set(&agent, n);
+    }
+    state.metrics.leaf_issued_total(state.leaves.issued_total());
+    let mut resp = text(StatusCode::OK, state.metrics.render());
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+pub fn readyz(state: &Arc<State>) -> AdminResponse {
+    let generation = state.current();
+    let unreadable: Vec<&str> = generation.credentials.unreadable();
+    let audit = state.audit.healthy();
+    let listening = state.proxy_addr.get().is_some();
+    let stopping = state.is_shutting_down();
+    let ready = unreadable.is_empty() && audit && listening && !stopping;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        status,
+        &json!({
+            "ready": ready,
+            "policy_version": generation.policy.version(),
+            "credentials_unreadable": unreadable,
+            "audit_ok": audit,
+            "listening": listening,
+            "shutting_down": stopping,
+        }),
+    )
+}

@@ -1,0 +1,185 @@
+//! Wiring: load the policy, build the state, bind the listeners, serve, shut down.
+//! `main` and the integration tests both start keyward through `start`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::audit::AuditLog;
+use crate::credentials;
+use crate::metrics::Metrics;
+use crate::policy::{self, PolicyErrors, SecretSource};
+use crate::state::{Generation, State};
+use crate::tls::ca::CertAuthority;
+use crate::tls::leaf::LeafCache;
+
+/// Leaf certificates kept at most (one per intercepted host).
+const LEAF_CACHE_CAPACITY: usize = 10_000;
+/// Audit records that may wait for the writer before requests wait for it.
+const AUDIT_QUEUE: usize = 65_536;
+
+/// The tokio runtime: one worker per CPU this process may use. `available_parallelism` honours
+/// the affinity mask and the cgroup CPU quota, so a sidecar limited to one CPU runs one worker.
+/// `KEYWARD_WORKERS` overrides it.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::env::var("KEYWARD_WORKERS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+}
+
+/// Why keyward could not start. `exit_code()` maps to SPEC §6: 1 user error, 2 internal.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Policy(PolicyErrors),
+    #[error("the admin token source {0} is unset, empty or unreadable; set it before starting")]
+    AdminToken(String),
+    #[error("{0}")]
+    Ca(String),
+    #[error("cannot open the audit log: {0}")]
+    Audit(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Internal(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// A running keyward.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub ca_path: PathBuf,
+    pub state: Arc<State>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops accepting, lets connections finish (bounded), flushes the audit log.
+    pub async fn shutdown(self) {
+        self.state.begin_shutdown();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(crate::proxy::conn::DRAIN, t).await;
+        }
+        self.state.audit.close().await;
+    }
+}
+
+pub async fn start(config: &Path) -> Result<Running, StartError> {
+    let policy = policy::load(config).map_err(StartError::Policy)?;
+    let token = credentials::read_source(&policy.admin.token)
+        .await
+        .ok_or_else(|| StartError::AdminToken(describe_source(&policy.admin.token)))?;
+
+    let (ca, created) = CertAuthority::load_or_create(&policy.ca.cert, &policy.ca.key)
+        .map_err(|e| StartError::Ca(e.to_string()))?;
+    if created {
+        tracing::info!(cert = %policy.ca.cert.display(), "created a new CA; agents must trust this certificate");
+    }
+    let leaves = LeafCache::new(Arc::new(ca), LEAF_CACHE_CAPACITY)
+        .map_err(|e| StartError::Ca(e.to_string()))?;
+    let metrics = Metrics::new().map_err(|e| StartError::Internal(e.to_string()))?;
+    let audit = AuditLog::open(&policy.audit.path, AUDIT_QUEUE, &metrics)
+        .await
+        .map_err(|e| StartError::Audit(e.to_string()))?;
+
+    let settings = policy.proxy.clone();
+    let admin_listen = policy.admin.listen;
+    let ca_path = policy.ca.cert.clone();
+    let generation = Generation::build(config, policy, &settings)
+        .await
+        .map_err(StartError::Policy)?;
+    let unreadable: Vec<String> = generation
+        .credentials
+        .unreadable()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    for name in &unreadable {
+        tracing::warn!(credential = %name, "credential cannot be read; requests that need it get 502 credential_unavailable");
+    }
+
+    let proxy_listener = bind(settings.listen).await?;
+    let admin_listener = bind(admin_listen).await?;
+    let proxy_addr = local_addr(&proxy_listener, settings.listen)?;
+    let admin_addr = local_addr(&admin_listener, admin_listen)?;
+
+    let state = Arc::new(State::new(
+        generation,
+        config.to_path_buf(),
+        settings,
+        leaves,
+        audit,
+        metrics,
+        token,
+        ca_path.clone(),
+    ));
+    let _ = state.proxy_addr.set(proxy_addr);
+    let _ = state.admin_addr.set(admin_addr);
+
+    let tasks = vec![
+        tokio::spawn(crate::proxy::serve(proxy_listener, state.clone())),
+        tokio::spawn(crate::admin::serve(admin_listener, state.clone())),
+        tokio::spawn(purge_tasks(state.clone())),
+    ];
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        ca_path,
+        state,
+        tasks,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    l.local_addr()
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Forgets long-ended tasks once a minute.
+async fn purge_tasks(state: Arc<State>) {
+    let mut shutdown = state.shutdown_signal();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => state.tasks.purge(SystemTime::now()),
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Names a secret source without its value (`env:NAME`, `file:PATH`, `exec`).
+pub fn describe_source(source: &SecretSource) -> String {
+    match source {
+        SecretSource::Env(name) => format!("`env:{name}`"),
+        SecretSource::File(path) => format!("`file:{}`", path.display()),
+        SecretSource::Exec { .. } => "`exec`".to_string(),
+    }
+}

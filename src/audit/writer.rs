@@ -1,0 +1,734 @@
+//! The writer thread and its handle. Callers serialize a record and hash most of it on their
+//! own thread (`write`), then queue it on a bounded channel; one dedicated thread (file I/O never
+//! runs on a tokio worker) drains everything queued, chains each line (`seq`, `hash`) into one
+//! reused buffer and writes each batch with a single `write_all`.
+//!
+//! Must never: drop a record to make room (a full queue makes `write` wait), block a tokio
+//! worker, or report healthy after a record failed to reach the sink.
+
+use super::chain::{continue_chain, Chain, Encoded};
+use super::{AuditError, AuditRecord};
+use crate::metrics::Metrics;
+use crate::policy::AuditTarget;
+use prometheus::IntCounter;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// The writer stops draining the queue into one batch past this many bytes, which bounds both
+/// the buffer and the delay before the first record of a burst hits the file.
+const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Largest queue `open` accepts; more only hides a sink that cannot keep up.
+const MAX_CAPACITY: usize = 1 << 20;
+/// Messages taken off the queue per round.
+const RECV_CHUNK: usize = 512;
+
+enum Msg {
+    Record(Encoded),
+    /// Flush, sync, acknowledge, stop.
+    Close(oneshot::Sender<()>),
+}
+
+struct Shared {
+    healthy: AtomicBool,
+    written: AtomicU64,
+    lost: AtomicU64,
+    /// `write_detached` sends still waiting for queue space; `close` waits for them.
+    detached_pending: AtomicUsize,
+    detached_done: Notify,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            healthy: AtomicBool::new(true),
+            written: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            detached_pending: AtomicUsize::new(0),
+            detached_done: Notify::new(),
+        }
+    }
+
+    fn record_lost(&self, why: &'static str) {
+        self.healthy.store(false, Ordering::SeqCst);
+        let lost = self.lost.fetch_add(1, Ordering::Relaxed) + 1;
+        // Log the 1st, 2nd, 4th, 8th, … loss: a dead sink under load must not flood stderr.
+        if lost.is_power_of_two() {
+            tracing::error!(lost, why, "audit record not written");
+        }
+    }
+}
+
+/// Handle on the audit writer. Cheap to clone; all clones feed the same writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("healthy", &self.healthy())
+            .field("records_written", &self.records_written())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditLog {
+    /// Opens the target (file: append mode, created 0600; `Stdout`: standard output), continues
+    /// `seq`/hash from the last record of an existing file, and starts the writer thread behind
+    /// a queue of `capacity` records (clamped to 1..=2^20).
+    pub async fn open(
+        target: &AuditTarget,
+        capacity: usize,
+        metrics: &Metrics,
+    ) -> Result<AuditLog, AuditError> {
+        // tokio refuses (panics on) a zero or absurdly large capacity.
+        let (tx, rx) = mpsc::channel(capacity.clamp(1, MAX_CAPACITY));
+        let shared = Arc::new(Shared::new());
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let target = target.clone();
+        let writer_shared = Arc::clone(&shared);
+        let counter = metrics.audit_records_counter();
+        // Opening and scanning the tail is blocking file I/O too, so it happens on the writer
+        // thread; the result comes back over `ready`.
+        std::thread::Builder::new()
+            .name("keyward-audit".into())
+            .spawn(move || {
+                let (sink, chain) = match open_sink(&target) {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if ready_tx.send(Ok(())).is_err() {
+                    return; // open() was cancelled
+                }
+                Writer {
+                    sink,
+                    chain,
+                    shared: writer_shared,
+                    counter,
+                }
+                .run(rx);
+            })
+            .map_err(AuditError::Spawn)?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(AuditLog { tx, shared }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AuditError::WriterGone),
+        }
+    }
+
+    /// Queues one record, waiting for space when the queue is full (backpressure). The record
+    /// is serialized and mostly hashed here, on the caller's thread (see `chain::Encoded`).
+    pub async fn write(&self, rec: AuditRecord) {
+        let Some(msg) = self.encode(rec) else { return };
+        if self.tx.send(msg).await.is_err() {
+            self.shared.record_lost("audit log closed");
+        }
+    }
+
+    /// For paths that cannot await (a `Drop`): queue now if there is room, else hand the record
+    /// to a task that waits for room. Outside a tokio runtime it blocks the calling thread.
+    pub fn write_detached(&self, rec: AuditRecord) {
+        let Some(msg) = self.encode(rec) else { return };
+        let msg = match self.tx.try_send(msg) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.shared.record_lost("audit log closed");
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let pending = DetachedSend::new(Arc::clone(&self.shared));
+                let tx = self.tx.clone();
+                rt.spawn(async move {
+                    let mut pending = pending;
+                    pending.sent = tx.send(msg).await.is_ok();
+                });
+            }
+            // Not inside a runtime, so blocking this thread cannot stall a tokio worker.
+            Err(_) => {
+                if self.tx.blocking_send(msg).is_err() {
+                    self.shared.record_lost("audit log closed");
+                }
+            }
+        }
+    }
+
+    fn encode(&self, mut rec: AuditRecord) -> Option<Msg> {
+        if rec.ts.is_empty() {
+            rec.ts = AuditRecord::now_ts();
+        }
+        match Encoded::new(&rec) {
+            Ok(encoded) => Some(Msg::Record(encoded)),
+            Err(_) => {
+                self.shared.record_lost("record cannot be serialized");
+                None
+            }
+        }
+    }
+
+    /// False once a write to the sink failed or a record could not be queued; it never turns
+    /// true again (the chain on disk may be torn), so a restart is required.
+    pub fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Records that reached the sink (written to the OS) so far.
+    pub fn records_written(&self) -> u64 {
+        self.shared.written.load(Ordering::SeqCst)
+    }
+
+    /// Writes everything queued so far (including detached writes still waiting for room),
+    /// syncs the file and stops the writer. Records sent afterwards are lost and make the log
+    /// unhealthy. A second call returns at once.
+    pub async fn close(&self) {
+        loop {
+            let done = self.shared.detached_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.shared.detached_pending.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            done.await;
+        }
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if self.tx.send(Msg::Close(ack_tx)).await.is_ok() {
+            let _ = ack_rx.await;
+        }
+    }
+}
+
+/// Tracks one spawned `write_detached` send. Dropped when the send finished — or when the task
+/// was dropped unpolled because the runtime is shutting down, which must still count as a loss
+/// and must not leave `close` waiting forever.
+struct DetachedSend {
+    shared: Arc<Shared>,
+    sent: bool,
+}
+
+impl DetachedSend {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.detached_pending.fetch_add(1, Ordering::SeqCst);
+        DetachedSend {
+            shared,
+            sent: false,
+        }
+    }
+}
+
+impl Drop for DetachedSend {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.shared.record_lost("audit log closed");
+        }
+        if self.shared.detached_pending.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.shared.detached_done.notify_waiters();
+        }
+    }
+}
+
+enum Sink {
+    /// `regular` is false for a device or pipe (`/dev/stdout`, a FIFO): no tail to continue
+    /// and nothing to fsync.
+    File {
+        file: File,
+        regular: bool,
+    },
+    Stdout(io::Stdout),
+}
+
+impl Sink {
+    fn write_batch(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::File { file, .. } => file.write_all(buf),
+            Sink::Stdout(out) => {
+                let mut out = out.lock();
+                out.write_all(buf)?;
+                out.flush()
+            }
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        match self {
+            Sink::File { file, regular } => {
+                if *regular {
+                    file.sync_data()
+                } else {
+                    Ok(())
+                }
+            }
+            Sink::Stdout(out) => out.flush(),
+        }
+    }
+}
+
+fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
+    match target {
+        AuditTarget::Stdout => Ok((Sink::Stdout(io::stdout()), Chain::default())),
+        AuditTarget::File(path) => {
+            let mut opts = OpenOptions::new();
+            opts.append(true).create(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                // SECURITY: records show who called what; not for other local users.
+                opts.mode(0o600);
+            }
+            let open_err = |source| AuditError::Open {
+                path: path.clone(),
+                source,
+            };
+            let mut file = opts.open(path).map_err(open_err)?;
+            let meta = file.metadata().map_err(open_err)?;
+            if !meta.is_file() {
+                // A device or pipe: nothing to read back, so the chain starts afresh.
+                let sink = Sink::File {
+                    file,
+                    regular: false,
+                };
+                return Ok((sink, Chain::default()));
+            }
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format_args!("{mode:o}"),
+                        "audit log is readable by other users; run `chmod 600` on it"
+                    );
+                }
+            }
+            // A separate read-only handle: the append handle may not be readable.
+            let mut reader = File::open(path).map_err(open_err)?;
+            let (chain, torn_tail) = continue_chain(&mut reader, path)?;
+            if torn_tail {
+                // End the torn line so the next record starts on its own line.
+                file.write_all(b"\n").map_err(open_err)?;
+            }
+            let sink = Sink::File {
+                file,
+                regular: true,
+            };
+            Ok((sink, chain))
+        }
+    }
+}
+
+struct Writer {
+    sink: Sink,
+    chain: Chain,
+    shared: Arc<Shared>,
+    counter: IntCounter,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut msgs = Vec::with_capacity(RECV_CHUNK);
+        let mut buf = Vec::with_capacity(64 * 1024);
+        loop {
+            // Block for the first message, then take whatever else is already queued.
+            if rx.blocking_recv_many(&mut msgs, RECV_CHUNK) == 0 {
+                self.finish(None);
+                return; // every AuditLog handle is gone
+            }
+            let mut batch = 0u64;
+            let mut close = None;
+            loop {
+                for msg in msgs.drain(..) {
+                    match msg {
+                        Msg::Record(rec) if close.is_none() => {
+                            batch += u64::from(self.append(rec, &mut buf));
+                        }
+                        Msg::Record(_) => self.shared.record_lost("sent after close"),
+                        Msg::Close(ack) => close = close.or(Some(ack)),
+                    }
+                }
+                if close.is_some() || buf.len() >= MAX_BATCH_BYTES {
+                    break;
+                }
+                while msgs.len() < RECV_CHUNK {
+                    match rx.try_recv() {
+                        Ok(msg) => msgs.push(msg),
+                        Err(_) => break,
+                    }
+                }
+                if msgs.is_empty() {
+                    break; // the queue is empty: write what we have
+                }
+            }
+            self.flush_batch(&mut buf, batch);
+            if close.is_some() {
+                // Whatever other handles queued after the close cannot be written any more;
+                // count it rather than drop it silently with the receiver.
+                rx.close();
+                while let Ok(msg) = rx.try_recv() {
+                    if let Msg::Record(_) = msg {
+                        self.shared.record_lost("sent after close");
+                    }
+                }
+                self.finish(close);
+                return;
+            }
+        }
+    }
+
+    /// Appends one line to `buf` and advances the chain; false (nothing appended) if the log
+    /// already failed.
+    fn append(&mut self, rec: Encoded, buf: &mut Vec<u8>) -> bool {
+        if !self.shared.healthy.load(Ordering::Relaxed) {
+            self.shared.record_lost("audit log failed earlier");
+            return false;
+        }
+        self.chain.append(rec, buf);
+        true
+    }
+
+    fn flush_batch(&mut self, buf: &mut Vec<u8>, records: u64) {
+        if buf.is_empty() {
+            return;
+        }
+        match self.sink.write_batch(buf) {
+            Ok(()) => {
+                self.shared.written.fetch_add(records, Ordering::SeqCst);
+                self.counter.inc_by(records);
+            }
+            Err(e) => {
+                // The chain already counts these records; a partial write may have torn a
+                // line. Stay failed so the proxy refuses requests instead of logging gaps.
+                self.shared.healthy.store(false, Ordering::SeqCst);
+                self.shared.lost.fetch_add(records, Ordering::Relaxed);
+                tracing::error!(error = %e, records, "audit log write failed");
+            }
+        }
+        buf.clear();
+        // Release a buffer grown by a huge burst instead of holding it for the process' life.
+        if buf.capacity() > 4 * MAX_BATCH_BYTES {
+            buf.shrink_to(64 * 1024);
+        }
+    }
+
+    fn finish(&mut self, ack: Option<oneshot::Sender<()>>) {
+        if let Err(e) = self.sink.sync() {
+            self.shared.healthy.store(false, Ordering::SeqCst);
+            tracing::error!(error = %e, "audit log sync failed at close");
+        }
+        if let Some(ack) = ack {
+            let _ = ack.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::verify_chain;
+    use std::path::{Path, PathBuf};
+
+    fn record(i: usize) -> AuditRecord {
+        AuditRecord {
+            ts: AuditRecord::now_ts(),
+            request_id: format!("req-{i}"),
+            decision: "deny",
+            reason: "unknown_host",
+            method: "CONNECT".into(),
+            scheme: "https",
+            host: "evil.example".into(),
+            port: Some(443),
+            status: 403,
+            client: "127.0.0.1:1".into(),
+            policy_version: "0123456789abcdef".into(),
+            ..AuditRecord::default()
+        }
+    }
+
+    fn file_target(dir: &tempfile::TempDir) -> (AuditTarget, PathBuf) {
+        let path = dir.path().join("audit.jsonl");
+        (AuditTarget::File(path.clone()), path)
+    }
+
+    fn verify(path: &Path) -> u64 {
+        let file = File::open(path).unwrap();
+        verify_chain(io::BufReader::new(file)).unwrap()
+    }
+
+    fn seqs(path: &Path) -> Vec<u64> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn chain_continues_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let metrics = Metrics::new().unwrap();
+
+        let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        for i in 0..3 {
+            log.write(record(i)).await;
+        }
+        log.close().await;
+        assert_eq!(log.records_written(), 3);
+        assert!(log.healthy());
+
+        let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        for i in 3..5 {
+            log.write(record(i)).await;
+        }
+        log.close().await;
+
+        assert_eq!(verify(&path), 5);
+        assert_eq!(seqs(&path), [1, 2, 3, 4, 5]);
+        assert!(metrics.render().contains("keyward_audit_records_total 5\n"));
+    }
+
+    #[tokio::test]
+    async fn chain_continues_after_a_torn_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let metrics = Metrics::new().unwrap();
+        let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        log.write(record(0)).await;
+        log.write(record(1)).await;
+        log.close().await;
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"ts\":\"2026-").unwrap();
+
+        let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        log.write(record(2)).await;
+        log.close().await;
+
+        // The fragment stays as evidence on its own line; without it the chain is intact.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[2], "{\"ts\":\"2026-");
+        let without: String = [lines[0], lines[1], lines[3]]
+            .map(|l| format!("{l}\n"))
+            .concat();
+        assert_eq!(verify_chain(io::Cursor::new(without)), Ok(3));
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn new_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let log = AuditLog::open(&target, 4, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        log.close().await;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn open_reports_an_unwritable_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = AuditTarget::File(dir.path().join("missing-dir").join("audit.jsonl"));
+        let err = AuditLog::open(&target, 4, &Metrics::new().unwrap())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AuditError::Open { .. }), "{err}");
+        assert!(err.to_string().contains("missing-dir"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn backpressure_with_capacity_one_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let log = AuditLog::open(&target, 1, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..10)
+            .map(|t| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for i in 0..100 {
+                        log.write(record(t * 100 + i)).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        log.close().await;
+        assert!(log.healthy());
+        assert_eq!(log.records_written(), 1000);
+        assert_eq!(verify(&path), 1000);
+        let text = std::fs::read_to_string(&path).unwrap();
+        for i in 0..1000 {
+            assert!(
+                text.contains(&format!("\"request_id\":\"req-{i}\"")),
+                "req-{i}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn detached_writes_land_before_close_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let log = AuditLog::open(&target, 1, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        // Inside the runtime with a full queue: handed to tasks that wait for room.
+        for i in 0..200 {
+            log.write_detached(record(i));
+        }
+        // Outside any runtime: blocks that plain thread instead.
+        let from_thread = log.clone();
+        std::thread::spawn(move || {
+            for i in 200..250 {
+                from_thread.write_detached(record(i));
+            }
+        })
+        .join()
+        .unwrap();
+        log.close().await;
+        assert!(log.healthy());
+        assert_eq!(verify(&path), 250);
+    }
+
+    #[tokio::test]
+    async fn writes_after_close_make_the_log_unhealthy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let log = AuditLog::open(&target, 4, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        log.write(record(0)).await;
+        log.close().await;
+        log.close().await; // a second close returns at once
+        assert!(log.healthy());
+        log.write(record(1)).await;
+        assert!(!log.healthy());
+        log.write_detached(record(2));
+        assert_eq!(verify(&path), 1);
+    }
+
+    #[tokio::test]
+    async fn empty_ts_is_filled_by_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let log = AuditLog::open(&target, 4, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        log.write(AuditRecord::default()).await;
+        log.close().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["ts"].as_str().unwrap().len(), 27);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_failing_sink_turns_unhealthy() {
+        let target = AuditTarget::File("/dev/full".into());
+        let log = AuditLog::open(&target, 4, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        assert!(log.healthy());
+        log.write(record(0)).await;
+        log.close().await;
+        assert!(!log.healthy());
+        assert_eq!(log.records_written(), 0);
+    }
+
+    fn typical_record() -> AuditRecord {
+        AuditRecord {
+            task: Some("TICKET-123".into()),
+            agent: Some("triage-bot".into()),
+            path: "/repos/acme/web/issues/42/comments".into(),
+            service: Some("github".into()),
+            capability: Some("github.issues.comment".into()),
+            route: Some("POST /repos/{owner}/{repo}/issues/{number}/comments".into()),
+            risk: Some("medium"),
+            credential: Some("github_token".into()),
+            upstream_ms: Some(87.25),
+            ..record(0)
+        }
+    }
+
+    /// Throughput of the whole path (encode on 4 producer tasks, channel, chain, write), then of
+    /// the writer thread alone on pre-encoded records. Run with
+    /// `cargo test --release --lib -- --ignored --nocapture throughput`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "measurement, not a check; run in release"]
+    async fn throughput() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let log = AuditLog::open(&target, 65_536, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        let (producers, per) = (4u64, 250_000u64);
+        let start = std::time::Instant::now();
+        let tasks: Vec<_> = (0..producers)
+            .map(|_| {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    for _ in 0..per {
+                        log.write(typical_record()).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        log.close().await;
+        let secs = start.elapsed().as_secs_f64();
+        let n = producers * per;
+        let bytes = std::fs::metadata(&path).unwrap().len();
+        println!(
+            "end to end: {n} records, {} bytes each, {:.0} records/s",
+            bytes / n,
+            n as f64 / secs
+        );
+        assert_eq!(log.records_written(), n);
+
+        let n = 200_000;
+        let (tx, rx) = mpsc::channel(n);
+        let rec = typical_record();
+        for _ in 0..n {
+            let msg = Msg::Record(Encoded::new(&rec).unwrap());
+            assert!(tx.try_send(msg).is_ok());
+        }
+        drop(tx);
+        let (sink, chain) = open_sink(&AuditTarget::File(dir.path().join("w.jsonl"))).unwrap();
+        let shared = Arc::new(Shared::new());
+        let writer = Writer {
+            sink,
+            chain,
+            shared: Arc::clone(&shared),
+            counter: Metrics::new().unwrap().audit_records_counter(),
+        };
+        let start = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || writer.run(rx))
+            .await
+            .unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        println!("writer thread alone: {:.0} records/s", n as f64 / secs);
+        assert_eq!(shared.written.load(Ordering::SeqCst), n as u64);
+    }
+}

@@ -1,0 +1,457 @@
+//! The command line (SPEC §6): parses arguments and dispatches. No business logic here.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+use http::Method;
+
+use crate::admin::client;
+use crate::decide::{self, RequestFacts};
+use crate::matcher::canon::canonicalize;
+use crate::policy::{self, CompiledPolicy, Injection, Scheme};
+use crate::proxy::identify::parse_authority;
+use crate::secret::Secret;
+use crate::tasks::{MintSpec, TaskStore};
+
+#[derive(Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "A forward proxy that holds API credentials for AI agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the proxy and the admin API.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a policy file; print every error as file:line:column: key.path: message.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show what keyward would decide for a request, without sending anything.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        agent: String,
+        /// Capabilities of the intent, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        intent: Vec<String>,
+        /// Path-parameter constraint k=v (applies to every capability with that parameter).
+        #[arg(long = "where", value_name = "K=V")]
+        constraints: Vec<String>,
+        method: String,
+        url: String,
+    },
+    /// Mint, list and revoke tasks through the admin API.
+    Task {
+        #[command(subcommand)]
+        command: TaskCommand,
+    },
+    /// Manage keyward's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TaskCommand {
+    /// Mint a task and print the proxy URL to export.
+    Mint {
+        #[arg(long)]
+        agent: String,
+        #[arg(long, value_delimiter = ',', required = true)]
+        intent: Vec<String>,
+        #[arg(long = "where", value_name = "K=V")]
+        constraints: Vec<String>,
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        max_requests: Option<u64>,
+        /// Task id (generated when absent).
+        #[arg(long)]
+        task: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List tasks (never tokens).
+    List {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Revoke a task at once.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    /// Admin API base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8481")]
+    admin: String,
+}
+
+#[derive(Subcommand)]
+pub enum CaCommand {
+    /// Create the CA (ca.pem and ca-key.pem) in DIR; refuses to overwrite.
+    Init {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+    },
+}
+
+/// A failure of a command: its message (one sentence) and exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub code: i32,
+}
+
+impl Failure {
+    fn user(message: impl Into<String>) -> Failure {
+        Failure {
+            message: message.into(),
+            code: 1,
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Serve { config } => serve(&config).await,
+        Command::Check { config } => check(&config),
+        Command::Explain {
+            config,
+            agent,
+            intent,
+            constraints,
+            method,
+            url,
+        } => explain(&config, agent, intent, &constraints, &method, &url),
+        Command::Task { command } => task(command).await,
+        Command::Ca {
+            command: CaCommand::Init { dir },
+        } => {
+            let cert = dir.join("ca.pem");
+            let key = dir.join("ca-key.pem");
+            crate::tls::ca::CertAuthority::create(&cert, &key)
+                .map_err(|e| Failure::user(e.to_string()))?;
+            println!("created {} and {}", cert.display(), key.display());
+            println!(
+                "trust {} in your agents (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, curl --cacert)",
+                cert.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: &Path) -> Result<(), Failure> {
+    let running = crate::app::start(config).await.map_err(|e| Failure {
+        code: e.exit_code(),
+        message: e.to_string(),
+    })?;
+    eprintln!(
+        "keyward listening proxy={} admin={} ca={}",
+        running.proxy_addr,
+        running.admin_addr,
+        running.ca_path.display()
+    );
+    wait_for_signals(&running).await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(running: &crate::app::Running) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match running.state.reload().await {
+                Ok(v) => tracing::info!(policy_version = %v, "reloaded on SIGHUP"),
+                Err(errors) => {
+                    for e in &errors.0 {
+                        tracing::error!("{e}");
+                    }
+                    tracing::error!("reload failed; the previous policy keeps serving");
+                }
+            },
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_running: &crate::app::Running) {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn check(config: &Path) -> Result<(), Failure> {
+    match policy::load(config) {
+        Ok(p) => {
+            println!(
+                "{}: ok ({} services, {} capabilities, {} agents; policy_version {})",
+                config.display(),
+                p.services.len(),
+                p.capabilities.len(),
+                p.agents.len(),
+                p.version
+            );
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            Err(Failure::user(format!(
+                "{} has {} error(s)",
+                config.display(),
+                errors.0.len()
+            )))
+        }
+    }
+}
+
+/// Parses `k=v` constraints into (k, [v]) pairs, merging repeated keys.
+fn parse_where(items: &[String]) -> Result<Vec<(String, Vec<String>)>, Failure> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| Failure::user(format!("--where `{item}` must be KEY=VALUE")))?;
+        match out.iter_mut().find(|(key, _)| key == k) {
+            Some((_, vals)) => vals.push(v.to_string()),
+            None => out.push((k.to_string(), vec![v.to_string()])),
+        }
+    }
+    Ok(out)
+}
+
+fn explain(
+    config: &Path,
+    agent: String,
+    intent: Vec<String>,
+    constraints: &[String],
+    method: &str,
+    url: &str,
+) -> Result<(), Failure> {
+    let policy = policy::load(config).map_err(|e| Failure::user(e.to_string()))?;
+    let compiled = CompiledPolicy::compile(policy);
+    let constraints = parse_where(constraints)?;
+    let grants = crate::tasks::grants_with_where(&compiled, intent, &constraints)
+        .map_err(|e| Failure::user(e.to_string()))?;
+    let store = TaskStore::new();
+    let now = SystemTime::now();
+    let (task, _token) = store
+        .mint(
+            &compiled,
+            MintSpec {
+                agent,
+                task: Some("explain".into()),
+                intent: grants,
+                ttl: None,
+                max_requests: None,
+            },
+            now,
+        )
+        .map_err(|e| Failure::user(e.to_string()))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| Failure::user(format!("`{url}` is not a URL")))?;
+    let scheme = match uri.scheme_str() {
+        Some("https") => Scheme::Https,
+        Some("http") => Scheme::Http,
+        _ => return Err(Failure::user("the URL must start with http:// or https://")),
+    };
+    let authority = uri
+        .authority()
+        .ok_or_else(|| Failure::user("the URL has no host"))?;
+    let (host, port) = parse_authority(authority.as_str(), scheme.default_port()).map_err(|e| {
+        Failure::user(format!(
+            "the URL's host is refused as ambiguous ({})",
+            e.code
+        ))
+    })?;
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| Failure::user(format!("`{method}` is not an HTTP method")))?;
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = match canonicalize(target) {
+        Ok(p) => p,
+        Err(a) => {
+            println!(
+                "decision:   deny\nreason:     ambiguous_request ({})",
+                a.as_str()
+            );
+            return Ok(());
+        }
+    };
+    if scheme == Scheme::Https {
+        match decide::decide_connect(&compiled, &task, &host, port, now) {
+            Ok(d) => println!("connect:    {d:?} {host}:{port}"),
+            Err(d) => println!("connect:    deny ({})", d.reason.as_str()),
+        }
+    }
+    let facts = RequestFacts {
+        scheme,
+        host: &host,
+        port,
+        method: &method,
+        path: &path,
+    };
+    match decide::decide(&compiled, &task, &facts, now) {
+        Ok(permit) => {
+            let cap = compiled.capability_at(permit.capability());
+            let service = compiled.service_at(permit.service());
+            println!("decision:   allow\nreason:     allowed");
+            println!("service:    {}", service.name);
+            println!("capability: {} (risk {})", cap.name, cap.risk.as_str());
+            println!("route:      {}", cap.route_text[permit.route()]);
+            match &service.inject {
+                Some(inj) => {
+                    let (idx, place) = match inj {
+                        Injection::Header {
+                            name, credential, ..
+                        } => (*credential, format!("header {name}")),
+                        Injection::Query { param, credential } => {
+                            (*credential, format!("query parameter {param}"))
+                        }
+                        Injection::Basic { credential, .. } => {
+                            (*credential, "basic auth".to_string())
+                        }
+                    };
+                    let name = &compiled.policy().credentials[idx].name;
+                    println!("credential: {name} (injected as {place})");
+                }
+                None => println!("credential: none"),
+            }
+        }
+        Err(d) => {
+            println!("decision:   deny\nreason:     {}", d.reason.as_str());
+            if let Some(c) = d.capability {
+                println!("closest:    {}", compiled.capability_at(c).name);
+            }
+            if let Some(h) = d.hint {
+                println!("would allow: {}", compiled.capability_at(h).name);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn task(command: TaskCommand) -> Result<(), Failure> {
+    let token = std::env::var("KEYWARD_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Secret::new)
+        .ok_or_else(|| Failure::user("set KEYWARD_ADMIN_TOKEN to the admin token"))?;
+    let fail = |e: client::ClientError| Failure::user(e.to_string());
+    match command {
+        TaskCommand::Mint {
+            agent,
+            intent,
+            constraints,
+            ttl,
+            max_requests,
+            task,
+            admin,
+        } => {
+            let wh: serde_json::Map<String, serde_json::Value> = parse_where(&constraints)?
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::json!(v)))
+                .collect();
+            let mut body = serde_json::json!({ "agent": agent, "intent": intent });
+            if !wh.is_empty() {
+                body["where"] = serde_json::Value::Object(wh);
+            }
+            if let Some(t) = ttl {
+                body["ttl"] = t.into();
+            }
+            if let Some(n) = max_requests {
+                body["max_requests"] = n.into();
+            }
+            if let Some(t) = task {
+                body["task"] = t.into();
+            }
+            let out = client::call(&admin.admin, &token, Method::POST, "/v1/tasks", Some(body))
+                .await
+                .map_err(fail)?;
+            let url = out["proxy_url"].as_str().unwrap_or_default();
+            println!(
+                "# task {} expires {}",
+                out["task"].as_str().unwrap_or_default(),
+                out["expires_at"].as_str().unwrap_or_default()
+            );
+            println!("export HTTPS_PROXY={url} HTTP_PROXY={url}");
+            Ok(())
+        }
+        TaskCommand::List { admin } => {
+            let out = client::call(&admin.admin, &token, Method::GET, "/v1/tasks", None)
+                .await
+                .map_err(fail)?;
+            let empty = Vec::new();
+            let tasks = out["tasks"].as_array().unwrap_or(&empty);
+            println!(
+                "{:<24} {:<16} {:<8} {:<21} {:>6}  intent",
+                "TASK", "AGENT", "STATUS", "EXPIRES", "USED"
+            );
+            for t in tasks {
+                let intent: Vec<String> = t["intent"]
+                    .as_array()
+                    .unwrap_or(&empty)
+                    .iter()
+                    .map(|i| {
+                        i.as_str().map(str::to_string).unwrap_or_else(|| {
+                            i["capability"].as_str().unwrap_or_default().to_string()
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{:<24} {:<16} {:<8} {:<21} {:>6}  {}",
+                    t["task"].as_str().unwrap_or_default(),
+                    t["agent"].as_str().unwrap_or_default(),
+                    t["status"].as_str().unwrap_or_default(),
+                    t["expires_at"].as_str().unwrap_or_default(),
+                    t["requests_used"],
+                    intent.join(",")
+                );
+            }
+            Ok(())
+        }
+        TaskCommand::Revoke { id, admin } => {
+            client::call(
+                &admin.admin,
+                &token,
+                Method::DELETE,
+                &format!("/v1/tasks/{id}"),
+                None,
+            )
+            .await
+            .map_err(fail)?;
+            println!("revoked {id}");
+            Ok(())
+        }
+    }
+}

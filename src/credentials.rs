@@ -1,0 +1,356 @@
+//! Credentials: reading secret values from their sources, and injecting them into a request
+//! that holds a `Permit`.
+//!
+//! `env:` values are read at load; `file:` values are re-read when the file changes (checked at
+//! most once a second, as Kubernetes secret volumes update in place); `exec:` values are fetched
+//! at load and refreshed in the background. A source that cannot be read yields
+//! `credential_unavailable`: nothing is ever sent without its credential. Values live only in
+//! `Secret` and never reach a log, error or record.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION};
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+
+use crate::decide::Permit;
+use crate::policy::{CompiledPolicy, Injection, SecretSource};
+use crate::reason::Reason;
+use crate::secret::Secret;
+
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Values shorter than this are not scanned for in requests (they would match by chance).
+const MIN_SCAN_LEN: usize = 8;
+
+/// A value and when it was read.
+struct Cached {
+    value: Option<Arc<Secret>>,
+    checked: Instant,
+    mtime: Option<SystemTime>,
+}
+
+/// One credential of the policy, by index.
+pub struct CredentialSlot {
+    name: String,
+    source: SecretSource,
+    refresh: Duration,
+    cache: ArcSwapOption<Cached>,
+}
+
+impl CredentialSlot {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// All credentials of one policy generation.
+pub struct CredentialStore {
+    slots: Vec<Arc<CredentialSlot>>,
+}
+
+impl CredentialStore {
+    /// Reads every source once (exec sources run now). Unreadable sources are kept and reported
+    /// by `unreadable()`; requests needing them get `credential_unavailable`.
+    pub async fn load(policy: &CompiledPolicy) -> CredentialStore {
+        let mut slots = Vec::new();
+        for def in &policy.policy().credentials {
+            let slot = Arc::new(CredentialSlot {
+                name: def.name.clone(),
+                source: def.source.clone(),
+                refresh: def.refresh.unwrap_or(Duration::from_secs(300)),
+                cache: ArcSwapOption::empty(),
+            });
+            let value = read_source(&slot.source).await;
+            slot.cache.store(Some(Arc::new(Cached {
+                mtime: file_mtime(&slot.source),
+                value: value.map(Arc::new),
+                checked: Instant::now(),
+            })));
+            slots.push(slot);
+        }
+        CredentialStore { slots }
+    }
+
+    /// Starts background refresh for `exec` sources; the tasks end when the store is dropped.
+    pub fn spawn_refreshers(&self) {
+        for slot in &self.slots {
+            if !matches!(slot.source, SecretSource::Exec { .. }) {
+                continue;
+            }
+            let weak = Arc::downgrade(slot);
+            let every = slot.refresh;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(slot) = weak.upgrade() else { return };
+                    let value = read_source(&slot.source).await;
+                    if value.is_none() {
+                        tracing::warn!(credential = %slot.name, "credential refresh failed; keeping the previous value");
+                        continue;
+                    }
+                    slot.cache.store(Some(Arc::new(Cached {
+                        value: value.map(Arc::new),
+                        checked: Instant::now(),
+                        mtime: None,
+                    })));
+                }
+            });
+        }
+    }
+
+    /// The current value of credential `idx`, or `None` if it cannot be read now.
+    pub fn get(&self, idx: usize) -> Option<Arc<Secret>> {
+        let slot = self.slots.get(idx)?;
+        let cached = slot.cache.load_full();
+        if let (SecretSource::File(path), Some(c)) = (&slot.source, cached.as_ref()) {
+            if c.checked.elapsed() >= FILE_CHECK_INTERVAL {
+                return Some(refresh_file(slot, path, c)?).flatten();
+            }
+        }
+        cached.and_then(|c| c.value.clone())
+    }
+
+    pub fn name(&self, idx: usize) -> Option<&str> {
+        self.slots.get(idx).map(|s| s.name.as_str())
+    }
+
+    /// Names of credentials that cannot be read now (for readiness).
+    pub fn unreadable(&self) -> Vec<&str> {
+        (0..self.slots.len())
+            .filter(|&i| self.get(i).is_none())
+            .map(|i| self.slots[i].name.as_str())
+            .collect()
+    }
+
+    /// Whether any header value or the request target carries a real credential's value
+    /// (SPEC §4.3 `secret_egress`).
+    pub fn carried_by(&self, parts: &Parts) -> bool {
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().as_bytes())
+            .unwrap_or(b"");
+        for i in 0..self.slots.len() {
+            let Some(secret) = self.get(i) else { continue };
+            let needle = secret.expose().as_bytes();
+            if needle.len() < MIN_SCAN_LEN {
+                continue;
+            }
+            let finder = memchr::memmem::Finder::new(needle);
+            if finder.find(target).is_some()
+                || parts
+                    .headers
+                    .values()
+                    .any(|v| finder.find(v.as_bytes()).is_some())
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// Re-reads a file source if its modification time changed. Returns `Some(value)` when checked.
+fn refresh_file(
+    slot: &CredentialSlot,
+    path: &PathBuf,
+    old: &Cached,
+) -> Option<Option<Arc<Secret>>> {
+    let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let value = if mtime.is_some() && mtime == old.mtime {
+        old.value.clone()
+    } else {
+        read_file(path).map(Arc::new)
+    };
+    slot.cache.store(Some(Arc::new(Cached {
+        value: value.clone(),
+        checked: Instant::now(),
+        mtime,
+    })));
+    Some(value)
+}
+
+fn file_mtime(source: &SecretSource) -> Option<SystemTime> {
+    match source {
+        SecretSource::File(p) => std::fs::metadata(p).and_then(|m| m.modified()).ok(),
+        _ => None,
+    }
+}
+
+/// Reads a secret from its source; `None` if it is missing, empty or unreadable.
+pub async fn read_source(source: &SecretSource) -> Option<Secret> {
+    match source {
+        SecretSource::Env(name) => std::env::var(name).ok().and_then(trimmed),
+        SecretSource::File(path) => read_file(path),
+        SecretSource::Exec { argv } => read_exec(argv).await,
+    }
+}
+
+fn read_file(path: &PathBuf) -> Option<Secret> {
+    std::fs::read_to_string(path).ok().and_then(trimmed)
+}
+
+async fn read_exec(argv: &[String]) -> Option<Secret> {
+    let (program, args) = argv.split_first()?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(EXEC_TIMEOUT, child).await.ok()?.ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8(out.stdout).ok().and_then(trimmed)
+}
+
+/// Secrets written by editors and `echo` end in a newline; the newline is never part of a key.
+fn trimmed(mut v: String) -> Option<Secret> {
+    let keep = v.trim_end_matches(['\n', '\r']).len();
+    v.truncate(keep);
+    (!v.is_empty()).then(|| Secret::new(v))
+}
+
+/// Puts the permit's credential into the request, replacing whatever the agent sent in that
+/// place. Hop-by-hop headers must already be gone (so `Connection` cannot strip it).
+pub fn inject(
+    parts: &mut Parts,
+    permit: &Permit,
+    policy: &CompiledPolicy,
+    store: &CredentialStore,
+) -> Result<Option<usize>, Reason> {
+    let Some(injection) = &policy.service_at(permit.service()).inject else {
+        return Ok(None);
+    };
+    let idx = match injection {
+        Injection::Header { credential, .. }
+        | Injection::Query { credential, .. }
+        | Injection::Basic { credential, .. } => *credential,
+    };
+    let secret = store.get(idx).ok_or(Reason::CredentialUnavailable)?;
+    match injection {
+        Injection::Header {
+            name,
+            prefix,
+            suffix,
+            ..
+        } => {
+            let mut value = zeroize::Zeroizing::new(String::with_capacity(
+                prefix.len() + secret.expose().len() + suffix.len(),
+            ));
+            value.push_str(prefix);
+            value.push_str(secret.expose());
+            value.push_str(suffix);
+            set_header(parts, name, &value)?;
+        }
+        Injection::Basic { username, .. } => {
+            let pair = zeroize::Zeroizing::new(format!("{username}:{}", secret.expose()));
+            let value =
+                zeroize::Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_bytes())));
+            set_header(parts, &AUTHORIZATION, &value)?;
+        }
+        Injection::Query { param, .. } => {
+            parts.uri = with_query_param(&parts.uri, param, secret.expose())
+                .ok_or(Reason::CredentialUnavailable)?;
+        }
+    }
+    Ok(Some(idx))
+}
+
+fn set_header(parts: &mut Parts, name: &HeaderName, value: &str) -> Result<(), Reason> {
+    // A value with bytes a header cannot carry is a broken credential, not a request to forward.
+    let mut value = HeaderValue::from_str(value).map_err(|_| Reason::CredentialUnavailable)?;
+    // SECURITY: keep the credential out of HPACK dynamic tables.
+    value.set_sensitive(true);
+    parts.headers.remove(name);
+    parts.headers.insert(name.clone(), value);
+    Ok(())
+}
+
+/// The URI with every `param` pair removed (compared after percent-decoding, so `api%5Fkey` is
+/// removed too) and `param=<secret>` appended.
+fn with_query_param(uri: &Uri, param: &str, secret: &str) -> Option<Uri> {
+    let pq = uri.path_and_query()?;
+    let mut query = String::new();
+    if let Some(q) = pq.query() {
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            if percent_decode(key).as_deref() == Some(param) || key == param {
+                continue;
+            }
+            query.push_str(pair);
+            query.push('&');
+        }
+    }
+    query.push_str(&percent_encode(param));
+    query.push('=');
+    query.push_str(&percent_encode(secret));
+    let new_pq = format!("{}?{}", pq.path(), query);
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(PathAndQuery::try_from(new_pq).ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_injection_replaces_agent_values_in_every_spelling() {
+        let uri: Uri = "https://h/p/q?a=1&api_key=fake&api%5Fkey=x&b=2"
+            .parse()
+            .unwrap();
+        let out = with_query_param(&uri, "api_key", "s3cr3t/+=").unwrap();
+        assert_eq!(out.path(), "/p/q");
+        assert_eq!(out.query(), Some("a=1&b=2&api_key=s3cr3t%2F%2B%3D"));
+    }
+
+    #[test]
+    fn query_injection_without_query() {
+        let uri: Uri = "/x".parse().unwrap();
+        let out = with_query_param(&uri, "key", "v").unwrap();
+        assert_eq!(out.to_string(), "/x?key=v");
+    }
+
+    #[test]
+    fn trailing_newline_is_not_part_of_a_secret() {
+        assert_eq!(trimmed("abc\n".into()).unwrap().expose(), "abc");
+        assert!(trimmed("\n".into()).is_none());
+    }
+}

@@ -1,0 +1,259 @@
+//! The decision: a pure function of (compiled policy, task, request facts, now).
+//!
+//! No I/O, no async, no clock, no metrics: the same function serves the proxy, `keyward explain`,
+//! the benches and the fuzz targets. Only this module can construct a `Permit`, and credentials
+//! are only injected into a request that holds one.
+
+use std::time::SystemTime;
+
+use http::Method;
+
+use crate::matcher::canon::CanonPath;
+use crate::matcher::route::{RouteMatch, RoutePattern};
+use crate::policy::{CompiledPolicy, Risk, RouteRef, Scheme};
+use crate::reason::Reason;
+use crate::tasks::{Grant, Task};
+
+/// What the decision needs to know about a request. Host is normalized (see `normalize_host`).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    pub scheme: Scheme,
+    pub host: &'a str,
+    pub port: u16,
+    pub method: &'a Method,
+    pub path: &'a CanonPath,
+}
+
+/// Proof that a request was allowed, and by what. Constructed only by `decide`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permit {
+    service: usize,
+    capability: usize,
+    route: usize,
+}
+
+impl Permit {
+    pub fn service(&self) -> usize {
+        self.service
+    }
+    pub fn capability(&self) -> usize {
+        self.capability
+    }
+    pub fn route(&self) -> usize {
+        self.route
+    }
+}
+
+/// A refusal, with what the audit record and the agent should learn from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: Reason,
+    /// The service of the host, when the host is configured.
+    pub service: Option<usize>,
+    /// The capability (and route) of the intent that came closest, for the audit record.
+    pub capability: Option<usize>,
+    pub route: Option<usize>,
+    /// A capability that would have allowed the request, for the agent to ask for.
+    pub hint: Option<usize>,
+}
+
+impl Denial {
+    pub fn bare(reason: Reason) -> Denial {
+        Denial {
+            reason,
+            service: None,
+            capability: None,
+            route: None,
+            hint: None,
+        }
+    }
+}
+
+/// The outcome of a CONNECT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectDecision {
+    /// Terminate TLS with a leaf for the host and decide each request inside.
+    Intercept,
+    /// Tunnel blind (a `passthrough` host).
+    Tunnel,
+}
+
+/// Whether the task may act at all at `now`.
+pub fn check_validity(task: &Task, now: SystemTime) -> Result<(), Denial> {
+    if task.is_revoked() {
+        return Err(Denial::bare(Reason::TaskRevoked));
+    }
+    if task.is_expired(now) {
+        return Err(Denial::bare(Reason::TaskExpired));
+    }
+    Ok(())
+}
+
+/// Decides one request. `Ok` means forward with the permit's credential; the caller still
+/// charges the task's budget (only allowed requests count).
+pub fn decide(
+    policy: &CompiledPolicy,
+    task: &Task,
+    facts: &RequestFacts<'_>,
+    now: SystemTime,
+) -> Result<Permit, Denial> {
+    check_validity(task, now)?;
+    let table = policy
+        .host_table(facts.scheme, facts.host, facts.port)
+        .ok_or(Denial::bare(Reason::UnknownHost))?;
+
+    let mut matches: Vec<RouteMatch<'_, RouteRef>> = Vec::new();
+    table.router.find(facts.path, &mut matches);
+
+    let agent = policy.agent(&task.agent);
+    let mut best = Denial::bare(Reason::RouteNotInIntent);
+    if let Some(&c) = table.capabilities.first() {
+        best.service = Some(policy.capability_at(c as usize).service);
+    }
+
+    for m in &matches {
+        let ci = m.value.capability as usize;
+        let ri = m.value.route as usize;
+        let cap = policy.capability_at(ci);
+        let route = &cap.routes[ri];
+        let method_ok = route.methods.iter().any(|x| x == facts.method);
+        // SECURITY: a grant counts only while the agent still holds the capability (reloads).
+        let grant = agent
+            .filter(|a| a.capabilities.contains(&ci))
+            .and_then(|_| task.intent.iter().find(|g| g.capability == cap.name));
+        let Some(grant) = grant else {
+            if method_ok && best.hint.is_none() {
+                best.hint = Some(ci);
+            }
+            continue;
+        };
+        let candidate = |reason| Denial {
+            reason,
+            service: Some(cap.service),
+            capability: Some(ci),
+            route: Some(ri),
+            hint: best.hint,
+        };
+        if !method_ok {
+            best = closer(best, candidate(Reason::MethodNotAllowed));
+            continue;
+        }
+        if !constraints_hold(grant, route, m, facts.path) {
+            best = closer(best, candidate(Reason::ConstraintMismatch));
+            continue;
+        }
+        if matches!(cap.risk, Risk::High | Risk::Critical) {
+            // Approvals do not exist yet: high-risk capabilities always need one.
+            best = closer(best, candidate(Reason::ApprovalRequired));
+            continue;
+        }
+        return Ok(Permit {
+            service: cap.service,
+            capability: ci,
+            route: ri,
+        });
+    }
+    Err(best)
+}
+
+/// Decides a CONNECT by host alone: intercept when a capability of the intent serves the host.
+pub fn decide_connect(
+    policy: &CompiledPolicy,
+    task: &Task,
+    host: &str,
+    port: u16,
+    now: SystemTime,
+) -> Result<ConnectDecision, Denial> {
+    check_validity(task, now)?;
+    if let Some(table) = policy.host_table(Scheme::Https, host, port) {
+        let agent = policy.agent(&task.agent);
+        let mut hint = None;
+        for &ci in &table.capabilities {
+            let ci = ci as usize;
+            let cap = policy.capability_at(ci);
+            let granted = agent.is_some_and(|a| a.capabilities.contains(&ci))
+                && task.intent.iter().any(|g| g.capability == cap.name);
+            if granted {
+                return Ok(ConnectDecision::Intercept);
+            }
+            hint.get_or_insert(ci);
+        }
+        return Err(Denial {
+            reason: Reason::RouteNotInIntent,
+            service: hint.map(|c| policy.capability_at(c).service),
+            capability: None,
+            route: None,
+            hint,
+        });
+    }
+    if policy.is_passthrough(host) {
+        return Ok(ConnectDecision::Tunnel);
+    }
+    Err(Denial::bare(Reason::UnknownHost))
+}
+
+/// Every constraint of the grant must be satisfied by this route's captured parameters. A route
+/// without the constrained parameter cannot prove the constraint, so it fails (fail closed).
+fn constraints_hold(
+    grant: &Grant,
+    route: &RoutePattern,
+    m: &RouteMatch<'_, RouteRef>,
+    path: &CanonPath,
+) -> bool {
+    grant.constraints.iter().all(|(name, allowed)| {
+        let Some(k) = route.param_names().position(|p| p == name) else {
+            return false;
+        };
+        let Some(value) = m.captures.value(k, path) else {
+            return false;
+        };
+        allowed.iter().any(|a| a == value)
+    })
+}
+
+/// Of two denials, the one that came closer to being allowed (the agent learns the most from it).
+fn closer(a: Denial, b: Denial) -> Denial {
+    fn rank(r: Reason) -> u8 {
+        match r {
+            Reason::ApprovalRequired => 4,
+            Reason::ConstraintMismatch => 3,
+            Reason::MethodNotAllowed => 2,
+            _ => 1,
+        }
+    }
+    if rank(b.reason) > rank(a.reason) {
+        Denial { hint: a.hint, ..b }
+    } else {
+        a
+    }
+}
+
+/// Normalizes a request host for lookup: lowercase, one trailing dot removed, IPv6 brackets
+/// removed, IP literals in their canonical text. `None` for anything that is not a plausible
+/// host name or IP literal (refused as ambiguous by the caller).
+pub fn normalize_host(raw: &str) -> Option<String> {
+    let unbracketed = raw
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .map(|v6| (v6, true))
+        .unwrap_or((raw, false));
+    if unbracketed.1 {
+        let ip: std::net::Ipv6Addr = unbracketed.0.parse().ok()?;
+        return Some(ip.to_string());
+    }
+    let host = raw.strip_suffix('.').unwrap_or(raw);
+    if host.is_empty() || host.len() > 253 {
+        return None;
+    }
+    if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        return Some(ip.to_string());
+    }
+    let ok = host.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    });
+    ok.then(|| host.to_ascii_lowercase())
+}

@@ -1,0 +1,231 @@
+//! Compiles a validated `Policy` into the lookup structures the hot path uses: per (scheme,
+//! host, port) a route trie holding every route of every capability whose service serves that
+//! host, plus name indexes. Built once per load; read-only afterwards (shared through `Arc`).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::matcher::route::Router;
+use crate::policy::{AgentDef, CapabilityDef, HostPattern, Policy, Scheme, ServiceDef};
+
+/// A route of a capability, as stored in a host's trie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteRef {
+    pub capability: u32,
+    pub route: u32,
+}
+
+/// Everything keyward knows about one (scheme, host, port).
+#[derive(Debug)]
+pub struct HostTable {
+    pub router: Router<RouteRef>,
+    /// Capabilities with at least one route here (sorted, for CONNECT decisions).
+    pub capabilities: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct HostKey {
+    scheme: Scheme,
+    host: Box<str>,
+    port: u16,
+}
+
+/// The policy in the form `decide` reads.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    policy: Policy,
+    exact: HashMap<HostKey, HostTable>,
+    /// keyed by the parent domain of `*.parent`.
+    wildcard: HashMap<HostKey, HostTable>,
+    passthrough_exact: HashSet<Box<str>>,
+    passthrough_wildcard: HashSet<Box<str>>,
+    capability_index: HashMap<Box<str>, usize>,
+    agent_index: HashMap<Box<str>, usize>,
+}
+
+impl CompiledPolicy {
+    pub fn compile(policy: Policy) -> CompiledPolicy {
+        let mut exact: HashMap<HostKey, HostTable> = HashMap::new();
+        let mut wildcard: HashMap<HostKey, HostTable> = HashMap::new();
+
+        // Exact hosts also receive the routes of wildcard services that cover them, so one
+        // lookup finds every route that could apply to that host.
+        let exact_hosts: Vec<(HostKey, usize)> = policy
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| {
+                s.hosts.iter().filter_map(move |h| match h {
+                    HostPattern::Exact(name) => Some((key(s, name), si)),
+                    HostPattern::Wildcard(_) => None,
+                })
+            })
+            .collect();
+
+        for (ci, cap) in policy.capabilities.iter().enumerate() {
+            let service = &policy.services[cap.service];
+            for host in &service.hosts {
+                match host {
+                    HostPattern::Exact(name) => add_routes(
+                        exact.entry(key(service, name)).or_insert_with(empty),
+                        ci,
+                        cap,
+                    ),
+                    HostPattern::Wildcard(parent) => {
+                        add_routes(
+                            wildcard.entry(key(service, parent)).or_insert_with(empty),
+                            ci,
+                            cap,
+                        );
+                        for (k, _) in &exact_hosts {
+                            if k.scheme == service.scheme
+                                && k.port == service.port
+                                && parent_of(&k.host) == Some(parent.as_str())
+                            {
+                                add_routes(exact.entry(k.clone()).or_insert_with(empty), ci, cap);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // A service host without capabilities is still a known host (CONNECT → route_not_in_intent).
+        for (k, _) in exact_hosts {
+            exact.entry(k).or_insert_with(empty);
+        }
+        for s in &policy.services {
+            for h in &s.hosts {
+                if let HostPattern::Wildcard(parent) = h {
+                    wildcard.entry(key(s, parent)).or_insert_with(empty);
+                }
+            }
+        }
+
+        let mut passthrough_exact = HashSet::new();
+        let mut passthrough_wildcard = HashSet::new();
+        for p in &policy.passthrough {
+            match p {
+                HostPattern::Exact(h) => passthrough_exact.insert(h.as_str().into()),
+                HostPattern::Wildcard(h) => passthrough_wildcard.insert(h.as_str().into()),
+            };
+        }
+        let capability_index = policy
+            .capabilities
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.as_str().into(), i))
+            .collect();
+        let agent_index = policy
+            .agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.name.as_str().into(), i))
+            .collect();
+        CompiledPolicy {
+            policy,
+            exact,
+            wildcard,
+            passthrough_exact,
+            passthrough_wildcard,
+            capability_index,
+            agent_index,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn version(&self) -> &str {
+        &self.policy.version
+    }
+
+    /// The table for a normalized host (lowercase, no trailing dot, IPv6 without brackets).
+    pub fn host_table(&self, scheme: Scheme, host: &str, port: u16) -> Option<&HostTable> {
+        let k = HostKey {
+            scheme,
+            host: host.into(),
+            port,
+        };
+        if let Some(t) = self.exact.get(&k) {
+            return Some(t);
+        }
+        let parent = parent_of(host)?;
+        self.wildcard.get(&HostKey {
+            scheme,
+            host: parent.into(),
+            port,
+        })
+    }
+
+    /// Whether CONNECTs to `host` (any port) are tunnelled blind.
+    pub fn is_passthrough(&self, host: &str) -> bool {
+        self.passthrough_exact.contains(host)
+            || parent_of(host).is_some_and(|p| self.passthrough_wildcard.contains(p))
+    }
+
+    pub fn agent(&self, name: &str) -> Option<&AgentDef> {
+        self.agent_index.get(name).map(|&i| &self.policy.agents[i])
+    }
+
+    pub fn capability(&self, name: &str) -> Option<(usize, &CapabilityDef)> {
+        self.capability_index
+            .get(name)
+            .map(|&i| (i, &self.policy.capabilities[i]))
+    }
+
+    pub fn capability_at(&self, i: usize) -> &CapabilityDef {
+        &self.policy.capabilities[i]
+    }
+
+    pub fn service_at(&self, i: usize) -> &ServiceDef {
+        &self.policy.services[i]
+    }
+
+    /// Number of distinct routes compiled (for logs).
+    pub fn route_count(&self) -> usize {
+        self.policy
+            .capabilities
+            .iter()
+            .map(|c| c.routes.len())
+            .sum()
+    }
+}
+
+fn empty() -> HostTable {
+    HostTable {
+        router: Router::new(),
+        capabilities: Vec::new(),
+    }
+}
+
+fn key(service: &ServiceDef, host: &str) -> HostKey {
+    HostKey {
+        scheme: service.scheme,
+        host: host.into(),
+        port: service.port,
+    }
+}
+
+fn add_routes(table: &mut HostTable, ci: usize, cap: &CapabilityDef) {
+    for (ri, route) in cap.routes.iter().enumerate() {
+        table.router.insert(
+            route,
+            RouteRef {
+                capability: ci as u32,
+                route: ri as u32,
+            },
+        );
+    }
+    if let Err(pos) = table.capabilities.binary_search(&(ci as u32)) {
+        table.capabilities.insert(pos, ci as u32);
+    }
+}
+
+/// "a.example.com" → "example.com"; a single label or an IP literal has no parent.
+fn parent_of(host: &str) -> Option<&str> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return None;
+    }
+    let (_, parent) = host.split_once('.')?;
+    (!parent.is_empty()).then_some(parent)
+}

@@ -1,0 +1,150 @@
+//! Policy errors: where (`file:line:column`), which key (`services.github.inject.credential`)
+//! and what is wrong, collected so that every problem in a file is reported at once.
+//!
+//! Owns `PolicyError`, `PolicyErrors` and the `Errors` collector used while loading. Messages
+//! must never contain a scalar's value (a secret may sit in the wrong place); only key names and
+//! the names of credentials, services and capabilities may appear.
+
+use std::fmt;
+
+/// One problem in a policy file. `line` and `column` are 1-based.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the offending key, e.g. `capabilities.github.issues.read.routes[1]`;
+    /// empty for problems that belong to no key (YAML syntax).
+    pub key_path: String,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.key_path.is_empty() {
+            write!(f, "{}: ", self.key_path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// Every problem found in a policy, sorted by position. Never empty when returned as an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl PolicyErrors {
+    /// One error about the file as a whole (reported at 1:1), e.g. a CA file that cannot be read.
+    pub fn whole_file(file: &str, message: impl Into<String>) -> PolicyErrors {
+        PolicyErrors(vec![PolicyError {
+            file: file.to_string(),
+            line: 1,
+            column: 1,
+            key_path: String::new(),
+            message: message.into(),
+        }])
+    }
+}
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+/// A 1-based position in the policy file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub(crate) struct Pos {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl Pos {
+    /// Where problems with no better place go (a missing top-level key, an unreadable file).
+    pub const START: Pos = Pos { line: 1, column: 1 };
+
+    pub fn new(line: usize, column: usize) -> Self {
+        Pos { line, column }
+    }
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.column)
+    }
+}
+
+/// Collects problems while the policy is walked and checked.
+pub(crate) struct Errors {
+    file: String,
+    list: Vec<PolicyError>,
+}
+
+impl Errors {
+    pub fn new(file: &str) -> Self {
+        Errors {
+            file: file.to_owned(),
+            list: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, pos: Pos, key_path: &str, message: impl Into<String>) {
+        self.list.push(PolicyError {
+            file: self.file.clone(),
+            line: pos.line,
+            column: pos.column,
+            key_path: key_path.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Sorted by position (stable: problems at one place keep the order they were found in),
+    /// exact repeats dropped.
+    pub fn finish(mut self) -> PolicyErrors {
+        self.list.sort_by_key(|e| (e.line, e.column));
+        self.list.dedup();
+        PolicyErrors(self.list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_has_file_position_path_and_message() {
+        let mut errs = Errors::new("policy.yaml");
+        errs.push(Pos::new(7, 3), "proxy.listen", "second");
+        errs.push(Pos::new(2, 9), "", "first");
+        errs.push(Pos::new(7, 3), "proxy.listen", "second");
+        let all = errs.finish();
+        assert_eq!(
+            all.to_string(),
+            "policy.yaml:2:9: first\npolicy.yaml:7:3: proxy.listen: second"
+        );
+    }
+
+    #[test]
+    fn sorting_is_stable_within_one_position() {
+        let mut errs = Errors::new("f");
+        errs.push(Pos::new(3, 1), "b", "x");
+        errs.push(Pos::new(1, 1), "z", "x");
+        errs.push(Pos::new(3, 1), "a", "x");
+        let paths: Vec<_> = errs.finish().0.into_iter().map(|e| e.key_path).collect();
+        assert_eq!(paths, ["z", "b", "a"]);
+    }
+}

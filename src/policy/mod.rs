@@ -1,0 +1,456 @@
+//! The policy file (SPEC §3): read, validate, and hand out as plain data.
+//!
+//! Loading runs in two stages and reports every problem at once, sorted by position:
+//! `yaml` (text → node tree; one document, no duplicate keys) → `file` (tree → raw mirror;
+//! unknown keys, types, values) → `check` (references, duplicates, cleartext, overlapping
+//! services) → `model::Policy`. This module must never read a secret's value, and no error it
+//! produces may contain one.
+
+mod check;
+mod compile;
+mod error;
+mod file;
+mod model;
+mod service;
+mod values;
+mod yaml;
+
+use std::io::Read;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+pub use compile::{CompiledPolicy, HostTable, RouteRef};
+pub use error::{PolicyError, PolicyErrors};
+pub use model::{
+    AdminSettings, AgentDef, AuditSettings, AuditTarget, CaSettings, CapabilityDef, CredentialDef,
+    HostPattern, Injection, Policy, ProxySettings, Risk, Scheme, SecretSource, ServiceDef,
+};
+
+use error::{Errors, Pos};
+
+/// A policy larger than this is refused unread: real ones are a few kilobytes.
+const MAX_POLICY_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Reads and validates the policy at `path`. Relative paths inside it (CA, audit log,
+/// `file:` sources, `tls.ca_file`) are resolved against the file's directory.
+pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
+    let name = path.display().to_string();
+    let fail = |message: String| {
+        let mut errs = Errors::new(&name);
+        errs.push(Pos::START, "", message);
+        errs.finish()
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_POLICY_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(format!("cannot read the policy file: {e}")))?;
+    if bytes.len() as u64 > MAX_POLICY_BYTES {
+        return Err(fail(format!(
+            "the policy file is larger than {} MiB",
+            MAX_POLICY_BYTES / (1024 * 1024)
+        )));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| fail("the policy file is not valid UTF-8".to_owned()))?;
+    let base_dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    parse(&name, &text, base_dir)
+}
+
+/// Validates policy `text`; `file_name` is only used in error positions, `base_dir` resolves
+/// relative paths. `Policy::version` is a hash of `text`.
+pub fn parse(file_name: &str, text: &str, base_dir: &Path) -> Result<Policy, PolicyErrors> {
+    let mut errs = Errors::new(file_name);
+    let Some(root) = yaml::parse_document(text, &mut errs) else {
+        return Err(errs.finish());
+    };
+    let raw = file::read(&root, base_dir, &mut errs);
+    let policy = check::check(raw, version_of(text), &mut errs);
+    match policy {
+        Some(policy) if errs.is_empty() => Ok(policy),
+        _ => {
+            if errs.is_empty() {
+                // Every path that drops an entry reports why; this only guards that promise.
+                errs.push(Pos::START, "", "the policy was rejected without a reported reason (a keyward bug; please report it)");
+            }
+            Err(errs.finish())
+        }
+    }
+}
+
+/// First 16 hex characters of sha256 over the file's bytes.
+fn version_of(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Shared by the policy tests: parse with a fixed file name and base directory.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{parse, Policy};
+    use std::path::Path;
+
+    /// The smallest valid policy.
+    pub const ADMIN: &str = "admin:\n  token: env:KEYWARD_ADMIN_TOKEN\n";
+
+    /// Every error's `Display`, in order; empty when the policy is valid.
+    pub fn errors(text: &str) -> Vec<String> {
+        match parse("p.yaml", text, Path::new("/etc/keyward")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    pub fn ok(text: &str) -> Policy {
+        match parse("p.yaml", text, Path::new("/etc/keyward")) {
+            Ok(p) => p,
+            Err(e) => panic!("policy rejected:\n{e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{errors, ok, ADMIN};
+    use super::*;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn example(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("policy")
+            .join(name)
+    }
+
+    #[test]
+    fn example_policy_loads() {
+        let path = example("example.yaml");
+        let p = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let dir = path.parent().unwrap();
+        assert_eq!(
+            p.admin.token,
+            SecretSource::Env("KEYWARD_ADMIN_TOKEN".into())
+        );
+        assert_eq!(p.ca.cert, dir.join("../certs/ca.pem"));
+        assert_eq!(p.ca.key, dir.join("../certs/ca-key.pem"));
+        assert_eq!(p.audit.path, AuditTarget::File(dir.join("../audit.jsonl")));
+        let names: Vec<&str> = p.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["github", "openai", "anthropic"]);
+        for s in &p.services {
+            let cred = &p.credentials[s.inject.as_ref().unwrap().credential()];
+            assert!(matches!(cred.source, SecretSource::Env(_)), "{}", s.name);
+        }
+        let agent = &p.agents[p.agent_index("triage-bot").unwrap()];
+        assert_eq!(agent.capabilities.len(), 4);
+        assert_eq!(agent.max_ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn coding_agent_policy_loads() {
+        let p = load(&example("coding-agent.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let cap = |name: &str| &p.capabilities[p.capability_index(name).unwrap()];
+        assert_eq!(cap("github.pulls.merge").risk, Risk::High);
+        assert_eq!(cap("github.repo.read").risk, Risk::Low);
+        let push = cap("github.branch.push");
+        assert!(push
+            .route_text
+            .contains(&"PATCH /repos/{owner}/{repo}/git/refs/heads/{*branch}".to_string()));
+        // Publishing is not granted anywhere: no write method reaches npm or PyPI.
+        for name in ["npm.read", "pypi.read", "pypi.files.read"] {
+            for route in &cap(name).routes {
+                assert!(route
+                    .methods
+                    .iter()
+                    .all(|m| m == http::Method::GET || m == http::Method::HEAD));
+            }
+        }
+        // No deployment routes in the CI bundle.
+        assert!(cap("github.ci.read")
+            .route_text
+            .iter()
+            .all(|r| r.starts_with("GET ") && !r.contains("deployments")));
+        let anthropic = &p.services[p.service_index("anthropic").unwrap()];
+        match &anthropic.inject {
+            Some(Injection::Header {
+                name,
+                prefix,
+                suffix,
+                ..
+            }) => {
+                assert_eq!(name.as_str(), "x-api-key");
+                assert!(prefix.is_empty() && suffix.is_empty());
+            }
+            other => panic!("unexpected injection {other:?}"),
+        }
+        assert_eq!(p.agents.len(), 2);
+    }
+
+    #[test]
+    fn spec_example_loads() {
+        let text = r#"
+proxy:
+  listen: 127.0.0.1:8480          # where agents send traffic
+admin:
+  listen: 127.0.0.1:8481          # admin API, /metrics, /healthz, /readyz
+  token: env:KEYWARD_ADMIN_TOKEN  # bearer token for /v1/*
+ca:
+  cert: certs/ca.pem              # created with its key on first start if both are missing
+  key: certs/ca-key.pem
+audit:
+  path: audit.jsonl               # or "-" for stdout
+
+credentials:
+  github_token: { source: env:GITHUB_TOKEN }
+  openai_key:   { source: file:/run/secrets/openai }
+  vault_db:     { source: { exec: [vault, kv, get, -field=token, secret/db] }, refresh: 10m }
+
+services:
+  github:
+    hosts: [api.github.com]          # exact names; "*.example.com" matches one label
+    scheme: https                    # default https; port defaults to 443 / 80
+    inject: { header: Authorization, value: "Bearer ${credential}", credential: github_token }
+  openai:
+    hosts: [api.openai.com]
+    inject: { header: Authorization, value: "Bearer ${credential}", credential: openai_key }
+  internal:
+    hosts: [api.internal.test]
+    port: 9443
+    connect_to: 127.0.0.1:9443       # optional: dial this address instead of resolving the host
+    tls: { ca_file: certs/upstream-ca.pem }   # extra roots; verification is never off
+    inject: { query: api_key, credential: vault_db }
+
+capabilities:
+  github.issues.read:
+    service: github
+    risk: low                        # low | medium | high | critical
+    routes:
+      - GET /repos/{owner}/{repo}/issues
+      - GET /repos/{owner}/{repo}/issues/{number}
+  github.issues.comment:
+    service: github
+    risk: medium
+    routes: ["POST /repos/{owner}/{repo}/issues/{number}/comments"]   # quoted: see below
+  openai.chat:
+    service: openai
+    routes: [POST /v1/chat/completions, POST /v1/responses]
+
+agents:
+  triage-bot:
+    owner: platform-team
+    capabilities: [github.issues.read, github.issues.comment, openai.chat]
+    max_ttl: 1h
+
+passthrough: []                      # hosts tunnelled blind (no inspection, no credential)
+"#;
+        let p = ok(text);
+        let base = Path::new("/etc/keyward");
+        assert_eq!(p.version.len(), 16);
+        assert!(p.version.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(p.proxy.listen, "127.0.0.1:8480".parse().unwrap());
+        assert_eq!(
+            p.proxy,
+            ProxySettings {
+                listen: p.proxy.listen,
+                ..ProxySettings::default()
+            }
+        );
+        assert_eq!(p.admin.listen, "127.0.0.1:8481".parse().unwrap());
+        assert_eq!(p.ca.cert, base.join("certs/ca.pem"));
+        assert_eq!(p.audit.path, AuditTarget::File(base.join("audit.jsonl")));
+        assert_eq!(
+            p.credentials[1].source,
+            SecretSource::File("/run/secrets/openai".into())
+        );
+        assert_eq!(p.credentials[0].refresh, None);
+        assert_eq!(
+            p.credentials[2],
+            CredentialDef {
+                name: "vault_db".into(),
+                source: SecretSource::Exec {
+                    argv: ["vault", "kv", "get", "-field=token", "secret/db"]
+                        .map(String::from)
+                        .to_vec()
+                },
+                refresh: Some(Duration::from_secs(600)),
+            }
+        );
+        let internal = &p.services[2];
+        assert_eq!(
+            internal.hosts,
+            [HostPattern::Exact("api.internal.test".into())]
+        );
+        assert_eq!((internal.scheme, internal.port), (Scheme::Https, 9443));
+        assert_eq!(internal.connect_to, Some(("127.0.0.1".into(), 9443)));
+        assert_eq!(internal.ca_file, Some(base.join("certs/upstream-ca.pem")));
+        assert_eq!(
+            internal.inject,
+            Some(Injection::Query {
+                param: "api_key".into(),
+                credential: 2
+            })
+        );
+        assert_eq!(p.services[0].port, 443);
+        assert_eq!(
+            p.services[0].inject,
+            Some(Injection::Header {
+                name: http::header::AUTHORIZATION,
+                prefix: "Bearer ".into(),
+                suffix: String::new(),
+                credential: 0
+            })
+        );
+        let comment = &p.capabilities[1];
+        assert_eq!((comment.service, comment.risk), (0, Risk::Medium));
+        assert_eq!(
+            comment.route_text,
+            ["POST /repos/{owner}/{repo}/issues/{number}/comments"]
+        );
+        assert_eq!(p.capabilities[2].risk, Risk::Low);
+        assert_eq!(p.agents[0].capabilities, [0, 1, 2]);
+        assert_eq!(p.agents[0].owner, "platform-team");
+        assert!(p.passthrough.is_empty());
+    }
+
+    // SPEC §3 writes `routes: [POST /repos/{owner}/...]`, which YAML cannot parse (`{` ends a
+    // plain scalar inside `[...]`); the error says how to write it.
+    #[test]
+    fn spec_flow_route_with_braces_explains_the_fix() {
+        let text = format!(
+            "{ADMIN}services: {{s: {{hosts: [a.example]}}}}\ncapabilities:\n  c:\n    service: s\n    routes: [POST /repos/{{owner}}/{{repo}}/issues/{{number}}/comments]\n"
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("p.yaml:7:26: invalid YAML: "),
+            "{errs:?}"
+        );
+        assert!(errs[0].contains("must be quoted"), "{errs:?}");
+    }
+
+    #[test]
+    fn minimal_policy_gets_defaults() {
+        let p = ok(ADMIN);
+        assert_eq!(p.proxy, ProxySettings::default());
+        assert_eq!(p.admin.listen, "127.0.0.1:8481".parse().unwrap());
+        assert_eq!(p.ca.cert, Path::new("/etc/keyward/certs/ca.pem"));
+        assert_eq!(p.ca.key, Path::new("/etc/keyward/certs/ca-key.pem"));
+        assert_eq!(
+            p.audit.path,
+            AuditTarget::File("/etc/keyward/audit.jsonl".into())
+        );
+        assert!(p.services.is_empty() && p.agents.is_empty());
+    }
+
+    #[test]
+    fn settings_and_less_common_forms() {
+        let p = ok(&format!(
+            "{ADMIN}\
+proxy:
+  listen: '[::1]:0'
+  header_read_timeout: 5s
+  idle_timeout: 2m
+  max_connections: 10
+  max_header_bytes: 8192
+  connect_timeout: 1s 500ms
+  upstream_timeout: 1h
+audit: {{path: '-'}}
+credentials:
+  c: {{source: {{exec: [op, read, 'op://vault/item/field']}}}}
+services:
+  plain:
+    hosts: ['*.Internal.Example.', '10.0.0.1', '[::1]']
+    scheme: http
+    allow_cleartext: true
+    inject: {{basic: {{username: bot}}, credential: c}}
+  other:
+    hosts: [a.internal.example]
+    port: 8443
+passthrough: [updates.example.org]
+"
+        ));
+        assert_eq!(p.proxy.listen, "[::1]:0".parse().unwrap());
+        assert_eq!(p.proxy.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(p.proxy.max_header_bytes, 8192);
+        assert_eq!(p.audit.path, AuditTarget::Stdout);
+        assert_eq!(p.credentials[0].refresh, Some(Duration::from_secs(300)));
+        let plain = &p.services[0];
+        assert_eq!(
+            plain.hosts,
+            [
+                HostPattern::Wildcard("internal.example".into()),
+                HostPattern::Exact("10.0.0.1".into()),
+                HostPattern::Exact("::1".into())
+            ]
+        );
+        assert_eq!(
+            (plain.scheme, plain.port, plain.allow_cleartext),
+            (Scheme::Http, 80, true)
+        );
+        assert_eq!(
+            plain.inject,
+            Some(Injection::Basic {
+                username: "bot".into(),
+                credential: 0
+            })
+        );
+        assert_eq!(
+            p.passthrough,
+            [HostPattern::Exact("updates.example.org".into())]
+        );
+    }
+
+    #[test]
+    fn syntax_error_is_reported_alone() {
+        assert_eq!(
+            errors("admin:\n  token: [env:X\nproxy: {}\n"),
+            ["p.yaml:3:6: invalid YAML: illegal placement of ':' indicator"]
+        );
+    }
+
+    #[test]
+    fn load_reports_io_and_encoding_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.yaml");
+        let errs = load(&missing).unwrap_err();
+        assert_eq!(errs.0.len(), 1);
+        let shown = errs.to_string();
+        assert!(
+            shown.starts_with(&format!(
+                "{}:1:1: cannot read the policy file: ",
+                missing.display()
+            )),
+            "{shown}"
+        );
+
+        let binary = dir.path().join("bin.yaml");
+        std::fs::write(&binary, b"admin: \xff\n").unwrap();
+        assert_eq!(
+            load(&binary).unwrap_err().to_string(),
+            format!(
+                "{}:1:1: the policy file is not valid UTF-8",
+                binary.display()
+            )
+        );
+    }
+
+    #[test]
+    fn load_resolves_paths_against_the_file_and_hashes_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyward.yaml");
+        let text = format!("{ADMIN}credentials:\n  k: {{source: file:secrets/k}}\n");
+        std::fs::write(&path, &text).unwrap();
+        let p = load(&path).unwrap();
+        assert_eq!(
+            p.credentials[0].source,
+            SecretSource::File(dir.path().join("secrets/k"))
+        );
+        assert_eq!(p.ca.cert, dir.path().join("certs/ca.pem"));
+        assert_eq!(p.version, ok(&text).version);
+        assert_ne!(p.version, ok(ADMIN).version);
+        // sha256("") starts with e3b0c44298fc1c14.
+        assert_eq!(version_of(""), "e3b0c44298fc1c14");
+    }
+}

@@ -1,0 +1,165 @@
+//! Bodies that stream through keyward: counted on the way, never buffered.
+//!
+//! `CountingBody` wraps a request body going upstream; `ProxyBody` is what the agent receives:
+//! either a small body keyward wrote (a denial) or the upstream's body streamed frame by frame,
+//! which finishes the request's audit record when it ends or when the agent goes away.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::proxy::record::Recorder;
+
+/// Counts the data bytes that pass through `inner` into a shared counter.
+pub struct CountingBody<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> CountingBody<B> {
+    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
+        CountingBody { inner, count }
+    }
+}
+
+impl<B> Body for CountingBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The body the agent receives.
+// Streaming upstream bodies are the common case; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+pub enum ProxyBody {
+    /// Written by keyward itself (problem documents, admin answers).
+    Full(Option<Bytes>),
+    /// The upstream's response, streamed; finishes the audit record at its end or on drop.
+    Upstream {
+        inner: hyper::body::Incoming,
+        bytes: u64,
+        recorder: Option<Recorder>,
+    },
+}
+
+impl ProxyBody {
+    pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(Some(bytes.into()))
+    }
+
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+
+    pub fn upstream(inner: hyper::body::Incoming, recorder: Recorder) -> ProxyBody {
+        ProxyBody::Upstream {
+            inner,
+            bytes: 0,
+            recorder: Some(recorder),
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Upstream {
+                inner,
+                bytes,
+                recorder,
+            } => {
+                let polled = Pin::new(inner).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(d) = frame.data_ref() {
+                            *bytes += d.len() as u64;
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(r) = recorder.take() {
+                            r.complete(*bytes, "completed");
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(r) = recorder.take() {
+                            r.complete(*bytes, "upstream_error");
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            // Reported as not ended so the final poll (which records completion) happens.
+            ProxyBody::Upstream { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let ProxyBody::Upstream {
+            inner,
+            bytes,
+            recorder,
+        } = self
+        {
+            if let Some(r) = recorder.take() {
+                // A body hyper never polled because it was empty (HEAD, 204, 304) is complete.
+                let outcome = if inner.is_end_stream() {
+                    "completed"
+                } else {
+                    "client_closed"
+                };
+                r.complete(*bytes, outcome);
+            }
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! CONNECT: authenticate and decide at once, then either intercept TLS (a leaf for exactly the
+//! CONNECT host, every request inside decided on its own) or tunnel blind to a passthrough host.
+//!
+//! SECURITY: the CONNECT authority is the destination. The TLS server name, when sent, must be
+//! that host (else `host_mismatch`, no leaf issued); a failed client handshake closes the
+//! connection and never falls back to a blind tunnel. A denied CONNECT has no side effect: no
+//! DNS lookup, no upstream connection, no leaf certificate.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::sync::Notify;
+
+use crate::decide::{self, normalize_host, ConnectDecision, Denial};
+use crate::metrics::ConnKind;
+use crate::policy::{HostPattern, Scheme};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::conn;
+use crate::proxy::handle::{self, ConnCtx, TunnelCtx};
+use crate::proxy::identify::{parse_authority, TunnelHost};
+use crate::proxy::record::RecordDraft;
+use crate::proxy::respond::{self, DenyInfo, Failure};
+use crate::reason::Reason;
+use crate::state::{Generation, State};
+use crate::upstream;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub async fn handle(
+    state: Arc<State>,
+    client: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let generation = state.current();
+    let mut draft = RecordDraft::new(&state, client, generation.policy.version());
+    draft.rec.method = "CONNECT".to_string();
+    draft.rec.scheme = Scheme::Https.as_str();
+    if !state.audit.healthy() {
+        return respond::failure(Failure::Unavailable, draft.request_id());
+    }
+    let task = match state.tasks.authenticate(req.headers()) {
+        Ok(t) => t,
+        Err(reason) => return refuse(&state, &generation, draft, Denial::bare(reason), None).await,
+    };
+    draft.set_task(&task);
+    if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
+        return refuse(&state, &generation, draft, d, None).await;
+    }
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    // CONNECT names its port explicitly; a missing one is not guessed.
+    let parsed = if authority.ends_with(']') || !authority.contains(':') {
+        Err(None)
+    } else {
+        parse_authority(authority, 443).map_err(|e| Some(e.code))
+    };
+    let (host, port) = match parsed {
+        Ok(hp) => hp,
+        Err(code) => {
+            draft.rec.host = String::new();
+            let code = code.or(Some("missing_port"));
+            return refuse(
+                &state,
+                &generation,
+                draft,
+                Denial::bare(Reason::AmbiguousRequest),
+                code,
+            )
+            .await;
+        }
+    };
+    draft.set_target("CONNECT", Scheme::Https, &host, port, "");
+    let decision =
+        decide::decide_connect(&generation.policy, &task, &host, port, SystemTime::now());
+    let tunnel = TunnelHost { host, port };
+    match decision {
+        Err(d) => {
+            draft.set_denial(&generation.policy, &d);
+            refuse(&state, &generation, draft, d, None).await
+        }
+        Ok(ConnectDecision::Intercept) => {
+            let on_upgrade = hyper::upgrade::on(req);
+            tokio::spawn(intercept(
+                state.clone(),
+                client,
+                draft,
+                task,
+                tunnel,
+                on_upgrade,
+            ));
+            Response::new(ProxyBody::empty())
+        }
+        Ok(ConnectDecision::Tunnel) => passthrough(state, &generation, draft, tunnel, req).await,
+    }
+}
+
+async fn refuse(
+    state: &State,
+    generation: &Generation,
+    draft: RecordDraft,
+    denial: Denial,
+    code: Option<&'static str>,
+) -> Response<ProxyBody> {
+    let hint = denial
+        .hint
+        .map(|c| generation.policy.capability_at(c).name.as_str());
+    let task = draft.rec.task.clone();
+    let resp = respond::deny(&DenyInfo {
+        reason: denial.reason,
+        request_id: draft.request_id(),
+        task: task.as_deref(),
+        hint,
+        ambiguity: code,
+    });
+    draft
+        .write(state, denial.reason, denial.reason.status().as_u16())
+        .await;
+    resp
+}
+
+/// Terminates the agent's TLS with a leaf for the CONNECT host and serves HTTP/1.1 or HTTP/2
+/// inside, every request decided under the tunnel's task.
+async fn intercept(
+    state: Arc<State>,
+    client: SocketAddr,
+    mut draft: RecordDraft,
+    task: Arc<crate::tasks::Task>,
+    tunnel: TunnelHost,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+) {
+    let Ok(upgraded) = on_upgrade.await else {
+        draft.rec.outcome = Some("client_closed");
+        return draft.write_detached(&state, Reason::Allowed, 200);
+    };
+    let _open = state.metrics.connection_opened(ConnKind::Intercepted);
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(
+        rustls::server::Acceptor::default(),
+        TokioIo::new(upgraded),
+    );
+    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        _ => {
+            draft.rec.outcome = Some("tls_handshake_failed");
+            return draft.write_detached(&state, Reason::Allowed, 200);
+        }
+    };
+    // SECURITY: domain fronting — the name the client asks TLS for must be the CONNECT host.
+    if let Some(sni) = start.client_hello().server_name() {
+        if normalize_host(sni).as_deref() != Some(tunnel.host.as_str()) {
+            draft.rec.outcome = Some("tls_refused");
+            return draft.write_detached(&state, Reason::HostMismatch, 200);
+        }
+    }
+    let config = match state.leaves.server_config(&tunnel.host).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "could not issue a leaf certificate");
+            draft.rec.outcome = Some("leaf_failed");
+            return draft.write_detached(&state, Reason::Allowed, 200);
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        _ => {
+            draft.rec.outcome = Some("tls_handshake_failed");
+            return draft.write_detached(&state, Reason::Allowed, 200);
+        }
+    };
+    let close = Arc::new(Notify::new());
+    let ctx = Arc::new(ConnCtx {
+        client,
+        tunnel: Some(TunnelCtx {
+            task,
+            host: tunnel,
+            close: close.clone(),
+        }),
+    });
+    let svc_state = state.clone();
+    let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
+    conn::serve_intercepted(&state, TokioIo::new(tls), svc, close).await;
+    draft.rec.outcome = Some("closed");
+    draft.write_detached(&state, Reason::Allowed, 200);
+}
+
+/// A blind tunnel to a passthrough host: dial first (so a failure is a 502, not a dead tunnel),
+/// then answer 200 and splice bytes both ways.
+async fn passthrough(
+    state: Arc<State>,
+    generation: &Generation,
+    mut draft: RecordDraft,
+    tunnel: TunnelHost,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let named: Vec<std::net::IpAddr> = generation
+        .policy
+        .policy()
+        .passthrough
+        .iter()
+        .filter_map(|h| match h {
+            HostPattern::Exact(n) => n.parse().ok(),
+            HostPattern::Wildcard(_) => None,
+        })
+        .collect();
+    let dialled = async {
+        let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
+        if addrs
+            .iter()
+            .any(|a| upstream::is_blocked(a.ip()) && !named.contains(&a.ip()))
+        {
+            return Err(upstream::ConnectError::Blocked);
+        }
+        tokio::time::timeout(state.settings.connect_timeout, upstream::dial(&addrs))
+            .await
+            .map_err(|_| upstream::ConnectError::Timeout)?
+    }
+    .await;
+    let mut tcp = match dialled {
+        Ok(tcp) => tcp,
+        Err(upstream::ConnectError::Blocked) => {
+            return refuse(
+                &state,
+                generation,
+                draft,
+                Denial::bare(Reason::BlockedAddress),
+                None,
+            )
+            .await
+        }
+        Err(e) => {
+            state.metrics.upstream_error("", e.kind());
+            draft.rec.outcome = Some(e.kind());
+            let resp = respond::failure(Failure::BadGateway, draft.request_id());
+            draft
+                .write(
+                    &state,
+                    Reason::Passthrough,
+                    StatusCode::BAD_GATEWAY.as_u16(),
+                )
+                .await;
+            return resp;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let _open = state.metrics.connection_opened(ConnKind::Tunnel);
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut agent = TokioIo::new(upgraded);
+                match tokio::io::copy_bidirectional(&mut agent, &mut tcp).await {
+                    Ok((up, down)) => {
+                        draft.rec.bytes_up = up;
+                        draft.rec.bytes_down = down;
+                        draft.rec.outcome = Some("closed");
+                    }
+                    Err(_) => draft.rec.outcome = Some("reset"),
+                }
+            }
+            Err(_) => draft.rec.outcome = Some("client_closed"),
+        }
+        draft.write_detached(&state, Reason::Passthrough, 200);
+    });
+    Response::new(ProxyBody::empty())
+}

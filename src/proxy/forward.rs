@@ -1,0 +1,117 @@
+//! The only module that talks to upstreams: sends an injected request through its service's
+//! pooled client and classifies what went wrong. Never follows redirects (the agent sees 3xx).
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::uri::{Authority, Scheme as UriScheme};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::policy::Scheme;
+use crate::proxy::identify::Target;
+use crate::upstream::{ConnectError, UpBody, Upstreams};
+
+/// An upstream that failed; not a decision.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// the connector refused the resolved address (a decision after all: `blocked_address`)
+    Blocked,
+    /// connect, DNS or TLS failure, or the connection broke: 502. `kind` is the metric label.
+    Failed { kind: &'static str },
+    /// no response head in time: 504
+    Timeout,
+}
+
+/// Removes hop-by-hop headers and every header named in `Connection` (SPEC §4.6).
+/// SECURITY: called before injection, so `Connection: authorization` cannot strip the credential.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Points the request at the target's authority in absolute form; the client writes the
+/// origin-form line and `Host` (HTTP/1.1) or `:authority` (HTTP/2) from it.
+pub fn aim(req: &mut Request<UpBody>, target: &Target) -> Option<()> {
+    let host = if target.host.contains(':') {
+        format!("[{}]", target.host)
+    } else {
+        target.host.clone()
+    };
+    let authority = if target.port == target.scheme.default_port() {
+        Authority::try_from(host).ok()?
+    } else {
+        Authority::try_from(format!("{host}:{}", target.port)).ok()?
+    };
+    let scheme = match target.scheme {
+        Scheme::Http => UriScheme::HTTP,
+        Scheme::Https => UriScheme::HTTPS,
+    };
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts).ok()?;
+    req.headers_mut().remove(http::header::HOST);
+    // The upstream connection's protocol is chosen by ALPN, not by the agent's.
+    *req.version_mut() = Version::HTTP_11;
+    Some(())
+}
+
+/// Sends the request and waits (bounded) for the response head; the body streams afterwards.
+pub async fn send(
+    upstreams: &Upstreams,
+    service: usize,
+    req: Request<UpBody>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let client = upstreams
+        .client(service)
+        .ok_or(UpstreamError::Failed { kind: "connect" })?;
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Err(_) => Err(UpstreamError::Timeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(classify(&e)),
+    }
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+    while let Some(s) = source {
+        if let Some(c) = s.downcast_ref::<ConnectError>() {
+            return match c {
+                ConnectError::Blocked => UpstreamError::Blocked,
+                ConnectError::Timeout => UpstreamError::Timeout,
+                other => UpstreamError::Failed { kind: other.kind() },
+            };
+        }
+        source = s.source();
+    }
+    UpstreamError::Failed { kind: "protocol" }
+}

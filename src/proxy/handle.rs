@@ -1,0 +1,317 @@
+//! One request's way through keyward, top to bottom:
+//! identify → target → decide → inject → forward → record.
+//!
+//! Every path out of `handle` writes exactly one audit record: a refusal before it is answered,
+//! an allowed request when its response body ends (see `record::Recorder`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use tokio::sync::Notify;
+
+use crate::credentials;
+use crate::decide::{self, Denial, RequestFacts};
+use crate::policy::Injection;
+use crate::proxy::body::{CountingBody, ProxyBody};
+use crate::proxy::connect;
+use crate::proxy::forward::{self, UpstreamError};
+use crate::proxy::identify::{self, Target, TargetError, TunnelHost};
+use crate::proxy::record::RecordDraft;
+use crate::proxy::respond::{self, DenyInfo, Failure};
+use crate::reason::Reason;
+use crate::state::{Generation, State};
+use crate::tasks::Task;
+
+/// Where a request came from.
+#[derive(Clone)]
+pub struct ConnCtx {
+    pub client: SocketAddr,
+    /// Set inside an intercepted tunnel: identity and destination are fixed by the CONNECT.
+    pub tunnel: Option<TunnelCtx>,
+}
+
+#[derive(Clone)]
+pub struct TunnelCtx {
+    pub task: Arc<Task>,
+    pub host: TunnelHost,
+    /// Notified to close the tunnel after an authentication failure (SPEC §4.2).
+    pub close: Arc<Notify>,
+}
+
+/// The service function of both listeners. Never fails toward hyper.
+pub async fn handle(
+    state: Arc<State>,
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    if req.method() == Method::CONNECT && ctx.tunnel.is_none() {
+        return Ok(connect::handle(state, ctx.client, req).await);
+    }
+    Ok(handle_request(state, &ctx, req).await)
+}
+
+/// The service function inside an intercepted tunnel (CONNECT there is refused as ambiguous).
+pub async fn handle_in_tunnel(
+    state: Arc<State>,
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    Ok(handle_request(state, &ctx, req).await)
+}
+
+/// A refusal decided before anything left keyward.
+struct Refusal {
+    denial: Denial,
+    code: Option<&'static str>,
+}
+
+impl From<Denial> for Refusal {
+    fn from(denial: Denial) -> Self {
+        Refusal { denial, code: None }
+    }
+}
+
+impl From<Reason> for Refusal {
+    fn from(reason: Reason) -> Self {
+        Denial::bare(reason).into()
+    }
+}
+
+impl From<TargetError> for Refusal {
+    fn from(e: TargetError) -> Self {
+        Refusal {
+            denial: Denial::bare(e.reason),
+            code: Some(e.code),
+        }
+    }
+}
+
+async fn handle_request(
+    state: Arc<State>,
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let generation = state.current();
+    let mut draft = RecordDraft::new(&state, ctx.client, generation.policy.version());
+    if !state.audit.healthy() {
+        // SECURITY: no record, no request (fail closed).
+        return respond::failure(Failure::Unavailable, draft.request_id());
+    }
+    let (mut parts, body) = req.into_parts();
+    draft.rec.method = parts.method.as_str().to_string();
+    draft.rec.path = parts.uri.path().to_string();
+
+    let prepared = prepare(&state, &generation, ctx, &mut parts, &mut draft);
+    let (task, target, permit) = match prepared {
+        Ok(p) => p,
+        Err(refusal) => return refuse(&state, &generation, ctx, draft, refusal).await,
+    };
+
+    // Inject (hop-by-hop already gone) and aim at the decided destination.
+    let credential = match credentials::inject(
+        &mut parts,
+        &permit,
+        &generation.policy,
+        &generation.credentials,
+    ) {
+        Ok(c) => c,
+        Err(reason) => {
+            task.refund();
+            return refuse(&state, &generation, ctx, draft, reason.into()).await;
+        }
+    };
+    draft.rec.credential = credential
+        .and_then(|i| generation.credentials.name(i))
+        .map(str::to_string);
+
+    let bytes_up = Arc::new(AtomicU64::new(0));
+    let mut up = Request::from_parts(parts, CountingBody::new(body, bytes_up.clone()));
+    if forward::aim(&mut up, &target).is_none() {
+        task.refund();
+        return refuse(
+            &state,
+            &generation,
+            ctx,
+            draft,
+            Reason::AmbiguousRequest.into(),
+        )
+        .await;
+    }
+
+    let started = Instant::now();
+    let sent = forward::send(
+        &generation.upstreams,
+        permit.service(),
+        up,
+        state.settings.upstream_timeout,
+    )
+    .await;
+    match sent {
+        Ok(mut resp) => {
+            forward::strip_hop_by_hop(resp.headers_mut());
+            let status = resp.status().as_u16();
+            let recorder = draft.into_recorder(state.clone(), status, started, bytes_up);
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, ProxyBody::upstream(body, recorder))
+        }
+        Err(UpstreamError::Blocked) => {
+            task.refund();
+            refuse(
+                &state,
+                &generation,
+                ctx,
+                draft,
+                Reason::BlockedAddress.into(),
+            )
+            .await
+        }
+        Err(e) => {
+            let (failure, kind) = match e {
+                UpstreamError::Timeout => (Failure::GatewayTimeout, "timeout"),
+                UpstreamError::Failed { kind } => (Failure::BadGateway, kind),
+                UpstreamError::Blocked => (Failure::BadGateway, "blocked"),
+            };
+            let service = draft.rec.service.clone().unwrap_or_default();
+            state.metrics.upstream_error(&service, kind);
+            draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            draft.rec.outcome = Some(kind);
+            let resp = respond::failure(failure, draft.request_id());
+            draft
+                .write(&state, Reason::Allowed, failure.status().as_u16())
+                .await;
+            resp
+        }
+    }
+}
+
+/// Everything up to the point where the request may leave: identify, read the target, decide,
+/// charge the budget, strip hop-by-hop headers. No I/O happens here.
+fn prepare(
+    state: &State,
+    generation: &Generation,
+    ctx: &ConnCtx,
+    parts: &mut http::request::Parts,
+    draft: &mut RecordDraft,
+) -> Result<(Arc<Task>, Target, decide::Permit), Refusal> {
+    let now = SystemTime::now();
+    let task = match &ctx.tunnel {
+        Some(t) => t.task.clone(),
+        None => state.tasks.authenticate(&parts.headers)?,
+    };
+    draft.set_task(&task);
+    decide::check_validity(&task, now)?;
+
+    let target = match &ctx.tunnel {
+        Some(t) => identify::tunnel_target(parts, &t.host)?,
+        None => identify::absolute_target(parts)?,
+    };
+    draft.set_target(
+        parts.method.as_str(),
+        target.scheme,
+        &target.host,
+        target.port,
+        target.path.raw_path(),
+    );
+    // SECURITY: a real credential in the agent's hands has leaked; never let it travel.
+    if generation.credentials.carried_by(parts) {
+        return Err(Reason::SecretEgress.into());
+    }
+    let facts = RequestFacts {
+        scheme: target.scheme,
+        host: &target.host,
+        port: target.port,
+        method: &parts.method,
+        path: &target.path,
+    };
+    let permit = decide::decide(&generation.policy, &task, &facts, now).map_err(|d| {
+        draft.set_denial(&generation.policy, &d);
+        Refusal::from(d)
+    })?;
+    draft.set_permit(&generation.policy, &permit);
+
+    forward::strip_hop_by_hop(&mut parts.headers);
+    if let Some(Injection::Header { name, .. }) =
+        &generation.policy.service_at(permit.service()).inject
+    {
+        // SECURITY: `X_Api_Key` beside `X-Api-Key` may be merged by some servers.
+        if has_lookalike(&parts.headers, name) {
+            return Err(Refusal {
+                denial: Denial::bare(Reason::AmbiguousRequest),
+                code: Some("header_lookalike"),
+            });
+        }
+    }
+    if !task.try_consume() {
+        return Err(Reason::BudgetExhausted.into());
+    }
+    Ok((task, target, permit))
+}
+
+fn has_lookalike(headers: &http::HeaderMap, injected: &http::HeaderName) -> bool {
+    let want = injected.as_str();
+    headers.keys().any(|k| {
+        let k = k.as_str();
+        k != want
+            && k.len() == want.len()
+            && k.bytes()
+                .zip(want.bytes())
+                .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+    })
+}
+
+/// Records a refusal, then answers it. Authentication failures inside a tunnel close it.
+async fn refuse(
+    state: &State,
+    generation: &Generation,
+    ctx: &ConnCtx,
+    draft: RecordDraft,
+    refusal: Refusal,
+) -> Response<ProxyBody> {
+    let reason = refusal.denial.reason;
+    let hint = refusal
+        .denial
+        .hint
+        .map(|c| generation.policy.capability_at(c).name.as_str());
+    let task = draft.rec.task.clone();
+    if let Some(t) = &ctx.tunnel {
+        t.task.count_denied();
+    }
+    let resp = respond::deny(&DenyInfo {
+        reason,
+        request_id: draft.request_id(),
+        task: task.as_deref(),
+        hint,
+        ambiguity: refusal.code,
+    });
+    draft.write(state, reason, reason.status().as_u16()).await;
+    if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        if let Some(t) = &ctx.tunnel {
+            // Graceful close: HTTP/1.1 answers this request with `Connection: close`, HTTP/2
+            // sends GOAWAY after it.
+            t.close.notify_one();
+        }
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookalike_headers_are_found() {
+        let mut h = http::HeaderMap::new();
+        h.insert("x_api_key", "a".parse().unwrap());
+        let name = http::HeaderName::from_static("x-api-key");
+        assert!(has_lookalike(&h, &name));
+        let mut ok = http::HeaderMap::new();
+        ok.insert("x-api-key", "a".parse().unwrap());
+        ok.insert("x-api-keys", "a".parse().unwrap());
+        assert!(!has_lookalike(&ok, &name));
+    }
+}

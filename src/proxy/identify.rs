@@ -1,0 +1,233 @@
+//! What a request is aimed at: scheme, host, port and canonical path, read from the request
+//! target (plain proxy) or from the tunnel it arrived in — never chosen by a header.
+//!
+//! SECURITY: the destination decides (SPEC §4.2). For absolute-form requests the URI authority is
+//! the destination and `Host` must agree; inside a tunnel the CONNECT authority is the destination
+//! and `Host`/`:authority` must name it. Every disagreement or odd spelling is refused.
+
+use http::header::HOST;
+use http::request::Parts;
+use http::{HeaderMap, Method, Version};
+
+use crate::decide::normalize_host;
+use crate::matcher::canon::{canonicalize, CanonPath};
+use crate::policy::Scheme;
+use crate::reason::Reason;
+
+/// Where a request goes, as decided from its target.
+#[derive(Debug)]
+pub struct Target {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    pub path: CanonPath,
+}
+
+/// Why a target cannot be decided on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetError {
+    pub reason: Reason,
+    /// closed-set detail for ambiguous requests
+    pub code: &'static str,
+}
+
+fn ambiguous(code: &'static str) -> TargetError {
+    TargetError {
+        reason: Reason::AmbiguousRequest,
+        code,
+    }
+}
+
+fn mismatch() -> TargetError {
+    TargetError {
+        reason: Reason::HostMismatch,
+        code: "host_mismatch",
+    }
+}
+
+/// The tunnel a request arrived through.
+#[derive(Clone, Debug)]
+pub struct TunnelHost {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Headers that ask a server to treat a request as another method (SPEC §4.4).
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Target of an absolute-form request on the plain listener.
+pub fn absolute_target(parts: &Parts) -> Result<Target, TargetError> {
+    let uri = &parts.uri;
+    let authority = uri.authority().ok_or(ambiguous("not_absolute_form"))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::Http,
+        Some("https") => Scheme::Https,
+        _ => return Err(ambiguous("unsupported_scheme")),
+    };
+    let (host, port) = parse_authority(authority.as_str(), scheme.default_port())?;
+    // SECURITY: Host must agree with the URI, or some hop could route by the other one.
+    if let Some(h) = single_host_header(&parts.headers)? {
+        let (hh, hp) = parse_authority(h, scheme.default_port())?;
+        if hh != host || hp != port {
+            return Err(ambiguous("host_disagrees_with_uri"));
+        }
+    }
+    common_checks(parts)?;
+    let path = canon_path(parts)?;
+    Ok(Target {
+        scheme,
+        host,
+        port,
+        path,
+    })
+}
+
+/// Target of a request inside an intercepted tunnel to `tunnel`.
+pub fn tunnel_target(parts: &Parts, tunnel: &TunnelHost) -> Result<Target, TargetError> {
+    let named = if parts.version == Version::HTTP_2 {
+        // hyper puts `:authority` in the URI; a `host` header must agree with it.
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .ok_or(ambiguous("missing_authority"))?;
+        if let Some(h) = single_host_header(&parts.headers)? {
+            if !h.eq_ignore_ascii_case(authority) {
+                return Err(ambiguous("authority_disagrees_with_host"));
+            }
+        }
+        if parts.uri.scheme_str().is_some_and(|s| s != "https") {
+            return Err(ambiguous("unsupported_scheme"));
+        }
+        authority
+    } else {
+        // SECURITY: an absolute-form target inside a tunnel would be a second destination.
+        if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+            return Err(ambiguous("absolute_form_in_tunnel"));
+        }
+        single_host_header(&parts.headers)?.ok_or(ambiguous("missing_host"))?
+    };
+    // A Host without a port names the tunnel's port; an explicit one must equal it.
+    let (host, port) = parse_authority(named, tunnel.port)?;
+    if host != tunnel.host || port != tunnel.port {
+        return Err(mismatch());
+    }
+    common_checks(parts)?;
+    let path = canon_path(parts)?;
+    Ok(Target {
+        scheme: Scheme::Https,
+        host: tunnel.host.clone(),
+        port: tunnel.port,
+        path,
+    })
+}
+
+fn common_checks(parts: &Parts) -> Result<(), TargetError> {
+    if parts.method == Method::CONNECT {
+        return Err(ambiguous("nested_connect"));
+    }
+    if METHOD_OVERRIDES
+        .iter()
+        .any(|h| parts.headers.contains_key(*h))
+    {
+        return Err(ambiguous("method_override"));
+    }
+    Ok(())
+}
+
+fn canon_path(parts: &Parts) -> Result<CanonPath, TargetError> {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    canonicalize(target).map_err(|a| ambiguous(a.as_str()))
+}
+
+fn single_host_header(headers: &HeaderMap) -> Result<Option<&str>, TargetError> {
+    let mut all = headers.get_all(HOST).iter();
+    let Some(first) = all.next() else {
+        return Ok(None);
+    };
+    if all.next().is_some() {
+        return Err(ambiguous("duplicate_host"));
+    }
+    first.to_str().map(Some).map_err(|_| ambiguous("bad_host"))
+}
+
+/// Splits and normalizes `host[:port]`. Refuses userinfo, empty or odd ports (`:0443`, `:+443`,
+/// `:0`, over 65535) and anything that is not a plain host name or IP literal.
+pub fn parse_authority(authority: &str, default_port: u16) -> Result<(String, u16), TargetError> {
+    if authority.contains('@') {
+        return Err(ambiguous("userinfo"));
+    }
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let end = rest.find(']').ok_or(ambiguous("bad_authority"))?;
+        let host = &authority[..end + 2];
+        let after = &rest[end + 1..];
+        match after.strip_prefix(':') {
+            Some(p) => (host, Some(p)),
+            None if after.is_empty() => (host, None),
+            None => return Err(ambiguous("bad_authority")),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        None => default_port,
+        Some(p) => parse_port(p).ok_or(ambiguous("bad_port"))?,
+    };
+    let host = normalize_host(host).ok_or(ambiguous("bad_host"))?;
+    Ok((host, port))
+}
+
+fn parse_port(p: &str) -> Option<u16> {
+    if p.is_empty() || p.len() > 5 || p.starts_with('0') || !p.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    p.parse::<u16>().ok().filter(|&n| n != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_forms() {
+        assert_eq!(
+            parse_authority("API.GitHub.com.:443", 443).unwrap(),
+            ("api.github.com".to_string(), 443)
+        );
+        assert_eq!(
+            parse_authority("[::1]:8443", 443).unwrap(),
+            ("::1".to_string(), 8443)
+        );
+        assert_eq!(
+            parse_authority("example.com", 80).unwrap(),
+            ("example.com".to_string(), 80)
+        );
+        for bad in [
+            "host:443@evil:443",
+            "user@host",
+            "host:0443",
+            "host:+443",
+            "host:0",
+            "host:99999",
+            "host:",
+            "ho st:443",
+            ":443",
+            "[::1",
+            "[::1]x",
+            "a..b:443",
+        ] {
+            assert!(parse_authority(bad, 443).is_err(), "{bad} must be refused");
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The proxy listener: accepts agent connections and hands each request to `handle`.
+//!
+//! Modules in the order a request meets them: `conn` (one connection) → `handle` (the flow) →
+//! `identify` (target) → `connect` (CONNECT, tunnels, interception) → `forward` (upstream) →
+//! `respond` (refusals and failures as responses) → `record` (audit + metrics) → `body`.
+
+pub mod body;
+pub mod conn;
+pub mod connect;
+pub mod forward;
+pub mod handle;
+pub mod identify;
+pub mod record;
+pub mod respond;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::metrics::ConnKind;
+use crate::proxy::handle::ConnCtx;
+use crate::state::State;
+
+/// Accepts connections until shutdown. Each connection holds a permit of the connection limit.
+pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    let limit = Arc::new(Semaphore::new(state.settings.max_connections));
+    let mut shutdown = state.shutdown_signal();
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, client) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Per-connection errors are the client's; running out of descriptors is ours:
+                // back off instead of spinning.
+                if is_resource_exhaustion(&e) {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _open = state.metrics.connection_opened(ConnKind::Http);
+            let ctx = Arc::new(ConnCtx {
+                client,
+                tunnel: None,
+            });
+            let svc_state = state.clone();
+            let svc = service_fn(move |req| handle::handle(svc_state.clone(), ctx.clone(), req));
+            conn::serve_plain(&state, stream, svc).await;
+        });
+    }
+}
+
+fn is_resource_exhaustion(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(23) | Some(24)) // ENFILE, EMFILE
+        || e.kind() == std::io::ErrorKind::OutOfMemory
+}

@@ -1,0 +1,173 @@
+//! The only place a `Reason` or an upstream failure becomes a response to the agent.
+//!
+//! Bodies are RFC 9457 problem documents built from closed enums and policy names; they never
+//! carry an error's `Display`/`Debug`, a path, a query, a header value or a secret.
+
+use http::header::{HeaderValue, CONTENT_TYPE, PROXY_AUTHENTICATE};
+use http::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::proxy::body::ProxyBody;
+use crate::reason::Reason;
+
+pub const REASON_HEADER: &str = "x-keyward-reason";
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    reason: &'a str,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    task: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capability: Option<&'a str>,
+}
+
+/// What the agent is told about a denial.
+pub struct DenyInfo<'a> {
+    pub reason: Reason,
+    pub request_id: &'a str,
+    pub task: Option<&'a str>,
+    /// A capability that would have allowed the request.
+    pub hint: Option<&'a str>,
+    /// Extra precision for `ambiguous_request` (a closed-set code such as `dot_segment`).
+    pub ambiguity: Option<&'static str>,
+}
+
+/// A denial: the reason's status, `X-Keyward-Reason`, a problem document; 407s carry the
+/// `Proxy-Authenticate` challenge.
+pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
+    let status = info.reason.status();
+    let detail = detail(info);
+    let problem = Problem {
+        kind: format!("urn:keyward:reason:{}", info.reason.as_str()),
+        title: info.reason.title(),
+        status: status.as_u16(),
+        detail,
+        reason: info.reason.as_str(),
+        request_id: info.request_id,
+        task: info.task,
+        capability: info.hint,
+    };
+    let mut resp = problem_response(status, &problem);
+    resp.headers_mut().insert(
+        REASON_HEADER,
+        HeaderValue::from_static(info.reason.as_str()),
+    );
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        resp.headers_mut().insert(
+            PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"keyward\""),
+        );
+    }
+    resp
+}
+
+fn detail(info: &DenyInfo<'_>) -> String {
+    let ask = |what: &str| match info.hint {
+        Some(cap) => {
+            format!("{what} Capability `{cap}` would allow it; ask for a task that includes it.")
+        }
+        None => format!("{what} No capability of this policy allows it."),
+    };
+    match info.reason {
+        Reason::Allowed | Reason::Passthrough => String::new(),
+        Reason::MissingCredentials => "Send Proxy-Authorization: Basic base64(TASK_ID:TOKEN), e.g. HTTPS_PROXY=http://TASK_ID:TOKEN@host:port.".into(),
+        Reason::InvalidToken => "The proxy credentials do not name a known task.".into(),
+        Reason::TaskExpired => "The task has expired; mint a new one.".into(),
+        Reason::TaskRevoked => "The task was revoked.".into(),
+        Reason::UnknownHost => "The host is not a configured service or passthrough host.".into(),
+        Reason::RouteNotInIntent => ask("The request is not in the task's intent."),
+        Reason::MethodNotAllowed => ask("The path is in the task's intent but this method is not."),
+        Reason::ConstraintMismatch => "A path parameter is outside the constraints the task was minted with.".into(),
+        Reason::AmbiguousRequest => match info.ambiguity {
+            Some(code) => format!("The request could be read two ways ({code}); send it in canonical form."),
+            None => "The request could be read two ways; send it in canonical form.".into(),
+        },
+        Reason::HostMismatch => "The request's Host or TLS server name differs from the tunnel's host.".into(),
+        Reason::BlockedAddress => "The upstream resolves to a loopback, private, link-local or metadata address.".into(),
+        Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
+        Reason::ApprovalRequired => "The capability is high-risk and needs an approval.".into(),
+        Reason::SecretEgress => "The request carries a real credential's value; it must never leave keyward.".into(),
+        Reason::CredentialUnavailable => "The credential for this service cannot be read now; nothing was sent.".into(),
+    }
+}
+
+/// Failures that are not decisions (SPEC §4.3): the upstream could not be reached or answered
+/// too slowly, or keyward itself failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// connect, DNS or TLS failure toward the upstream
+    BadGateway,
+    /// the upstream did not answer in time
+    GatewayTimeout,
+    /// keyward cannot write audit records, or is shutting down
+    Unavailable,
+    /// the request could not be parsed (not a decision: nothing to decide on)
+    BadRequest,
+}
+
+impl Failure {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Failure::BadGateway => StatusCode::BAD_GATEWAY,
+            Failure::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Failure::BadGateway => "upstream_unreachable",
+            Failure::GatewayTimeout => "upstream_timeout",
+            Failure::Unavailable => "unavailable",
+            Failure::BadRequest => "bad_request",
+        }
+    }
+
+    fn detail(self) -> &'static str {
+        match self {
+            Failure::BadGateway => {
+                "The upstream could not be reached or its TLS certificate could not be verified."
+            }
+            Failure::GatewayTimeout => "The upstream did not answer in time.",
+            Failure::Unavailable => {
+                "keyward cannot record decisions right now, so it refuses requests."
+            }
+            Failure::BadRequest => {
+                "This listener is a proxy: send absolute-form requests or CONNECT."
+            }
+        }
+    }
+}
+
+/// An upstream or internal failure, in the same problem shape.
+pub fn failure(f: Failure, request_id: &str) -> Response<ProxyBody> {
+    let problem = Problem {
+        kind: format!("urn:keyward:error:{}", f.code()),
+        title: f.code(),
+        status: f.status().as_u16(),
+        detail: f.detail().to_string(),
+        reason: f.code(),
+        request_id,
+        task: None,
+        capability: None,
+    };
+    problem_response(f.status(), &problem)
+}
+
+fn problem_response(status: StatusCode, problem: &Problem<'_>) -> Response<ProxyBody> {
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut resp = Response::new(ProxyBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}

@@ -1,0 +1,156 @@
+//! `State`: everything a request or an admin call needs, shared through one `Arc`.
+//!
+//! A policy *generation* (compiled policy, its credentials and its upstream clients) is swapped
+//! atomically on reload; requests in flight keep the generation they started with. Tasks, the
+//! leaf cache, the audit log and metrics outlive reloads.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+
+use crate::audit::AuditLog;
+use crate::credentials::CredentialStore;
+use crate::metrics::Metrics;
+use crate::policy::{self, CompiledPolicy, PolicyErrors, ProxySettings};
+use crate::secret::Secret;
+use crate::tasks::{self, TaskStore};
+use crate::tls::leaf::LeafCache;
+use crate::upstream::Upstreams;
+
+/// One loaded policy with what was built from it.
+pub struct Generation {
+    pub policy: CompiledPolicy,
+    pub credentials: CredentialStore,
+    pub upstreams: Upstreams,
+}
+
+impl Generation {
+    /// Compiles a validated policy and builds its credentials and clients.
+    pub async fn build(
+        source: &Path,
+        policy: policy::Policy,
+        settings: &ProxySettings,
+    ) -> Result<Generation, PolicyErrors> {
+        let policy = CompiledPolicy::compile(policy);
+        let upstreams = Upstreams::build(&policy, settings.connect_timeout)
+            .map_err(|e| PolicyErrors::whole_file(&source.display().to_string(), e.to_string()))?;
+        let credentials = CredentialStore::load(&policy).await;
+        credentials.spawn_refreshers();
+        Ok(Generation {
+            policy,
+            credentials,
+            upstreams,
+        })
+    }
+}
+
+pub struct State {
+    generation: ArcSwap<Generation>,
+    pub config_path: PathBuf,
+    /// Listener settings of the policy the process started with (listeners are not rebound).
+    pub settings: ProxySettings,
+    pub tasks: TaskStore,
+    pub leaves: LeafCache,
+    pub audit: AuditLog,
+    pub metrics: Metrics,
+    pub admin_token: Secret,
+    pub ca_path: PathBuf,
+    pub proxy_addr: OnceLock<SocketAddr>,
+    pub admin_addr: OnceLock<SocketAddr>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    request_ids: RequestIds,
+}
+
+impl State {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        generation: Generation,
+        config_path: PathBuf,
+        settings: ProxySettings,
+        leaves: LeafCache,
+        audit: AuditLog,
+        metrics: Metrics,
+        admin_token: Secret,
+        ca_path: PathBuf,
+    ) -> State {
+        State {
+            generation: ArcSwap::from_pointee(generation),
+            config_path,
+            settings,
+            tasks: TaskStore::new(),
+            leaves,
+            audit,
+            metrics,
+            admin_token,
+            ca_path,
+            proxy_addr: OnceLock::new(),
+            admin_addr: OnceLock::new(),
+            shutdown: tokio::sync::watch::Sender::new(false),
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    /// The generation that decides requests starting now.
+    pub fn current(&self) -> Arc<Generation> {
+        self.generation.load_full()
+    }
+
+    /// Loads the policy file again; an invalid policy leaves the old one serving.
+    pub async fn reload(&self) -> Result<String, PolicyErrors> {
+        let result = self.reload_from(&self.config_path).await;
+        self.metrics
+            .policy_reload(if result.is_ok() { "ok" } else { "error" });
+        result
+    }
+
+    async fn reload_from(&self, path: &Path) -> Result<String, PolicyErrors> {
+        let policy = policy::load(path)?;
+        let generation = Generation::build(path, policy, &self.settings).await?;
+        let version = generation.policy.version().to_string();
+        self.generation.store(Arc::new(generation));
+        tracing::info!(policy_version = %version, "policy reloaded");
+        Ok(version)
+    }
+
+    pub fn next_request_id(&self) -> String {
+        self.request_ids.next()
+    }
+
+    /// A receiver that changes once, when keyward begins to shut down.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Stops the listeners from accepting and asks connections to drain.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter — unique, cheap, and not guessable
+/// across restarts.
+struct RequestIds {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        RequestIds {
+            prefix: tasks::random_hex(4),
+            counter: AtomicU64::new(1),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        format!("{}{:012x}", self.prefix, n)
+    }
+}

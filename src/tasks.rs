@@ -1,0 +1,464 @@
+//! Tasks: minting, token verification, expiry, revocation and request budgets (SPEC §2, §4.1, §5).
+//!
+//! Tokens are `kw_` + 256 random bits, handed out once and stored only as SHA-256 hashes; a
+//! presented token is hashed and compared in constant time. This module never logs or returns a
+//! token after minting, and never decides routes — `decide` does, reading a `Task`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use dashmap::DashMap;
+use http::HeaderMap;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::policy::CompiledPolicy;
+use crate::reason::Reason;
+use crate::secret::Secret;
+
+/// Longest `Proxy-Authorization` value we look at; anything longer is an invalid token.
+const MAX_PROXY_AUTH_LEN: usize = 1024;
+/// Longest task id accepted at mint time.
+const MAX_TASK_ID_LEN: usize = 128;
+/// Revoked and expired tasks are remembered this long, so agents get the precise reason.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// Default ttl when the mint request names none (capped by the agent's `max_ttl`).
+const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// One capability of a task's intent, optionally narrowed by path-parameter constraints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub capability: String,
+    /// param name → allowed values (exact, case-sensitive).
+    pub constraints: Vec<(String, Vec<String>)>,
+}
+
+/// One run of an agent. Identity fields are immutable; validity is read on every request.
+#[derive(Debug)]
+pub struct Task {
+    pub id: String,
+    pub agent: String,
+    pub intent: Vec<Grant>,
+    pub created_at: SystemTime,
+    pub expires_at: SystemTime,
+    pub max_requests: Option<u64>,
+    token_hash: [u8; 32],
+    used: AtomicU64,
+    denied: AtomicU64,
+    revoked: AtomicBool,
+}
+
+impl Task {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        now >= self.expires_at
+    }
+
+    pub fn requests_used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn requests_denied(&self) -> u64 {
+        self.denied.load(Ordering::Relaxed)
+    }
+
+    pub fn count_denied(&self) {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Gives back a request taken by `try_consume` that was refused after all (e.g. the
+    /// upstream address was blocked): only allowed requests count.
+    pub fn refund(&self) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Takes one request from the budget; false when it is spent. Exact under concurrency.
+    pub fn try_consume(&self) -> bool {
+        match self.max_requests {
+            None => {
+                self.used.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(max) => self
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok(),
+        }
+    }
+}
+
+/// What a mint request asks for (from the admin API or `keyward explain`).
+#[derive(Clone, Debug)]
+pub struct MintSpec {
+    pub agent: String,
+    pub task: Option<String>,
+    pub intent: Vec<Grant>,
+    pub ttl: Option<Duration>,
+    pub max_requests: Option<u64>,
+}
+
+/// Why a mint request is refused; `Display` is the message returned to the admin client.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MintError {
+    #[error("unknown agent `{0}`")]
+    UnknownAgent(String),
+    #[error("unknown capability `{0}`")]
+    UnknownCapability(String),
+    #[error("agent `{agent}` is not granted capability `{capability}`")]
+    NotGranted { agent: String, capability: String },
+    #[error("capability `{capability}` has no route with parameter `{param}`")]
+    UnknownParam { capability: String, param: String },
+    #[error("constraint on `{0}` lists no values")]
+    EmptyConstraint(String),
+    #[error("the intent names no capability")]
+    EmptyIntent,
+    #[error("ttl {requested}s exceeds agent `{agent}`'s max_ttl of {max}s")]
+    TtlTooLong {
+        agent: String,
+        requested: u64,
+        max: u64,
+    },
+    #[error("ttl must be positive")]
+    ZeroTtl,
+    #[error("max_requests must be at least 1")]
+    ZeroBudget,
+    #[error("task id must be 1-128 characters of A-Z a-z 0-9 . _ -")]
+    BadTaskId,
+    #[error("task id `{0}` is in use")]
+    Conflict(String),
+}
+
+/// How the agent presented itself on `Proxy-Authorization`.
+enum Presented<'a> {
+    Basic { task: &'a str, token: &'a str },
+    Bearer(&'a str),
+}
+
+/// All live (and recently ended) tasks. Lock-free reads: a sharded map by id and by token hash.
+#[derive(Default)]
+pub struct TaskStore {
+    by_id: DashMap<String, Arc<Task>>,
+    by_hash: DashMap<[u8; 32], Arc<Task>>,
+}
+
+impl TaskStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Validates `spec` against the current policy and stores a new task. Returns the task and
+    /// its token — the only time the token exists outside the agent.
+    pub fn mint(
+        &self,
+        policy: &CompiledPolicy,
+        spec: MintSpec,
+        now: SystemTime,
+    ) -> Result<(Arc<Task>, Secret), MintError> {
+        let task = build_task(policy, spec, now)?;
+        let token = new_token();
+        let hash = hash_token(token.expose());
+        let task = Arc::new(Task {
+            token_hash: hash,
+            ..task
+        });
+        match self.by_id.entry(task.id.clone()) {
+            dashmap::mapref::entry::Entry::Occupied(_) => {
+                return Err(MintError::Conflict(task.id.clone()))
+            }
+            dashmap::mapref::entry::Entry::Vacant(v) => {
+                v.insert(task.clone());
+            }
+        }
+        self.by_hash.insert(hash, task.clone());
+        Ok((task, token))
+    }
+
+    /// Identifies the task behind a request's `Proxy-Authorization`. Every malformed, unknown or
+    /// mismatched form answers the same `InvalidToken`, so the answer is no oracle. Validity
+    /// (expiry, revocation) is left to `decide`, which sees `now`.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Task>, Reason> {
+        let mut values = headers.get_all(http::header::PROXY_AUTHORIZATION).iter();
+        let Some(value) = values.next() else {
+            return Err(Reason::MissingCredentials);
+        };
+        // SECURITY: two credentials on one request could be read differently by two parsers.
+        if values.next().is_some() || value.len() > MAX_PROXY_AUTH_LEN {
+            return Err(Reason::InvalidToken);
+        }
+        let value = value.to_str().map_err(|_| Reason::InvalidToken)?;
+        let decoded;
+        let presented = match value.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("basic") => {
+                decoded = STANDARD
+                    .decode(rest.trim())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .map(Secret::new)
+                    .ok_or(Reason::InvalidToken)?;
+                let (task, token) = decoded
+                    .expose()
+                    .split_once(':')
+                    .ok_or(Reason::InvalidToken)?;
+                Presented::Basic { task, token }
+            }
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => {
+                Presented::Bearer(rest.trim())
+            }
+            _ => return Err(Reason::InvalidToken),
+        };
+        self.verify(presented).ok_or(Reason::InvalidToken)
+    }
+
+    fn verify(&self, presented: Presented<'_>) -> Option<Arc<Task>> {
+        match presented {
+            Presented::Basic { task, token } => {
+                let hash = hash_token(token);
+                let found = self.by_id.get(task).map(|t| t.value().clone());
+                // SECURITY: compare even when the id is unknown, so timing tells nothing.
+                let expected = found.as_ref().map_or([0u8; 32], |t| t.token_hash);
+                let equal: bool = expected.ct_eq(&hash).into();
+                found.filter(|_| equal)
+            }
+            Presented::Bearer(token) => {
+                let hash = hash_token(token);
+                let found = self.by_hash.get(&hash).map(|t| t.value().clone())?;
+                let equal: bool = found.token_hash.ct_eq(&hash).into();
+                equal.then_some(found)
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Task>> {
+        self.by_id.get(id).map(|t| t.value().clone())
+    }
+
+    /// All tasks, sorted by id.
+    pub fn list(&self) -> Vec<Arc<Task>> {
+        let mut all: Vec<_> = self.by_id.iter().map(|t| t.value().clone()).collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Revokes at once: the next request of any connection holding this task is refused.
+    pub fn revoke(&self, id: &str) -> Option<Arc<Task>> {
+        let task = self.get(id)?;
+        task.revoked.store(true, Ordering::Release);
+        Some(task)
+    }
+
+    /// Number of live (unexpired, unrevoked) tasks per agent, for the `keyward_tasks_active` gauge.
+    pub fn active_by_agent(&self, now: SystemTime) -> BTreeMap<String, i64> {
+        let mut counts = BTreeMap::new();
+        for t in self.by_id.iter() {
+            if !t.is_revoked() && !t.is_expired(now) {
+                *counts.entry(t.agent.clone()).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    /// Forgets tasks that ended more than an hour ago; called periodically.
+    pub fn purge(&self, now: SystemTime) {
+        let dead = |t: &Task| t.expires_at + FORGET_AFTER <= now;
+        self.by_id.retain(|_, t| !dead(t));
+        self.by_hash.retain(|_, t| !dead(t));
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// Checks the spec against the policy and builds the task (without its token hash yet).
+fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Result<Task, MintError> {
+    let agent = policy
+        .agent(&spec.agent)
+        .ok_or_else(|| MintError::UnknownAgent(spec.agent.clone()))?;
+    if spec.intent.is_empty() {
+        return Err(MintError::EmptyIntent);
+    }
+    for grant in &spec.intent {
+        let (cap_idx, cap) = policy
+            .capability(&grant.capability)
+            .ok_or_else(|| MintError::UnknownCapability(grant.capability.clone()))?;
+        if !agent.capabilities.contains(&cap_idx) {
+            return Err(MintError::NotGranted {
+                agent: agent.name.clone(),
+                capability: cap.name.clone(),
+            });
+        }
+        for (param, values) in &grant.constraints {
+            if values.is_empty() {
+                return Err(MintError::EmptyConstraint(param.clone()));
+            }
+            let known = cap
+                .routes
+                .iter()
+                .any(|r| r.param_names().any(|p| p == param));
+            if !known {
+                return Err(MintError::UnknownParam {
+                    capability: cap.name.clone(),
+                    param: param.clone(),
+                });
+            }
+        }
+    }
+    let ttl = spec.ttl.unwrap_or(DEFAULT_TTL.min(agent.max_ttl));
+    if ttl.is_zero() {
+        return Err(MintError::ZeroTtl);
+    }
+    if ttl > agent.max_ttl {
+        return Err(MintError::TtlTooLong {
+            agent: agent.name.clone(),
+            requested: ttl.as_secs(),
+            max: agent.max_ttl.as_secs(),
+        });
+    }
+    if spec.max_requests == Some(0) {
+        return Err(MintError::ZeroBudget);
+    }
+    let id = match spec.task {
+        Some(id) if valid_task_id(&id) => id,
+        Some(_) => return Err(MintError::BadTaskId),
+        None => format!("task-{}", random_hex(8)),
+    };
+    Ok(Task {
+        id,
+        agent: agent.name.clone(),
+        intent: spec.intent,
+        created_at: now,
+        expires_at: now + ttl,
+        max_requests: spec.max_requests,
+        token_hash: [0; 32],
+        used: AtomicU64::new(0),
+        denied: AtomicU64::new(0),
+        revoked: AtomicBool::new(false),
+    })
+}
+
+/// Applies intent-wide constraints (`--where k=v`, the mint body's top-level `where`) to every
+/// capability of the intent that has a route with that parameter. A constraint that no
+/// capability of the intent can take is refused rather than silently dropped.
+pub fn apply_where(
+    policy: &CompiledPolicy,
+    mut grants: Vec<Grant>,
+    constraints: &[(String, Vec<String>)],
+) -> Result<Vec<Grant>, MintError> {
+    for (param, values) in constraints {
+        let mut used = false;
+        for grant in &mut grants {
+            let Some((_, cap)) = policy.capability(&grant.capability) else {
+                return Err(MintError::UnknownCapability(grant.capability.clone()));
+            };
+            if cap
+                .routes
+                .iter()
+                .any(|r| r.param_names().any(|p| p == param))
+            {
+                grant.constraints.push((param.clone(), values.clone()));
+                used = true;
+            }
+        }
+        if !used {
+            return Err(MintError::UnknownParam {
+                capability: grants
+                    .iter()
+                    .map(|g| g.capability.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                param: param.clone(),
+            });
+        }
+    }
+    Ok(grants)
+}
+
+/// Builds plain grants from capability names and applies intent-wide constraints.
+pub fn grants_with_where(
+    policy: &CompiledPolicy,
+    names: Vec<String>,
+    constraints: &[(String, Vec<String>)],
+) -> Result<Vec<Grant>, MintError> {
+    let grants = names
+        .into_iter()
+        .map(|capability| Grant {
+            capability,
+            constraints: Vec::new(),
+        })
+        .collect();
+    apply_where(policy, grants, constraints)
+}
+
+/// Task ids travel in `Proxy-Authorization` user names, audit records and URLs: keep them plain.
+/// `:` would split Basic credentials differently, so it is refused with the rest.
+pub fn valid_task_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_TASK_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn new_token() -> Secret {
+    let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+    fill_random(bytes.as_mut());
+    Secret::new(format!("kw_{}", URL_SAFE_NO_PAD.encode(bytes.as_ref())))
+}
+
+fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Fills `buf` from the OS generator. If the OS cannot give randomness we must not mint
+/// predictable tokens; `getrandom` failing on Linux means no usable kernel, so we abort.
+pub fn fill_random(buf: &mut [u8]) {
+    if getrandom::fill(buf).is_err() {
+        tracing::error!("the operating system's random generator failed; refusing to continue");
+        std::process::abort();
+    }
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    fill_random(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_are_plain() {
+        assert!(valid_task_id("TICKET-123"));
+        assert!(valid_task_id("a.b_c-1"));
+        assert!(!valid_task_id(""));
+        assert!(!valid_task_id("a:b"));
+        assert!(!valid_task_id("a b"));
+        assert!(!valid_task_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn tokens_are_prefixed_and_random() {
+        let a = new_token();
+        let b = new_token();
+        assert!(a.expose().starts_with("kw_"));
+        assert!(a.expose().len() >= 3 + 43);
+        assert_ne!(a.expose(), b.expose());
+    }
+}

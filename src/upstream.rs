@@ -1,0 +1,377 @@
+//! Upstream connections: one pooled hyper client per service, dialling through a connector
+//! that resolves, checks and dials the address itself.
+//!
+//! SECURITY: this is where I1 and the address rules of SPEC §4.5 hold. The connector dials the
+//! exact address it checked (no second lookup to rebind), refuses loopback, private, link-local,
+//! CGNAT and metadata addresses in every spelling unless the service names that address, and
+//! verifies TLS for the request's host with no way to turn verification off. Pools are per
+//! service, so a connection that carried one service's credential never carries another's.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::policy::{CompiledPolicy, HostPattern, Scheme, ServiceDef};
+use crate::tls;
+
+/// Why an upstream connection could not be made. `kind()` is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the upstream address is blocked")]
+    Blocked,
+    #[error("the upstream host could not be resolved")]
+    Dns(#[source] io::Error),
+    #[error("the upstream host refused or did not answer the connection")]
+    Connect(#[source] io::Error),
+    #[error("the upstream TLS handshake failed")]
+    Tls(#[source] io::Error),
+    #[error("connecting to the upstream timed out")]
+    Timeout,
+    #[error("the upstream URI has no host")]
+    NoHost,
+}
+
+impl ConnectError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::Blocked => "blocked",
+            ConnectError::Dns(_) => "dns",
+            ConnectError::Connect(_) | ConnectError::NoHost => "connect",
+            ConnectError::Tls(_) => "tls",
+            ConnectError::Timeout => "timeout",
+        }
+    }
+}
+
+/// Body type sent upstream.
+pub type UpBody = crate::proxy::body::CountingBody<hyper::body::Incoming>;
+
+/// One pooled client per service of a policy generation.
+pub struct Upstreams {
+    clients: Vec<Client<Connector, UpBody>>,
+}
+
+impl Upstreams {
+    pub fn build(
+        policy: &CompiledPolicy,
+        connect_timeout: Duration,
+    ) -> Result<Upstreams, tls::TlsError> {
+        let mut clients = Vec::new();
+        for service in &policy.policy().services {
+            let tls = match service.scheme {
+                Scheme::Https => Some(tls::upstream::client_config(service.ca_file.as_deref())?),
+                Scheme::Http => None,
+            };
+            let connector = Connector {
+                inner: Arc::new(ConnectorInner {
+                    tls: tls.map(TlsConnector::from),
+                    connect_to: service.connect_to.clone(),
+                    named: named_addresses(service),
+                    timeout: connect_timeout,
+                }),
+            };
+            let client = Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256)
+                // A request is never replayed on another connection: it may not be idempotent.
+                .retry_canceled_requests(false)
+                .build(connector);
+            clients.push(client);
+        }
+        Ok(Upstreams { clients })
+    }
+
+    pub fn client(&self, service: usize) -> Option<&Client<Connector, UpBody>> {
+        self.clients.get(service)
+    }
+}
+
+/// Addresses the operator wrote down for a service: IP-literal hosts. Those may be private.
+fn named_addresses(service: &ServiceDef) -> Vec<IpAddr> {
+    service
+        .hosts
+        .iter()
+        .filter_map(|h| match h {
+            HostPattern::Exact(name) => name.parse().ok(),
+            HostPattern::Wildcard(_) => None,
+        })
+        .collect()
+}
+
+struct ConnectorInner {
+    tls: Option<TlsConnector>,
+    /// `connect_to`: dial this instead of resolving the host (the operator chose it).
+    connect_to: Option<(String, u16)>,
+    named: Vec<IpAddr>,
+    timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct Connector {
+    inner: Arc<ConnectorInner>,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamStream;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let fut = connect(&inner, &uri);
+            tokio::time::timeout(inner.timeout, fut)
+                .await
+                .map_err(|_| ConnectError::Timeout)?
+        })
+    }
+}
+
+async fn connect(inner: &ConnectorInner, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
+    let host = uri.host().ok_or(ConnectError::NoHost)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let addrs = match &inner.connect_to {
+        Some((h, p)) => resolve(h, *p).await?,
+        None => {
+            let addrs = resolve(host, port).await?;
+            // SECURITY: every answer must be allowed; a mixed answer is a rebinding attempt.
+            if addrs
+                .iter()
+                .any(|a| is_blocked(a.ip()) && !inner.named.contains(&a.ip()))
+            {
+                return Err(ConnectError::Blocked);
+            }
+            addrs
+        }
+    };
+    let tcp = dial(&addrs).await?;
+    let _ = tcp.set_nodelay(true);
+    match (&inner.tls, https) {
+        (Some(tls), true) => {
+            let name = ServerName::try_from(host.to_string())
+                .map_err(|e| ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+            let stream = tls.connect(name, tcp).await.map_err(ConnectError::Tls)?;
+            let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            Ok(UpstreamStream::Tls(TokioIo::new(stream), h2))
+        }
+        (None, false) => Ok(UpstreamStream::Plain(TokioIo::new(tcp))),
+        // SECURITY: a scheme that disagrees with the service never dials in the clear.
+        _ => Err(ConnectError::Tls(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "scheme does not match the service",
+        ))),
+    }
+}
+
+/// Resolves `host:port` once; IP literals are not looked up.
+pub async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, ConnectError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(ConnectError::Dns)?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ConnectError::Dns(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no addresses",
+        )));
+    }
+    Ok(addrs)
+}
+
+/// Dials the checked addresses in order.
+pub async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, ConnectError> {
+    let mut last = None;
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(ConnectError::Connect(last.unwrap_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no addresses")
+    })))
+}
+
+/// Loopback, private, link-local, CGNAT, metadata, multicast, reserved and unspecified
+/// addresses, in every IPv6 spelling that embeds an IPv4 address.
+pub fn is_blocked(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_blocked_v4(v4),
+        IpAddr::V6(v6) => is_blocked_v6(v6),
+    }
+}
+
+fn is_blocked_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local() // 169.254/16: cloud metadata
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b)) // CGNAT 100.64/10
+        || (a == 192 && b == 0 && ip.octets()[2] == 0) // IETF protocol assignments
+        || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || a >= 240 // reserved
+}
+
+fn is_blocked_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_blocked_v4(v4);
+    }
+    let seg = ip.segments();
+    // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96), 6to4 (2002::/16) embed an IPv4 address.
+    if seg[..6] == [0, 0, 0, 0, 0, 0] && !(seg[6] == 0 && seg[7] <= 1) {
+        return is_blocked_v4(embedded_v4(seg[6], seg[7]));
+    }
+    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return is_blocked_v4(embedded_v4(seg[6], seg[7]));
+    }
+    if seg[0] == 0x2002 {
+        return is_blocked_v4(embedded_v4(seg[1], seg[2]));
+    }
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || (seg[0] & 0xfe00) == 0xfc00 // unique local fc00::/7 (fd00:ec2::254 metadata)
+        || (seg[0] & 0xffc0) == 0xfe80 // link-local
+        || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
+        || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+}
+
+fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+}
+
+/// A dialled upstream connection, plain or TLS (with whether ALPN chose h2).
+// TLS is the common case; boxing it would cost an allocation per connection for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum UpstreamStream {
+    Plain(TokioIo<TcpStream>),
+    Tls(TokioIo<TlsStream<TcpStream>>, bool),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Tls(_, true) => Connected::new().negotiated_h2(),
+            _ => Connected::new(),
+        }
+    }
+}
+
+impl Read for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s, _) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s, _) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s, _) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s, _) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s, _) => s.is_write_vectored(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_every_spelling_of_internal_addresses() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
+            "fd00:ec2::254",
+            "fe80::1",
+        ] {
+            assert!(is_blocked(a.parse().unwrap()), "{a} must be blocked");
+        }
+        for a in ["93.184.216.34", "2606:4700::1111", "1.1.1.1", "100.128.0.1"] {
+            assert!(!is_blocked(a.parse().unwrap()), "{a} must be allowed");
+        }
+    }
+}
