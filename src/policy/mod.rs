@@ -154,7 +154,7 @@ mod tests {
         let cap = |name: &str| &p.capabilities[p.capability_index(name).unwrap()];
         assert_eq!(cap("github.pulls.merge").risk, Risk::High);
         assert_eq!(cap("github.repo.read").risk, Risk::Low);
-        let push = cap("github.branch.push");
+        let push = cap("github.branch.update");
         assert!(push
             .route_text
             .contains(&"PATCH /repos/{owner}/{repo}/git/refs/heads/{*branch}".to_string()));
