@@ -220,12 +220,18 @@ fn trimmed(mut v: String) -> Option<Secret> {
 
 /// Puts the permit's credential into the request, replacing whatever the agent sent in that
 /// place. Hop-by-hop headers must already be gone (so `Connection` cannot strip it).
+/// What was injected: the credential's index and value (for redacting reflections).
+pub struct Injected {
+    pub credential: usize,
+    pub secret: Arc<Secret>,
+}
+
 pub fn inject(
     parts: &mut Parts,
     permit: &Permit,
     policy: &CompiledPolicy,
     store: &CredentialStore,
-) -> Result<Option<usize>, Reason> {
+) -> Result<Option<Injected>, Reason> {
     let Some(injection) = &policy.service_at(permit.service()).inject else {
         return Ok(None);
     };
@@ -261,7 +267,10 @@ pub fn inject(
                 .ok_or(Reason::CredentialUnavailable)?;
         }
     }
-    Ok(Some(idx))
+    Ok(Some(Injected {
+        credential: idx,
+        secret,
+    }))
 }
 
 fn set_header(parts: &mut Parts, name: &HeaderName, value: &str) -> Result<(), Reason> {

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::proxy::record::Recorder;
+use crate::proxy::redact::Redactor;
 
 /// Counts the data bytes that pass through `inner` into a shared counter.
 pub struct CountingBody<B> {
@@ -66,6 +67,12 @@ pub enum ProxyBody {
         inner: hyper::body::Incoming,
         bytes: u64,
         recorder: Option<Recorder>,
+        /// Present when a credential was injected: reflected copies are replaced.
+        redactor: Option<Box<Redactor>>,
+        /// The upstream body ended; only the redactor's held-back bytes may remain.
+        ended: bool,
+        /// Trailers wait until the held-back bytes are out.
+        trailers: Option<http::HeaderMap>,
     },
 }
 
@@ -78,11 +85,18 @@ impl ProxyBody {
         ProxyBody::Full(None)
     }
 
-    pub fn upstream(inner: hyper::body::Incoming, recorder: Recorder) -> ProxyBody {
+    pub fn upstream(
+        inner: hyper::body::Incoming,
+        recorder: Recorder,
+        redactor: Option<Box<Redactor>>,
+    ) -> ProxyBody {
         ProxyBody::Upstream {
             inner,
             bytes: 0,
             recorder: Some(recorder),
+            redactor,
+            ended: false,
+            trailers: None,
         }
     }
 }
@@ -101,28 +115,66 @@ impl Body for ProxyBody {
                 inner,
                 bytes,
                 recorder,
-            } => {
-                let polled = Pin::new(inner).poll_frame(cx);
-                match &polled {
+                redactor,
+                ended,
+                trailers,
+            } => loop {
+                if *ended {
+                    let tail = redactor.as_mut().map(|r| r.finish()).unwrap_or_default();
+                    if !tail.is_empty() {
+                        *bytes += tail.len() as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(tail))));
+                    }
+                    if let Some(t) = trailers.take() {
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    if let Some(r) = recorder.take() {
+                        let found = redactor.as_ref().map_or(0, |r| r.found());
+                        r.complete(*bytes, "completed", found);
+                    }
+                    return Poll::Ready(None);
+                }
+                match Pin::new(&mut *inner).poll_frame(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => *ended = true,
+                    Poll::Ready(Some(Err(e))) => {
+                        if let Some(r) = recorder.take() {
+                            let found = redactor.as_ref().map_or(0, |r| r.found());
+                            r.complete(*bytes, "upstream_error", found);
+                        }
+                        return Poll::Ready(Some(Err(e)));
+                    }
                     Poll::Ready(Some(Ok(frame))) => {
+                        let frame = match (frame.into_data(), redactor.as_mut()) {
+                            (Ok(data), Some(r)) => {
+                                let safe = r.push(&data);
+                                if safe.is_empty() {
+                                    // Everything is held back for now; an empty data frame
+                                    // could end a chunked body early, so poll again.
+                                    continue;
+                                }
+                                Frame::data(safe)
+                            }
+                            (Ok(data), None) => Frame::data(data),
+                            (Err(frame), r) => match (frame.into_trailers(), r) {
+                                (Ok(mut t), Some(r)) => {
+                                    r.headers(&mut t);
+                                    *trailers = Some(t);
+                                    *ended = true;
+                                    continue;
+                                }
+                                (Ok(trailers), None) => Frame::trailers(trailers),
+                                // Neither data nor trailers: nothing hyper produces today.
+                                (Err(_), _) => continue,
+                            },
+                        };
                         if let Some(d) = frame.data_ref() {
                             *bytes += d.len() as u64;
                         }
+                        return Poll::Ready(Some(Ok(frame)));
                     }
-                    Poll::Ready(None) => {
-                        if let Some(r) = recorder.take() {
-                            r.complete(*bytes, "completed");
-                        }
-                    }
-                    Poll::Ready(Some(Err(_))) => {
-                        if let Some(r) = recorder.take() {
-                            r.complete(*bytes, "upstream_error");
-                        }
-                    }
-                    Poll::Pending => {}
                 }
-                polled
-            }
+            },
         }
     }
 
@@ -149,6 +201,8 @@ impl Drop for ProxyBody {
             inner,
             bytes,
             recorder,
+            redactor,
+            ..
         } = self
         {
             if let Some(r) = recorder.take() {
@@ -158,7 +212,7 @@ impl Drop for ProxyBody {
                 } else {
                     "client_closed"
                 };
-                r.complete(*bytes, outcome);
+                r.complete(*bytes, outcome, redactor.as_ref().map_or(0, |r| r.found()));
             }
         }
     }

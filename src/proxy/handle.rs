@@ -22,6 +22,7 @@ use crate::proxy::connect;
 use crate::proxy::forward::{self, UpstreamError};
 use crate::proxy::identify::{self, Target, TargetError, TunnelHost};
 use crate::proxy::record::RecordDraft;
+use crate::proxy::redact::Redactor;
 use crate::proxy::respond::{self, DenyInfo, Failure};
 use crate::reason::Reason;
 use crate::state::{Generation, State};
@@ -113,7 +114,7 @@ async fn handle_request(
     };
 
     // Inject (hop-by-hop already gone) and aim at the decided destination.
-    let credential = match credentials::inject(
+    let injected = match credentials::inject(
         &mut parts,
         &permit,
         &generation.policy,
@@ -125,9 +126,18 @@ async fn handle_request(
             return refuse(&state, &generation, ctx, draft, reason.into()).await;
         }
     };
-    draft.rec.credential = credential
-        .and_then(|i| generation.credentials.name(i))
-        .map(str::to_string);
+    let mut redactor = None;
+    if let Some(inj) = &injected {
+        draft.rec.credential = generation
+            .credentials
+            .name(inj.credential)
+            .map(str::to_string);
+        if let Some(how) = &generation.policy.service_at(permit.service()).inject {
+            redactor = Some(Box::new(Redactor::for_injection(how, &inj.secret)));
+        }
+    }
+    drop(injected);
+    let head_only = parts.method == Method::HEAD;
 
     let bytes_up = Arc::new(AtomicU64::new(0));
     let mut up = Request::from_parts(parts, CountingBody::new(body, bytes_up.clone()));
@@ -154,10 +164,21 @@ async fn handle_request(
     match sent {
         Ok(mut resp) => {
             forward::strip_hop_by_hop(resp.headers_mut());
-            let status = resp.status().as_u16();
-            let recorder = draft.into_recorder(state.clone(), status, started, bytes_up);
+            let status = resp.status();
+            if let Some(r) = redactor.as_mut() {
+                // SECURITY (I4): an upstream that reflects the credential must not hand it over.
+                r.headers(resp.headers_mut());
+                // Redaction may change the body's length, so its framing is left to hyper.
+                let bodyless = head_only
+                    || status == http::StatusCode::NO_CONTENT
+                    || status == http::StatusCode::NOT_MODIFIED;
+                if !bodyless {
+                    resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+                }
+            }
+            let recorder = draft.into_recorder(state.clone(), status.as_u16(), started, bytes_up);
             let (parts, body) = resp.into_parts();
-            Response::from_parts(parts, ProxyBody::upstream(body, recorder))
+            Response::from_parts(parts, ProxyBody::upstream(body, recorder, redactor))
         }
         Err(UpstreamError::Blocked) => {
             task.refund();

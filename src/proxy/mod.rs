@@ -11,6 +11,7 @@ pub mod forward;
 pub mod handle;
 pub mod identify;
 pub mod record;
+pub mod redact;
 pub mod respond;
 
 use std::sync::Arc;

@@ -150,7 +150,8 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn complete(self, bytes_down: u64, outcome: &'static str) {
+    /// `redacted`: reflected credentials replaced in this response (counted per service).
+    pub fn complete(self, bytes_down: u64, outcome: &'static str, redacted: u64) {
         let Recorder {
             state,
             mut draft,
@@ -161,6 +162,10 @@ impl Recorder {
         draft.rec.outcome = Some(outcome);
         draft.rec.ts = crate::audit::AuditRecord::now_ts();
         let service = draft.rec.service.as_deref().unwrap_or("");
+        if redacted > 0 {
+            state.metrics.secrets_redacted(service, redacted);
+            tracing::warn!(request_id = %draft.rec.request_id, service, count = redacted, "upstream reflected the injected credential; redacted");
+        }
         state
             .metrics
             .request_duration(service, draft.started.elapsed().as_secs_f64());

@@ -1,0 +1,212 @@
+//! Redaction of reflected credentials in responses (I4): an upstream that echoes the injected
+//! credential (in a header, an error message, a debug endpoint) must not hand it to the agent.
+//!
+//! The credential is looked for raw, base64-encoded and percent-encoded; each occurrence is
+//! replaced by `[redacted]` and counted. Bodies are scanned as they stream, with a carry of
+//! the longest needle minus one byte so an occurrence split across frames is still found.
+//! Never logs what it finds.
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use zeroize::Zeroizing;
+
+use crate::policy::Injection;
+use crate::secret::Secret;
+
+const MARK: &[u8] = b"[redacted]";
+
+/// The byte strings that must not reach the agent, and a streaming scanner over them.
+pub struct Redactor {
+    needles: Vec<Zeroizing<Vec<u8>>>,
+    longest: usize,
+    carry: BytesMut,
+    found: u64,
+}
+
+impl Redactor {
+    /// Needles for one credential: raw, base64 (standard and URL-safe), percent-encoded.
+    /// `extra` adds injected forms that are not the raw secret (e.g. a Basic auth value).
+    pub fn new(secret: &Secret, extra: Option<&str>) -> Redactor {
+        let raw = secret.expose().as_bytes();
+        let mut needles: Vec<Zeroizing<Vec<u8>>> = vec![Zeroizing::new(raw.to_vec())];
+        let mut push = |n: Vec<u8>| {
+            if n.len() >= 4 && !needles.iter().any(|x| x.as_slice() == n.as_slice()) {
+                needles.push(Zeroizing::new(n));
+            } else {
+                drop(Zeroizing::new(n));
+            }
+        };
+        push(
+            STANDARD
+                .encode(raw)
+                .trim_end_matches('=')
+                .as_bytes()
+                .to_vec(),
+        );
+        push(URL_SAFE_NO_PAD.encode(raw).into_bytes());
+        push(percent_encode(raw));
+        if let Some(e) = extra {
+            push(e.as_bytes().to_vec());
+        }
+        let longest = needles.iter().map(|n| n.len()).max().unwrap_or(0);
+        Redactor {
+            needles,
+            longest,
+            carry: BytesMut::new(),
+            found: 0,
+        }
+    }
+
+    /// The redactor for a credential injected as `injection` describes.
+    pub fn for_injection(injection: &Injection, secret: &Secret) -> Redactor {
+        match injection {
+            Injection::Basic { username, .. } => {
+                let pair = Zeroizing::new(format!("{username}:{}", secret.expose()));
+                let encoded = Zeroizing::new(STANDARD.encode(pair.as_bytes()));
+                Redactor::new(secret, Some(encoded.trim_end_matches('=')))
+            }
+            Injection::Header { .. } | Injection::Query { .. } => Redactor::new(secret, None),
+        }
+    }
+
+    /// Occurrences replaced so far.
+    pub fn found(&self) -> u64 {
+        self.found
+    }
+
+    /// Replaces occurrences in every header value; returns how many were replaced.
+    pub fn headers(&mut self, headers: &mut HeaderMap) -> u64 {
+        let before = self.found;
+        for value in headers.values_mut() {
+            let (out, n) = self.replace_all(value.as_bytes());
+            if n > 0 {
+                self.found += n;
+                if let Ok(v) = http::HeaderValue::from_bytes(&out) {
+                    *value = v;
+                } else {
+                    *value = http::HeaderValue::from_static("[redacted]");
+                }
+            }
+        }
+        self.found - before
+    }
+
+    /// Feeds a body frame; returns the bytes that are safe to send now.
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        if self.needles.is_empty() {
+            return Bytes::copy_from_slice(chunk);
+        }
+        self.carry.extend_from_slice(chunk);
+        let (out, n) = self.replace_all(&self.carry);
+        self.found += n;
+        // Hold back what could be the start of a needle split across frames.
+        let keep = (self.longest - 1).min(out.len());
+        let emit = out.len() - keep;
+        let mut out = BytesMut::from(&out[..]);
+        self.carry = out.split_off(emit);
+        out.freeze()
+    }
+
+    /// The bytes held back, at the end of the body.
+    pub fn finish(&mut self) -> Bytes {
+        std::mem::take(&mut self.carry).freeze()
+    }
+
+    fn replace_all(&self, hay: &[u8]) -> (Vec<u8>, u64) {
+        let mut out = hay.to_vec();
+        let mut count = 0;
+        for needle in &self.needles {
+            if out.len() < needle.len() {
+                continue;
+            }
+            let finder = memchr::memmem::Finder::new(needle.as_slice());
+            if finder.find(&out).is_none() {
+                continue;
+            }
+            let mut next = Vec::with_capacity(out.len());
+            let mut last = 0;
+            for at in finder.find_iter(&out) {
+                if at < last {
+                    continue;
+                }
+                next.extend_from_slice(&out[last..at]);
+                next.extend_from_slice(MARK);
+                last = at + needle.len();
+                count += 1;
+            }
+            next.extend_from_slice(&out[last..]);
+            out = next;
+        }
+        (out, count)
+    }
+}
+
+fn percent_encode(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    for &b in raw {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b);
+        } else {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redactor() -> Redactor {
+        Redactor::new(&Secret::new("sk-live-0123456789".into()), None)
+    }
+
+    #[test]
+    fn replaces_raw_base64_and_percent_encoded_forms() {
+        let mut r = redactor();
+        let b64 = STANDARD.encode("sk-live-0123456789");
+        let body = format!("a sk-live-0123456789 b {b64} c sk-live-0123456789");
+        let mut out = r.push(body.as_bytes()).to_vec();
+        out.extend_from_slice(&r.finish());
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("sk-live"));
+        assert!(!text.contains(b64.trim_end_matches('=')));
+        assert_eq!(r.found(), 3);
+        assert!(text.starts_with("a [redacted] b [redacted]"));
+    }
+
+    #[test]
+    fn finds_a_secret_split_across_frames() {
+        for split in 1..18 {
+            let mut r = redactor();
+            let body = b"xxsk-live-0123456789yy";
+            let mut out = r.push(&body[..split]).to_vec();
+            out.extend_from_slice(&r.push(&body[split..]));
+            out.extend_from_slice(&r.finish());
+            assert_eq!(out, b"xx[redacted]yy", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn headers_are_redacted() {
+        let mut r = redactor();
+        let mut h = HeaderMap::new();
+        h.insert("x-echo", "Bearer sk-live-0123456789".parse().unwrap());
+        h.insert("x-other", "fine".parse().unwrap());
+        assert_eq!(r.headers(&mut h), 1);
+        assert_eq!(h["x-echo"], "Bearer [redacted]");
+        assert_eq!(h["x-other"], "fine");
+    }
+
+    #[test]
+    fn clean_bodies_pass_unchanged() {
+        let mut r = redactor();
+        let mut out = r.push(b"hello ").to_vec();
+        out.extend_from_slice(&r.push(b"world"));
+        out.extend_from_slice(&r.finish());
+        assert_eq!(out, b"hello world");
+        assert_eq!(r.found(), 0);
+    }
+}
