@@ -70,7 +70,7 @@ where
         .max_header_list_size(settings.max_header_bytes.max(8192) as u32)
         .max_pending_accept_reset_streams(32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let conn = builder.serve_connection(io, svc);
+    let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
     tokio::select! {

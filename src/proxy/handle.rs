@@ -24,6 +24,7 @@ use crate::proxy::identify::{self, Target, TargetError, TunnelHost};
 use crate::proxy::record::RecordDraft;
 use crate::proxy::redact::Redactor;
 use crate::proxy::respond::{self, DenyInfo, Failure};
+use crate::proxy::upgrade;
 use crate::reason::Reason;
 use crate::state::{Generation, State};
 use crate::tasks::Task;
@@ -108,10 +109,17 @@ async fn handle_request(
     draft.rec.path = parts.uri.path().to_string();
 
     let prepared = prepare(&state, &generation, ctx, &mut parts, &mut draft);
-    let (task, target, permit) = match prepared {
+    let Prepared {
+        task,
+        target,
+        permit,
+        websocket,
+    } = match prepared {
         Ok(p) => p,
         Err(refusal) => return refuse(&state, &generation, ctx, draft, refusal).await,
     };
+    // The agent side of a WebSocket upgrade stays here; it never travels upstream.
+    let agent_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
 
     // Inject (hop-by-hop already gone) and aim at the decided destination.
     let injected = match credentials::inject(
@@ -163,6 +171,30 @@ async fn handle_request(
     .await;
     match sent {
         Ok(mut resp) => {
+            let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+            if switching {
+                let Some(agent_upgrade) = agent_upgrade.filter(|_| websocket) else {
+                    // An upgrade nobody asked for is a broken upstream, not something to relay.
+                    let service = draft.rec.service.clone().unwrap_or_default();
+                    state.metrics.upstream_error(&service, "protocol");
+                    draft.rec.outcome = Some("unexpected_upgrade");
+                    let resp = respond::failure(Failure::BadGateway, draft.request_id());
+                    draft.write(&state, Reason::Allowed, 502).await;
+                    return resp;
+                };
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                forward::strip_hop_by_hop(resp.headers_mut());
+                upgrade::mark_upgrade(resp.headers_mut());
+                if let Some(r) = redactor.as_mut() {
+                    r.headers(resp.headers_mut());
+                }
+                let recorder = draft.into_recorder(state.clone(), 101, started, bytes_up);
+                tokio::spawn(upgrade::relay(agent_upgrade, upstream_upgrade, recorder));
+                let mut out = Response::new(ProxyBody::empty());
+                *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                *out.headers_mut() = std::mem::take(resp.headers_mut());
+                return out;
+            }
             forward::strip_hop_by_hop(resp.headers_mut());
             let status = resp.status();
             if let Some(r) = redactor.as_mut() {
@@ -218,7 +250,7 @@ fn prepare(
     ctx: &ConnCtx,
     parts: &mut http::request::Parts,
     draft: &mut RecordDraft,
-) -> Result<(Arc<Task>, Target, decide::Permit), Refusal> {
+) -> Result<Prepared, Refusal> {
     let now = SystemTime::now();
     let task = match &ctx.tunnel {
         Some(t) => t.task.clone(),
@@ -255,7 +287,11 @@ fn prepare(
     })?;
     draft.set_permit(&generation.policy, &permit);
 
+    let websocket = upgrade::wants_websocket(parts);
     forward::strip_hop_by_hop(&mut parts.headers);
+    if websocket {
+        upgrade::mark_upgrade(&mut parts.headers);
+    }
     if let Some(Injection::Header { name, .. }) =
         &generation.policy.service_at(permit.service()).inject
     {
@@ -270,7 +306,20 @@ fn prepare(
     if !task.try_consume() {
         return Err(Reason::BudgetExhausted.into());
     }
-    Ok((task, target, permit))
+    Ok(Prepared {
+        task,
+        target,
+        permit,
+        websocket,
+    })
+}
+
+/// A request that may leave: its task, destination, permit, and whether it upgrades.
+struct Prepared {
+    task: Arc<Task>,
+    target: Target,
+    permit: decide::Permit,
+    websocket: bool,
 }
 
 fn has_lookalike(headers: &http::HeaderMap, injected: &http::HeaderName) -> bool {

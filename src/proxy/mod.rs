@@ -13,6 +13,7 @@ pub mod identify;
 pub mod record;
 pub mod redact;
 pub mod respond;
+pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::Duration;
