@@ -142,6 +142,12 @@ async fn handle_request(
             .map(str::to_string);
         if let Some(how) = &generation.policy.service_at(permit.service()).inject {
             redactor = Some(Box::new(Redactor::for_injection(how, &inj.secret)));
+            // SECURITY (I4): ask for an identity-encoded response, so a reflected credential
+            // cannot hide from the redactor inside a compressed body.
+            parts.headers.insert(
+                http::header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("identity"),
+            );
         }
     }
     drop(injected);
