@@ -190,6 +190,11 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
+            // Redaction may change the length: an exact hint from the upstream's Content-Length
+            // would make hyper frame the body with a length it no longer has.
+            ProxyBody::Upstream {
+                redactor: Some(_), ..
+            } => SizeHint::default(),
             ProxyBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }

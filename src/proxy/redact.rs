@@ -101,12 +101,27 @@ impl Redactor {
         self.carry.extend_from_slice(chunk);
         let (out, n) = self.replace_all(&self.carry);
         self.found += n;
-        // Hold back what could be the start of a needle split across frames.
-        let keep = (self.longest - 1).min(out.len());
+        // Hold back only a tail that could be the start of a needle split across frames, so
+        // a stream of small events (SSE) is not delayed until more bytes arrive.
+        let keep = self.partial_tail(&out);
         let emit = out.len() - keep;
         let mut out = BytesMut::from(&out[..]);
         self.carry = out.split_off(emit);
         out.freeze()
+    }
+
+    /// Length of the longest tail of `out` that is a proper prefix of some needle.
+    fn partial_tail(&self, out: &[u8]) -> usize {
+        let max = self.longest.saturating_sub(1).min(out.len());
+        (1..=max)
+            .rev()
+            .find(|&k| {
+                let tail = &out[out.len() - k..];
+                self.needles
+                    .iter()
+                    .any(|n| n.len() > k && n.starts_with(tail))
+            })
+            .unwrap_or(0)
     }
 
     /// The bytes held back, at the end of the body.
@@ -198,6 +213,15 @@ mod tests {
         assert_eq!(r.headers(&mut h), 1);
         assert_eq!(h["x-echo"], "Bearer [redacted]");
         assert_eq!(h["x-other"], "fine");
+    }
+
+    #[test]
+    fn frames_that_cannot_start_a_secret_are_not_held_back() {
+        let mut r = redactor();
+        assert_eq!(&r.push(b"data: event 1\n\n")[..], b"data: event 1\n\n");
+        // A tail that may begin the secret waits for the next frame, and only that tail.
+        assert_eq!(&r.push(b"data: sk-li")[..], b"data: ");
+        assert_eq!(&r.push(b"ve!")[..], b"sk-live!");
     }
 
     #[test]

@@ -1,0 +1,423 @@
+//! The `keyward` binary (SPEC §6): `check` on the shipped policies and on broken ones (every
+//! error as `file:line:column: key.path: message`), `explain` (the decision without sending
+//! anything, never a secret), and `serve` (the listening line once bound; SIGTERM exits 0).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+
+use common::{assert_absent, bounded};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_keyward");
+
+/// Runs the binary to completion (bounded) with a clean environment for keyward's variables.
+async fn keyward(args: &[&str]) -> Output {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env_remove("KEYWARD_ADMIN_TOKEN")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .output();
+    bounded(&format!("keyward {args:?}"), out).await.unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// 1-based line number of the first line containing `marker`.
+fn line_of(yaml: &str, marker: &str) -> usize {
+    yaml.lines()
+        .position(|l| l.contains(marker))
+        .unwrap_or_else(|| panic!("`{marker}` is not in the policy"))
+        + 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_accepts_every_shipped_example_policy() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(
+        !files.is_empty(),
+        "no example policies in {}",
+        dir.display()
+    );
+    for file in files {
+        let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}:\n{}{}",
+            file.display(),
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}
+
+/// A policy with several independent errors, each on a line marked for the test.
+const BROKEN: &str = r#"proxy:
+  listen: 127.0.0.1:0
+  surprise_option: 1
+admin:
+  listen: 127.0.0.1:0
+  token: sk_literal_admin_value_zq9
+ca: { cert: ca.pem, key: ca-key.pem }
+audit: { path: audit.jsonl }
+credentials:
+  api_token: { source: file:api-token }
+services:
+  api:
+    hosts: [api.test]
+    inject: { header: Authorization, value: "Bearer ${credential}", credential: missing_cred }
+  clear:
+    hosts: [clear.test]
+    scheme: http
+    inject: { header: Authorization, value: "Bearer ${credential}", credential: api_token }
+capabilities:
+  api.read:
+    service: api
+    risk: extreme
+    routes:
+      - GET /v1/things/{id}
+  api.trace:
+    service: api
+    risk: low
+    routes:
+      - TRACE /v1/debug
+  clear.read:
+    service: no_such_service
+    risk: low
+    routes:
+      - GET /x
+agents:
+  bot:
+    owner: tests
+    capabilities: [api.read, no.such.capability]
+    max_ttl: 1h
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_every_error_as_file_line_column_key_path_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broken.yaml");
+    std::fs::write(&file, BROKEN).unwrap();
+    let path = file.to_str().unwrap();
+    let out = keyward(&["check", "--config", path]).await;
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+
+    let errors: Vec<(usize, usize, String)> = format!("{stdout}{stderr}")
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{path}:")))
+        .map(|rest| {
+            let mut parts = rest.splitn(3, ':');
+            let line = parts
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("line in {rest}"));
+            let col = parts
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("column in {rest}"));
+            (line, col, parts.next().unwrap().trim().to_string())
+        })
+        .collect();
+    // (marker on the offending line, key path the message must name)
+    let expected = [
+        ("surprise_option", "proxy.surprise_option"),
+        ("sk_literal_admin_value_zq9", "admin.token"),
+        ("credential: missing_cred", "services.api.inject"),
+        ("credential: api_token }", "services.clear.inject"),
+        ("risk: extreme", "capabilities.api.read.risk"),
+        ("TRACE /v1/debug", "capabilities.api.trace.routes"),
+        (
+            "service: no_such_service",
+            "capabilities.clear.read.service",
+        ),
+        (
+            "capabilities: [api.read, no.such.capability]",
+            "agents.bot.capabilities",
+        ),
+    ];
+    for (marker, key) in expected {
+        let line = line_of(BROKEN, marker);
+        assert!(
+            errors.iter().any(|(l, c, msg)| *l == line
+                && *c >= 1
+                && msg.starts_with(key)
+                && msg[key.len()..].contains(": ")),
+            "no `{path}:{line}:COL: {key}...: message` for `{marker}` in:\n{stdout}{stderr}"
+        );
+    }
+    assert_eq!(
+        errors.len(),
+        expected.len(),
+        "one line per error:\n{stdout}{stderr}"
+    );
+    // SECURITY: a value is never echoed in an error, a would-be secret least of all.
+    assert_absent(
+        "sk_literal_admin_value_zq9",
+        "keyward check output",
+        &format!("{stdout}{stderr}"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_on_a_missing_file_exits_1_with_one_sentence() {
+    let out = keyward(&["check", "--config", "/nonexistent/keyward/policy.yaml"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("/nonexistent/keyward/policy.yaml"), "{all}");
+    assert!(!all.contains("panicked"), "{all}");
+}
+
+/// A small valid policy with file credentials (their values are secrets to look for).
+fn explain_policy(dir: &Path) -> (PathBuf, Vec<String>) {
+    let secrets = vec![
+        format!("sk_live_explain_{}", keyward::tasks::random_hex(8)),
+        format!("adm_{}", keyward::tasks::random_hex(8)),
+    ];
+    std::fs::write(dir.join("api-token"), &secrets[0]).unwrap();
+    std::fs::write(dir.join("admin-token"), &secrets[1]).unwrap();
+    let policy = r#"
+proxy: { listen: 127.0.0.1:0 }
+admin: { listen: 127.0.0.1:0, token: file:admin-token }
+ca: { cert: ca.pem, key: ca-key.pem }
+audit: { path: audit.jsonl }
+credentials:
+  api_token: { source: file:api-token }
+services:
+  api:
+    hosts: [api.test]
+    inject: { header: Authorization, value: "Bearer ${credential}", credential: api_token }
+capabilities:
+  api.issues.read:
+    service: api
+    risk: low
+    routes:
+      - GET /repos/{owner}/{repo}/issues
+  api.issues.write:
+    service: api
+    risk: medium
+    routes:
+      - POST /repos/{owner}/{repo}/issues
+agents:
+  bot: { owner: tests, capabilities: [api.issues.read, api.issues.write], max_ttl: 1h }
+"#;
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, policy).unwrap();
+    (file, secrets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_prints_decision_reason_capability_route_and_credential_name_never_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let config = file.to_str().unwrap();
+    let allow = keyward(&[
+        "explain",
+        "--config",
+        config,
+        "--agent",
+        "bot",
+        "--intent",
+        "api.issues.read",
+        "GET",
+        "https://api.test/repos/acme/web/issues?state=open",
+    ])
+    .await;
+    let out = text(&allow.stdout);
+    assert_eq!(allow.status.code(), Some(0), "{out}{}", text(&allow.stderr));
+    for want in [
+        "allow",
+        "allowed",
+        "api.issues.read",
+        "GET /repos/{owner}/{repo}/issues",
+        "api_token",
+    ] {
+        assert!(out.contains(want), "`{want}` missing from:\n{out}");
+    }
+
+    let deny = keyward(&[
+        "explain",
+        "--config",
+        config,
+        "--agent",
+        "bot",
+        "--intent",
+        "api.issues.read",
+        "POST",
+        "https://api.test/repos/acme/web/issues",
+    ])
+    .await;
+    let out2 = text(&deny.stdout);
+    assert_eq!(deny.status.code(), Some(0), "{out2}{}", text(&deny.stderr));
+    for want in ["deny", "method_not_allowed", "api.issues.write"] {
+        assert!(out2.contains(want), "`{want}` missing from:\n{out2}");
+    }
+
+    let ambiguous = keyward(&[
+        "explain",
+        "--config",
+        config,
+        "--agent",
+        "bot",
+        "--intent",
+        "api.issues.read",
+        "GET",
+        "https://api.test/repos/acme/web/%2e%2e/issues",
+    ])
+    .await;
+    let out3 = text(&ambiguous.stdout);
+    assert!(out3.contains("ambiguous_request"), "{out3}");
+
+    for s in &secrets {
+        for (what, o) in [
+            ("allow", &allow),
+            ("deny", &deny),
+            ("ambiguous", &ambiguous),
+        ] {
+            let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
+            assert_absent(s, &format!("keyward explain ({what}) output"), &all);
+        }
+    }
+}
+
+/// A running `keyward serve`: the child, its listening line, and its whole stderr once it ends.
+struct Served {
+    child: tokio::process::Child,
+    line: String,
+    stderr: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Served {
+    /// Waits (bounded) for the child to end and returns its exit status and stderr.
+    async fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let status = bounded("keyward serve exit", self.child.wait())
+            .await
+            .unwrap();
+        let lines = bounded("keyward serve stderr", self.stderr).await.unwrap();
+        (status, lines.join("\n"))
+    }
+}
+
+/// Spawns `keyward serve`, waits (bounded) for the listening line.
+async fn serve(config: &str) -> Served {
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", config])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    let line = bounded("the listening line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            log.push(line.clone());
+            if line.starts_with("keyward listening ") {
+                return line;
+            }
+        }
+        panic!("keyward serve exited before listening:\n{}", log.join("\n"));
+    })
+    .await;
+    // Keep draining stderr (so the child never blocks on a full pipe) until it closes.
+    let stderr = tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push(line);
+        }
+        log
+    });
+    Served {
+        child,
+        line,
+        stderr,
+    }
+}
+
+fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    line.split(' ')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_prints_the_listening_line_once_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let mut served = serve(file.to_str().unwrap()).await;
+    let line = served.line.clone();
+    let proxy: std::net::SocketAddr = field(&line, "proxy").parse().unwrap();
+    let admin: std::net::SocketAddr = field(&line, "admin").parse().unwrap();
+    let ca = PathBuf::from(field(&line, "ca"));
+    assert!(proxy.ip().is_loopback() && proxy.port() != 0, "{line}");
+    assert!(admin.ip().is_loopback() && admin.port() != 0, "{line}");
+    assert_ne!(proxy, admin);
+    assert!(ca.exists(), "the CA was created at {}", ca.display());
+    // Bound means reachable.
+    let health = bounded(
+        "healthz",
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{admin}/healthz"))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let tcp = bounded("proxy port", tokio::net::TcpStream::connect(proxy)).await;
+    assert!(tcp.is_ok());
+    served.child.start_kill().unwrap();
+    let (_, log) = served.finish().await;
+    assert!(log.contains(&line));
+    for s in &secrets {
+        assert_absent(s, "keyward serve stderr", &log);
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exits_0_on_sigterm_and_flushes_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let served = serve(file.to_str().unwrap()).await;
+    let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
+    // One denial, so there is a record to flush.
+    let refused = common::raw_exchange(
+        proxy,
+        b"GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(refused.status, 407);
+    let pid = served.child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let (status, log) = served.finish().await;
+    assert_eq!(status.code(), Some(0), "exit status after SIGTERM:\n{log}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"missing_credentials\""), "{audit}");
+    for s in &secrets {
+        assert_absent(s, "the audit log", &audit);
+        assert_absent(s, "keyward serve stderr", &log);
+    }
+}

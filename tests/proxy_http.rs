@@ -1,0 +1,740 @@
+//! Plain HTTP through keyward (absolute-form requests): injection of the real credential,
+//! authentication of the agent, every denial reason a plain request can meet, budgets, and the
+//! audit record each request leaves. Assertions are on what the upstream received.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{basic, bounded, Fixture, Harness, Task};
+use serde_json::{json, Value};
+
+fn auth(task: &Task) -> String {
+    Harness::proxy_auth(task)
+}
+
+/// A raw absolute-form GET for `path` on `host` of the plain upstream, closing after.
+fn raw_get(f: &Fixture, host: &str, path: &str, task: &Task, extra: &str) -> String {
+    let port = f.plain.port();
+    format!(
+        "GET http://{host}:{port}{path} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: {}\r\n{extra}Connection: close\r\n\r\n",
+        auth(task)
+    )
+}
+
+/// The record of the allowed request of `task` to `path`.
+async fn allowed_record(kw: &Harness, task: &Task, path: &str) -> Value {
+    let rec = kw
+        .audit_where(&format!("allowed {path}"), |r| {
+            r["task"] == task.id.as_str() && r["path"] == path && r["reason"] == "allowed"
+        })
+        .await;
+    common::assert_record(&rec);
+    rec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_request_reaches_upstream_with_header_credential_and_without_proxy_authorization() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    let resp = kw
+        .send(
+            agent
+                .get(f.plain_url("plain.test", "/repos/acme/web/issues?state=open"))
+                .header("authorization", "Bearer dummy-key-for-the-sdk"),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+
+    let seen = f.plain.last();
+    assert_eq!(seen.method, "GET");
+    assert_eq!(seen.path, "/repos/acme/web/issues?state=open");
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {}", f.creds.api_token)],
+        "the agent's dummy key is replaced, not merged"
+    );
+    assert!(seen.header("proxy-authorization").is_none());
+    assert!(!seen.headers.iter().any(|(_, v)| v.contains(&task.token)));
+
+    let rec = allowed_record(kw, &task, "/repos/acme/web/issues").await;
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["status"], 200);
+    assert_eq!(rec["agent"], "bot");
+    assert_eq!(rec["method"], "GET");
+    assert_eq!(rec["scheme"], "http");
+    assert_eq!(rec["host"], "plain.test");
+    assert_eq!(rec["port"], f.plain.port());
+    assert_eq!(rec["service"], "plain");
+    assert_eq!(rec["capability"], "plain.issues.read");
+    assert_eq!(rec["route"], "GET /repos/{owner}/{repo}/issues");
+    assert_eq!(rec["risk"], "low");
+    assert_eq!(rec["credential"], "api_token");
+    assert!(rec["upstream_ms"].is_number(), "{rec}");
+    assert!(rec["bytes_down"].as_u64().unwrap() > 0, "{rec}");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_credential_replaces_the_agents_parameter() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["query.search"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&task)
+                .get(f.plain_url("query.test", "/search?q=rust&api_key=dummy")),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let seen = f.plain.last();
+    let (path, query) = seen.path.split_once('?').unwrap();
+    assert_eq!(path, "/search");
+    let pairs: Vec<&str> = query.split('&').collect();
+    assert!(pairs.contains(&"q=rust"), "{query}");
+    let keys: Vec<&&str> = pairs.iter().filter(|p| p.starts_with("api_key=")).collect();
+    assert_eq!(keys.len(), 1, "exactly one api_key: {query}");
+    assert_eq!(*keys[0], format!("api_key={}", f.creds.query_key));
+
+    let rec = allowed_record(kw, &task, "/search").await;
+    assert_eq!(rec["credential"], "query_key");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_credential_is_injected_as_the_password() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["basic.whoami"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&task)
+                .get(f.plain_url("basic.test", "/whoami"))
+                .header("authorization", basic("someone", "dummy")),
+        )
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(
+        f.plain.last().header_all("authorization"),
+        vec![basic("bot", &f.creds.basic_pw)]
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_dummy_authorization_headers_are_replaced_by_one_credential() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_get(
+            &f,
+            "plain.test",
+            "/echo",
+            &task,
+            "Authorization: Bearer dummy-one\r\nAuthorization: Bearer dummy-two\r\n",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        f.plain.last().header_all("authorization"),
+        vec![format!("Bearer {}", f.creds.api_token)]
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_reflecting_the_credential_does_not_hand_it_to_the_agent() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    let reflected = kw
+        .send(agent.get(f.plain_url("plain.test", "/reflect-auth")))
+        .await;
+    assert_eq!(reflected.status, 200);
+    // The upstream did get the credential, and did send it back...
+    assert_eq!(
+        f.plain.last().header("authorization"),
+        Some(format!("Bearer {}", f.creds.api_token))
+    );
+    // ...but neither the body nor the header the agent sees carries it.
+    assert!(
+        !reflected.body.contains(&f.creds.api_token),
+        "{}",
+        reflected.body
+    );
+    let echoed_header = reflected.header("x-echo-auth").unwrap_or_default();
+    assert!(
+        !echoed_header.contains(&f.creds.api_token),
+        "{echoed_header}"
+    );
+    // The JSON echo lists every header it received, the credential among them.
+    let echoed = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    assert_eq!(echoed.status, 200);
+    assert!(!echoed.body.contains(&f.creds.api_token));
+    kw.assert_no_leaks().await;
+}
+
+/// Regression: the redactor changes a body's length, but the upstream's exact size hint was
+/// passed on, so hyper framed the response with the old Content-Length and dropped the
+/// connection before the head went out (every allowed request with a reflected credential).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_redacted_body_with_content_length_is_delivered_whole() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_get(&f, "plain.test", "/reflect-auth", &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let body = String::from_utf8(resp.body.clone()).unwrap();
+    assert!(
+        body.starts_with("you sent: Bearer ") && body.ends_with('\n'),
+        "the whole body arrives: {body:?}"
+    );
+    assert!(!body.contains(&f.creds.api_token));
+    if let Some(len) = resp.header("content-length") {
+        assert_eq!(len.parse::<usize>().unwrap(), resp.body.len());
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_proxy_credentials_get_407_with_a_basic_challenge() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let anon = kw.agent_builder(None).build().unwrap();
+    let resp = kw
+        .send(anon.get(f.plain_url("plain.test", "/repos/acme/web/issues")))
+        .await;
+    let (problem, rec) = kw.assert_denied(&resp, 407, "missing_credentials").await;
+    assert_eq!(
+        resp.header("proxy-authenticate").as_deref(),
+        Some(r#"Basic realm="keyward""#)
+    );
+    assert!(problem.get("task").is_none_or(Value::is_null), "{problem}");
+    assert!(rec["task"].is_null(), "{rec}");
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_token_gets_407_invalid_token() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let real = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let forged = Task {
+        id: real.id.clone(),
+        token: "kw_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+    };
+    let resp = kw
+        .send(
+            kw.agent(&forged)
+                .get(f.plain_url("plain.test", "/repos/acme/web/issues")),
+        )
+        .await;
+    kw.assert_denied(&resp, 407, "invalid_token").await;
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_token_of_another_task_gets_407_invalid_token() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let a = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let b = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let crossed = Task {
+        id: a.id.clone(),
+        token: b.token.clone(),
+    };
+    let resp = kw
+        .send(
+            kw.agent(&crossed)
+                .get(f.plain_url("plain.test", "/repos/acme/web/issues")),
+        )
+        .await;
+    kw.assert_denied(&resp, 407, "invalid_token").await;
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_proxy_authorization_is_accepted() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let resp = kw
+        .raw(&format!(
+            "GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            task.token
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(f.plain.last().header("proxy-authorization").is_none());
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_not_in_intent_names_the_capability_that_would_allow_it() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&task)
+                .post(f.plain_url("plain.test", "/repos/acme/web/labels"))
+                .body("{}"),
+        )
+        .await;
+    let (problem, rec) = kw.assert_denied(&resp, 403, "route_not_in_intent").await;
+    assert_eq!(problem["capability"], "plain.labels.write", "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("plain.labels.write"),
+        "{problem}"
+    );
+    assert_eq!(problem["task"], task.id.as_str());
+    assert_eq!(rec["task"], task.id.as_str());
+    assert_eq!(rec["agent"], "bot");
+    assert_eq!(rec["service"], "plain");
+    assert_eq!(rec["path"], "/repos/acme/web/labels");
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_not_allowed_when_the_path_matches_but_the_method_does_not() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&task)
+                .delete(f.plain_url("plain.test", "/repos/acme/web/issues")),
+        )
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "method_not_allowed").await;
+    assert_eq!(rec["capability"], "plain.issues.read", "{rec}");
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn constraint_mismatch_outside_the_tasks_where() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint(
+            "bot",
+            json!([{"capability": "plain.issues.read", "where": {"owner": "acme", "repo": "web"}}]),
+        )
+        .await;
+    let agent = kw.agent(&task);
+    let ok = kw
+        .send(agent.get(f.plain_url("plain.test", "/repos/acme/web/issues/7")))
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    for path in ["/repos/evil/web/issues", "/repos/acme/other/issues/7"] {
+        let resp = kw.send(agent.get(f.plain_url("plain.test", path))).await;
+        let (_, rec) = kw.assert_denied(&resp, 403, "constraint_mismatch").await;
+        assert_eq!(rec["capability"], "plain.issues.read", "{rec}");
+    }
+    assert_eq!(f.plain.hits(), 1);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_is_refused() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&task)
+                .get(format!("http://nowhere.test:{}/x", f.plain.port())),
+        )
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "unknown_host").await;
+    assert_eq!(rec["host"], "nowhere.test");
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_paths_are_refused_before_the_upstream() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let paths = [
+        "/repos/acme%2Fweb/x/issues",
+        "/repos/acme%2fweb/x/issues",
+        "/repos/acme/web/../web/issues",
+        "/repos/acme/web/%2e%2e/web/issues",
+        "/repos/acme/web/%2E%2E/web/issues",
+        "/repos/acme/./web/issues",
+        "/repos/acme/web/issues/.%2e/x",
+        "//repos/acme/web/issues",
+        "/repos//acme/web/issues",
+        "/repos/acme;x=1/web/issues",
+        "/repos/acme/web/issues/..;/x",
+        "/repos/acme%5Cweb/issues",
+        "/repos/acme%252Fweb/issues",
+        "/repos/acme/web/issues%zz",
+        "/repos/acme\\web/issues",
+    ];
+    for path in paths {
+        let resp = kw.raw(&raw_get(&f, "plain.test", path, &task, "")).await;
+        let (_, rec) = kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+        assert!(!rec["path"].as_str().unwrap().contains('?'));
+        assert_eq!(f.plain.hits(), 0, "{path} reached the upstream");
+    }
+    // Method overrides are refused too.
+    let resp = kw
+        .raw(&raw_get(
+            &f,
+            "plain.test",
+            "/repos/acme/web/issues",
+            &task,
+            "X-HTTP-Method-Override: DELETE\r\n",
+        ))
+        .await;
+    kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+    // An absolute URI whose authority disagrees with Host.
+    let port = f.plain.port();
+    let resp = kw
+        .raw(&format!(
+            "GET http://plain.test:{port}/repos/acme/web/issues HTTP/1.1\r\nHost: query.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+            auth(&task)
+        ))
+        .await;
+    kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+    assert_eq!(f.plain.hits(), 0);
+    // Ambiguous requests do not use the budget, and a canonical one still passes.
+    let ok = kw
+        .raw(&raw_get(
+            &f,
+            "plain.test",
+            "/repos/acme/web/issues",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_is_exhausted_exactly_at_max_requests_plus_one() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint_with(json!({"agent": "bot", "intent": ["plain.issues.read"], "max_requests": 3}))
+        .await;
+    let agent = kw.agent(&task);
+    // A denial does not count against the budget.
+    let denied = kw
+        .send(agent.post(f.plain_url("plain.test", "/repos/acme/web/labels")))
+        .await;
+    assert_eq!(denied.status, 403);
+    for i in 0..3 {
+        let resp = kw
+            .send(agent.get(f.plain_url("plain.test", &format!("/repos/acme/web/issues/{i}"))))
+            .await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.body);
+    }
+    let resp = kw
+        .send(agent.get(f.plain_url("plain.test", "/repos/acme/web/issues/3")))
+        .await;
+    kw.assert_denied(&resp, 429, "budget_exhausted").await;
+    assert_eq!(f.plain.hits(), 3);
+    let (_, t) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(t["requests_used"], 3, "{t}");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_holds_under_concurrent_requests() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint_with(json!({"agent": "bot", "intent": ["plain.issues.read"], "max_requests": 10}))
+        .await;
+    let agent = kw.agent(&task);
+    let requests = (0..20).map(|i| {
+        let rb = agent.get(f.plain_url("plain.test", &format!("/repos/acme/web/issues/{i}")));
+        async move {
+            let resp = rb.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let reason = resp
+                .headers()
+                .get("x-keyward-reason")
+                .map(|v| v.to_str().unwrap().to_string());
+            let _ = resp.bytes().await;
+            (status, reason)
+        }
+    });
+    let results = bounded(
+        "20 parallel requests",
+        futures_util::future::join_all(requests),
+    )
+    .await;
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    let exhausted = results
+        .iter()
+        .filter(|(s, r)| *s == 429 && r.as_deref() == Some("budget_exhausted"))
+        .count();
+    assert_eq!((ok, exhausted), (10, 10), "{results:?}");
+    assert_eq!(f.plain.hits(), 10);
+    kw.audit_count(20, |r| r["task"] == task.id.as_str()).await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_risk_capability_requires_approval() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.admin"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&task)
+                .delete(f.plain_url("plain.test", "/admin/everything")),
+        )
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "approval_required").await;
+    assert_eq!(rec["capability"], "plain.admin");
+    assert_eq!(rec["risk"], "high");
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_carrying_a_real_credential_is_secret_egress() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    // In a header, even one keyward would replace.
+    let resp = kw
+        .send(
+            agent
+                .get(f.plain_url("plain.test", "/repos/acme/web/issues"))
+                .header("authorization", format!("Bearer {}", f.creds.api_token)),
+        )
+        .await;
+    kw.assert_denied(&resp, 403, "secret_egress").await;
+    // Another service's credential, in another header.
+    let resp = kw
+        .send(
+            agent
+                .get(f.plain_url("plain.test", "/echo"))
+                .header("x-note", format!("leaked {}", f.creds.tls_token)),
+        )
+        .await;
+    kw.assert_denied(&resp, 403, "secret_egress").await;
+    // In the query string.
+    let resp = kw
+        .send(agent.get(f.plain_url("plain.test", &format!("/echo?k={}", f.creds.query_key))))
+        .await;
+    kw.assert_denied(&resp, 403, "secret_egress").await;
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_credential_file_is_credential_unavailable() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["gone.ping"])).await;
+    std::fs::remove_file(kw.path("gone-token")).unwrap();
+    // keyward re-reads file sources when they change; /readyz reports the credential once it
+    // has noticed (a bounded poll on an observable state, not a sleep).
+    let mut noticed = false;
+    for _ in 0..150 {
+        let (status, v) = kw.admin(http::Method::GET, "/readyz", None).await;
+        if status == 503
+            && v["credentials_unreadable"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|n| n == "gone_token"))
+        {
+            noticed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(noticed, "/readyz never reported gone_token as unreadable");
+    let resp = kw
+        .send(kw.agent(&task).get(f.plain_url("gone.test", "/ping")))
+        .await;
+    kw.assert_denied(&resp, 502, "credential_unavailable").await;
+    assert_eq!(f.plain.hits(), 0);
+    let (_, t) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(
+        t["requests_used"], 0,
+        "a refused request is not charged: {t}"
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_service_host_without_connect_to_is_a_blocked_address() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["local.ping"])).await;
+    let resp = kw
+        .send(kw.agent(&task).get(f.plain_url("localhost", "/ping")))
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "blocked_address").await;
+    assert_eq!(rec["host"], "localhost");
+    assert_eq!(f.plain.hits(), 0, "the loopback upstream was reached");
+    let (_, t) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(
+        t["requests_used"], 0,
+        "a refused request is not charged: {t}"
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_upstream_is_502_recorded_with_the_allowed_request() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["dead.ping"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&task)
+                .get(format!("http://dead.test:{}/ping", f.dead_port)),
+        )
+        .await;
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    let problem = resp.json();
+    let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+    common::assert_record(&rec);
+    // Not a decision: the request was allowed, and failed upstream.
+    assert_eq!(rec["reason"], "allowed", "{rec}");
+    assert_eq!(rec["status"], 502, "{rec}");
+    assert_eq!(rec["capability"], "dead.ping", "{rec}");
+    let metrics = kw.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keyward_upstream_errors_total{")
+                && l.contains("service=\"dead\"")),
+        "{metrics}"
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_header_cannot_strip_the_credential() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    for connection in [
+        "Connection: authorization\r\n",
+        "Connection: Authorization, x-api-key\r\nConnection: keep-alive\r\n",
+    ] {
+        let extra = format!("Authorization: Bearer dummy\r\n{connection}");
+        // raw_get adds `Connection: close`; several Connection lines combine in HTTP/1.1.
+        let resp = kw
+            .raw(&raw_get(&f, "plain.test", "/echo", &task, &extra))
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let seen = f.plain.last();
+        assert_eq!(
+            seen.header_all("authorization"),
+            vec![format!("Bearer {}", f.creds.api_token)],
+            "with {connection:?}"
+        );
+        let conn = seen.header_all("connection").join(",").to_ascii_lowercase();
+        assert!(!conn.contains("authorization"), "{conn}");
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_has_one_record_per_request_in_a_verifiable_chain() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    let anon = kw.agent_builder(None).build().unwrap();
+    let mut ids = Vec::new();
+    let denials = [
+        (anon.get(f.plain_url("plain.test", "/echo")), 407),
+        (agent.get(f.plain_url("plain.test", "/nothing")), 403),
+        (
+            agent.get(format!("http://nowhere.test:{}/", f.plain.port())),
+            403,
+        ),
+    ];
+    for (rb, status) in denials {
+        let resp = kw.send(rb).await;
+        assert_eq!(resp.status, status, "{}", resp.body);
+        ids.push(resp.json()["request_id"].as_str().unwrap().to_string());
+    }
+    let ok = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    assert_eq!(ok.status, 200);
+    let records = kw.audit_count(4, |_| true).await;
+    assert_eq!(records.len(), 4, "{records:?}");
+    for id in &ids {
+        kw.audit_for(id).await;
+    }
+    for (i, r) in records.iter().enumerate() {
+        common::assert_record(r);
+        assert_eq!(r["seq"], i as u64 + 1, "seq in write order: {r}");
+    }
+    let text = kw.audit_text();
+    let verified = keyward::audit::verify_chain(std::io::Cursor::new(text.as_bytes()));
+    assert!(verified.is_ok(), "{verified:?}");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_leaks_after_hostile_plain_requests() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint(
+            "bot",
+            json!(["plain.issues.read", "query.search", "basic.whoami"]),
+        )
+        .await;
+    let agent = kw.agent(&task);
+    for url in [
+        f.plain_url("plain.test", "/reflect-auth"),
+        f.plain_url("plain.test", "/echo?x=1"),
+        f.plain_url("query.test", "/search?api_key=mine"),
+        f.plain_url("basic.test", "/whoami"),
+        f.plain_url("plain.test", "/repos/acme/web/issues?token=abc"),
+    ] {
+        let resp = kw.send(agent.get(url)).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    for path in ["/repos/acme/web/labels", "/%2e%2e/etc/passwd", "/admin/x"] {
+        let _ = kw.raw(&raw_get(&f, "plain.test", path, &task, "")).await;
+    }
+    let anon = kw.agent_builder(None).build().unwrap();
+    let _ = kw.send(anon.get(f.plain_url("plain.test", "/echo"))).await;
+    kw.audit_count(9, |_| true).await;
+    kw.assert_no_leaks().await;
+    // The admin token and the task token must not reach the upstream either.
+    for seen in f.plain.seen() {
+        for (_, v) in &seen.headers {
+            assert!(!v.contains(&task.token));
+            assert!(!v.contains(&kw.admin_token));
+        }
+    }
+}
