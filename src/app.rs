@@ -16,6 +16,7 @@ use crate::policy::{self, PolicyErrors, SecretSource};
 use crate::state::{Generation, State};
 use crate::tls::ca::CertAuthority;
 use crate::tls::leaf::LeafCache;
+use crate::upstream::OwnListeners;
 
 /// Leaf certificates kept at most (one per intercepted host).
 const LEAF_CACHE_CAPACITY: usize = 10_000;
@@ -108,7 +109,8 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     let settings = policy.proxy.clone();
     let admin_listen = policy.admin.listen;
     let ca_path = policy.ca.cert.clone();
-    let generation = Generation::build(config, policy, &settings)
+    let listeners = Arc::new(OwnListeners::default());
+    let generation = Generation::build(config, policy, &settings, &listeners)
         .await
         .map_err(StartError::Policy)?;
     let unreadable: Vec<String> = generation
@@ -135,9 +137,9 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
         metrics,
         token,
         ca_path.clone(),
+        listeners,
     ));
-    let _ = state.proxy_addr.set(proxy_addr);
-    let _ = state.admin_addr.set(admin_addr);
+    state.listeners.set(proxy_addr, admin_addr);
 
     let tasks = vec![
         tokio::spawn(crate::proxy::serve(proxy_listener, state.clone())),

@@ -4,10 +4,9 @@
 //! atomically on reload; requests in flight keep the generation they started with. Tasks, the
 //! leaf cache, the audit log and metrics outlive reloads.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
@@ -18,7 +17,7 @@ use crate::policy::{self, CompiledPolicy, PolicyErrors, ProxySettings};
 use crate::secret::Secret;
 use crate::tasks::{self, TaskStore};
 use crate::tls::leaf::LeafCache;
-use crate::upstream::Upstreams;
+use crate::upstream::{OwnListeners, Upstreams};
 
 /// One loaded policy with what was built from it.
 pub struct Generation {
@@ -33,9 +32,10 @@ impl Generation {
         source: &Path,
         policy: policy::Policy,
         settings: &ProxySettings,
+        own: &Arc<OwnListeners>,
     ) -> Result<Generation, PolicyErrors> {
         let policy = CompiledPolicy::compile(policy);
-        let upstreams = Upstreams::build(&policy, settings.connect_timeout)
+        let upstreams = Upstreams::build(&policy, settings.connect_timeout, own)
             .map_err(|e| PolicyErrors::whole_file(&source.display().to_string(), e.to_string()))?;
         let credentials = CredentialStore::load(&policy).await;
         credentials.spawn_refreshers();
@@ -58,8 +58,8 @@ pub struct State {
     pub metrics: Metrics,
     pub admin_token: Secret,
     pub ca_path: PathBuf,
-    pub proxy_addr: OnceLock<SocketAddr>,
-    pub admin_addr: OnceLock<SocketAddr>,
+    /// Where keyward listens, once bound; never a destination.
+    pub listeners: Arc<OwnListeners>,
     shutdown: tokio::sync::watch::Sender<bool>,
     request_ids: RequestIds,
 }
@@ -75,6 +75,7 @@ impl State {
         metrics: Metrics,
         admin_token: Secret,
         ca_path: PathBuf,
+        listeners: Arc<OwnListeners>,
     ) -> State {
         State {
             generation: ArcSwap::from_pointee(generation),
@@ -86,8 +87,7 @@ impl State {
             metrics,
             admin_token,
             ca_path,
-            proxy_addr: OnceLock::new(),
-            admin_addr: OnceLock::new(),
+            listeners,
             shutdown: tokio::sync::watch::Sender::new(false),
             request_ids: RequestIds::new(),
         }
@@ -108,7 +108,7 @@ impl State {
 
     async fn reload_from(&self, path: &Path) -> Result<String, PolicyErrors> {
         let policy = policy::load(path)?;
-        let generation = Generation::build(path, policy, &self.settings).await?;
+        let generation = Generation::build(path, policy, &self.settings, &self.listeners).await?;
         let version = generation.policy.version().to_string();
         self.generation.store(Arc::new(generation));
         tracing::info!(policy_version = %version, "policy reloaded");

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -69,6 +69,7 @@ impl Upstreams {
     pub fn build(
         policy: &CompiledPolicy,
         connect_timeout: Duration,
+        own: &Arc<OwnListeners>,
     ) -> Result<Upstreams, tls::TlsError> {
         let mut clients = Vec::new();
         for service in &policy.policy().services {
@@ -81,6 +82,7 @@ impl Upstreams {
                     tls: tls.map(TlsConnector::from),
                     connect_to: service.connect_to.clone(),
                     named: named_addresses(service),
+                    own: own.clone(),
                     timeout: connect_timeout,
                 }),
             };
@@ -119,6 +121,7 @@ struct ConnectorInner {
     /// `connect_to`: dial this instead of resolving the host (the operator chose it).
     connect_to: Option<(String, u16)>,
     named: Vec<IpAddr>,
+    own: Arc<OwnListeners>,
     timeout: Duration,
 }
 
@@ -153,18 +156,9 @@ async fn connect(inner: &ConnectorInner, uri: &Uri) -> Result<UpstreamStream, Co
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let addrs = match &inner.connect_to {
-        Some((h, p)) => resolve(h, *p).await?,
-        None => {
-            let addrs = resolve(host, port).await?;
-            // SECURITY: every answer must be allowed; a mixed answer is a rebinding attempt.
-            if addrs
-                .iter()
-                .any(|a| is_blocked(a.ip()) && !inner.named.contains(&a.ip()))
-            {
-                return Err(ConnectError::Blocked);
-            }
-            addrs
-        }
+        // The operator chose this address, so it may be private; never keyward itself.
+        Some((h, p)) => check_addresses(resolve(h, *p).await?, None, &inner.own)?,
+        None => check_addresses(resolve(host, port).await?, Some(&inner.named), &inner.own)?,
     };
     let tcp = dial(&addrs).await?;
     let _ = tcp.set_nodelay(true);
@@ -183,6 +177,62 @@ async fn connect(inner: &ConnectorInner, uri: &Uri) -> Result<UpstreamStream, Co
             "scheme does not match the service",
         ))),
     }
+}
+
+/// keyward's own listening addresses, known once bound. A request or tunnel aimed at them would
+/// reach the admin API or loop through the proxy with keyward's own authority.
+#[derive(Default)]
+pub struct OwnListeners {
+    proxy: OnceLock<SocketAddr>,
+    admin: OnceLock<SocketAddr>,
+}
+
+impl OwnListeners {
+    /// Records the bound addresses (once; later calls are ignored).
+    pub fn set(&self, proxy: SocketAddr, admin: SocketAddr) {
+        let _ = self.proxy.set(proxy);
+        let _ = self.admin.set(admin);
+    }
+
+    pub fn proxy(&self) -> Option<SocketAddr> {
+        self.proxy.get().copied()
+    }
+
+    pub fn admin(&self) -> Option<SocketAddr> {
+        self.admin.get().copied()
+    }
+
+    /// Whether dialling `addr` could reach one of keyward's own listeners. A listener bound to
+    /// an unspecified address answers on every local address, which keyward cannot enumerate
+    /// without asking the OS, so there any loopback, private or link-local address (a pod's own
+    /// IP among them) on that port counts as keyward's own.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        [self.proxy.get(), self.admin.get()]
+            .into_iter()
+            .flatten()
+            .any(|own| {
+                own.port() == addr.port()
+                    && (own.ip() == addr.ip()
+                        || (own.ip().is_unspecified() && is_blocked(addr.ip())))
+            })
+    }
+}
+
+/// SECURITY: every answer must be allowed, so a mixed answer (a rebinding attempt) is refused
+/// whole. Addresses outside `named` that are loopback, private or metadata are refused; with
+/// `named` = `None` (the operator chose the address) only keyward's own listeners are.
+pub fn check_addresses(
+    addrs: Vec<SocketAddr>,
+    named: Option<&[IpAddr]>,
+    own: &OwnListeners,
+) -> Result<Vec<SocketAddr>, ConnectError> {
+    let refused = |a: &SocketAddr| {
+        own.contains(*a) || named.is_some_and(|n| is_blocked(a.ip()) && !n.contains(&a.ip()))
+    };
+    if addrs.iter().any(refused) {
+        return Err(ConnectError::Blocked);
+    }
+    Ok(addrs)
 }
 
 /// Resolves `host:port` once; IP literals are not looked up.
@@ -347,6 +397,43 @@ impl Write for UpstreamStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn own_listeners_are_never_a_destination() {
+        let own = OwnListeners::default();
+        own.set(addr("127.0.0.1:3128"), addr("0.0.0.0:9090"));
+        assert!(own.contains(addr("127.0.0.1:3128")));
+        // The admin listener answers on every local address.
+        for a in [
+            "127.0.0.1:9090",
+            "127.0.0.2:9090",
+            "10.0.0.7:9090",
+            "[::1]:9090",
+        ] {
+            assert!(own.contains(addr(a)), "{a} may be keyward's admin listener");
+        }
+        for a in ["127.0.0.1:3129", "127.0.0.2:3128", "93.184.216.34:9090"] {
+            assert!(!own.contains(addr(a)), "{a} is not keyward");
+        }
+        // Even an address the operator chose (connect_to) or named is refused when it is ours.
+        assert!(check_addresses(vec![addr("127.0.0.1:3128")], None, &own).is_err());
+        let named = ["127.0.0.1".parse().unwrap()];
+        assert!(check_addresses(vec![addr("127.0.0.1:3128")], Some(&named), &own).is_err());
+        assert!(check_addresses(vec![addr("127.0.0.1:8080")], Some(&named), &own).is_ok());
+        assert!(check_addresses(vec![addr("127.0.0.1:8080")], None, &own).is_ok());
+    }
+
+    #[test]
+    fn one_blocked_answer_refuses_the_whole_resolution() {
+        let own = OwnListeners::default();
+        let answers = vec![addr("93.184.216.34:443"), addr("169.254.169.254:443")];
+        assert!(check_addresses(answers, Some(&[]), &own).is_err());
+        assert!(check_addresses(vec![addr("93.184.216.34:443")], Some(&[]), &own).is_ok());
+    }
 
     #[test]
     fn blocks_every_spelling_of_internal_addresses() {

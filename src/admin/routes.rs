@@ -176,8 +176,8 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     {
         Ok((task, token)) => {
             let proxy = state
-                .proxy_addr
-                .get()
+                .listeners
+                .proxy()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             tracing::info!(task = %task.id, agent = %task.agent, "task minted");
@@ -288,7 +288,7 @@ pub fn readyz(state: &Arc<State>) -> AdminResponse {
     let generation = state.current();
     let unreadable: Vec<&str> = generation.credentials.unreadable();
     let audit = state.audit.healthy();
-    let listening = state.proxy_addr.get().is_some();
+    let listening = state.listeners.proxy().is_some();
     let stopping = state.is_shutting_down();
     let ready = unreadable.is_empty() && audit && listening && !stopping;
     let status = if ready {

@@ -3,6 +3,7 @@
 //! host, plus name indexes. Built once per load; read-only afterwards (shared through `Arc`).
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 
 use crate::matcher::route::Router;
 use crate::policy::{AgentDef, CapabilityDef, HostPattern, Policy, Scheme, ServiceDef};
@@ -38,6 +39,8 @@ pub struct CompiledPolicy {
     wildcard: HashMap<HostKey, HostTable>,
     passthrough_exact: HashSet<Box<str>>,
     passthrough_wildcard: HashSet<Box<str>>,
+    /// IP-literal passthrough hosts: the operator named them, so they may be private.
+    passthrough_addresses: Vec<IpAddr>,
     capability_index: HashMap<Box<str>, usize>,
     agent_index: HashMap<Box<str>, usize>,
 }
@@ -100,7 +103,7 @@ impl CompiledPolicy {
             }
         }
 
-        let mut passthrough_exact = HashSet::new();
+        let mut passthrough_exact: HashSet<Box<str>> = HashSet::new();
         let mut passthrough_wildcard = HashSet::new();
         for p in &policy.passthrough {
             match p {
@@ -108,6 +111,10 @@ impl CompiledPolicy {
                 HostPattern::Wildcard(h) => passthrough_wildcard.insert(h.as_str().into()),
             };
         }
+        let passthrough_addresses = passthrough_exact
+            .iter()
+            .filter_map(|h| h.parse::<IpAddr>().ok())
+            .collect();
         let capability_index = policy
             .capabilities
             .iter()
@@ -126,6 +133,7 @@ impl CompiledPolicy {
             wildcard,
             passthrough_exact,
             passthrough_wildcard,
+            passthrough_addresses,
             capability_index,
             agent_index,
         }
@@ -161,6 +169,11 @@ impl CompiledPolicy {
     pub fn is_passthrough(&self, host: &str) -> bool {
         self.passthrough_exact.contains(host)
             || parent_of(host).is_some_and(|p| self.passthrough_wildcard.contains(p))
+    }
+
+    /// Passthrough hosts written as IP addresses.
+    pub fn passthrough_addresses(&self) -> &[IpAddr] {
+        &self.passthrough_addresses
     }
 
     pub fn agent(&self, name: &str) -> Option<&AgentDef> {

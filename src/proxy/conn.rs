@@ -1,12 +1,19 @@
 //! One agent connection: the HTTP/1.1 proxy listener's connections (with upgrades, for CONNECT)
-//! and intercepted TLS connections (HTTP/1.1 or HTTP/2 by ALPN). Time-boxes request heads and
-//! bounds HTTP/2 streams; never time-boxes a streaming body.
+//! and intercepted TLS connections (HTTP/1.1 or HTTP/2 by ALPN). Time-boxes request heads,
+//! bounds HTTP/2 streams and closes connections idle (no request in flight) for `idle_timeout`;
+//! never time-boxes a streaming body.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -31,18 +38,23 @@ where
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .keep_alive(true);
+    let activity = Arc::new(Activity::new());
+    let svc = Tracked {
+        inner: svc,
+        activity: activity.clone(),
+    };
     let conn = builder
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
     tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN, conn).await;
-        }
+        _ = conn.as_mut() => return,
+        _ = activity.idle_for(settings.idle_timeout) => {}
+        _ = shutdown.changed() => {}
     }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(DRAIN, conn).await;
 }
 
 /// How long connections may take to finish in-flight requests at shutdown.
@@ -70,14 +82,148 @@ where
         .max_header_list_size(settings.max_header_bytes.max(8192) as u32)
         .max_pending_accept_reset_streams(32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
+    let activity = Arc::new(Activity::new());
+    let svc = Tracked {
+        inner: svc,
+        activity: activity.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = close.notified() => {}
+        _ = activity.idle_for(settings.idle_timeout) => {}
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(DRAIN, conn).await;
+}
+
+/// Requests in flight on one connection, and since when there have been none.
+struct Activity {
+    start: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds after `start` when the last request in flight finished.
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Completes once the connection has had no request in flight for `limit`. A request
+    /// whose response is still streaming counts as in flight, however quiet it is.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let wait = if self.in_flight.load(Ordering::Acquire) > 0 {
+                limit
+            } else {
+                let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
+                let idle = self.start.elapsed().saturating_sub(since);
+                match limit.checked_sub(idle) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => return,
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// One request in flight, from the call into the service until its response body is done or
+/// dropped (the client went away).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.start.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.fetch_max(now, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connection's service, counting requests in flight.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<TrackedBody>;
+    type Error = Infallible;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        TrackedFuture {
+            guard: Some(self.activity.begin()),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service's future, handing its in-flight guard on to the response body.
+    struct TrackedFuture<F> {
+        guard: Option<InFlight>,
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<TrackedBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.inner.poll(cx))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(resp.map(|body| TrackedBody {
+            body,
+            _guard: guard,
+        })))
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done.
+pub struct TrackedBody {
+    body: ProxyBody,
+    _guard: Option<InFlight>,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }

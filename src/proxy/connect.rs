@@ -18,10 +18,10 @@ use tokio::sync::Notify;
 
 use crate::decide::{self, normalize_host, ConnectDecision, Denial};
 use crate::metrics::ConnKind;
-use crate::policy::{HostPattern, Scheme};
+use crate::policy::Scheme;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::conn;
-use crate::proxy::handle::{self, ConnCtx, TunnelCtx};
+use crate::proxy::handle::{self, ConnCtx, ConnSlot, TunnelCtx};
 use crate::proxy::identify::{parse_authority, TunnelHost};
 use crate::proxy::record::RecordDraft;
 use crate::proxy::respond::{self, DenyInfo, Failure};
@@ -33,9 +33,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(
     state: Arc<State>,
-    client: SocketAddr,
+    ctx: &ConnCtx,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let client = ctx.client;
     let generation = state.current();
     let mut draft = RecordDraft::new(&state, client, generation.policy.version());
     draft.rec.method = "CONNECT".to_string();
@@ -87,6 +88,7 @@ pub async fn handle(
             tokio::spawn(intercept(
                 state.clone(),
                 client,
+                ctx.slot.clone(),
                 draft,
                 task,
                 tunnel,
@@ -94,7 +96,9 @@ pub async fn handle(
             ));
             Response::new(ProxyBody::empty())
         }
-        Ok(ConnectDecision::Tunnel) => passthrough(state, &generation, draft, tunnel, req).await,
+        Ok(ConnectDecision::Tunnel) => {
+            passthrough(state, &generation, ctx.slot.clone(), draft, tunnel, req).await
+        }
     }
 }
 
@@ -127,6 +131,7 @@ async fn refuse(
 async fn intercept(
     state: Arc<State>,
     client: SocketAddr,
+    slot: ConnSlot,
     mut draft: RecordDraft,
     task: Arc<crate::tasks::Task>,
     tunnel: TunnelHost,
@@ -173,6 +178,7 @@ async fn intercept(
     let close = Arc::new(Notify::new());
     let ctx = Arc::new(ConnCtx {
         client,
+        slot,
         tunnel: Some(TunnelCtx {
             task,
             host: tunnel,
@@ -191,28 +197,15 @@ async fn intercept(
 async fn passthrough(
     state: Arc<State>,
     generation: &Generation,
+    slot: ConnSlot,
     mut draft: RecordDraft,
     tunnel: TunnelHost,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let named: Vec<std::net::IpAddr> = generation
-        .policy
-        .policy()
-        .passthrough
-        .iter()
-        .filter_map(|h| match h {
-            HostPattern::Exact(n) => n.parse().ok(),
-            HostPattern::Wildcard(_) => None,
-        })
-        .collect();
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
-        if addrs
-            .iter()
-            .any(|a| upstream::is_blocked(a.ip()) && !named.contains(&a.ip()))
-        {
-            return Err(upstream::ConnectError::Blocked);
-        }
+        let named = generation.policy.passthrough_addresses();
+        let addrs = upstream::check_addresses(addrs, Some(named), &state.listeners)?;
         tokio::time::timeout(state.settings.connect_timeout, upstream::dial(&addrs))
             .await
             .map_err(|_| upstream::ConnectError::Timeout)?
@@ -247,6 +240,7 @@ async fn passthrough(
     let _ = tcp.set_nodelay(true);
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
+        let _slot = slot;
         let _open = state.metrics.connection_opened(ConnKind::Tunnel);
         match on_upgrade.await {
             Ok(upgraded) => {

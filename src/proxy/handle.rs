@@ -33,9 +33,14 @@ use crate::tasks::Task;
 #[derive(Clone)]
 pub struct ConnCtx {
     pub client: SocketAddr,
+    /// The connection's place under `max_connections`, held by everything the connection
+    /// hands work to (tunnels, WebSocket relays) so they count until they end.
+    pub slot: ConnSlot,
     /// Set inside an intercepted tunnel: identity and destination are fixed by the CONNECT.
     pub tunnel: Option<TunnelCtx>,
 }
+
+pub type ConnSlot = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 #[derive(Clone)]
 pub struct TunnelCtx {
@@ -52,7 +57,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     if req.method() == Method::CONNECT && ctx.tunnel.is_none() {
-        return Ok(connect::handle(state, ctx.client, req).await);
+        return Ok(connect::handle(state, &ctx, req).await);
     }
     Ok(handle_request(state, &ctx, req).await)
 }
@@ -195,7 +200,11 @@ async fn handle_request(
                     r.headers(resp.headers_mut());
                 }
                 let recorder = draft.into_recorder(state.clone(), 101, started, bytes_up);
-                tokio::spawn(upgrade::relay(agent_upgrade, upstream_upgrade, recorder));
+                let slot = ctx.slot.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    upgrade::relay(agent_upgrade, upstream_upgrade, recorder).await
+                });
                 let mut out = Response::new(ProxyBody::empty());
                 *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
                 *out.headers_mut() = std::mem::take(resp.headers_mut());

@@ -53,10 +53,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let _open = state.metrics.connection_opened(ConnKind::Http);
             let ctx = Arc::new(ConnCtx {
                 client,
+                slot: Arc::new(permit),
                 tunnel: None,
             });
             let svc_state = state.clone();

@@ -1,0 +1,115 @@
+//! Connection lifecycle on the proxy listener: idle connections are closed after
+//! `idle_timeout` while a streaming response is never cut, and a connection keeps its place
+//! under `max_connections` for as long as the tunnel it became is open.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{bounded, connect_raw, read_response, Fixture, Harness, Task};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn keep_alive_get(f: &Fixture, path: &str, task: &Task) -> String {
+    let port = f.plain.port();
+    format!(
+        "GET http://plain.test:{port}{path} HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\n\r\n",
+        Harness::proxy_auth(task)
+    )
+}
+
+/// Reads until the peer closes; panics (bounded) if it never does.
+async fn expect_closed(tcp: &mut TcpStream, what: &str) {
+    let mut buf = [0u8; 64];
+    let n = bounded(what, tcp.read(&mut buf)).await.unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "{what}: expected the connection closed, read {n} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed_but_a_quiet_stream_is_not_cut() {
+    // header_read_timeout stays long, so only idle_timeout can close these connections.
+    let f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  idle_timeout: 300ms\n  header_read_timeout: 30s\nadmin:",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+
+    // A keep-alive request, then silence: keyward closes the connection.
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(keep_alive_get(&f, "/echo", &task).as_bytes())
+        .await
+        .unwrap();
+    let resp = read_response(&mut tcp).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    expect_closed(&mut tcp, "idle keep-alive connection").await;
+
+    // The SSE upstream pauses 200 ms between events, 400 ms in all: longer than idle_timeout,
+    // yet the response is in flight, so every event arrives before the connection is closed.
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(keep_alive_get(&f, "/sse", &task).as_bytes())
+        .await
+        .unwrap();
+    let resp = read_response(&mut tcp).await;
+    assert_eq!(resp.status, 200);
+    let text = resp.text();
+    for event in ["event 1", "event 2", "event 3"] {
+        assert!(text.contains(event), "{event} missing from {text:?}");
+    }
+    expect_closed(&mut tcp, "connection idle after the stream").await;
+    assert_eq!(f.plain.hits(), 2);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_tunnels_count_against_max_connections() {
+    let f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  max_connections: 1\nadmin:",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let auth = Harness::proxy_auth(&task);
+
+    // A passthrough tunnel takes the only connection slot while it is open...
+    let target = format!("127.0.0.1:{}", f.tcp.addr.port());
+    let (mut tunnel, head) = connect_raw(kw.proxy_addr, &target, Some(&auth)).await;
+    assert_eq!(head.status, 200);
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    bounded("tunnel echo", tunnel.read_exact(&mut echo))
+        .await
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+
+    // ...so a second connection is not served until the tunnel closes.
+    let mut second = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    second
+        .write_all(keep_alive_get(&f, "/echo", &task).as_bytes())
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        second.read(&mut byte),
+    )
+    .await;
+    assert!(early.is_err(), "served past max_connections: {early:?}");
+    assert_eq!(f.plain.hits(), 0);
+
+    drop(tunnel);
+    let resp = read_response(&mut second).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.plain.hits(), 1);
+    kw.assert_no_leaks().await;
+}
