@@ -533,3 +533,45 @@ async fn no_secret_leaks_through_the_admin_api() {
     );
     kw.assert_no_leaks().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_bounds_slow_heads_and_slow_bodies() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  header_read_timeout: 300ms\nadmin:",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+
+    // A head that never ends: the connection is closed, not held.
+    let mut slow = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
+    slow.write_all(b"GET /v1/tasks HTTP/1.1\r\nHost: admin\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    common::bounded("slow head closed", slow.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&buf).contains("\"tasks\""),
+        "no admin content for an unfinished head"
+    );
+
+    // A mint body that stops short of its Content-Length: refused in bounded time, no task.
+    let mut slow = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
+    let head = format!(
+        "POST /v1/tasks HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"agent\":",
+        kw.admin_token
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let resp = common::read_response(&mut slow).await;
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(resp.text().contains("bad_body"), "{}", resp.text());
+    let (status, list) = kw.admin(Method::GET, "/v1/tasks", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");
+    kw.assert_no_leaks().await;
+}

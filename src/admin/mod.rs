@@ -6,6 +6,7 @@ mod routes;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
@@ -15,6 +16,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::state::State;
 
@@ -22,30 +24,51 @@ pub type AdminResponse = Response<Full<Bytes>>;
 
 /// Accepts admin connections until shutdown.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let mut shutdown = state.shutdown_signal();
     loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
         };
         let Ok((stream, _peer)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let settings = &state.settings;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(settings.header_read_timeout)
+                .max_buf_size(settings.max_header_bytes.max(8192));
+            let svc_state = state.clone();
             let svc = service_fn(move |req| {
-                let state = state.clone();
+                let state = svc_state.clone();
                 async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let mut shutdown = state.shutdown_signal();
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = shutdown.changed() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(crate::proxy::conn::DRAIN, conn).await;
         });
     }
 }
+
+/// Concurrent admin connections; more wait in the listen backlog. Operators and scrapers need
+/// few, and the proxy listener's limit must not be reachable through this one.
+const MAX_ADMIN_CONNECTIONS: usize = 256;
 
 async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().to_string();

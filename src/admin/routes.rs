@@ -120,9 +120,16 @@ impl OneOrMany {
 }
 
 async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return bad_request("bad_body", "the body could not be read or is over 64 KiB"),
+    // A body trickled in slowly is bounded like a request head.
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(state.settings.header_read_timeout, read).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        _ => {
+            return bad_request(
+                "bad_body",
+                "the body could not be read in time or is over 64 KiB",
+            )
+        }
     };
     let parsed: MintRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
