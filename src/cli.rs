@@ -160,6 +160,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 async fn serve(config: &Path) -> Result<(), Failure> {
+    // Handlers first: a supervisor may signal as soon as the listening line appears.
+    let mut signals = Signals::install();
     let running = crate::app::start(config).await.map_err(|e| Failure {
         code: e.exit_code(),
         message: e.to_string(),
@@ -170,43 +172,71 @@ async fn serve(config: &Path) -> Result<(), Failure> {
         running.admin_addr,
         running.ca_path.display()
     );
-    wait_for_signals(&running).await;
+    signals.wait(&running).await;
     tracing::info!("shutting down");
     running.shutdown().await;
     Ok(())
 }
 
+/// SIGTERM/SIGINT stop keyward; SIGHUP reloads the policy.
 #[cfg(unix)]
-async fn wait_for_signals(running: &crate::app::Running) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => match running.state.reload().await {
-                Ok(v) => tracing::info!(policy_version = %v, "reloaded on SIGHUP"),
-                Err(errors) => {
-                    for e in &errors.0 {
-                        tracing::error!("{e}");
+struct Signals(
+    Option<(
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+        tokio::signal::unix::Signal,
+    )>,
+);
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => Signals(Some((term, int, hup))),
+            _ => Signals(None),
+        }
+    }
+
+    async fn wait(&mut self, running: &crate::app::Running) {
+        let Some((term, int, hup)) = &mut self.0 else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => match running.state.reload().await {
+                    Ok(v) => tracing::info!(policy_version = %v, "reloaded on SIGHUP"),
+                    Err(errors) => {
+                        for e in &errors.0 {
+                            tracing::error!("{e}");
+                        }
+                        tracing::error!("reload failed; the previous policy keeps serving");
                     }
-                    tracing::error!("reload failed; the previous policy keeps serving");
-                }
-            },
+                },
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_running: &crate::app::Running) {
-    let _ = tokio::signal::ctrl_c().await;
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> Signals {
+        Signals
+    }
+
+    async fn wait(&mut self, _running: &crate::app::Running) {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn check(config: &Path) -> Result<(), Failure> {
@@ -362,8 +392,10 @@ fn explain(
 }
 
 async fn task(command: TaskCommand) -> Result<(), Failure> {
+    // Trimmed like `serve` trims it, so `$(cat token-file)` and `echo`'d secrets work alike.
     let token = std::env::var("KEYWARD_ADMIN_TOKEN")
         .ok()
+        .map(|t| t.trim_end_matches(['\n', '\r']).to_string())
         .filter(|t| !t.is_empty())
         .map(Secret::new)
         .ok_or_else(|| Failure::user("set KEYWARD_ADMIN_TOKEN to the admin token"))?;

@@ -5,11 +5,18 @@ use clap::Parser;
 
 fn main() {
     let cli = keyward::cli::Cli::parse();
+    // `serve` narrates its life at info; one-shot commands speak only to fail (one sentence).
+    let default_level = match cli.command {
+        keyward::cli::Command::Serve { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        // Escape codes only for a person at a terminal, never into log files or collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match keyward::app::runtime() {

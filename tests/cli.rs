@@ -316,8 +316,15 @@ impl Served {
 
 /// Spawns `keyward serve`, waits (bounded) for the listening line.
 async fn serve(config: &str) -> Served {
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config", config])
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["serve", "--config", config]);
+    serve_cmd(cmd).await
+}
+
+/// Spawns `cmd` (a `keyward serve`, possibly behind a launcher that execs it), waits (bounded)
+/// for the listening line.
+async fn serve_cmd(mut cmd: tokio::process::Command) -> Served {
+    let mut child = cmd
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -418,6 +425,146 @@ async fn serve_exits_0_on_sigterm_and_flushes_the_audit_log() {
     assert!(audit.contains("\"missing_credentials\""), "{audit}");
     for s in &secrets {
         assert_absent(s, "the audit log", &audit);
+        assert_absent(s, "keyward serve stderr", &log);
+    }
+}
+
+/// A sidecar pinned to one CPU runs one worker; `KEYWARD_WORKERS` overrides the CPU count.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_runs_one_worker_per_cpu_it_may_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    for (workers, expected) in [(None, "workers=1"), (Some("3"), "workers=3")] {
+        // `taskset` sets the affinity mask and execs keyward, so the child is keyward itself.
+        let mut cmd = tokio::process::Command::new("taskset");
+        cmd.args(["-c", "0", BIN, "serve", "--config", file.to_str().unwrap()]);
+        match workers {
+            Some(n) => cmd.env("KEYWARD_WORKERS", n),
+            None => cmd.env_remove("KEYWARD_WORKERS"),
+        };
+        let mut served = serve_cmd(cmd).await;
+        served.child.start_kill().unwrap();
+        let (_, log) = served.finish().await;
+        assert!(
+            log.contains(expected),
+            "KEYWARD_WORKERS={workers:?}:\n{log}"
+        );
+    }
+}
+
+/// Runs `keyward task ...` against `admin` with `token` in `KEYWARD_ADMIN_TOKEN`.
+async fn task_cmd(admin: &str, token: &str, args: &[&str]) -> Output {
+    let out = tokio::process::Command::new(BIN)
+        .arg("task")
+        .args(args)
+        .args(["--admin", &format!("http://{admin}")])
+        .env("KEYWARD_ADMIN_TOKEN", token)
+        .kill_on_drop(true)
+        .output();
+    bounded(&format!("keyward task {args:?}"), out)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_mint_list_and_revoke_drive_the_admin_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let mut served = serve(file.to_str().unwrap()).await;
+    let admin = field(&served.line, "admin").to_string();
+    let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
+    // Read from a file with its newline, as `$(cat admin-token)` or an env Secret gives it.
+    let token = format!("{}\n", secrets[1]);
+
+    let out = task_cmd(
+        &admin,
+        &token,
+        &[
+            "mint",
+            "--agent",
+            "bot",
+            "--intent",
+            "api.issues.read",
+            "--where",
+            "owner=acme",
+            "--ttl",
+            "10m",
+            "--task",
+            "TICKET-7",
+        ],
+    )
+    .await;
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    let url = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("export HTTPS_PROXY="))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no export line in {stdout:?}"))
+        .to_string();
+    assert!(
+        url.starts_with(&format!("http://TICKET-7:kw_")) && url.ends_with(&format!("@{proxy}")),
+        "{url}"
+    );
+    let minted_token = url
+        .trim_start_matches("http://TICKET-7:")
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+
+    // The proxy URL works: a request outside the constraint is refused by name, not by 407.
+    let refused = common::raw_exchange(
+        proxy,
+        format!(
+            "GET https://api.test/repos/other/x/issues HTTP/1.1\r\nHost: api.test\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+            common::basic("TICKET-7", &minted_token)
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(refused.status, 403, "{}", refused.text());
+    assert_eq!(
+        refused.header("x-keyward-reason").as_deref(),
+        Some("constraint_mismatch")
+    );
+
+    let out = task_cmd(&admin, &token, &["list"]).await;
+    let listing = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let row = listing
+        .lines()
+        .find(|l| l.starts_with("TICKET-7 "))
+        .unwrap_or_else(|| panic!("no row for the task in {listing:?}"));
+    assert!(
+        row.contains("bot") && row.contains("active") && row.contains("api.issues.read"),
+        "{row}"
+    );
+    assert_absent(&minted_token, "task list", &listing);
+
+    let out = task_cmd(&admin, &token, &["revoke", "TICKET-7"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = task_cmd(&admin, &token, &["list"]).await;
+    let listing = text(&out.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("TICKET-7 ") && l.contains("revoked")),
+        "{listing}"
+    );
+
+    // A wrong token: exit 1, one sentence naming the refusal, never the token.
+    let out = task_cmd(&admin, "not-the-token", &["list"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("401"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_absent(&secrets[1], "task list stderr", &err);
+
+    served.child.start_kill().unwrap();
+    let (_, log) = served.finish().await;
+    for s in secrets.iter().chain([&minted_token]) {
         assert_absent(s, "keyward serve stderr", &log);
     }
 }

@@ -15,6 +15,8 @@ pub enum ClientError {
     BadUrl(String),
     #[error("cannot reach the admin API at {0}; is `keyward serve` running?")]
     Unreachable(String),
+    #[error("KEYWARD_ADMIN_TOKEN cannot be sent in a header (it has a control character)")]
+    BadToken,
     #[error("the admin API answered {status}: {body}")]
     Refused { status: StatusCode, body: String },
 }
@@ -37,13 +39,13 @@ pub async fn call(
     let payload = body
         .map(|b| Bytes::from(serde_json::to_vec(&b).unwrap_or_default()))
         .unwrap_or_default();
+    let mut auth = http::HeaderValue::try_from(format!("Bearer {}", token.expose()))
+        .map_err(|_| ClientError::BadToken)?;
+    auth.set_sensitive(true);
     let req = Request::builder()
         .method(method)
         .uri(uri)
-        .header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", token.expose()),
-        )
+        .header(http::header::AUTHORIZATION, auth)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(payload))
         .map_err(|_| ClientError::BadUrl(admin.to_string()))?;
@@ -63,8 +65,25 @@ pub async fn call(
     if !status.is_success() {
         return Err(ClientError::Refused {
             status,
-            body: String::from_utf8_lossy(&bytes).trim().to_string(),
+            body: summary(&bytes),
         });
     }
     Ok(serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+/// An error body on one line: the admin API's `message` (or its list of `errors`), else the
+/// text with its whitespace collapsed.
+fn summary(body: &[u8]) -> String {
+    let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    if let Some(m) = json["message"].as_str() {
+        return m.to_string();
+    }
+    if let Some(errors) = json["errors"].as_array() {
+        let list: Vec<&str> = errors.iter().filter_map(|e| e.as_str()).collect();
+        return list.join("; ");
+    }
+    String::from_utf8_lossy(body)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
