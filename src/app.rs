@@ -27,16 +27,24 @@ const AUDIT_QUEUE: usize = 65_536;
 /// the affinity mask and the cgroup CPU quota, so a sidecar limited to one CPU runs one worker.
 /// `KEYWARD_WORKERS` overrides it.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = std::env::var("KEYWARD_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1);
+    let workers = worker_count(std::env::var("KEYWARD_WORKERS").ok().as_deref(), || {
+        std::thread::available_parallelism().ok().map(|n| n.get())
+    });
+    tracing::info!(workers, "starting the async runtime");
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()
         .build()
+}
+
+/// Worker threads: `KEYWARD_WORKERS` when it is a positive integer, else the CPUs this process
+/// may use (`available`: affinity mask and cgroup quota on Linux), else 1.
+fn worker_count(var: Option<&str>, available: impl FnOnce() -> Option<usize>) -> usize {
+    var.and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .or_else(available)
+        .filter(|&n| n > 0)
+        .unwrap_or(1)
 }
 
 /// Why keyward could not start. `exit_code()` maps to SPEC §6: 1 user error, 2 internal.
@@ -183,5 +191,24 @@ pub fn describe_source(source: &SecretSource) -> String {
         SecretSource::Env(name) => format!("`env:{name}`"),
         SecretSource::File(path) => format!("`file:{}`", path.display()),
         SecretSource::Exec { .. } => "`exec`".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_count;
+
+    #[test]
+    fn workers_follow_the_cpus_the_process_may_use_unless_overridden() {
+        // No override: whatever `available_parallelism` reports (affinity, cgroup quota).
+        assert_eq!(worker_count(None, || Some(1)), 1);
+        assert_eq!(worker_count(None, || Some(6)), 6);
+        assert_eq!(worker_count(None, || None), 1);
+        // KEYWARD_WORKERS wins when it is a positive integer; anything else is ignored.
+        assert_eq!(worker_count(Some("3"), || Some(1)), 3);
+        assert_eq!(worker_count(Some(" 2 "), || Some(8)), 2);
+        for bad in ["0", "-1", "many", ""] {
+            assert_eq!(worker_count(Some(bad), || Some(4)), 4, "{bad:?}");
+        }
     }
 }

@@ -7,6 +7,7 @@
 use std::time::SystemTime;
 
 use http::Method;
+use smallvec::SmallVec;
 
 use crate::matcher::canon::CanonPath;
 use crate::matcher::route::{RouteMatch, RoutePattern};
@@ -102,10 +103,11 @@ pub fn decide(
         .host_table(facts.scheme, facts.host, facts.port)
         .ok_or(Denial::bare(Reason::UnknownHost))?;
 
-    let mut matches: Vec<RouteMatch<'_, RouteRef>> = Vec::new();
+    // Inline room for the usual handful of matching routes: no allocation per request.
+    let mut matches: SmallVec<[RouteMatch<'_, RouteRef>; 8]> = SmallVec::new();
     table.router.find(facts.path, &mut matches);
 
-    let agent = policy.agent(&task.agent);
+    let agent = policy.agent_grants(&task.agent);
     let mut best = Denial::bare(Reason::RouteNotInIntent);
     if let Some(&c) = table.capabilities.first() {
         best.service = Some(policy.capability_at(c as usize).service);
@@ -119,8 +121,8 @@ pub fn decide(
         let method_ok = route.methods.iter().any(|x| x == facts.method);
         // SECURITY: a grant counts only while the agent still holds the capability (reloads).
         let grant = agent
-            .filter(|a| a.capabilities.contains(&ci))
-            .and_then(|_| task.intent.iter().find(|g| g.capability == cap.name));
+            .filter(|a| a.contains(ci))
+            .and_then(|_| task.grant(&cap.name));
         let Some(grant) = grant else {
             if method_ok && best.hint.is_none() {
                 best.hint = Some(ci);
@@ -166,13 +168,12 @@ pub fn decide_connect(
 ) -> Result<ConnectDecision, Denial> {
     check_validity(task, now)?;
     if let Some(table) = policy.host_table(Scheme::Https, host, port) {
-        let agent = policy.agent(&task.agent);
+        let agent = policy.agent_grants(&task.agent);
         let mut hint = None;
         for &ci in &table.capabilities {
             let ci = ci as usize;
             let cap = policy.capability_at(ci);
-            let granted = agent.is_some_and(|a| a.capabilities.contains(&ci))
-                && task.intent.iter().any(|g| g.capability == cap.name);
+            let granted = agent.is_some_and(|a| a.contains(ci)) && task.grant(&cap.name).is_some();
             if granted {
                 return Ok(ConnectDecision::Intercept);
             }

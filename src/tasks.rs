@@ -4,8 +4,8 @@
 //! presented token is hashed and compared in constant time. This module never logs or returns a
 //! token after minting, and never decides routes — `decide` does, reading a `Task`.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -28,6 +28,9 @@ const MAX_TASK_ID_LEN: usize = 128;
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 /// Default ttl when the mint request names none (capped by the agent's `max_ttl`).
 const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
+/// Intents longer than this get a name index (`Task::grant`); shorter ones are searched in
+/// order, which is faster than hashing the name.
+const GRANT_INDEX_FROM: usize = 16;
 
 /// One capability of a task's intent, optionally narrowed by path-parameter constraints.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,13 +49,25 @@ pub struct Task {
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
     pub max_requests: Option<u64>,
+    /// Capability name → position of its first grant in `intent`, for long intents.
+    /// foldhash: the names were checked against the policy at mint time.
+    grant_index: Option<HashMap<Box<str>, usize, foldhash::fast::RandomState>>,
     token_hash: [u8; 32],
     used: AtomicU64,
     denied: AtomicU64,
     revoked: AtomicBool,
+    in_flight: AtomicU32,
 }
 
 impl Task {
+    /// The grant of `capability` in the intent (the first, should it be named twice).
+    pub fn grant(&self, capability: &str) -> Option<&Grant> {
+        match &self.grant_index {
+            Some(index) => index.get(capability).and_then(|&i| self.intent.get(i)),
+            None => self.intent.iter().find(|g| g.capability == capability),
+        }
+    }
+
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
     }
@@ -81,6 +96,22 @@ impl Task {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
+    /// Takes one of the task's `limit` places for a request in flight, held until the returned
+    /// slot drops (the response is over); `None` when all are taken.
+    pub fn enter(self: &Arc<Self>, limit: u32) -> Option<InFlightSlot> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(InFlightSlot(self.clone()))
+    }
+
+    /// Requests of this task in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     /// Takes one request from the budget; false when it is spent. Exact under concurrency.
     pub fn try_consume(&self) -> bool {
         match self.max_requests {
@@ -95,6 +126,15 @@ impl Task {
                 })
                 .is_ok(),
         }
+    }
+}
+
+/// One request of a task in flight (see `Task::enter`).
+pub struct InFlightSlot(Arc<Task>);
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -337,9 +377,17 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
         Some(_) => return Err(MintError::BadTaskId),
         None => format!("task-{}", random_hex(8)),
     };
+    let grant_index = (spec.intent.len() > GRANT_INDEX_FROM).then(|| {
+        let mut index = HashMap::with_capacity_and_hasher(spec.intent.len(), Default::default());
+        for (i, g) in spec.intent.iter().enumerate() {
+            index.entry(g.capability.as_str().into()).or_insert(i);
+        }
+        index
+    });
     Ok(Task {
         id,
         agent: agent.name.clone(),
+        grant_index,
         intent: spec.intent,
         created_at: now,
         expires_at: now + ttl,
@@ -348,6 +396,7 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
         used: AtomicU64::new(0),
         denied: AtomicU64::new(0),
         revoked: AtomicBool::new(false),
+        in_flight: AtomicU32::new(0),
     })
 }
 
@@ -414,6 +463,37 @@ pub fn valid_task_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Length of a token after its `kw_` prefix (256 bits, URL-safe base64 without padding).
+const TOKEN_BODY_LEN: usize = 43;
+
+/// `text` with every substring shaped like a task token replaced by `[redacted]`, or `None`
+/// when it has none. For what keyward persists of an agent's bytes (an agent may put its own
+/// token in a path); tokens are not stored, so their shape is what can be found.
+pub fn redact_tokens(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some(i) = memchr::memmem::find(&bytes[from..], b"kw_").map(|i| i + from) {
+        let body = bytes[i + 3..]
+            .iter()
+            .take_while(|b| is_token_byte(b))
+            .count();
+        if body >= TOKEN_BODY_LEN {
+            let o = out.get_or_insert_with(String::new);
+            o.push_str(&text[copied..i]);
+            o.push_str("[redacted]");
+            copied = i + 3 + body;
+        }
+        from = i + 3 + body;
+    }
+    out.map(|mut o| {
+        o.push_str(&text[copied..]);
+        o
+    })
+}
+
 fn new_token() -> Secret {
     let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
     fill_random(bytes.as_mut());
@@ -442,6 +522,23 @@ pub fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_shapes_are_redacted_from_persisted_text() {
+        let token = new_token();
+        let t = token.expose();
+        assert_eq!(redact_tokens("/repos/acme/web/issues"), None);
+        assert_eq!(redact_tokens("/kw_short/x"), None, "not a token's length");
+        assert_eq!(
+            redact_tokens(&format!("/a/{t}/b/{t}")).as_deref(),
+            Some("/a/[redacted]/b/[redacted]")
+        );
+        assert_eq!(
+            redact_tokens(&format!("{t}x-more")).as_deref(),
+            Some("[redacted]"),
+            "a longer run is taken whole"
+        );
+    }
 
     #[test]
     fn task_ids_are_plain() {

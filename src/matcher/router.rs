@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use super::canon::CanonPath;
 use super::route::{PatternSegment, RoutePattern, MAX_PARAMS};
 
@@ -79,7 +81,9 @@ pub struct Router<T> {
 
 #[derive(Debug)]
 struct Node<T> {
-    statics: HashMap<Box<str>, Node<T>>,
+    /// foldhash, not SipHash: the keys are the policy's own literals (no attacker picks
+    /// them), and a segment lookup per path segment is most of a decision's cost.
+    statics: HashMap<Box<str>, Node<T>, RandomState>,
     param: Option<Box<Node<T>>>,
     /// Routes ending in `{*rest}` at this depth, with their insertion number.
     rest: Vec<(usize, T)>,
@@ -90,7 +94,7 @@ struct Node<T> {
 impl<T> Node<T> {
     fn new() -> Self {
         Node {
-            statics: HashMap::new(),
+            statics: HashMap::default(),
             param: None,
             rest: Vec::new(),
             terminal: Vec::new(),
@@ -100,12 +104,12 @@ impl<T> Node<T> {
     /// Depth-first walk over every branch that can match `path[i..]`. Each trie node is
     /// reached by at most one walk (its depth fixes the segment it sees), so the cost is
     /// bounded by the trie size however the routes are written.
-    fn walk<'r>(
+    fn walk<'r, O: Extend<RouteMatch<'r, T>>>(
         &'r self,
         path: &CanonPath,
         i: usize,
         caps: Captures,
-        out: &mut Vec<RouteMatch<'r, T>>,
+        out: &mut O,
     ) {
         if i >= path.len() {
             out.extend(self.terminal.iter().map(|(order, value)| RouteMatch {
@@ -171,11 +175,16 @@ impl<T> Router<T> {
     }
 
     /// Appends EVERY entry whose path matches `path` to `out`, in insertion order. Allocates
-    /// nothing beyond `out`'s own growth (reuse `out` across requests).
-    pub fn find<'r>(&'r self, path: &CanonPath, out: &mut Vec<RouteMatch<'r, T>>) {
-        let first = out.len();
+    /// nothing beyond `out`'s own growth: reuse a `Vec` across requests, or pass a buffer with
+    /// inline room (`decide` uses a `SmallVec`, so a request with a few matches allocates
+    /// nothing).
+    pub fn find<'r, O>(&'r self, path: &CanonPath, out: &mut O)
+    where
+        O: Extend<RouteMatch<'r, T>> + AsMut<[RouteMatch<'r, T>]>,
+    {
+        let first = out.as_mut().len();
         self.root.walk(path, 0, Captures::default(), out);
-        if let Some(found) = out.get_mut(first..) {
+        if let Some(found) = out.as_mut().get_mut(first..) {
             // Insertion numbers are unique, so the unstable (allocation-free) sort is exact.
             found.sort_unstable_by_key(|m| m.order);
         }

@@ -3,6 +3,8 @@
 //! host, plus name indexes. Built once per load; read-only afterwards (shared through `Arc`).
 
 use std::collections::{HashMap, HashSet};
+
+use foldhash::fast::RandomState;
 use std::net::IpAddr;
 
 use crate::matcher::route::Router;
@@ -30,19 +32,40 @@ struct HostKey {
     port: u16,
 }
 
+/// Host tables by host name, then by (scheme, port): a lookup by `&str` allocates nothing (a
+/// `HostKey` with a `Box<str>` would allocate per request). A host rarely has more than one
+/// (scheme, port), so the inner list is searched linearly.
+/// Keys come from the policy, never from a request, so the fast foldhash is safe here.
+type HostTables = HashMap<Box<str>, Vec<(Scheme, u16, HostTable)>, RandomState>;
+
+/// The capabilities an agent may ever be granted, as a bitset over capability indices, so
+/// `decide` checks a match in O(1) whatever the size of the agent's list.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentGrants<'p>(&'p [u64]);
+
+impl AgentGrants<'_> {
+    pub fn contains(&self, capability: usize) -> bool {
+        self.0
+            .get(capability / 64)
+            .is_some_and(|w| w & (1u64 << (capability % 64)) != 0)
+    }
+}
+
 /// The policy in the form `decide` reads.
 #[derive(Debug)]
 pub struct CompiledPolicy {
     policy: Policy,
-    exact: HashMap<HostKey, HostTable>,
+    exact: HostTables,
     /// keyed by the parent domain of `*.parent`.
-    wildcard: HashMap<HostKey, HostTable>,
+    wildcard: HostTables,
     passthrough_exact: HashSet<Box<str>>,
     passthrough_wildcard: HashSet<Box<str>>,
     /// IP-literal passthrough hosts: the operator named them, so they may be private.
     passthrough_addresses: Vec<IpAddr>,
-    capability_index: HashMap<Box<str>, usize>,
-    agent_index: HashMap<Box<str>, usize>,
+    capability_index: HashMap<Box<str>, usize, RandomState>,
+    agent_index: HashMap<Box<str>, usize, RandomState>,
+    /// Per agent (same order as `Policy::agents`): `AgentDef::capabilities` as a bitset.
+    agent_grants: Vec<Box<[u64]>>,
 }
 
 impl CompiledPolicy {
@@ -127,15 +150,30 @@ impl CompiledPolicy {
             .enumerate()
             .map(|(i, a)| (a.name.as_str().into(), i))
             .collect();
+        let words = policy.capabilities.len().div_ceil(64);
+        let agent_grants = policy
+            .agents
+            .iter()
+            .map(|a| {
+                let mut bits = vec![0u64; words];
+                for &ci in &a.capabilities {
+                    if let Some(w) = bits.get_mut(ci / 64) {
+                        *w |= 1u64 << (ci % 64);
+                    }
+                }
+                bits.into_boxed_slice()
+            })
+            .collect();
         CompiledPolicy {
             policy,
-            exact,
-            wildcard,
+            exact: by_host(exact),
+            wildcard: by_host(wildcard),
             passthrough_exact,
             passthrough_wildcard,
             passthrough_addresses,
             capability_index,
             agent_index,
+            agent_grants,
         }
     }
 
@@ -149,20 +187,10 @@ impl CompiledPolicy {
 
     /// The table for a normalized host (lowercase, no trailing dot, IPv6 without brackets).
     pub fn host_table(&self, scheme: Scheme, host: &str, port: u16) -> Option<&HostTable> {
-        let k = HostKey {
-            scheme,
-            host: host.into(),
-            port,
-        };
-        if let Some(t) = self.exact.get(&k) {
+        if let Some(t) = find_table(&self.exact, scheme, host, port) {
             return Some(t);
         }
-        let parent = parent_of(host)?;
-        self.wildcard.get(&HostKey {
-            scheme,
-            host: parent.into(),
-            port,
-        })
+        find_table(&self.wildcard, scheme, parent_of(host)?, port)
     }
 
     /// Whether CONNECTs to `host` (any port) are tunnelled blind.
@@ -178,6 +206,12 @@ impl CompiledPolicy {
 
     pub fn agent(&self, name: &str) -> Option<&AgentDef> {
         self.agent_index.get(name).map(|&i| &self.policy.agents[i])
+    }
+
+    /// What the agent named `name` may ever be granted (`None`: no such agent).
+    pub fn agent_grants(&self, name: &str) -> Option<AgentGrants<'_>> {
+        let &i = self.agent_index.get(name)?;
+        self.agent_grants.get(i).map(|b| AgentGrants(b))
     }
 
     pub fn capability(&self, name: &str) -> Option<(usize, &CapabilityDef)> {
@@ -202,6 +236,27 @@ impl CompiledPolicy {
             .map(|c| c.routes.len())
             .sum()
     }
+}
+
+fn find_table<'t>(
+    tables: &'t HostTables,
+    scheme: Scheme,
+    host: &str,
+    port: u16,
+) -> Option<&'t HostTable> {
+    tables
+        .get(host)?
+        .iter()
+        .find(|(s, p, _)| *s == scheme && *p == port)
+        .map(|(_, _, t)| t)
+}
+
+fn by_host(tables: HashMap<HostKey, HostTable>) -> HostTables {
+    let mut out = HostTables::default();
+    for (k, t) in tables {
+        out.entry(k.host).or_default().push((k.scheme, k.port, t));
+    }
+    out
 }
 
 fn empty() -> HostTable {
