@@ -128,31 +128,134 @@ impl CredentialStore {
             .collect()
     }
 
-    /// Whether any header value or the request target carries a real credential's value
-    /// (SPEC §4.3 `secret_egress`).
+    /// Whether any header (name or value), the request target or its authority carries a real
+    /// credential's value (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded.
     pub fn carried_by(&self, parts: &Parts) -> bool {
         let target = parts
             .uri
             .path_and_query()
             .map(|p| p.as_str().as_bytes())
             .unwrap_or(b"");
+        let mut places: Vec<&[u8]> = vec![target];
+        places.extend(parts.headers.values().map(|v| v.as_bytes()));
+        let mut folded: Vec<&[u8]> = parts
+            .headers
+            .keys()
+            .map(|n| n.as_str().as_bytes())
+            .collect();
+        // The absolute URI's (or `:authority`'s) host is looked up, sent as SNI and written as
+        // `Host` even when the agent sent no `Host` header.
+        if let Some(authority) = parts.uri.authority() {
+            folded.push(authority.as_str().as_bytes());
+        }
+        // Header names arrive lowercased and hosts are case-folded: compare them without case.
+        self.carried_in(&places) || self.carried_in_any_case(&folded)
+    }
+
+    /// Whether any of `places` carries a real credential's value in a spelling an upstream
+    /// would decode: raw, percent-encoded (any case, any subset of bytes), or base64 (standard
+    /// or URL-safe, padded or not, e.g. inside a Basic pair).
+    pub fn carried_in(&self, places: &[&[u8]]) -> bool {
+        self.scan(places, false)
+    }
+
+    /// The same, ignoring ASCII case: for what is case-folded on the way (header names, hosts).
+    pub fn carried_in_any_case(&self, places: &[&[u8]]) -> bool {
+        self.scan(places, true)
+    }
+
+    fn scan(&self, places: &[&[u8]], fold: bool) -> bool {
+        let mut hay: Vec<std::borrow::Cow<'_, [u8]>> = Vec::new();
+        for &p in places {
+            hay.push(p.into());
+            if let Some(decoded) = percent_decoded(p) {
+                decoded_base64_tokens(&decoded, &mut hay);
+                hay.push(decoded.into());
+            }
+            decoded_base64_tokens(p, &mut hay);
+        }
+        if fold {
+            for h in &mut hay {
+                h.to_mut().make_ascii_lowercase();
+            }
+        }
+        // A secret longer than every place cannot be in any; skipping it saves building its
+        // `Finder` (the scan's main cost: header names and hosts are short).
+        let longest = hay.iter().map(|h| h.len()).max().unwrap_or(0);
         for i in 0..self.slots.len() {
             let Some(secret) = self.get(i) else { continue };
             let needle = secret.expose().as_bytes();
-            if needle.len() < MIN_SCAN_LEN {
+            if needle.len() < MIN_SCAN_LEN || needle.len() > longest {
                 continue;
             }
+            let folded;
+            let needle = if fold {
+                folded = zeroize::Zeroizing::new(needle.to_ascii_lowercase());
+                folded.as_slice()
+            } else {
+                needle
+            };
             let finder = memchr::memmem::Finder::new(needle);
-            if finder.find(target).is_some()
-                || parts
-                    .headers
-                    .values()
-                    .any(|v| finder.find(v.as_bytes()).is_some())
-            {
+            if hay.iter().any(|h| finder.find(h).is_some()) {
                 return true;
             }
         }
         false
+    }
+}
+
+/// `bytes` with every valid `%XX` decoded, or `None` if it has none.
+fn percent_decoded(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.contains(&b'%') {
+        return None;
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h << 4) | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    Some(out)
+}
+
+/// Decodes every run of base64 characters (either alphabet, padding ignored) long enough to
+/// hold a scanned secret, into `out`.
+fn decoded_base64_tokens<'a>(bytes: &[u8], out: &mut Vec<std::borrow::Cow<'a, [u8]>>) {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
+    const STD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+    const URL: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
+    let is_b64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_');
+    // A secret of MIN_SCAN_LEN bytes takes at least this many base64 characters.
+    let min = MIN_SCAN_LEN.div_ceil(3) * 4;
+    for token in bytes.split(|b| !is_b64(b)).filter(|t| t.len() >= min) {
+        // Decode from each of the four offsets (the secret may follow other encoded bytes or
+        // a stray character), each cut to whole quanta; a token mixing both alphabets'
+        // specials decodes in neither and cannot be what an upstream decodes either.
+        for start in 0..4 {
+            let rest = &token[start..];
+            if rest.len() < min {
+                break;
+            }
+            let whole = &rest[..rest.len() - rest.len() % 4];
+            let decoded = [&STD, &URL]
+                .into_iter()
+                .flat_map(|engine| [rest, whole].into_iter().map(move |t| engine.decode(t)))
+                .find_map(Result::ok);
+            if let Some(d) = decoded {
+                out.push(d.into());
+            }
+        }
     }
 }
 
@@ -355,6 +458,39 @@ mod tests {
         let uri: Uri = "/x".parse().unwrap();
         let out = with_query_param(&uri, "key", "v").unwrap();
         assert_eq!(out.to_string(), "/x?key=v");
+    }
+
+    #[test]
+    fn egress_scan_decodes_percent_and_base64_spellings() {
+        let secret = b"sk_live_0123456789";
+        let finds = |text: &str| {
+            let mut hay: Vec<std::borrow::Cow<'_, [u8]>> = vec![text.as_bytes().into()];
+            if let Some(d) = percent_decoded(text.as_bytes()) {
+                decoded_base64_tokens(&d, &mut hay);
+                hay.push(d.into());
+            }
+            decoded_base64_tokens(text.as_bytes(), &mut hay);
+            hay.iter()
+                .any(|h| memchr::memmem::find(h, secret).is_some())
+        };
+        let std64 = STANDARD.encode(secret);
+        let url64 =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"x:sk_live_0123456789");
+        let basic = STANDARD.encode(b"bot:sk_live_0123456789");
+        for hit in [
+            "sk%5Flive%5F0123456789".to_string(),
+            "%73%6b%5f%6c%69%76%65_0123456789".to_string(),
+            format!("Bearer {std64}"),
+            format!("Basic {basic}"),
+            format!("?t={url64}&x=1"),
+            format!("x{basic}"),
+            format!("k={}", std64.replace('=', "%3D")),
+        ] {
+            assert!(finds(&hit), "{hit} not found");
+        }
+        for miss in ["sk_live_012345678", "Bearer abcdefghijklmnop", "%zz%5", ""] {
+            assert!(!finds(miss), "{miss} found");
+        }
     }
 
     #[test]

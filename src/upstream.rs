@@ -206,14 +206,21 @@ impl OwnListeners {
     /// an unspecified address answers on every local address, which keyward cannot enumerate
     /// without asking the OS, so there any loopback, private or link-local address (a pod's own
     /// IP among them) on that port counts as keyward's own.
+    ///
+    /// SECURITY: the address is compared as the kernel will dial it: `::ffff:127.0.0.1` is
+    /// `127.0.0.1`, and an unspecified address (`0.0.0.0`, `::`) is dialled as this host, so it
+    /// counts as every local listener on that port.
     pub fn contains(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
         [self.proxy.get(), self.admin.get()]
             .into_iter()
             .flatten()
             .any(|own| {
+                let own_ip = own.ip().to_canonical();
                 own.port() == addr.port()
-                    && (own.ip() == addr.ip()
-                        || (own.ip().is_unspecified() && is_blocked(addr.ip())))
+                    && (own_ip == ip
+                        || ip.is_unspecified()
+                        || (own_ip.is_unspecified() && is_blocked(ip)))
             })
     }
 }
@@ -418,6 +425,13 @@ mod tests {
         }
         for a in ["127.0.0.1:3129", "127.0.0.2:3128", "93.184.216.34:9090"] {
             assert!(!own.contains(addr(a)), "{a} is not keyward");
+        }
+        // Spellings the kernel dials as the proxy listener's address.
+        for a in ["0.0.0.0:3128", "[::]:3128", "[::ffff:127.0.0.1]:3128"] {
+            assert!(
+                own.contains(addr(a)),
+                "{a} reaches keyward's proxy listener"
+            );
         }
         // Even an address the operator chose (connect_to) or named is refused when it is ours.
         assert!(check_addresses(vec![addr("127.0.0.1:3128")], None, &own).is_err());

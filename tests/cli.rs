@@ -504,7 +504,7 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
         .unwrap_or_else(|| panic!("no export line in {stdout:?}"))
         .to_string();
     assert!(
-        url.starts_with(&format!("http://TICKET-7:kw_")) && url.ends_with(&format!("@{proxy}")),
+        url.starts_with("http://TICKET-7:kw_") && url.ends_with(&format!("@{proxy}")),
         "{url}"
     );
     let minted_token = url

@@ -113,3 +113,54 @@ async fn open_tunnels_count_against_max_connections() {
     assert_eq!(f.plain.hits(), 1);
     kw.assert_no_leaks().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_at_its_in_flight_limit_does_not_starve_another() {
+    let f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  max_task_in_flight: 2\nadmin:",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let greedy = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let other = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&greedy);
+
+    // Two streaming responses hold both of the greedy task's places while they stream.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let resp = bounded(
+            "stream head",
+            agent.get(f.plain_url("plain.test", "/sse")).send(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        streams.push(resp);
+    }
+    let resp = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    assert_eq!(resp.header("retry-after").as_deref(), Some("1"));
+    let (body, _) = kw.assert_denied(&resp, 429, "budget_exhausted").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("in flight"),
+        "{body}"
+    );
+
+    // Another task is served meanwhile.
+    let resp = kw
+        .send(kw.agent(&other).get(f.plain_url("plain.test", "/echo")))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+
+    // Once the streams end, the greedy task's places are back.
+    for s in streams {
+        let text = bounded("stream body", s.text()).await.unwrap();
+        assert!(text.contains("event 3"), "{text}");
+    }
+    let resp = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(f.plain.hits(), 4, "the refused request never left keyward");
+    kw.assert_no_leaks().await;
+}

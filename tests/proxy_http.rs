@@ -393,6 +393,9 @@ async fn ambiguous_paths_are_refused_before_the_upstream() {
         let resp = kw.raw(&raw_get(&f, "plain.test", path, &task, "")).await;
         let (_, rec) = kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
         assert!(!rec["path"].as_str().unwrap().contains('?'));
+        // The record still says where the refused request was aimed.
+        assert_eq!(rec["host"], "plain.test", "{rec}");
+        assert_eq!(rec["port"], f.plain.port(), "{rec}");
         assert_eq!(f.plain.hits(), 0, "{path} reached the upstream");
     }
     // Method overrides are refused too.

@@ -51,6 +51,8 @@ pub struct ProxySettings {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Requests one task may have in flight at once, so one task cannot starve the others.
+    pub max_task_in_flight: u32,
     pub max_header_bytes: usize,
     pub connect_timeout: Duration,
     /// Time allowed until the upstream's response head arrives (bodies may stream longer).
@@ -64,6 +66,7 @@ impl Default for ProxySettings {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_connections: 4096,
+            max_task_in_flight: 256,
             max_header_bytes: 65536,
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(300),

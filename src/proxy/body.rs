@@ -15,7 +15,11 @@ use http_body::{Body, Frame, SizeHint};
 use crate::proxy::record::Recorder;
 use crate::proxy::redact::Redactor;
 
-/// Counts the data bytes that pass through `inner` into a shared counter.
+/// Counts the data bytes that pass through `inner` into a shared counter, and drops trailers.
+///
+/// SECURITY: request trailers arrive after the decision, are not scanned for `secret_egress`,
+/// and could carry a second value for the injected header (`x-api-key: dummy` after the real
+/// one) that an upstream merging trailers into headers would use; so they never go upstream.
 pub struct CountingBody<B> {
     inner: B,
     count: Arc<AtomicU64>,
@@ -38,13 +42,19 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+        loop {
+            let polled = Pin::new(&mut self.inner).poll_frame(cx);
+            if let Poll::Ready(Some(Ok(frame))) = &polled {
+                match frame.data_ref() {
+                    Some(data) => {
+                        self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    // Trailers (the only other frame) are dropped; the body goes on (or ends).
+                    None => continue,
+                }
             }
+            return polled;
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -220,5 +230,30 @@ impl Drop for ProxyBody {
                 r.complete(*bytes, outcome, redactor.as_ref().map_or(0, |r| r.found()));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn request_trailers_are_dropped_and_data_counted() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-api-key", http::HeaderValue::from_static("dummy"));
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hello"))),
+            Ok(Frame::trailers(trailers)),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let count = Arc::new(AtomicU64::new(0));
+        let collected = CountingBody::new(inner, count.clone())
+            .collect()
+            .await
+            .unwrap_or_else(|e| match e {});
+        assert!(collected.trailers().is_none());
+        assert_eq!(&collected.to_bytes()[..], b"hello");
+        assert_eq!(count.load(Ordering::Relaxed), 5);
     }
 }

@@ -25,7 +25,9 @@ use crate::proxy::body::ProxyBody;
 use crate::state::State;
 
 /// Serves one connection of the plain proxy listener until it closes or keyward shuts down.
-pub async fn serve_plain<S>(state: &State, stream: TcpStream, svc: S)
+/// Returns the status hyper answered on its own when the connection ended on a request head it
+/// could not parse (that request never reached the service, so the caller records it).
+pub async fn serve_plain<S>(state: &State, stream: TcpStream, svc: S) -> Option<u16>
 where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
     S::Future: Send + 'static,
@@ -49,20 +51,38 @@ where
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
     tokio::select! {
-        _ = conn.as_mut() => return,
+        ended = conn.as_mut() => return ended.err().and_then(|e| unparsed_status(&e)),
         _ = activity.idle_for(settings.idle_timeout) => {}
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(DRAIN, conn).await;
+    None
+}
+
+/// The status hyper sends for a request head it cannot parse (it answers those itself).
+fn unparsed_status(e: &hyper::Error) -> Option<u16> {
+    if e.is_parse_too_large() {
+        Some(431)
+    } else if e.is_parse() {
+        Some(400)
+    } else {
+        None
+    }
 }
 
 /// How long connections may take to finish in-flight requests at shutdown.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
 /// Serves the HTTP inside an intercepted tunnel until it closes, `close` is notified (an
-/// authentication failure inside the tunnel), or keyward shuts down.
-pub async fn serve_intercepted<I, S>(state: &Arc<State>, io: TokioIo<I>, svc: S, close: Arc<Notify>)
+/// authentication failure inside the tunnel), or keyward shuts down. Returns what
+/// `serve_plain` returns.
+pub async fn serve_intercepted<I, S>(
+    state: &Arc<State>,
+    io: TokioIo<I>,
+    svc: S,
+    close: Arc<Notify>,
+) -> Option<u16>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
@@ -91,13 +111,18 @@ where
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
     tokio::select! {
-        _ = conn.as_mut() => return,
+        ended = conn.as_mut() => {
+            return ended
+                .err()
+                .and_then(|e| e.downcast_ref::<hyper::Error>().and_then(unparsed_status));
+        }
         _ = close.notified() => {}
         _ = activity.idle_for(settings.idle_timeout) => {}
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(DRAIN, conn).await;
+    None
 }
 
 /// Requests in flight on one connection, and since when there have been none.

@@ -29,6 +29,8 @@ use crate::reason::Reason;
 use crate::state::{Generation, State};
 use crate::upstream;
 
+/// The longest a client's TLS handshake may take; a shorter `header_read_timeout` (the time
+/// allowed for the first request head, which the handshake precedes) shortens it.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn handle(
@@ -53,8 +55,11 @@ pub async fn handle(
         return refuse(&state, &generation, draft, d, None).await;
     }
     let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
-    // CONNECT names its port explicitly; a missing one is not guessed.
-    let parsed = if authority.ends_with(']') || !authority.contains(':') {
+    // SECURITY: CONNECT takes the authority form only (RFC 9110 §9.3.6); `CONNECT
+    // http://host:port/` is a second spelling of the destination. A missing port is not guessed.
+    let parsed = if req.uri().scheme().is_some() || req.uri().path_and_query().is_some() {
+        Err(Some("not_authority_form"))
+    } else if authority.ends_with(']') || !authority.contains(':') {
         Err(None)
     } else {
         parse_authority(authority, 443).map_err(|e| Some(e.code))
@@ -75,6 +80,15 @@ pub async fn handle(
         }
     };
     draft.set_target("CONNECT", Scheme::Https, &host, port, "");
+    // SECURITY: a real credential in the agent's hands has leaked; not even a blind tunnel's
+    // name (or its SNI/DNS lookup) may carry it out.
+    let values: Vec<&[u8]> = req.headers().values().map(|v| v.as_bytes()).collect();
+    let creds = &generation.credentials;
+    // The host is case-folded on its way (SNI, DNS, the leaf): compare it without case.
+    if creds.carried_in_any_case(&[authority.as_bytes()]) || creds.carried_in(&values) {
+        let denial = Denial::bare(Reason::SecretEgress);
+        return refuse(&state, &generation, draft, denial, None).await;
+    }
     let decision =
         decide::decide_connect(&generation.policy, &task, &host, port, SystemTime::now());
     let tunnel = TunnelHost { host, port };
@@ -146,7 +160,9 @@ async fn intercept(
         rustls::server::Acceptor::default(),
         TokioIo::new(upgraded),
     );
-    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+    // SECURITY (I7): a client that stalls its handshake (slowloris) holds a connection slot.
+    let handshake_timeout = HANDSHAKE_TIMEOUT.min(state.settings.header_read_timeout);
+    let start = match tokio::time::timeout(handshake_timeout, acceptor).await {
         Ok(Ok(start)) => start,
         _ => {
             draft.rec.outcome = Some("tls_handshake_failed");
@@ -168,7 +184,7 @@ async fn intercept(
             return draft.write_detached(&state, Reason::Allowed, 200);
         }
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+    let tls = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         _ => {
             draft.rec.outcome = Some("tls_handshake_failed");
@@ -187,7 +203,9 @@ async fn intercept(
     });
     let svc_state = state.clone();
     let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    conn::serve_intercepted(&state, TokioIo::new(tls), svc, close).await;
+    if let Some(status) = conn::serve_intercepted(&state, TokioIo::new(tls), svc, close).await {
+        crate::proxy::record::unparsed(&state, client, status);
+    }
     draft.rec.outcome = Some("closed");
     draft.write_detached(&state, Reason::Allowed, 200);
 }

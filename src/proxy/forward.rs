@@ -54,6 +54,22 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Whether a response body is content- or transfer-coded with anything but `identity` and
+/// `chunked` (so its bytes are not the bytes the redactor would need to see).
+pub fn is_encoded(headers: &HeaderMap) -> bool {
+    [
+        http::header::CONTENT_ENCODING,
+        http::header::TRANSFER_ENCODING,
+    ]
+    .iter()
+    .flat_map(|h| headers.get_all(h).iter())
+    .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+    .map(|c| c.trim_ascii())
+    .any(|c| {
+        !c.is_empty() && !c.eq_ignore_ascii_case(b"identity") && !c.eq_ignore_ascii_case(b"chunked")
+    })
+}
+
 /// Points the request at the target's authority in absolute form; the client writes the
 /// origin-form line and `Host` (HTTP/1.1) or `:authority` (HTTP/2) from it.
 pub fn aim(req: &mut Request<UpBody>, target: &Target) -> Option<()> {
@@ -114,4 +130,31 @@ fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
         source = s.source();
     }
     UpstreamError::Failed { kind: "protocol" }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codings_other_than_identity_and_chunked_are_encoded() {
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(*n, http::HeaderValue::from_static(v));
+            }
+            is_encoded(&h)
+        };
+        assert!(!with(&[]));
+        assert!(!with(&[("content-encoding", "identity")]));
+        assert!(!with(&[("transfer-encoding", "chunked")]));
+        assert!(!with(&[("content-encoding", "")]));
+        assert!(with(&[("content-encoding", "gzip")]));
+        assert!(with(&[
+            ("content-encoding", "identity"),
+            ("content-encoding", "br")
+        ]));
+        assert!(with(&[("transfer-encoding", "gzip, chunked")]));
+        assert!(with(&[("content-encoding", "IDENTITY, deflate")]));
+    }
 }

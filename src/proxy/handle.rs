@@ -210,15 +210,31 @@ async fn handle_request(
                 *out.headers_mut() = std::mem::take(resp.headers_mut());
                 return out;
             }
-            forward::strip_hop_by_hop(resp.headers_mut());
             let status = resp.status();
+            let bodyless = head_only
+                || status == http::StatusCode::NO_CONTENT
+                || status == http::StatusCode::NOT_MODIFIED;
+            if redactor.is_some() && !bodyless && forward::is_encoded(resp.headers()) {
+                // SECURITY (I4): keyward asked for `identity`; a compressed (or otherwise
+                // coded) body could carry the reflected credential past the redactor, and the
+                // agent can decode it. Not relayed (checked before Transfer-Encoding is
+                // stripped as hop-by-hop: `gzip, chunked` is a coding too).
+                let service = draft.rec.service.clone().unwrap_or_default();
+                state.metrics.upstream_error(&service, "protocol");
+                draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                draft.rec.outcome = Some("encoded_response");
+                let resp = respond::failure(Failure::BadGateway, draft.request_id());
+                draft.write(&state, Reason::Allowed, 502).await;
+                return resp;
+            }
+            forward::strip_hop_by_hop(resp.headers_mut());
             if let Some(r) = redactor.as_mut() {
                 // SECURITY (I4): an upstream that reflects the credential must not hand it over.
+                // hyper relays a non-canonical reason phrase it read; the agent gets the
+                // canonical one instead (a reflected credential could hide there).
+                resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
                 r.headers(resp.headers_mut());
                 // Redaction may change the body's length, so its framing is left to hyper.
-                let bodyless = head_only
-                    || status == http::StatusCode::NO_CONTENT
-                    || status == http::StatusCode::NOT_MODIFIED;
                 if !bodyless {
                     resp.headers_mut().remove(http::header::CONTENT_LENGTH);
                 }
@@ -269,11 +285,32 @@ fn prepare(
     let now = SystemTime::now();
     let task = match &ctx.tunnel {
         Some(t) => t.task.clone(),
-        None => state.tasks.authenticate(&parts.headers)?,
+        None => {
+            // SECURITY: an origin-form request (`GET /metrics`) is not a proxy request: 400
+            // before anything else, whoever asks, so the proxy listener never looks like the
+            // admin API (or asks for credentials it would not use).
+            if parts.uri.authority().is_none() {
+                return Err(TargetError {
+                    reason: Reason::AmbiguousRequest,
+                    code: "not_absolute_form",
+                }
+                .into());
+            }
+            state.tasks.authenticate(&parts.headers)?
+        }
     };
     draft.set_task(&task);
     decide::check_validity(&task, now)?;
 
+    // The record of a refused target still names where it was aimed: the tunnel's host, or
+    // the absolute URI's (lowercased; scrubbed like every refused field).
+    match &ctx.tunnel {
+        Some(t) => draft.set_host(&t.host.host, t.host.port),
+        None => draft.set_host(
+            &parts.uri.host().unwrap_or("").to_ascii_lowercase(),
+            parts.uri.port_u16().unwrap_or(0),
+        ),
+    }
     let target = match &ctx.tunnel {
         Some(t) => identify::tunnel_target(parts, &t.host)?,
         None => identify::absolute_target(parts)?,
@@ -318,6 +355,14 @@ fn prepare(
             });
         }
     }
+    // I7: one task's flood waits on its own places, never on everyone's.
+    let Some(slot) = task.enter(state.settings.max_task_in_flight) else {
+        return Err(Refusal {
+            denial: Denial::bare(Reason::BudgetExhausted),
+            code: Some(respond::IN_FLIGHT),
+        });
+    };
+    draft.in_flight = Some(slot);
     if !task.try_consume() {
         return Err(Reason::BudgetExhausted.into());
     }

@@ -130,13 +130,21 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if parts.method == Method::CONNECT {
         return Err(ambiguous("nested_connect"));
     }
-    if METHOD_OVERRIDES
-        .iter()
-        .any(|h| parts.headers.contains_key(*h))
-    {
+    if parts.headers.keys().any(|k| is_method_override(k.as_str())) {
         return Err(ambiguous("method_override"));
     }
     Ok(())
+}
+
+/// SECURITY: CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable,
+/// so `X_HTTP_Method_Override` is honoured as the override it spells.
+fn is_method_override(name: &str) -> bool {
+    METHOD_OVERRIDES.iter().any(|o| {
+        o.len() == name.len()
+            && o.bytes()
+                .zip(name.bytes())
+                .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
+    })
 }
 
 fn canon_path(parts: &Parts) -> Result<CanonPath, TargetError> {
@@ -198,6 +206,28 @@ fn parse_port(p: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_overrides_are_found_in_dash_and_underscore_spellings() {
+        for name in [
+            "x-http-method-override",
+            "x_http_method_override",
+            "x-http_method-override",
+            "x_method_override",
+            "x-http-method",
+            "x_http_method",
+        ] {
+            assert!(is_method_override(name), "{name}");
+        }
+        for name in [
+            "x-http-method-overrides",
+            "x-method",
+            "x-http-methods",
+            "method",
+        ] {
+            assert!(!is_method_override(name), "{name}");
+        }
+    }
 
     #[test]
     fn authority_forms() {

@@ -61,7 +61,9 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
             });
             let svc_state = state.clone();
             let svc = service_fn(move |req| handle::handle(svc_state.clone(), ctx.clone(), req));
-            conn::serve_plain(&state, stream, svc).await;
+            if let Some(status) = conn::serve_plain(&state, stream, svc).await {
+                record::unparsed(&state, client, status);
+            }
         });
     }
 }

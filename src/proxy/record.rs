@@ -14,10 +14,23 @@ use crate::reason::Reason;
 use crate::state::State;
 use crate::tasks::Task;
 
+/// SECURITY (I6): a request head hyper could not parse is answered by hyper itself (`status`,
+/// 400 or 431) and never reaches `handle`; it still leaves one record, so a probe with
+/// malformed requests leaves a trace. Nothing of it is known but where it came from.
+pub fn unparsed(state: &State, client: SocketAddr, status: u16) {
+    let generation = state.current();
+    let mut draft = RecordDraft::new(state, client, generation.policy.version());
+    draft.rec.outcome = Some("unparsed");
+    draft.write_detached(state, Reason::AmbiguousRequest, status);
+}
+
 /// Builds the record of one request as the flow learns about it.
 pub struct RecordDraft {
     pub rec: AuditRecord,
     started: Instant,
+    /// The task's place for this request in flight: held until the record is written, which
+    /// for an allowed request is when its response (or WebSocket relay) ends.
+    pub in_flight: Option<crate::tasks::InFlightSlot>,
 }
 
 impl RecordDraft {
@@ -49,6 +62,7 @@ impl RecordDraft {
                 outcome: None,
             },
             started: Instant::now(),
+            in_flight: None,
         }
     }
 
@@ -67,6 +81,12 @@ impl RecordDraft {
         self.rec.host = host.to_string();
         self.rec.port = Some(port);
         self.rec.path = path.to_string();
+    }
+
+    /// The destination alone, before the target is known to be well-formed.
+    pub fn set_host(&mut self, host: &str, port: u16) {
+        self.rec.host = host.to_string();
+        self.rec.port = (port != 0).then_some(port);
     }
 
     /// Fills service, capability, route and risk from the decision's indices.
@@ -105,6 +125,7 @@ impl RecordDraft {
 
     /// Writes the record of a refusal (or of any request that ends here) before it is answered.
     pub async fn write(mut self, state: &State, reason: Reason, status: u16) {
+        self.scrub(state);
         self.fill(reason, status);
         emit_metrics(state, &self.rec);
         state.audit.write(self.rec).await;
@@ -112,12 +133,37 @@ impl RecordDraft {
 
     /// Writes without waiting (from drop paths and tunnel ends).
     pub fn write_detached(mut self, state: &State, reason: Reason, status: u16) {
+        self.scrub(state);
         self.fill(reason, status);
         emit_metrics(state, &self.rec);
         state.audit.write_detached(self.rec);
     }
 
+    /// SECURITY (I4): the method, host and path of a refused request are the agent's bytes; one
+    /// that carries a credential value (a `secret_egress` attempt, or a request refused for
+    /// another reason first) must not be persisted. Allowed requests were scanned already.
+    fn scrub(&mut self, state: &State) {
+        let generation = state.current();
+        let creds = &generation.credentials;
+        // Methods and hosts are compared without case (a host is case-folded on the way).
+        for field in [&mut self.rec.method, &mut self.rec.host] {
+            if !field.is_empty() && creds.carried_in_any_case(&[field.as_bytes()]) {
+                *field = "[redacted]".to_string();
+            }
+        }
+        let path = &mut self.rec.path;
+        if !path.is_empty() && creds.carried_in(&[path.as_bytes()]) {
+            *path = "[redacted]".to_string();
+        }
+    }
+
     fn fill(&mut self, reason: Reason, status: u16) {
+        // SECURITY (I4): never a task token in a record, even the agent's own in its path.
+        for field in [&mut self.rec.host, &mut self.rec.path] {
+            if let Some(clean) = crate::tasks::redact_tokens(field) {
+                *field = clean;
+            }
+        }
         self.rec.ts = crate::audit::AuditRecord::now_ts();
         self.rec.reason = reason.as_str();
         self.rec.decision = reason.decision().as_str();

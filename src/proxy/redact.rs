@@ -76,9 +76,25 @@ impl Redactor {
         self.found
     }
 
-    /// Replaces occurrences in every header value; returns how many were replaced.
+    /// Replaces occurrences in every header value, and drops headers whose name carries one
+    /// (a name cannot hold the marker); returns how many were replaced or dropped.
     pub fn headers(&mut self, headers: &mut HeaderMap) -> u64 {
         let before = self.found;
+        let leaked: Vec<http::HeaderName> = headers
+            .keys()
+            .filter(|name| {
+                let name = name.as_str().as_bytes();
+                self.needles.iter().any(|n| {
+                    name.len() >= n.len()
+                        && name.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
+                })
+            })
+            .cloned()
+            .collect();
+        for name in leaked {
+            headers.remove(&name);
+            self.found += 1;
+        }
         for value in headers.values_mut() {
             let (out, n) = self.replace_all(value.as_bytes());
             if n > 0 {
@@ -212,6 +228,17 @@ mod tests {
         h.insert("x-other", "fine".parse().unwrap());
         assert_eq!(r.headers(&mut h), 1);
         assert_eq!(h["x-echo"], "Bearer [redacted]");
+        assert_eq!(h["x-other"], "fine");
+    }
+
+    #[test]
+    fn header_names_carrying_the_secret_are_dropped() {
+        let mut r = redactor();
+        let mut h = HeaderMap::new();
+        h.insert("x-sk-live-0123456789", "1".parse().unwrap());
+        h.insert("x-other", "fine".parse().unwrap());
+        assert_eq!(r.headers(&mut h), 1);
+        assert_eq!(h.len(), 1);
         assert_eq!(h["x-other"], "fine");
     }
 

@@ -58,6 +58,10 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
         REASON_HEADER,
         HeaderValue::from_static(info.reason.as_str()),
     );
+    if info.ambiguity == Some(IN_FLIGHT) {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         resp.headers_mut().insert(
             PROXY_AUTHENTICATE,
@@ -66,6 +70,9 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
     }
     resp
 }
+
+/// `DenyInfo::ambiguity` of a `budget_exhausted` refusal for too many requests in flight.
+pub const IN_FLIGHT: &str = "in_flight";
 
 fn detail(info: &DenyInfo<'_>) -> String {
     let ask = |what: &str| match info.hint {
@@ -90,6 +97,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
         },
         Reason::HostMismatch => "The request's Host or TLS server name differs from the tunnel's host.".into(),
         Reason::BlockedAddress => "The upstream resolves to a loopback, private, link-local or metadata address.".into(),
+        Reason::BudgetExhausted if info.ambiguity == Some(IN_FLIGHT) => "The task has as many requests in flight as one task may (proxy.max_task_in_flight); retry when one completes.".into(),
         Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
         Reason::ApprovalRequired => "The capability is high-risk and needs an approval.".into(),
         Reason::SecretEgress => "The request carries a real credential's value; it must never leave keyward.".into(),

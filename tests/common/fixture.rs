@@ -275,3 +275,16 @@ impl Fixture {
         format!("https://{host}:{}{path}", self.tls.port())
     }
 }
+
+/// Adds YAML entries (already indented by two spaces, one entry per block) under `services:`,
+/// `capabilities:` and `agents:` of a standard policy, for tests that need their own upstreams.
+pub fn extend_policy(policy: &str, services: &str, capabilities: &str, agents: &str) -> String {
+    policy
+        .replacen("\nservices:\n", &format!("\nservices:\n{services}"), 1)
+        .replacen(
+            "\ncapabilities:\n",
+            &format!("\ncapabilities:\n{capabilities}"),
+            1,
+        )
+        .replacen("\nagents:\n", &format!("\nagents:\n{agents}"), 1)
+}

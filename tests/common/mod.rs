@@ -15,12 +15,15 @@
 )]
 
 mod fixture;
+mod script;
 mod upstream;
 mod wire;
 
 // Each test crate uses its own subset.
 #[allow(unused_imports)]
 pub use fixture::*;
+#[allow(unused_imports)]
+pub use script::*;
 #[allow(unused_imports)]
 pub use upstream::*;
 #[allow(unused_imports)]

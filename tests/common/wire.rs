@@ -302,3 +302,47 @@ async fn collect(resp: http::Response<Incoming>) -> RawResp {
         body,
     }
 }
+
+/// Writes a hand-made request head (a CONNECT with any authority and header lines, or any
+/// request to be answered on a connection kept open) and reads one response head byte by byte,
+/// then its body by Content-Length, so nothing after it is consumed. EOF before a whole head
+/// is returned as status 0 with the bytes read so far as the body.
+pub async fn exchange_head(proxy: SocketAddr, request: &[u8]) -> (TcpStream, RawResp) {
+    let mut tcp = bounded("connect", TcpStream::connect(proxy)).await.unwrap();
+    bounded("write request", tcp.write_all(request))
+        .await
+        .unwrap();
+    let resp = read_head_and_body(&mut tcp).await;
+    (tcp, resp)
+}
+
+/// Reads one response head (byte by byte) and its Content-Length body from `io`; status 0 when
+/// the peer closes first.
+pub async fn read_head_and_body<R: AsyncRead + Unpin>(io: &mut R) -> RawResp {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        match bounded("read a response head", io.read(&mut b)).await {
+            Ok(1) => head.push(b[0]),
+            _ => {
+                return RawResp {
+                    status: 0,
+                    headers: Vec::new(),
+                    body: head,
+                }
+            }
+        }
+    }
+    let mut resp = parse_response(&head);
+    if let Some(len) = resp
+        .header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let mut body = vec![0u8; len];
+        bounded("read a response body", io.read_exact(&mut body))
+            .await
+            .unwrap();
+        resp.body = body;
+    }
+    resp
+}

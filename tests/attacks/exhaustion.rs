@@ -1,0 +1,591 @@
+//! Exhaustion (I7): slowloris on request heads, on the TLS handshake and inside a tunnel; slow
+//! bodies, silent upstreams and stalled upstream handshakes (bounded by `upstream_timeout` and
+//! `connect_timeout`); HTTP/2 rapid reset and CONTINUATION floods (the connection is cut, the
+//! process keeps serving); the connection cap; per-task fairness: one task's slow requests are
+//! capped by `max_task_in_flight` while another task is served, and its stalled connections
+//! hold the listener no longer than the head timeout.
+//!
+//! Connections themselves are capped per process, not per task (a connection is not bound to a
+//! task until its first head is read): the head, handshake and idle timeouts bound how long a
+//! task's quiet connections hold places under `max_connections`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{bounded, connect_raw, Fixture, Harness, Reply, ScriptUpstream};
+use crate::headers::{raw_req, raw_req_at, tunnel_tls};
+
+/// The standard policy with `settings` (YAML lines under `proxy:`) added.
+fn with_proxy(policy: String, settings: &str) -> String {
+    policy.replacen(
+        "proxy:\n  listen: 127.0.0.1:0\n",
+        &format!("proxy:\n  listen: 127.0.0.1:0\n{settings}"),
+        1,
+    )
+}
+
+/// Waits (bounded) until the peer closes `io`, feeding it one byte of `drip` every 50 ms
+/// (slowloris) while it stays open. Returns how long it took.
+async fn closed_within<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut S,
+    drip: &[u8],
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let mut i = 0;
+    loop {
+        let mut b = [0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(50), io.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return start.elapsed(),
+            // An answer (408, 400) before the close is fine; keep reading to the close.
+            Ok(Ok(_)) => continue,
+            Err(_) => {}
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the connection is still open after {:?}",
+            start.elapsed()
+        );
+        if let Some(byte) = drip.get(i) {
+            if io.write_all(&[*byte]).await.is_err() || io.flush().await.is_err() {
+                return start.elapsed();
+            }
+            i += 1;
+        }
+    }
+}
+
+/// A fresh agent request still gets through (the process keeps serving).
+async fn still_serving(f: &Fixture) {
+    let task = f.kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp =
+        f.kw.raw(&raw_req(f, "GET", "plain.test", "/echo", &task, ""))
+            .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_request_heads_are_cut_at_the_header_read_timeout() {
+    let f = Fixture::start_with(|p| with_proxy(p, "  header_read_timeout: 300ms\n")).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let head = raw_req(&f, "GET", "plain.test", "/echo", &task, "");
+    // Dripping the head one byte at a time, and sending nothing at all.
+    for drip in [head.as_bytes(), b"".as_slice()] {
+        let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+            .await
+            .unwrap();
+        let took = closed_within(&mut tcp, drip, Duration::from_secs(3)).await;
+        assert!(
+            took >= Duration::from_millis(200),
+            "closed too early: {took:?}"
+        );
+    }
+    // A kept-alive connection that goes quiet after one request is cut too.
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let keep = head.replace("Connection: close\r\n", "");
+    tcp.write_all(keep.as_bytes()).await.unwrap();
+    let first = crate::common::read_response(&mut tcp).await;
+    assert_eq!(first.status, 200);
+    closed_within(&mut tcp, b"GET http://plain.test", Duration::from_secs(3)).await;
+    assert_eq!(f.plain.hits(), 1);
+    still_serving(&f).await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_tls_handshake_is_cut_and_recorded() {
+    let f = Fixture::start_with(|p| with_proxy(p, "  header_read_timeout: 300ms\n")).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let authority = format!("secure.test:{}", f.tls.port());
+    let auth = Harness::proxy_auth(&task);
+    // Nothing after the 200, then a ClientHello's first bytes dripped and never finished.
+    let partial_hello: &[u8] = &[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    for drip in [b"".as_slice(), partial_hello] {
+        let (mut tcp, head) = connect_raw(kw.proxy_addr, &authority, Some(&auth)).await;
+        assert_eq!(head.status, 200);
+        let took = closed_within(&mut tcp, drip, Duration::from_secs(3)).await;
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+    let recs = kw
+        .audit_count(2, |r| {
+            r["method"] == "CONNECT" && r["outcome"] == "tls_handshake_failed"
+        })
+        .await;
+    assert_eq!(recs.len(), 2);
+    for r in &recs {
+        crate::common::assert_record(r);
+        assert_eq!(r["task"], task.id.as_str());
+    }
+    assert_eq!(f.tls.hits(), 0);
+    still_serving(&f).await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_head_inside_an_intercepted_tunnel_is_cut() {
+    let f = Fixture::start_with(|p| with_proxy(p, "  header_read_timeout: 300ms\n")).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut tls = tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let head = format!(
+        "GET /echo HTTP/1.1\r\nHost: secure.test:{}\r\n\r\n",
+        f.tls.port()
+    );
+    let took = closed_within(&mut tls, head.as_bytes(), Duration::from_secs(3)).await;
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert_eq!(f.tls.hits(), 0);
+    // The tunnel's record is written when it closes.
+    kw.audit_where("tunnel closed", |r| {
+        r["method"] == "CONNECT" && r["task"] == task.id.as_str() && r["outcome"] == "closed"
+    })
+    .await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_body_and_silent_upstream_are_bounded_by_the_upstream_timeout() {
+    let script = ScriptUpstream::start(|_| Reply::hang()).await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            p.replace(
+                "  secure:\n",
+                &format!(
+                    "  silent:\n    hosts: [silent.test]\n    scheme: http\n    port: {port}\n    connect_to: 127.0.0.1:{port}\n    allow_cleartext: true\n    inject: {{ header: Authorization, value: \"Bearer ${{credential}}\", credential: api_token }}\n  secure:\n"
+                ),
+            )
+            .replace(
+                "capabilities:\n  plain.issues.read:",
+                "capabilities:\n  silent.read:\n    service: silent\n    routes: [GET /wait]\n  plain.issues.read:",
+            )
+            .replace("capabilities: [plain.issues.read, ", "capabilities: [silent.read, plain.issues.read, "),
+            "  upstream_timeout: 500ms\n",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["plain.issues.read", "silent.read"]))
+        .await;
+    // The echo upstream reads the whole body before answering: a body that never ends means
+    // no response head.
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let head = raw_req(
+        &f,
+        "POST",
+        "plain.test",
+        "/echo",
+        &task,
+        "Content-Length: 1000\r\n",
+    );
+    tcp.write_all(format!("{head}only-part").as_bytes())
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let resp = crate::common::read_response(&mut tcp).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+    assert_eq!(rec["reason"], "allowed");
+    assert_eq!(rec["status"], 504);
+    // An upstream that accepts and never answers.
+    let start = Instant::now();
+    let resp = kw
+        .raw(&raw_req_at(port, "GET", "silent.test", "/wait", &task, ""))
+        .await;
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(start.elapsed() < Duration::from_secs(3));
+    assert_eq!(script.hits(), 1);
+    let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+    assert_eq!(rec["status"], 504);
+    assert_eq!(rec["credential"], "api_token");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_flood_is_cut_off_and_others_are_served() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (client, conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client;
+    let uri = f.tls_url("secure.test", "/echo");
+    let flood = async {
+        for _ in 0..5_000 {
+            client = match client.ready().await {
+                Ok(c) => c,
+                Err(e) => return Some(e),
+            };
+            let req = http::Request::builder()
+                .method("POST")
+                .uri(&uri)
+                .body(())
+                .unwrap();
+            match client.send_request(req, false) {
+                Ok((_resp, mut stream)) => stream.send_reset(h2::Reason::CANCEL),
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    };
+    let stopped = bounded("rapid reset flood", flood).await;
+    // The flood is cut off before it ends: GOAWAY(ENHANCE_YOUR_CALM), or (when the client's
+    // next write races the close) a broken connection; the connection task ends either way.
+    let e = stopped.expect("5000 rapid resets went unanswered");
+    let ended = bounded("connection end", conn).await.unwrap();
+    let calm = |e: &h2::Error| e.is_go_away() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+    assert!(
+        calm(&e) || ended.as_ref().err().is_some_and(calm) || e.is_io(),
+        "{e:?} / {ended:?}"
+    );
+    assert!(ended.is_err(), "{ended:?}");
+    // No request body was complete: nothing the upstream saw carries a body.
+    assert!(f.tls.seen().iter().all(|s| s.body.is_empty()));
+    still_serving(&f).await;
+    kw.assert_no_leaks().await;
+}
+
+/// An HTTP/2 frame header plus payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Sends a HEADERS frame without END_HEADERS and then `n` CONTINUATION frames of `fragment`;
+/// returns whether keyward closed the connection (bounded) without answering stream 1.
+async fn continuation_flood(f: &Fixture, task: &crate::common::Task, fragment: &[u8], n: usize) {
+    let mut tls = tunnel_tls(f, task, "secure.test", &[b"h2"]).await;
+    let authority = format!("secure.test:{}", f.tls.port());
+    let mut block = vec![0x82, 0x87, 0x84, 0x41, authority.len() as u8];
+    block.extend_from_slice(authority.as_bytes());
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    out.extend(frame(1, 0x1, 1, &block)); // END_STREAM, no END_HEADERS
+    let writer = async {
+        if tls.write_all(&out).await.is_err() {
+            return;
+        }
+        let cont = frame(9, 0, 1, fragment);
+        let batch: Vec<u8> = cont.iter().copied().cycle().take(cont.len() * 64).collect();
+        for _ in 0..n / 64 {
+            if tls.write_all(&batch).await.is_err() {
+                return;
+            }
+        }
+        let _ = tls.flush().await;
+    };
+    bounded("continuation flood", writer).await;
+    // Read to the close: a GOAWAY (type 7) may come first; a HEADERS answer must not.
+    let mut buf = Vec::new();
+    let _ = bounded("close after the flood", tls.read_to_end(&mut buf)).await;
+    let mut rest = &buf[..];
+    let mut kinds = Vec::new();
+    while rest.len() >= 9 {
+        let len = (usize::from(rest[0]) << 16) | (usize::from(rest[1]) << 8) | usize::from(rest[2]);
+        kinds.push((
+            rest[3],
+            u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]),
+        ));
+        rest = &rest[(9 + len).min(rest.len())..];
+    }
+    assert!(
+        !kinds.iter().any(|&(k, s)| k == 1 && s == 1),
+        "stream 1 was answered: {kinds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_continuation_floods_are_cut_off_and_others_are_served() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    // Growing header blocks: literal `x-pad: <64 bytes>` fields without indexing.
+    let mut field = vec![0x00, 5];
+    field.extend_from_slice(b"x-pad");
+    field.push(64);
+    field.extend_from_slice(&[b'a'; 64]);
+    let fragment: Vec<u8> = field
+        .iter()
+        .copied()
+        .cycle()
+        .take(field.len() * 50)
+        .collect();
+    continuation_flood(&f, &task, &fragment, 20_000).await;
+    // Empty CONTINUATION frames: the block never grows, only the frame count.
+    continuation_flood(&f, &task, &[], 200_000).await;
+    assert_eq!(f.tls.hits(), 0);
+    still_serving(&f).await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let f = Fixture::start_with(|p| with_proxy(p, "  max_connections: 3\n")).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(b"GET http://plain.test").await.unwrap();
+        held.push(tcp);
+    }
+    // Give the accept loop a moment to take all three: a bounded poll on the gauge.
+    for _ in 0..100 {
+        if kw
+            .metric("keyward_connections_open{kind=\"http\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 3.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut fourth = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    fourth
+        .write_all(raw_req(&f, "GET", "plain.test", "/echo", &task, "").as_bytes())
+        .await
+        .unwrap();
+    let mut b = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), fourth.read(&mut b)).await;
+    assert!(
+        early.is_err(),
+        "a fourth connection was served over the cap"
+    );
+    assert_eq!(f.plain.hits(), 0);
+    drop(held.pop());
+    let resp = crate::common::read_response(&mut fourth).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.plain.hits(), 1);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tasks_stalled_connections_cannot_starve_another_task_past_the_head_timeout() {
+    let f = Fixture::start_with(|p| {
+        with_proxy(p, "  max_connections: 4\n  header_read_timeout: 400ms\n")
+    })
+    .await;
+    let kw = &f.kw;
+    let hog = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let victim = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let hog_head = raw_req(&f, "GET", "plain.test", "/echo", &hog, "");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        // Everything but the final CRLF: authenticated only once the head completes.
+        tcp.write_all(&hog_head.as_bytes()[..hog_head.len() - 2])
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    let start = Instant::now();
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "plain.test", "/echo", &victim, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "the other task waited {:?}",
+        start.elapsed()
+    );
+    let rec = crate::headers::allowed_record(kw, &victim, "/echo").await;
+    assert_eq!(rec["agent"], "reader");
+    assert_eq!(f.plain.hits(), 1);
+    drop(held);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_concurrent_streams_are_capped_per_connection() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (mut client, mut conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(f.tls_url("secure.test", "/echo"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    // Drive the connection until the first response (the server's SETTINGS come first).
+    let resp = bounded("first response", async {
+        tokio::select! {
+            r = resp => r,
+            _ = &mut conn => panic!("connection ended"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cap = conn.max_concurrent_send_streams();
+    assert!(cap > 0 && cap <= 128, "max_concurrent_streams = {cap}");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_hanging_up_mid_stream_leaves_exactly_one_record() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(raw_req(&f, "GET", "plain.test", "/sse", &task, "").as_bytes())
+        .await
+        .unwrap();
+    // Read the head and the first event, then hang up while the stream goes on.
+    let mut buf = Vec::new();
+    while !String::from_utf8_lossy(&buf).contains("event 1") {
+        let mut b = [0u8; 256];
+        let n = bounded("first event", tcp.read(&mut b)).await.unwrap();
+        assert!(n > 0);
+        buf.extend_from_slice(&b[..n]);
+    }
+    kw.saw(&String::from_utf8_lossy(&buf));
+    drop(tcp);
+    let rec = kw
+        .audit_where("the /sse record", |r| {
+            r["path"] == "/sse" && r["task"] == task.id.as_str()
+        })
+        .await;
+    let rec = kw.audit_for(rec["request_id"].as_str().unwrap()).await;
+    assert_eq!(rec["reason"], "allowed");
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_stalls_its_tls_handshake_is_bounded_by_the_connect_timeout() {
+    // Accepts TCP, never says a word: keyward's TLS client waits for a ServerHello.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            crate::common::tls_services_at(p, port),
+            "  connect_timeout: 300ms\n",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut conn = crate::common::h1_over(
+        crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"http/1.1"]).await,
+    )
+    .await;
+    let start = Instant::now();
+    let resp = crate::common::h1_send(
+        &mut conn,
+        crate::headers::get("/echo", &format!("secure.test:{port}")),
+    )
+    .await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 504, "{}", resp.text());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+    assert_eq!(rec["reason"], "allowed");
+    assert_eq!(rec["status"], 504);
+    assert_eq!(rec["outcome"], "timeout", "{rec}");
+    hold.abort();
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tasks_flood_of_slow_requests_is_capped_per_task_and_others_are_served() {
+    let script = ScriptUpstream::start(|_| Reply::hang()).await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            crate::common::plain_services_at(p, port),
+            "  max_task_in_flight: 3\n",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let hog = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let victim = kw.mint("reader", json!(["plain.issues.read"])).await;
+    // Three requests the upstream never answers: the hog's three places.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(raw_req_at(port, "GET", "plain.test", "/echo", &hog, "").as_bytes())
+            .await
+            .unwrap();
+        held.push(tcp);
+    }
+    // Bounded poll on an observable state: all three reached the upstream.
+    for _ in 0..100 {
+        if script.hits() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(script.hits(), 3);
+    // The hog's fourth is refused at once, uncharged; nothing more reaches the upstream.
+    let start = Instant::now();
+    let resp = kw
+        .raw(&raw_req_at(port, "GET", "plain.test", "/echo", &hog, ""))
+        .await;
+    assert!(start.elapsed() < Duration::from_secs(2));
+    kw.assert_denied_raw(&resp, 429, "budget_exhausted").await;
+    assert_eq!(resp.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(script.hits(), 3);
+    let (_, t) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", hog.id), None)
+        .await;
+    assert_eq!(t["requests_used"], 3, "the refused one was charged: {t}");
+    // Another task is not affected: its request goes out at once.
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(raw_req_at(port, "GET", "plain.test", "/echo", &victim, "").as_bytes())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if script.hits() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(script.hits(), 4, "the other task's request was held back");
+    let last = script.seen().pop().unwrap();
+    assert_eq!(
+        last.header_all("authorization"),
+        vec![format!("Bearer {}", f.creds.api_token)]
+    );
+    drop(held);
+    drop(tcp);
+    kw.assert_no_leaks().await;
+}

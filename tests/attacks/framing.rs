@@ -1,0 +1,920 @@
+//! Framing: message boundaries the agent or the upstream could make two parties read
+//! differently — CL+TE, duplicate or malformed Content-Length, chunked edge cases, obs-fold,
+//! pipelined requests (each decided on its own), an upstream that sends more than one response
+//! (no desync reaches the next request), upstream pools per service, and HTTP/2 streams.
+
+use bytes::Bytes;
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{
+    bounded, h2_send, http_response, parse_response, plain_services_at, Fixture, RawResp, Reply,
+    ScriptUpstream,
+};
+use crate::headers::{
+    allowed_record, get, h2_req, raw_req, raw_req_at, tunnel_h1, tunnel_h2, tunnel_tls,
+};
+
+/// Writes `bytes` on a fresh connection to the proxy and reads until keyward closes it.
+async fn exchange(f: &Fixture, bytes: &[u8]) -> Vec<u8> {
+    let mut tcp = bounded("connect", TcpStream::connect(f.kw.proxy_addr))
+        .await
+        .unwrap();
+    bounded("write", tcp.write_all(bytes)).await.unwrap();
+    let mut buf = Vec::new();
+    // A reset after the answer is still an answer.
+    let _ = bounded("read to EOF", tcp.read_to_end(&mut buf)).await;
+    f.kw.saw(&String::from_utf8_lossy(&buf));
+    buf
+}
+
+/// Splits a stream of HTTP/1.1 responses (Content-Length or chunked bodies).
+fn parse_many(mut buf: &[u8]) -> Vec<RawResp> {
+    let mut out = Vec::new();
+    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = parse_response(&buf[..end + 4]);
+        let rest = &buf[end + 4..];
+        let used = if head
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+        {
+            rest.windows(5)
+                .position(|w| w == b"0\r\n\r\n")
+                .map_or(rest.len(), |i| i + 5)
+        } else {
+            head.header("content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0)
+                .min(rest.len())
+        };
+        out.push(parse_response(&buf[..end + 4 + used]));
+        buf = &rest[used..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_cannot_smuggle_a_request_upstream() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["plain.issues.read", "plain.admin"]))
+        .await;
+    let port = f.plain.port();
+    let smuggled = format!(
+        "DELETE http://plain.test:{port}/admin/x HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+        crate::common::Harness::proxy_auth(&task)
+    );
+    for te in ["chunked", "identity, chunked"] {
+        let body = format!("0\r\n\r\n{smuggled}");
+        let head = raw_req(
+            &f,
+            "POST",
+            "plain.test",
+            "/echo",
+            &task,
+            &format!(
+                "Content-Length: {}\r\nTransfer-Encoding: {te}\r\n",
+                body.len()
+            ),
+        );
+        // Kept alive: whatever follows the chunked body is read as keyward's next request.
+        let head = head.replace("Connection: close\r\n", "");
+        let buf = exchange(&f, format!("{head}{body}").as_bytes()).await;
+        let resps = parse_many(&buf);
+        assert!(!resps.is_empty(), "no answer for TE {te:?}");
+        assert_eq!(resps[0].status, 200, "{}", resps[0].text());
+        // If the connection was not closed, the smuggled request was decided on its own.
+        for r in &resps[1..] {
+            kw.assert_denied_raw(r, 403, "approval_required").await;
+        }
+    }
+    // Whatever keyward made of it, the upstream never saw a DELETE, not even inside a body,
+    // and never more requests than keyward recorded as allowed.
+    for seen in f.plain.seen() {
+        assert_ne!(seen.method, "DELETE");
+        assert!(seen.path.starts_with("/echo"), "{}", seen.path);
+        assert!(
+            !String::from_utf8_lossy(&seen.body).contains("DELETE"),
+            "smuggled bytes reached the upstream as a body"
+        );
+    }
+    // Every upstream hit has its allowed record (written when its response ends).
+    let hits = f.plain.hits();
+    let allowed = kw
+        .audit_count(hits, |r| {
+            r["task"] == task.id.as_str() && r["reason"] == "allowed"
+        })
+        .await;
+    assert_eq!(allowed.len(), hits, "{hits} hits");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_or_malformed_content_length_is_refused_before_the_upstream() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    for cl in [
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+        "Content-Length: 5, 6\r\n",
+        "Content-Length: +5\r\n",
+        "Content-Length: -5\r\n",
+        "Content-Length: 0x5\r\n",
+        "Content-Length: 5 5\r\n",
+        "Content-Length: 99999999999999999999999\r\n",
+        "Content-Length: 5\r\nTransfer-Encoding: identity\r\n",
+        "Transfer-Encoding: chunked, identity\r\n",
+        "Transfer-Encoding: xchunked\r\n",
+    ] {
+        let req = format!(
+            "{}hello",
+            raw_req(&f, "POST", "plain.test", "/echo", &task, cl)
+        );
+        let buf = exchange(&f, req.as_bytes()).await;
+        let resp = parse_response(&buf);
+        assert_eq!(resp.status, 400, "{cl:?}: {}", resp.text());
+    }
+    // An obs-folded header line, and a header name with a space before the colon.
+    for extra in ["X-Folded: a\r\n b\r\n", "X-Spaced : a\r\n"] {
+        let buf = exchange(
+            &f,
+            raw_req(&f, "GET", "plain.test", "/echo", &task, extra).as_bytes(),
+        )
+        .await;
+        assert_eq!(parse_response(&buf).status, 400, "{extra:?}");
+    }
+    // Transfer-Encoding is HTTP/1.1 only.
+    let port = f.plain.port();
+    let req = format!(
+        "POST http://plain.test:{port}/echo HTTP/1.0\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        crate::common::Harness::proxy_auth(&task)
+    );
+    let buf = exchange(&f, req.as_bytes()).await;
+    assert_eq!(parse_response(&buf).status, 400);
+    assert_eq!(
+        f.plain.hits(),
+        0,
+        "a malformed request reached the upstream"
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunked_bodies_never_reach_the_upstream_whole() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let cases: [(&str, &str); 5] = [
+        ("bad-size", "zz\r\nhello\r\n0\r\n\r\n"),
+        ("overflow", "fffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+        ("negative", "-5\r\nhello\r\n0\r\n\r\n"),
+        ("no-crlf-after-data", "5\r\nhelloXX0\r\n\r\n"),
+        ("short-data", "9\r\nhello\r\n0\r\n\r\n"),
+    ];
+    for (name, body) in cases {
+        let head = raw_req(
+            &f,
+            "POST",
+            "plain.test",
+            &format!("/echo?case={name}"),
+            &task,
+            "Transfer-Encoding: chunked\r\n",
+        );
+        let buf = exchange(&f, format!("{head}{body}").as_bytes()).await;
+        if !buf.is_empty() {
+            let resp = parse_response(&buf);
+            assert_ne!(resp.status, 200, "{name}: {}", resp.text());
+        }
+    }
+    for seen in f.plain.seen() {
+        assert!(
+            seen.body.is_empty(),
+            "{}: the upstream got a body from a malformed chunked stream: {:?}",
+            seen.path,
+            String::from_utf8_lossy(&seen.body)
+        );
+    }
+    // A chunk extension and a last-chunk with trailers are legal: the body arrives whole.
+    let head = raw_req(
+        &f,
+        "POST",
+        "plain.test",
+        "/echo?case=extension",
+        &task,
+        "Transfer-Encoding: chunked\r\n",
+    );
+    let buf = exchange(
+        &f,
+        format!("{head}5;name=value\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(parse_response(&buf).status, 200);
+    assert_eq!(f.plain.last().body, b"hello");
+    // A body whose final chunk never comes: the agent hangs up mid-body.
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let head = raw_req(
+        &f,
+        "POST",
+        "plain.test",
+        "/echo?case=unterminated",
+        &task,
+        "Transfer-Encoding: chunked\r\n",
+    );
+    bounded(
+        "write",
+        tcp.write_all(format!("{head}5\r\nhello\r\n").as_bytes()),
+    )
+    .await
+    .unwrap();
+    drop(tcp);
+    // Each request has exactly one record, whether it completed or broke.
+    let n = f.plain.hits();
+    let recs = kw
+        .audit_count(n, |r| r["task"] == task.id.as_str() && r["path"] == "/echo")
+        .await;
+    let mut ids = BTreeSet::new();
+    for r in &recs {
+        assert!(ids.insert(r["request_id"].as_str().unwrap().to_string()));
+    }
+    for seen in f.plain.seen() {
+        if seen.path.ends_with("case=unterminated") {
+            assert!(seen.body.is_empty(), "an unterminated body was completed");
+        }
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_each_decided_on_their_own() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let keep = |method: &str, path: &str| {
+        raw_req(&f, method, "plain.test", path, &task, "").replace("Connection: close\r\n", "")
+    };
+    let pipeline = [
+        keep("GET", "/echo"),
+        keep("DELETE", "/admin/x"),
+        keep("GET", "/repos/acme/web/pulls"),
+        keep("POST", "/repos/acme/web/labels"),
+        raw_req(&f, "GET", "plain.test", "/repos/acme/web/issues", &task, ""),
+    ]
+    .concat();
+    let buf = exchange(&f, pipeline.as_bytes()).await;
+    let resps = parse_many(&buf);
+    let got: Vec<(u16, Option<String>)> = resps
+        .iter()
+        .map(|r| (r.status, r.header("x-keyward-reason")))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (200, None),
+            (403, Some("route_not_in_intent".to_string())),
+            (403, Some("route_not_in_intent".to_string())),
+            (403, Some("route_not_in_intent".to_string())),
+            (200, None),
+        ],
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    for r in &resps[1..4] {
+        kw.assert_denied_raw(r, 403, "route_not_in_intent").await;
+    }
+    // Only the allowed ones reached the upstream, each with the credential.
+    let seen = f.plain.seen();
+    let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+    assert_eq!(paths, vec!["/echo", "/repos/acme/web/issues"]);
+    for s in &seen {
+        assert_eq!(
+            s.header_all("authorization"),
+            vec![format!("Bearer {}", f.creds.api_token)]
+        );
+    }
+    allowed_record(kw, &task, "/echo").await;
+    allowed_record(kw, &task, "/repos/acme/web/issues").await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_request_after_a_denied_body_is_not_read_as_the_body() {
+    // A denied POST's body must not be taken for the next request, nor forwarded.
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let inner =
+        format!("GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\n\r\n");
+    let denied = raw_req(
+        &f,
+        "POST",
+        "plain.test",
+        "/repos/acme/web/labels",
+        &task,
+        &format!("Content-Length: {}\r\n", inner.len()),
+    )
+    .replace("Connection: close\r\n", "");
+    let allowed = raw_req(&f, "GET", "plain.test", "/repos/acme/web/issues", &task, "");
+    let buf = exchange(&f, format!("{denied}{inner}{allowed}").as_bytes()).await;
+    let resps = parse_many(&buf);
+    assert!(!resps.is_empty());
+    assert_eq!(resps[0].status, 403, "{}", resps[0].text());
+    kw.assert_denied_raw(&resps[0], 403, "route_not_in_intent")
+        .await;
+    // The body (a request without credentials) was never treated as a request: the upstream
+    // saw at most the allowed GET, and never `/echo`.
+    for s in f.plain.seen() {
+        assert_eq!(s.path, "/repos/acme/web/issues");
+    }
+    if let Some(second) = resps.get(1) {
+        assert_eq!(second.status, 200, "{}", second.text());
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_sending_two_responses_does_not_answer_the_next_request() {
+    let script = ScriptUpstream::start(|req| {
+        if req.request_line().contains("/echo?n=1") {
+            // One response, then a second nobody asked for, reflecting the credential.
+            let auth = req.header("authorization").unwrap_or_default();
+            let mut out = http_response("200 OK", &[], b"first");
+            out.extend(http_response(
+                "200 OK",
+                &[],
+                format!("stale {auth}").as_bytes(),
+            ));
+            Reply::bytes(out)
+        } else {
+            Reply::bytes(http_response("200 OK", &[], b"fresh"))
+        }
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let first = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/echo?n=1",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body, b"first");
+    for n in 2..5 {
+        let resp = kw
+            .raw(&raw_req_at(
+                port,
+                "GET",
+                "plain.test",
+                &format!("/echo?n={n}"),
+                &task,
+                "",
+            ))
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.body, b"fresh", "request {n} got a desynced response");
+    }
+    assert_eq!(script.hits(), 4);
+    assert!(
+        script.connections() >= 2,
+        "the connection that desynced was reused"
+    );
+    assert_eq!(f.plain.hits(), 0);
+    kw.audit_count(4, |r| {
+        r["task"] == task.id.as_str() && r["reason"] == "allowed"
+    })
+    .await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_body_longer_than_its_content_length_is_cut_and_not_reused() {
+    let script = ScriptUpstream::start(|req| {
+        if req.request_line().contains("n=1") {
+            let mut out = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfourEXTRA-BYTES".to_vec();
+            out.extend(b"\r\n\r\nHTTP/1.1 302 Found\r\nLocation: http://evil.test/\r\n\r\n");
+            Reply::bytes(out)
+        } else {
+            Reply::bytes(http_response("200 OK", &[], b"fresh"))
+        }
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/echo?n=1",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, b"four");
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/echo?n=2",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body, b"fresh");
+    assert!(resp.header("location").is_none());
+    assert_eq!(script.connections(), 2);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_pool_connections_are_never_shared_across_services() {
+    let script = ScriptUpstream::start(|_| Reply::bytes(http_response("200 OK", &[], b"ok"))).await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw
+        .mint(
+            "bot",
+            json!([
+                "plain.issues.read",
+                "gone.ping",
+                "basic.whoami",
+                "query.search"
+            ]),
+        )
+        .await;
+    let agent = kw.agent(&task);
+    let urls = [
+        format!("http://plain.test:{port}/echo"),
+        format!("http://gone.test:{port}/ping"),
+        format!("http://basic.test:{port}/whoami"),
+        format!("http://query.test:{port}/search?q=1"),
+    ];
+    for _ in 0..3 {
+        for u in &urls {
+            let resp = kw.send(agent.get(u)).await;
+            assert_eq!(resp.status, 200, "{u}: {}", resp.body);
+        }
+    }
+    assert_eq!(script.hits(), 12);
+    // Which credential each upstream connection carried.
+    let mut per_conn: BTreeMap<usize, BTreeSet<&str>> = BTreeMap::new();
+    let seen = script.seen();
+    for s in &seen {
+        let what = if s.request_line().contains(&f.creds.query_key) {
+            "query_key"
+        } else {
+            match s.header("authorization") {
+                Some(a) if a.contains(&f.creds.api_token) => "api_token",
+                Some(a) if a.contains(&f.creds.gone_token) => "gone_token",
+                Some(a) if a.starts_with("Basic ") => "basic_pw",
+                other => panic!("no credential on {}: {other:?}", s.request_line()),
+            }
+        };
+        per_conn.entry(s.conn).or_default().insert(what);
+    }
+    for (conn, creds) in &per_conn {
+        assert_eq!(creds.len(), 1, "connection {conn} carried {creds:?}");
+    }
+    assert_eq!(
+        per_conn.values().flatten().collect::<BTreeSet<_>>().len(),
+        4
+    );
+    // Pooling does happen (within a service): fewer connections than requests.
+    assert!(script.connections() < 12, "{}", script.connections());
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_request_trailers_cannot_smuggle_a_credential_header() {
+    let script = ScriptUpstream::start(|_| Reply::bytes(http_response("200 OK", &[], b"ok"))).await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let head = raw_req_at(
+        port,
+        "POST",
+        "plain.test",
+        "/echo",
+        &task,
+        "Transfer-Encoding: chunked\r\nTrailer: Authorization, X-Api-Key\r\nTE: trailers\r\n",
+    );
+    let body = "5\r\nhello\r\n0\r\nAuthorization: Bearer dummy-trailer\r\nX-Api-Key: dummy-trailer\r\n\r\n";
+    let buf = exchange(&f, format!("{head}{body}").as_bytes()).await;
+    assert_eq!(parse_response(&buf).status, 200);
+    let seen = script.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, b"hello");
+    assert_eq!(
+        seen[0].header_all("authorization"),
+        vec![format!("Bearer {}", f.creds.api_token)]
+    );
+    assert!(
+        !seen[0]
+            .trailers
+            .to_ascii_lowercase()
+            .contains("authorization")
+            && !seen[0].trailers.contains("dummy"),
+        "agent trailers reached the upstream: {:?}",
+        seen[0].trailers
+    );
+    assert!(seen[0].header("trailer").is_none());
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_on_one_connection_are_each_decided_on_their_own() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let conn = tunnel_h2(&f, &task, "secure.test").await;
+    let paths = [
+        "/echo",
+        "/repos/acme/web/pulls",
+        "/repos/acme/web/issues",
+        "/reflect-auth/x",
+    ];
+    let futs = paths.iter().map(|p| {
+        let mut c = conn.clone();
+        let uri = f.tls_url("secure.test", p);
+        async move { h2_send(&mut c, h2_req("GET", &uri, b"")).await }
+    });
+    let resps = bounded("streams", futures_util::future::join_all(futs)).await;
+    for r in &resps {
+        kw.saw(&r.text());
+    }
+    assert_eq!(resps[0].status, 200);
+    assert_eq!(resps[2].status, 200);
+    kw.assert_denied_raw(&resps[1], 403, "route_not_in_intent")
+        .await;
+    kw.assert_denied_raw(&resps[3], 403, "route_not_in_intent")
+        .await;
+    let mut seen: Vec<String> = f.tls.seen().into_iter().map(|s| s.path).collect();
+    seen.sort();
+    assert_eq!(seen, vec!["/echo", "/repos/acme/web/issues"]);
+    for s in f.tls.seen() {
+        assert_eq!(s.header_all("x-api-key"), vec![f.creds.tls_token.clone()]);
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_data_longer_than_content_length_never_reaches_the_upstream_whole() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(f.tls_url("secure.test", "/echo"))
+        .header("content-length", "3")
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = h2.send_request(req, false).unwrap();
+    stream
+        .send_data(Bytes::from_static(b"hello world"), true)
+        .unwrap();
+    match bounded("h2 response", resp).await {
+        Ok(r) => assert_ne!(r.status(), 200, "an oversized body was accepted"),
+        Err(e) => assert!(e.is_reset() || e.is_go_away() || e.is_io(), "{e:?}"),
+    }
+    for s in f.tls.seen() {
+        assert_ne!(
+            s.body, b"hello world",
+            "the upstream got the mismatched body"
+        );
+        assert!(s.body.len() <= 3, "{:?}", s.body);
+    }
+    // The connection (or a new one) still serves a well-formed request.
+    let mut h1 = tunnel_h1(&f, &task, "secure.test").await;
+    let host = format!("secure.test:{}", f.tls.port());
+    let ok = crate::common::h1_send(&mut h1, get("/echo", &host)).await;
+    kw.saw(&ok.text());
+    assert_eq!(ok.status, 200);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_on_a_denied_request_sends_no_100_and_no_body_upstream() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let head = raw_req(
+        &f,
+        "POST",
+        "plain.test",
+        "/repos/acme/web/labels",
+        &task,
+        "Content-Length: 11\r\nExpect: 100-continue\r\n",
+    );
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The denial comes without a `100 Continue` first: the agent is never invited to send.
+    let resp = crate::common::read_response(&mut tcp).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    kw.assert_denied_raw(&resp, 403, "route_not_in_intent")
+        .await;
+    assert_eq!(f.plain.hits(), 0);
+    // Allowed: 100 Continue, then the body travels.
+    let head = raw_req(
+        &f,
+        "POST",
+        "plain.test",
+        "/echo",
+        &task,
+        "Content-Length: 11\r\nExpect: 100-continue\r\n",
+    );
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let cont = crate::common::read_response(&mut tcp).await;
+    assert_eq!(cont.status, 100);
+    tcp.write_all(b"hello world").await.unwrap();
+    let resp = crate::common::read_response(&mut tcp).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200);
+    assert_eq!(f.plain.last().body, b"hello world");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_of_a_denied_request_is_not_read_as_the_next_request() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let inner =
+        format!("GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\n\r\n");
+    let denied = raw_req(
+        &f,
+        "POST",
+        "plain.test",
+        "/repos/acme/web/labels",
+        &task,
+        "Transfer-Encoding: chunked\r\n",
+    )
+    .replace("Connection: close\r\n", "");
+    let body = format!("{:x}\r\n{inner}\r\n0\r\n\r\n", inner.len());
+    let allowed = raw_req(&f, "GET", "plain.test", "/repos/acme/web/issues", &task, "");
+    let buf = exchange(&f, format!("{denied}{body}{allowed}").as_bytes()).await;
+    let resps = parse_many(&buf);
+    assert!(!resps.is_empty());
+    kw.assert_denied_raw(&resps[0], 403, "route_not_in_intent")
+        .await;
+    for r in &resps[1..] {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for s in f.plain.seen() {
+        assert_eq!(
+            s.path, "/repos/acme/web/issues",
+            "the chunked body was read as a request"
+        );
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_response_with_conflicting_framing_is_not_relayed_as_is() {
+    let script = ScriptUpstream::start(|req| {
+        let line = req.request_line();
+        let bytes: Vec<u8> = if line.contains("case=two-lengths") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Length: 9\r\n\r\nfourfive!".to_vec()
+        } else if line.contains("case=list-length") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4, 9\r\n\r\nfourfive!".to_vec()
+        } else if line.contains("case=cl-and-te") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfour\r\n0\r\n\r\n".to_vec()
+        } else if line.contains("case=header-crlf") {
+            b"HTTP/1.1 200 OK\r\nX-Split: a\rSet-Cookie: evil=1\r\nContent-Length: 2\r\n\r\nok".to_vec()
+        } else {
+            http_response("200 OK", &[], b"fresh")
+        };
+        Reply::bytes(bytes).then(crate::common::After::Close)
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    for case in ["two-lengths", "list-length", "header-crlf"] {
+        let resp = kw
+            .raw(&raw_req_at(
+                port,
+                "GET",
+                "plain.test",
+                &format!("/echo?case={case}"),
+                &task,
+                "",
+            ))
+            .await;
+        assert_eq!(resp.status, 502, "{case}: {}", resp.text());
+        assert!(resp.header("set-cookie").is_none());
+        let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+        assert_eq!(rec["status"], 502, "{rec}");
+    }
+    // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3): the chunked body, whole.
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/echo?case=cl-and-te",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body, b"four");
+    assert_ne!(resp.header("content-length").as_deref(), Some("100"));
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_upstream_connections_are_never_shared_across_services_on_one_address() {
+    let ca = crate::common::TestCa::new();
+    let script = ScriptUpstream::tls(&ca, &["secure.test", "other.test"], |_| {
+        Reply::bytes(http_response("200 OK", &[], b"ok"))
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
+    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
+    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200);
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read", "other.read"])).await;
+    let mut secure = crate::common::h1_over(
+        crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"http/1.1"]).await,
+    )
+    .await;
+    let mut other = crate::common::h1_over(
+        crate::headers::tunnel_tls_at(&f, &task, "other.test", port, &[b"http/1.1"]).await,
+    )
+    .await;
+    for _ in 0..3 {
+        let r =
+            crate::common::h1_send(&mut secure, get("/echo", &format!("secure.test:{port}"))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = crate::common::h1_send(&mut other, get("/x", &format!("other.test:{port}"))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let mut per_conn: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    for s in script.seen() {
+        let key = s.header("x-api-key").unwrap();
+        let which = if key == f.creds.tls_token {
+            "tls_token"
+        } else if key == f.creds.other_token {
+            "other_token"
+        } else {
+            panic!("unexpected credential on {}", s.request_line())
+        };
+        per_conn
+            .entry(s.conn)
+            .or_default()
+            .insert(which.to_string());
+    }
+    assert_eq!(script.hits(), 6);
+    for (conn, creds) in &per_conn {
+        assert_eq!(creds.len(), 1, "TLS connection {conn} carried {creds:?}");
+    }
+    kw.assert_no_leaks().await;
+}
+
+/// A TLS upstream speaking HTTP/2 only, recording each request's trailers (as text).
+async fn h2_trailer_recorder(
+    ca: &crate::common::TestCa,
+    names: &[&str],
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (cert, key) = ca.leaf(names);
+    let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen2.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let collected = http_body_util::BodyExt::collect(req.into_body()).await;
+                            let trailers = collected
+                                .ok()
+                                .and_then(|c| c.trailers().cloned())
+                                .map(|t| format!("{t:?}"))
+                                .unwrap_or_default();
+                            seen.lock().unwrap().push(trailers);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_request_trailers_never_reach_an_http2_upstream() {
+    let ca = crate::common::TestCa::new();
+    let (port, trailers) = h2_trailer_recorder(&ca, &["secure.test"]).await;
+    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
+    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
+    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200);
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    // An HTTP/2 agent sends trailers naming the injected header.
+    let tls = crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"h2"]).await;
+    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://secure.test:{port}/echo"))
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = h2.send_request(req, false).unwrap();
+    stream
+        .send_data(Bytes::from_static(b"body"), false)
+        .unwrap();
+    let mut t = http::HeaderMap::new();
+    t.insert("x-api-key", "dummy-trailer".parse().unwrap());
+    t.insert("authorization", "Bearer dummy-trailer".parse().unwrap());
+    stream.send_trailers(t).unwrap();
+    let resp = bounded("h2 response", resp).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    while let Some(chunk) = bounded("body", body.data()).await {
+        let _ = body
+            .flow_control()
+            .release_capacity(chunk.map(|c| c.len()).unwrap_or(0));
+    }
+    // An HTTP/1.1 agent's chunked trailers, written raw inside the tunnel.
+    let mut tls =
+        crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"http/1.1"]).await;
+    let raw = format!(
+        "POST /echo HTTP/1.1\r\nHost: secure.test:{port}\r\nTransfer-Encoding: chunked\r\nTrailer: X-Api-Key\r\nTE: trailers\r\nConnection: close\r\n\r\n1\r\nx\r\n0\r\nX-Api-Key: dummy-trailer\r\n\r\n"
+    );
+    bounded("write", tls.write_all(raw.as_bytes()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = bounded("read", tls.read_to_end(&mut buf)).await;
+    let r = parse_response(&buf);
+    kw.saw(&r.text());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = trailers.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    for t in &seen {
+        assert!(
+            !t.contains("dummy"),
+            "agent trailers reached the upstream: {t}"
+        );
+    }
+    kw.assert_no_leaks().await;
+}

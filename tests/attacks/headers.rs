@@ -1,0 +1,561 @@
+//! Headers and injection: whatever the agent puts where the credential goes is replaced, never
+//! merged (case variants, duplicates, `_` look-alikes, query parameters in every spelling);
+//! `Connection` cannot strip the credential; hop-by-hop and proxy headers never travel; head
+//! size and header count are capped (431). Also the helpers the other families of this file set
+//! share (raw requests, intercepted tunnels).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::common::{
+    connect_raw, h1_over, h1_send, h2_over, h2_send, raw_exchange, tls_over, Fixture, Harness,
+    RawResp, Task,
+};
+
+/// A raw absolute-form request to `host` on the plain upstream's port, with `extra` header
+/// lines (each ending in CRLF) and `Connection: close`.
+pub(crate) fn raw_req(
+    f: &Fixture,
+    method: &str,
+    host: &str,
+    path: &str,
+    task: &Task,
+    extra: &str,
+) -> String {
+    let port = f.plain.port();
+    raw_req_at(port, method, host, path, task, extra)
+}
+
+/// The same for any port.
+pub(crate) fn raw_req_at(
+    port: u16,
+    method: &str,
+    host: &str,
+    path: &str,
+    task: &Task,
+    extra: &str,
+) -> String {
+    format!(
+        "{method} http://{host}:{port}{path} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: {}\r\n{extra}Connection: close\r\n\r\n",
+        Harness::proxy_auth(task)
+    )
+}
+
+/// A bodiless request for an h1/h2 client connection inside a tunnel.
+pub(crate) fn get(path: &str, host: &str) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .method("GET")
+        .uri(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// An HTTP/2 request (`:authority` from `uri`).
+pub(crate) fn h2_req(method: &str, uri: &str, body: &'static [u8]) -> http::Request<Full<Bytes>> {
+    http::Request::builder()
+        .method(method)
+        .version(http::Version::HTTP_2)
+        .uri(uri)
+        .body(Full::new(Bytes::from_static(body)))
+        .unwrap()
+}
+
+/// CONNECT to `host` on the TLS upstream's port and a TLS session inside, offering `alpn`.
+pub(crate) async fn tunnel_tls(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tunnel_tls_at(f, task, host, f.tls.port(), alpn).await
+}
+
+/// The same to any port.
+pub(crate) async fn tunnel_tls_at(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+    port: u16,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let authority = format!("{host}:{port}");
+    let (tcp, head) = connect_raw(
+        f.kw.proxy_addr,
+        &authority,
+        Some(&Harness::proxy_auth(task)),
+    )
+    .await;
+    assert_eq!(head.status, 200, "CONNECT {authority}: {}", head.text());
+    tls_over(tcp, host, &f.kw.ca_pem(), alpn).await.unwrap()
+}
+
+pub(crate) async fn tunnel_h1(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    h1_over(tunnel_tls(f, task, host, &[b"http/1.1"]).await).await
+}
+
+pub(crate) async fn tunnel_h2(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    h2_over(tunnel_tls(f, task, host, &[b"h2"]).await).await
+}
+
+/// The one allowed record of `task` for `path` (exactly one, I6).
+pub(crate) async fn allowed_record(kw: &Harness, task: &Task, path: &str) -> serde_json::Value {
+    let rec = kw
+        .audit_where(&format!("allowed {path}"), |r| {
+            r["task"] == task.id.as_str() && r["path"] == path && r["reason"] == "allowed"
+        })
+        .await;
+    crate::common::assert_record(&rec);
+    let id = rec["request_id"].as_str().unwrap().to_string();
+    kw.audit_for(&id).await
+}
+
+/// Every header name the upstream of the standard fixture saw last, lowercased.
+fn seen_names(f: &Fixture) -> Vec<String> {
+    f.plain
+        .last()
+        .headers
+        .iter()
+        .map(|(n, _)| n.to_ascii_lowercase())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_authorization_in_every_case_spelling_is_replaced_not_merged() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_req(
+            &f,
+            "GET",
+            "plain.test",
+            "/echo",
+            &task,
+            "authorization: Bearer dummy-lower\r\nAUTHORIZATION: Bearer dummy-upper\r\nAuThOrIzAtIoN: Basic ZHVtbXk6ZHVtbXk=\r\n",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.plain.last();
+    assert_eq!(
+        seen.header_all("authorization"),
+        vec![format!("Bearer {}", f.creds.api_token)]
+    );
+    assert!(!format!("{:?}", seen.headers).contains("dummy"));
+    allowed_record(kw, &task, "/echo").await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_injected_header_inside_a_tunnel_is_replaced_over_h1_and_h2() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let host = format!("secure.test:{}", f.tls.port());
+
+    let mut h1 = tunnel_h1(&f, &task, "secure.test").await;
+    let mut req = get("/echo", &host);
+    for v in ["dummy-one", "dummy-two"] {
+        req.headers_mut()
+            .append("X-API-KEY", http::HeaderValue::from_static(v));
+    }
+    let resp = h1_send(&mut h1, req).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        f.tls.last().header_all("x-api-key"),
+        vec![f.creds.tls_token.clone()]
+    );
+
+    let mut h2 = tunnel_h2(&f, &task, "secure.test").await;
+    let mut req = h2_req("GET", &f.tls_url("secure.test", "/echo"), b"");
+    for v in ["dummy-three", "dummy-four"] {
+        req.headers_mut()
+            .append("x-api-key", http::HeaderValue::from_static(v));
+    }
+    let resp = h2_send(&mut h2, req).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let last = f.tls.last();
+    assert_eq!(last.version, "HTTP/2.0");
+    assert_eq!(
+        last.header_all("x-api-key"),
+        vec![f.creds.tls_token.clone()]
+    );
+    assert!(!format!("{:?}", last.headers).contains("dummy"));
+    assert_eq!(f.tls.hits(), 2);
+    kw.audit_count(2, |r| {
+        r["task"] == task.id.as_str() && r["path"] == "/echo" && r["reason"] == "allowed"
+    })
+    .await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_lookalikes_of_the_injected_header_are_ambiguous_in_every_mix() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let host = format!("secure.test:{}", f.tls.port());
+    let mut conn = tunnel_h1(&f, &task, "secure.test").await;
+    for name in ["X_API_KEY", "x-api_key", "x_api-key"] {
+        let mut req = get("/echo", &host);
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            http::HeaderValue::from_static("dummy"),
+        );
+        let resp = h1_send(&mut conn, req).await;
+        kw.saw(&resp.text());
+        let (problem, _) = kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("header_lookalike"),
+            "{name}: {problem}"
+        );
+    }
+    // Over HTTP/2 too.
+    let mut h2 = tunnel_h2(&f, &task, "secure.test").await;
+    let mut req = h2_req("GET", &f.tls_url("secure.test", "/echo"), b"");
+    req.headers_mut()
+        .insert("x_api_key", http::HeaderValue::from_static("dummy"));
+    let resp = h2_send(&mut h2, req).await;
+    kw.saw(&resp.text());
+    kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+    assert_eq!(f.tls.hits(), 0, "a look-alike reached the upstream");
+    // A header that merely starts like it is not a look-alike.
+    let mut req = get("/echo", &host);
+    req.headers_mut()
+        .insert("x-api-keys", http::HeaderValue::from_static("fine"));
+    let resp = h1_send(&mut conn, req).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.tls.hits(), 1);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_credential_supplied_by_the_agent_in_every_spelling_is_replaced() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["query.search"])).await;
+    let resp = kw
+        .raw(&raw_req(
+            &f,
+            "GET",
+            "query.test",
+            "/search?api_key=dummy1&q=x&api%5Fkey=dummy2&api%5fkey=dummy3&api_key&api_key=&%61pi_key=dummy4",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.plain.last();
+    let (path, query) = seen.path.split_once('?').unwrap();
+    assert_eq!(path, "/search");
+    assert!(!query.contains("dummy"), "{query}");
+    let keys: Vec<&str> = query
+        .split('&')
+        .filter(|p| {
+            let k = p.split('=').next().unwrap();
+            k.eq_ignore_ascii_case("api_key")
+                || k.eq_ignore_ascii_case("api%5fkey")
+                || k == "%61pi_key"
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![format!("api_key={}", f.creds.query_key)],
+        "{query}"
+    );
+    assert!(query.split('&').any(|p| p == "q=x"), "{query}");
+    let rec = allowed_record(kw, &task, "/search").await;
+    assert_eq!(rec["credential"], "query_key");
+    assert!(!rec.to_string().contains("dummy"), "{rec}");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_header_cannot_strip_a_basic_or_tunnelled_credential() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["basic.whoami", "secure.read"])).await;
+    // Basic injection on the plain listener.
+    let resp = kw
+        .raw(&raw_req(
+            &f,
+            "GET",
+            "basic.test",
+            "/whoami",
+            &task,
+            "Connection: Authorization\r\nAuthorization: Basic ZHVtbXk6ZHVtbXk=\r\n",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(
+        f.plain.last().header_all("authorization"),
+        vec![crate::common::basic("bot", &f.creds.basic_pw)]
+    );
+    // A header credential inside a tunnel, named in Connection (h1: the only place it exists).
+    let host = format!("secure.test:{}", f.tls.port());
+    let mut conn = tunnel_h1(&f, &task, "secure.test").await;
+    let mut req = get("/echo", &host);
+    req.headers_mut().insert(
+        "connection",
+        http::HeaderValue::from_static("x-api-key, te"),
+    );
+    req.headers_mut()
+        .insert("x-api-key", http::HeaderValue::from_static("dummy"));
+    let resp = h1_send(&mut conn, req).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.tls.last();
+    assert_eq!(
+        seen.header_all("x-api-key"),
+        vec![f.creds.tls_token.clone()]
+    );
+    assert!(!seen
+        .header("connection")
+        .unwrap_or_default()
+        .contains("api"));
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_and_proxy_headers_are_not_forwarded() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let extra = "Proxy-Connection: keep-alive\r\n\
+                 Keep-Alive: timeout=5, max=1000\r\n\
+                 TE: trailers, deflate\r\n\
+                 Trailer: X-Late\r\n\
+                 Upgrade: h2c, TLS/1.2\r\n\
+                 Proxy-Authenticate: Basic realm=x\r\n\
+                 X-Named-Hop: goes-away\r\n\
+                 Connection: X-Named-Hop\r\n\
+                 X-Kept: stays\r\n";
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "plain.test", "/echo", &task, extra))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let names = seen_names(&f);
+    for hop in [
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "x-named-hop",
+    ] {
+        assert!(
+            !names.contains(&hop.to_string()),
+            "{hop} forwarded: {names:?}"
+        );
+    }
+    assert_eq!(f.plain.last().header("x-kept").as_deref(), Some("stays"));
+    // The agent's token never travels, in any header.
+    assert!(!format!("{:?}", f.plain.last().headers).contains(&task.token));
+    allowed_record(kw, &task, "/echo").await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_authorization_is_not_forwarded_from_inside_a_tunnel() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let host = format!("secure.test:{}", f.tls.port());
+    let mut conn = tunnel_h1(&f, &task, "secure.test").await;
+    let mut req = get("/echo", &host);
+    let auth = Harness::proxy_auth(&task);
+    req.headers_mut()
+        .insert("proxy-authorization", auth.parse().unwrap());
+    req.headers_mut()
+        .insert("proxy-connection", http::HeaderValue::from_static("close"));
+    let resp = h1_send(&mut conn, req).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.tls.last();
+    assert!(seen.header("proxy-authorization").is_none());
+    assert!(seen.header("proxy-connection").is_none());
+    assert!(!format!("{:?}", seen.headers).contains(&task.token));
+    kw.assert_no_leaks().await;
+}
+
+async fn raw_resp(f: &Fixture, request: &[u8]) -> RawResp {
+    let resp = raw_exchange(f.kw.proxy_addr, request).await;
+    f.kw.saw(&resp.text());
+    resp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_head_is_431_and_never_forwarded() {
+    let f = Fixture::start_with(|p| {
+        p.replacen(
+            "proxy:\n  listen: 127.0.0.1:0\n",
+            "proxy:\n  listen: 127.0.0.1:0\n  max_header_bytes: 16384\n",
+            1,
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    // Under the limit: served.
+    let small = format!("X-Pad: {}\r\n", "a".repeat(8_000));
+    let resp = raw_resp(
+        &f,
+        raw_req(&f, "GET", "plain.test", "/echo", &task, &small).as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.plain.hits(), 1);
+    // One huge header, then many medium ones: both over the limit.
+    for extra in [
+        format!("X-Pad: {}\r\n", "a".repeat(20_000)),
+        (0..40)
+            .map(|i| format!("X-Pad-{i}: {}\r\n", "b".repeat(500)))
+            .collect::<String>(),
+    ] {
+        let resp = raw_resp(
+            &f,
+            raw_req(&f, "GET", "plain.test", "/echo", &task, &extra).as_bytes(),
+        )
+        .await;
+        assert_eq!(resp.status, 431, "{}", resp.text());
+    }
+    assert_eq!(f.plain.hits(), 1, "an oversized head reached the upstream");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_headers_is_431_on_the_listener_and_inside_a_tunnel() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["plain.issues.read", "secure.read"]))
+        .await;
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let resp = raw_resp(
+        &f,
+        raw_req(&f, "GET", "plain.test", "/echo", &task, &many).as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 431, "{}", resp.text());
+    assert_eq!(f.plain.hits(), 0);
+
+    // Inside an intercepted tunnel, written raw over TLS.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: secure.test:{}\r\n{many}Connection: close\r\n\r\n",
+        f.tls.port()
+    );
+    crate::common::bounded("write", tls.write_all(req.as_bytes()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = crate::common::bounded("read", tls.read_to_end(&mut buf)).await;
+    let resp = crate::common::parse_response(&buf);
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 431, "{}", resp.text());
+    assert_eq!(f.tls.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_http2_header_list_is_refused_before_the_upstream() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (mut h2, conn) = crate::common::bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = http::Request::builder()
+        .method("GET")
+        .uri(f.tls_url("secure.test", "/echo"));
+    for i in 0..40 {
+        req = req.header(format!("x-pad-{i}"), "p".repeat(2_000));
+    }
+    let (resp, _) = h2.send_request(req.body(()).unwrap(), true).unwrap();
+    match crate::common::bounded("h2 response", resp).await {
+        Ok(r) => assert_eq!(r.status(), 431),
+        Err(e) => assert!(e.is_reset() || e.is_go_away() || e.is_io(), "{e:?}"),
+    }
+    assert_eq!(f.tls.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_values_with_control_bytes_are_refused_before_the_upstream() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    for extra in [
+        "X-Nul: a\0b\r\n",
+        "X-Cr: a\rAuthorization: Bearer smuggled\r\n",
+        "X-Lf-Only: a\nAuthorization: Bearer smuggled\r\n",
+        "Bad Name: x\r\n",
+        ": empty-name\r\n",
+    ] {
+        let resp = raw_resp(
+            &f,
+            raw_req(&f, "GET", "plain.test", "/echo", &task, extra).as_bytes(),
+        )
+        .await;
+        if resp.status == 200 {
+            // Accepted only if the line could not be read as two headers.
+            let seen = f.plain.last();
+            assert_eq!(
+                seen.header_all("authorization"),
+                vec![format!("Bearer {}", f.creds.api_token)],
+                "{extra:?}"
+            );
+        } else {
+            assert_eq!(resp.status, 400, "{extra:?}: {}", resp.text());
+        }
+    }
+    for s in f.plain.seen() {
+        assert!(!format!("{:?}", s.headers).contains("smuggled"));
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_host_header_is_written_from_the_decided_target_not_the_agents() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let req = raw_req(
+        &f,
+        "GET",
+        "PLAIN.Test.",
+        "/echo",
+        &task,
+        "X-Forwarded-Host: evil.test\r\n",
+    );
+    let resp = kw.raw(&req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.plain.last();
+    assert_eq!(seen.header_all("host"), vec![format!("plain.test:{port}")]);
+    let rec = allowed_record(kw, &task, "/echo").await;
+    assert_eq!(rec["host"], "plain.test");
+    kw.assert_no_leaks().await;
+}

