@@ -27,6 +27,8 @@ const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Values shorter than this are not scanned for in requests (they would match by chance).
 const MIN_SCAN_LEN: usize = 8;
+// `window_hash` reads exactly one u64 per window.
+const _: () = assert!(MIN_SCAN_LEN == 8);
 
 /// A value and when it was read.
 struct Cached {
@@ -137,7 +139,15 @@ impl CredentialStore {
             .map(|p| p.as_str().as_bytes())
             .unwrap_or(b"");
         let mut places: Vec<&[u8]> = vec![target];
-        places.extend(parts.headers.values().map(|v| v.as_bytes()));
+        // `Proxy-Authorization` is keyward's own and never forwarded: a credential there goes
+        // nowhere (and fails authentication), so it is not worth decoding on every request.
+        places.extend(
+            parts
+                .headers
+                .iter()
+                .filter(|(name, _)| *name != http::header::PROXY_AUTHORIZATION)
+                .map(|(_, v)| v.as_bytes()),
+        );
         let mut folded: Vec<&[u8]> = parts
             .headers
             .keys()
@@ -182,6 +192,9 @@ impl CredentialStore {
         // A secret longer than every place cannot be in any; skipping it saves building its
         // `Finder` (the scan's main cost: header names and hosts are short).
         let longest = hay.iter().map(|h| h.len()).max().unwrap_or(0);
+        // Every window of the places, hashed into a small Bloom filter: a secret whose first
+        // window is not in it is in no place, found without building its `Finder`.
+        let windows = WindowFilter::of(&hay);
         for i in 0..self.slots.len() {
             let Some(secret) = self.get(i) else { continue };
             let needle = secret.expose().as_bytes();
@@ -195,6 +208,9 @@ impl CredentialStore {
             } else {
                 needle
             };
+            if !windows.may_contain(needle) {
+                continue;
+            }
             let finder = memchr::memmem::Finder::new(needle);
             if hay.iter().any(|h| finder.find(h).is_some()) {
                 return true;
@@ -202,6 +218,46 @@ impl CredentialStore {
         }
         false
     }
+}
+
+/// The `MIN_SCAN_LEN`-byte windows of a request's places as a 4096-bit Bloom filter. Holds
+/// hashes of what the agent sent, never of a secret; the hash is keyed per process, so which
+/// bits a secret's window sets cannot be learned from outside.
+struct WindowFilter([u64; 64]);
+
+impl WindowFilter {
+    fn of(places: &[std::borrow::Cow<'_, [u8]>]) -> WindowFilter {
+        let mut bits = [0u64; 64];
+        for place in places {
+            for w in place.windows(MIN_SCAN_LEN) {
+                let h = window_hash(w);
+                bits[(h >> 6) as usize & 63] |= 1 << (h & 63);
+            }
+        }
+        WindowFilter(bits)
+    }
+
+    /// False when `needle` (at least `MIN_SCAN_LEN` bytes) is certainly in no place.
+    fn may_contain(&self, needle: &[u8]) -> bool {
+        let h = window_hash(&needle[..MIN_SCAN_LEN]);
+        self.0[(h >> 6) as usize & 63] & (1 << (h & 63)) != 0
+    }
+}
+
+/// A keyed multiply-xorshift hash of one `MIN_SCAN_LEN`-byte window (12 bits are used).
+fn window_hash(w: &[u8]) -> u64 {
+    static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let key = *KEY.get_or_init(|| {
+        let mut k = [0u8; 8];
+        crate::tasks::fill_random(&mut k);
+        u64::from_le_bytes(k) | 1
+    });
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&w[..8]);
+    let mut h = (u64::from_le_bytes(x) ^ key).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^ (h >> 32)
 }
 
 /// `bytes` with every valid `%XX` decoded, or `None` if it has none.
@@ -442,6 +498,21 @@ fn percent_decode(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_filter_never_misses_a_present_secret() {
+        let secret = b"sk_live_0123456789abcdef";
+        for at in 0..40 {
+            let mut place = vec![b'x'; at];
+            place.extend_from_slice(secret);
+            place.extend_from_slice(b"-tail");
+            let places = [std::borrow::Cow::Borrowed(place.as_slice())];
+            assert!(WindowFilter::of(&places).may_contain(secret), "at {at}");
+        }
+        // Nothing to find in places shorter than a window.
+        let places = [std::borrow::Cow::Borrowed(&b"short"[..])];
+        assert_eq!(WindowFilter::of(&places).0, [0u64; 64]);
+    }
 
     #[test]
     fn query_injection_replaces_agent_values_in_every_spelling() {

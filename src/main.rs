@@ -3,6 +3,11 @@
 
 use clap::Parser;
 
+// mimalloc: a proxy allocates and frees many small buffers per request on every worker; the
+// system allocator's arenas cost several percent of a core under load (see benches/README.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = keyward::cli::Cli::parse();
     // `serve` narrates its life at info; one-shot commands speak only to fail (one sentence).
