@@ -157,7 +157,7 @@ impl Body for ProxyBody {
                     Poll::Ready(Some(Ok(frame))) => {
                         let frame = match (frame.into_data(), redactor.as_mut()) {
                             (Ok(data), Some(r)) => {
-                                let safe = r.push(&data);
+                                let safe = r.push(data);
                                 if safe.is_empty() {
                                     // Everything is held back for now; an empty data frame
                                     // could end a chunked body early, so poll again.

@@ -110,11 +110,20 @@ impl Redactor {
     }
 
     /// Feeds a body frame; returns the bytes that are safe to send now.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+    pub fn push(&mut self, chunk: Bytes) -> Bytes {
         if self.needles.is_empty() {
-            return Bytes::copy_from_slice(chunk);
+            return chunk;
         }
-        self.carry.extend_from_slice(chunk);
+        // The common case — nothing held back, no needle in the frame — passes the frame on
+        // without copying it (a large download is not copied three times over).
+        if self.carry.is_empty() && !self.contains_any(&chunk) {
+            let keep = self.partial_tail(&chunk);
+            let mut safe = chunk;
+            let held = safe.split_off(safe.len() - keep);
+            self.carry.extend_from_slice(&held);
+            return safe;
+        }
+        self.carry.extend_from_slice(&chunk);
         let (out, n) = self.replace_all(&self.carry);
         self.found += n;
         // Hold back only a tail that could be the start of a needle split across frames, so
@@ -124,6 +133,12 @@ impl Redactor {
         let mut out = BytesMut::from(&out[..]);
         self.carry = out.split_off(emit);
         out.freeze()
+    }
+
+    fn contains_any(&self, hay: &[u8]) -> bool {
+        self.needles
+            .iter()
+            .any(|n| hay.len() >= n.len() && memchr::memmem::find(hay, n).is_some())
     }
 
     /// Length of the longest tail of `out` that is a proper prefix of some needle.
@@ -199,7 +214,7 @@ mod tests {
         let mut r = redactor();
         let b64 = STANDARD.encode("sk-live-0123456789");
         let body = format!("a sk-live-0123456789 b {b64} c sk-live-0123456789");
-        let mut out = r.push(body.as_bytes()).to_vec();
+        let mut out = r.push(Bytes::copy_from_slice(body.as_bytes())).to_vec();
         out.extend_from_slice(&r.finish());
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("sk-live"));
@@ -213,8 +228,8 @@ mod tests {
         for split in 1..18 {
             let mut r = redactor();
             let body = b"xxsk-live-0123456789yy";
-            let mut out = r.push(&body[..split]).to_vec();
-            out.extend_from_slice(&r.push(&body[split..]));
+            let mut out = r.push(Bytes::copy_from_slice(&body[..split])).to_vec();
+            out.extend_from_slice(&r.push(Bytes::copy_from_slice(&body[split..])));
             out.extend_from_slice(&r.finish());
             assert_eq!(out, b"xx[redacted]yy", "split at {split}");
         }
@@ -245,17 +260,23 @@ mod tests {
     #[test]
     fn frames_that_cannot_start_a_secret_are_not_held_back() {
         let mut r = redactor();
-        assert_eq!(&r.push(b"data: event 1\n\n")[..], b"data: event 1\n\n");
+        assert_eq!(
+            &r.push(Bytes::copy_from_slice(b"data: event 1\n\n"))[..],
+            b"data: event 1\n\n"
+        );
         // A tail that may begin the secret waits for the next frame, and only that tail.
-        assert_eq!(&r.push(b"data: sk-li")[..], b"data: ");
-        assert_eq!(&r.push(b"ve!")[..], b"sk-live!");
+        assert_eq!(
+            &r.push(Bytes::copy_from_slice(b"data: sk-li"))[..],
+            b"data: "
+        );
+        assert_eq!(&r.push(Bytes::copy_from_slice(b"ve!"))[..], b"sk-live!");
     }
 
     #[test]
     fn clean_bodies_pass_unchanged() {
         let mut r = redactor();
-        let mut out = r.push(b"hello ").to_vec();
-        out.extend_from_slice(&r.push(b"world"));
+        let mut out = r.push(Bytes::copy_from_slice(b"hello ")).to_vec();
+        out.extend_from_slice(&r.push(Bytes::copy_from_slice(b"world")));
         out.extend_from_slice(&r.finish());
         assert_eq!(out, b"hello world");
         assert_eq!(r.found(), 0);
