@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Memory held by idle intercepted connections (issue 4: < 64 MiB RSS with 2,000 of them).
+
+Starts `keyward serve` (release build) on a generated loopback-only policy, mints a task, then
+opens N connections that each CONNECT to an intercepted host, finish the TLS handshake with
+keyward's leaf and stay idle. Prints keyward's RSS before and after, and per connection.
+No upstream is needed: nothing is sent inside the tunnels. Everything stops by itself.
+
+    python3 benches/harness/idle_conns.py [N]     (default 2000; raises its own open-files limit)
+"""
+import base64
+import json
+import os
+import re
+import resource
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.environ.get("KEYWARD_BIN", os.path.join(ROOT, "target", "release", "keyward"))
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+TOKEN = "idle-bench-admin-token"
+
+POLICY = """
+proxy: {{ listen: 127.0.0.1:0, max_connections: {max_conns}, idle_timeout: 10m }}
+admin: {{ listen: 127.0.0.1:0, token: env:KEYWARD_ADMIN_TOKEN }}
+ca: {{ cert: {d}/ca.pem, key: {d}/ca-key.pem }}
+audit: {{ path: {d}/audit.jsonl }}
+credentials:
+  key: {{ source: env:IDLE_BENCH_KEY }}
+services:
+  api:
+    hosts: [api.idle.test]
+    connect_to: 127.0.0.1:9
+    inject: {{ header: Authorization, value: "Bearer ${{credential}}", credential: key }}
+capabilities:
+  api.read: {{ service: api, risk: low, routes: [GET /x] }}
+agents:
+  bench: {{ owner: bench, capabilities: [api.read], max_ttl: 1h }}
+"""
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * N + 1024)), hard))
+    d = tempfile.mkdtemp(prefix="keyward-idle.")
+    with open(f"{d}/policy.yaml", "w") as f:
+        f.write(POLICY.format(d=d, max_conns=N + 100))
+    env = dict(os.environ, KEYWARD_ADMIN_TOKEN=TOKEN, IDLE_BENCH_KEY="sk-idle-" + os.urandom(8).hex(),
+               RUST_LOG="warn")
+    kw = subprocess.Popen([BIN, "serve", "--config", f"{d}/policy.yaml"], env=env,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        line = kw.stderr.readline()
+        m = re.search(r"proxy=(\S+) admin=(\S+) ca=(\S+)", line)
+        if not m:
+            sys.exit(f"keyward did not start: {line}")
+        proxy, admin, ca = m.group(1), m.group(2), m.group(3)
+        req = urllib.request.Request(
+            f"http://{admin}/v1/tasks", method="POST",
+            data=json.dumps({"agent": "bench", "intent": ["api.read"], "ttl": "1h"}).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        minted = json.load(urllib.request.urlopen(req, timeout=10))
+        auth = base64.b64encode(f"{minted['task']}:{minted['token']}".encode()).decode()
+        host, port = proxy.rsplit(":", 1)
+        ctx = ssl.create_default_context(cafile=ca)
+        time.sleep(0.5)
+        before = rss_kib(kw.pid)
+        conns = []
+        start = time.time()
+        for i in range(N):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            s.sendall(f"CONNECT api.idle.test:443 HTTP/1.1\r\nHost: api.idle.test:443\r\n"
+                      f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(1)
+                if not chunk:
+                    sys.exit(f"connection {i}: closed during CONNECT: {head!r}")
+                head += chunk
+            if not head.startswith(b"HTTP/1.1 200"):
+                sys.exit(f"connection {i}: {head!r}")
+            conns.append(ctx.wrap_socket(s, server_hostname="api.idle.test"))
+        took = time.time() - start
+        time.sleep(1.0)
+        after = rss_kib(kw.pid)
+        print(f"{N} idle intercepted connections (CONNECT + TLS 1.3 handshake each, {took:.1f} s to open)")
+        print(f"keyward RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after, "
+              f"{(after - before) / N:.1f} KiB per connection")
+        for c in conns:
+            c.close()
+    finally:
+        kw.terminate()
+        try:
+            kw.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            kw.kill()
+
+
+if __name__ == "__main__":
+    main()
