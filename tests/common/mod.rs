@@ -384,9 +384,12 @@ impl Harness {
         std::fs::read_to_string(&self.audit_path).unwrap_or_default()
     }
 
-    /// Every record written so far; each line must be one JSON object.
+    /// Every record written so far; each line must be one JSON object. A last line without
+    /// its newline is still being written (the writer is another thread) and is left out.
     pub fn audit_records(&self) -> Vec<Value> {
-        self.audit_text()
+        let text = self.audit_text();
+        let complete = text.rfind('\n').map_or("", |end| &text[..=end]);
+        complete
             .lines()
             .map(|l| {
                 serde_json::from_str(l)
