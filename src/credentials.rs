@@ -132,9 +132,9 @@ impl CredentialStore {
 
     /// Whether any header (name or value), the request target or its authority carries a real
     /// credential's value (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded.
-    pub fn carried_by(&self, parts: &Parts) -> bool {
-        let target = parts
-            .uri
+    /// For requests and for CONNECT alike (whose target is its authority).
+    pub fn carried_by(&self, uri: &Uri, headers: &http::HeaderMap) -> bool {
+        let target = uri
             .path_and_query()
             .map(|p| p.as_str().as_bytes())
             .unwrap_or(b"");
@@ -142,20 +142,15 @@ impl CredentialStore {
         // `Proxy-Authorization` is keyward's own and never forwarded: a credential there goes
         // nowhere (and fails authentication), so it is not worth decoding on every request.
         places.extend(
-            parts
-                .headers
+            headers
                 .iter()
                 .filter(|(name, _)| *name != http::header::PROXY_AUTHORIZATION)
                 .map(|(_, v)| v.as_bytes()),
         );
-        let mut folded: Vec<&[u8]> = parts
-            .headers
-            .keys()
-            .map(|n| n.as_str().as_bytes())
-            .collect();
-        // The absolute URI's (or `:authority`'s) host is looked up, sent as SNI and written as
-        // `Host` even when the agent sent no `Host` header.
-        if let Some(authority) = parts.uri.authority() {
+        let mut folded: Vec<&[u8]> = headers.keys().map(|n| n.as_str().as_bytes()).collect();
+        // The absolute URI's (or `:authority`'s, or CONNECT's) host is looked up, sent as SNI
+        // and written as `Host` even when the agent sent no `Host` header.
+        if let Some(authority) = uri.authority() {
             folded.push(authority.as_str().as_bytes());
         }
         // Header names arrive lowercased and hosts are case-folded: compare them without case.
@@ -175,15 +170,7 @@ impl CredentialStore {
     }
 
     fn scan(&self, places: &[&[u8]], fold: bool) -> bool {
-        let mut hay: Vec<std::borrow::Cow<'_, [u8]>> = Vec::new();
-        for &p in places {
-            hay.push(p.into());
-            if let Some(decoded) = percent_decoded(p) {
-                decoded_base64_tokens(&decoded, &mut hay);
-                hay.push(decoded.into());
-            }
-            decoded_base64_tokens(p, &mut hay);
-        }
+        let mut hay = spellings(places);
         if fold {
             for h in &mut hay {
                 h.to_mut().make_ascii_lowercase();
@@ -258,6 +245,21 @@ fn window_hash(w: &[u8]) -> u64 {
     h ^= h >> 29;
     h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^ (h >> 32)
+}
+
+/// Each place as sent, percent-decoded, and with its base64 runs decoded (also after
+/// percent-decoding): every spelling an upstream might decode a credential from.
+fn spellings<'a>(places: &[&'a [u8]]) -> Vec<std::borrow::Cow<'a, [u8]>> {
+    let mut hay = Vec::with_capacity(places.len());
+    for &p in places {
+        hay.push(p.into());
+        if let Some(decoded) = percent_decoded(p) {
+            decoded_base64_tokens(&decoded, &mut hay);
+            hay.push(decoded.into());
+        }
+        decoded_base64_tokens(p, &mut hay);
+    }
+    hay
 }
 
 /// `bytes` with every valid `%XX` decoded, or `None` if it has none.
@@ -535,13 +537,8 @@ mod tests {
     fn egress_scan_decodes_percent_and_base64_spellings() {
         let secret = b"sk_live_0123456789";
         let finds = |text: &str| {
-            let mut hay: Vec<std::borrow::Cow<'_, [u8]>> = vec![text.as_bytes().into()];
-            if let Some(d) = percent_decoded(text.as_bytes()) {
-                decoded_base64_tokens(&d, &mut hay);
-                hay.push(d.into());
-            }
-            decoded_base64_tokens(text.as_bytes(), &mut hay);
-            hay.iter()
+            spellings(&[text.as_bytes()])
+                .iter()
                 .any(|h| memchr::memmem::find(h, secret).is_some())
         };
         let std64 = STANDARD.encode(secret);

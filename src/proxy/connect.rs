@@ -82,10 +82,7 @@ pub async fn handle(
     draft.set_target("CONNECT", Scheme::Https, &host, port, "");
     // SECURITY: a real credential in the agent's hands has leaked; not even a blind tunnel's
     // name (or its SNI/DNS lookup) may carry it out.
-    let values: Vec<&[u8]> = req.headers().values().map(|v| v.as_bytes()).collect();
-    let creds = &generation.credentials;
-    // The host is case-folded on its way (SNI, DNS, the leaf): compare it without case.
-    if creds.carried_in_any_case(&[authority.as_bytes()]) || creds.carried_in(&values) {
+    if generation.credentials.carried_by(req.uri(), req.headers()) {
         let denial = Denial::bare(Reason::SecretEgress);
         return refuse(&state, &generation, draft, denial, None).await;
     }

@@ -304,16 +304,16 @@ fn prepare(
 
     // The record of a refused target still names where it was aimed: the tunnel's host, or
     // the absolute URI's (lowercased; scrubbed like every refused field).
-    match &ctx.tunnel {
-        Some(t) => draft.set_host(&t.host.host, t.host.port),
-        None => draft.set_host(
-            &parts.uri.host().unwrap_or("").to_ascii_lowercase(),
-            parts.uri.port_u16().unwrap_or(0),
-        ),
-    }
     let target = match &ctx.tunnel {
-        Some(t) => identify::tunnel_target(parts, &t.host)?,
-        None => identify::absolute_target(parts)?,
+        Some(t) => {
+            draft.set_host(&t.host.host, t.host.port);
+            identify::tunnel_target(parts, &t.host)?
+        }
+        None => {
+            let host = parts.uri.host().unwrap_or("").to_ascii_lowercase();
+            draft.set_host(&host, parts.uri.port_u16().unwrap_or(0));
+            identify::absolute_target(parts)?
+        }
     };
     draft.set_target(
         parts.method.as_str(),
@@ -323,7 +323,10 @@ fn prepare(
         target.path.raw_path(),
     );
     // SECURITY: a real credential in the agent's hands has leaked; never let it travel.
-    if generation.credentials.carried_by(parts) {
+    if generation
+        .credentials
+        .carried_by(&parts.uri, &parts.headers)
+    {
         return Err(Reason::SecretEgress.into());
     }
     let facts = RequestFacts {
