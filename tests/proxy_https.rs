@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{
-    bounded, connect_raw, h1_over, h1_send, h2_over, h2_send, read_response, tls_over, Fixture,
-    Harness, Task,
+    bounded, connect_raw, h1_send, h2_send, read_response, tls_over, tunnel_h1, tunnel_h2, Fixture,
+    Harness,
 };
 use futures_util::StreamExt;
 use http_body_util::Full;
@@ -29,26 +29,6 @@ fn get(path: &str, host: &str) -> http::Request<Full<Bytes>> {
         .header("host", host)
         .body(Full::new(Bytes::new()))
         .unwrap()
-}
-
-/// Opens an intercepted HTTP/1.1 connection to `host:port` through keyward for `task`.
-async fn tunnel_h1(
-    f: &Fixture,
-    task: &Task,
-    host: &str,
-) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    let authority = format!("{host}:{}", f.tls.port());
-    let (tcp, head) = connect_raw(
-        f.kw.proxy_addr,
-        &authority,
-        Some(&Harness::proxy_auth(task)),
-    )
-    .await;
-    assert_eq!(head.status, 200, "CONNECT {authority}: {}", head.text());
-    let tls = tls_over(tcp, host, &f.kw.ca_pem(), &[b"http/1.1"])
-        .await
-        .unwrap();
-    h1_over(tls).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,25 +230,6 @@ async fn host_header_naming_another_host_inside_the_tunnel_is_host_mismatch() {
         vec![f.creds.tls_token.clone()]
     );
     kw.assert_no_leaks().await;
-}
-
-/// Opens an intercepted HTTP/2 connection to `host:port` through keyward for `task`.
-async fn tunnel_h2(
-    f: &Fixture,
-    task: &Task,
-    host: &str,
-) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let authority = format!("{host}:{}", f.tls.port());
-    let (tcp, head) = connect_raw(
-        f.kw.proxy_addr,
-        &authority,
-        Some(&Harness::proxy_auth(task)),
-    )
-    .await;
-    assert_eq!(head.status, 200, "CONNECT {authority}: {}", head.text());
-    let tls = tls_over(tcp, host, &f.kw.ca_pem(), &[b"h2"]).await.unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    h2_over(tls).await
 }
 
 fn h2_get(uri: &str, host_header: Option<&str>) -> http::Request<Full<Bytes>> {

@@ -8,10 +8,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::common::{
-    connect_raw, h1_over, h1_send, h2_over, h2_send, raw_exchange, tls_over, Fixture, Harness,
-    RawResp, Task,
-};
+use crate::common::{h1_send, h2_send, raw_exchange, Fixture, Harness, RawResp, Task};
 
 /// A raw absolute-form request to `host` on the plain upstream's port, with `extra` header
 /// lines (each ending in CRLF) and `Connection: close`.
@@ -62,50 +59,7 @@ pub(crate) fn h2_req(method: &str, uri: &str, body: &'static [u8]) -> http::Requ
         .unwrap()
 }
 
-/// CONNECT to `host` on the TLS upstream's port and a TLS session inside, offering `alpn`.
-pub(crate) async fn tunnel_tls(
-    f: &Fixture,
-    task: &Task,
-    host: &str,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    tunnel_tls_at(f, task, host, f.tls.port(), alpn).await
-}
-
-/// The same to any port.
-pub(crate) async fn tunnel_tls_at(
-    f: &Fixture,
-    task: &Task,
-    host: &str,
-    port: u16,
-    alpn: &[&[u8]],
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let authority = format!("{host}:{port}");
-    let (tcp, head) = connect_raw(
-        f.kw.proxy_addr,
-        &authority,
-        Some(&Harness::proxy_auth(task)),
-    )
-    .await;
-    assert_eq!(head.status, 200, "CONNECT {authority}: {}", head.text());
-    tls_over(tcp, host, &f.kw.ca_pem(), alpn).await.unwrap()
-}
-
-pub(crate) async fn tunnel_h1(
-    f: &Fixture,
-    task: &Task,
-    host: &str,
-) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
-    h1_over(tunnel_tls(f, task, host, &[b"http/1.1"]).await).await
-}
-
-pub(crate) async fn tunnel_h2(
-    f: &Fixture,
-    task: &Task,
-    host: &str,
-) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    h2_over(tunnel_tls(f, task, host, &[b"h2"]).await).await
-}
+pub(crate) use crate::common::{tunnel_h1, tunnel_h2, tunnel_tls, tunnel_tls_at};
 
 /// The one allowed record of `task` for `path` (exactly one, I6).
 pub(crate) async fn allowed_record(kw: &Harness, task: &Task, path: &str) -> serde_json::Value {

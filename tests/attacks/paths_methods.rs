@@ -132,17 +132,7 @@ async fn every_ambiguous_path_form_is_refused_on_plain_http() {
 /// Writes `head` inside a fresh intercepted HTTP/1.1 tunnel to `secure.test` and reads the
 /// answer.
 async fn in_tunnel(f: &Fixture, task: &Task, head: &str) -> RawResp {
-    let authority = format!("secure.test:{}", f.tls.port());
-    let (tcp, connect) = connect_raw(
-        f.kw.proxy_addr,
-        &authority,
-        Some(&Harness::proxy_auth(task)),
-    )
-    .await;
-    assert_eq!(connect.status, 200, "{}", connect.text());
-    let mut tls = tls_over(tcp, "secure.test", &f.kw.ca_pem(), &[b"http/1.1"])
-        .await
-        .unwrap();
+    let mut tls = crate::common::tunnel_tls(f, task, "secure.test", &[b"http/1.1"]).await;
     bounded("write", tls.write_all(head.as_bytes()))
         .await
         .unwrap();

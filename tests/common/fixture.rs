@@ -5,7 +5,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use tokio::net::TcpListener;
 
-use super::{Harness, Setup, TcpEcho, TestCa, Upstream};
+use bytes::Bytes;
+use http_body_util::Full;
+
+use super::{
+    connect_raw, h1_over, h2_over, tls_over, Harness, Setup, Task, TcpEcho, TestCa, Upstream,
+};
 
 // ---------------------------------------------------------------------------------------------
 // The standard fixture
@@ -287,4 +292,60 @@ pub fn extend_policy(policy: &str, services: &str, capabilities: &str, agents: &
             1,
         )
         .replacen("\nagents:\n", &format!("\nagents:\n{agents}"), 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Intercepted tunnels
+
+/// CONNECT to `host` on the TLS upstream's port and a TLS session inside, offering `alpn`.
+pub async fn tunnel_tls(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tunnel_tls_at(f, task, host, f.tls.port(), alpn).await
+}
+
+/// The same to any port.
+pub async fn tunnel_tls_at(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+    port: u16,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let authority = format!("{host}:{port}");
+    let (tcp, head) = connect_raw(
+        f.kw.proxy_addr,
+        &authority,
+        Some(&Harness::proxy_auth(task)),
+    )
+    .await;
+    assert_eq!(head.status, 200, "CONNECT {authority}: {}", head.text());
+    tls_over(tcp, host, &f.kw.ca_pem(), alpn).await.unwrap()
+}
+
+/// An intercepted HTTP/1.1 connection to `host` through keyward for `task`.
+pub async fn tunnel_h1(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    h1_over(tunnel_tls(f, task, host, &[b"http/1.1"]).await).await
+}
+
+/// An intercepted HTTP/2 connection (ALPN `h2`) to `host` through keyward for `task`.
+pub async fn tunnel_h2(
+    f: &Fixture,
+    task: &Task,
+    host: &str,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tls = tunnel_tls(f, task, host, &[b"h2"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "keyward offers h2"
+    );
+    h2_over(tls).await
 }
