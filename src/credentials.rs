@@ -32,9 +32,63 @@ const _: () = assert!(MIN_SCAN_LEN == 8);
 
 /// A value and when it was read.
 struct Cached {
-    value: Option<Arc<Secret>>,
+    value: Option<Arc<CredentialValue>>,
     checked: Instant,
     mtime: Option<SystemTime>,
+}
+
+/// A credential's value with the forms that are looked for on every request, derived once per
+/// value rather than per request. Every copy zeroizes on drop.
+pub struct CredentialValue {
+    secret: Secret,
+    /// The value lowercased, for places that are case-folded on the way (header names, hosts).
+    folded: zeroize::Zeroizing<Vec<u8>>,
+    /// The spellings an upstream may reflect it in: raw, base64 (standard and URL-safe, without
+    /// padding) and percent-encoded; distinct, at least 4 bytes (see `proxy::redact`).
+    reflections: Vec<zeroize::Zeroizing<Vec<u8>>>,
+}
+
+impl CredentialValue {
+    pub fn new(secret: Secret) -> CredentialValue {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+        use zeroize::Zeroizing;
+        let raw = secret.expose().as_bytes();
+        // Each form is written into a buffer of its final size, so no reallocation leaves an
+        // unwiped copy behind.
+        let base64 = |engine: &base64::engine::GeneralPurpose| {
+            let len = base64::encoded_len(raw.len(), false).unwrap_or(0);
+            let mut out = Zeroizing::new(String::with_capacity(len));
+            engine.encode_string(raw, &mut out);
+            Zeroizing::new(out.as_bytes().to_vec())
+        };
+        let mut percent = Zeroizing::new(Vec::with_capacity(raw.len() * 3));
+        percent_encode_into(raw, &mut percent);
+        let mut reflections: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(4);
+        for form in [
+            Zeroizing::new(raw.to_vec()),
+            base64(&STANDARD_NO_PAD),
+            base64(&URL_SAFE_NO_PAD),
+            percent,
+        ] {
+            if form.len() >= 4 && !reflections.iter().any(|r| r.as_slice() == form.as_slice()) {
+                reflections.push(form);
+            }
+        }
+        CredentialValue {
+            folded: Zeroizing::new(raw.to_ascii_lowercase()),
+            secret,
+            reflections,
+        }
+    }
+
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// What a response must not carry back to the agent (raw, base64, percent-encoded).
+    pub fn reflections(&self) -> &[zeroize::Zeroizing<Vec<u8>>] {
+        &self.reflections
+    }
 }
 
 /// One credential of the policy, by index.
@@ -71,7 +125,7 @@ impl CredentialStore {
             let value = read_source(&slot.source).await;
             slot.cache.store(Some(Arc::new(Cached {
                 mtime: file_mtime(&slot.source),
-                value: value.map(Arc::new),
+                value: value.map(|v| Arc::new(CredentialValue::new(v))),
                 checked: Instant::now(),
             })));
             slots.push(slot);
@@ -97,7 +151,7 @@ impl CredentialStore {
                         continue;
                     }
                     slot.cache.store(Some(Arc::new(Cached {
-                        value: value.map(Arc::new),
+                        value: value.map(|v| Arc::new(CredentialValue::new(v))),
                         checked: Instant::now(),
                         mtime: None,
                     })));
@@ -107,15 +161,8 @@ impl CredentialStore {
     }
 
     /// The current value of credential `idx`, or `None` if it cannot be read now.
-    pub fn get(&self, idx: usize) -> Option<Arc<Secret>> {
-        let slot = self.slots.get(idx)?;
-        let cached = slot.cache.load_full();
-        if let (SecretSource::File(path), Some(c)) = (&slot.source, cached.as_ref()) {
-            if c.checked.elapsed() >= FILE_CHECK_INTERVAL {
-                return Some(refresh_file(slot, path, c)?).flatten();
-            }
-        }
-        cached.and_then(|c| c.value.clone())
+    pub fn get(&self, idx: usize) -> Option<Arc<CredentialValue>> {
+        current(self.slots.get(idx)?, Instant::now())
     }
 
     pub fn name(&self, idx: usize) -> Option<&str> {
@@ -139,72 +186,109 @@ impl CredentialStore {
             .map(|p| p.as_str().as_bytes())
             .unwrap_or(b"");
         let mut places: Vec<&[u8]> = vec![target];
-        // `Proxy-Authorization` is keyward's own and never forwarded: a credential there goes
-        // nowhere (and fails authentication), so it is not worth decoding on every request.
+        // `Proxy-Authorization` (name and value) is keyward's own and never forwarded: a
+        // credential there goes nowhere (and fails authentication), so it is not worth decoding
+        // on every request.
         places.extend(
             headers
                 .iter()
                 .filter(|(name, _)| *name != http::header::PROXY_AUTHORIZATION)
                 .map(|(_, v)| v.as_bytes()),
         );
-        let mut folded: Vec<&[u8]> = headers.keys().map(|n| n.as_str().as_bytes()).collect();
+        let mut folded: Vec<&[u8]> = headers
+            .keys()
+            .filter(|name| *name != http::header::PROXY_AUTHORIZATION)
+            .map(|name| name.as_str().as_bytes())
+            .collect();
         // The absolute URI's (or `:authority`'s, or CONNECT's) host is looked up, sent as SNI
         // and written as `Host` even when the agent sent no `Host` header.
         if let Some(authority) = uri.authority() {
             folded.push(authority.as_str().as_bytes());
         }
         // Header names arrive lowercased and hosts are case-folded: compare them without case.
-        self.carried_in(&places) || self.carried_in_any_case(&folded)
+        self.scan(&places, &folded)
     }
 
     /// Whether any of `places` carries a real credential's value in a spelling an upstream
     /// would decode: raw, percent-encoded (any case, any subset of bytes), or base64 (standard
     /// or URL-safe, padded or not, e.g. inside a Basic pair).
     pub fn carried_in(&self, places: &[&[u8]]) -> bool {
-        self.scan(places, false)
+        self.scan(places, &[])
     }
 
     /// The same, ignoring ASCII case: for what is case-folded on the way (header names, hosts).
     pub fn carried_in_any_case(&self, places: &[&[u8]]) -> bool {
-        self.scan(places, true)
+        self.scan(&[], places)
     }
 
-    fn scan(&self, places: &[&[u8]], fold: bool) -> bool {
+    /// One pass over the credentials for both kinds of places (each value is loaded once).
+    fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> bool {
+        let exact = Places::new(exact, false);
+        let folded = Places::new(folded, true);
+        if exact.longest.max(folded.longest) < MIN_SCAN_LEN {
+            return false;
+        }
+        let now = Instant::now();
+        self.slots
+            .iter()
+            .filter_map(|slot| current(slot, now))
+            .any(|value| {
+                exact.contain(value.secret.expose().as_bytes()) || folded.contain(&value.folded)
+            })
+    }
+}
+
+/// Every spelling of some places, ready to be searched for credential values.
+struct Places<'a> {
+    hay: Vec<std::borrow::Cow<'a, [u8]>>,
+    /// A value longer than every place cannot be in any.
+    longest: usize,
+    /// Every window of the places, hashed into a small Bloom filter: a value whose first window
+    /// is not in it is in no place, found without building its `Finder`.
+    windows: WindowFilter,
+}
+
+impl<'a> Places<'a> {
+    fn new(places: &[&'a [u8]], fold: bool) -> Places<'a> {
         let mut hay = spellings(places);
         if fold {
-            for h in &mut hay {
+            // Most of these (header names) are lowercase already and stay borrowed.
+            for h in hay
+                .iter_mut()
+                .filter(|h| h.iter().any(u8::is_ascii_uppercase))
+            {
                 h.to_mut().make_ascii_lowercase();
             }
         }
-        // A secret longer than every place cannot be in any; skipping it saves building its
-        // `Finder` (the scan's main cost: header names and hosts are short).
-        let longest = hay.iter().map(|h| h.len()).max().unwrap_or(0);
-        // Every window of the places, hashed into a small Bloom filter: a secret whose first
-        // window is not in it is in no place, found without building its `Finder`.
-        let windows = WindowFilter::of(&hay);
-        for i in 0..self.slots.len() {
-            let Some(secret) = self.get(i) else { continue };
-            let needle = secret.expose().as_bytes();
-            if needle.len() < MIN_SCAN_LEN || needle.len() > longest {
-                continue;
-            }
-            let folded;
-            let needle = if fold {
-                folded = zeroize::Zeroizing::new(needle.to_ascii_lowercase());
-                folded.as_slice()
-            } else {
-                needle
-            };
-            if !windows.may_contain(needle) {
-                continue;
-            }
-            let finder = memchr::memmem::Finder::new(needle);
-            if hay.iter().any(|h| finder.find(h).is_some()) {
-                return true;
-            }
+        Places {
+            longest: hay.iter().map(|h| h.len()).max().unwrap_or(0),
+            windows: WindowFilter::of(&hay),
+            hay,
         }
-        false
     }
+
+    fn contain(&self, needle: &[u8]) -> bool {
+        if needle.len() < MIN_SCAN_LEN || needle.len() > self.longest {
+            return false;
+        }
+        if !self.windows.may_contain(needle) {
+            return false;
+        }
+        let finder = memchr::memmem::Finder::new(needle);
+        self.hay.iter().any(|h| finder.find(h).is_some())
+    }
+}
+
+/// The slot's value as of `now`: a `file:` source is re-checked at most once a
+/// `FILE_CHECK_INTERVAL`.
+fn current(slot: &CredentialSlot, now: Instant) -> Option<Arc<CredentialValue>> {
+    let cached = slot.cache.load();
+    if let (SecretSource::File(path), Some(c)) = (&slot.source, cached.as_ref()) {
+        if now.saturating_duration_since(c.checked) >= FILE_CHECK_INTERVAL {
+            return refresh_file(slot, path, c);
+        }
+    }
+    cached.as_ref().and_then(|c| c.value.clone())
 }
 
 /// The `MIN_SCAN_LEN`-byte windows of a request's places as a 4096-bit Bloom filter. Holds
@@ -317,24 +401,24 @@ fn decoded_base64_tokens<'a>(bytes: &[u8], out: &mut Vec<std::borrow::Cow<'a, [u
     }
 }
 
-/// Re-reads a file source if its modification time changed. Returns `Some(value)` when checked.
+/// Re-reads a file source if its modification time changed; the value as of now.
 fn refresh_file(
     slot: &CredentialSlot,
     path: &PathBuf,
     old: &Cached,
-) -> Option<Option<Arc<Secret>>> {
+) -> Option<Arc<CredentialValue>> {
     let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let value = if mtime.is_some() && mtime == old.mtime {
         old.value.clone()
     } else {
-        read_file(path).map(Arc::new)
+        read_file(path).map(|v| Arc::new(CredentialValue::new(v)))
     };
     slot.cache.store(Some(Arc::new(Cached {
         value: value.clone(),
         checked: Instant::now(),
         mtime,
     })));
-    Some(value)
+    value
 }
 
 fn file_mtime(source: &SecretSource) -> Option<SystemTime> {
@@ -384,7 +468,7 @@ fn trimmed(mut v: String) -> Option<Secret> {
 /// What was injected: the credential's index and value (for redacting reflections).
 pub struct Injected {
     pub credential: usize,
-    pub secret: Arc<Secret>,
+    pub value: Arc<CredentialValue>,
 }
 
 pub fn inject(
@@ -401,7 +485,8 @@ pub fn inject(
         | Injection::Query { credential, .. }
         | Injection::Basic { credential, .. } => *credential,
     };
-    let secret = store.get(idx).ok_or(Reason::CredentialUnavailable)?;
+    let value = store.get(idx).ok_or(Reason::CredentialUnavailable)?;
+    let secret = value.secret();
     match injection {
         Injection::Header {
             name,
@@ -430,7 +515,7 @@ pub fn inject(
     }
     Ok(Some(Injected {
         credential: idx,
-        secret,
+        value,
     }))
 }
 
@@ -469,15 +554,22 @@ fn with_query_param(uri: &Uri, param: &str, secret: &str) -> Option<Uri> {
 }
 
 fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
+    let mut out = Vec::with_capacity(s.len() * 3);
+    percent_encode_into(s.as_bytes(), &mut out);
+    // Only ASCII was pushed.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// RFC 3986 percent-encoding of everything but unreserved characters.
+fn percent_encode_into(bytes: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
+            out.push(b);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
         }
     }
-    out
 }
 
 fn percent_decode(s: &str) -> Option<String> {

@@ -146,7 +146,7 @@ async fn handle_request(
             .name(inj.credential)
             .map(str::to_string);
         if let Some(how) = &generation.policy.service_at(permit.service()).inject {
-            redactor = Some(Box::new(Redactor::for_injection(how, &inj.secret)));
+            redactor = Some(Box::new(Redactor::for_injection(how, inj.value.clone())));
             // SECURITY (I4): ask for an identity-encoded response, so a reflected credential
             // cannot hide from the redactor inside a compressed body.
             parts.headers.insert(

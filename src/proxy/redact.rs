@@ -6,20 +6,29 @@
 //! the longest needle minus one byte so an occurrence split across frames is still found.
 //! Never logs what it finds.
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD_NO_PAD;
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use zeroize::Zeroizing;
 
+use crate::credentials::CredentialValue;
 use crate::policy::Injection;
-use crate::secret::Secret;
 
 const MARK: &[u8] = b"[redacted]";
 
+/// Haystacks shorter than this are searched without building a `memmem::Finder` (its set-up
+/// costs more than a `memchr` walk over a header value or a small body).
+const SMALL_HAY: usize = 1024;
+
 /// The byte strings that must not reach the agent, and a streaming scanner over them.
 pub struct Redactor {
-    needles: Vec<Zeroizing<Vec<u8>>>,
+    /// The credential's reflections (derived once per value, see `CredentialValue`).
+    value: Arc<CredentialValue>,
+    /// An injected form that is not derived from the value alone (a Basic pair).
+    extra: Option<Zeroizing<Vec<u8>>>,
     longest: usize,
     carry: BytesMut,
     found: u64,
@@ -27,48 +36,52 @@ pub struct Redactor {
 
 impl Redactor {
     /// Needles for one credential: raw, base64 (standard and URL-safe), percent-encoded.
-    /// `extra` adds injected forms that are not the raw secret (e.g. a Basic auth value).
-    pub fn new(secret: &Secret, extra: Option<&str>) -> Redactor {
-        let raw = secret.expose().as_bytes();
-        let mut needles: Vec<Zeroizing<Vec<u8>>> = vec![Zeroizing::new(raw.to_vec())];
-        let mut push = |n: Vec<u8>| {
-            if n.len() >= 4 && !needles.iter().any(|x| x.as_slice() == n.as_slice()) {
-                needles.push(Zeroizing::new(n));
-            } else {
-                drop(Zeroizing::new(n));
-            }
-        };
-        push(
-            STANDARD
-                .encode(raw)
-                .trim_end_matches('=')
-                .as_bytes()
-                .to_vec(),
-        );
-        push(URL_SAFE_NO_PAD.encode(raw).into_bytes());
-        push(percent_encode(raw));
-        if let Some(e) = extra {
-            push(e.as_bytes().to_vec());
-        }
-        let longest = needles.iter().map(|n| n.len()).max().unwrap_or(0);
-        Redactor {
-            needles,
-            longest,
+    /// `extra` adds an injected form that is not the raw secret (e.g. a Basic auth value).
+    pub fn new(value: Arc<CredentialValue>, extra: Option<Zeroizing<Vec<u8>>>) -> Redactor {
+        let extra = extra.filter(|e| {
+            e.len() >= 4
+                && !value
+                    .reflections()
+                    .iter()
+                    .any(|r| r.as_slice() == e.as_slice())
+        });
+        let mut r = Redactor {
+            value,
+            extra,
+            longest: 0,
             carry: BytesMut::new(),
             found: 0,
-        }
+        };
+        r.longest = r.needles().map(<[u8]>::len).max().unwrap_or(0);
+        r
     }
 
     /// The redactor for a credential injected as `injection` describes.
-    pub fn for_injection(injection: &Injection, secret: &Secret) -> Redactor {
+    pub fn for_injection(injection: &Injection, value: Arc<CredentialValue>) -> Redactor {
         match injection {
             Injection::Basic { username, .. } => {
-                let pair = Zeroizing::new(format!("{username}:{}", secret.expose()));
-                let encoded = Zeroizing::new(STANDARD.encode(pair.as_bytes()));
-                Redactor::new(secret, Some(encoded.trim_end_matches('=')))
+                let secret = value.secret().expose();
+                let mut pair =
+                    Zeroizing::new(String::with_capacity(username.len() + 1 + secret.len()));
+                pair.push_str(username);
+                pair.push(':');
+                pair.push_str(secret);
+                let len = base64::encoded_len(pair.len(), false).unwrap_or(0);
+                let mut encoded = Zeroizing::new(String::with_capacity(len));
+                STANDARD_NO_PAD.encode_string(pair.as_bytes(), &mut encoded);
+                let extra = Zeroizing::new(encoded.as_bytes().to_vec());
+                Redactor::new(value, Some(extra))
             }
-            Injection::Header { .. } | Injection::Query { .. } => Redactor::new(secret, None),
+            Injection::Header { .. } | Injection::Query { .. } => Redactor::new(value, None),
         }
+    }
+
+    fn needles(&self) -> impl Iterator<Item = &[u8]> {
+        self.value
+            .reflections()
+            .iter()
+            .chain(self.extra.as_ref())
+            .map(|n| n.as_slice())
     }
 
     /// Occurrences replaced so far.
@@ -84,7 +97,7 @@ impl Redactor {
             .keys()
             .filter(|name| {
                 let name = name.as_str().as_bytes();
-                self.needles.iter().any(|n| {
+                self.needles().any(|n| {
                     name.len() >= n.len()
                         && name.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
                 })
@@ -96,6 +109,9 @@ impl Redactor {
             self.found += 1;
         }
         for value in headers.values_mut() {
+            if !self.contains_any(value.as_bytes()) {
+                continue;
+            }
             let (out, n) = self.replace_all(value.as_bytes());
             if n > 0 {
                 self.found += n;
@@ -111,7 +127,7 @@ impl Redactor {
 
     /// Feeds a body frame; returns the bytes that are safe to send now.
     pub fn push(&mut self, chunk: Bytes) -> Bytes {
-        if self.needles.is_empty() {
+        if self.longest == 0 {
             return chunk;
         }
         // The common case — nothing held back, no needle in the frame — passes the frame on
@@ -136,22 +152,22 @@ impl Redactor {
     }
 
     fn contains_any(&self, hay: &[u8]) -> bool {
-        self.needles
-            .iter()
-            .any(|n| hay.len() >= n.len() && memchr::memmem::find(hay, n).is_some())
+        self.needles().any(|n| find(hay, n).is_some())
     }
 
     /// Length of the longest tail of `out` that is a proper prefix of some needle.
     fn partial_tail(&self, out: &[u8]) -> usize {
         let max = self.longest.saturating_sub(1).min(out.len());
-        (1..=max)
-            .rev()
-            .find(|&k| {
-                let tail = &out[out.len() - k..];
-                self.needles
-                    .iter()
-                    .any(|n| n.len() > k && n.starts_with(tail))
+        let region = &out[out.len() - max..];
+        self.needles()
+            .filter_map(|n| {
+                // Only a position holding the needle's first byte can start it.
+                let first = *n.first()?;
+                memchr::memchr_iter(first, region)
+                    .map(|at| region.len() - at)
+                    .find(|&k| k < n.len() && n.starts_with(&region[region.len() - k..]))
             })
+            .max()
             .unwrap_or(0)
     }
 
@@ -163,17 +179,13 @@ impl Redactor {
     fn replace_all(&self, hay: &[u8]) -> (Vec<u8>, u64) {
         let mut out = hay.to_vec();
         let mut count = 0;
-        for needle in &self.needles {
-            if out.len() < needle.len() {
-                continue;
-            }
-            let finder = memchr::memmem::Finder::new(needle.as_slice());
-            if finder.find(&out).is_none() {
+        for needle in self.needles() {
+            if find(&out, needle).is_none() {
                 continue;
             }
             let mut next = Vec::with_capacity(out.len());
             let mut last = 0;
-            for at in finder.find_iter(&out) {
+            for at in memchr::memmem::find_iter(&out, needle) {
                 if at < last {
                     continue;
                 }
@@ -189,24 +201,29 @@ impl Redactor {
     }
 }
 
-fn percent_encode(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
-    for &b in raw {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b);
-        } else {
-            out.extend_from_slice(format!("%{b:02X}").as_bytes());
-        }
+/// The first occurrence of `needle` (not empty) in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let first = *needle.first()?;
+    if hay.len() < needle.len() {
+        return None;
     }
-    out
+    if hay.len() >= SMALL_HAY {
+        return memchr::memmem::find(hay, needle);
+    }
+    let starts = &hay[..=hay.len() - needle.len()];
+    memchr::memchr_iter(first, starts).find(|&at| hay[at..].starts_with(needle))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::secret::Secret;
+    use base64::engine::general_purpose::STANDARD;
+
     fn redactor() -> Redactor {
-        Redactor::new(&Secret::new("sk-live-0123456789".into()), None)
+        let value = CredentialValue::new(Secret::new("sk-live-0123456789".into()));
+        Redactor::new(Arc::new(value), None)
     }
 
     #[test]
@@ -270,6 +287,21 @@ mod tests {
             b"data: "
         );
         assert_eq!(&r.push(Bytes::copy_from_slice(b"ve!"))[..], b"sk-live!");
+    }
+
+    #[test]
+    fn small_and_large_haystacks_are_searched_alike() {
+        let needle = b"sk-live-0123456789";
+        for len in [needle.len(), SMALL_HAY - 1, SMALL_HAY, 3 * SMALL_HAY] {
+            for at in [0, (len - needle.len()) / 2, len - needle.len()] {
+                let mut hay = vec![b's'; len];
+                hay[at..at + needle.len()].copy_from_slice(needle);
+                assert_eq!(find(&hay, needle), Some(at), "len {len} at {at}");
+                hay[at + needle.len() - 1] = b'x';
+                assert_eq!(find(&hay, needle), None, "len {len} at {at}");
+            }
+        }
+        assert_eq!(find(b"short", needle), None);
     }
 
     #[test]
