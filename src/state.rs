@@ -149,8 +149,33 @@ impl RequestIds {
         }
     }
 
+    /// The prefix, then the counter as 12 hex digits (more once past 2^48).
     fn next(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        format!("{}{:012x}", self.prefix, n)
+        let mut id = String::with_capacity(self.prefix.len() + 16);
+        id.push_str(&self.prefix);
+        let digits = (64 - n.leading_zeros()).div_ceil(4).max(12);
+        for i in (0..digits).rev() {
+            id.push(char::from(HEX[((n >> (4 * i)) & 15) as usize]));
+        }
+        id
+    }
+}
+
+#[cfg(test)]
+mod request_id_tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_and_a_zero_padded_hex_counter() {
+        let ids = RequestIds::new();
+        let first = ids.next();
+        let second = ids.next();
+        assert_eq!(first.len(), ids.prefix.len() + 12);
+        assert!(first.ends_with("000000000001"), "{first}");
+        assert!(second.ends_with("000000000002"), "{second}");
+        ids.counter.store(0xabc_dead_beef_f00d, Ordering::Relaxed);
+        assert!(ids.next().ends_with("abcdeadbeeff00d"));
     }
 }

@@ -77,23 +77,59 @@ impl AuditRecord {
 }
 
 /// RFC 3339 in UTC with exactly six fractional digits. Formatted by hand: infallible, and no
-/// format-description parsing on the request path.
+/// formatting machinery on the request path (every record has one).
 pub fn format_ts(t: OffsetDateTime) -> String {
-    use std::fmt::Write as _;
     let t = t.to_offset(time::UtcOffset::UTC);
     let mut s = String::with_capacity(27);
-    let _ = write!(
-        s,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    );
+    // A year outside 0..=9999 cannot come from the system clock; it is clamped, not printed.
+    push_decimal(&mut s, t.year().clamp(0, 9999) as u64, 4);
+    s.push('-');
+    push_decimal(&mut s, u8::from(t.month()).into(), 2);
+    s.push('-');
+    push_decimal(&mut s, t.day().into(), 2);
+    s.push('T');
+    push_decimal(&mut s, t.hour().into(), 2);
+    s.push(':');
+    push_decimal(&mut s, t.minute().into(), 2);
+    s.push(':');
+    push_decimal(&mut s, t.second().into(), 2);
+    s.push('.');
+    push_decimal(&mut s, t.microsecond().into(), 6);
+    s.push('Z');
     s
+}
+
+/// The agent's address as records show it (`127.0.0.1:50312`, `[::1]:50312`).
+pub fn format_client(addr: std::net::SocketAddr) -> String {
+    match addr {
+        std::net::SocketAddr::V4(v4) => {
+            let mut s = String::with_capacity(21);
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                push_decimal(&mut s, octet.into(), 1);
+            }
+            s.push(':');
+            push_decimal(&mut s, v4.port().into(), 1);
+            s
+        }
+        std::net::SocketAddr::V6(_) => addr.to_string(),
+    }
+}
+
+/// Appends `n` in decimal, zero-padded to at least `width` digits.
+pub(crate) fn push_decimal(s: &mut String, mut n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    while n > 0 || digits.len() - at < width.max(1) {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    for &d in &digits[at..] {
+        s.push(char::from(d));
+    }
 }
 
 /// Why the audit log cannot be opened or continued.
@@ -129,6 +165,36 @@ mod tests {
         let now = AuditRecord::now_ts();
         assert_eq!(now.len(), 27);
         assert!(now.ends_with('Z'));
+    }
+
+    #[test]
+    fn client_reads_as_std_prints_it() {
+        for addr in [
+            "127.0.0.1:50312",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "[::1]:8080",
+        ] {
+            let a: std::net::SocketAddr = addr.parse().unwrap();
+            assert_eq!(format_client(a), a.to_string());
+        }
+    }
+
+    #[test]
+    fn decimals_are_zero_padded_to_width() {
+        for (n, width, text) in [
+            (0, 1, "0"),
+            (7, 2, "07"),
+            (123456, 6, "123456"),
+            (42, 6, "000042"),
+        ] {
+            let mut s = String::new();
+            push_decimal(&mut s, n, width);
+            assert_eq!(s, text);
+        }
+        let mut s = String::new();
+        push_decimal(&mut s, u64::MAX, 1);
+        assert_eq!(s, u64::MAX.to_string());
     }
 
     #[test]

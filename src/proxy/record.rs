@@ -57,7 +57,7 @@ impl RecordDraft {
                 upstream_ms: None,
                 bytes_up: 0,
                 bytes_down: 0,
-                client: client.to_string(),
+                client: crate::audit::format_client(client),
                 policy_version: policy_version.to_string(),
                 outcome: None,
             },
