@@ -176,3 +176,45 @@ async fn a_task_at_its_in_flight_limit_does_not_starve_another() {
     assert_eq!(resp.status, 200, "{}", resp.body);
     kw.assert_no_leaks().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
+    let Fixture { mut kw, plain, .. } = Fixture::start().await;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = plain.port();
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET http://plain.test:{port}/slow HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\n\r\n",
+            Harness::proxy_auth(&task)
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // The upstream has the request (and answers 600 ms later): keyward is told to stop now.
+    bounded("the upstream sees the request", async {
+        while plain.hits() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let client = async {
+        let resp = read_response(&mut tcp).await;
+        // Then the connection is closed (no keep-alive past shutdown).
+        expect_closed(&mut tcp, "connection after the drained request").await;
+        resp
+    };
+    let (resp, ()) = tokio::join!(client, kw.stop());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.body, b"slow answer\n");
+    // The request has its record in the flushed log.
+    let text = kw.audit_text();
+    let rec: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|r: &serde_json::Value| r["path"] == "/slow")
+        .unwrap_or_else(|| panic!("no record of the drained request in {text}"));
+    assert_eq!(rec["status"], 200);
+    assert_eq!(rec["outcome"], "completed");
+}

@@ -22,9 +22,14 @@ use crate::state::State;
 
 pub type AdminResponse = Response<Full<Bytes>>;
 
-/// Accepts admin connections until shutdown.
+/// Accepts admin connections until shutdown, then lets open ones finish (bounded).
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    accept(listener, &state, &limit).await;
+    crate::proxy::conn::drain(&limit, MAX_ADMIN_CONNECTIONS).await;
+}
+
+async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
     let mut shutdown = state.shutdown_signal();
     loop {
         let permit = tokio::select! {

@@ -74,6 +74,14 @@ fn unparsed_status(e: &hyper::Error) -> Option<u16> {
 /// How long connections may take to finish in-flight requests at shutdown.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
+/// Waits, at most `DRAIN`, until every one of a listener's `capacity` connection permits is
+/// back: its connections (and the tunnels they became) have ended. Called once the listener
+/// stopped accepting; without it the runtime would drop requests still in flight at exit.
+pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize) {
+    let all = u32::try_from(capacity).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN, limit.acquire_many(all)).await;
+}
+
 /// Serves the HTTP inside an intercepted tunnel until it closes, `close` is notified (an
 /// authentication failure inside the tunnel), or keyward shuts down. Returns what
 /// `serve_plain` returns.

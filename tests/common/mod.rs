@@ -224,6 +224,11 @@ impl Harness {
 
     /// Stops keyward and flushes its audit log.
     pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    /// Stops keyward and flushes its audit log, keeping its files to read.
+    pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
             bounded("shutdown", r.shutdown()).await;
         }

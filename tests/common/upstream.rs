@@ -229,6 +229,11 @@ async fn echo(
     seen.lock().unwrap().push(record.clone());
 
     match parts.uri.path() {
+        "/slow" => {
+            // Answers late enough for a test to act while the request is in flight.
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            Ok(Response::new(full("slow answer\n")))
+        }
         "/sse" => {
             let events = futures_util::stream::unfold(0u32, |i| async move {
                 if i >= 3 {
