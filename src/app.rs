@@ -31,6 +31,13 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         std::thread::available_parallelism().ok().map(|n| n.get())
     });
     tracing::info!(workers, "starting the async runtime");
+    if workers == 1 {
+        // One CPU: every task on the thread that runs `main`. No work-stealing queues, and no
+        // cross-thread wake-ups between the accept loop and the connections it spawns.
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
         .enable_all()

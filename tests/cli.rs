@@ -444,6 +444,14 @@ async fn serve_runs_one_worker_per_cpu_it_may_use() {
             None => cmd.env_remove("KEYWARD_WORKERS"),
         };
         let mut served = serve_cmd(cmd).await;
+        // Either runtime (one thread, or a pool) serves the proxy listener end to end.
+        let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
+        let refused = common::raw_exchange(
+            proxy,
+            b"GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(refused.status, 407, "KEYWARD_WORKERS={workers:?}");
         served.child.start_kill().unwrap();
         let (_, log) = served.finish().await;
         assert!(
