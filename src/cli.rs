@@ -254,7 +254,7 @@ fn check(config: &Path) -> Result<(), Failure> {
         }
         Err(errors) => {
             for e in &errors.0 {
-                println!("{e}");
+                eprintln!("{e}");
             }
             Err(Failure::user(format!(
                 "{} has {} error(s)",

@@ -9,7 +9,15 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    let cli = keyward::cli::Cli::parse();
+    let cli = match keyward::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // `--help` and `--version` succeed; a usage mistake is a user error (SPEC §6: exit 1),
+        // not clap's default 2, which keyward keeps for internal errors.
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
     // `serve` narrates its life at info; one-shot commands speak only to fail (one sentence).
     let default_level = match cli.command {
         keyward::cli::Command::Serve { .. } => "info",
