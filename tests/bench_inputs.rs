@@ -37,6 +37,10 @@ fn generated_policies_are_valid_and_exact() {
 
 #[test]
 fn harness_policy_is_valid_and_covers_the_origin() {
+    // `tls.ca_file` is read when the policy is checked: the origin's CA must exist.
+    let dir = tempfile::tempdir().unwrap();
+    let origin_ca = dir.path().join("origin-ca.pem");
+    keyward::tls::ca::CertAuthority::create(&origin_ca, &dir.path().join("origin-ca.key")).unwrap();
     let spec = Spec {
         harness: Some(Harness {
             proxy_listen: "127.0.0.1:14000".into(),
@@ -47,7 +51,7 @@ fn harness_policy_is_valid_and_covers_the_origin() {
             origin_host: "localhost".into(),
             origin_https_port: 18443,
             origin_http_port: 18080,
-            origin_ca: "/b/certs/origin-ca.pem".into(),
+            origin_ca: origin_ca.to_str().unwrap().into(),
             passthrough: vec!["127.0.0.1".into()],
         }),
         ..Spec::large()

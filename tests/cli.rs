@@ -78,6 +78,7 @@ credentials:
 services:
   api:
     hosts: [api.test]
+    tls: { ca_file: no-such-upstream-ca.pem }
     inject: { header: Authorization, value: "Bearer ${credential}", credential: missing_cred }
   clear:
     hosts: [clear.test]
@@ -116,8 +117,10 @@ async fn check_reports_every_error_as_file_line_column_key_path_message() {
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    // Errors go to stderr (SPEC §6).
+    assert_eq!(stdout, "", "{stderr}");
 
-    let errors: Vec<(usize, usize, String)> = format!("{stdout}{stderr}")
+    let errors: Vec<(usize, usize, String)> = stderr
         .lines()
         .filter_map(|l| l.strip_prefix(&format!("{path}:")))
         .map(|rest| {
@@ -139,6 +142,10 @@ async fn check_reports_every_error_as_file_line_column_key_path_message() {
     let expected = [
         ("surprise_option", "proxy.surprise_option"),
         ("sk_literal_admin_value_zq9", "admin.token"),
+        (
+            "ca_file: no-such-upstream-ca.pem",
+            "services.api.tls.ca_file",
+        ),
         ("credential: missing_cred", "services.api.inject"),
         ("credential: api_token }", "services.clear.inject"),
         ("risk: extreme", "capabilities.api.read.risk"),
@@ -182,6 +189,35 @@ async fn check_on_a_missing_file_exits_1_with_one_sentence() {
     let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
     assert!(all.contains("/nonexistent/keyward/policy.yaml"), "{all}");
     assert!(!all.contains("panicked"), "{all}");
+}
+
+#[tokio::test]
+async fn usage_mistakes_exit_1_and_help_exits_0() {
+    for args in [
+        &[][..],
+        &["bogus"][..],
+        &["check"][..],
+        &["check", "--config", "x.yaml", "--nope"][..],
+    ] {
+        let out = keyward(args).await;
+        assert_eq!(out.status.code(), Some(1), "keyward {args:?}");
+        assert!(
+            !text(&out.stderr).is_empty(),
+            "keyward {args:?} says why on stderr"
+        );
+    }
+    for args in [
+        &["--help"][..],
+        &["check", "--help"][..],
+        &["--version"][..],
+    ] {
+        let out = keyward(args).await;
+        assert_eq!(out.status.code(), Some(0), "keyward {args:?}");
+        assert!(
+            !text(&out.stdout).is_empty(),
+            "keyward {args:?} prints on stdout"
+        );
+    }
 }
 
 /// A small valid policy with file credentials (their values are secrets to look for).

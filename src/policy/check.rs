@@ -172,8 +172,17 @@ fn check_service(
         }
         seen.push(host);
     }
-    if let (Some(ca), Scheme::Http) = (&s.ca_file, s.scheme) {
-        errs.push(ca.pos, &ca.path, "`tls` applies only to `scheme: https`");
+    match (&s.ca_file, s.scheme) {
+        (Some(ca), Scheme::Http) => {
+            errs.push(ca.pos, &ca.path, "`tls` applies only to `scheme: https`");
+        }
+        // Read now, so `check` refuses what `serve` and reload would (with a position).
+        (Some(ca), Scheme::Https) => {
+            if let Err(e) = crate::tls::upstream::check_ca_file(&ca.value) {
+                errs.push(ca.pos, &ca.path, e.to_string());
+            }
+        }
+        (None, _) => {}
     }
     let mut inject = None;
     if let Some(raw) = &s.inject {

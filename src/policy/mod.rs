@@ -245,8 +245,16 @@ agents:
 
 passthrough: []                      # hosts tunnelled blind (no inspection, no credential)
 "#;
-        let p = ok(text);
-        let base = Path::new("/etc/keyward");
+        // `tls.ca_file` is read when the policy is checked: give it a real CA certificate.
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        std::fs::create_dir(base.join("certs")).unwrap();
+        crate::tls::ca::CertAuthority::create(
+            &base.join("certs/upstream-ca.pem"),
+            &base.join("certs/upstream-ca-key.pem"),
+        )
+        .unwrap();
+        let p = parse("p.yaml", text, base).unwrap_or_else(|e| panic!("policy rejected:\n{e}"));
         assert_eq!(p.version.len(), 16);
         assert!(p.version.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(p.proxy.listen, "127.0.0.1:8480".parse().unwrap());

@@ -111,8 +111,8 @@ pub(crate) fn read_service(
         let path = ca.string(errs)?;
         Some(Located {
             value: base_dir.join(path.value),
-            pos: f.key_pos,
-            path: f.path.to_owned(),
+            pos: ca.pos(),
+            path: ca.path.to_owned(),
         })
     });
     let inject = map.get("inject").and_then(|f| read_injection(f, errs));
@@ -286,6 +286,21 @@ mod tests {
     }
 
     #[test]
+    fn an_unusable_ca_file_is_refused_where_it_is_named() {
+        let text = format!(
+            "{ADMIN}services:\n  internal:\n    hosts: [i.example]\n    tls: {{ca_file: missing-ca.pem}}\n"
+        );
+        let errs = errors(&text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with(
+                "p.yaml:6:20: services.internal.tls.ca_file: cannot read `/etc/keyward/missing-ca.pem`"
+            ),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
     fn service_rules() {
         let text = format!(
             "{ADMIN}\
@@ -316,7 +331,7 @@ passthrough: [a.example, v.example, z.example, z.example]
             errors(&text),
             [
                 "p.yaml:7:24: services.clear.hosts[1]: this host is already listed at 7:13",
-                "p.yaml:9:5: services.clear.tls: `tls` applies only to `scheme: https`",
+                "p.yaml:9:20: services.clear.tls.ca_file: `tls` applies only to `scheme: https`",
                 "p.yaml:10:5: services.clear.inject: this service uses `scheme: http`, so its credential would cross the network in the clear; set `allow_cleartext: true` to accept that, or use https",
                 "p.yaml:11:13: services.nohosts.hosts: `hosts` must list at least one host",
                 "p.yaml:12:21: services.badhost.hosts[0]: a host must not contain a scheme or a path; write the bare name (`api.example.com`)",

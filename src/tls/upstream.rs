@@ -39,6 +39,12 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
+/// Whether `path` is a usable `tls.ca_file` (readable, one or more certificates, each usable as
+/// a trust root): what `client_config` would refuse, found when the policy is checked.
+pub fn check_ca_file(path: &Path) -> Result<(), TlsError> {
+    add_pem_roots(&mut RootCertStore::empty(), path)
+}
+
 /// Adds what the platform store offers. Some systems ship a few certificates webpki cannot
 /// parse, and a store directory may hold unreadable files: those are skipped with a warning,
 /// because refusing to start over one bad root would be worse than trusting one root fewer.
