@@ -73,8 +73,9 @@ impl Denial {
 /// The outcome of a CONNECT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectDecision {
-    /// Terminate TLS with a leaf for the host and decide each request inside.
-    Intercept,
+    /// Terminate TLS with a leaf for the host and decide each request inside; the host is
+    /// `service`'s.
+    Intercept { service: usize },
     /// Tunnel blind (a `passthrough` host).
     Tunnel,
 }
@@ -175,7 +176,9 @@ pub fn decide_connect(
             let cap = policy.capability_at(ci);
             let granted = agent.is_some_and(|a| a.contains(ci)) && task.grant(&cap.name).is_some();
             if granted {
-                return Ok(ConnectDecision::Intercept);
+                return Ok(ConnectDecision::Intercept {
+                    service: cap.service,
+                });
             }
             hint.get_or_insert(ci);
         }

@@ -364,10 +364,10 @@ fn package_registries_are_readable_and_publishing_is_denied() {
             .reason,
         Reason::UnknownHost
     );
-    assert_eq!(
+    assert!(matches!(
         decide_connect(&p, &t, "pypi.org", 443, SystemTime::now()),
-        Ok(ConnectDecision::Intercept)
-    );
+        Ok(ConnectDecision::Intercept { service }) if p.service_at(service).name == "pypi"
+    ));
 }
 
 #[test]

@@ -214,6 +214,9 @@ async fn host_header_naming_another_host_inside_the_tunnel_is_host_mismatch() {
         let resp = h1_send(&mut conn, get("/x", &host)).await;
         let (_, rec) = kw.assert_denied_raw(&resp, 403, "host_mismatch").await;
         assert_eq!(rec["task"], task.id.as_str());
+        // Inside the tunnel: https, and the tunnel's service, for reviewers and dashboards.
+        assert_eq!(rec["scheme"], "https");
+        assert_eq!(rec["service"], "secure");
         kw.saw(&resp.text());
     }
     assert_eq!(f.tls.hits(), 0);
@@ -229,6 +232,14 @@ async fn host_header_naming_another_host_inside_the_tunnel_is_host_mismatch() {
         f.tls.last().header_all("x-api-key"),
         vec![f.creds.tls_token.clone()]
     );
+    // The CONNECT's record (written when the tunnel closes) names its service too.
+    drop(conn);
+    let connect = kw
+        .audit_where("the CONNECT", |r| {
+            r["method"] == "CONNECT" && r["host"] == "secure.test"
+        })
+        .await;
+    assert_eq!(connect["service"], "secure");
     kw.assert_no_leaks().await;
 }
 

@@ -94,7 +94,8 @@ pub async fn handle(
             draft.set_denial(&generation.policy, &d);
             refuse(&state, &generation, draft, d, None).await
         }
-        Ok(ConnectDecision::Intercept) => {
+        Ok(ConnectDecision::Intercept { service }) => {
+            draft.set_match(&generation.policy, Some(service), None, None);
             let on_upgrade = hyper::upgrade::on(req);
             tokio::spawn(intercept(
                 state.clone(),
@@ -195,6 +196,7 @@ async fn intercept(
         tunnel: Some(TunnelCtx {
             task,
             host: tunnel,
+            service: draft.rec.service.clone(),
             close: close.clone(),
         }),
     });

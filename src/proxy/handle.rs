@@ -46,6 +46,8 @@ pub type ConnSlot = Arc<tokio::sync::OwnedSemaphorePermit>;
 pub struct TunnelCtx {
     pub task: Arc<Task>,
     pub host: TunnelHost,
+    /// The service the CONNECT host belongs to (named in the records of early refusals).
+    pub service: Option<String>,
     /// Notified to close the tunnel after an authentication failure (SPEC §4.2).
     pub close: Arc<Notify>,
 }
@@ -105,6 +107,12 @@ async fn handle_request(
 ) -> Response<ProxyBody> {
     let generation = state.current();
     let mut draft = RecordDraft::new(&state, ctx.client, generation.policy.version());
+    if let Some(t) = &ctx.tunnel {
+        // What the CONNECT fixed, for records of refusals before the target is read.
+        draft.rec.scheme = crate::policy::Scheme::Https.as_str();
+        draft.set_host(&t.host.host, t.host.port);
+        draft.rec.service = t.service.clone();
+    }
     if !state.audit.healthy() {
         // SECURITY: no record, no request (fail closed).
         return respond::failure(Failure::Unavailable, draft.request_id());
@@ -305,10 +313,8 @@ fn prepare(
     // The record of a refused target still names where it was aimed: the tunnel's host, or
     // the absolute URI's (lowercased; scrubbed like every refused field).
     let target = match &ctx.tunnel {
-        Some(t) => {
-            draft.set_host(&t.host.host, t.host.port);
-            identify::tunnel_target(parts, &t.host)?
-        }
+        // The record already names the tunnel's host (`handle_request`).
+        Some(t) => identify::tunnel_target(parts, &t.host)?,
         None => {
             let host = parts.uri.host().unwrap_or("").to_ascii_lowercase();
             draft.set_host(&host, parts.uri.port_u16().unwrap_or(0));
