@@ -53,10 +53,12 @@ pub struct TunnelHost {
 }
 
 /// Headers that ask a server to treat a request as another method (SPEC §4.4).
-const METHOD_OVERRIDES: [&str; 3] = [
+const METHOD_OVERRIDES: [&str; 5] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-original-method",
+    "x-forwarded-method",
 ];
 
 /// Target of an absolute-form request on the plain listener.
@@ -133,7 +135,39 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if parts.headers.keys().any(|k| is_method_override(k.as_str())) {
         return Err(ambiguous("method_override"));
     }
+    // SECURITY: Laravel, Symfony and Express's method-override read `_method` from the query
+    // string too: `POST /x?_method=DELETE` is a DELETE there.
+    if parts.uri.query().is_some_and(has_method_param) {
+        return Err(ambiguous("method_override"));
+    }
     Ok(())
+}
+
+/// Whether a query string has a `_method` parameter (any case, percent-encoded or not; `&` or
+/// `;` between pairs).
+fn has_method_param(query: &str) -> bool {
+    query.split(['&', ';']).any(|pair| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k).as_bytes();
+        let mut decoded = Vec::with_capacity(key.len());
+        let mut i = 0;
+        while i < key.len() {
+            let hex = key
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match (key[i], hex) {
+                (b'%', Some(b)) => {
+                    decoded.push(b);
+                    i += 3;
+                }
+                (b, _) => {
+                    decoded.push(b);
+                    i += 1;
+                }
+            }
+        }
+        decoded.eq_ignore_ascii_case(b"_method")
+    })
 }
 
 /// SECURITY: CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable,
@@ -219,6 +253,10 @@ mod tests {
         ] {
             assert!(is_method_override(name), "{name}");
         }
+        assert!(is_method_override(
+            "X_Forwarded_Method".to_ascii_lowercase().as_str()
+        ));
+        assert!(is_method_override("x-original-method"));
         for name in [
             "x-http-method-overrides",
             "x-method",
@@ -226,6 +264,31 @@ mod tests {
             "method",
         ] {
             assert!(!is_method_override(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn method_parameters_are_found_in_every_spelling() {
+        for q in [
+            "_method=DELETE",
+            "a=1&_method=put",
+            "_METHOD=PATCH",
+            "%5Fmethod=DELETE",
+            "%5fmethod",
+            "_%6Dethod=DELETE",
+            "a=1;_method=DELETE",
+        ] {
+            assert!(has_method_param(q), "{q}");
+        }
+        for q in [
+            "",
+            "method=DELETE",
+            "my_method=1",
+            "_methods=1",
+            "x=_method",
+            "%5",
+        ] {
+            assert!(!has_method_param(q), "{q}");
         }
     }
 

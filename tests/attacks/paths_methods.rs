@@ -623,12 +623,41 @@ fn override_headers() -> Vec<String> {
         "X_Method_Override",
         "X_HTTP_Method",
         "x-http_method-override",
+        "X-Original-Method",
+        "X-Forwarded-Method",
     ] {
         for value in ["DELETE", "GET", "delete", ""] {
             v.push(format!("{name}: {value}\r\n"));
         }
     }
     v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_override_query_parameters_are_refused() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    for query in [
+        "?_method=DELETE",
+        "?x=1&_method=delete",
+        "?_METHOD=PUT",
+        "?%5Fmethod=DELETE",
+        "?x=1;_method=DELETE",
+    ] {
+        let path = format!("/echo{query}");
+        let resp = kw.raw(&plain_get(&f, "POST", &path, &task, "")).await;
+        assert_ambiguous(kw, &resp, "method_override", &path).await;
+    }
+    assert_eq!(f.plain.hits(), 0);
+    // A parameter that only looks alike is an ordinary parameter.
+    let resp = kw
+        .raw(&plain_get(&f, "POST", "/echo?my_method=1", &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    kw.saw(&resp.text());
+    assert_eq!(f.plain.hits(), 1);
+    kw.assert_no_leaks().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
