@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use http::Method;
 
 use crate::admin::client;
-use crate::decide::{self, RequestFacts};
+use crate::decide::{self, ConnectDecision, RequestFacts};
 use crate::matcher::canon::canonicalize;
 use crate::policy::{self, CompiledPolicy, Injection, Scheme};
 use crate::proxy::identify::parse_authority;
@@ -338,10 +338,26 @@ fn explain(
             return Ok(());
         }
     };
+    // An https:// URL is reached through CONNECT: what keyward decides there comes first, as
+    // the agent would meet it.
     if scheme == Scheme::Https {
         match decide::decide_connect(&compiled, &task, &host, port, now) {
-            Ok(d) => println!("connect:    {d:?} {host}:{port}"),
-            Err(d) => println!("connect:    deny ({})", d.reason.as_str()),
+            Ok(ConnectDecision::Intercept { service }) => println!(
+                "connect:    intercept {host}:{port} (service {})",
+                compiled.service_at(service).name
+            ),
+            Ok(ConnectDecision::Tunnel) => {
+                println!(
+                    "connect:    tunnel {host}:{port} (passthrough: not inspected, no credential)"
+                );
+                println!("decision:   tunnel\nreason:     passthrough");
+                return Ok(());
+            }
+            Err(d) => {
+                println!("connect:    deny {host}:{port}");
+                print_denial(&compiled, &d);
+                return Ok(());
+            }
         }
     }
     let facts = RequestFacts {
@@ -378,17 +394,19 @@ fn explain(
                 None => println!("credential: none"),
             }
         }
-        Err(d) => {
-            println!("decision:   deny\nreason:     {}", d.reason.as_str());
-            if let Some(c) = d.capability {
-                println!("closest:    {}", compiled.capability_at(c).name);
-            }
-            if let Some(h) = d.hint {
-                println!("would allow: {}", compiled.capability_at(h).name);
-            }
-        }
+        Err(d) => print_denial(&compiled, &d),
     }
     Ok(())
+}
+
+fn print_denial(policy: &CompiledPolicy, d: &decide::Denial) {
+    println!("decision:   deny\nreason:     {}", d.reason.as_str());
+    if let Some(c) = d.capability {
+        println!("closest:    {}", policy.capability_at(c).name);
+    }
+    if let Some(h) = d.hint {
+        println!("would allow: {}", policy.capability_at(h).name);
+    }
 }
 
 async fn task(command: TaskCommand) -> Result<(), Failure> {

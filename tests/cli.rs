@@ -252,6 +252,7 @@ capabilities:
       - POST /repos/{owner}/{repo}/issues
 agents:
   bot: { owner: tests, capabilities: [api.issues.read, api.issues.write], max_ttl: 1h }
+passthrough: [blind.test]
 "#;
     let file = dir.join("policy.yaml");
     std::fs::write(&file, policy).unwrap();
@@ -319,6 +320,41 @@ async fn explain_prints_decision_reason_capability_route_and_credential_name_nev
     .await;
     let out3 = text(&ambiguous.stdout);
     assert!(out3.contains("ambiguous_request"), "{out3}");
+
+    // As the proxy would: a passthrough host is tunnelled blind, an unknown one refused at
+    // CONNECT, whatever the path.
+    let explain_url = |url: &'static str| {
+        let args = [
+            "explain",
+            "--config",
+            config,
+            "--agent",
+            "bot",
+            "--intent",
+            "api.issues.read",
+            "GET",
+            url,
+        ]
+        .map(str::to_string);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            keyward(&args).await
+        }
+    };
+    let tunnel = text(&explain_url("https://blind.test/anything").await.stdout);
+    assert!(
+        tunnel.contains("decision:   tunnel") && tunnel.contains("reason:     passthrough"),
+        "{tunnel}"
+    );
+    let unknown = text(
+        &explain_url("https://nowhere.test/repos/a/b/issues")
+            .await
+            .stdout,
+    );
+    assert!(
+        unknown.contains("decision:   deny") && unknown.contains("reason:     unknown_host"),
+        "{unknown}"
+    );
 
     for s in &secrets {
         for (what, o) in [
