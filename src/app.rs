@@ -146,7 +146,6 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     let state = Arc::new(State::new(
         generation,
         config.to_path_buf(),
-        settings,
         leaves,
         audit,
         metrics,

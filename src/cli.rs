@@ -212,7 +212,7 @@ impl Signals {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
                 _ = hup.recv() => match running.state.reload().await {
-                    Ok(v) => tracing::info!(policy_version = %v, "reloaded on SIGHUP"),
+                    Ok(r) => tracing::info!(policy_version = %r.version, "reloaded on SIGHUP"),
                     Err(errors) => {
                         for e in &errors.0 {
                             tracing::error!("{e}");

@@ -13,7 +13,10 @@ use arc_swap::ArcSwap;
 use crate::audit::AuditLog;
 use crate::credentials::CredentialStore;
 use crate::metrics::Metrics;
-use crate::policy::{self, CompiledPolicy, PolicyErrors, ProxySettings};
+use crate::policy::{
+    self, AdminSettings, AuditSettings, CaSettings, CompiledPolicy, Policy, PolicyErrors,
+    ProxySettings,
+};
 use crate::secret::Secret;
 use crate::tasks::{self, TaskStore};
 use crate::tls::leaf::LeafCache;
@@ -52,6 +55,8 @@ pub struct State {
     pub config_path: PathBuf,
     /// Listener settings of the policy the process started with (listeners are not rebound).
     pub settings: ProxySettings,
+    /// The rest of what only a restart applies, as the process started with it.
+    restart_only: RestartOnly,
     pub tasks: TaskStore,
     pub leaves: LeafCache,
     pub audit: AuditLog,
@@ -69,7 +74,6 @@ impl State {
     pub fn new(
         generation: Generation,
         config_path: PathBuf,
-        settings: ProxySettings,
         leaves: LeafCache,
         audit: AuditLog,
         metrics: Metrics,
@@ -77,10 +81,13 @@ impl State {
         ca_path: PathBuf,
         listeners: Arc<OwnListeners>,
     ) -> State {
+        // The policy it starts with fixes what only a restart changes.
+        let started = generation.policy.policy();
         State {
+            settings: started.proxy.clone(),
+            restart_only: RestartOnly::of(started),
             generation: ArcSwap::from_pointee(generation),
             config_path,
-            settings,
             tasks: TaskStore::new(),
             leaves,
             audit,
@@ -99,20 +106,30 @@ impl State {
     }
 
     /// Loads the policy file again; an invalid policy leaves the old one serving.
-    pub async fn reload(&self) -> Result<String, PolicyErrors> {
+    pub async fn reload(&self) -> Result<Reloaded, PolicyErrors> {
         let result = self.reload_from(&self.config_path).await;
         self.metrics
             .policy_reload(if result.is_ok() { "ok" } else { "error" });
         result
     }
 
-    async fn reload_from(&self, path: &Path) -> Result<String, PolicyErrors> {
+    async fn reload_from(&self, path: &Path) -> Result<Reloaded, PolicyErrors> {
         let policy = policy::load(path)?;
+        let restart_required = self.restart_only.changed_in(&self.settings, &policy);
         let generation = Generation::build(path, policy, &self.settings, &self.listeners).await?;
         let version = generation.policy.version().to_string();
         self.generation.store(Arc::new(generation));
         tracing::info!(policy_version = %version, "policy reloaded");
-        Ok(version)
+        if !restart_required.is_empty() {
+            tracing::warn!(
+                keys = %restart_required.join(", "),
+                "the reloaded policy changes settings that apply only after a restart; keyward keeps running with the old values"
+            );
+        }
+        Ok(Reloaded {
+            version,
+            restart_required,
+        })
     }
 
     pub fn next_request_id(&self) -> String {
@@ -131,6 +148,72 @@ impl State {
 
     pub fn is_shutting_down(&self) -> bool {
         *self.shutdown.borrow()
+    }
+}
+
+/// What a reload did.
+pub struct Reloaded {
+    pub version: String,
+    /// Keys the new file changes that keyward applies only at start (listeners, limits,
+    /// timeouts, CA, audit sink); it keeps running with the old values.
+    pub restart_required: Vec<&'static str>,
+}
+
+/// Settings a reload does not apply, besides `proxy.*` (kept in `State::settings`).
+struct RestartOnly {
+    admin: AdminSettings,
+    ca: CaSettings,
+    audit: AuditSettings,
+}
+
+impl RestartOnly {
+    fn of(p: &Policy) -> RestartOnly {
+        RestartOnly {
+            admin: p.admin.clone(),
+            ca: p.ca.clone(),
+            audit: p.audit.clone(),
+        }
+    }
+
+    /// The keys of `new` that differ from what keyward started with.
+    fn changed_in(&self, proxy: &ProxySettings, new: &Policy) -> Vec<&'static str> {
+        let p = &new.proxy;
+        [
+            ("proxy.listen", proxy.listen != p.listen),
+            (
+                "proxy.header_read_timeout",
+                proxy.header_read_timeout != p.header_read_timeout,
+            ),
+            ("proxy.idle_timeout", proxy.idle_timeout != p.idle_timeout),
+            (
+                "proxy.max_connections",
+                proxy.max_connections != p.max_connections,
+            ),
+            (
+                "proxy.max_task_in_flight",
+                proxy.max_task_in_flight != p.max_task_in_flight,
+            ),
+            (
+                "proxy.max_header_bytes",
+                proxy.max_header_bytes != p.max_header_bytes,
+            ),
+            (
+                "proxy.connect_timeout",
+                proxy.connect_timeout != p.connect_timeout,
+            ),
+            (
+                "proxy.upstream_timeout",
+                proxy.upstream_timeout != p.upstream_timeout,
+            ),
+            ("admin.listen", self.admin.listen != new.admin.listen),
+            ("admin.token", self.admin.token != new.admin.token),
+            ("ca.cert", self.ca.cert != new.ca.cert),
+            ("ca.key", self.ca.key != new.ca.key),
+            ("audit.path", self.audit.path != new.audit.path),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
     }
 }
 

@@ -297,6 +297,7 @@ async fn reload_with_an_invalid_policy_keeps_the_old_one_serving() {
     std::fs::write(&kw.policy_path, without_plain_echo(&original)).unwrap();
     let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
     assert_eq!(status, 200, "{v}");
+    assert_eq!(v["restart_required"], json!([]), "{v}");
     let resp = kw.send(agent.get(&url)).await;
     let (_, rec) = kw.assert_denied(&resp, 403, "route_not_in_intent").await;
     assert_ne!(rec["policy_version"], version, "the new policy decided");
@@ -306,6 +307,32 @@ async fn reload_with_an_invalid_policy_keeps_the_old_one_serving() {
         Some(1.0)
     );
     kw.assert_no_leaks().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_names_the_settings_only_a_restart_applies() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let changed = original.replacen(
+        "  listen: 127.0.0.1:0\nadmin:",
+        "  listen: 127.0.0.1:0\n  upstream_timeout: 2s\n  max_connections: 7\nadmin:",
+        1,
+    );
+    assert_ne!(changed, original);
+    std::fs::write(&kw.policy_path, &changed).unwrap();
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    // The rest of the policy applies; these two wait for a restart, and the operator is told.
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["restart_required"],
+        json!(["proxy.max_connections", "proxy.upstream_timeout"]),
+        "{v}"
+    );
+    assert!(
+        common::captured_logs().contains("apply only after a restart"),
+        "a warning in the log"
+    );
 }
 
 /// Label names each SPEC §8 family may carry (plus Prometheus' own `le`).

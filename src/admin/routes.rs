@@ -33,7 +33,10 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             json(StatusCode::OK, &json!({ "tasks": tasks }))
         }
         (&Method::POST, "/v1/reload") => match state.reload().await {
-            Ok(version) => json(StatusCode::OK, &json!({ "policy_version": version })),
+            Ok(r) => json(
+                StatusCode::OK,
+                &json!({ "policy_version": r.version, "restart_required": r.restart_required }),
+            ),
             Err(errors) => {
                 let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
                 json(
