@@ -121,11 +121,11 @@ pub fn decide(
         let route = &cap.routes[ri];
         let method_ok = route.methods.iter().any(|x| x == facts.method);
         // SECURITY: a grant counts only while the agent still holds the capability (reloads).
-        let grant = agent
-            .filter(|a| a.contains(ci))
-            .and_then(|_| task.grant(&cap.name));
+        let held = agent.is_some_and(|a| a.contains(ci));
+        let grant = held.then(|| task.grant(&cap.name)).flatten();
         let Some(grant) = grant else {
-            if method_ok && best.hint.is_none() {
+            // Suggest only what this agent could be given: a task for it can be minted.
+            if method_ok && held && best.hint.is_none() {
                 best.hint = Some(ci);
             }
             continue;
@@ -174,17 +174,23 @@ pub fn decide_connect(
         for &ci in &table.capabilities {
             let ci = ci as usize;
             let cap = policy.capability_at(ci);
-            let granted = agent.is_some_and(|a| a.contains(ci)) && task.grant(&cap.name).is_some();
-            if granted {
+            let held = agent.is_some_and(|a| a.contains(ci));
+            if held && task.grant(&cap.name).is_some() {
                 return Ok(ConnectDecision::Intercept {
                     service: cap.service,
                 });
             }
-            hint.get_or_insert(ci);
+            if held {
+                hint.get_or_insert(ci);
+            }
         }
+        let service = table
+            .capabilities
+            .first()
+            .map(|&c| policy.capability_at(c as usize).service);
         return Err(Denial {
             reason: Reason::RouteNotInIntent,
-            service: hint.map(|c| policy.capability_at(c).service),
+            service,
             capability: None,
             route: None,
             hint,

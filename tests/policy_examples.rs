@@ -151,6 +151,22 @@ fn coding_agent_reads_a_repository_but_cannot_write_to_it() {
 }
 
 #[test]
+fn a_denial_suggests_only_capabilities_the_agent_may_hold() {
+    let p = example("coding-agent.yaml");
+    // Opening a pull request is `github.pulls.open`, which coding-agent may hold and
+    // review-bot may not: only coding-agent is told to ask for it.
+    let path = "/repos/acme/web/pulls";
+    let coder = task(&p, "coding-agent", vec![grant("github.issues.read", &[])]);
+    let (reason, hint) = check(&p, &coder, "POST", "api.github.com", path);
+    assert_eq!(hint.as_deref(), Some("github.pulls.open"), "{reason:?}");
+    let reviewer = task(&p, "review-bot", vec![grant("github.issues.read", &[])]);
+    assert_eq!(
+        check(&p, &reviewer, "POST", "api.github.com", path),
+        (reason, None)
+    );
+}
+
+#[test]
 fn coding_agent_comments_without_admin_rights_and_learns_what_to_ask_for() {
     let p = example("coding-agent.yaml");
     let t = task(&p, "coding-agent", vec![grant("github.issues.read", &[])]);

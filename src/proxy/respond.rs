@@ -79,7 +79,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Some(cap) => {
             format!("{what} Capability `{cap}` would allow it; ask for a task that includes it.")
         }
-        None => format!("{what} No capability of this policy allows it."),
+        None => format!("{what} No capability this agent may hold allows it."),
     };
     match info.reason {
         Reason::Allowed | Reason::Passthrough => String::new(),
