@@ -623,6 +623,15 @@ async fn unreachable_upstream_is_502_recorded_with_the_allowed_request() {
         .await;
     assert_eq!(resp.status, 502, "{}", resp.body);
     let problem = resp.json();
+    // The same problem shape as a denial (SPEC §4.3), naming the task.
+    assert_eq!(problem["type"], "urn:keyward:error:upstream_unreachable");
+    assert_eq!(problem["reason"], "upstream_unreachable");
+    assert_eq!(problem["status"], 502);
+    assert_eq!(problem["task"], task.id.as_str());
+    assert!(
+        problem["title"].is_string() && problem["detail"].is_string(),
+        "{problem}"
+    );
     let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
     common::assert_record(&rec);
     // Not a decision: the request was allowed, and failed upstream.

@@ -44,7 +44,11 @@ pub async fn handle(
     draft.rec.method = "CONNECT".to_string();
     draft.rec.scheme = Scheme::Https.as_str();
     if !state.audit.healthy() {
-        return respond::failure(Failure::Unavailable, draft.request_id());
+        return respond::failure(
+            Failure::Unavailable,
+            draft.request_id(),
+            draft.rec.task.as_deref(),
+        );
     }
     let task = match state.tasks.authenticate(req.headers()) {
         Ok(t) => t,
@@ -243,7 +247,11 @@ async fn passthrough(
         Err(e) => {
             state.metrics.upstream_error("", e.kind());
             draft.rec.outcome = Some(e.kind());
-            let resp = respond::failure(Failure::BadGateway, draft.request_id());
+            let resp = respond::failure(
+                Failure::BadGateway,
+                draft.request_id(),
+                draft.rec.task.as_deref(),
+            );
             draft
                 .write(
                     &state,

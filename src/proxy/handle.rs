@@ -115,7 +115,11 @@ async fn handle_request(
     }
     if !state.audit.healthy() {
         // SECURITY: no record, no request (fail closed).
-        return respond::failure(Failure::Unavailable, draft.request_id());
+        return respond::failure(
+            Failure::Unavailable,
+            draft.request_id(),
+            draft.rec.task.as_deref(),
+        );
     }
     let (mut parts, body) = req.into_parts();
     draft.rec.method = parts.method.as_str().to_string();
@@ -197,7 +201,11 @@ async fn handle_request(
                     let service = draft.rec.service.clone().unwrap_or_default();
                     state.metrics.upstream_error(&service, "protocol");
                     draft.rec.outcome = Some("unexpected_upgrade");
-                    let resp = respond::failure(Failure::BadGateway, draft.request_id());
+                    let resp = respond::failure(
+                        Failure::BadGateway,
+                        draft.request_id(),
+                        draft.rec.task.as_deref(),
+                    );
                     draft.write(&state, Reason::Allowed, 502).await;
                     return resp;
                 };
@@ -231,7 +239,11 @@ async fn handle_request(
                 state.metrics.upstream_error(&service, "protocol");
                 draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
                 draft.rec.outcome = Some("encoded_response");
-                let resp = respond::failure(Failure::BadGateway, draft.request_id());
+                let resp = respond::failure(
+                    Failure::BadGateway,
+                    draft.request_id(),
+                    draft.rec.task.as_deref(),
+                );
                 draft.write(&state, Reason::Allowed, 502).await;
                 return resp;
             }
@@ -272,7 +284,7 @@ async fn handle_request(
             state.metrics.upstream_error(&service, kind);
             draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
             draft.rec.outcome = Some(kind);
-            let resp = respond::failure(failure, draft.request_id());
+            let resp = respond::failure(failure, draft.request_id(), draft.rec.task.as_deref());
             draft
                 .write(&state, Reason::Allowed, failure.status().as_u16())
                 .await;

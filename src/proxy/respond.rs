@@ -115,8 +115,6 @@ pub enum Failure {
     GatewayTimeout,
     /// keyward cannot write audit records, or is shutting down
     Unavailable,
-    /// the request could not be parsed (not a decision: nothing to decide on)
-    BadRequest,
 }
 
 impl Failure {
@@ -125,7 +123,6 @@ impl Failure {
             Failure::BadGateway => StatusCode::BAD_GATEWAY,
             Failure::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Failure::BadRequest => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -134,7 +131,14 @@ impl Failure {
             Failure::BadGateway => "upstream_unreachable",
             Failure::GatewayTimeout => "upstream_timeout",
             Failure::Unavailable => "unavailable",
-            Failure::BadRequest => "bad_request",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Failure::BadGateway => "Upstream unreachable",
+            Failure::GatewayTimeout => "Upstream timed out",
+            Failure::Unavailable => "keyward unavailable",
         }
     }
 
@@ -147,23 +151,20 @@ impl Failure {
             Failure::Unavailable => {
                 "keyward cannot record decisions right now, so it refuses requests."
             }
-            Failure::BadRequest => {
-                "This listener is a proxy: send absolute-form requests or CONNECT."
-            }
         }
     }
 }
 
-/// An upstream or internal failure, in the same problem shape.
-pub fn failure(f: Failure, request_id: &str) -> Response<ProxyBody> {
+/// An upstream or internal failure, in the same problem shape (`task` when it is known).
+pub fn failure(f: Failure, request_id: &str, task: Option<&str>) -> Response<ProxyBody> {
     let problem = Problem {
         kind: format!("urn:keyward:error:{}", f.code()),
-        title: f.code(),
+        title: f.title(),
         status: f.status().as_u16(),
         detail: f.detail().to_string(),
         reason: f.code(),
         request_id,
-        task: None,
+        task,
         capability: None,
     };
     problem_response(f.status(), &problem)
