@@ -310,6 +310,30 @@ async fn reload_with_an_invalid_policy_keeps_the_old_one_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_methods_and_unknown_tasks_get_a_reason_in_words() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    for (method, path) in [
+        (Method::GET, "/v1/reload"),
+        (Method::DELETE, "/v1/tasks"),
+        (Method::POST, "/v1/tasks/some-id"),
+    ] {
+        let (status, v) = kw.admin(method.clone(), path, None).await;
+        assert_eq!(status, 405, "{method} {path}: {v}");
+        assert_eq!(v["error"], "method_not_allowed", "{v}");
+        assert!(v["message"].is_string(), "{v}");
+    }
+    for method in [Method::GET, Method::DELETE] {
+        let (status, v) = kw.admin(method, "/v1/tasks/no-such-task", None).await;
+        assert_eq!(status, 404, "{v}");
+        assert_eq!(v["error"], "unknown_task", "{v}");
+        assert_eq!(v["message"], "no task has this id", "{v}");
+    }
+    let (status, v) = kw.admin(Method::GET, "/v1/nothing-here", None).await;
+    assert_eq!((status, &v["error"]), (404, &json!("not_found")), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_names_the_settings_only_a_restart_applies() {
     let f = Fixture::start().await;
     let kw = &f.kw;

@@ -59,22 +59,35 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
                     }
                     None => not_found(),
                 },
-                _ => method_not_allowed(),
+                _ => method_not_allowed("GET or DELETE"),
             }
         }
-        _ => json(StatusCode::NOT_FOUND, &json!({"error": "not_found"})),
+        (_, "/v1/tasks") => method_not_allowed("GET or POST"),
+        (_, "/v1/reload") => method_not_allowed("POST"),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "not_found", "message": "no such admin endpoint"}),
+        ),
     }
 }
 
 fn not_found() -> AdminResponse {
-    json(StatusCode::NOT_FOUND, &json!({"error": "unknown_task"}))
+    json(
+        StatusCode::NOT_FOUND,
+        &json!({"error": "unknown_task", "message": "no task has this id"}),
+    )
 }
 
-fn method_not_allowed() -> AdminResponse {
-    json(
+fn method_not_allowed(allowed: &'static str) -> AdminResponse {
+    let mut resp = json(
         StatusCode::METHOD_NOT_ALLOWED,
-        &json!({"error": "method_not_allowed"}),
-    )
+        &json!({"error": "method_not_allowed", "message": format!("this endpoint takes {allowed}")}),
+    );
+    let allow = allowed.replace(" or ", ", ");
+    if let Ok(v) = http::HeaderValue::try_from(allow) {
+        resp.headers_mut().insert(http::header::ALLOW, v);
+    }
+    resp
 }
 
 /// The body of `POST /v1/tasks`.

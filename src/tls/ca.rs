@@ -41,7 +41,7 @@ const PROBE_HOST: &str = "keyward-self-test.invalid";
 /// Why the CA cannot be loaded or created.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
-    #[error("cannot read `{}`: {source}; check the `ca.cert` / `ca.key` paths in the policy and that keyward may read them", path.display())]
+    #[error("cannot read `{}`: {source}; check the CA file paths (`ca.cert` / `ca.key` in the policy, `--dir` of `ca init`) and that keyward may read them", path.display())]
     Read {
         path: PathBuf,
         #[source]
