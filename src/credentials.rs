@@ -162,7 +162,7 @@ impl CredentialStore {
 
     /// The current value of credential `idx`, or `None` if it cannot be read now.
     pub fn get(&self, idx: usize) -> Option<Arc<CredentialValue>> {
-        current(self.slots.get(idx)?, Instant::now())
+        current(self.slots.get(idx)?, &mut None)
     }
 
     pub fn name(&self, idx: usize) -> Option<&str> {
@@ -228,10 +228,10 @@ impl CredentialStore {
         if exact.longest.max(folded.longest) < MIN_SCAN_LEN {
             return false;
         }
-        let now = Instant::now();
+        let mut now = None;
         self.slots
             .iter()
-            .filter_map(|slot| current(slot, now))
+            .filter_map(|slot| current(slot, &mut now))
             .any(|value| {
                 exact.contain(value.secret.expose().as_bytes()) || folded.contain(&value.folded)
             })
@@ -279,11 +279,12 @@ impl<'a> Places<'a> {
     }
 }
 
-/// The slot's value as of `now`: a `file:` source is re-checked at most once a
-/// `FILE_CHECK_INTERVAL`.
-fn current(slot: &CredentialSlot, now: Instant) -> Option<Arc<CredentialValue>> {
+/// The slot's current value: a `file:` source is re-checked at most once a
+/// `FILE_CHECK_INTERVAL`. `now` is read from the clock only for those, once per caller.
+fn current(slot: &CredentialSlot, now: &mut Option<Instant>) -> Option<Arc<CredentialValue>> {
     let cached = slot.cache.load();
     if let (SecretSource::File(path), Some(c)) = (&slot.source, cached.as_ref()) {
+        let now = *now.get_or_insert_with(Instant::now);
         if now.saturating_duration_since(c.checked) >= FILE_CHECK_INTERVAL {
             return refresh_file(slot, path, c);
         }
