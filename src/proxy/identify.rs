@@ -143,31 +143,69 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     Ok(())
 }
 
-/// Whether a query string has a `_method` parameter (any case, percent-encoded or not; `&` or
-/// `;` between pairs).
+/// Whether a query string has a parameter a framework may read as `_method` (Laravel and
+/// Symfony through PHP, Express's method-override): the name percent-decoded (`+` as a space),
+/// then as PHP renames request variables — cut at a NUL, leading spaces dropped, ` ` and `.`
+/// read as `_`, and a `[` either ending the name (`_method[]`) or, unclosed, read as `_`
+/// (`[method`) — compared without case. `&` or `;` separates pairs.
 fn has_method_param(query: &str) -> bool {
     query.split(['&', ';']).any(|pair| {
-        let key = pair.split_once('=').map_or(pair, |(k, _)| k).as_bytes();
-        let mut decoded = Vec::with_capacity(key.len());
-        let mut i = 0;
-        while i < key.len() {
-            let hex = key
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            match (key[i], hex) {
-                (b'%', Some(b)) => {
-                    decoded.push(b);
-                    i += 3;
-                }
-                (b, _) => {
-                    decoded.push(b);
-                    i += 1;
-                }
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let decoded = decode_query_name(key.as_bytes());
+        let name = decoded.split(|&b| b == 0).next().unwrap_or_default();
+        let start = name.iter().position(|&b| b != b' ').unwrap_or(name.len());
+        let name = &name[start..];
+        let cut = name.iter().position(|&b| b == b'[').unwrap_or(name.len());
+        is_method_name(name[..cut].iter().copied())
+            || is_method_name(
+                name.iter()
+                    .enumerate()
+                    .map(|(i, &b)| if i == cut { b'_' } else { b }),
+            )
+    })
+}
+
+/// `_method` without case, reading ` ` and `.` as `_`.
+fn is_method_name(name: impl Iterator<Item = u8>) -> bool {
+    let mut want = b"_method".iter();
+    for b in name {
+        let b = if b == b' ' || b == b'.' { b'_' } else { b };
+        if !want.next().is_some_and(|w| w.eq_ignore_ascii_case(&b)) {
+            return false;
+        }
+    }
+    want.next().is_none()
+}
+
+/// A query parameter name as a server decodes it: `%XX` decoded, `+` a space.
+fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !name.iter().any(|&b| b == b'%' || b == b'+') {
+        return name.into();
+    }
+    let hex = |i: usize| {
+        name.get(i)
+            .and_then(|&b| (b as char).to_digit(16))
+            .map(|d| d as u8)
+    };
+    let mut out = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        match (name[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h << 4) | l);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
             }
         }
-        decoded.eq_ignore_ascii_case(b"_method")
-    })
+    }
+    out.into()
 }
 
 /// SECURITY: CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable,
@@ -277,6 +315,14 @@ mod tests {
             "%5fmethod",
             "_%6Dethod=DELETE",
             "a=1;_method=DELETE",
+            // PHP's renaming of request variables.
+            ".method=DELETE",
+            "+_method=DELETE",
+            "%20%20_method=DELETE",
+            "[method=DELETE",
+            "_method[]=DELETE",
+            "_method[x]=DELETE",
+            "_method%00x=DELETE",
         ] {
             assert!(has_method_param(q), "{q}");
         }
@@ -287,6 +333,19 @@ mod tests {
             "_methods=1",
             "x=_method",
             "%5",
+            "__method=1",
+            "x[_method]=1",
+            "=_method",
+            "_meth",
+            // Leading spaces are dropped, not read as `_`.
+            " method=DELETE",
+            // Broken spellings are names like any other.
+            "%",
+            "%%5F",
+            "[",
+            "+",
+            "%00",
+            "&&;;==",
         ] {
             assert!(!has_method_param(q), "{q}");
         }

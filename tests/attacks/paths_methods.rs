@@ -644,6 +644,10 @@ async fn method_override_query_parameters_are_refused() {
         "?_METHOD=PUT",
         "?%5Fmethod=DELETE",
         "?x=1;_method=DELETE",
+        // What PHP turns into `$_GET['_method']`.
+        "?.method=DELETE",
+        "?+_method=DELETE",
+        "?[method=DELETE",
     ] {
         let path = format!("/echo{query}");
         let resp = kw.raw(&plain_get(&f, "POST", &path, &task, "")).await;
