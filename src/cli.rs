@@ -342,10 +342,13 @@ fn explain(
     // the agent would meet it.
     if scheme == Scheme::Https {
         match decide::decide_connect(&compiled, &task, &host, port, now) {
-            Ok(ConnectDecision::Intercept { service }) => println!(
-                "connect:    intercept {host}:{port} (service {})",
-                compiled.service_at(service).name
-            ),
+            Ok(ConnectDecision::Intercept { service }) => match service {
+                Some(s) => println!(
+                    "connect:    intercept {host}:{port} (service {})",
+                    compiled.service_at(s).name
+                ),
+                None => println!("connect:    intercept {host}:{port}"),
+            },
             Ok(ConnectDecision::Tunnel) => {
                 println!(
                     "connect:    tunnel {host}:{port} (passthrough: not inspected, no credential)"

@@ -73,9 +73,9 @@ impl Denial {
 /// The outcome of a CONNECT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectDecision {
-    /// Terminate TLS with a leaf for the host and decide each request inside; the host is
-    /// `service`'s.
-    Intercept { service: usize },
+    /// Terminate TLS with a leaf for the host and decide each request inside; `service` is
+    /// the host's, when it belongs to one service only.
+    Intercept { service: Option<usize> },
     /// Tunnel blind (a `passthrough` host).
     Tunnel,
 }
@@ -110,9 +110,7 @@ pub fn decide(
 
     let agent = policy.agent_grants(&task.agent);
     let mut best = Denial::bare(Reason::RouteNotInIntent);
-    if let Some(&c) = table.capabilities.first() {
-        best.service = Some(policy.capability_at(c as usize).service);
-    }
+    best.service = table.sole_service;
 
     for m in &matches {
         let ci = m.value.capability as usize;
@@ -177,20 +175,16 @@ pub fn decide_connect(
             let held = agent.is_some_and(|a| a.contains(ci));
             if held && task.grant(&cap.name).is_some() {
                 return Ok(ConnectDecision::Intercept {
-                    service: cap.service,
+                    service: table.sole_service,
                 });
             }
             if held {
                 hint.get_or_insert(ci);
             }
         }
-        let service = table
-            .capabilities
-            .first()
-            .map(|&c| policy.capability_at(c as usize).service);
         return Err(Denial {
             reason: Reason::RouteNotInIntent,
-            service,
+            service: table.sole_service,
             capability: None,
             route: None,
             hint,

@@ -218,3 +218,39 @@ async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
     assert_eq!(rec["status"], 200);
     assert_eq!(rec["outcome"], "completed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_open_tunnels_and_records_them() {
+    let Fixture { mut kw, tcp, .. } = Fixture::start().await;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let target = format!("127.0.0.1:{}", tcp.addr.port());
+    let (mut tunnel, head) =
+        connect_raw(kw.proxy_addr, &target, Some(&Harness::proxy_auth(&task))).await;
+    assert_eq!(head.status, 200);
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    bounded("tunnel echo", tunnel.read_exact(&mut echo))
+        .await
+        .unwrap();
+
+    // An idle tunnel would otherwise hold shutdown for the whole drain (10 s) and then lose
+    // its record with the runtime.
+    let started = std::time::Instant::now();
+    kw.stop().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "shutdown waited {:?} for an idle tunnel",
+        started.elapsed()
+    );
+    expect_closed(&mut tunnel, "the tunnel at shutdown").await;
+    let text = kw.audit_text();
+    let rec: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|r: &serde_json::Value| r["method"] == "CONNECT")
+        .unwrap_or_else(|| panic!("no record of the tunnel in {text}"));
+    assert_eq!(rec["reason"], "passthrough");
+    assert_eq!(rec["outcome"], "shutdown");
+    assert_eq!(rec["bytes_up"], 4);
+    assert_eq!(rec["bytes_down"], 4);
+}

@@ -382,7 +382,7 @@ fn package_registries_are_readable_and_publishing_is_denied() {
     );
     assert!(matches!(
         decide_connect(&p, &t, "pypi.org", 443, SystemTime::now()),
-        Ok(ConnectDecision::Intercept { service }) if p.service_at(service).name == "pypi"
+        Ok(ConnectDecision::Intercept { service: Some(s) }) if p.service_at(s).name == "pypi"
     ));
 }
 

@@ -23,6 +23,10 @@ pub struct HostTable {
     pub router: Router<RouteRef>,
     /// Capabilities with at least one route here (sorted, for CONNECT decisions).
     pub capabilities: Vec<u32>,
+    /// The service of every capability here, when they all have the same one (services may
+    /// share a host when their routes do not overlap; then a CONNECT names none).
+    pub sole_service: Option<usize>,
+    shared: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -263,6 +267,8 @@ fn empty() -> HostTable {
     HostTable {
         router: Router::new(),
         capabilities: Vec::new(),
+        sole_service: None,
+        shared: false,
     }
 }
 
@@ -286,6 +292,15 @@ fn add_routes(table: &mut HostTable, ci: usize, cap: &CapabilityDef) {
     }
     if let Err(pos) = table.capabilities.binary_search(&(ci as u32)) {
         table.capabilities.insert(pos, ci as u32);
+    }
+    match table.sole_service {
+        _ if table.shared => {}
+        None => table.sole_service = Some(cap.service),
+        Some(s) if s != cap.service => {
+            table.sole_service = None;
+            table.shared = true;
+        }
+        Some(_) => {}
     }
 }
 

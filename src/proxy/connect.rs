@@ -25,6 +25,7 @@ use crate::proxy::handle::{self, ConnCtx, ConnSlot, TunnelCtx};
 use crate::proxy::identify::{parse_authority, TunnelHost};
 use crate::proxy::record::RecordDraft;
 use crate::proxy::respond::{self, DenyInfo, Failure};
+use crate::proxy::upgrade::{self, Ended};
 use crate::reason::Reason;
 use crate::state::{Generation, State};
 use crate::upstream;
@@ -99,7 +100,7 @@ pub async fn handle(
             refuse(&state, &generation, draft, d, None).await
         }
         Ok(ConnectDecision::Intercept { service }) => {
-            draft.set_match(&generation.policy, Some(service), None, None);
+            draft.set_match(&generation.policy, service, None, None);
             let on_upgrade = hyper::upgrade::on(req);
             tokio::spawn(intercept(
                 state.clone(),
@@ -232,7 +233,7 @@ async fn passthrough(
             .map_err(|_| upstream::ConnectError::Timeout)?
     }
     .await;
-    let mut tcp = match dialled {
+    let tcp = match dialled {
         Ok(tcp) => tcp,
         Err(upstream::ConnectError::Blocked) => {
             return refuse(
@@ -269,15 +270,15 @@ async fn passthrough(
         let _open = state.metrics.connection_opened(ConnKind::Tunnel);
         match on_upgrade.await {
             Ok(upgraded) => {
-                let mut agent = TokioIo::new(upgraded);
-                match tokio::io::copy_bidirectional(&mut agent, &mut tcp).await {
-                    Ok((up, down)) => {
-                        draft.rec.bytes_up = up;
-                        draft.rec.bytes_down = down;
-                        draft.rec.outcome = Some("closed");
-                    }
-                    Err(_) => draft.rec.outcome = Some("reset"),
-                }
+                let shutdown = state.shutdown_signal();
+                let spliced = upgrade::splice(TokioIo::new(upgraded), tcp, shutdown).await;
+                draft.rec.bytes_up = spliced.from_a;
+                draft.rec.bytes_down = spliced.from_b;
+                draft.rec.outcome = Some(match spliced.ended {
+                    Ended::Closed => "closed",
+                    Ended::Reset => "reset",
+                    Ended::Shutdown => "shutdown",
+                });
             }
             Err(_) => draft.rec.outcome = Some("client_closed"),
         }

@@ -107,11 +107,8 @@ async fn handle_request(
 ) -> Response<ProxyBody> {
     let generation = state.current();
     let mut draft = RecordDraft::new(&state, ctx.client, generation.policy.version());
-    if let Some(t) = &ctx.tunnel {
-        // What the CONNECT fixed, for records of refusals before the target is read.
+    if ctx.tunnel.is_some() {
         draft.rec.scheme = crate::policy::Scheme::Https.as_str();
-        draft.set_host(&t.host.host, t.host.port);
-        draft.rec.service = t.service.clone();
     }
     if !state.audit.healthy() {
         // SECURITY: no record, no request (fail closed).
@@ -217,9 +214,10 @@ async fn handle_request(
                 }
                 let recorder = draft.into_recorder(state.clone(), 101, started, bytes_up);
                 let slot = ctx.slot.clone();
+                let shutdown = state.shutdown_signal();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    upgrade::relay(agent_upgrade, upstream_upgrade, recorder).await
+                    upgrade::relay(agent_upgrade, upstream_upgrade, recorder, shutdown).await
                 });
                 let mut out = Response::new(ProxyBody::empty());
                 *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
@@ -325,8 +323,10 @@ fn prepare(
     // The record of a refused target still names where it was aimed: the tunnel's host, or
     // the absolute URI's (lowercased; scrubbed like every refused field).
     let target = match &ctx.tunnel {
-        // The record already names the tunnel's host (`handle_request`).
-        Some(t) => identify::tunnel_target(parts, &t.host)?,
+        Some(t) => {
+            draft.set_host(&t.host.host, t.host.port);
+            identify::tunnel_target(parts, &t.host)?
+        }
         None => {
             let host = parts.uri.host().unwrap_or("").to_ascii_lowercase();
             draft.set_host(&host, parts.uri.port_u16().unwrap_or(0));
@@ -420,10 +420,19 @@ async fn refuse(
     state: &State,
     generation: &Generation,
     ctx: &ConnCtx,
-    draft: RecordDraft,
+    mut draft: RecordDraft,
     refusal: Refusal,
 ) -> Response<ProxyBody> {
     let reason = refusal.denial.reason;
+    if let Some(t) = &ctx.tunnel {
+        // Refused before the target was read: the record still names what the CONNECT fixed.
+        if draft.rec.host.is_empty() {
+            draft.set_host(&t.host.host, t.host.port);
+        }
+        if draft.rec.service.is_none() {
+            draft.rec.service = t.service.clone();
+        }
+    }
     let hint = refusal
         .denial
         .hint

@@ -2,11 +2,16 @@
 //! any request, and relayed only after the upstream really answered `101 Switching Protocols`.
 //! Frames are relayed opaquely once both sides have switched.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
 use http::request::Parts;
 use http::{HeaderMap, Method, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 
 use crate::proxy::record::Recorder;
 
@@ -43,15 +48,109 @@ pub fn mark_upgrade(headers: &mut HeaderMap) {
 
 /// Relays bytes between the agent and the upstream once both upgrades complete, then finishes
 /// the request's audit record with the byte counts.
-pub async fn relay(agent: OnUpgrade, upstream: OnUpgrade, recorder: Recorder) {
+pub async fn relay(
+    agent: OnUpgrade,
+    upstream: OnUpgrade,
+    recorder: Recorder,
+    shutdown: watch::Receiver<bool>,
+) {
     let (agent, upstream) = match tokio::join!(agent, upstream) {
         (Ok(a), Ok(u)) => (a, u),
         _ => return recorder.complete(0, "upgrade_failed", 0),
     };
-    let mut agent = TokioIo::new(agent);
-    let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
-        Ok((_up, down)) => recorder.complete(down, "completed", 0),
-        Err(_) => recorder.complete(0, "reset", 0),
+    let spliced = splice(TokioIo::new(agent), TokioIo::new(upstream), shutdown).await;
+    let outcome = match spliced.ended {
+        Ended::Closed => "completed",
+        Ended::Reset => "reset",
+        Ended::Shutdown => "shutdown",
+    };
+    recorder.complete(spliced.from_b, outcome, 0);
+}
+
+/// How a splice ended.
+pub enum Ended {
+    Closed,
+    Reset,
+    /// keyward began to shut down: both sides were closed so the record can still be written.
+    Shutdown,
+}
+
+pub struct Spliced {
+    /// Bytes read from `a` (sent on to `b`, but for what was still buffered at the end).
+    pub from_a: u64,
+    pub from_b: u64,
+    pub ended: Ended,
+}
+
+/// Copies bytes both ways between `a` and `b` until either side closes or fails, or keyward
+/// begins to shut down. Tunnels and WebSocket relays use it, so none outlives shutdown's drain
+/// (and loses its record with the runtime).
+pub async fn splice<A, B>(a: A, b: B, mut shutdown: watch::Receiver<bool>) -> Spliced
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut a = Counted { io: a, read: 0 };
+    let mut b = Counted { io: b, read: 0 };
+    let ended = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => match copied {
+            Ok(_) => Ended::Closed,
+            Err(_) => Ended::Reset,
+        },
+        _ = shutdown.wait_for(|&stopping| stopping) => Ended::Shutdown,
+    };
+    Spliced {
+        from_a: a.read,
+        from_b: b.read,
+        ended,
+    }
+}
+
+/// A stream that counts what is read from it (so a splice cut short still knows its bytes).
+struct Counted<T> {
+    io: T,
+    read: u64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
