@@ -21,7 +21,7 @@ use http::uri::{PathAndQuery, Uri};
 use crate::decide::Permit;
 use crate::policy::{CompiledPolicy, Injection, SecretSource};
 use crate::reason::Reason;
-use crate::secret::Secret;
+use crate::secret::{base64_zeroizing, Secret};
 
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,23 +53,13 @@ impl CredentialValue {
         use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
         use zeroize::Zeroizing;
         let raw = secret.expose().as_bytes();
-        // Each form is written into a buffer of its final size, so no reallocation leaves an
-        // unwiped copy behind.
-        let base64 = |engine: &base64::engine::GeneralPurpose| {
-            let len = base64::encoded_len(raw.len(), false).unwrap_or(0);
-            let mut out = Zeroizing::new(String::with_capacity(len));
-            engine.encode_string(raw, &mut out);
-            Zeroizing::new(out.as_bytes().to_vec())
-        };
+        let base64 = |engine| Zeroizing::new(base64_zeroizing(engine, raw).as_bytes().to_vec());
         let mut percent = Zeroizing::new(Vec::with_capacity(raw.len() * 3));
         percent_encode_into(raw, &mut percent);
-        let mut reflections: Vec<Zeroizing<Vec<u8>>> = Vec::with_capacity(4);
-        for form in [
-            Zeroizing::new(raw.to_vec()),
-            base64(&STANDARD_NO_PAD),
-            base64(&URL_SAFE_NO_PAD),
-            percent,
-        ] {
+        // The raw value always; an encoded form when it differs and is long enough not to match
+        // by chance.
+        let mut reflections = vec![Zeroizing::new(raw.to_vec())];
+        for form in [base64(&STANDARD_NO_PAD), base64(&URL_SAFE_NO_PAD), percent] {
             if form.len() >= 4 && !reflections.iter().any(|r| r.as_slice() == form.as_slice()) {
                 reflections.push(form);
             }
@@ -504,9 +494,10 @@ pub fn inject(
             set_header(parts, name, &value)?;
         }
         Injection::Basic { username, .. } => {
-            let pair = zeroize::Zeroizing::new(format!("{username}:{}", secret.expose()));
-            let value =
-                zeroize::Zeroizing::new(format!("Basic {}", STANDARD.encode(pair.as_bytes())));
+            let encoded = basic_pair(username, secret);
+            let mut value = zeroize::Zeroizing::new(String::with_capacity(6 + encoded.len()));
+            value.push_str("Basic ");
+            value.push_str(&encoded);
             set_header(parts, &AUTHORIZATION, &value)?;
         }
         Injection::Query { param, .. } => {
@@ -518,6 +509,17 @@ pub fn inject(
         credential: idx,
         value,
     }))
+}
+
+/// `base64(username:secret)` as Basic authentication sends it, in buffers that wipe themselves.
+pub fn basic_pair(username: &str, secret: &Secret) -> zeroize::Zeroizing<String> {
+    let secret = secret.expose();
+    let mut pair =
+        zeroize::Zeroizing::new(String::with_capacity(username.len() + 1 + secret.len()));
+    pair.push_str(username);
+    pair.push(':');
+    pair.push_str(secret);
+    base64_zeroizing(&STANDARD, pair.as_bytes())
 }
 
 fn set_header(parts: &mut Parts, name: &HeaderName, value: &str) -> Result<(), Reason> {

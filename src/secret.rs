@@ -33,6 +33,19 @@ impl Secret {
     }
 }
 
+/// `bytes` in base64 (no padding), in a buffer that wipes itself: written at its final size,
+/// so no reallocation leaves an unwiped copy behind. For encoded forms of secrets.
+pub fn base64_zeroizing(
+    engine: &base64::engine::GeneralPurpose,
+    bytes: &[u8],
+) -> Zeroizing<String> {
+    use base64::Engine as _;
+    let len = base64::encoded_len(bytes.len(), true).unwrap_or(0);
+    let mut out = Zeroizing::new(String::with_capacity(len));
+    engine.encode_string(bytes, &mut out);
+    out
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret([redacted])")

@@ -8,13 +8,11 @@
 
 use std::sync::Arc;
 
-use base64::engine::general_purpose::STANDARD_NO_PAD;
-use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use zeroize::Zeroizing;
 
-use crate::credentials::CredentialValue;
+use crate::credentials::{basic_pair, CredentialValue};
 use crate::policy::Injection;
 
 const MARK: &[u8] = b"[redacted]";
@@ -60,16 +58,8 @@ impl Redactor {
     pub fn for_injection(injection: &Injection, value: Arc<CredentialValue>) -> Redactor {
         match injection {
             Injection::Basic { username, .. } => {
-                let secret = value.secret().expose();
-                let mut pair =
-                    Zeroizing::new(String::with_capacity(username.len() + 1 + secret.len()));
-                pair.push_str(username);
-                pair.push(':');
-                pair.push_str(secret);
-                let len = base64::encoded_len(pair.len(), false).unwrap_or(0);
-                let mut encoded = Zeroizing::new(String::with_capacity(len));
-                STANDARD_NO_PAD.encode_string(pair.as_bytes(), &mut encoded);
-                let extra = Zeroizing::new(encoded.as_bytes().to_vec());
+                let pair = basic_pair(username, value.secret());
+                let extra = Zeroizing::new(pair.trim_end_matches('=').as_bytes().to_vec());
                 Redactor::new(value, Some(extra))
             }
             Injection::Header { .. } | Injection::Query { .. } => Redactor::new(value, None),
@@ -109,17 +99,10 @@ impl Redactor {
             self.found += 1;
         }
         for value in headers.values_mut() {
-            if !self.contains_any(value.as_bytes()) {
-                continue;
-            }
-            let (out, n) = self.replace_all(value.as_bytes());
-            if n > 0 {
+            if let Some((out, n)) = self.replace_all(value.as_bytes()) {
                 self.found += n;
-                if let Ok(v) = http::HeaderValue::from_bytes(&out) {
-                    *value = v;
-                } else {
-                    *value = http::HeaderValue::from_static("[redacted]");
-                }
+                *value = http::HeaderValue::from_bytes(&out)
+                    .unwrap_or(http::HeaderValue::from_static("[redacted]"));
             }
         }
         self.found - before
@@ -140,14 +123,18 @@ impl Redactor {
             return safe;
         }
         self.carry.extend_from_slice(&chunk);
-        let (out, n) = self.replace_all(&self.carry);
-        self.found += n;
+        let mut out = match self.replace_all(&self.carry) {
+            Some((replaced, n)) => {
+                self.found += n;
+                self.carry.clear();
+                BytesMut::from(&replaced[..])
+            }
+            None => std::mem::take(&mut self.carry),
+        };
         // Hold back only a tail that could be the start of a needle split across frames, so
         // a stream of small events (SSE) is not delayed until more bytes arrive.
         let keep = self.partial_tail(&out);
-        let emit = out.len() - keep;
-        let mut out = BytesMut::from(&out[..]);
-        self.carry = out.split_off(emit);
+        self.carry = out.split_off(out.len() - keep);
         out.freeze()
     }
 
@@ -176,28 +163,32 @@ impl Redactor {
         std::mem::take(&mut self.carry).freeze()
     }
 
-    fn replace_all(&self, hay: &[u8]) -> (Vec<u8>, u64) {
-        let mut out = hay.to_vec();
+    /// `hay` with every occurrence of every needle replaced by the marker, and how many there
+    /// were; `None` (nothing copied) when there is none. Copies that held a needle wipe
+    /// themselves.
+    fn replace_all(&self, hay: &[u8]) -> Option<(Zeroizing<Vec<u8>>, u64)> {
+        let mut out: Option<Zeroizing<Vec<u8>>> = None;
         let mut count = 0;
         for needle in self.needles() {
-            if find(&out, needle).is_none() {
+            let current = out.as_deref().map_or(hay, Vec::as_slice);
+            if find(current, needle).is_none() {
                 continue;
             }
-            let mut next = Vec::with_capacity(out.len());
+            let mut next = Zeroizing::new(Vec::with_capacity(current.len()));
             let mut last = 0;
-            for at in memchr::memmem::find_iter(&out, needle) {
+            for at in memchr::memmem::find_iter(current, needle) {
                 if at < last {
                     continue;
                 }
-                next.extend_from_slice(&out[last..at]);
+                next.extend_from_slice(&current[last..at]);
                 next.extend_from_slice(MARK);
                 last = at + needle.len();
                 count += 1;
             }
-            next.extend_from_slice(&out[last..]);
-            out = next;
+            next.extend_from_slice(&current[last..]);
+            out = Some(next);
         }
-        (out, count)
+        out.map(|o| (o, count))
     }
 }
 
@@ -220,6 +211,7 @@ mod tests {
 
     use crate::secret::Secret;
     use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
 
     fn redactor() -> Redactor {
         let value = CredentialValue::new(Secret::new("sk-live-0123456789".into()));
@@ -287,6 +279,35 @@ mod tests {
             b"data: "
         );
         assert_eq!(&r.push(Bytes::copy_from_slice(b"ve!"))[..], b"sk-live!");
+    }
+
+    #[test]
+    fn a_tail_that_may_begin_any_needle_is_held_back_and_only_that() {
+        let value = CredentialValue::new(Secret::new("sk/live+0123?456789>>".into()));
+        let basic = Injection::Basic {
+            username: "bot".into(),
+            credential: 0,
+        };
+        let needles: Vec<Vec<u8>> = Redactor::for_injection(&basic, Arc::new(value))
+            .needles()
+            .map(<[u8]>::to_vec)
+            .collect();
+        assert_eq!(needles.len(), 5, "raw, 2 × base64, percent, Basic pair");
+        for needle in &needles {
+            for k in 1..needle.len() {
+                let value = CredentialValue::new(Secret::new("sk/live+0123?456789>>".into()));
+                let mut r = Redactor::for_injection(&basic, Arc::new(value));
+                let mut frame = b"data: ".to_vec();
+                frame.extend_from_slice(&needle[..k]);
+                let sent = r.push(Bytes::from(frame.clone()));
+                assert_eq!(&sent[..], b"data: ", "{k} bytes of {needle:?}");
+                // The rest of the needle completes it: the whole is replaced.
+                let mut out = sent.to_vec();
+                out.extend_from_slice(&r.push(Bytes::copy_from_slice(&needle[k..])));
+                out.extend_from_slice(&r.finish());
+                assert_eq!(out, b"data: [redacted]", "{k} bytes of {needle:?}");
+            }
+        }
     }
 
     #[test]
