@@ -175,41 +175,57 @@ impl RestartOnly {
         }
     }
 
-    /// The keys of `new` that differ from what keyward started with.
+    /// The keys of `new` that differ from what keyward started with. Every field is named
+    /// (no `..`), so a new setting cannot be forgotten here.
     fn changed_in(&self, proxy: &ProxySettings, new: &Policy) -> Vec<&'static str> {
-        let p = &new.proxy;
+        let ProxySettings {
+            listen,
+            header_read_timeout,
+            idle_timeout,
+            max_connections,
+            max_task_in_flight,
+            max_header_bytes,
+            connect_timeout,
+            upstream_timeout,
+        } = &new.proxy;
+        let AdminSettings {
+            listen: admin_listen,
+            token,
+        } = &new.admin;
+        let CaSettings { cert, key } = &new.ca;
+        let AuditSettings { path } = &new.audit;
         [
-            ("proxy.listen", proxy.listen != p.listen),
+            ("proxy.listen", proxy.listen != *listen),
             (
                 "proxy.header_read_timeout",
-                proxy.header_read_timeout != p.header_read_timeout,
+                proxy.header_read_timeout != *header_read_timeout,
             ),
-            ("proxy.idle_timeout", proxy.idle_timeout != p.idle_timeout),
+            ("proxy.idle_timeout", proxy.idle_timeout != *idle_timeout),
             (
                 "proxy.max_connections",
-                proxy.max_connections != p.max_connections,
+                proxy.max_connections != *max_connections,
             ),
             (
                 "proxy.max_task_in_flight",
-                proxy.max_task_in_flight != p.max_task_in_flight,
+                proxy.max_task_in_flight != *max_task_in_flight,
             ),
             (
                 "proxy.max_header_bytes",
-                proxy.max_header_bytes != p.max_header_bytes,
+                proxy.max_header_bytes != *max_header_bytes,
             ),
             (
                 "proxy.connect_timeout",
-                proxy.connect_timeout != p.connect_timeout,
+                proxy.connect_timeout != *connect_timeout,
             ),
             (
                 "proxy.upstream_timeout",
-                proxy.upstream_timeout != p.upstream_timeout,
+                proxy.upstream_timeout != *upstream_timeout,
             ),
-            ("admin.listen", self.admin.listen != new.admin.listen),
-            ("admin.token", self.admin.token != new.admin.token),
-            ("ca.cert", self.ca.cert != new.ca.cert),
-            ("ca.key", self.ca.key != new.ca.key),
-            ("audit.path", self.audit.path != new.audit.path),
+            ("admin.listen", self.admin.listen != *admin_listen),
+            ("admin.token", self.admin.token != *token),
+            ("ca.cert", self.ca.cert != *cert),
+            ("ca.key", self.ca.key != *key),
+            ("audit.path", self.audit.path != *path),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))

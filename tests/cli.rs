@@ -507,7 +507,10 @@ async fn serve_exits_0_on_sigterm_and_flushes_the_audit_log() {
 async fn serve_runs_one_worker_per_cpu_it_may_use() {
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = explain_policy(dir.path());
-    for (workers, expected) in [(None, "workers=1"), (Some("3"), "workers=3")] {
+    for (run, (workers, expected)) in [(None, "workers=1"), (Some("3"), "workers=3")]
+        .into_iter()
+        .enumerate()
+    {
         // `taskset` sets the affinity mask and execs keyward, so the child is keyward itself.
         let mut cmd = tokio::process::Command::new("taskset");
         cmd.args(["-c", "0", BIN, "serve", "--config", file.to_str().unwrap()]);
@@ -515,7 +518,7 @@ async fn serve_runs_one_worker_per_cpu_it_may_use() {
             Some(n) => cmd.env("KEYWARD_WORKERS", n),
             None => cmd.env_remove("KEYWARD_WORKERS"),
         };
-        let mut served = serve_cmd(cmd).await;
+        let served = serve_cmd(cmd).await;
         // Either runtime (one thread, or a pool) serves the proxy listener end to end.
         let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
         let refused = common::raw_exchange(
@@ -524,11 +527,28 @@ async fn serve_runs_one_worker_per_cpu_it_may_use() {
         )
         .await;
         assert_eq!(refused.status, 407, "KEYWARD_WORKERS={workers:?}");
-        served.child.start_kill().unwrap();
-        let (_, log) = served.finish().await;
+        // And stops cleanly on SIGTERM, its record flushed.
+        let pid = served.child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let (status, log) = served.finish().await;
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "KEYWARD_WORKERS={workers:?}:\n{log}"
+        );
         assert!(
             log.contains(expected),
             "KEYWARD_WORKERS={workers:?}:\n{log}"
+        );
+        let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        assert_eq!(
+            audit.matches("\"missing_credentials\"").count(),
+            run + 1,
+            "KEYWARD_WORKERS={workers:?}: {audit}"
         );
     }
 }

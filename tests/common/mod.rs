@@ -195,7 +195,7 @@ pub struct Harness {
     secrets: Mutex<Vec<String>>,
     /// Every response body (and header block) an agent saw, for the leak check.
     agent_seen: Mutex<Vec<String>>,
-    http: reqwest::Client,
+    pub http: reqwest::Client,
     running: Option<keyward::app::Running>,
     pub dir: tempfile::TempDir,
 }
