@@ -264,18 +264,25 @@ async fn explain_prints_decision_reason_capability_route_and_credential_name_nev
     let dir = tempfile::tempdir().unwrap();
     let (file, secrets) = explain_policy(dir.path());
     let config = file.to_str().unwrap();
-    let allow = keyward(&[
-        "explain",
-        "--config",
-        config,
-        "--agent",
-        "bot",
-        "--intent",
-        "api.issues.read",
-        "GET",
-        "https://api.test/repos/acme/web/issues?state=open",
-    ])
-    .await;
+    let explain = |method: &'static str, url: &'static str| {
+        let args = [
+            "explain",
+            "--config",
+            config,
+            "--agent",
+            "bot",
+            "--intent",
+            "api.issues.read",
+            method,
+            url,
+        ]
+        .map(str::to_string);
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            keyward(&args).await
+        }
+    };
+    let allow = explain("GET", "https://api.test/repos/acme/web/issues?state=open").await;
     let out = text(&allow.stdout);
     assert_eq!(allow.status.code(), Some(0), "{out}{}", text(&allow.stderr));
     for want in [
@@ -288,66 +295,26 @@ async fn explain_prints_decision_reason_capability_route_and_credential_name_nev
         assert!(out.contains(want), "`{want}` missing from:\n{out}");
     }
 
-    let deny = keyward(&[
-        "explain",
-        "--config",
-        config,
-        "--agent",
-        "bot",
-        "--intent",
-        "api.issues.read",
-        "POST",
-        "https://api.test/repos/acme/web/issues",
-    ])
-    .await;
+    let deny = explain("POST", "https://api.test/repos/acme/web/issues").await;
     let out2 = text(&deny.stdout);
     assert_eq!(deny.status.code(), Some(0), "{out2}{}", text(&deny.stderr));
     for want in ["deny", "method_not_allowed", "api.issues.write"] {
         assert!(out2.contains(want), "`{want}` missing from:\n{out2}");
     }
 
-    let ambiguous = keyward(&[
-        "explain",
-        "--config",
-        config,
-        "--agent",
-        "bot",
-        "--intent",
-        "api.issues.read",
-        "GET",
-        "https://api.test/repos/acme/web/%2e%2e/issues",
-    ])
-    .await;
+    let ambiguous = explain("GET", "https://api.test/repos/acme/web/%2e%2e/issues").await;
     let out3 = text(&ambiguous.stdout);
     assert!(out3.contains("ambiguous_request"), "{out3}");
 
     // As the proxy would: a passthrough host is tunnelled blind, an unknown one refused at
     // CONNECT, whatever the path.
-    let explain_url = |url: &'static str| {
-        let args = [
-            "explain",
-            "--config",
-            config,
-            "--agent",
-            "bot",
-            "--intent",
-            "api.issues.read",
-            "GET",
-            url,
-        ]
-        .map(str::to_string);
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            keyward(&args).await
-        }
-    };
-    let tunnel = text(&explain_url("https://blind.test/anything").await.stdout);
+    let tunnel = text(&explain("GET", "https://blind.test/anything").await.stdout);
     assert!(
         tunnel.contains("decision:   tunnel") && tunnel.contains("reason:     passthrough"),
         "{tunnel}"
     );
     let unknown = text(
-        &explain_url("https://nowhere.test/repos/a/b/issues")
+        &explain("GET", "https://nowhere.test/repos/a/b/issues")
             .await
             .stdout,
     );

@@ -209,12 +209,9 @@ async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.body, b"slow answer\n");
     // The request has its record in the flushed log.
-    let text = kw.audit_text();
-    let rec: serde_json::Value = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .find(|r: &serde_json::Value| r["path"] == "/slow")
-        .unwrap_or_else(|| panic!("no record of the drained request in {text}"));
+    let rec = kw
+        .audit_where("the drained request", |r| r["path"] == "/slow")
+        .await;
     assert_eq!(rec["status"], 200);
     assert_eq!(rec["outcome"], "completed");
 }
@@ -243,12 +240,9 @@ async fn shutdown_closes_open_tunnels_and_records_them() {
         started.elapsed()
     );
     expect_closed(&mut tunnel, "the tunnel at shutdown").await;
-    let text = kw.audit_text();
-    let rec: serde_json::Value = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .find(|r: &serde_json::Value| r["method"] == "CONNECT")
-        .unwrap_or_else(|| panic!("no record of the tunnel in {text}"));
+    let rec = kw
+        .audit_where("the tunnel", |r| r["method"] == "CONNECT")
+        .await;
     assert_eq!(rec["reason"], "passthrough");
     assert_eq!(rec["outcome"], "shutdown");
     assert_eq!(rec["bytes_up"], 4);
