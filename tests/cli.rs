@@ -351,6 +351,25 @@ impl Served {
         let lines = bounded("keyward serve stderr", self.stderr).await.unwrap();
         (status, lines.join("\n"))
     }
+
+    /// Sends one request without credentials (a 407 and a record to flush), then SIGTERM;
+    /// returns what `finish` returns.
+    async fn refuse_one_then_terminate(self) -> (std::process::ExitStatus, String) {
+        let proxy: std::net::SocketAddr = field(&self.line, "proxy").parse().unwrap();
+        let refused = common::raw_exchange(
+            proxy,
+            b"GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(refused.status, 407);
+        let pid = self.child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        self.finish().await
+    }
 }
 
 /// Spawns `keyward serve`, waits (bounded) for the listening line.
@@ -444,21 +463,7 @@ async fn serve_exits_0_on_sigterm_and_flushes_the_audit_log() {
     let dir = tempfile::tempdir().unwrap();
     let (file, secrets) = explain_policy(dir.path());
     let served = serve(file.to_str().unwrap()).await;
-    let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
-    // One denial, so there is a record to flush.
-    let refused = common::raw_exchange(
-        proxy,
-        b"GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(refused.status, 407);
-    let pid = served.child.id().unwrap().to_string();
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let (status, log) = served.finish().await;
+    let (status, log) = served.refuse_one_then_terminate().await;
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM:\n{log}");
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     assert!(audit.contains("\"missing_credentials\""), "{audit}");
@@ -486,22 +491,9 @@ async fn serve_runs_one_worker_per_cpu_it_may_use() {
             None => cmd.env_remove("KEYWARD_WORKERS"),
         };
         let served = serve_cmd(cmd).await;
-        // Either runtime (one thread, or a pool) serves the proxy listener end to end.
-        let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
-        let refused = common::raw_exchange(
-            proxy,
-            b"GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        assert_eq!(refused.status, 407, "KEYWARD_WORKERS={workers:?}");
-        // And stops cleanly on SIGTERM, its record flushed.
-        let pid = served.child.id().unwrap().to_string();
-        let killed = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let (status, log) = served.finish().await;
+        // Either runtime (one thread, or a pool) serves the proxy listener end to end and
+        // stops cleanly on SIGTERM, its record flushed.
+        let (status, log) = served.refuse_one_then_terminate().await;
         assert_eq!(
             status.code(),
             Some(0),

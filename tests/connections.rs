@@ -19,6 +19,21 @@ fn keep_alive_get(f: &Fixture, path: &str, task: &Task) -> String {
     )
 }
 
+/// A passthrough tunnel to the TCP echo upstream, checked with one round trip.
+async fn echo_tunnel(kw: &Harness, echo_port: u16, task: &Task) -> TcpStream {
+    let target = format!("127.0.0.1:{echo_port}");
+    let (mut tunnel, head) =
+        connect_raw(kw.proxy_addr, &target, Some(&Harness::proxy_auth(task))).await;
+    assert_eq!(head.status, 200);
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    bounded("tunnel echo", tunnel.read_exact(&mut echo))
+        .await
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+    tunnel
+}
+
 /// Reads until the peer closes; panics (bounded) if it never does.
 async fn expect_closed(tcp: &mut TcpStream, what: &str) {
     let mut buf = [0u8; 64];
@@ -79,18 +94,9 @@ async fn open_tunnels_count_against_max_connections() {
     .await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let auth = Harness::proxy_auth(&task);
 
     // A passthrough tunnel takes the only connection slot while it is open...
-    let target = format!("127.0.0.1:{}", f.tcp.addr.port());
-    let (mut tunnel, head) = connect_raw(kw.proxy_addr, &target, Some(&auth)).await;
-    assert_eq!(head.status, 200);
-    tunnel.write_all(b"ping").await.unwrap();
-    let mut echo = [0u8; 4];
-    bounded("tunnel echo", tunnel.read_exact(&mut echo))
-        .await
-        .unwrap();
-    assert_eq!(&echo, b"ping");
+    let tunnel = echo_tunnel(kw, f.tcp.addr.port(), &task).await;
 
     // ...so a second connection is not served until the tunnel closes.
     let mut second = TcpStream::connect(kw.proxy_addr).await.unwrap();
@@ -220,15 +226,7 @@ async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
 async fn shutdown_closes_open_tunnels_and_records_them() {
     let Fixture { mut kw, tcp, .. } = Fixture::start().await;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let target = format!("127.0.0.1:{}", tcp.addr.port());
-    let (mut tunnel, head) =
-        connect_raw(kw.proxy_addr, &target, Some(&Harness::proxy_auth(&task))).await;
-    assert_eq!(head.status, 200);
-    tunnel.write_all(b"ping").await.unwrap();
-    let mut echo = [0u8; 4];
-    bounded("tunnel echo", tunnel.read_exact(&mut echo))
-        .await
-        .unwrap();
+    let mut tunnel = echo_tunnel(&kw, tcp.addr.port(), &task).await;
 
     // An idle tunnel would otherwise hold shutdown for the whole drain (10 s) and then lose
     // its record with the runtime.
