@@ -1,6 +1,7 @@
 //! WebSocket upgrades: the only upgrade keyward relays (never `h2c` or others), decided like
 //! any request, and relayed only after the upstream really answered `101 Switching Protocols`.
-//! Frames are relayed opaquely once both sides have switched.
+//! Frames are relayed opaquely once both sides have switched, by `splice`, which passthrough
+//! tunnels use too.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
