@@ -56,10 +56,21 @@ impl CredentialValue {
         let base64 = |engine| Zeroizing::new(base64_zeroizing(engine, raw).as_bytes().to_vec());
         let mut percent = Zeroizing::new(Vec::with_capacity(raw.len() * 3));
         percent_encode_into(raw, &mut percent);
+        // Some encoders write lowercase hex digits (`%2f`).
+        let percent_lower = Zeroizing::new(percent.to_ascii_lowercase());
+        let json = |escape| json_escaped(secret.expose(), escape);
         // The raw value always; an encoded form when it differs and is long enough not to match
         // by chance.
         let mut reflections = vec![Zeroizing::new(raw.to_vec())];
-        for form in [base64(&STANDARD_NO_PAD), base64(&URL_SAFE_NO_PAD), percent] {
+        for form in [
+            base64(&STANDARD_NO_PAD),
+            base64(&URL_SAFE_NO_PAD),
+            percent,
+            percent_lower,
+            json(JsonEscape::Minimal),
+            json(JsonEscape::Slash),
+            json(JsonEscape::Ascii),
+        ] {
             if form.len() >= 4 && !reflections.iter().any(|r| r.as_slice() == form.as_slice()) {
                 reflections.push(form);
             }
@@ -75,10 +86,50 @@ impl CredentialValue {
         &self.secret
     }
 
-    /// What a response must not carry back to the agent (raw, base64, percent-encoded).
+    /// What a response must not carry back to the agent (raw, base64, percent-encoded, inside
+    /// a JSON string).
     pub fn reflections(&self) -> &[zeroize::Zeroizing<Vec<u8>>] {
         &self.reflections
     }
+}
+
+/// How JSON encoders write a string: the minimum (serde_json, Go with HTML escaping off),
+/// also `\/` (PHP's `json_encode`), or also non-ASCII as `\uXXXX` (Python's `json.dumps`).
+#[derive(Clone, Copy, PartialEq)]
+enum JsonEscape {
+    Minimal,
+    Slash,
+    Ascii,
+}
+
+/// `value` as it appears inside a JSON string written with `escape`.
+fn json_escaped(value: &str, escape: JsonEscape) -> zeroize::Zeroizing<Vec<u8>> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(value.len() * 6));
+    let mut units = [0u16; 2];
+    for c in value.chars() {
+        match c {
+            '"' => out.extend_from_slice(b"\\\""),
+            '\\' => out.extend_from_slice(b"\\\\"),
+            '/' if escape == JsonEscape::Slash => out.extend_from_slice(b"\\/"),
+            '\n' => out.extend_from_slice(b"\\n"),
+            '\r' => out.extend_from_slice(b"\\r"),
+            '\t' => out.extend_from_slice(b"\\t"),
+            c if (c as u32) < 0x20 || (!c.is_ascii() && escape == JsonEscape::Ascii) => {
+                for unit in c.encode_utf16(&mut units).iter() {
+                    out.extend_from_slice(b"\\u");
+                    for shift in [12, 8, 4, 0] {
+                        out.push(HEX[usize::from((unit >> shift) & 15)]);
+                    }
+                }
+            }
+            c => {
+                let mut utf8 = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+            }
+        }
+    }
+    out
 }
 
 /// One credential of the policy, by index.
@@ -654,6 +705,30 @@ mod tests {
         for miss in ["sk_live_012345678", "Bearer abcdefghijklmnop", "%zz%5", ""] {
             assert!(!finds(miss), "{miss} found");
         }
+    }
+
+    #[test]
+    fn reflections_cover_percent_and_json_spellings() {
+        let value = CredentialValue::new(Secret::new("k/y\"é+1".into()));
+        let forms: Vec<String> = value
+            .reflections()
+            .iter()
+            .map(|r| String::from_utf8(r.to_vec()).unwrap())
+            .collect();
+        for want in [
+            "k/y\"é+1",           // raw
+            "k%2Fy%22%C3%A9%2B1", // percent, RFC 3986
+            "k%2fy%22%c3%a9%2b1", // percent, lowercase hex
+            "k/y\\\"é+1",         // JSON (serde_json, Go)
+            "k\\/y\\\"é+1",       // JSON with \/ (PHP)
+            "k/y\\\"\\u00e9+1",   // JSON, ASCII only (Python)
+            &STANDARD.encode("k/y\"é+1").replace('=', ""),
+        ] {
+            assert!(forms.iter().any(|f| f == want), "{want} not in {forms:?}");
+        }
+        // A plain token has one spelling in each family that differs: raw and base64.
+        let plain = CredentialValue::new(Secret::new("sk_live_0123456789".into()));
+        assert_eq!(plain.reflections().len(), 2);
     }
 
     #[test]

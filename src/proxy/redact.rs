@@ -292,7 +292,9 @@ mod tests {
             .needles()
             .map(<[u8]>::to_vec)
             .collect();
-        assert_eq!(needles.len(), 5, "raw, 2 × base64, percent, Basic pair");
+        // Raw, base64 (standard, URL-safe), percent (upper-, lowercase hex), JSON with `\/`,
+        // the Basic pair.
+        assert_eq!(needles.len(), 7);
         for needle in &needles {
             for k in 1..needle.len() {
                 let value = CredentialValue::new(Secret::new("sk/live+0123?456789>>".into()));
@@ -308,6 +310,20 @@ mod tests {
                 assert_eq!(out, b"data: [redacted]", "{k} bytes of {needle:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_secret_reflected_inside_json_strings_is_redacted() {
+        let value = CredentialValue::new(Secret::new("sk/live\"0123456789".into()));
+        let mut r = Redactor::new(Arc::new(value), None);
+        let body = r#"{"php":"sk\/live\"0123456789","serde":"sk/live\"0123456789"}"#;
+        let mut out = r.push(Bytes::copy_from_slice(body.as_bytes())).to_vec();
+        out.extend_from_slice(&r.finish());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"php":"[redacted]","serde":"[redacted]"}"#
+        );
+        assert_eq!(r.found(), 2);
     }
 
     #[test]
