@@ -56,7 +56,26 @@ pub struct Task {
     used: AtomicU64,
     denied: AtomicU64,
     revoked: AtomicBool,
+    /// Woken when the task is revoked, so what is still open for it ends at once.
+    revocation: tokio::sync::Notify,
     in_flight: AtomicU32,
+}
+
+/// Why a task stopped being valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskEnd {
+    Revoked,
+    Expired,
+}
+
+impl TaskEnd {
+    /// The word audit records use (`outcome`) for what the end cut short.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskEnd::Revoked => "task_revoked",
+            TaskEnd::Expired => "task_expired",
+        }
+    }
 }
 
 impl Task {
@@ -74,6 +93,37 @@ impl Task {
 
     pub fn is_expired(&self, now: SystemTime) -> bool {
         now >= self.expires_at
+    }
+
+    /// Whether the task has ended (revoked, or expired at `now`).
+    pub fn ended_at(&self, now: SystemTime) -> Option<TaskEnd> {
+        if self.is_revoked() {
+            Some(TaskEnd::Revoked)
+        } else if self.is_expired(now) {
+            Some(TaskEnd::Expired)
+        } else {
+            None
+        }
+    }
+
+    /// Completes when the task is revoked or expires: tunnels, WebSocket relays and
+    /// intercepted connections opened for it end then, not at their next request.
+    pub async fn ended(&self) -> TaskEnd {
+        let revoked = self.revocation.notified();
+        tokio::pin!(revoked);
+        // Registered before the flag is read, so a revocation in between is not missed.
+        revoked.as_mut().enable();
+        if let Some(end) = self.ended_at(SystemTime::now()) {
+            return end;
+        }
+        let left = self
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            _ = revoked => TaskEnd::Revoked,
+            _ = tokio::time::sleep(left) => TaskEnd::Expired,
+        }
     }
 
     pub fn requests_used(&self) -> u64 {
@@ -131,6 +181,12 @@ impl Task {
 
 /// One request of a task in flight (see `Task::enter`).
 pub struct InFlightSlot(Arc<Task>);
+
+impl InFlightSlot {
+    pub fn task(&self) -> &Task {
+        &self.0
+    }
+}
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
@@ -294,6 +350,7 @@ impl TaskStore {
     pub fn revoke(&self, id: &str) -> Option<Arc<Task>> {
         let task = self.get(id)?;
         task.revoked.store(true, Ordering::Release);
+        task.revocation.notify_waiters();
         Some(task)
     }
 
@@ -396,6 +453,7 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
         used: AtomicU64::new(0),
         denied: AtomicU64::new(0),
         revoked: AtomicBool::new(false),
+        revocation: tokio::sync::Notify::new(),
         in_flight: AtomicU32::new(0),
     })
 }
@@ -538,6 +596,47 @@ mod tests {
             Some("[redacted]"),
             "a longer run is taken whole"
         );
+    }
+
+    fn minted_at(now: SystemTime) -> (TaskStore, Arc<Task>) {
+        let text = format!(
+            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.read: {{service: s, routes: [GET /x]}}\nagents:\n  bot: {{owner: t, capabilities: [s.read], max_ttl: 1h}}\n",
+            crate::policy::testing::ADMIN
+        );
+        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        let store = TaskStore::new();
+        let spec = MintSpec {
+            agent: "bot".into(),
+            task: Some("t1".into()),
+            intent: vec![Grant {
+                capability: "s.read".into(),
+                constraints: Vec::new(),
+            }],
+            ttl: None,
+            max_requests: None,
+        };
+        let (task, _token) = store.mint(&policy, spec, now).unwrap();
+        (store, task)
+    }
+
+    #[tokio::test]
+    async fn ended_completes_on_revocation_and_at_expiry() {
+        let (store, task) = minted_at(SystemTime::now());
+        let waiting = tokio::spawn({
+            let task = task.clone();
+            async move { task.ended().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a live task has not ended");
+        store.revoke("t1");
+        let end = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert_eq!(end.unwrap().unwrap(), TaskEnd::Revoked);
+        // Asked after the fact, it answers at once.
+        assert_eq!(task.ended().await, TaskEnd::Revoked);
+
+        let (_store, old) = minted_at(SystemTime::now() - Duration::from_secs(2 * 3600));
+        assert_eq!(old.ended().await, TaskEnd::Expired);
+        assert_eq!(old.ended_at(SystemTime::now()), Some(TaskEnd::Expired));
     }
 
     #[test]

@@ -246,3 +246,62 @@ async fn shutdown_closes_open_tunnels_and_records_them() {
     assert_eq!(rec["bytes_up"], 4);
     assert_eq!(rec["bytes_down"], 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_task_closes_its_tunnels_and_cuts_its_streams_at_once() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tunnel = echo_tunnel(kw, f.tcp.addr.port(), &task).await;
+
+    let mut others_tunnel = echo_tunnel(kw, f.tcp.addr.port(), &other).await;
+    let mut stream = bounded(
+        "the event stream",
+        kw.agent(&task)
+            .get(f.plain_url("plain.test", "/ticks"))
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stream.status(), 200);
+    let first = bounded("the first event", stream.chunk()).await.unwrap();
+    assert!(first.is_some_and(|c| c.starts_with(b"data: tick 1")));
+
+    kw.revoke(&task.id).await;
+
+    // The stream stops with an error, long before its 200 events (10 s)...
+    let mut rest = Vec::new();
+    let ended = bounded("the cut stream", async {
+        loop {
+            match stream.chunk().await {
+                Ok(Some(chunk)) => rest.extend_from_slice(&chunk),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_err(), "the stream ended as if complete");
+    assert!(!String::from_utf8_lossy(&rest).contains("tick 200"));
+    // ...a blind tunnel (which has no next request to refuse) is closed...
+    expect_closed(&mut tunnel, "the revoked task's tunnel").await;
+    // ...and both say why in their records. Another task's tunnel is untouched.
+    let rec = kw
+        .audit_where("the cut stream", |r| r["path"] == "/ticks")
+        .await;
+    assert_eq!(rec["outcome"], "task_revoked");
+    let rec = kw
+        .audit_where("the closed tunnel", |r| {
+            r["method"] == "CONNECT" && r["task"] == task.id.as_str()
+        })
+        .await;
+    assert_eq!(rec["outcome"], "task_revoked");
+    others_tunnel.write_all(b"pong").await.unwrap();
+    let mut echo = [0u8; 4];
+    bounded("the other tunnel", others_tunnel.read_exact(&mut echo))
+        .await
+        .unwrap();
+    assert_eq!(&echo, b"pong");
+    kw.assert_no_leaks().await;
+}

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -111,14 +112,17 @@ impl ProxyBody {
     }
 }
 
+/// Why a response stopped before its end (hyper aborts it: the agent cannot take it for whole).
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ProxyBody::Upstream {
@@ -152,9 +156,22 @@ impl Body for ProxyBody {
                             let found = redactor.as_ref().map_or(0, |r| r.found());
                             r.complete(*bytes, "upstream_error", found);
                         }
-                        return Poll::Ready(Some(Err(e)));
+                        return Poll::Ready(Some(Err(e.into())));
                     }
                     Poll::Ready(Some(Ok(frame))) => {
+                        // SECURITY: a task revoked (or expired) while its response streams gets
+                        // nothing more, not even what already arrived.
+                        let end = recorder
+                            .as_ref()
+                            .and_then(Recorder::task)
+                            .and_then(|t| t.ended_at(SystemTime::now()));
+                        if let Some(end) = end {
+                            if let Some(r) = recorder.take() {
+                                let found = redactor.as_ref().map_or(0, |r| r.found());
+                                r.complete(*bytes, end.as_str(), found);
+                            }
+                            return Poll::Ready(Some(Err(end.as_str().into())));
+                        }
                         let frame = match (frame.into_data(), redactor.as_mut()) {
                             (Ok(data), Some(r)) => {
                                 let safe = r.push(data);

@@ -84,7 +84,9 @@ pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize) {
 
 /// Serves the HTTP inside an intercepted tunnel until it closes, `close` is notified (an
 /// authentication failure inside the tunnel), or keyward shuts down. Returns what
-/// `serve_plain` returns.
+/// `serve_plain` returns. A task that ends does not close it: SPEC §4.2 answers its next
+/// request with the 407 that says why, then closes (responses still streaming are cut by
+/// `ProxyBody` at once).
 pub async fn serve_intercepted<I, S>(
     state: &Arc<State>,
     io: TokioIo<I>,

@@ -25,7 +25,7 @@ use crate::proxy::handle::{self, ConnCtx, ConnSlot, TunnelCtx};
 use crate::proxy::identify::{parse_authority, TunnelHost};
 use crate::proxy::record::RecordDraft;
 use crate::proxy::respond::{self, DenyInfo, Failure};
-use crate::proxy::upgrade::{self, Ended};
+use crate::proxy::upgrade;
 use crate::reason::Reason;
 use crate::state::{Generation, State};
 use crate::upstream;
@@ -114,7 +114,8 @@ pub async fn handle(
             Response::new(ProxyBody::empty())
         }
         Ok(ConnectDecision::Tunnel) => {
-            passthrough(state, &generation, ctx.slot.clone(), draft, tunnel, req).await
+            let slot = ctx.slot.clone();
+            passthrough(state, &generation, slot, draft, task, tunnel, req).await
         }
     }
 }
@@ -199,7 +200,7 @@ async fn intercept(
         client,
         slot,
         tunnel: Some(TunnelCtx {
-            task,
+            task: task.clone(),
             host: tunnel,
             service: draft.rec.service.clone(),
             close: close.clone(),
@@ -207,10 +208,12 @@ async fn intercept(
     });
     let svc_state = state.clone();
     let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    if let Some(status) = conn::serve_intercepted(&state, TokioIo::new(tls), svc, close).await {
+    let served = conn::serve_intercepted(&state, TokioIo::new(tls), svc, close).await;
+    if let Some(status) = served {
         crate::proxy::record::unparsed(&state, client, status);
     }
-    draft.rec.outcome = Some("closed");
+    let end = task.ended_at(SystemTime::now());
+    draft.rec.outcome = Some(end.map_or("closed", |e| e.as_str()));
     draft.write_detached(&state, Reason::Allowed, 200);
 }
 
@@ -221,6 +224,7 @@ async fn passthrough(
     generation: &Generation,
     slot: ConnSlot,
     mut draft: RecordDraft,
+    task: Arc<crate::tasks::Task>,
     tunnel: TunnelHost,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
@@ -271,14 +275,11 @@ async fn passthrough(
         match on_upgrade.await {
             Ok(upgraded) => {
                 let shutdown = state.shutdown_signal();
-                let spliced = upgrade::splice(TokioIo::new(upgraded), tcp, shutdown).await;
+                let agent = TokioIo::new(upgraded);
+                let spliced = upgrade::splice(agent, tcp, &task, shutdown).await;
                 draft.rec.bytes_up = spliced.from_a;
                 draft.rec.bytes_down = spliced.from_b;
-                draft.rec.outcome = Some(match spliced.ended {
-                    Ended::Closed => "closed",
-                    Ended::Reset => "reset",
-                    Ended::Shutdown => "shutdown",
-                });
+                draft.rec.outcome = Some(spliced.ended.as_str());
             }
             Err(_) => draft.rec.outcome = Some("client_closed"),
         }

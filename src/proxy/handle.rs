@@ -215,9 +215,10 @@ async fn handle_request(
                 let recorder = draft.into_recorder(state.clone(), 101, started, bytes_up);
                 let slot = ctx.slot.clone();
                 let shutdown = state.shutdown_signal();
+                let task = task.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    upgrade::relay(agent_upgrade, upstream_upgrade, recorder, shutdown).await
+                    upgrade::relay(agent_upgrade, upstream_upgrade, recorder, &task, shutdown).await
                 });
                 let mut out = Response::new(ProxyBody::empty());
                 *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;

@@ -196,6 +196,11 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// The task the request was made for (its place in flight is held until `complete`).
+    pub fn task(&self) -> Option<&crate::tasks::Task> {
+        self.draft.in_flight.as_ref().map(|slot| slot.task())
+    }
+
     /// `redacted`: reflected credentials replaced in this response (counted per service).
     pub fn complete(self, bytes_down: u64, outcome: &'static str, redacted: u64) {
         let Recorder {

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::proxy::record::Recorder;
+use crate::tasks::{Task, TaskEnd};
 
 /// Whether the agent asks for a WebSocket upgrade in the one form that is relayed:
 /// HTTP/1.1 `GET` with `Upgrade: websocket` and `Connection: upgrade`.
@@ -53,27 +54,42 @@ pub async fn relay(
     agent: OnUpgrade,
     upstream: OnUpgrade,
     recorder: Recorder,
+    task: &Task,
     shutdown: watch::Receiver<bool>,
 ) {
     let (agent, upstream) = match tokio::join!(agent, upstream) {
         (Ok(a), Ok(u)) => (a, u),
         _ => return recorder.complete(0, "upgrade_failed", 0),
     };
-    let spliced = splice(TokioIo::new(agent), TokioIo::new(upstream), shutdown).await;
+    let spliced = splice(TokioIo::new(agent), TokioIo::new(upstream), task, shutdown).await;
     let outcome = match spliced.ended {
         Ended::Closed => "completed",
-        Ended::Reset => "reset",
-        Ended::Shutdown => "shutdown",
+        other => other.as_str(),
     };
     recorder.complete(spliced.from_b, outcome, 0);
 }
 
 /// How a splice ended.
+#[derive(Clone, Copy)]
 pub enum Ended {
     Closed,
     Reset,
     /// keyward began to shut down: both sides were closed so the record can still be written.
     Shutdown,
+    /// The task was revoked or expired: nothing more may cross on its behalf.
+    Task(TaskEnd),
+}
+
+impl Ended {
+    /// The record's `outcome`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ended::Closed => "closed",
+            Ended::Reset => "reset",
+            Ended::Shutdown => "shutdown",
+            Ended::Task(end) => end.as_str(),
+        }
+    }
 }
 
 pub struct Spliced {
@@ -83,10 +99,10 @@ pub struct Spliced {
     pub ended: Ended,
 }
 
-/// Copies bytes both ways between `a` and `b` until either side closes or fails, or keyward
-/// begins to shut down. Tunnels and WebSocket relays use it, so none outlives shutdown's drain
-/// (and loses its record with the runtime).
-pub async fn splice<A, B>(a: A, b: B, mut shutdown: watch::Receiver<bool>) -> Spliced
+/// Copies bytes both ways between `a` and `b` until either side closes or fails, `task` ends
+/// (revoked or expired: "revoke at once" covers open tunnels), or keyward begins to shut down
+/// (so no tunnel outlives shutdown's drain and loses its record with the runtime).
+pub async fn splice<A, B>(a: A, b: B, task: &Task, mut shutdown: watch::Receiver<bool>) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -98,6 +114,7 @@ where
             Ok(_) => Ended::Closed,
             Err(_) => Ended::Reset,
         },
+        end = task.ended() => Ended::Task(end),
         _ = shutdown.wait_for(|&stopping| stopping) => Ended::Shutdown,
     };
     Spliced {

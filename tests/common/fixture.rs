@@ -156,6 +156,7 @@ capabilities:
       - GET /repos/{{owner}}/{{repo}}/issues/{{number}}
       - GET /reflect-auth
       - GET /sse
+      - GET /ticks
       - GET /slow
       - GET|POST /echo
   plain.labels.write:

@@ -234,6 +234,22 @@ async fn echo(
             tokio::time::sleep(Duration::from_millis(600)).await;
             Ok(Response::new(full("slow answer\n")))
         }
+        "/ticks" => {
+            // A long stream: one event every 50 ms for 10 s, for tests that act mid-stream.
+            let events = futures_util::stream::unfold(0u32, |i| async move {
+                if i >= 200 {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let frame = Frame::data(Bytes::from(format!("data: tick {}\n\n", i + 1)));
+                Some((Ok::<_, Infallible>(frame), i + 1))
+            });
+            let resp = Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(events).boxed_unsync())
+                .unwrap();
+            Ok(resp)
+        }
         "/sse" => {
             let events = futures_util::stream::unfold(0u32, |i| async move {
                 if i >= 3 {
