@@ -43,8 +43,9 @@ pub struct CredentialValue {
     secret: Secret,
     /// The value lowercased, for places that are case-folded on the way (header names, hosts).
     folded: zeroize::Zeroizing<Vec<u8>>,
-    /// The spellings an upstream may reflect it in: raw, base64 (standard and URL-safe, without
-    /// padding) and percent-encoded; distinct, at least 4 bytes (see `proxy::redact`).
+    /// The spellings an upstream may reflect it in, for the redactor (`proxy::redact`): raw
+    /// always; base64 (standard and URL-safe, without padding), percent-encoded (upper- and
+    /// lowercase hex) and JSON-escaped when they differ from it and have at least 4 bytes.
     reflections: Vec<zeroize::Zeroizing<Vec<u8>>>,
 }
 
