@@ -4,6 +4,8 @@
 //! tunnels use too.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::header::{HeaderValue, CONNECTION, UPGRADE};
@@ -102,24 +104,39 @@ pub struct Spliced {
 /// Copies bytes both ways between `a` and `b` until either side closes or fails, `task` ends
 /// (revoked or expired: "revoke at once" covers open tunnels), or keyward begins to shut down
 /// (so no tunnel outlives shutdown's drain and loses its record with the runtime).
+///
+/// The copy runs as its own task: I/O wakes only it, not the futures that wait for the task's
+/// end or shutdown (a `select!` over all three would poll them at every wake-up).
 pub async fn splice<A, B>(a: A, b: B, task: &Task, mut shutdown: watch::Receiver<bool>) -> Spliced
 where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
+    A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut a = Counted { io: a, read: 0 };
-    let mut b = Counted { io: b, read: 0 };
+    let from_a = Arc::new(AtomicU64::new(0));
+    let from_b = Arc::new(AtomicU64::new(0));
+    let mut a = Counted {
+        io: a,
+        read: from_a.clone(),
+    };
+    let mut b = Counted {
+        io: b,
+        read: from_b.clone(),
+    };
+    let mut copy =
+        tokio::spawn(async move { tokio::io::copy_bidirectional(&mut a, &mut b).await.is_ok() });
     let ended = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut a, &mut b) => match copied {
-            Ok(_) => Ended::Closed,
-            Err(_) => Ended::Reset,
+        copied = &mut copy => match copied {
+            Ok(true) => Ended::Closed,
+            _ => Ended::Reset,
         },
         end = task.ended() => Ended::Task(end),
         _ = shutdown.wait_for(|&stopping| stopping) => Ended::Shutdown,
     };
+    // Dropping the copy closes both sides.
+    copy.abort();
     Spliced {
-        from_a: a.read,
-        from_b: b.read,
+        from_a: from_a.load(Ordering::Relaxed),
+        from_b: from_b.load(Ordering::Relaxed),
         ended,
     }
 }
@@ -127,7 +144,7 @@ where
 /// A stream that counts what is read from it (so a splice cut short still knows its bytes).
 struct Counted<T> {
     io: T,
-    read: u64,
+    read: Arc<AtomicU64>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -138,7 +155,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let read = (buf.filled().len() - before) as u64;
+        if read > 0 {
+            self.read.fetch_add(read, Ordering::Relaxed);
+        }
         polled
     }
 }
