@@ -118,11 +118,13 @@ pub fn format_client(addr: std::net::SocketAddr) -> String {
     }
 }
 
-/// Appends `n` in decimal, zero-padded to at least `width` digits.
+/// Appends `n` in decimal, zero-padded to at least `width` digits (at most 20, u64's widest).
 pub(crate) fn push_decimal(s: &mut String, mut n: u64, width: usize) {
     let mut digits = [b'0'; 20];
+    // The loop below writes at most `digits.len()` digits whatever `width` asks for.
+    let width = width.clamp(1, digits.len());
     let mut at = digits.len();
-    while n > 0 || digits.len() - at < width.max(1) {
+    while n > 0 || digits.len() - at < width {
         at -= 1;
         digits[at] = b'0' + (n % 10) as u8;
         n /= 10;
@@ -195,6 +197,10 @@ mod tests {
         let mut s = String::new();
         push_decimal(&mut s, u64::MAX, 1);
         assert_eq!(s, u64::MAX.to_string());
+        // A width past u64's 20 digits is capped, never a panic.
+        let mut s = String::new();
+        push_decimal(&mut s, 7, 25);
+        assert_eq!(s, format!("{:020}", 7));
     }
 
     #[test]
