@@ -592,7 +592,7 @@ fn with_query_param(uri: &Uri, param: &str, secret: &str) -> Option<Uri> {
     if let Some(q) = pq.query() {
         for pair in q.split('&').filter(|p| !p.is_empty()) {
             let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-            if percent_decode(key).as_deref() == Some(param) || key == param {
+            if key == param || decode_query_name(key.as_bytes()).as_ref() == param.as_bytes() {
                 continue;
             }
             query.push_str(pair);
@@ -627,21 +627,35 @@ fn percent_encode_into(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+/// A query parameter name as a server decodes it: `%XX` decoded, `+` a space.
+pub fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !name.iter().any(|&b| b == b'%' || b == b'+') {
+        return name.into();
+    }
+    let hex = |i: usize| {
+        name.get(i)
+            .and_then(|&b| (b as char).to_digit(16))
+            .map(|d| d as u8)
+    };
+    let mut out = Vec::with_capacity(name.len());
     let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-            i += 1;
+    while i < name.len() {
+        match (name[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h << 4) | l);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
         }
     }
-    String::from_utf8(out).ok()
+    out.into()
 }
 
 #[cfg(test)]

@@ -151,7 +151,7 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
 fn has_method_param(query: &str) -> bool {
     query.split(['&', ';']).any(|pair| {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
-        let decoded = decode_query_name(key.as_bytes());
+        let decoded = crate::credentials::decode_query_name(key.as_bytes());
         let name = decoded.split(|&b| b == 0).next().unwrap_or_default();
         let start = name.iter().position(|&b| b != b' ').unwrap_or(name.len());
         let name = &name[start..];
@@ -175,37 +175,6 @@ fn is_method_name(name: impl Iterator<Item = u8>) -> bool {
         }
     }
     want.next().is_none()
-}
-
-/// A query parameter name as a server decodes it: `%XX` decoded, `+` a space.
-fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    if !name.iter().any(|&b| b == b'%' || b == b'+') {
-        return name.into();
-    }
-    let hex = |i: usize| {
-        name.get(i)
-            .and_then(|&b| (b as char).to_digit(16))
-            .map(|d| d as u8)
-    };
-    let mut out = Vec::with_capacity(name.len());
-    let mut i = 0;
-    while i < name.len() {
-        match (name[i], hex(i + 1), hex(i + 2)) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h << 4) | l);
-                i += 3;
-            }
-            (b'+', _, _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    out.into()
 }
 
 /// SECURITY: CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable,
