@@ -12,7 +12,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::UPGRADE;
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::Service;
@@ -22,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::proxy::body::ProxyBody;
+use crate::proxy::fragment::{FragmentInTarget, FragmentLog, Sniff};
 use crate::state::State;
 
 /// Serves one connection of the plain proxy listener until it closes or keyward shuts down.
@@ -41,12 +43,14 @@ where
         .max_buf_size(settings.max_header_bytes.max(8192))
         .keep_alive(true);
     let activity = Arc::new(Activity::new());
+    let fragments = Arc::new(FragmentLog::default());
     let svc = Tracked {
         inner: svc,
         activity: activity.clone(),
+        fragments: fragments.clone(),
     };
     let conn = builder
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(Sniff::new(stream, fragments)), svc)
         .with_upgrades();
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
@@ -89,7 +93,8 @@ pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize) {
 /// `ProxyBody` at once).
 pub async fn serve_intercepted<I, S>(
     state: &Arc<State>,
-    io: TokioIo<I>,
+    io: I,
+    h2: bool,
     svc: S,
     close: Arc<Notify>,
 ) -> Option<u16>
@@ -113,10 +118,17 @@ where
         .max_pending_accept_reset_streams(32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let activity = Arc::new(Activity::new());
+    let fragments = Arc::new(FragmentLog::default());
+    if h2 {
+        // HPACK-coded heads cannot be sniffed (and the h2 crate cuts a `:path` fragment too).
+        fragments.stop();
+    }
     let svc = Tracked {
         inner: svc,
         activity: activity.clone(),
+        fragments: fragments.clone(),
     };
+    let io = TokioIo::new(Sniff::new(io, fragments));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut shutdown = state.shutdown_signal();
@@ -188,10 +200,12 @@ impl Drop for InFlight {
     }
 }
 
-/// The connection's service, counting requests in flight.
+/// The connection's service, counting requests in flight and marking requests whose target
+/// had a fragment.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    fragments: Arc<FragmentLog>,
 }
 
 impl<S> Service<Request<Incoming>> for Tracked<S>
@@ -203,9 +217,16 @@ where
     type Error = Infallible;
     type Future = TrackedFuture<S::Future>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if self.fragments.take(req.method(), req.uri()) {
+            req.extensions_mut().insert(FragmentInTarget);
+        }
+        // After a successful CONNECT or a 101 the connection carries other bytes than HTTP/1.
+        let connect = req.method() == Method::CONNECT;
+        let may_switch = connect || req.headers().contains_key(UPGRADE);
         TrackedFuture {
             guard: Some(self.activity.begin()),
+            switch: may_switch.then(|| (self.fragments.clone(), connect)),
             inner: self.inner.call(req),
         }
     }
@@ -215,6 +236,8 @@ pin_project_lite::pin_project! {
     /// The service's future, handing its in-flight guard on to the response body.
     struct TrackedFuture<F> {
         guard: Option<InFlight>,
+        // Set when the request may switch the connection away from HTTP/1.
+        switch: Option<(Arc<FragmentLog>, bool)>,
         #[pin]
         inner: F,
     }
@@ -229,6 +252,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let resp = std::task::ready!(this.inner.poll(cx))?;
+        if let Some((log, connect)) = this.switch.take() {
+            let status = resp.status();
+            if status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
+                log.stop();
+            }
+        }
         let guard = this.guard.take();
         Poll::Ready(Ok(resp.map(|body| TrackedBody {
             body,

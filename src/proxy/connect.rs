@@ -208,7 +208,8 @@ async fn intercept(
     });
     let svc_state = state.clone();
     let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    let served = conn::serve_intercepted(&state, TokioIo::new(tls), svc, close).await;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let served = conn::serve_intercepted(&state, tls, h2, svc, close).await;
     if let Some(status) = served {
         crate::proxy::record::unparsed(&state, client, status);
     }

@@ -10,8 +10,9 @@ use http::request::Parts;
 use http::{HeaderMap, Method, Version};
 
 use crate::decide::normalize_host;
-use crate::matcher::canon::{canonicalize, CanonPath};
+use crate::matcher::canon::{canonicalize, Ambiguity, CanonPath};
 use crate::policy::Scheme;
+use crate::proxy::fragment::FragmentInTarget;
 use crate::reason::Reason;
 
 /// Where a request goes, as decided from its target.
@@ -129,6 +130,10 @@ pub fn tunnel_target(parts: &Parts, tunnel: &TunnelHost) -> Result<Target, Targe
 }
 
 fn common_checks(parts: &Parts) -> Result<(), TargetError> {
+    // The parser cut the fragment off; the connection's sniffer saw it (see `fragment`).
+    if parts.extensions.get::<FragmentInTarget>().is_some() {
+        return Err(ambiguous(Ambiguity::Fragment.as_str()));
+    }
     if parts.method == Method::CONNECT {
         return Err(ambiguous("nested_connect"));
     }

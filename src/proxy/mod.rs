@@ -8,6 +8,7 @@ pub mod body;
 pub mod conn;
 pub mod connect;
 pub mod forward;
+pub mod fragment;
 pub mod handle;
 pub mod identify;
 pub mod record;

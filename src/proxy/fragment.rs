@@ -1,0 +1,366 @@
+//! Request targets that carry a `#fragment` (SPEC §4.4: refused as ambiguous).
+//!
+//! The `http` crate cuts a fragment off when it parses a request target, so the parsed request
+//! never shows one. `Sniff` therefore watches the bytes an HTTP/1 connection reads, before the
+//! parser does, for request lines whose target has a `#`, and notes each in the connection's
+//! `FragmentLog`. The connection's service takes the note for the request it belongs to (same
+//! method, same target once the fragment is cut) and marks that request with `FragmentInTarget`,
+//! which `identify` refuses.
+//!
+//! The cost on the hot path is one `memchr` for `#` over the bytes read; only a line that has a
+//! `#` is looked at further. Sniffing stops once the connection stops speaking HTTP/1 (a tunnel
+//! after CONNECT, a WebSocket after 101).
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use http::{Method, Uri};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Request extension: the request line's target had a fragment.
+#[derive(Clone, Copy, Debug)]
+pub struct FragmentInTarget;
+
+/// A request line is kept up to this long for sniffing; a longer one that has a `#` is noted
+/// without its target, which marks the next request of its method (fail closed).
+const MAX_LINE: usize = 16 * 1024;
+/// Notes waiting for their request; older ones are dropped (a body that happened to contain a
+/// request line never finds its request).
+const MAX_NOTES: usize = 16;
+
+/// Request lines with a fragment, seen on one connection and not yet matched to a request.
+#[derive(Default)]
+pub struct FragmentLog {
+    pending: AtomicUsize,
+    stopped: AtomicBool,
+    notes: Mutex<VecDeque<Note>>,
+}
+
+struct Note {
+    method: Box<[u8]>,
+    /// The target before the `#`; `None` when the line was too long to keep.
+    target: Option<Box<[u8]>>,
+}
+
+impl FragmentLog {
+    /// Whether the request line of (`method`, `uri`) had a fragment; takes the note.
+    pub fn take(&self, method: &Method, uri: &Uri) -> bool {
+        if self.pending.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let Ok(mut notes) = self.notes.lock() else {
+            return true; // poisoned: cannot tell, so refuse
+        };
+        let found = notes.iter().position(|n| {
+            n.method.as_ref() == method.as_str().as_bytes()
+                && n.target.as_deref().map_or(true, |t| same_target(t, uri))
+        });
+        match found {
+            Some(i) => {
+                notes.remove(i);
+                self.pending.store(notes.len(), Ordering::Release);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The connection no longer speaks HTTP/1 (tunnel, WebSocket): stop looking at its bytes.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    fn note(&self, note: Note) {
+        if let Ok(mut notes) = self.notes.lock() {
+            if notes.len() == MAX_NOTES {
+                notes.pop_front();
+            }
+            notes.push_back(note);
+            self.pending.store(notes.len(), Ordering::Release);
+        }
+    }
+}
+
+/// Whether `raw` (a target with its fragment cut off) parses to the request's URI.
+fn same_target(raw: &[u8], uri: &Uri) -> bool {
+    Uri::try_from(raw).is_ok_and(|u| u == *uri)
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's byte stream, read through so request lines with a fragment are noted.
+    pub struct Sniff<I> {
+        #[pin]
+        inner: I,
+        log: Arc<FragmentLog>,
+        line: Line,
+    }
+}
+
+impl<I> Sniff<I> {
+    pub fn new(inner: I, log: Arc<FragmentLog>) -> Sniff<I> {
+        Sniff {
+            inner,
+            log,
+            line: Line::default(),
+        }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Sniff<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if !this.log.stopped.load(Ordering::Acquire) {
+            if let Some(new) = buf.filled().get(before..) {
+                this.line.observe(this.log, new);
+            }
+        }
+        polled
+    }
+}
+
+/// The line being read: its first `MAX_LINE` bytes, its full length, and whether it has a `#`.
+#[derive(Default)]
+struct Line {
+    bytes: Vec<u8>,
+    len: usize,
+    hash: bool,
+}
+
+impl Line {
+    fn extend(&mut self, bytes: &[u8]) {
+        self.len = self.len.saturating_add(bytes.len());
+        self.hash = self.hash || memchr::memchr(b'#', bytes).is_some();
+        let room = MAX_LINE.saturating_sub(self.bytes.len());
+        let kept = bytes.get(..room.min(bytes.len())).unwrap_or_default();
+        self.bytes.extend_from_slice(kept);
+    }
+
+    fn clear(&mut self) {
+        if self.bytes.capacity() > 4096 {
+            // A long line (a body without newlines) passed: give its buffer back.
+            self.bytes = Vec::new();
+        }
+        self.bytes.clear();
+        self.len = 0;
+        self.hash = false;
+    }
+
+    /// Feeds newly read bytes through; notes each finished request line with a fragment.
+    fn observe(&mut self, log: &FragmentLog, new: &[u8]) {
+        if !self.hash && memchr::memchr(b'#', new).is_none() {
+            // Common case: nothing to look at; keep only the tail of the last line.
+            if let Some(i) = memchr::memrchr(b'\n', new) {
+                self.clear();
+                self.extend(new.get(i + 1..).unwrap_or_default());
+            } else {
+                self.extend(new);
+            }
+            return;
+        }
+        let mut rest = new;
+        while let Some(i) = memchr::memchr(b'\n', rest) {
+            let (head, tail) = rest.split_at(i + 1);
+            self.extend(head);
+            if self.hash {
+                if let Some(note) = request_line_note(&self.bytes, self.len) {
+                    log.note(note);
+                }
+            }
+            self.clear();
+            rest = tail;
+        }
+        self.extend(rest);
+    }
+}
+
+/// If `line` is an HTTP/1 request line whose target has a `#`, the note for it.
+fn request_line_note(line: &[u8], full_len: usize) -> Option<Note> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let (method, rest) = split_at_byte(line, b' ')?;
+    if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
+        return None;
+    }
+    if full_len > MAX_LINE {
+        // Too long to keep whole. If what was kept still reads as a request line's start (a
+        // target without spaces), refuse the method's next request: fail closed.
+        let absolute = rest.get(..8).is_some_and(|p| {
+            p.to_ascii_lowercase().starts_with(b"http://") || p.eq_ignore_ascii_case(b"https://")
+        });
+        let looks_like_target = (rest.starts_with(b"/") || absolute) && !rest.contains(&b' ');
+        return looks_like_target.then(|| Note {
+            method: method.into(),
+            target: None,
+        });
+    }
+    let space = memchr::memrchr(b' ', rest)?;
+    let (target, version) = rest.split_at(space);
+    if !version.starts_with(b" HTTP/1.") {
+        return None;
+    }
+    let hash = memchr::memchr(b'#', target)?;
+    Some(Note {
+        method: method.into(),
+        target: Some(target.get(..hash)?.into()),
+    })
+}
+
+fn split_at_byte(s: &[u8], b: u8) -> Option<(&[u8], &[u8])> {
+    let i = memchr::memchr(b, s)?;
+    Some((s.get(..i)?, s.get(i + 1..)?))
+}
+
+/// RFC 9110 token characters (a method is a token).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+impl<I: AsyncWrite> AsyncWrite for Sniff<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fed(chunks: &[&[u8]]) -> FragmentLog {
+        let log = FragmentLog::default();
+        let mut line = Line::default();
+        for c in chunks {
+            line.observe(&log, c);
+        }
+        log
+    }
+
+    fn req(method: &str, target: &str) -> (Method, Uri) {
+        (method.parse().unwrap(), target.parse().unwrap())
+    }
+
+    #[test]
+    fn a_fragment_in_an_origin_form_target_marks_its_request_once() {
+        let log = fed(&[b"GET /v1/a?x=1#frag HTTP/1.1\r\nHost: h\r\n\r\n"]);
+        let (m, u) = req("GET", "/v1/a?x=1");
+        assert!(log.take(&m, &u));
+        assert!(!log.take(&m, &u), "the note is taken by its request");
+    }
+
+    #[test]
+    fn a_request_line_split_across_reads_is_still_seen() {
+        let log = fed(&[
+            b"GET /v1/a",
+            b"#f",
+            b"rag HTT",
+            b"P/1.1\r",
+            b"\nHost: h\r\n\r\n",
+        ]);
+        let (m, u) = req("GET", "/v1/a");
+        assert!(log.take(&m, &u));
+    }
+
+    #[test]
+    fn absolute_form_targets_match_the_parsed_uri() {
+        let log = fed(&[b"POST http://api.example.com/v1/x#/../admin HTTP/1.1\r\n\r\n"]);
+        let (m, u) = req("POST", "http://api.example.com/v1/x");
+        assert!(log.take(&m, &u));
+    }
+
+    #[test]
+    fn another_request_does_not_take_the_note() {
+        let log = fed(&[b"GET /a#x HTTP/1.1\r\n\r\n"]);
+        let (m, u) = req("GET", "/b");
+        assert!(!log.take(&m, &u));
+        let (m, u) = req("POST", "/a");
+        assert!(!log.take(&m, &u));
+        let (m, u) = req("GET", "/a");
+        assert!(log.take(&m, &u));
+    }
+
+    #[test]
+    fn hashes_outside_request_lines_are_ignored() {
+        let log = fed(&[
+            b"GET /a HTTP/1.1\r\nX-Tag: #1\r\nHost: h\r\n\r\n",
+            b"{\"color\": \"#fff\"}\n# a comment line HTTP/1.1\n",
+        ]);
+        assert_eq!(log.pending.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn an_overlong_line_with_a_hash_marks_the_next_request_of_its_method() {
+        let mut long = b"GET /".to_vec();
+        long.extend(vec![b'a'; MAX_LINE]);
+        long.extend_from_slice(b"#x HTTP/1.1\r\n\r\n");
+        let log = fed(&[&long]);
+        let (m, u) = req("GET", "/whatever");
+        assert!(log.take(&m, &u));
+    }
+
+    #[test]
+    fn an_overlong_text_line_with_a_hash_is_not_a_request_line() {
+        let mut long = b"GET the words ".to_vec();
+        long.extend(vec![b'a'; MAX_LINE]);
+        long.extend_from_slice(b" #tag\n");
+        let log = fed(&[&long]);
+        assert_eq!(log.pending.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn notes_are_bounded() {
+        let lines: Vec<Vec<u8>> = (0..100)
+            .map(|i| format!("GET /{i}#x HTTP/1.1\r\n").into_bytes())
+            .collect();
+        let refs: Vec<&[u8]> = lines.iter().map(|l| l.as_slice()).collect();
+        let log = fed(&refs);
+        assert_eq!(log.pending.load(Ordering::Acquire), MAX_NOTES);
+    }
+
+    #[test]
+    fn a_stopped_log_is_not_fed() {
+        let log = Arc::new(FragmentLog::default());
+        log.stop();
+        let mut sniff = Sniff::new(&b"GET /a#x HTTP/1.1\r\n\r\n"[..], log.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        rt.block_on(tokio::io::AsyncReadExt::read_to_end(&mut sniff, &mut out))
+            .unwrap();
+        let (m, u) = req("GET", "/a");
+        assert!(!log.take(&m, &u));
+    }
+}
