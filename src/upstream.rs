@@ -1,5 +1,5 @@
-//! Upstream connections: one pooled hyper client per service, dialling through a connector
-//! that resolves, checks and dials the address itself.
+//! Upstream connections: one pool per service, dialling through a connector that resolves,
+//! checks and dials the address itself.
 //!
 //! SECURITY: this is where I1 and the address rules of SPEC §4.5 hold. The connector dials the
 //! exact address it checked (no second lookup to rebind), refuses loopback, private, link-local,
@@ -7,18 +7,17 @@
 //! verifies TLS for the request's host with no way to turn verification off. Pools are per
 //! service, so a connection that carried one service's credential never carries another's.
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::Uri;
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -41,6 +40,8 @@ pub enum ConnectError {
     Tls(#[source] io::Error),
     #[error("connecting to the upstream timed out")]
     Timeout,
+    #[error("the upstream connection could not start HTTP")]
+    Handshake(#[source] hyper::Error),
     #[error("the upstream URI has no host")]
     NoHost,
 }
@@ -52,6 +53,7 @@ impl ConnectError {
             ConnectError::Dns(_) => "dns",
             ConnectError::Connect(_) | ConnectError::NoHost => "connect",
             ConnectError::Tls(_) => "tls",
+            ConnectError::Handshake(_) => "protocol",
             ConnectError::Timeout => "timeout",
         }
     }
@@ -60,9 +62,14 @@ impl ConnectError {
 /// Body type sent upstream.
 pub type UpBody = crate::proxy::body::CountingBody<hyper::body::Incoming>;
 
-/// One pooled client per service of a policy generation.
+/// How long an HTTP/1 connection may sit idle in a pool before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Most HTTP/1 connections a service's pool keeps (busy or idle); more are closed after use.
+const MAX_POOLED: usize = 256;
+
+/// One connection pool per service of a policy generation.
 pub struct Upstreams {
-    clients: Vec<Client<Connector, UpBody>>,
+    pools: Vec<Arc<ServicePool>>,
 }
 
 impl Upstreams {
@@ -71,37 +78,265 @@ impl Upstreams {
         connect_timeout: Duration,
         own: &Arc<OwnListeners>,
     ) -> Result<Upstreams, tls::TlsError> {
-        let mut clients = Vec::new();
+        let mut pools = Vec::new();
         for service in &policy.policy().services {
             let tls = match service.scheme {
                 Scheme::Https => Some(tls::upstream::client_config(service.ca_file.as_deref())?),
                 Scheme::Http => None,
             };
-            let connector = Connector {
-                inner: Arc::new(ConnectorInner {
+            pools.push(Arc::new(ServicePool {
+                connector: ConnectorInner {
                     tls: tls.map(TlsConnector::from),
                     connect_to: service.connect_to.clone(),
                     named: named_addresses(service),
                     own: own.clone(),
                     timeout: connect_timeout,
-                }),
-            };
-            let client = Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(256)
-                // A request is never replayed on another connection: it may not be idempotent.
-                .retry_canceled_requests(false)
-                .build(connector);
-            clients.push(client);
+                },
+                http1: Mutex::new(Vec::new()),
+                http2: Mutex::new(None),
+                reaper: OnceLock::new(),
+            }));
         }
-        Ok(Upstreams { clients })
+        Ok(Upstreams { pools })
     }
 
-    pub fn client(&self, service: usize) -> Option<&Client<Connector, UpBody>> {
-        self.clients.get(service)
+    pub fn pool(&self, service: usize) -> Option<&Arc<ServicePool>> {
+        self.pools.get(service)
     }
+}
+
+/// Why a request got no response from the upstream.
+#[derive(Debug)]
+pub enum SendError {
+    /// no connection could be made
+    Connect(ConnectError),
+    /// the connection broke or the upstream spoke broken HTTP
+    Protocol(hyper::Error),
+}
+
+/// A service's upstream connections. HTTP/1 connections are reused one request at a time
+/// (a connection is taken only when it is ready for its next request, so a streaming response
+/// never holds up another request); an HTTP/2 connection (chosen by ALPN) carries every request
+/// at once. Nothing is shared between services, so a connection that carried one service's
+/// credential never carries another's.
+pub struct ServicePool {
+    connector: ConnectorInner,
+    /// HTTP/1 connections, busy or idle, most recently used last.
+    http1: Mutex<Vec<Pooled>>,
+    http2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    /// Closes connections idle too long once traffic stops (started on first use).
+    reaper: OnceLock<()>,
+}
+
+struct Pooled {
+    sender: http1::SendRequest<UpBody>,
+    /// when it last carried a request
+    used: Instant,
+}
+
+impl Pooled {
+    fn expired(&self, now: Instant) -> bool {
+        self.sender.is_closed()
+            || (self.sender.is_ready() && now.duration_since(self.used) > IDLE_TIMEOUT)
+    }
+}
+
+enum Sender {
+    Http1(http1::SendRequest<UpBody>),
+    Http2(http2::SendRequest<UpBody>),
+}
+
+impl ServicePool {
+    /// Sends `req` (absolute-form URI, no `Host`) on a pooled connection or a new one and
+    /// returns the response head; the body streams afterwards.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        if let Some(mut h2) = self.live_http2() {
+            return h2.send_request(req).await.map_err(SendError::Protocol);
+        }
+        if let Some(sender) = self.checkout_http1() {
+            match self.send_http1(sender, req).await {
+                // The connection closed before the request was written (the upstream timed it
+                // out as we took it): nothing was sent, so a new connection may carry it.
+                Err(Retry::Unsent(req)) => return self.send_new(req).await,
+                Err(Retry::Failed(e)) => return Err(SendError::Protocol(e)),
+                Ok(resp) => return Ok(resp),
+            }
+        }
+        self.send_new(req).await
+    }
+
+    async fn send_new(
+        self: &Arc<Self>,
+        req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        match self.dial(req.uri()).await.map_err(SendError::Connect)? {
+            Sender::Http2(mut h2) => {
+                if let Ok(mut slot) = self.http2.lock() {
+                    *slot = Some(h2.clone());
+                }
+                h2.send_request(req).await.map_err(SendError::Protocol)
+            }
+            Sender::Http1(sender) => match self.send_http1(sender, req).await {
+                Ok(resp) => Ok(resp),
+                Err(Retry::Unsent(_)) => Err(SendError::Connect(ConnectError::Connect(
+                    io::Error::new(io::ErrorKind::ConnectionReset, "closed before the request"),
+                ))),
+                Err(Retry::Failed(e)) => Err(SendError::Protocol(e)),
+            },
+        }
+    }
+
+    /// HTTP/1 wants origin form and a `Host`; the pool gets the connection back as soon as the
+    /// response head is in (it is taken again only once ready).
+    async fn send_http1(
+        self: &Arc<Self>,
+        mut sender: http1::SendRequest<UpBody>,
+        mut req: Request<UpBody>,
+    ) -> Result<Response<Incoming>, Retry> {
+        to_origin_form(&mut req);
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    self.put_back(sender);
+                }
+                Ok(resp)
+            }
+            Err(mut e) => match e.take_message() {
+                Some(mut req) => {
+                    from_origin_form(&mut req);
+                    Err(Retry::Unsent(req))
+                }
+                None => Err(Retry::Failed(e.into_error())),
+            },
+        }
+    }
+
+    fn live_http2(&self) -> Option<http2::SendRequest<UpBody>> {
+        let mut slot = self.http2.lock().ok()?;
+        match slot.as_ref() {
+            Some(h2) if !h2.is_closed() => Some(h2.clone()),
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The most recently used HTTP/1 connection that is ready for a request; drops closed and
+    /// long-idle ones on the way.
+    fn checkout_http1(&self) -> Option<http1::SendRequest<UpBody>> {
+        let mut conns = self.http1.lock().ok()?;
+        let now = Instant::now();
+        conns.retain(|c| !c.expired(now));
+        let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
+        Some(conns.swap_remove(ready).sender)
+    }
+
+    fn prune(&self) {
+        if let Ok(mut conns) = self.http1.lock() {
+            let now = Instant::now();
+            conns.retain(|c| !c.expired(now));
+        }
+    }
+
+    fn put_back(self: &Arc<Self>, sender: http1::SendRequest<UpBody>) {
+        self.start_reaper();
+        if let Ok(mut conns) = self.http1.lock() {
+            if conns.len() < MAX_POOLED {
+                conns.push(Pooled {
+                    sender,
+                    used: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Once traffic stops nothing checks connections out, so a timer closes the idle ones.
+    /// It holds the pool weakly and ends with it (a policy reload drops the old pools).
+    fn start_reaper(self: &Arc<Self>) {
+        if self.reaper.get().is_some() {
+            return;
+        }
+        let _ = self.reaper.set(());
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                pool.prune();
+            }
+        });
+    }
+
+    async fn dial(&self, uri: &Uri) -> Result<Sender, ConnectError> {
+        let stream = tokio::time::timeout(self.connector.timeout, connect(&self.connector, uri))
+            .await
+            .map_err(|_| ConnectError::Timeout)??;
+        if stream.is_h2() {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(stream)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            tokio::spawn(conn);
+            Ok(Sender::Http2(sender))
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(stream)
+                .await
+                .map_err(ConnectError::Handshake)?;
+            // With upgrades: a WebSocket's `101` hands the connection over to the relay.
+            tokio::spawn(conn.with_upgrades());
+            Ok(Sender::Http1(sender))
+        }
+    }
+}
+
+// Short-lived, returned once per failed send: boxing the request would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Retry {
+    Unsent(Request<UpBody>),
+    Failed(hyper::Error),
+}
+
+/// `https://host:port/p?q` → `/p?q` with `Host: host:port` (the port only when not the
+/// scheme's default, as `aim` wrote the authority).
+fn to_origin_form(req: &mut Request<UpBody>) {
+    let uri = std::mem::take(req.uri_mut());
+    if let Some(authority) = uri.authority() {
+        if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
+            req.headers_mut().insert(http::header::HOST, host);
+        }
+    }
+    let mut parts = uri.into_parts();
+    // Kept aside so an unsent request can be turned back for another connection.
+    req.extensions_mut().insert(Absolute {
+        scheme: parts.scheme.take(),
+        authority: parts.authority.take(),
+    });
+    *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+}
+
+fn from_origin_form(req: &mut Request<UpBody>) {
+    if let Some(abs) = req.extensions_mut().remove::<Absolute>() {
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = abs.scheme;
+        parts.authority = abs.authority;
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+        req.headers_mut().remove(http::header::HOST);
+    }
+}
+
+#[derive(Clone)]
+struct Absolute {
+    scheme: Option<http::uri::Scheme>,
+    authority: Option<http::uri::Authority>,
 }
 
 /// Addresses the operator wrote down for a service: IP-literal hosts. Those may be private.
@@ -123,31 +358,6 @@ struct ConnectorInner {
     named: Vec<IpAddr>,
     own: Arc<OwnListeners>,
     timeout: Duration,
-}
-
-#[derive(Clone)]
-pub struct Connector {
-    inner: Arc<ConnectorInner>,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamStream;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let fut = connect(&inner, &uri);
-            tokio::time::timeout(inner.timeout, fut)
-                .await
-                .map_err(|_| ConnectError::Timeout)?
-        })
-    }
 }
 
 async fn connect(inner: &ConnectorInner, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
@@ -334,12 +544,9 @@ pub enum UpstreamStream {
     Tls(TokioIo<TlsStream<TcpStream>>, bool),
 }
 
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        match self {
-            UpstreamStream::Tls(_, true) => Connected::new().negotiated_h2(),
-            _ => Connected::new(),
-        }
+impl UpstreamStream {
+    fn is_h2(&self) -> bool {
+        matches!(self, UpstreamStream::Tls(_, true))
     }
 }
 

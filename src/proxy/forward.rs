@@ -1,7 +1,6 @@
 //! The only module that talks to upstreams: sends an injected request through its service's
-//! pooled client and classifies what went wrong. Never follows redirects (the agent sees 3xx).
+//! connection pool and classifies what went wrong. Never follows redirects (the agent sees 3xx).
 
-use std::error::Error as StdError;
 use std::time::Duration;
 
 use http::header::HeaderName;
@@ -11,7 +10,7 @@ use hyper::body::Incoming;
 
 use crate::policy::Scheme;
 use crate::proxy::identify::Target;
-use crate::upstream::{ConnectError, UpBody, Upstreams};
+use crate::upstream::{ConnectError, SendError, UpBody, Upstreams};
 
 /// An upstream that failed; not a decision.
 #[derive(Debug)]
@@ -110,29 +109,17 @@ pub async fn send(
     req: Request<UpBody>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamError> {
-    let client = upstreams
-        .client(service)
+    let pool = upstreams
+        .pool(service)
         .ok_or(UpstreamError::Failed { kind: "connect" })?;
-    match tokio::time::timeout(timeout, client.request(req)).await {
+    match tokio::time::timeout(timeout, pool.send(req)).await {
         Err(_) => Err(UpstreamError::Timeout),
         Ok(Ok(resp)) => Ok(resp),
-        Ok(Err(e)) => Err(classify(&e)),
+        Ok(Err(SendError::Connect(ConnectError::Blocked))) => Err(UpstreamError::Blocked),
+        Ok(Err(SendError::Connect(ConnectError::Timeout))) => Err(UpstreamError::Timeout),
+        Ok(Err(SendError::Connect(e))) => Err(UpstreamError::Failed { kind: e.kind() }),
+        Ok(Err(SendError::Protocol(_))) => Err(UpstreamError::Failed { kind: "protocol" }),
     }
-}
-
-fn classify(e: &hyper_util::client::legacy::Error) -> UpstreamError {
-    let mut source: Option<&(dyn StdError + 'static)> = e.source();
-    while let Some(s) = source {
-        if let Some(c) = s.downcast_ref::<ConnectError>() {
-            return match c {
-                ConnectError::Blocked => UpstreamError::Blocked,
-                ConnectError::Timeout => UpstreamError::Timeout,
-                other => UpstreamError::Failed { kind: other.kind() },
-            };
-        }
-        source = s.source();
-    }
-    UpstreamError::Failed { kind: "protocol" }
 }
 
 #[cfg(test)]
