@@ -30,7 +30,8 @@ async fn write_batch(path: &std::path::Path, metrics: &Metrics, n: u64) -> Durat
     for i in 0..n {
         let mut rec = record.clone();
         rec.request_id = format!("9f3c0a1b{i:012x}");
-        log.write(rec).await;
+        // An allowed request's record: handed over without waiting for the write.
+        log.write_detached(rec);
     }
     log.close().await;
     let took = started.elapsed();
@@ -66,6 +67,20 @@ fn bench_audit(c: &mut Criterion) {
             total
         })
     });
+    group.finish();
+
+    // A denial's record: the caller waits until it is written (SPEC §7: before the denial is
+    // sent). One round trip to the writer thread and one write(2).
+    let mut group = c.benchmark_group("audit");
+    group.throughput(Throughput::Elements(1));
+    let acked = dir.path().join("acked.jsonl");
+    let log = rt
+        .block_on(AuditLog::open(&AuditTarget::File(acked), 4096, &metrics))
+        .unwrap();
+    group.bench_function("write_acked", |b| {
+        b.iter(|| rt.block_on(log.write(inputs::audit_record(2))))
+    });
+    rt.block_on(log.close());
     group.finish();
 
     let mut group = c.benchmark_group("audit");

@@ -750,3 +750,140 @@ async fn no_secret_leaks_after_hostile_plain_requests() {
         }
     }
 }
+
+/// SPEC §7: a denial's record is written before the denial is sent, so whoever sees the 403
+/// can find its record at once (read here without waiting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denials_record_is_written_before_the_denial_is_sent() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    for i in 0..20 {
+        let resp = kw
+            .send(agent.get(f.plain_url("plain.test", &format!("/nothing/{i}"))))
+            .await;
+        assert_eq!(resp.status, 403, "{}", resp.body);
+        let id = resp.json()["request_id"].as_str().unwrap().to_string();
+        assert!(
+            kw.audit_text()
+                .contains(&format!("\"request_id\":\"{id}\"")),
+            "denial {i} was answered before its record was written"
+        );
+    }
+}
+
+/// SPEC §7: an allowed request whose agent hangs up before the upstream answers still leaves
+/// its one record (outcome `client_closed`, status 499) and is counted, and the task's
+/// counters say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_hanging_up_before_the_answer_still_leaves_a_record() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(raw_get(&f, "plain.test", "/slow", &task, "").as_bytes())
+        .await
+        .unwrap();
+    // The upstream takes 600 ms; hang up once it has the request.
+    bounded("upstream sees the request", async {
+        while f.plain.hits() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(tcp);
+    let rec = kw
+        .audit_where("the hung-up request", |r| r["path"] == "/slow")
+        .await;
+    common::assert_record(&rec);
+    assert_eq!(rec["decision"], "allow", "{rec}");
+    assert_eq!(rec["reason"], "allowed", "{rec}");
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    assert_eq!(rec["status"], 499, "{rec}");
+    assert_eq!(rec["task"], task.id.as_str(), "{rec}");
+    let counted = kw
+        .metric(r#"keyward_decisions_total{agent="bot",capability="plain.issues.read",decision="allow",reason="allowed",service="plain"}"#)
+        .await;
+    assert_eq!(counted, Some(1.0));
+    let (_, listed) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(listed["requests_used"], 1, "{listed}");
+}
+
+/// `requests_denied` in the admin API counts every denial of the task, on the plain listener
+/// as in tunnels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_counts_a_tasks_denials() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint_with(json!({"agent": "bot", "intent": ["plain.issues.read"], "max_requests": 1}))
+        .await;
+    let agent = kw.agent(&task);
+    let ok = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    assert_eq!(ok.status, 200);
+    for (path, status) in [("/nothing", 403), ("/echo", 429), ("/nothing/2", 403)] {
+        let resp = kw.send(agent.get(f.plain_url("plain.test", path))).await;
+        assert_eq!(resp.status, status, "{path}: {}", resp.body);
+    }
+    let (_, listed) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(listed["requests_used"], 1, "{listed}");
+    assert_eq!(listed["requests_denied"], 3, "{listed}");
+}
+
+/// A 407's record still names the destination (host, port), for absolute-form requests and
+/// CONNECTs alike; and a task token sent as the method never reaches the record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_authentication_records_name_the_destination_and_never_a_token() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let resp = kw
+        .raw(&format!(
+            "GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+    assert_eq!(resp.status, 407);
+    let rec = kw
+        .audit_where("407 plain", |r| r["reason"] == "missing_credentials")
+        .await;
+    assert_eq!(rec["host"], "plain.test", "{rec}");
+    assert_eq!(rec["port"], port, "{rec}");
+    let resp = kw
+        .raw("CONNECT secure.test:443 HTTP/1.1\r\nHost: secure.test:443\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(resp.status, 407);
+    let rec = kw
+        .audit_where("407 connect", |r| {
+            r["reason"] == "missing_credentials" && r["method"] == "CONNECT"
+        })
+        .await;
+    assert_eq!(rec["host"], "secure.test", "{rec}");
+    assert_eq!(rec["port"], 443, "{rec}");
+    // Any token is a method to the parser: another task's token sent as one.
+    for auth_header in [
+        format!("Proxy-Authorization: {}\r\n", auth(&task)),
+        String::new(),
+    ] {
+        let resp = kw
+            .raw(&format!(
+                "{} http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\n{auth_header}Connection: close\r\n\r\n",
+                other.token
+            ))
+            .await;
+        assert!(resp.status == 403 || resp.status == 407, "{}", resp.text());
+    }
+    kw.audit_count(4, |_| true).await;
+    assert!(
+        !kw.audit_text().contains(&other.token),
+        "a task token sent as the method reached the audit log"
+    );
+    kw.assert_no_leaks().await;
+}

@@ -14,7 +14,7 @@ use prometheus::IntCounter;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -36,8 +36,13 @@ const GATHER: Duration = Duration::from_millis(2);
 /// A batch at least this large means the queue is busy: take the next one at once.
 const GATHER_BELOW: u64 = 256;
 
+/// The longest a caller of `write` waits to hear its record was written; past it the caller
+/// goes on (a stuck sink must not hang requests; it fails the health check instead).
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+
 enum Msg {
-    Record(Encoded),
+    /// A record, and who waits to hear it was written.
+    Record(Encoded, Option<oneshot::Sender<()>>),
     /// Flush, sync, acknowledge, stop.
     Close(oneshot::Sender<()>),
 }
@@ -49,6 +54,8 @@ struct Shared {
     /// `write_detached` sends still waiting for queue space; `close` waits for them.
     detached_pending: AtomicUsize,
     detached_done: Notify,
+    /// The writer thread, unparked when someone waits for a write (it may be pausing to gather).
+    writer: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -59,6 +66,7 @@ impl Shared {
             lost: AtomicU64::new(0),
             detached_pending: AtomicUsize::new(0),
             detached_done: Notify::new(),
+            writer: OnceLock::new(),
         }
     }
 
@@ -109,6 +117,7 @@ impl AuditLog {
         std::thread::Builder::new()
             .name("keyward-audit".into())
             .spawn(move || {
+                let _ = writer_shared.writer.set(std::thread::current());
                 let (sink, chain) = match open_sink(&target) {
                     Ok(opened) => opened,
                     Err(e) => {
@@ -135,19 +144,38 @@ impl AuditLog {
         }
     }
 
-    /// Queues one record, waiting for space when the queue is full (backpressure). The record
-    /// is serialized and mostly hashed here, on the caller's thread (see `chain::Encoded`).
+    /// Queues one record, waiting for space when the queue is full (backpressure), and returns
+    /// once the writer has written it to the sink (not synced), so a denial's record exists
+    /// before the denial is sent (SPEC §7). The record is serialized and mostly hashed here, on
+    /// the caller's thread (see `chain::Encoded`).
     pub async fn write(&self, rec: AuditRecord) {
-        let Some(msg) = self.encode(rec) else { return };
-        if self.tx.send(msg).await.is_err() {
+        let Some(encoded) = self.encode(rec) else {
+            return;
+        };
+        let (written_tx, written) = oneshot::channel();
+        if self
+            .tx
+            .send(Msg::Record(encoded, Some(written_tx)))
+            .await
+            .is_err()
+        {
             self.shared.record_lost("audit log closed");
+            return;
         }
+        if let Some(writer) = self.shared.writer.get() {
+            writer.unpark(); // cut a gathering pause short
+        }
+        // An error means the writer dropped the record (counted as lost there).
+        let _ = tokio::time::timeout(WRITE_WAIT, written).await;
     }
 
     /// For paths that cannot await (a `Drop`): queue now if there is room, else hand the record
     /// to a task that waits for room. Outside a tokio runtime it blocks the calling thread.
     pub fn write_detached(&self, rec: AuditRecord) {
-        let Some(msg) = self.encode(rec) else { return };
+        let Some(encoded) = self.encode(rec) else {
+            return;
+        };
+        let msg = Msg::Record(encoded, None);
         let msg = match self.tx.try_send(msg) {
             Ok(()) => return,
             Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -174,12 +202,12 @@ impl AuditLog {
         }
     }
 
-    fn encode(&self, mut rec: AuditRecord) -> Option<Msg> {
+    fn encode(&self, mut rec: AuditRecord) -> Option<Encoded> {
         if rec.ts.is_empty() {
             rec.ts = AuditRecord::now_ts();
         }
         match Encoded::new(&rec) {
-            Ok(encoded) => Some(Msg::Record(encoded)),
+            Ok(encoded) => Some(encoded),
             Err(_) => {
                 self.shared.record_lost("record cannot be serialized");
                 None
@@ -347,6 +375,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
         let mut msgs = Vec::with_capacity(RECV_CHUNK);
+        let mut waiters = Vec::new();
         let mut buf = Vec::with_capacity(64 * 1024);
         loop {
             // Block for the first message, then take whatever else is already queued.
@@ -359,10 +388,11 @@ impl Writer {
             loop {
                 for msg in msgs.drain(..) {
                     match msg {
-                        Msg::Record(rec) if close.is_none() => {
+                        Msg::Record(rec, waiter) if close.is_none() => {
                             batch += u64::from(self.append(rec, &mut buf));
+                            waiters.extend(waiter);
                         }
-                        Msg::Record(_) => self.shared.record_lost("sent after close"),
+                        Msg::Record(..) => self.shared.record_lost("sent after close"),
                         Msg::Close(ack) => close = close.or(Some(ack)),
                     }
                 }
@@ -380,12 +410,15 @@ impl Writer {
                 }
             }
             self.flush_batch(&mut buf, batch);
+            for waiter in waiters.drain(..) {
+                let _ = waiter.send(());
+            }
             if close.is_some() {
                 // Whatever other handles queued after the close cannot be written any more;
                 // count it rather than drop it silently with the receiver.
                 rx.close();
                 while let Ok(msg) = rx.try_recv() {
-                    if let Msg::Record(_) = msg {
+                    if let Msg::Record(..) = msg {
                         self.shared.record_lost("sent after close");
                     }
                 }
@@ -393,7 +426,8 @@ impl Writer {
                 return;
             }
             if batch < GATHER_BELOW {
-                std::thread::sleep(GATHER);
+                // `write` unparks the thread: a record someone waits for is not held back.
+                std::thread::park_timeout(GATHER);
             }
         }
     }

@@ -51,6 +51,11 @@ pub async fn handle(
             draft.rec.task.as_deref(),
         );
     }
+    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
+    // The record of a 407 still names the destination asked for (scrubbed like every field).
+    if let Ok((host, port)) = parse_authority(authority, 443) {
+        draft.set_host(&host, port);
+    }
     let task = match state.tasks.authenticate(req.headers()) {
         Ok(t) => t,
         Err(reason) => return refuse(&state, &generation, draft, Denial::bare(reason), None).await,
@@ -59,7 +64,6 @@ pub async fn handle(
     if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
         return refuse(&state, &generation, draft, d, None).await;
     }
-    let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
     // SECURITY: CONNECT takes the authority form only (RFC 9110 §9.3.6); `CONNECT
     // http://host:port/` is a second spelling of the destination. A missing port is not guessed.
     let parsed = if req.uri().scheme().is_some() || req.uri().path_and_query().is_some() {
@@ -229,6 +233,7 @@ async fn passthrough(
     tunnel: TunnelHost,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    draft.arm(&state, Reason::Passthrough);
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
         let named = generation.policy.passthrough_addresses();

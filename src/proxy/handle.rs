@@ -182,6 +182,7 @@ async fn handle_request(
     }
 
     let started = Instant::now();
+    draft.arm(&state, Reason::Allowed);
     let sent = forward::send(
         &generation.upstreams,
         permit.service(),
@@ -315,24 +316,24 @@ fn prepare(
                 }
                 .into());
             }
+            // The record of a refused request still names where it was aimed, even when the
+            // refusal is a 407 (lowercased; scrubbed like every refused field).
+            let host = parts.uri.host().unwrap_or("").to_ascii_lowercase();
+            let https = parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+            let port = parts.uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+            draft.set_host(&host, port);
             state.tasks.authenticate(&parts.headers)?
         }
     };
     draft.set_task(&task);
     decide::check_validity(&task, now)?;
 
-    // The record of a refused target still names where it was aimed: the tunnel's host, or
-    // the absolute URI's (lowercased; scrubbed like every refused field).
     let target = match &ctx.tunnel {
         Some(t) => {
             draft.set_host(&t.host.host, t.host.port);
             identify::tunnel_target(parts, &t.host)?
         }
-        None => {
-            let host = parts.uri.host().unwrap_or("").to_ascii_lowercase();
-            draft.set_host(&host, parts.uri.port_u16().unwrap_or(0));
-            identify::absolute_target(parts)?
-        }
+        None => identify::absolute_target(parts)?,
     };
     draft.set_target(
         parts.method.as_str(),
@@ -439,9 +440,6 @@ async fn refuse(
         .hint
         .map(|c| generation.policy.capability_at(c).name.as_str());
     let task = draft.rec.task.clone();
-    if let Some(t) = &ctx.tunnel {
-        t.task.count_denied();
-    }
     let resp = respond::deny(&DenyInfo {
         reason,
         request_id: draft.request_id(),

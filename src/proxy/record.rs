@@ -25,12 +25,31 @@ pub fn unparsed(state: &State, client: SocketAddr, status: u16) {
 }
 
 /// Builds the record of one request as the flow learns about it.
+///
+/// Once `arm`ed (the request was allowed and keyward waits on the upstream), a draft dropped
+/// unwritten — hyper drops the request's future when the agent hangs up — still writes its
+/// record, outcome `client_closed`, status 499 (nginx's "client closed request").
 pub struct RecordDraft {
     pub rec: AuditRecord,
     started: Instant,
     /// The task's place for this request in flight: held until the record is written, which
     /// for an allowed request is when its response (or WebSocket relay) ends.
     pub in_flight: Option<crate::tasks::InFlightSlot>,
+    armed: Option<(Arc<State>, Reason)>,
+}
+
+/// Status recorded for a request whose agent went away before keyward answered it.
+pub const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for RecordDraft {
+    fn drop(&mut self) {
+        if let Some((state, reason)) = self.armed.take() {
+            self.rec.outcome = Some("client_closed");
+            self.rec.upstream_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
+            self.finish(&state, reason, CLIENT_CLOSED);
+            state.audit.write_detached(std::mem::take(&mut self.rec));
+        }
+    }
 }
 
 impl RecordDraft {
@@ -63,7 +82,14 @@ impl RecordDraft {
             },
             started: Instant::now(),
             in_flight: None,
+            armed: None,
         }
+    }
+
+    /// From here until the record is written, dropping the draft writes it (the agent hung
+    /// up) as `reason` with outcome `client_closed`.
+    pub fn arm(&mut self, state: &Arc<State>, reason: Reason) {
+        self.armed = Some((state.clone(), reason));
     }
 
     pub fn request_id(&self) -> &str {
@@ -123,20 +149,30 @@ impl RecordDraft {
         self.set_match(policy, denial.service, denial.capability, denial.route);
     }
 
-    /// Writes the record of a refusal (or of any request that ends here) before it is answered.
+    /// Writes the record of a refusal (or of any request that ends here) and waits until it
+    /// is written, so the record exists before the answer is sent (SPEC §7).
     pub async fn write(mut self, state: &State, reason: Reason, status: u16) {
-        self.scrub(state);
-        self.fill(reason, status);
-        emit_metrics(state, &self.rec);
-        state.audit.write(self.rec).await;
+        self.armed = None;
+        self.finish(state, reason, status);
+        state.audit.write(std::mem::take(&mut self.rec)).await;
     }
 
     /// Writes without waiting (from drop paths and tunnel ends).
     pub fn write_detached(mut self, state: &State, reason: Reason, status: u16) {
+        self.armed = None;
+        self.finish(state, reason, status);
+        state.audit.write_detached(std::mem::take(&mut self.rec));
+    }
+
+    fn finish(&mut self, state: &State, reason: Reason, status: u16) {
         self.scrub(state);
         self.fill(reason, status);
         emit_metrics(state, &self.rec);
-        state.audit.write_detached(self.rec);
+        if reason.decision() == crate::reason::Decision::Deny {
+            if let Some(task) = self.rec.task.as_deref().and_then(|id| state.tasks.get(id)) {
+                task.count_denied();
+            }
+        }
     }
 
     /// SECURITY (I4): the method, host and path of a refused request are the agent's bytes; one
@@ -158,8 +194,9 @@ impl RecordDraft {
     }
 
     fn fill(&mut self, reason: Reason, status: u16) {
-        // SECURITY (I4): never a task token in a record, even the agent's own in its path.
-        for field in [&mut self.rec.host, &mut self.rec.path] {
+        // SECURITY (I4): never a task token in a record, even the agent's own in its path (or
+        // sent as the method: any token is a method to the parser).
+        for field in [&mut self.rec.method, &mut self.rec.host, &mut self.rec.path] {
             if let Some(clean) = crate::tasks::redact_tokens(field) {
                 *field = clean;
             }
@@ -178,6 +215,7 @@ impl RecordDraft {
         upstream_started: Instant,
         bytes_up: Arc<AtomicU64>,
     ) -> Recorder {
+        self.armed = None;
         self.fill(Reason::Allowed, status);
         self.rec.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1000.0);
         Recorder {
@@ -208,6 +246,7 @@ impl Recorder {
             mut draft,
             bytes_up,
         } = self;
+        draft.armed = None;
         draft.rec.bytes_up = bytes_up.load(Ordering::Relaxed);
         draft.rec.bytes_down = bytes_down;
         draft.rec.outcome = Some(outcome);
@@ -221,7 +260,7 @@ impl Recorder {
             .metrics
             .request_duration(service, draft.started.elapsed().as_secs_f64());
         emit_metrics(&state, &draft.rec);
-        state.audit.write_detached(draft.rec);
+        state.audit.write_detached(std::mem::take(&mut draft.rec));
     }
 }
 
