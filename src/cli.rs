@@ -494,6 +494,12 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             Ok(())
         }
         TaskCommand::Revoke { id, admin } => {
+            // The id becomes a path segment: `main?x=1` or `../x` must not address another.
+            if !crate::tasks::valid_task_id(&id) {
+                return Err(Failure::user(format!(
+                    "`{id}` is not a task id (1-128 characters of A-Z a-z 0-9 . _ -)"
+                )));
+            }
             client::call(
                 &admin.admin,
                 &token,

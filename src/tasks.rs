@@ -215,10 +215,14 @@ pub enum MintError {
     NotGranted { agent: String, capability: String },
     #[error("capability `{capability}` has no route with parameter `{param}`")]
     UnknownParam { capability: String, param: String },
-    #[error("constraint on `{0}` lists no values")]
+    #[error("constraint on `{0}` lists no values, or an empty one")]
     EmptyConstraint(String),
     #[error("the intent names no capability")]
     EmptyIntent,
+    #[error("capability `{0}` appears twice in the intent")]
+    DuplicateCapability(String),
+    #[error("capability `{capability}` constrains `{param}` twice (in its own `where` and the intent-wide one, or twice in one)")]
+    DuplicateConstraint { capability: String, param: String },
     #[error("ttl {requested}s exceeds agent `{agent}`'s max_ttl of {max}s")]
     TtlTooLong {
         agent: String,
@@ -389,10 +393,26 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
     if spec.intent.is_empty() {
         return Err(MintError::EmptyIntent);
     }
-    for grant in &spec.intent {
+    for (i, grant) in spec.intent.iter().enumerate() {
         let (cap_idx, cap) = policy
             .capability(&grant.capability)
             .ok_or_else(|| MintError::UnknownCapability(grant.capability.clone()))?;
+        // SECURITY: two entries for one capability (or two constraints on one parameter) would
+        // show one thing in the task listing and enforce another; refuse instead of choosing.
+        if spec.intent[..i]
+            .iter()
+            .any(|g| g.capability == grant.capability)
+        {
+            return Err(MintError::DuplicateCapability(cap.name.clone()));
+        }
+        for (j, (param, _)) in grant.constraints.iter().enumerate() {
+            if grant.constraints[..j].iter().any(|(p, _)| p == param) {
+                return Err(MintError::DuplicateConstraint {
+                    capability: cap.name.clone(),
+                    param: param.clone(),
+                });
+            }
+        }
         if !agent.capabilities.contains(&cap_idx) {
             return Err(MintError::NotGranted {
                 agent: agent.name.clone(),
@@ -400,7 +420,8 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
             });
         }
         for (param, values) in &grant.constraints {
-            if values.is_empty() {
+            // An empty value can never match a path segment: a mistake, not a constraint.
+            if values.is_empty() || values.iter().any(String::is_empty) {
                 return Err(MintError::EmptyConstraint(param.clone()));
             }
             let known = cap
@@ -514,7 +535,10 @@ pub fn grants_with_where(
 /// Task ids travel in `Proxy-Authorization` user names, audit records and URLs: keep them plain.
 /// `:` would split Basic credentials differently, so it is refused with the rest.
 pub fn valid_task_id(id: &str) -> bool {
+    // `.` and `..` would be path segments in `/v1/tasks/{id}` that clients normalize away.
     !id.is_empty()
+        && id != "."
+        && id != ".."
         && id.len() <= MAX_TASK_ID_LEN
         && id
             .bytes()

@@ -124,6 +124,37 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
             json!({"agent": "reader", "intent": ["plain.issues.read"], "ttl": "11m"}),
             "invalid_ttl",
         ),
+        // A misspelt `where` must not mint the capability unconstrained.
+        (
+            "unknown key in an intent item",
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "Where": {"owner": "acme"}}]}),
+            "bad_json",
+        ),
+        // What the listing shows must be what is enforced: no second entry to choose between.
+        (
+            "a capability twice",
+            json!({"agent": "bot", "intent": [
+                {"capability": "plain.issues.read", "where": {"owner": "acme"}},
+                {"capability": "plain.issues.read", "where": {"owner": "evil"}}]}),
+            "duplicate_capability",
+        ),
+        (
+            "a parameter constrained by the item and the intent-wide where",
+            json!({"agent": "bot",
+                "intent": [{"capability": "plain.issues.read", "where": {"owner": "evil"}}],
+                "where": {"owner": "acme"}}),
+            "invalid_constraint",
+        ),
+        (
+            "an empty constraint value",
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": ""}}]}),
+            "invalid_constraint",
+        ),
+        (
+            "a task id that is a dot segment",
+            json!({"agent": "bot", "task": "..", "intent": ["plain.issues.read"]}),
+            "invalid_task_id",
+        ),
     ];
     for (what, body, code) in cases {
         let (status, v) = kw.mint_body(body).await;

@@ -602,6 +602,21 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
     );
     assert_absent(&minted_token, "task list", &listing);
 
+    // An id is checked before it becomes a path segment: this must not revoke TICKET-7.
+    let out = task_cmd(&admin, &token, &["revoke", "TICKET-7?x=1"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("not a task id"),
+        "{}",
+        text(&out.stderr)
+    );
+    let listing = text(&task_cmd(&admin, &token, &["list"]).await.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("TICKET-7 ") && l.contains("active")),
+        "{listing}"
+    );
     let out = task_cmd(&admin, &token, &["revoke", "TICKET-7"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let out = task_cmd(&admin, &token, &["list"]).await;

@@ -112,11 +112,16 @@ struct MintRequest {
 #[serde(untagged)]
 enum IntentItem {
     Name(String),
-    Constrained {
-        capability: String,
-        #[serde(default, rename = "where")]
-        constraints: BTreeMap<String, OneOrMany>,
-    },
+    Constrained(ConstrainedItem),
+}
+
+/// SECURITY: a misspelt `where` must not mint the capability unconstrained.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConstrainedItem {
+    capability: String,
+    #[serde(default, rename = "where")]
+    constraints: BTreeMap<String, OneOrMany>,
 }
 
 #[derive(Deserialize)]
@@ -149,7 +154,16 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     };
     let parsed: MintRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
-        Err(e) => return bad_request("bad_json", &format!("invalid mint request: {e}")),
+        Err(e) => {
+            // serde's message for an intent item that matches neither form says only that.
+            let e = e.to_string();
+            let e = if e.contains("untagged enum IntentItem") {
+                "each intent item is a capability name or {\"capability\": ..., \"where\": {...}} with no other keys".to_string()
+            } else {
+                e
+            };
+            return bad_request("bad_json", &format!("invalid mint request: {e}"));
+        }
     };
     let ttl = match parsed.ttl.as_deref().map(humantime::parse_duration) {
         None => None,
@@ -164,10 +178,10 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
                 capability,
                 constraints: Vec::new(),
             },
-            IntentItem::Constrained {
+            IntentItem::Constrained(ConstrainedItem {
                 capability,
                 constraints,
-            } => Grant {
+            }) => Grant {
                 capability,
                 constraints: constraints
                     .into_iter()
@@ -228,7 +242,10 @@ fn mint_error_code(e: &MintError) -> &'static str {
         MintError::UnknownAgent(_) => "unknown_agent",
         MintError::UnknownCapability(_) => "unknown_capability",
         MintError::NotGranted { .. } => "capability_not_granted",
-        MintError::UnknownParam { .. } | MintError::EmptyConstraint(_) => "invalid_constraint",
+        MintError::UnknownParam { .. }
+        | MintError::EmptyConstraint(_)
+        | MintError::DuplicateConstraint { .. } => "invalid_constraint",
+        MintError::DuplicateCapability(_) => "duplicate_capability",
         MintError::EmptyIntent => "empty_intent",
         MintError::TtlTooLong { .. } | MintError::ZeroTtl => "invalid_ttl",
         MintError::ZeroBudget => "invalid_max_requests",
