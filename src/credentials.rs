@@ -44,8 +44,9 @@ pub struct CredentialValue {
     /// The value lowercased, for places that are case-folded on the way (header names, hosts).
     folded: zeroize::Zeroizing<Vec<u8>>,
     /// The spellings an upstream may reflect it in, for the redactor (`proxy::redact`): raw
-    /// always; base64 (standard and URL-safe, without padding), percent-encoded (upper- and
-    /// lowercase hex) and JSON-escaped when they differ from it and have at least 4 bytes.
+    /// always; base64 (standard and URL-safe, at each of the three alignments), percent-encoded
+    /// (upper- and lowercase hex) and JSON-escaped when they differ from it and have at least
+    /// 4 bytes.
     reflections: Vec<zeroize::Zeroizing<Vec<u8>>>,
 }
 
@@ -54,7 +55,23 @@ impl CredentialValue {
         use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
         use zeroize::Zeroizing;
         let raw = secret.expose().as_bytes();
-        let base64 = |engine| Zeroizing::new(base64_zeroizing(engine, raw).as_bytes().to_vec());
+        // Base64 of a text that holds the value at byte offset 0, 1 or 2 (mod 3), as in
+        // `base64("Bearer " + value)`: only the characters made of the value's bits alone are
+        // the same whatever surrounds it, so the needle is that stable middle.
+        let base64 = |engine, offset: usize| {
+            let mut padded = Zeroizing::new(vec![0u8; offset]);
+            padded.extend_from_slice(raw);
+            let encoded = base64_zeroizing(engine, &padded);
+            let start = (8 * offset).div_ceil(6);
+            let end = 8 * padded.len() / 6;
+            Zeroizing::new(
+                encoded
+                    .as_bytes()
+                    .get(start..end)
+                    .unwrap_or_default()
+                    .to_vec(),
+            )
+        };
         let mut percent = Zeroizing::new(Vec::with_capacity(raw.len() * 3));
         percent_encode_into(raw, &mut percent);
         // Some encoders write lowercase hex digits (`%2f`).
@@ -64,8 +81,12 @@ impl CredentialValue {
         // by chance.
         let mut reflections = vec![Zeroizing::new(raw.to_vec())];
         for form in [
-            base64(&STANDARD_NO_PAD),
-            base64(&URL_SAFE_NO_PAD),
+            base64(&STANDARD_NO_PAD, 0),
+            base64(&URL_SAFE_NO_PAD, 0),
+            base64(&STANDARD_NO_PAD, 1),
+            base64(&URL_SAFE_NO_PAD, 1),
+            base64(&STANDARD_NO_PAD, 2),
+            base64(&URL_SAFE_NO_PAD, 2),
             percent,
             percent_lower,
             json(JsonEscape::Minimal),
@@ -737,13 +758,39 @@ mod tests {
             "k/y\\\"é+1",         // JSON (serde_json, Go)
             "k\\/y\\\"é+1",       // JSON with \/ (PHP)
             "k/y\\\"\\u00e9+1",   // JSON, ASCII only (Python)
-            &STANDARD.encode("k/y\"é+1").replace('=', ""),
         ] {
             assert!(forms.iter().any(|f| f == want), "{want} not in {forms:?}");
         }
-        // A plain token has one spelling in each family that differs: raw and base64.
+        // A plain token differs from itself only in base64.
         let plain = CredentialValue::new(Secret::new("sk_live_0123456789".into()));
-        assert_eq!(plain.reflections().len(), 2);
+        assert!(plain
+            .reflections()
+            .iter()
+            .skip(1)
+            .all(|r| !r.contains(&b'_')));
+    }
+
+    #[test]
+    fn base64_of_any_text_holding_the_value_contains_a_reflection() {
+        use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
+        for secret in ["sk_live_0123456789", "k/y\"é+1", "SECRETAAAA1111", "abcd"] {
+            let value = CredentialValue::new(Secret::new(secret.into()));
+            for prefix in ["", "B", "Be", "Bea", "Bearer ", "x:", "{\"token\":\""] {
+                for suffix in ["", "!", "\"}", "\r\n"] {
+                    let text = format!("{prefix}{secret}{suffix}");
+                    for engine in [&STANDARD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+                        let encoded = engine.encode(&text);
+                        assert!(
+                            value.reflections().iter().any(|r| encoded
+                                .as_bytes()
+                                .windows(r.len())
+                                .any(|w| w == r.as_slice())),
+                            "base64 of {text:?} ({encoded}) holds no reflection of {secret:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -66,11 +66,12 @@ impl Redactor {
         }
     }
 
+    /// The injected form first: it contains the value's base64, which would otherwise be
+    /// replaced inside it and leave the form's ends.
     fn needles(&self) -> impl Iterator<Item = &[u8]> {
-        self.value
-            .reflections()
+        self.extra
             .iter()
-            .chain(self.extra.as_ref())
+            .chain(self.value.reflections())
             .map(|n| n.as_slice())
     }
 
@@ -292,9 +293,10 @@ mod tests {
             .needles()
             .map(<[u8]>::to_vec)
             .collect();
-        // Raw, base64 (standard, URL-safe), percent (upper-, lowercase hex), JSON with `\/`,
-        // the Basic pair.
-        assert_eq!(needles.len(), 7);
+        // Raw, base64 (standard, URL-safe, at three alignments), percent (upper-, lowercase
+        // hex), JSON with `\/`, the Basic pair.
+        assert_eq!(needles.len(), 11);
+        let contains = |hay: &[u8], n: &[u8]| hay.windows(n.len()).any(|w| w == n);
         for needle in &needles {
             for k in 1..needle.len() {
                 let value = CredentialValue::new(Secret::new("sk/live+0123?456789>>".into()));
@@ -302,6 +304,15 @@ mod tests {
                 let mut frame = b"data: ".to_vec();
                 frame.extend_from_slice(&needle[..k]);
                 let sent = r.push(Bytes::from(frame.clone()));
+                // The Basic pair holds the value's base64: once that is whole it is replaced
+                // at once (the pair's ends around it carry no bit of the value).
+                let inner = needles
+                    .iter()
+                    .any(|n| n != needle && contains(&needle[..k], n));
+                if inner {
+                    assert!(contains(&sent, MARK), "{k} bytes of {needle:?}");
+                    continue;
+                }
                 assert_eq!(&sent[..], b"data: ", "{k} bytes of {needle:?}");
                 // The rest of the needle completes it: the whole is replaced.
                 let mut out = sent.to_vec();
