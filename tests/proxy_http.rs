@@ -175,6 +175,35 @@ async fn upstream_reflecting_the_credential_does_not_hand_it_to_the_agent() {
     let echoed = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
     assert_eq!(echoed.status, 200);
     assert!(!echoed.body.contains(&f.creds.api_token));
+    // Base64 of `Bearer <token>` (and of it behind one or two more bytes): the token sits at
+    // every alignment inside the encoding, and no line decodes to it.
+    let encoded = kw
+        .send(agent.get(f.plain_url("plain.test", "/reflect-auth-base64")))
+        .await;
+    assert_eq!(encoded.status, 200);
+    assert_eq!(encoded.body.lines().count(), 6, "{}", encoded.body);
+    for line in encoded.body.lines() {
+        use base64::Engine as _;
+        assert!(line.contains("[redacted]"), "not redacted: {line}");
+        // Whatever is left around the marker, decoded from each of its four alignments.
+        for part in line.split("[redacted]") {
+            let part = part.trim_end_matches('=');
+            for skip in 0..4.min(part.len() + 1) {
+                let rest = &part[skip..];
+                let rest = &rest[..rest.len() - rest.len() % 4];
+                for engine in [
+                    &base64::engine::general_purpose::STANDARD_NO_PAD,
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                ] {
+                    let decoded = engine.decode(rest).unwrap_or_default();
+                    assert!(
+                        !String::from_utf8_lossy(&decoded).contains(&f.creds.api_token[..6]),
+                        "{line}"
+                    );
+                }
+            }
+        }
+    }
     kw.assert_no_leaks().await;
 }
 

@@ -155,6 +155,7 @@ capabilities:
       - GET /repos/{{owner}}/{{repo}}/issues
       - GET /repos/{{owner}}/{{repo}}/issues/{{number}}
       - GET /reflect-auth
+      - GET /reflect-auth-base64
       - GET /sse
       - GET /ticks
       - GET /slow

@@ -268,6 +268,24 @@ async fn echo(
                 .unwrap();
             Ok(resp)
         }
+        "/reflect-auth-base64" => {
+            // The credential header base64-encoded behind 0, 1 and 2 more bytes, in both
+            // alphabets, one per line: every alignment of the value inside the encoding.
+            use base64::Engine as _;
+            let value = record.header("authorization").unwrap_or_default();
+            let mut body = String::new();
+            for prefix in ["", "x", "xy"] {
+                let text = format!("{prefix}{value}");
+                for engine in [
+                    &base64::engine::general_purpose::STANDARD,
+                    &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                ] {
+                    body.push_str(&engine.encode(&text));
+                    body.push('\n');
+                }
+            }
+            Ok(Response::new(full(body)))
+        }
         "/reflect-auth" => {
             let value = record
                 .header("authorization")
