@@ -62,6 +62,21 @@ const METHOD_OVERRIDES: [&str; 5] = [
     "x-forwarded-method",
 ];
 
+/// Headers that ask a server (or the proxy in front of it) to route by another path than the
+/// request line's: Symfony and Zend's `X-Original-URL`/`X-Rewrite-URL` (CVE-2018-14773), IIS
+/// URL Rewrite, nginx and Envoy's forwarded-path headers. The path decided on must be the one
+/// the upstream routes by.
+const PATH_OVERRIDES: [&str; 8] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-override-url",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-forwarded-prefix",
+    "x-envoy-original-path",
+];
+
 /// Target of an absolute-form request on the plain listener.
 pub fn absolute_target(parts: &Parts) -> Result<Target, TargetError> {
     let uri = &parts.uri;
@@ -137,8 +152,19 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if parts.method == Method::CONNECT {
         return Err(ambiguous("nested_connect"));
     }
-    if parts.headers.keys().any(|k| is_method_override(k.as_str())) {
+    if parts
+        .headers
+        .keys()
+        .any(|k| spells_any(&METHOD_OVERRIDES, k.as_str()))
+    {
         return Err(ambiguous("method_override"));
+    }
+    if parts
+        .headers
+        .keys()
+        .any(|k| spells_any(&PATH_OVERRIDES, k.as_str()))
+    {
+        return Err(ambiguous("path_override"));
     }
     // SECURITY: Laravel, Symfony and Express's method-override read `_method` from the query
     // string too: `POST /x?_method=DELETE` is a DELETE there.
@@ -184,8 +210,8 @@ fn is_method_name(name: impl Iterator<Item = u8>) -> bool {
 
 /// SECURITY: CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable,
 /// so `X_HTTP_Method_Override` is honoured as the override it spells.
-fn is_method_override(name: &str) -> bool {
-    METHOD_OVERRIDES.iter().any(|o| {
+fn spells_any(names: &[&str], name: &str) -> bool {
+    names.iter().any(|o| {
         o.len() == name.len()
             && o.bytes()
                 .zip(name.bytes())

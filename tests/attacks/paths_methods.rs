@@ -704,3 +704,53 @@ async fn method_override_headers_are_refused_in_every_spelling() {
     assert_eq!(f.tls.hits(), 0);
     kw.assert_no_leaks().await;
 }
+
+/// Headers that make a server (Symfony and Zend's `X-Original-URL`, IIS URL Rewrite, Envoy)
+/// route by another path than the one decided on are refused, in every spelling, on the plain
+/// listener and in a tunnel; never forwarded with the credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_override_headers_are_refused_in_every_spelling() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let names = [
+        "X-Original-URL",
+        "x-rewrite-url",
+        "X-Original-URI",
+        "X-Override-URL",
+        "X-Forwarded-Uri",
+        "X-Forwarded-Path",
+        "X-Forwarded-Prefix",
+        "X-Envoy-Original-Path",
+        "X_Original_URL",
+    ];
+    for name in names {
+        let header = format!("{name}: /admin\r\n");
+        let resp = kw
+            .raw(&plain_get(
+                &f,
+                "GET",
+                "/repos/acme/web/issues",
+                &task,
+                &header,
+            ))
+            .await;
+        assert_ambiguous(kw, &resp, "path_override", name).await;
+    }
+    assert_eq!(f.plain.hits(), 0);
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let resp = in_tunnel(
+        &f,
+        &task,
+        &tunnel_get(
+            &f,
+            "GET",
+            "/repos/acme/web/issues",
+            "X-Original-URL: /admin\r\n",
+        ),
+    )
+    .await;
+    assert_ambiguous(kw, &resp, "path_override", "in a tunnel").await;
+    assert_eq!(f.tls.hits(), 0);
+    kw.assert_no_leaks().await;
+}
