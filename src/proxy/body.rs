@@ -5,7 +5,7 @@
 //! which finishes the request's audit record when it ends or when the agent goes away.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -16,19 +16,38 @@ use http_body::{Body, Frame, SizeHint};
 use crate::proxy::record::Recorder;
 use crate::proxy::redact::Redactor;
 
-/// Counts the data bytes that pass through `inner` into a shared counter, and drops trailers.
+/// How a request body going upstream fared: bytes sent, and whether the agent's side of it
+/// broke (a malformed chunked body, a hang-up mid-body), so that is not blamed on the upstream.
+#[derive(Default)]
+pub struct Upload {
+    bytes: AtomicU64,
+    agent_failed: AtomicBool,
+}
+
+impl Upload {
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn agent_failed(&self) -> bool {
+        self.agent_failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts the data bytes that pass through `inner` into a shared `Upload`, notes an error of
+/// the agent's body, and drops trailers.
 ///
 /// SECURITY: request trailers arrive after the decision, are not scanned for `secret_egress`,
 /// and could carry a second value for the injected header (`x-api-key: dummy` after the real
 /// one) that an upstream merging trailers into headers would use; so they never go upstream.
 pub struct CountingBody<B> {
     inner: B,
-    count: Arc<AtomicU64>,
+    upload: Arc<Upload>,
 }
 
 impl<B> CountingBody<B> {
-    pub fn new(inner: B, count: Arc<AtomicU64>) -> Self {
-        CountingBody { inner, count }
+    pub fn new(inner: B, upload: Arc<Upload>) -> Self {
+        CountingBody { inner, upload }
     }
 }
 
@@ -45,14 +64,20 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         loop {
             let polled = Pin::new(&mut self.inner).poll_frame(cx);
-            if let Poll::Ready(Some(Ok(frame))) = &polled {
-                match frame.data_ref() {
+            match &polled {
+                Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
                     Some(data) => {
-                        self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        self.upload
+                            .bytes
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
                     }
                     // Trailers (the only other frame) are dropped; the body goes on (or ends).
                     None => continue,
+                },
+                Poll::Ready(Some(Err(_))) => {
+                    self.upload.agent_failed.store(true, Ordering::Relaxed);
                 }
+                _ => {}
             }
             return polled;
         }

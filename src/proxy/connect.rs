@@ -51,6 +51,10 @@ pub async fn handle(
             draft.rec.task.as_deref(),
         );
     }
+    let head_len = crate::proxy::identify::head_len(req.method(), req.uri(), req.headers());
+    if head_len > state.settings.max_header_bytes {
+        return handle::refuse_head(&state, draft).await;
+    }
     let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
     // The record of a 407 still names the destination asked for (scrubbed like every field).
     if let Ok((host, port)) = parse_authority(authority, 443) {

@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -17,7 +16,7 @@ use tokio::sync::Notify;
 use crate::credentials;
 use crate::decide::{self, Denial, RequestFacts};
 use crate::policy::Injection;
-use crate::proxy::body::{CountingBody, ProxyBody};
+use crate::proxy::body::{CountingBody, ProxyBody, Upload};
 use crate::proxy::connect;
 use crate::proxy::forward::{self, UpstreamError};
 use crate::proxy::identify::{self, Target, TargetError, TunnelHost};
@@ -121,6 +120,11 @@ async fn handle_request(
     let (mut parts, body) = req.into_parts();
     draft.rec.method = parts.method.as_str().to_string();
     draft.rec.path = parts.uri.path().to_string();
+    if identify::head_len(&parts.method, &parts.uri, &parts.headers)
+        > state.settings.max_header_bytes
+    {
+        return refuse_head(&state, draft).await;
+    }
 
     let prepared = prepare(&state, &generation, ctx, &mut parts, &mut draft);
     let Prepared {
@@ -167,8 +171,8 @@ async fn handle_request(
     drop(injected);
     let head_only = parts.method == Method::HEAD;
 
-    let bytes_up = Arc::new(AtomicU64::new(0));
-    let mut up = Request::from_parts(parts, CountingBody::new(body, bytes_up.clone()));
+    let upload = Arc::new(Upload::default());
+    let mut up = Request::from_parts(parts, CountingBody::new(body, upload.clone()));
     if forward::aim(&mut up, &target).is_none() {
         task.refund();
         return refuse(
@@ -213,7 +217,7 @@ async fn handle_request(
                 if let Some(r) = redactor.as_mut() {
                     r.headers(resp.headers_mut());
                 }
-                let recorder = draft.into_recorder(state.clone(), 101, started, bytes_up);
+                let recorder = draft.into_recorder(state.clone(), 101, started, upload);
                 let slot = ctx.slot.clone();
                 let shutdown = state.shutdown_signal();
                 let task = task.clone();
@@ -259,7 +263,7 @@ async fn handle_request(
                     resp.headers_mut().remove(http::header::CONTENT_LENGTH);
                 }
             }
-            let recorder = draft.into_recorder(state.clone(), status.as_u16(), started, bytes_up);
+            let recorder = draft.into_recorder(state.clone(), status.as_u16(), started, upload);
             let (parts, body) = resp.into_parts();
             Response::from_parts(parts, ProxyBody::upstream(body, recorder, redactor))
         }
@@ -273,6 +277,26 @@ async fn handle_request(
                 Reason::BlockedAddress.into(),
             )
             .await
+        }
+        // The agent's own body broke (malformed chunking, a hang-up mid-body): its fault, not
+        // the upstream's, so no 502 and no upstream error counted.
+        Err(UpstreamError::Failed { .. }) if upload.agent_failed() => {
+            draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            draft.rec.bytes_up = upload.bytes();
+            draft.rec.outcome = Some("agent_body_error");
+            let resp = respond::failure(
+                Failure::BadRequestBody,
+                draft.request_id(),
+                draft.rec.task.as_deref(),
+            );
+            draft
+                .write(
+                    &state,
+                    Reason::Allowed,
+                    Failure::BadRequestBody.status().as_u16(),
+                )
+                .await;
+            resp
         }
         Err(e) => {
             let (failure, kind) = match e {
@@ -291,6 +315,16 @@ async fn handle_request(
             resp
         }
     }
+}
+
+/// A head over `proxy.max_header_bytes`: 431, recorded like the heads too large to parse
+/// (reason `ambiguous_request`, nothing decided).
+pub async fn refuse_head(state: &State, mut draft: RecordDraft) -> Response<ProxyBody> {
+    draft.rec.outcome = Some("head_too_large");
+    let resp = respond::failure(Failure::HeadTooLarge, draft.request_id(), None);
+    let status = Failure::HeadTooLarge.status().as_u16();
+    draft.write(state, Reason::AmbiguousRequest, status).await;
+    resp
 }
 
 /// Everything up to the point where the request may leave: identify, read the target, decide,

@@ -77,6 +77,19 @@ const PATH_OVERRIDES: [&str; 8] = [
     "x-envoy-original-path",
 ];
 
+/// The request head's size as HTTP/1 sends it (request line and header lines with their
+/// CRLFs), which `proxy.max_header_bytes` bounds. The parser's own limit is a buffer size, not
+/// this, so keyward checks it itself; HTTP/2 heads count the same way.
+pub fn head_len(method: &Method, uri: &http::Uri, headers: &HeaderMap) -> usize {
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = method.as_str().len() + 1 + target + " HTTP/1.1\r\n".len();
+    headers
+        .iter()
+        .fold(line + 2, |n, (k, v)| n + k.as_str().len() + 2 + v.len() + 2)
+}
+
 /// Target of an absolute-form request on the plain listener.
 pub fn absolute_target(parts: &Parts) -> Result<Target, TargetError> {
     let uri = &parts.uri;

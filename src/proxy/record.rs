@@ -3,13 +3,13 @@
 //! or the agent goes away (`Recorder`, finished by the response body or its drop).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::AuditRecord;
 use crate::decide::{Denial, Permit};
 use crate::policy::{CompiledPolicy, Scheme};
+use crate::proxy::body::Upload;
 use crate::reason::Reason;
 use crate::state::State;
 use crate::tasks::Task;
@@ -213,7 +213,7 @@ impl RecordDraft {
         state: Arc<State>,
         status: u16,
         upstream_started: Instant,
-        bytes_up: Arc<AtomicU64>,
+        upload: Arc<Upload>,
     ) -> Recorder {
         self.armed = None;
         self.fill(Reason::Allowed, status);
@@ -221,7 +221,7 @@ impl RecordDraft {
         Recorder {
             state,
             draft: self,
-            bytes_up,
+            upload,
         }
     }
 }
@@ -230,7 +230,7 @@ impl RecordDraft {
 pub struct Recorder {
     state: Arc<State>,
     draft: RecordDraft,
-    bytes_up: Arc<AtomicU64>,
+    upload: Arc<Upload>,
 }
 
 impl Recorder {
@@ -244,10 +244,10 @@ impl Recorder {
         let Recorder {
             state,
             mut draft,
-            bytes_up,
+            upload,
         } = self;
         draft.armed = None;
-        draft.rec.bytes_up = bytes_up.load(Ordering::Relaxed);
+        draft.rec.bytes_up = upload.bytes();
         draft.rec.bytes_down = bytes_down;
         draft.rec.outcome = Some(outcome);
         draft.rec.ts = crate::audit::AuditRecord::now_ts();

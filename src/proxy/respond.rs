@@ -115,6 +115,10 @@ pub enum Failure {
     GatewayTimeout,
     /// keyward cannot write audit records, or is shutting down
     Unavailable,
+    /// the agent's request body broke on the way (malformed chunked encoding)
+    BadRequestBody,
+    /// the request head is over `proxy.max_header_bytes`
+    HeadTooLarge,
 }
 
 impl Failure {
@@ -123,6 +127,8 @@ impl Failure {
             Failure::BadGateway => StatusCode::BAD_GATEWAY,
             Failure::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::BadRequestBody => StatusCode::BAD_REQUEST,
+            Failure::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -131,6 +137,8 @@ impl Failure {
             Failure::BadGateway => "upstream_unreachable",
             Failure::GatewayTimeout => "upstream_timeout",
             Failure::Unavailable => "unavailable",
+            Failure::BadRequestBody => "bad_request_body",
+            Failure::HeadTooLarge => "head_too_large",
         }
     }
 
@@ -139,6 +147,8 @@ impl Failure {
             Failure::BadGateway => "Upstream unreachable",
             Failure::GatewayTimeout => "Upstream timed out",
             Failure::Unavailable => "keyward unavailable",
+            Failure::BadRequestBody => "Malformed request body",
+            Failure::HeadTooLarge => "Request head too large",
         }
     }
 
@@ -150,6 +160,12 @@ impl Failure {
             Failure::GatewayTimeout => "The upstream did not answer in time.",
             Failure::Unavailable => {
                 "keyward cannot record decisions right now, so it refuses requests."
+            }
+            Failure::BadRequestBody => {
+                "The request body broke off or was not valid HTTP framing; it was not sent whole."
+            }
+            Failure::HeadTooLarge => {
+                "The request line and headers are larger than this proxy accepts (proxy.max_header_bytes)."
             }
         }
     }

@@ -185,10 +185,18 @@ async fn malformed_chunked_bodies_never_reach_the_upstream_whole() {
         );
         let buf = exchange(&f, format!("{head}{body}").as_bytes()).await;
         if !buf.is_empty() {
+            // The agent's body is at fault: 400, never a 502 that blames the upstream.
             let resp = parse_response(&buf);
-            assert_ne!(resp.status, 200, "{name}: {}", resp.text());
+            assert_eq!(resp.status, 400, "{name}: {}", resp.text());
         }
     }
+    assert_eq!(
+        kw.metric(r#"keyward_upstream_errors_total{kind="protocol",service="plain"}"#)
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "an agent's malformed body was counted as an upstream error"
+    );
     for seen in f.plain.seen() {
         assert!(
             seen.body.is_empty(),

@@ -376,8 +376,18 @@ async fn oversized_request_head_is_431_and_never_forwarded() {
     .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(f.plain.hits(), 1);
+    // Just under the limit (the head's other lines are a few hundred bytes): served.
+    let near = format!("X-Pad: {}\r\n", "a".repeat(15_800));
+    let resp = raw_resp(
+        &f,
+        raw_req(&f, "GET", "plain.test", "/echo", &task, &near).as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.plain.hits(), 2);
     // One huge header, then many medium ones: both over the limit.
     for extra in [
+        format!("X-Pad: {}\r\n", "a".repeat(16_400)),
         format!("X-Pad: {}\r\n", "a".repeat(20_000)),
         (0..40)
             .map(|i| format!("X-Pad-{i}: {}\r\n", "b".repeat(500)))
@@ -390,7 +400,57 @@ async fn oversized_request_head_is_431_and_never_forwarded() {
         .await;
         assert_eq!(resp.status, 431, "{}", resp.text());
     }
+    assert_eq!(f.plain.hits(), 2, "an oversized head reached the upstream");
+    kw.assert_no_leaks().await;
+}
+
+/// The parser's own limit is a buffer size that grows past `max_header_bytes` (at the default
+/// 64 KiB it let ~110 KB heads through), so keyward counts the head itself: over the limit is
+/// 431 with a problem document and a record, on the listener and in a tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_the_default_limit_is_431_with_a_problem_document() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["plain.issues.read", "secure.read"]))
+        .await;
+    let under = format!("X-Pad: {}\r\n", "a".repeat(64_000));
+    let resp = raw_resp(
+        &f,
+        raw_req(&f, "GET", "plain.test", "/echo", &task, &under).as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let over = format!("X-Pad: {}\r\n", "a".repeat(70_000));
+    let resp = raw_resp(
+        &f,
+        raw_req(&f, "GET", "plain.test", "/echo", &task, &over).as_bytes(),
+    )
+    .await;
+    assert_eq!(resp.status, 431, "{}", resp.text());
+    let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(problem["reason"], "head_too_large", "{problem}");
+    let rec = kw
+        .audit_where("the oversized head", |r| r["outcome"] == "head_too_large")
+        .await;
+    assert_eq!(rec["status"], 431, "{rec}");
     assert_eq!(f.plain.hits(), 1, "an oversized head reached the upstream");
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: secure.test:{}\r\n{over}Connection: close\r\n\r\n",
+        f.tls.port()
+    );
+    crate::common::bounded("write", tls.write_all(req.as_bytes()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = crate::common::bounded("read", tls.read_to_end(&mut buf)).await;
+    let resp = crate::common::parse_response(&buf);
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 431, "{}", resp.text());
+    assert_eq!(f.tls.hits(), 0);
     kw.assert_no_leaks().await;
 }
 
