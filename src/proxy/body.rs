@@ -289,13 +289,30 @@ mod tests {
             Ok(Frame::trailers(trailers)),
         ];
         let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let count = Arc::new(AtomicU64::new(0));
-        let collected = CountingBody::new(inner, count.clone())
+        let upload = Arc::new(Upload::default());
+        let collected = CountingBody::new(inner, upload.clone())
             .collect()
             .await
             .unwrap_or_else(|e| match e {});
         assert!(collected.trailers().is_none());
         assert_eq!(&collected.to_bytes()[..], b"hello");
-        assert_eq!(count.load(Ordering::Relaxed), 5);
+        assert_eq!(upload.bytes(), 5);
+        assert!(!upload.agent_failed());
+    }
+
+    #[tokio::test]
+    async fn an_error_of_the_agents_body_is_noted() {
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hel"))),
+            Err(std::io::Error::other("bad chunk")),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let upload = Arc::new(Upload::default());
+        assert!(CountingBody::new(inner, upload.clone())
+            .collect()
+            .await
+            .is_err());
+        assert_eq!(upload.bytes(), 3);
+        assert!(upload.agent_failed());
     }
 }
