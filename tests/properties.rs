@@ -75,6 +75,29 @@ fn ambiguous_form(target: &str) -> Option<&'static str> {
     if dots {
         return Some("dot segment");
     }
+    // Each segment percent-decoded must be UTF-8 (no overlong forms), without a character
+    // that normalizes to a separator or dot (the few in the generator below).
+    for seg in path.split('/') {
+        let mut bytes = Vec::new();
+        let mut i = 0;
+        let raw = seg.as_bytes();
+        while i < raw.len() {
+            if raw[i] == b'%' {
+                bytes.push(u8::from_str_radix(&seg[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                bytes.push(raw[i]);
+                i += 1;
+            }
+        }
+        match std::str::from_utf8(&bytes) {
+            Err(_) => return Some("invalid UTF-8"),
+            Ok(text) if text.contains(['\u{FF0E}', '\u{FF0F}', '\u{2024}']) => {
+                return Some("lookalike")
+            }
+            Ok(_) => {}
+        }
+    }
     None
 }
 
@@ -109,9 +132,42 @@ fn tricky_target() -> impl Strategy<Value = String> {
         "&",
     ]);
     let ambiguous = prop::sample::select(vec![
-        "/", ".", "..", "/.", "/..", "/%2e", "/.%2E", "%2e", "%2f", "%2F", "%5c", "%5C", "%25",
-        "%3b", "%3B", "%00", "%0A", "%1f", "%7F", "%", "%4", "%g0", ";", "\\", "#", "?", " ", "\t",
-        "\u{7f}", "\u{e9}",
+        "/",
+        ".",
+        "..",
+        "/.",
+        "/..",
+        "/%2e",
+        "/.%2E",
+        "%2e",
+        "%2f",
+        "%2F",
+        "%5c",
+        "%5C",
+        "%25",
+        "%3b",
+        "%3B",
+        "%00",
+        "%0A",
+        "%1f",
+        "%7F",
+        "%",
+        "%4",
+        "%g0",
+        ";",
+        "\\",
+        "#",
+        "?",
+        " ",
+        "\t",
+        "\u{7f}",
+        "\u{e9}",
+        "%C0%AE",
+        "%c0%2e",
+        "%C3",
+        "%EF%BC%8E",
+        "%ef%bc%8f",
+        "%E2%80%A4",
     ]);
     let piece = prop_oneof![10 => ordinary, 1 => ambiguous];
     (

@@ -46,6 +46,13 @@ pub enum Ambiguity {
     DotSegment,
     /// `//`: servers disagree on whether empty segments collapse.
     EmptySegment,
+    /// Percent-encoded bytes that are not valid UTF-8 (overlong `%C0%AE` for `.`, a lone lead
+    /// byte): decoders disagree on them, and some read an overlong form as the ASCII it spells.
+    InvalidUtf8,
+    /// A percent-encoded character that Unicode compatibility normalization (NFKC) or a
+    /// best-fit mapping turns into `.`, `/`, `\`, `;`, `%`, `?` or `#` (fullwidth `．／`, the
+    /// dot leader `․`): an upstream that normalizes would read another path.
+    Lookalike,
     /// Path over [`MAX_PATH_BYTES`] bytes or over [`MAX_SEGMENTS`] segments.
     TooLong,
 }
@@ -66,6 +73,8 @@ impl Ambiguity {
             Ambiguity::Semicolon => "semicolon",
             Ambiguity::DotSegment => "dot_segment",
             Ambiguity::EmptySegment => "empty_segment",
+            Ambiguity::InvalidUtf8 => "invalid_utf8",
+            Ambiguity::Lookalike => "lookalike",
             Ambiguity::TooLong => "too_long",
         }
     }
@@ -95,6 +104,12 @@ impl fmt::Display for Ambiguity {
                 "the path contains a `.` or `..` segment (possibly percent-encoded)"
             }
             Ambiguity::EmptySegment => "the path contains an empty segment (`//`)",
+            Ambiguity::InvalidUtf8 => {
+                "the path has percent-encoded bytes that are not valid UTF-8 (such as overlong forms)"
+            }
+            Ambiguity::Lookalike => {
+                "the path has an encoded character that normalizes to `.`, `/`, `\\`, `;`, `%`, `?` or `#`"
+            }
             // Numbers spelled out to keep this a &'static str; a test ties them to the constants.
             Ambiguity::TooLong => {
                 "the path is longer than 8192 bytes or has more than 128 segments"
@@ -289,6 +304,9 @@ const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 /// Appends the canonical form of one raw segment to `out`.
 fn decode_segment(raw: &str, out: &mut String) -> Result<(), Ambiguity> {
     let mut bytes = raw.bytes();
+    // Whether a `%XX` decoded to a byte >= 0x80: then the segment's decoded bytes must be
+    // valid UTF-8 with no structural lookalike (checked after the loop, off the common path).
+    let mut encoded_non_ascii = false;
     while let Some(b) = bytes.next() {
         if b != b'%' {
             check_raw_byte(b)?;
@@ -310,7 +328,8 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), Ambiguity> {
             b';' => return Err(Ambiguity::Semicolon),
             0..=0x1f | 0x7f => return Err(Ambiguity::ControlByte),
             v if is_unreserved(v) => out.push(char::from(v)),
-            _ => {
+            v => {
+                encoded_non_ascii |= v >= 0x80;
                 out.push('%');
                 for nibble in [hi, lo] {
                     let digit = HEX_UPPER.get(usize::from(nibble)).copied().unwrap_or(b'0');
@@ -319,7 +338,49 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), Ambiguity> {
             }
         }
     }
+    if encoded_non_ascii {
+        check_encoded_text(raw)?;
+    }
     Ok(())
+}
+
+/// The segment fully percent-decoded must be UTF-8 without structural lookalikes. Only called
+/// for segments whose `%XX` triplets were already checked well-formed.
+fn check_encoded_text(raw: &str) -> Result<(), Ambiguity> {
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hi = bytes.next().and_then(hex_value).unwrap_or(0);
+            let lo = bytes.next().and_then(hex_value).unwrap_or(0);
+            decoded.push((hi << 4) | lo);
+        } else {
+            decoded.push(b);
+        }
+    }
+    let text = std::str::from_utf8(&decoded).map_err(|_| Ambiguity::InvalidUtf8)?;
+    if text.chars().any(is_structural_lookalike) {
+        return Err(Ambiguity::Lookalike);
+    }
+    Ok(())
+}
+
+/// Characters that NFKC (or Windows' best-fit mapping) turns into text holding `.`, `/`, `\`,
+/// `;`, `%`, `?` or `#`: the ones that could make a normalizing upstream read a dot segment,
+/// a separator or the end of the path.
+fn is_structural_lookalike(c: char) -> bool {
+    matches!(
+        c,
+        '\u{FF03}' | '\u{FF05}' | '\u{FF0E}' | '\u{FF0F}' | '\u{FF1B}' | '\u{FF1F}' | '\u{FF3C}' // fullwidth # % . / ; ? \
+            | '\u{FE52}' | '\u{FE54}' | '\u{FE56}' | '\u{FE5F}' | '\u{FE68}' | '\u{FE6A}' // small . ; ? # \ %
+            | '\u{2024}'..='\u{2026}' // one and two dot leader, ellipsis
+            | '\u{037E}' // Greek question mark (is `;`)
+            | '\u{2100}' | '\u{2101}' | '\u{2105}' | '\u{2106}' // a/c a/s c/o c/u
+            | '\u{2488}'..='\u{249B}' // digit full stops `1.`…`20.`
+            | '\u{1F100}'..='\u{1F10A}' // digit full stop / comma
+            | '\u{33C2}' | '\u{33C7}' | '\u{33D8}' // a.m. Co. p.m.
+            | '\u{2044}' | '\u{2215}' | '\u{29F8}' // fraction, division, big solidus (best fit)
+    )
 }
 
 #[cfg(test)]
@@ -360,6 +421,17 @@ mod tests {
             ("/a%0a", ControlByte),
             ("/a%0D%0A", ControlByte),
             ("/a%7F", ControlByte),
+            ("/files/%c0%ae%c0%ae/admin", InvalidUtf8), // overlong `..`
+            ("/files/%e0%80%ae%e0%80%ae/admin", InvalidUtf8),
+            ("/files/a%c0%afb", InvalidUtf8), // overlong `/`
+            ("/files/%c0%2e%c0%2e/admin", InvalidUtf8),
+            ("/a%C3", InvalidUtf8),                         // a lone lead byte
+            ("/a%ED%A0%80", InvalidUtf8),                   // a surrogate
+            ("/files/%ef%bc%8e%ef%bc%8e/admin", Lookalike), // fullwidth `..`
+            ("/a%EF%BC%8Fb", Lookalike),                    // fullwidth `/`
+            ("/a%E2%80%A5", Lookalike),                     // two dot leader
+            ("/a%CD%BE", Lookalike),                        // Greek question mark
+            ("/a%E2%88%95b", Lookalike),                    // division slash
             ("/caf\u{e9}", NonAscii),
             ("/%41\u{e9}", NonAscii),
             ("/a\\b", Backslash),

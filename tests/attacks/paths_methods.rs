@@ -55,6 +55,12 @@ fn ambiguous_paths() -> Vec<(String, &'static str)> {
         ("/repos/acme/web/issues%4", "malformed_percent"),
         ("/repos/acme/web/issues%G1", "malformed_percent"),
         ("/repos/acme/web/%%32%65/issues", "malformed_percent"),
+        ("/repos/acme/%c0%ae%c0%ae/web/issues", "invalid_utf8"),
+        ("/repos/acme/%e0%80%ae%e0%80%ae/issues", "invalid_utf8"),
+        ("/repos/acme%c0%afweb/issues", "invalid_utf8"),
+        ("/repos/acme/%c0%2e%c0%2e/issues", "invalid_utf8"),
+        ("/repos/acme/%ef%bc%8e%ef%bc%8e/issues", "lookalike"),
+        ("/repos/acme%EF%BC%8Fweb/issues", "lookalike"),
         ("/repos/acme/web/issues%00", "control_byte"),
         ("/repos/acme/web/issues%0a", "control_byte"),
         (
