@@ -100,6 +100,29 @@ async fn query_credential_replaces_the_agents_parameter() {
 
     let rec = allowed_record(kw, &task, "/search").await;
     assert_eq!(rec["credential"], "query_key");
+    // A parameter some server reads as `api_key` but injection would leave beside it: refused.
+    for query in [
+        "API_KEY=dummy",
+        "api.key=dummy",
+        "api_key[]=dummy",
+        "q=1;api_key=dummy",
+    ] {
+        let resp = kw
+            .send(
+                kw.agent(&task)
+                    .get(f.plain_url("query.test", &format!("/search?{query}"))),
+            )
+            .await;
+        let (problem, _) = kw.assert_denied(&resp, 400, "ambiguous_request").await;
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("query_lookalike"),
+            "{query}: {problem}"
+        );
+    }
+    assert_eq!(f.plain.hits(), 1);
     kw.assert_no_leaks().await;
 }
 
@@ -628,6 +651,7 @@ async fn loopback_service_host_without_connect_to_is_a_blocked_address() {
         .await;
     let (_, rec) = kw.assert_denied(&resp, 403, "blocked_address").await;
     assert_eq!(rec["host"], "localhost");
+    assert_eq!(rec["credential"], Value::Null, "nothing was sent: {rec}");
     assert_eq!(f.plain.hits(), 0, "the loopback upstream was reached");
     let (_, t) = kw
         .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)

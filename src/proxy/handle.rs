@@ -269,6 +269,8 @@ async fn handle_request(
         }
         Err(UpstreamError::Blocked) => {
             task.refund();
+            // Nothing was sent: the record must not say a credential went out.
+            draft.rec.credential = None;
             refuse(
                 &state,
                 &generation,
@@ -401,16 +403,27 @@ fn prepare(
     if websocket {
         upgrade::mark_upgrade(&mut parts.headers);
     }
-    if let Some(Injection::Header { name, .. }) =
-        &generation.policy.service_at(permit.service()).inject
-    {
+    match &generation.policy.service_at(permit.service()).inject {
         // SECURITY: `X_Api_Key` beside `X-Api-Key` may be merged by some servers.
-        if has_lookalike(&parts.headers, name) {
+        Some(Injection::Header { name, .. }) if has_lookalike(&parts.headers, name) => {
             return Err(Refusal {
                 denial: Denial::bare(Reason::AmbiguousRequest),
                 code: Some("header_lookalike"),
             });
         }
+        // SECURITY: the same for a query parameter: `API_KEY` or `api.key` beside `api_key`.
+        Some(Injection::Query { param, .. })
+            if parts
+                .uri
+                .query()
+                .is_some_and(|q| identify::query_lookalike(q, param)) =>
+        {
+            return Err(Refusal {
+                denial: Denial::bare(Reason::AmbiguousRequest),
+                code: Some("query_lookalike"),
+            });
+        }
+        _ => {}
     }
     // I7: one task's flood waits on its own places, never on everyone's.
     let Some(slot) = task.enter(state.settings.max_task_in_flight) else {

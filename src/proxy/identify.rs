@@ -209,6 +209,47 @@ fn has_method_param(query: &str) -> bool {
     })
 }
 
+/// Whether a query has a parameter that some server reads as `param` although query
+/// injection (which replaces `param` itself, also percent-encoded) leaves it in place: another
+/// case (`API_KEY`), a PHP spelling (`api.key`, `+api_key`, `api_key[]`, `api[key`) or a pair
+/// after `;`, which some servers split on (`a=1;api_key=x`). Such a server could see two
+/// values.
+pub fn query_lookalike(query: &str, param: &str) -> bool {
+    let want = php_names(param.as_bytes());
+    query.split('&').any(|pair| {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let replaced = key == param
+            || crate::credentials::decode_query_name(key.as_bytes()).as_ref() == param.as_bytes();
+        !replaced
+            && pair.split(';').any(|sub| {
+                let key = sub.split_once('=').map_or(sub, |(k, _)| k);
+                let decoded = crate::credentials::decode_query_name(key.as_bytes());
+                php_names(&decoded).iter().any(|n| want.contains(n))
+            })
+    })
+}
+
+/// The names PHP may turn a decoded parameter name into, lowercased: cut at a NUL, leading
+/// spaces dropped, ` ` and `.` read as `_`, and a `[` either ending the name (`a[]`) or read
+/// as `_` (an unclosed `a[b`).
+fn php_names(name: &[u8]) -> [Vec<u8>; 2] {
+    let name = name.split(|&b| b == 0).next().unwrap_or_default();
+    let start = name.iter().position(|&b| b != b' ').unwrap_or(name.len());
+    let name = name.get(start..).unwrap_or_default();
+    let fold = |b: u8| match b {
+        b' ' | b'.' => b'_',
+        b => b.to_ascii_lowercase(),
+    };
+    let cut = name.iter().position(|&b| b == b'[').unwrap_or(name.len());
+    let ended: Vec<u8> = name.iter().take(cut).map(|&b| fold(b)).collect();
+    let underscored: Vec<u8> = name
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| if i == cut { b'_' } else { fold(b) })
+        .collect();
+    [ended, underscored]
+}
+
 /// `_method` without case, reading ` ` and `.` as `_`.
 fn is_method_name(name: impl Iterator<Item = u8>) -> bool {
     let mut want = b"_method".iter();
@@ -291,6 +332,35 @@ fn parse_port(p: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_lookalikes_of_the_injected_parameter_are_found() {
+        for q in [
+            "API_KEY=x",
+            "api.key=x",
+            "+api_key=x",
+            "api_key[]=x",
+            "api[key=x",
+            "a=1;api_key=x",
+            "q=1&Api_Key=x",
+            "%20api_key=x",
+            "api_key%00junk=x",
+        ] {
+            assert!(query_lookalike(q, "api_key"), "{q}");
+        }
+        // What injection replaces itself, and unrelated names, are not lookalikes.
+        for q in [
+            "api_key=x",
+            "api%5Fkey=x",
+            "%61pi_key=x",
+            "q=1&api_key=x;api_key=y",
+            "api_keys=x",
+            "key=x&api=y",
+            "",
+        ] {
+            assert!(!query_lookalike(q, "api_key"), "{q}");
+        }
+    }
 
     fn is_method_override_name(name: &str) -> bool {
         spells_any(&METHOD_OVERRIDES, name)
