@@ -107,6 +107,10 @@ impl State {
 
     /// Loads the policy file again; an invalid policy leaves the old one serving.
     pub async fn reload(&self) -> Result<Reloaded, PolicyErrors> {
+        // Log rotation sends the same signal; the audit file reopens whatever the policy says.
+        if let Err(e) = self.audit.reopen().await {
+            tracing::warn!(error = %e, "could not reopen the audit log; writing to the old file");
+        }
         let result = self.reload_from(&self.config_path).await;
         self.metrics
             .policy_reload(if result.is_ok() { "ok" } else { "error" });

@@ -665,3 +665,39 @@ async fn admin_listener_bounds_slow_heads_and_slow_bodies() {
     assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");
     kw.assert_no_leaks().await;
 }
+
+/// Log rotation: once the audit file is moved away, a reload (what logrotate's `postrotate`
+/// sends as SIGHUP) makes keyward write to a new file at the configured path, starting its own
+/// chain; the moved file stays complete and verifiable. A broken policy does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_reopens_the_audit_file_for_log_rotation() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    let resp = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    assert_eq!(resp.status, 200);
+    kw.audit_count(1, |_| true).await;
+    let rotated = kw.audit_path.with_extension("1");
+    std::fs::rename(&kw.audit_path, &rotated).unwrap();
+    // The policy file is broken at the moment of rotation: the reload fails, the reopen not.
+    let policy = std::fs::read_to_string(&kw.policy_path).unwrap();
+    std::fs::write(&kw.policy_path, "services: [").unwrap();
+    let (status, _) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 400);
+    std::fs::write(&kw.policy_path, policy).unwrap();
+    let resp = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    assert_eq!(resp.status, 200);
+    let recs = kw.audit_count(1, |_| true).await;
+    assert_eq!(
+        recs[0]["seq"], 1,
+        "a new file starts its own chain: {recs:?}"
+    );
+    assert_eq!(recs[0]["reason"], "allowed");
+    let verify = |path: &std::path::Path| {
+        let file = std::io::BufReader::new(std::fs::File::open(path).unwrap());
+        keyward::audit::verify_chain(file).unwrap()
+    };
+    assert_eq!(verify(&rotated), 1);
+    assert_eq!(verify(&kw.audit_path), 1);
+}

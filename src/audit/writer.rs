@@ -45,6 +45,8 @@ enum Msg {
     Record(Encoded, Option<oneshot::Sender<()>>),
     /// Flush, sync, acknowledge, stop.
     Close(oneshot::Sender<()>),
+    /// Write what came before, then open the file path again (after log rotation moved it).
+    Reopen(oneshot::Sender<Result<(), String>>),
 }
 
 struct Shared {
@@ -129,6 +131,7 @@ impl AuditLog {
                     return; // open() was cancelled
                 }
                 Writer {
+                    target,
                     sink,
                     chain,
                     shared: writer_shared,
@@ -213,6 +216,21 @@ impl AuditLog {
                 None
             }
         }
+    }
+
+    /// Opens the audit file's path again once what is queued before is written (`SIGHUP` and
+    /// `POST /v1/reload` do this, for log rotation). Errors leave the old file in use.
+    pub async fn reopen(&self) -> Result<(), String> {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if self.tx.send(Msg::Reopen(ack_tx)).await.is_err() {
+            return Err("the audit log is closed".into());
+        }
+        if let Some(writer) = self.shared.writer.get() {
+            writer.unpark();
+        }
+        ack_rx
+            .await
+            .unwrap_or_else(|_| Err("the audit writer stopped".into()))
     }
 
     /// False once a write to the sink failed or a record could not be queued; it never turns
@@ -366,6 +384,7 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
 }
 
 struct Writer {
+    target: AuditTarget,
     sink: Sink,
     chain: Chain,
     shared: Arc<Shared>,
@@ -393,6 +412,12 @@ impl Writer {
                             waiters.extend(waiter);
                         }
                         Msg::Record(..) => self.shared.record_lost("sent after close"),
+                        Msg::Reopen(ack) => {
+                            // Records queued before the reopen belong to the old file.
+                            self.flush_batch(&mut buf, batch);
+                            batch = 0;
+                            let _ = ack.send(self.reopen());
+                        }
                         Msg::Close(ack) => close = close.or(Some(ack)),
                     }
                 }
@@ -430,6 +455,22 @@ impl Writer {
                 std::thread::park_timeout(GATHER);
             }
         }
+    }
+
+    /// Syncs the current file and opens the target path again: a rotated (moved) file is left
+    /// complete, and a new file at the path starts its own chain at `seq` 1 (or continues the
+    /// file found there). On failure the old file stays in use.
+    fn reopen(&mut self) -> Result<(), String> {
+        if !matches!(self.target, AuditTarget::File(_)) {
+            return Ok(());
+        }
+        if let Err(e) = self.sink.sync() {
+            tracing::warn!(error = %e, "audit log sync before reopening failed");
+        }
+        let (sink, chain) = open_sink(&self.target).map_err(|e| e.to_string())?;
+        self.sink = sink;
+        self.chain = chain;
+        Ok(())
     }
 
     /// Appends one line to `buf` and advances the chain; false (nothing appended) if the log
