@@ -305,3 +305,104 @@ async fn revoking_a_task_closes_its_tunnels_and_cuts_its_streams_at_once() {
     assert_eq!(&echo, b"pong");
     kw.assert_no_leaks().await;
 }
+
+/// Upstream connections are pooled per service: sequential requests share one, a response
+/// still streaming never holds up another request (it gets its own connection), and the
+/// streaming one is reused once its body is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused_and_a_stream_holds_up_no_one() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    for _ in 0..10 {
+        let resp = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+        assert_eq!(resp.status, 200);
+    }
+    assert_eq!(
+        f.plain.connections(),
+        1,
+        "sequential requests share a connection"
+    );
+
+    // A 10 s stream on a second agent connection...
+    let mut stream = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    stream
+        .write_all(keep_alive_get(&f, "/ticks", &task).as_bytes())
+        .await
+        .unwrap();
+    let mut first = [0u8; 64];
+    let n = bounded("first tick", stream.read(&mut first))
+        .await
+        .unwrap();
+    assert!(n > 0);
+    // ...while other requests go through at once.
+    for _ in 0..5 {
+        let resp = bounded(
+            "a request beside the stream",
+            kw.send(agent.get(f.plain_url("plain.test", "/echo"))),
+        )
+        .await;
+        assert_eq!(resp.status, 200);
+    }
+    assert_eq!(
+        f.plain.connections(),
+        2,
+        "the stream has its own connection"
+    );
+    drop(stream);
+}
+
+/// A pooled connection the upstream closed while idle is not reported as a failure: the
+/// request, never written to it, goes out on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_replaced() {
+    // An upstream that answers one keep-alive request per connection, then closes it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let f = Fixture::start_with(move |p| {
+        let at = p.find("hosts: [basic.test]").unwrap();
+        let from = at + p[at..].find("connect_to: 127.0.0.1:").unwrap();
+        let to = from + p[from..].find('\n').unwrap();
+        format!("{}connect_to: 127.0.0.1:{port}{}", &p[..from], &p[to..])
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["basic.whoami"])).await;
+    let agent = kw.agent(&task);
+    for i in 0..6 {
+        let resp = kw
+            .send(agent.get(format!("http://basic.test:{}/whoami", f.plain.port())))
+            .await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.body);
+        // Let the upstream close the connection keyward just pooled.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 6);
+    server.abort();
+}

@@ -103,6 +103,7 @@ impl Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -124,6 +125,11 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.seen.lock().unwrap().len()
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The last request received; fails if none was.
@@ -159,11 +165,14 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let seen2 = seen.clone();
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = connections.clone();
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = seen2.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -185,7 +194,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, seen, accept }
+        Upstream {
+            addr,
+            seen,
+            connections,
+            accept,
+        }
     }
 }
 
