@@ -258,10 +258,9 @@ impl ServicePool {
     /// Once traffic stops nothing checks connections out, so a timer closes the idle ones.
     /// It holds the pool weakly and ends with it (a policy reload drops the old pools).
     fn start_reaper(self: &Arc<Self>) {
-        if self.reaper.get().is_some() {
-            return;
+        if self.reaper.set(()).is_err() {
+            return; // already running
         }
-        let _ = self.reaper.set(());
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);

@@ -349,6 +349,25 @@ async fn proxy_authorization_is_not_forwarded_from_inside_a_tunnel() {
     kw.assert_no_leaks().await;
 }
 
+/// `GET /echo` with `extra` header lines, written raw over an intercepted tunnel's TLS; the
+/// connection closes after the answer.
+async fn get_echo_in_tunnel(f: &Fixture, task: &crate::common::Task, extra: &str) -> RawResp {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tunnel_tls(f, task, "secure.test", &[b"http/1.1"]).await;
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: secure.test:{}\r\n{extra}Connection: close\r\n\r\n",
+        f.tls.port()
+    );
+    crate::common::bounded("write", tls.write_all(req.as_bytes()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = crate::common::bounded("read", tls.read_to_end(&mut buf)).await;
+    let resp = crate::common::parse_response(&buf);
+    f.kw.saw(&resp.text());
+    resp
+}
+
 async fn raw_resp(f: &Fixture, request: &[u8]) -> RawResp {
     let resp = raw_exchange(f.kw.proxy_addr, request).await;
     f.kw.saw(&resp.text());
@@ -436,19 +455,7 @@ async fn a_head_over_the_default_limit_is_431_with_a_problem_document() {
     assert_eq!(rec["status"], 431, "{rec}");
     assert_eq!(f.plain.hits(), 1, "an oversized head reached the upstream");
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
-    let req = format!(
-        "GET /echo HTTP/1.1\r\nHost: secure.test:{}\r\n{over}Connection: close\r\n\r\n",
-        f.tls.port()
-    );
-    crate::common::bounded("write", tls.write_all(req.as_bytes()))
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let _ = crate::common::bounded("read", tls.read_to_end(&mut buf)).await;
-    let resp = crate::common::parse_response(&buf);
-    kw.saw(&resp.text());
+    let resp = get_echo_in_tunnel(&f, &task, &over).await;
     assert_eq!(resp.status, 431, "{}", resp.text());
     assert_eq!(f.tls.hits(), 0);
     kw.assert_no_leaks().await;
@@ -471,19 +478,7 @@ async fn too_many_headers_is_431_on_the_listener_and_inside_a_tunnel() {
     assert_eq!(f.plain.hits(), 0);
 
     // Inside an intercepted tunnel, written raw over TLS.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tls = tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
-    let req = format!(
-        "GET /echo HTTP/1.1\r\nHost: secure.test:{}\r\n{many}Connection: close\r\n\r\n",
-        f.tls.port()
-    );
-    crate::common::bounded("write", tls.write_all(req.as_bytes()))
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let _ = crate::common::bounded("read", tls.read_to_end(&mut buf)).await;
-    let resp = crate::common::parse_response(&buf);
-    kw.saw(&resp.text());
+    let resp = get_echo_in_tunnel(&f, &task, &many).await;
     assert_eq!(resp.status, 431, "{}", resp.text());
     assert_eq!(f.tls.hits(), 0);
     kw.assert_no_leaks().await;

@@ -98,5 +98,60 @@ pub fn ambiguous_form(target: &str) -> Option<&'static str> {
             return Some("dot segment");
         }
     }
+    // Each segment fully percent-decoded must be UTF-8 (no overlong forms) without a
+    // character that normalizes to `. / \ ; % ? #`.
+    for seg in path.split('/').skip(1) {
+        let raw = seg.as_bytes();
+        let mut decoded = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] == b'%' {
+                let hex = std::str::from_utf8(&raw[i + 1..i + 3]).unwrap_or("00");
+                decoded.push(u8::from_str_radix(hex, 16).unwrap_or(0));
+                i += 3;
+            } else {
+                decoded.push(raw[i]);
+                i += 1;
+            }
+        }
+        match std::str::from_utf8(&decoded) {
+            Err(_) => return Some("invalid UTF-8"),
+            Ok(text) if text.chars().any(normalizes_to_structure) => return Some("lookalike"),
+            Ok(_) => {}
+        }
+    }
     None
+}
+
+/// Characters whose NFKC (or best-fit) form holds `. / \ ; % ? #`, listed independently of
+/// the matcher's table.
+fn normalizes_to_structure(c: char) -> bool {
+    const LIST: &[(u32, u32)] = &[
+        (0xFF03, 0xFF03),
+        (0xFF05, 0xFF05),
+        (0xFF0E, 0xFF0F),
+        (0xFF1B, 0xFF1B),
+        (0xFF1F, 0xFF1F),
+        (0xFF3C, 0xFF3C),
+        (0xFE52, 0xFE52),
+        (0xFE54, 0xFE54),
+        (0xFE56, 0xFE56),
+        (0xFE5F, 0xFE5F),
+        (0xFE68, 0xFE68),
+        (0xFE6A, 0xFE6A),
+        (0x2024, 0x2026),
+        (0x037E, 0x037E),
+        (0x2100, 0x2101),
+        (0x2105, 0x2106),
+        (0x2488, 0x249B),
+        (0x1F100, 0x1F10A),
+        (0x33C2, 0x33C2),
+        (0x33C7, 0x33C7),
+        (0x33D8, 0x33D8),
+        (0x2044, 0x2044),
+        (0x2215, 0x2215),
+        (0x29F8, 0x29F8),
+    ];
+    let c = u32::from(c);
+    LIST.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
 }
