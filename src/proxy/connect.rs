@@ -196,8 +196,13 @@ async fn intercept(
             return draft.write_detached(&state, Reason::Allowed, 200);
         }
     };
-    let tls = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
-        Ok(Ok(tls)) => tls,
+    // ALPN is read inside the arm: a borrowed local that lived on would keep a second slot
+    // for the TLS stream in this task across the connection's life (~1.3 KiB each).
+    let (tls, h2) = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
+        Ok(Ok(tls)) => {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            (tls, h2)
+        }
         _ => {
             draft.rec.outcome = Some("tls_handshake_failed");
             return draft.write_detached(&state, Reason::Allowed, 200);
@@ -216,7 +221,6 @@ async fn intercept(
     });
     let svc_state = state.clone();
     let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let served = conn::serve_intercepted(&state, tls, h2, svc, close).await;
     if let Some(status) = served {
         crate::proxy::record::unparsed(&state, client, status);
