@@ -105,6 +105,7 @@ async fn query_credential_replaces_the_agents_parameter() {
         "API_KEY=dummy",
         "api.key=dummy",
         "api_key[]=dummy",
+        "[api_key]=dummy",
         "q=1;api_key=dummy",
     ] {
         let resp = kw

@@ -380,6 +380,10 @@ fn is_structural_lookalike(c: char) -> bool {
             | '\u{1F100}'..='\u{1F10A}' // digit full stop / comma
             | '\u{33C2}' | '\u{33C7}' | '\u{33D8}' // a.m. Co. p.m.
             | '\u{2044}' | '\u{2215}' | '\u{29F8}' // fraction, division, big solidus (best fit)
+            | '\u{2216}' | '\u{29F5}' // set minus, reverse solidus operator (best fit `\`)
+            // Invisible characters that sanitizers strip (`.\u{AD}.` would become `..`):
+            | '\u{00AD}' | '\u{034F}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
     )
 }
 
@@ -432,6 +436,10 @@ mod tests {
             ("/a%E2%80%A5", Lookalike),                     // two dot leader
             ("/a%CD%BE", Lookalike),                        // Greek question mark
             ("/a%E2%88%95b", Lookalike),                    // division slash
+            ("/a%E2%88%96b", Lookalike),                    // set minus
+            ("/files/.%C2%AD./admin", Lookalike),           // soft hyphen between dots
+            ("/a%E2%80%8Bb", Lookalike),                    // zero-width space
+            ("/a%EF%BB%BF", Lookalike),                     // BOM
             ("/caf\u{e9}", NonAscii),
             ("/%41\u{e9}", NonAscii),
             ("/a\\b", Backslash),

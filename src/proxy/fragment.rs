@@ -28,15 +28,19 @@ pub struct FragmentInTarget;
 /// A request line is kept up to this long for sniffing; a longer one that has a `#` is noted
 /// without its target, which marks the next request of its method (fail closed).
 const MAX_LINE: usize = 16 * 1024;
-/// Notes waiting for their request; older ones are dropped (a body that happened to contain a
-/// request line never finds its request).
-const MAX_NOTES: usize = 16;
+/// Notes waiting for their request. Lines in bodies that look like request lines with a `#`
+/// never find theirs; past this many the connection cannot tell which note is whose, so every
+/// later request on it is refused (dropping notes instead would let a body push its own
+/// request's note out).
+const MAX_NOTES: usize = 64;
 
 /// Request lines with a fragment, seen on one connection and not yet matched to a request.
 #[derive(Default)]
 pub struct FragmentLog {
     pending: AtomicUsize,
     stopped: AtomicBool,
+    /// More than `MAX_NOTES` were waiting: fail closed for the rest of the connection.
+    overflowed: AtomicBool,
     notes: Mutex<VecDeque<Note>>,
 }
 
@@ -51,6 +55,9 @@ impl FragmentLog {
     pub fn take(&self, method: &Method, uri: &Uri) -> bool {
         if self.pending.load(Ordering::Acquire) == 0 {
             return false;
+        }
+        if self.overflowed.load(Ordering::Acquire) {
+            return true;
         }
         let Ok(mut notes) = self.notes.lock() else {
             return true; // poisoned: cannot tell, so refuse
@@ -77,7 +84,8 @@ impl FragmentLog {
     fn note(&self, note: Note) {
         if let Ok(mut notes) = self.notes.lock() {
             if notes.len() == MAX_NOTES {
-                notes.pop_front();
+                self.overflowed.store(true, Ordering::Release);
+                return;
             }
             notes.push_back(note);
             self.pending.store(notes.len(), Ordering::Release);
@@ -192,13 +200,12 @@ fn request_line_note(line: &[u8], full_len: usize) -> Option<Note> {
         return None;
     }
     if full_len > MAX_LINE {
-        // Too long to keep whole. If what was kept still reads as a request line's start (a
-        // target without spaces), refuse the method's next request: fail closed.
+        // Too long to keep whole. If what was kept reads as a request line's start, refuse the
+        // method's next request: fail closed (a body line of this shape is rare).
         let absolute = rest.get(..8).is_some_and(|p| {
             p.to_ascii_lowercase().starts_with(b"http://") || p.eq_ignore_ascii_case(b"https://")
         });
-        let looks_like_target = (rest.starts_with(b"/") || absolute) && !rest.contains(&b' ');
-        return looks_like_target.then(|| Note {
+        return (rest.starts_with(b"/") || absolute).then(|| Note {
             method: method.into(),
             target: None,
         });
@@ -340,13 +347,42 @@ mod tests {
     }
 
     #[test]
-    fn notes_are_bounded() {
-        let lines: Vec<Vec<u8>> = (0..100)
-            .map(|i| format!("GET /{i}#x HTTP/1.1\r\n").into_bytes())
-            .collect();
-        let refs: Vec<&[u8]> = lines.iter().map(|l| l.as_slice()).collect();
-        let log = fed(&refs);
+    fn past_the_bound_every_request_is_refused() {
+        // A request with a fragment whose own body holds many more such lines: its note must
+        // not be pushed out (that let it through), so the connection fails closed.
+        let mut bytes = b"POST /evict#frag HTTP/1.1\r\nContent-Length: 9999\r\n\r\n".to_vec();
+        for i in 0..MAX_NOTES + 5 {
+            bytes.extend_from_slice(format!("GET /z{i}#x HTTP/1.1\n").as_bytes());
+        }
+        let log = fed(&[&bytes]);
         assert_eq!(log.pending.load(Ordering::Acquire), MAX_NOTES);
+        let (m, u) = req("POST", "/evict");
+        assert!(log.take(&m, &u));
+        let (m, u) = req("GET", "/anything");
+        assert!(
+            log.take(&m, &u),
+            "after an overflow every request is refused"
+        );
+    }
+
+    #[test]
+    fn a_line_just_over_the_kept_length_still_marks_its_request() {
+        // The kept part ends inside or after the target: the line is still a request line.
+        for pad in [
+            MAX_LINE - 40,
+            MAX_LINE - 20,
+            MAX_LINE - 10,
+            MAX_LINE - 5,
+            MAX_LINE,
+        ] {
+            let mut line = b"GET http://a.test/LONG?q=".to_vec();
+            line.extend(vec![b'a'; pad]);
+            line.extend_from_slice(b"#frag HTTP/1.1\r\nHost: a.test\r\n\r\n");
+            let log = fed(&[&line]);
+            let target = format!("http://a.test/LONG?q={}", "a".repeat(pad));
+            let (m, u) = req("GET", &target);
+            assert!(log.take(&m, &u), "pad {pad}");
+        }
     }
 
     #[test]

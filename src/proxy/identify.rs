@@ -224,9 +224,27 @@ pub fn query_lookalike(query: &str, param: &str) -> bool {
             && pair.split(';').any(|sub| {
                 let key = sub.split_once('=').map_or(sub, |(k, _)| k);
                 let decoded = crate::credentials::decode_query_name(key.as_bytes());
-                php_names(&decoded).iter().any(|n| want.contains(n))
+                let root = structural_root(&decoded);
+                want.contains(&root) || php_names(&decoded).iter().any(|n| want.contains(n))
             })
     })
+}
+
+/// The name a nesting parser keys a parameter under, lowercased: `[api_key]` (qs, Rack),
+/// `api_key.x` (qs with `allowDots`), `api_key]`, trailing or leading blanks dropped.
+fn structural_root(name: &[u8]) -> Vec<u8> {
+    let start = name
+        .iter()
+        .position(|&b| !matches!(b, b'[' | b' ' | b'\t'))
+        .unwrap_or(name.len());
+    let name = name.get(start..).unwrap_or_default();
+    let end = name
+        .iter()
+        .position(|&b| matches!(b, b'[' | b']' | b'.' | 0))
+        .unwrap_or(name.len());
+    let name = name.get(..end).unwrap_or_default();
+    let name = name.trim_ascii_end();
+    name.to_ascii_lowercase()
 }
 
 /// The names PHP may turn a decoded parameter name into, lowercased: cut at a NUL, leading
@@ -345,6 +363,13 @@ mod tests {
             "q=1&Api_Key=x",
             "%20api_key=x",
             "api_key%00junk=x",
+            "[api_key]=x",
+            "%5Bapi_key%5D=x",
+            "api_key]=x",
+            "api_key%20=x",
+            "api_key+=x",
+            "api_key%09=x",
+            "api_key.x=y",
         ] {
             assert!(query_lookalike(q, "api_key"), "{q}");
         }

@@ -298,6 +298,22 @@ async fn a_fragment_in_the_target_is_refused_as_ambiguous() {
         let resp = kw.raw(&plain_get(&f, "GET", target, &task, "")).await;
         assert_ambiguous(kw, &resp, "fragment", target).await;
     }
+    // A request line just longer than the sniffer keeps, and a request whose own body is full
+    // of fragment-bearing lines (which once pushed its note out).
+    // (line length 16,389: the kept 16,384 bytes already hold the space before `HTTP/1.1`)
+    let long = format!("/echo?q={}#frag", "a".repeat(16_340));
+    let resp = kw.raw(&plain_get(&f, "GET", &long, &task, "")).await;
+    assert_ambiguous(kw, &resp, "fragment", "a 16 KiB request line").await;
+    let body: String = (0..80).map(|i| format!("GET /z{i}#x HTTP/1.1\n")).collect();
+    let port = f.plain.port();
+    let resp = kw
+        .raw(&format!(
+            "POST http://plain.test:{port}/echo#frag HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            Harness::proxy_auth(&task),
+            body.len()
+        ))
+        .await;
+    assert_ambiguous(kw, &resp, "fragment", "a body of fragment lines").await;
     assert_eq!(f.plain.hits(), 0, "a request with a fragment was forwarded");
     for target in targets {
         let resp = in_tunnel(&f, &task, &tunnel_get(&f, "GET", target, "")).await;

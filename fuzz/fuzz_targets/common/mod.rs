@@ -151,6 +151,15 @@ fn normalizes_to_structure(c: char) -> bool {
         (0x2044, 0x2044),
         (0x2215, 0x2215),
         (0x29F8, 0x29F8),
+        (0x2216, 0x2216),
+        (0x29F5, 0x29F5),
+        (0x00AD, 0x00AD),
+        (0x034F, 0x034F),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0xFEFF, 0xFEFF),
     ];
     let c = u32::from(c);
     LIST.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
