@@ -14,7 +14,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response, Uri};
+use bytes::Bytes;
+use http::{Method, Request, Response, Uri};
+use http_body::Body as _;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
@@ -59,8 +62,8 @@ impl ConnectError {
     }
 }
 
-/// Body type sent upstream.
-pub type UpBody = crate::proxy::body::CountingBody<hyper::body::Incoming>;
+/// Body type sent upstream: the agent's, or none (a bodyless request sent again).
+pub type UpBody = Either<crate::proxy::body::CountingBody<Incoming>, Empty<Bytes>>;
 
 /// How long an HTTP/1 connection may sit idle in a pool before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -157,11 +160,20 @@ impl ServicePool {
             return h2.send_request(req).await.map_err(SendError::Protocol);
         }
         if let Some(sender) = self.checkout_http1() {
+            let again = replayable(&req);
             match self.send_http1(sender, req).await {
                 // The connection closed before the request was written (the upstream timed it
                 // out as we took it): nothing was sent, so a new connection may carry it.
                 Err(Retry::Unsent(req)) => return self.send_new(req).await,
-                Err(Retry::Failed(e)) => return Err(SendError::Protocol(e)),
+                // The upstream closed the reused connection as the request went out, before
+                // any answer (the keep-alive race): a bodyless GET, HEAD or OPTIONS is sent
+                // once more on a new connection (RFC 9110 §9.2.2); anything else is not.
+                Err(Retry::Failed(e)) => {
+                    return match again {
+                        Some(req) if closed_before_answer(&e) => self.send_new(req).await,
+                        _ => Err(SendError::Protocol(e)),
+                    }
+                }
                 Ok(resp) => return Ok(resp),
             }
         }
@@ -295,6 +307,36 @@ impl ServicePool {
             Ok(Sender::Http1(sender))
         }
     }
+}
+
+/// A copy of a request that may be sent again if a reused connection drops it unanswered:
+/// safe methods only, and only without a body (a body is streamed, not kept).
+fn replayable(req: &Request<UpBody>) -> Option<Request<UpBody>> {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe || !req.body().is_end_stream() {
+        return None;
+    }
+    let mut copy = Request::new(Either::Right(Empty::new()));
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// The connection ended without a byte of an answer: closed or reset under the request.
+fn closed_before_answer(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() {
+        return true;
+    }
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<io::Error>())
+        .is_some_and(|io| {
+            matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            )
+        })
 }
 
 // Short-lived, returned once per failed send: boxing the request would buy nothing.
@@ -610,6 +652,27 @@ impl Write for UpstreamStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_bodyless_safe_requests_are_sent_again() {
+        let req = |method: Method| {
+            let mut r: Request<UpBody> = Request::new(Either::Right(Empty::new()));
+            *r.method_mut() = method;
+            *r.uri_mut() = Uri::from_static("http://api.test/x");
+            r.headers_mut()
+                .insert("authorization", http::HeaderValue::from_static("Bearer k"));
+            r
+        };
+        for m in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            let copy = replayable(&req(m.clone())).expect("a safe bodyless request");
+            assert_eq!(copy.method(), m);
+            assert_eq!(copy.uri(), "http://api.test/x");
+            assert_eq!(copy.headers()["authorization"], "Bearer k");
+        }
+        for m in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            assert!(replayable(&req(m)).is_none());
+        }
+    }
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()

@@ -406,3 +406,58 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced() {
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 6);
     server.abort();
 }
+
+/// The keep-alive race: the upstream closes a connection (without `Connection: close` on its
+/// answer) just as keyward sends the next request on it. A bodyless GET is sent again on a
+/// new connection instead of answering 502 (unsafe methods and bodies never are: see
+/// `upstream::replayable`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_caught_by_the_keep_alive_race_is_sent_again() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // Close 100 ms later without reading whatever came next.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            });
+        }
+    });
+    let f = Fixture::start_with(move |p| {
+        let at = p.find("hosts: [basic.test]").unwrap();
+        let from = at + p[at..].find("connect_to: 127.0.0.1:").unwrap();
+        let to = from + p[from..].find('\n').unwrap();
+        format!("{}connect_to: 127.0.0.1:{port}{}", &p[..from], &p[to..])
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["basic.whoami"])).await;
+    let agent = kw.agent(&task);
+    let url = format!("http://basic.test:{}/whoami", f.plain.port());
+    for i in 0..4 {
+        let resp = kw.send(agent.get(&url)).await;
+        // Each next request goes out at once on the pooled connection, which the upstream
+        // then closes unanswered.
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.body);
+    }
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 4);
+    server.abort();
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http::{Method, Request, Response};
+use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
@@ -172,7 +173,7 @@ async fn handle_request(
     let head_only = parts.method == Method::HEAD;
 
     let upload = Arc::new(Upload::default());
-    let mut up = Request::from_parts(parts, CountingBody::new(body, upload.clone()));
+    let mut up = Request::from_parts(parts, Either::Left(CountingBody::new(body, upload.clone())));
     if forward::aim(&mut up, &target).is_none() {
         task.refund();
         return refuse(
