@@ -586,7 +586,13 @@ async fn request_carrying_a_real_credential_is_secret_egress() {
                 .header("authorization", format!("Bearer {}", f.creds.api_token)),
         )
         .await;
-    kw.assert_denied(&resp, 403, "secret_egress").await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
+    // Recorded and counted under the service the host belongs to.
+    assert_eq!(rec["service"], "plain", "{rec}");
+    let counted = kw
+        .metric(r#"keyward_decisions_total{agent="bot",capability="",decision="deny",reason="secret_egress",service="plain"}"#)
+        .await;
+    assert_eq!(counted, Some(1.0));
     // Another service's credential, in another header.
     let resp = kw
         .send(

@@ -384,6 +384,12 @@ fn prepare(
         .credentials
         .carried_by(&parts.uri, &parts.headers)
     {
+        // Counted and recorded under the host's service when only one serves it.
+        let service = generation
+            .policy
+            .host_table(target.scheme, &target.host, target.port)
+            .and_then(|t| t.sole_service);
+        draft.set_match(&generation.policy, service, None, None);
         return Err(Reason::SecretEgress.into());
     }
     let facts = RequestFacts {
