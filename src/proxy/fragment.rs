@@ -25,8 +25,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[derive(Clone, Copy, Debug)]
 pub struct FragmentInTarget;
 
-/// A request line is kept up to this long for sniffing; a longer one that has a `#` is noted
-/// without its target, which marks the next request of its method (fail closed).
+/// The last this many bytes of a line are kept for sniffing (a request line is the end of its
+/// line, see `request_line_note`); a target longer than that is noted without its text, which
+/// marks the connection's next request (fail closed).
 const MAX_LINE: usize = 16 * 1024;
 /// Notes waiting for their request. Lines in bodies that look like request lines with a `#`
 /// never find theirs; past this many the connection cannot tell which note is whose, so every
@@ -45,7 +46,9 @@ pub struct FragmentLog {
 }
 
 struct Note {
-    method: Box<[u8]>,
+    /// The method token, possibly with body bytes glued before it (`abcGET`): a request's
+    /// method matches when it ends this token. `None` when it was not kept.
+    method: Option<Box<[u8]>>,
     /// The target before the `#`; `None` when the line was too long to keep.
     target: Option<Box<[u8]>>,
 }
@@ -63,7 +66,9 @@ impl FragmentLog {
             return true; // poisoned: cannot tell, so refuse
         };
         let found = notes.iter().position(|n| {
-            n.method.as_ref() == method.as_str().as_bytes()
+            n.method
+                .as_deref()
+                .map_or(true, |m| m.ends_with(method.as_str().as_bytes()))
                 && n.target.as_deref().map_or(true, |t| same_target(t, uri))
         });
         match found {
@@ -136,7 +141,7 @@ impl<I: AsyncRead> AsyncRead for Sniff<I> {
     }
 }
 
-/// The line being read: its first `MAX_LINE` bytes, its full length, and whether it has a `#`.
+/// The line being read: its last `MAX_LINE` bytes, its full length, and whether it has a `#`.
 #[derive(Default)]
 struct Line {
     bytes: Vec<u8>,
@@ -148,9 +153,12 @@ impl Line {
     fn extend(&mut self, bytes: &[u8]) {
         self.len = self.len.saturating_add(bytes.len());
         self.hash = self.hash || memchr::memchr(b'#', bytes).is_some();
-        let room = MAX_LINE.saturating_sub(self.bytes.len());
-        let kept = bytes.get(..room.min(bytes.len())).unwrap_or_default();
-        self.bytes.extend_from_slice(kept);
+        let tail = bytes
+            .get(bytes.len().saturating_sub(MAX_LINE)..)
+            .unwrap_or(bytes);
+        let over = (self.bytes.len() + tail.len()).saturating_sub(MAX_LINE);
+        self.bytes.drain(..over.min(self.bytes.len()));
+        self.bytes.extend_from_slice(tail);
     }
 
     fn clear(&mut self) {
@@ -180,7 +188,8 @@ impl Line {
             let (head, tail) = rest.split_at(i + 1);
             self.extend(head);
             if self.hash {
-                if let Some(note) = request_line_note(&self.bytes, self.len) {
+                let truncated = self.len > self.bytes.len();
+                if let Some(note) = request_line_note(&self.bytes, truncated) {
                     log.note(note);
                 }
             }
@@ -191,40 +200,44 @@ impl Line {
     }
 }
 
-/// If `line` is an HTTP/1 request line whose target has a `#`, the note for it.
-fn request_line_note(line: &[u8], full_len: usize) -> Option<Note> {
+/// If `line` ends in an HTTP/1 request line whose target has a `#`, the note for it.
+///
+/// A request line is read from the end of its line: the parser starts the next request where
+/// the previous body ended, so body bytes without a final newline come before it on the same
+/// line (`...}GET /x#y HTTP/1.1`). `truncated`: the line's start was not kept.
+fn request_line_note(line: &[u8], truncated: bool) -> Option<Note> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let (method, rest) = split_at_byte(line, b' ')?;
-    if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
+    let (rest, version) = line.split_at(memchr::memrchr(b' ', line)?);
+    let is_http1 = version.len() == 9
+        && version.starts_with(b" HTTP/1.")
+        && version.last().is_some_and(u8::is_ascii_digit);
+    if !is_http1 {
         return None;
     }
-    if full_len > MAX_LINE {
-        // Too long to keep whole. If what was kept reads as a request line's start, refuse the
-        // method's next request: fail closed (a body line of this shape is rare).
-        let absolute = rest.get(..8).is_some_and(|p| {
-            p.to_ascii_lowercase().starts_with(b"http://") || p.eq_ignore_ascii_case(b"https://")
-        });
-        return (rest.starts_with(b"/") || absolute).then(|| Note {
-            method: method.into(),
+    let Some(space) = memchr::memrchr(b' ', rest) else {
+        // The target runs past what was kept; whether its `#` is in it cannot be told, so the
+        // connection's next request is refused (fail closed).
+        return truncated.then_some(Note {
+            method: None,
             target: None,
         });
-    }
-    let space = memchr::memrchr(b' ', rest)?;
-    let (target, version) = rest.split_at(space);
-    if !version.starts_with(b" HTTP/1.") {
-        return None;
-    }
+    };
+    let (before, target) = rest.split_at(space);
+    let target = target.get(1..)?;
     let hash = memchr::memchr(b'#', target)?;
+    // The method is the run of token characters right before the target; when that run
+    // reaches back to where the kept bytes begin, its start may be cut: any method matches.
+    let run = before.iter().rev().take_while(|&&b| is_tchar(b)).count();
+    let method = match before.get(before.len() - run..)? {
+        _ if truncated && run == before.len() => None,
+        [] => return None,
+        m => Some(m.into()),
+    };
     Some(Note {
-        method: method.into(),
+        method,
         target: Some(target.get(..hash)?.into()),
     })
-}
-
-fn split_at_byte(s: &[u8], b: u8) -> Option<(&[u8], &[u8])> {
-    let i = memchr::memchr(b, s)?;
-    Some((s.get(..i)?, s.get(i + 1..)?))
 }
 
 /// RFC 9110 token characters (a method is a token).
@@ -328,7 +341,22 @@ mod tests {
     }
 
     #[test]
-    fn an_overlong_line_with_a_hash_marks_the_next_request_of_its_method() {
+    fn a_request_line_glued_to_a_body_without_a_final_newline_is_seen() {
+        // `abc` is the previous request's body (Content-Length: 3): the parser starts the next
+        // request right after it, on the same line.
+        let log = fed(&[
+            b"POST /p HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"GET /glued#y HTTP/1.1\r\nHost: h\r\n\r\n",
+        ]);
+        let (m, u) = req("GET", "/glued");
+        assert!(log.take(&m, &u));
+        let log = fed(&[b"{\"a\":1}DELETE /x/1#f HTTP/1.1\r\n\r\n"]);
+        let (m, u) = req("DELETE", "/x/1");
+        assert!(log.take(&m, &u));
+    }
+
+    #[test]
+    fn an_overlong_target_with_a_hash_marks_the_next_request() {
         let mut long = b"GET /".to_vec();
         long.extend(vec![b'a'; MAX_LINE]);
         long.extend_from_slice(b"#x HTTP/1.1\r\n\r\n");

@@ -323,6 +323,33 @@ async fn a_fragment_in_the_target_is_refused_as_ambiguous() {
     kw.assert_no_leaks().await;
 }
 
+/// A request pipelined right after a body without a final newline starts mid-line for a
+/// line reader (`abcGET /x#y HTTP/1.1`): its fragment is still refused, in a tunnel too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragment_right_after_a_body_without_a_newline_is_refused() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut tls = crate::common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let port = f.tls.port();
+    let both = format!(
+        "POST /echo HTTP/1.1\r\nHost: secure.test:{port}\r\nContent-Length: 3\r\n\r\nabc\
+         GET /repos/acme/web/issues#y HTTP/1.1\r\nHost: secure.test:{port}\r\nContent-Length: 0\r\n\r\n"
+    );
+    bounded("write", tls.write_all(both.as_bytes()))
+        .await
+        .unwrap();
+    bounded("flush", tls.flush()).await.unwrap();
+    let first = read_response(&mut tls).await;
+    kw.saw(&first.text());
+    assert_eq!(first.status, 200, "{}", first.text());
+    let second = read_response(&mut tls).await;
+    kw.saw(&second.text());
+    assert_ambiguous(kw, &second, "fragment", "glued to a body").await;
+    assert_eq!(f.tls.hits(), 1, "only the POST reached the upstream");
+    kw.assert_no_leaks().await;
+}
+
 /// The fragment check looks at request lines only: a `#` in a header, a query value
 /// (`%23`) or a body changes nothing, and a refused request does not taint the next one on the
 /// same connection.
