@@ -23,6 +23,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -87,9 +88,16 @@ impl Upstreams {
                 Scheme::Https => Some(tls::upstream::client_config(service.ca_file.as_deref())?),
                 Scheme::Http => None,
             };
+            // An upgrade (WebSocket) needs HTTP/1.1: its connection offers nothing else.
+            let tls_http1 = tls.as_ref().map(|config| {
+                let mut config = ClientConfig::clone(config);
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                TlsConnector::from(Arc::new(config))
+            });
             pools.push(Arc::new(ServicePool {
                 connector: ConnectorInner {
                     tls: tls.map(TlsConnector::from),
+                    tls_http1,
                     connect_to: service.connect_to.clone(),
                     named: named_addresses(service),
                     own: own.clone(),
@@ -156,6 +164,26 @@ impl ServicePool {
         self: &Arc<Self>,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, SendError> {
+        if req.headers().contains_key(http::header::UPGRADE) {
+            // A WebSocket upgrade takes over its connection: a fresh HTTP/1.1 one, even when
+            // the upstream speaks HTTP/2 to everything else.
+            return match self
+                .dial(req.uri(), true)
+                .await
+                .map_err(SendError::Connect)?
+            {
+                Sender::Http1(sender) => match self.send_http1(sender, req).await {
+                    Ok(resp) => Ok(resp),
+                    Err(Retry::Unsent(_)) => Err(SendError::Connect(closed_early())),
+                    Err(Retry::Failed(e)) => Err(SendError::Protocol(e)),
+                },
+                // Not offered by ALPN, so rustls refuses it first; kept total.
+                Sender::Http2(_) => Err(SendError::Connect(ConnectError::Tls(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "HTTP/2 chosen for an upgrade",
+                )))),
+            };
+        }
         if let Some(mut h2) = self.live_http2() {
             return h2.send_request(req).await.map_err(SendError::Protocol);
         }
@@ -184,7 +212,11 @@ impl ServicePool {
         self: &Arc<Self>,
         req: Request<UpBody>,
     ) -> Result<Response<Incoming>, SendError> {
-        match self.dial(req.uri()).await.map_err(SendError::Connect)? {
+        match self
+            .dial(req.uri(), false)
+            .await
+            .map_err(SendError::Connect)?
+        {
             Sender::Http2(mut h2) => {
                 if let Ok(mut slot) = self.http2.lock() {
                     *slot = Some(h2.clone());
@@ -193,9 +225,7 @@ impl ServicePool {
             }
             Sender::Http1(sender) => match self.send_http1(sender, req).await {
                 Ok(resp) => Ok(resp),
-                Err(Retry::Unsent(_)) => Err(SendError::Connect(ConnectError::Connect(
-                    io::Error::new(io::ErrorKind::ConnectionReset, "closed before the request"),
-                ))),
+                Err(Retry::Unsent(_)) => Err(SendError::Connect(closed_early())),
                 Err(Retry::Failed(e)) => Err(SendError::Protocol(e)),
             },
         }
@@ -285,8 +315,10 @@ impl ServicePool {
         });
     }
 
-    async fn dial(&self, uri: &Uri) -> Result<Sender, ConnectError> {
-        let stream = tokio::time::timeout(self.connector.timeout, connect(&self.connector, uri))
+    /// A new connection; `http1_only` offers only HTTP/1.1 by ALPN.
+    async fn dial(&self, uri: &Uri, http1_only: bool) -> Result<Sender, ConnectError> {
+        let connecting = connect(&self.connector, uri, http1_only);
+        let stream = tokio::time::timeout(self.connector.timeout, connecting)
             .await
             .map_err(|_| ConnectError::Timeout)??;
         if stream.is_h2() {
@@ -394,6 +426,8 @@ fn named_addresses(service: &ServiceDef) -> Vec<IpAddr> {
 
 struct ConnectorInner {
     tls: Option<TlsConnector>,
+    /// The same TLS settings offering only HTTP/1.1 by ALPN.
+    tls_http1: Option<TlsConnector>,
     /// `connect_to`: dial this instead of resolving the host (the operator chose it).
     connect_to: Option<(String, u16)>,
     named: Vec<IpAddr>,
@@ -401,7 +435,19 @@ struct ConnectorInner {
     timeout: Duration,
 }
 
-async fn connect(inner: &ConnectorInner, uri: &Uri) -> Result<UpstreamStream, ConnectError> {
+/// A fresh connection closed before the request could be written.
+fn closed_early() -> ConnectError {
+    ConnectError::Connect(io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "closed before the request",
+    ))
+}
+
+async fn connect(
+    inner: &ConnectorInner,
+    uri: &Uri,
+    http1_only: bool,
+) -> Result<UpstreamStream, ConnectError> {
     let host = uri.host().ok_or(ConnectError::NoHost)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let https = uri.scheme_str() == Some("https");
@@ -413,7 +459,12 @@ async fn connect(inner: &ConnectorInner, uri: &Uri) -> Result<UpstreamStream, Co
     };
     let tcp = dial(&addrs).await?;
     let _ = tcp.set_nodelay(true);
-    match (&inner.tls, https) {
+    let tls = if http1_only {
+        &inner.tls_http1
+    } else {
+        &inner.tls
+    };
+    match (tls, https) {
         (Some(tls), true) => {
             let name = ServerName::try_from(host.to_string())
                 .map_err(|e| ConnectError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;

@@ -40,6 +40,12 @@ impl Scripted {
 
     /// The same behind TLS with a certificate for `name` signed by `ca` (ALPN http/1.1).
     async fn start_tls(answer: &str, ca: &TestCa, name: &str) -> Scripted {
+        Self::start_tls_alpn(answer, ca, name, &[b"http/1.1"]).await
+    }
+
+    /// Behind TLS offering `alpn` (it still speaks only HTTP/1.1: a client that picked `h2`
+    /// would get nowhere).
+    async fn start_tls_alpn(answer: &str, ca: &TestCa, name: &str, alpn: &[&[u8]]) -> Scripted {
         let (cert, key) = ca.leaf(&[name]);
         let mut cfg = rustls::ServerConfig::builder_with_provider(ring())
             .with_safe_default_protocol_versions()
@@ -47,7 +53,7 @@ impl Scripted {
             .with_no_client_auth()
             .with_single_cert(vec![cert], key)
             .unwrap();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
         Self::spawn(Arc::new(Mutex::new(answer.to_string())), Some(acceptor)).await
     }
@@ -494,11 +500,14 @@ async fn websocket_upgrade_inside_a_tunnel_outside_the_intent_is_refused() {
     kw.assert_no_leaks().await;
 }
 
-/// `wss://` through an intercepted tunnel: relayed after a real 101, not after a 200.
+/// `wss://` through an intercepted tunnel: relayed after a real 101, not after a 200. The
+/// switching upstream also offers `h2` by ALPN, as real APIs do: the upgrade still goes over
+/// an HTTP/1.1 connection (an HTTP/2 one would carry it as a plain GET).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_inside_a_tunnel_is_relayed_only_after_a_real_101() {
     let ca = TestCa::new();
-    let switching = Scripted::start_tls(SWITCH_WS, &ca, "wss.test").await;
+    let switching =
+        Scripted::start_tls_alpn(SWITCH_WS, &ca, "wss.test", &[b"h2", b"http/1.1"]).await;
     let refusing = Scripted::start_tls(OK_200, &ca, "wsok.test").await;
     // The services trust this CA from a file outside keyward's directory (an absolute path).
     let ca_dir = tempfile::tempdir().unwrap();
