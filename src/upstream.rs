@@ -70,6 +70,9 @@ pub type UpBody = Either<crate::proxy::body::CountingBody<Incoming>, Empty<Bytes
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most HTTP/1 connections a service's pool keeps (busy or idle); more are closed after use.
 const MAX_POOLED: usize = 256;
+/// HTTP/2 flow-control windows toward upstreams (see `ServicePool::dial`).
+const H2_STREAM_WINDOW: u32 = 1 << 20;
+const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// One connection pool per service of a policy generation.
 pub struct Upstreams {
@@ -322,8 +325,13 @@ impl ServicePool {
             .await
             .map_err(|_| ConnectError::Timeout)??;
         if stream.is_h2() {
+            // Every request of the service shares this connection, so agents that stop reading
+            // must not exhaust its window for everyone: a stream may hold 1 MiB unread, the
+            // connection 16 (16 stalled streams before others wait; hyper's 2 and 5 let 3 do it).
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
                 .handshake(stream)
                 .await
                 .map_err(ConnectError::Handshake)?;

@@ -461,3 +461,52 @@ async fn a_get_caught_by_the_keep_alive_race_is_sent_again() {
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 4);
     server.abort();
 }
+
+/// One HTTP/2 upstream connection carries all of a service's requests: agents that stop
+/// reading large downloads must not use up its flow-control window and stall everyone else's
+/// answers (with hyper's default windows, three such readers did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_stall_a_services_http2_connection() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let port = f.tls.port();
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+        let req = format!("GET /big HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n");
+        tls.write_all(req.as_bytes()).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut first = [0u8; 1024];
+        bounded("first bytes of /big", tls.read(&mut first))
+            .await
+            .unwrap();
+        stalled.push(tls); // and never read again
+    }
+    // Let the stalled streams fill every buffer on the way.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let req = format!(
+        "GET /repos/acme/web/issues HTTP/1.1\r\nHost: secure.test:{port}\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let done = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tls.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        done.is_ok(),
+        "another agent's answer stalled behind readers that stopped reading"
+    );
+    let resp = common::parse_response(&answer);
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.text().contains("/repos/acme/web/issues"),
+        "{}",
+        resp.text()
+    );
+    drop(stalled);
+}

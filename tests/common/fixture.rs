@@ -156,6 +156,7 @@ capabilities:
       - GET /repos/{{owner}}/{{repo}}/issues/{{number}}
       - GET /reflect-auth
       - GET /reflect-auth-base64
+      - GET /big
       - GET /sse
       - GET /ticks
       - GET /slow
@@ -196,6 +197,7 @@ capabilities:
     routes:
       - GET /repos/{{owner}}/{{repo}}/issues
       - GET /reflect-auth
+      - GET /big
       - GET /sse
       - GET|POST /echo
   wrongname.read:

@@ -282,6 +282,15 @@ async fn echo(
                 .unwrap();
             Ok(resp)
         }
+        "/big" => {
+            // 64 MiB in 64 KiB frames (more than loopback socket buffers absorb), for tests of
+            // readers that stop reading.
+            let frames =
+                futures_util::stream::iter((0..1024).map(|_| {
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(&[b'x'; 64 * 1024])))
+                }));
+            Ok(Response::new(StreamBody::new(frames).boxed_unsync()))
+        }
         "/reflect-auth-base64" => {
             // The credential header base64-encoded behind 0, 1 and 2 more bytes, in both
             // alphabets, one per line: every alignment of the value inside the encoding.
