@@ -170,22 +170,7 @@ impl ServicePool {
         if req.headers().contains_key(http::header::UPGRADE) {
             // A WebSocket upgrade takes over its connection: a fresh HTTP/1.1 one, even when
             // the upstream speaks HTTP/2 to everything else.
-            return match self
-                .dial(req.uri(), true)
-                .await
-                .map_err(SendError::Connect)?
-            {
-                Sender::Http1(sender) => match self.send_http1(sender, req).await {
-                    Ok(resp) => Ok(resp),
-                    Err(Retry::Unsent(_)) => Err(SendError::Connect(closed_early())),
-                    Err(Retry::Failed(e)) => Err(SendError::Protocol(e)),
-                },
-                // Not offered by ALPN, so rustls refuses it first; kept total.
-                Sender::Http2(_) => Err(SendError::Connect(ConnectError::Tls(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "HTTP/2 chosen for an upgrade",
-                )))),
-            };
+            return self.send_new(req, true).await;
         }
         if let Some(mut h2) = self.live_http2() {
             return h2.send_request(req).await.map_err(SendError::Protocol);
@@ -195,28 +180,30 @@ impl ServicePool {
             match self.send_http1(sender, req).await {
                 // The connection closed before the request was written (the upstream timed it
                 // out as we took it): nothing was sent, so a new connection may carry it.
-                Err(Retry::Unsent(req)) => return self.send_new(req).await,
+                Err(Retry::Unsent(req)) => return self.send_new(req, false).await,
                 // The upstream closed the reused connection as the request went out, before
                 // any answer (the keep-alive race): a bodyless GET, HEAD or OPTIONS is sent
                 // once more on a new connection (RFC 9110 §9.2.2); anything else is not.
                 Err(Retry::Failed(e)) => {
                     return match again {
-                        Some(req) if closed_before_answer(&e) => self.send_new(req).await,
+                        Some(req) if closed_before_answer(&e) => self.send_new(req, false).await,
                         _ => Err(SendError::Protocol(e)),
                     }
                 }
                 Ok(resp) => return Ok(resp),
             }
         }
-        self.send_new(req).await
+        self.send_new(req, false).await
     }
 
+    /// Sends on a new connection; `http1_only` offers only HTTP/1.1 by ALPN.
     async fn send_new(
         self: &Arc<Self>,
         req: Request<UpBody>,
+        http1_only: bool,
     ) -> Result<Response<Incoming>, SendError> {
         match self
-            .dial(req.uri(), false)
+            .dial(req.uri(), http1_only)
             .await
             .map_err(SendError::Connect)?
         {
