@@ -399,14 +399,16 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
             .ok_or_else(|| MintError::UnknownCapability(grant.capability.clone()))?;
         // SECURITY: two entries for one capability (or two constraints on one parameter) would
         // show one thing in the task listing and enforce another; refuse instead of choosing.
-        if spec.intent[..i]
+        if spec
+            .intent
             .iter()
+            .take(i)
             .any(|g| g.capability == grant.capability)
         {
             return Err(MintError::DuplicateCapability(cap.name.clone()));
         }
         for (j, (param, _)) in grant.constraints.iter().enumerate() {
-            if grant.constraints[..j].iter().any(|(p, _)| p == param) {
+            if grant.constraints.iter().take(j).any(|(p, _)| p == param) {
                 return Err(MintError::DuplicateConstraint {
                     capability: cap.name.clone(),
                     param: param.clone(),

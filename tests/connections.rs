@@ -353,66 +353,17 @@ async fn upstream_connections_are_reused_and_a_stream_holds_up_no_one() {
     drop(stream);
 }
 
-/// A pooled connection the upstream closed while idle is not reported as a failure: the
-/// request, never written to it, goes out on a new connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pooled_connection_the_upstream_closed_is_replaced() {
-    // An upstream that answers one keep-alive request per connection, then closes it.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = served.clone();
-    let server = tokio::spawn(async move {
-        loop {
-            let Ok((mut tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let _ = tcp
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await;
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            });
-        }
-    });
-    let f = Fixture::start_with(move |p| {
-        let at = p.find("hosts: [basic.test]").unwrap();
-        let from = at + p[at..].find("connect_to: 127.0.0.1:").unwrap();
-        let to = from + p[from..].find('\n').unwrap();
-        format!("{}connect_to: 127.0.0.1:{port}{}", &p[..from], &p[to..])
-    })
-    .await;
-    let kw = &f.kw;
-    let task = kw.mint("bot", json!(["basic.whoami"])).await;
-    let agent = kw.agent(&task);
-    for i in 0..6 {
-        let resp = kw
-            .send(agent.get(format!("http://basic.test:{}/whoami", f.plain.port())))
-            .await;
-        assert_eq!(resp.status, 200, "request {i}: {}", resp.body);
-        // Let the upstream close the connection keyward just pooled.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 6);
-    server.abort();
-}
-
-/// The keep-alive race: the upstream closes a connection (without `Connection: close` on its
-/// answer) just as keyward sends the next request on it. A bodyless GET is sent again on a
-/// new connection instead of answering 502 (unsafe methods and bodies never are: see
-/// `upstream::replayable`).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_get_caught_by_the_keep_alive_race_is_sent_again() {
+/// An upstream that answers one keep-alive request per connection (without `Connection:
+/// close`), then closes it `close_after` later without reading anything more; and a fixture
+/// whose `basic` service points at it. Returns the fixture, the count of requests answered,
+/// and the server (abort it at the end).
+async fn closing_upstream(
+    close_after: std::time::Duration,
+) -> (
+    Fixture,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -436,8 +387,7 @@ async fn a_get_caught_by_the_keep_alive_race_is_sent_again() {
                 let _ = tcp
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     .await;
-                // Close 100 ms later without reading whatever came next.
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(close_after).await;
             });
         }
     });
@@ -448,6 +398,37 @@ async fn a_get_caught_by_the_keep_alive_race_is_sent_again() {
         format!("{}connect_to: 127.0.0.1:{port}{}", &p[..from], &p[to..])
     })
     .await;
+    (f, served, server)
+}
+
+/// A pooled connection the upstream closed while idle is not reported as a failure: the
+/// request, never written to it, goes out on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_replaced() {
+    let (f, served, server) = closing_upstream(std::time::Duration::from_millis(50)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["basic.whoami"])).await;
+    let agent = kw.agent(&task);
+    for i in 0..6 {
+        let resp = kw
+            .send(agent.get(format!("http://basic.test:{}/whoami", f.plain.port())))
+            .await;
+        assert_eq!(resp.status, 200, "request {i}: {}", resp.body);
+        // Let the upstream close the connection keyward just pooled.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 6);
+    server.abort();
+}
+
+/// The keep-alive race: the upstream closes a connection (without `Connection: close` on its
+/// answer) just as keyward sends the next request on it. A bodyless GET is sent again on a
+/// new connection instead of answering 502 (unsafe methods and bodies never are: see
+/// `upstream::replayable`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_caught_by_the_keep_alive_race_is_sent_again() {
+    // Closed 100 ms after each answer, unread: the next request is already on it by then.
+    let (f, served, server) = closing_upstream(std::time::Duration::from_millis(100)).await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["basic.whoami"])).await;
     let agent = kw.agent(&task);
