@@ -7,9 +7,9 @@
 //! method, same target once the fragment is cut) and marks that request with `FragmentInTarget`,
 //! which `identify` refuses.
 //!
-//! The cost on the hot path is one `memchr` for `#` over the bytes read; only a line that has a
-//! `#` is looked at further. Sniffing stops once the connection stops speaking HTTP/1 (a tunnel
-//! after CONNECT, a WebSocket after 101).
+//! The cost on the hot path is a `memchr` for `#` and one for the last line end over the bytes
+//! read; only a line that has a `#` is looked at further. Sniffing stops once the connection
+//! stops speaking HTTP/1 (a tunnel after CONNECT, a WebSocket after 101).
 
 use std::collections::VecDeque;
 use std::io;
