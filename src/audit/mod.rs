@@ -63,6 +63,110 @@ pub struct AuditRecord {
     pub outcome: Option<&'static str>,
 }
 
+impl AuditRecord {
+    /// Appends the record as JSON, byte for byte what the `Serialize` derive writes through
+    /// serde_json (a test holds them equal). Every allowed request encodes one on its way out,
+    /// and serde's per-field machinery (escaping each key at run time) was the largest part
+    /// of keyward's own work per request.
+    pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"ts\":");
+        json_str(out, &self.ts);
+        out.extend_from_slice(b",\"request_id\":");
+        json_str(out, &self.request_id);
+        out.extend_from_slice(b",\"task\":");
+        json_opt_str(out, self.task.as_deref());
+        out.extend_from_slice(b",\"agent\":");
+        json_opt_str(out, self.agent.as_deref());
+        out.extend_from_slice(b",\"decision\":");
+        json_str(out, self.decision);
+        out.extend_from_slice(b",\"reason\":");
+        json_str(out, self.reason);
+        out.extend_from_slice(b",\"method\":");
+        json_str(out, &self.method);
+        out.extend_from_slice(b",\"scheme\":");
+        json_str(out, self.scheme);
+        out.extend_from_slice(b",\"host\":");
+        json_str(out, &self.host);
+        out.extend_from_slice(b",\"port\":");
+        match self.port {
+            Some(port) => json_u64(out, port.into()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"path\":");
+        json_str(
+            out,
+            self.path.split_once('?').map_or(&self.path, |(p, _)| p),
+        );
+        out.extend_from_slice(b",\"service\":");
+        json_opt_str(out, self.service.as_deref());
+        out.extend_from_slice(b",\"capability\":");
+        json_opt_str(out, self.capability.as_deref());
+        out.extend_from_slice(b",\"route\":");
+        json_opt_str(out, self.route.as_deref());
+        out.extend_from_slice(b",\"risk\":");
+        json_opt_str(out, self.risk);
+        out.extend_from_slice(b",\"credential\":");
+        json_opt_str(out, self.credential.as_deref());
+        out.extend_from_slice(b",\"status\":");
+        json_u64(out, self.status.into());
+        out.extend_from_slice(b",\"upstream_ms\":");
+        match self.upstream_ms {
+            // serde_json's own float formatting (and `null` for a non-finite value).
+            Some(ms) => {
+                let _ = serde_json::to_writer(&mut *out, &ms);
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"bytes_up\":");
+        json_u64(out, self.bytes_up);
+        out.extend_from_slice(b",\"bytes_down\":");
+        json_u64(out, self.bytes_down);
+        out.extend_from_slice(b",\"client\":");
+        json_str(out, &self.client);
+        out.extend_from_slice(b",\"policy_version\":");
+        json_str(out, &self.policy_version);
+        if let Some(outcome) = self.outcome {
+            out.extend_from_slice(b",\"outcome\":");
+            json_str(out, outcome);
+        }
+        out.push(b'}');
+    }
+}
+
+/// A JSON string. Agent-chosen text (a method, a host, a path) may hold anything; the rare
+/// string that needs escaping goes through serde_json, which escapes exactly `"`, `\\` and
+/// control characters.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        let _ = serde_json::to_writer(&mut *out, s);
+        return;
+    }
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
+fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn json_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 // SECURITY: query values can carry secrets (`?api_key=...`); SPEC §7 forbids them in a record.
 // The caller passes the path without the query, and this cut makes a mistake there harmless.
 fn path_without_query<S: Serializer>(path: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -72,8 +176,39 @@ fn path_without_query<S: Serializer>(path: &str, s: S) -> Result<S::Ok, S::Error
 impl AuditRecord {
     /// Now, as the `ts` field wants it: "2026-11-22T08:53:37.123456Z".
     pub fn now_ts() -> String {
-        format_ts(OffsetDateTime::now_utc())
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        ts_since_epoch(since_epoch)
     }
+}
+
+/// The same text as [`format_ts`] for a time after the epoch. Every record asks for the
+/// current time, and turning seconds into a calendar date is most of the cost: each thread
+/// keeps the `YYYY-MM-DDTHH:MM:SS` of the last second it formatted and adds the microseconds.
+fn ts_since_epoch(since_epoch: std::time::Duration) -> String {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let secs = since_epoch.as_secs();
+    let mut s = String::with_capacity(27);
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != secs || prefix.is_empty() {
+            let whole = i64::try_from(secs)
+                .ok()
+                .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
+                .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            let mut text = format_ts(whole);
+            text.truncate(19);
+            *cached = secs;
+            *prefix = text;
+        }
+        s.push_str(prefix);
+    });
+    s.push('.');
+    push_decimal(&mut s, since_epoch.subsec_micros().into(), 6);
+    s.push('Z');
+    s
 }
 
 /// RFC 3339 in UTC with exactly six fractional digits. Formatted by hand: infallible, and no
@@ -167,6 +302,87 @@ mod tests {
         let now = AuditRecord::now_ts();
         assert_eq!(now.len(), 27);
         assert!(now.ends_with('Z'));
+    }
+
+    #[test]
+    fn write_json_writes_what_the_serialize_derive_writes() {
+        let same = |rec: &AuditRecord| {
+            let mut ours = Vec::new();
+            rec.write_json(&mut ours);
+            let serde = serde_json::to_vec(rec).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&serde)
+            );
+        };
+        same(&AuditRecord::default());
+        let strange = [
+            "",
+            "plain",
+            "quote\" and \\ backslash",
+            "\u{0}\u{1}\n\r\t\u{1f} controls",
+            "\u{7f} del, é, 🦀, \u{2028}",
+            "/p?api_key=secret&x=1",
+            "</script>",
+        ];
+        let floats = [0.0, 0.1, 1e-7, 123_456.789, 1e300, f64::NAN, f64::INFINITY];
+        for (i, text) in strange.iter().enumerate() {
+            let rec = AuditRecord {
+                ts: AuditRecord::now_ts(),
+                request_id: format!("r-{i}{text}"),
+                task: Some(text.to_string()),
+                agent: (i % 2 == 0).then(|| text.to_string()),
+                decision: "deny",
+                reason: "ambiguous_request",
+                method: text.to_string(),
+                scheme: "https",
+                host: text.to_string(),
+                port: [None, Some(0), Some(443), Some(65535)][i % 4],
+                path: text.to_string(),
+                service: Some(text.to_string()),
+                capability: None,
+                route: Some(format!("GET /x/{text}")),
+                risk: Some("high"),
+                credential: Some("gh".into()),
+                status: [0, 200, 403, 499][i % 4],
+                upstream_ms: Some(floats[i % floats.len()]),
+                bytes_up: [0, 1, u64::MAX][i % 3],
+                bytes_down: 10u64.pow(i as u32),
+                client: "[::1]:50312".into(),
+                policy_version: text.to_string(),
+                outcome: [None, Some("completed")][i % 2],
+            };
+            same(&rec);
+        }
+        // Every character below U+0800 inside a path, one at a time.
+        for c in (0u32..0x800).filter_map(char::from_u32) {
+            same(&AuditRecord {
+                path: format!("/a{c}b"),
+                ..AuditRecord::default()
+            });
+        }
+    }
+
+    #[test]
+    fn the_per_second_cache_writes_what_format_ts_writes() {
+        use std::time::Duration;
+        // Within one second, across seconds, days, a leap day and back in time again.
+        let secs = [
+            1_795_337_617u64,
+            1_795_337_617,
+            1_795_337_618,
+            1_795_337_617,
+            1_795_391_999,
+            1_795_392_000,
+            1_709_164_800,
+            0,
+            253_402_300_799,
+        ];
+        for (i, s) in secs.into_iter().enumerate() {
+            let d = Duration::new(s, (i as u32) * 123_456_789 % 1_000_000_000);
+            let expected = format_ts(OffsetDateTime::UNIX_EPOCH + d);
+            assert_eq!(ts_since_epoch(d), expected, "at {d:?}");
+        }
     }
 
     #[test]
