@@ -30,18 +30,18 @@ pub(super) struct Encoded {
 }
 
 impl Encoded {
-    pub(super) fn new(rec: &AuditRecord) -> Result<Encoded, serde_json::Error> {
+    pub(super) fn new(rec: &AuditRecord) -> Encoded {
         // Big enough for a typical record; `into_boxed_slice` trims it, so queued records
         // hold only their own bytes.
         let mut json = Vec::with_capacity(1024);
-        serde_json::to_writer(&mut json, rec)?;
+        rec.write_json(&mut json);
         // A struct always serializes as `{...}`; the writer closes it after adding `seq`.
         json.pop();
         let hasher = Sha256::new_with_prefix(&json);
-        Ok(Encoded {
+        Encoded {
             json: json.into_boxed_slice(),
             hasher,
-        })
+        }
     }
 }
 
@@ -249,7 +249,7 @@ mod tests {
         let mut chain = Chain::default();
         let mut buf = Vec::new();
         for i in 0..n {
-            chain.append(Encoded::new(&full_record(i)).unwrap(), &mut buf);
+            chain.append(Encoded::new(&full_record(i)), &mut buf);
         }
         (chain, buf)
     }
@@ -428,7 +428,7 @@ mod tests {
         buf.clear();
         let mut i = 0u16;
         while buf.len() < 2 * TAIL_WINDOW as usize {
-            chain.append(Encoded::new(&full_record(i % 100)).unwrap(), &mut buf);
+            chain.append(Encoded::new(&full_record(i % 100)), &mut buf);
             i = i.wrapping_add(1);
         }
         assert_eq!(tail_of(&buf).unwrap(), (chain, false));

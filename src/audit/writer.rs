@@ -98,6 +98,14 @@ impl std::fmt::Debug for AuditLog {
     }
 }
 
+/// Serializes and mostly hashes a record on the caller's thread (see `chain::Encoded`).
+fn encode(mut rec: AuditRecord) -> Encoded {
+    if rec.ts.is_empty() {
+        rec.ts = AuditRecord::now_ts();
+    }
+    Encoded::new(&rec)
+}
+
 impl AuditLog {
     /// Opens the target (file: append mode, created 0600; `Stdout`: standard output), continues
     /// `seq`/hash from the last record of an existing file, and starts the writer thread behind
@@ -152,9 +160,7 @@ impl AuditLog {
     /// before the denial is sent (SPEC §7). The record is serialized and mostly hashed here, on
     /// the caller's thread (see `chain::Encoded`).
     pub async fn write(&self, rec: AuditRecord) {
-        let Some(encoded) = self.encode(rec) else {
-            return;
-        };
+        let encoded = encode(rec);
         let (written_tx, written) = oneshot::channel();
         if self
             .tx
@@ -175,9 +181,7 @@ impl AuditLog {
     /// For paths that cannot await (a `Drop`): queue now if there is room, else hand the record
     /// to a task that waits for room. Outside a tokio runtime it blocks the calling thread.
     pub fn write_detached(&self, rec: AuditRecord) {
-        let Some(encoded) = self.encode(rec) else {
-            return;
-        };
+        let encoded = encode(rec);
         let msg = Msg::Record(encoded, None);
         let msg = match self.tx.try_send(msg) {
             Ok(()) => return,
@@ -201,19 +205,6 @@ impl AuditLog {
                 if self.tx.blocking_send(msg).is_err() {
                     self.shared.record_lost("audit log closed");
                 }
-            }
-        }
-    }
-
-    fn encode(&self, mut rec: AuditRecord) -> Option<Encoded> {
-        if rec.ts.is_empty() {
-            rec.ts = AuditRecord::now_ts();
-        }
-        match Encoded::new(&rec) {
-            Ok(encoded) => Some(encoded),
-            Err(_) => {
-                self.shared.record_lost("record cannot be serialized");
-                None
             }
         }
     }
