@@ -96,8 +96,10 @@ impl Running {
     /// Stops accepting, lets connections finish (bounded), flushes the audit log.
     pub async fn shutdown(self) {
         self.state.begin_shutdown();
+        // Each listener's task drains its own connections (`conn::drain`), bounded.
+        let bound = crate::proxy::conn::DRAIN + crate::proxy::conn::CUT_GRACE;
         for t in self.tasks {
-            let _ = tokio::time::timeout(crate::proxy::conn::DRAIN, t).await;
+            let _ = tokio::time::timeout(bound, t).await;
         }
         self.state.audit.close().await;
     }

@@ -222,6 +222,69 @@ async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
     assert_eq!(rec["outcome"], "completed");
 }
 
+/// What the drain cannot finish is cut at its end (10 s), and still recorded: as cut by
+/// shutdown, not as the agent's hang-up, and before the audit log closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_what_the_drain_cannot_finish_and_records_it() {
+    let Fixture { mut kw, plain, .. } = Fixture::start().await;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = plain.port();
+    let request = |path: &str| {
+        format!(
+            "GET http://plain.test:{port}{path} HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\n\r\n",
+            Harness::proxy_auth(&task)
+        )
+    };
+    // One request waits on an upstream that answers after 30 s; another streams for 60 s.
+    let mut stalled = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    stalled.write_all(request("/stall").as_bytes()).await.unwrap();
+    let mut streaming = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    streaming.write_all(request("/endless").as_bytes()).await.unwrap();
+    let mut first = [0u8; 256];
+    let n = bounded("the stream's head", streaming.read(&mut first))
+        .await
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    bounded("the upstream sees both requests", async {
+        while plain.hits() < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    let started = std::time::Instant::now();
+    kw.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(9) && took < std::time::Duration::from_secs(14),
+        "shutdown took {took:?}; the drain is 10 s"
+    );
+    let rec = kw
+        .audit_where("the stalled request", |r| r["path"] == "/stall")
+        .await;
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["outcome"], "shutdown");
+    assert_eq!(rec["status"], 503);
+    let rec = kw
+        .audit_where("the cut stream", |r| r["path"] == "/endless")
+        .await;
+    assert_eq!(rec["outcome"], "shutdown");
+    assert_eq!(rec["status"], 200);
+    assert!(rec["bytes_down"].as_u64().unwrap() > 0, "{rec}");
+    // Both agents' connections are closed.
+    expect_closed_after_data(&mut stalled).await;
+    expect_closed_after_data(&mut streaming).await;
+}
+
+/// Reads until the peer closes (whatever it sent before).
+async fn expect_closed_after_data(tcp: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    bounded("the connection to close", async {
+        while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_open_tunnels_and_records_them() {
     let Fixture { mut kw, tcp, .. } = Fixture::start().await;

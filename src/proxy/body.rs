@@ -267,7 +267,7 @@ impl Drop for ProxyBody {
                 let outcome = if inner.is_end_stream() {
                     "completed"
                 } else {
-                    "client_closed"
+                    r.cut_outcome()
                 };
                 r.complete(*bytes, outcome, redactor.as_ref().map_or(0, |r| r.found()));
             }

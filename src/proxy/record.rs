@@ -28,7 +28,8 @@ pub fn unparsed(state: &State, client: SocketAddr, status: u16) {
 ///
 /// Once `arm`ed (the request was allowed and keyward waits on the upstream), a draft dropped
 /// unwritten — hyper drops the request's future when the agent hangs up — still writes its
-/// record, outcome `client_closed`, status 499 (nginx's "client closed request").
+/// record, outcome `client_closed`, status 499 (nginx's "client closed request"); or, when
+/// shutdown's drain ran out and keyward itself cut the connection, outcome `shutdown`, 503.
 pub struct RecordDraft {
     pub rec: AuditRecord,
     started: Instant,
@@ -40,13 +41,20 @@ pub struct RecordDraft {
 
 /// Status recorded for a request whose agent went away before keyward answered it.
 pub const CLIENT_CLOSED: u16 = 499;
+/// Status recorded for a request still waiting on its upstream when shutdown's drain ran out
+/// (the agent's connection is closed without an answer).
+pub const CUT_BY_SHUTDOWN: u16 = 503;
 
 impl Drop for RecordDraft {
     fn drop(&mut self) {
         if let Some((state, reason)) = self.armed.take() {
-            self.rec.outcome = Some("client_closed");
+            let (outcome, status) = match state.is_shutting_down() {
+                true => ("shutdown", CUT_BY_SHUTDOWN),
+                false => ("client_closed", CLIENT_CLOSED),
+            };
+            self.rec.outcome = Some(outcome);
             self.rec.upstream_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
-            self.finish(&state, reason, CLIENT_CLOSED);
+            self.finish(&state, reason, status);
             state.audit.write_detached(std::mem::take(&mut self.rec));
         }
     }
@@ -237,6 +245,15 @@ impl Recorder {
     /// The task the request was made for (its place in flight is held until `complete`).
     pub fn task(&self) -> Option<&crate::tasks::Task> {
         self.draft.in_flight.as_ref().map(|slot| slot.task())
+    }
+
+    /// How a response that stopped before its end ended: keyward cut it at shutdown, or the
+    /// agent went away.
+    pub fn cut_outcome(&self) -> &'static str {
+        match self.state.is_shutting_down() {
+            true => "shutdown",
+            false => "client_closed",
+        }
     }
 
     /// `redacted`: reflected credentials replaced in this response (counted per service).

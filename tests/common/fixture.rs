@@ -160,6 +160,8 @@ capabilities:
       - GET /sse
       - GET /ticks
       - GET /slow
+      - GET /stall
+      - GET /endless
       - GET|POST /echo
   plain.labels.write:
     service: plain

@@ -230,7 +230,11 @@ impl Harness {
     /// Stops keyward and flushes its audit log, keeping its files to read.
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
-            bounded("shutdown", r.shutdown()).await;
+            // Shutdown may take its whole drain (10 s) and the grace after it (2 s).
+            let bound = Duration::from_secs(20);
+            if tokio::time::timeout(bound, r.shutdown()).await.is_err() {
+                panic!("shutdown took more than {bound:?}");
+            }
         }
     }
 

@@ -248,6 +248,29 @@ async fn echo(
             tokio::time::sleep(Duration::from_millis(600)).await;
             Ok(Response::new(full("slow answer\n")))
         }
+        "/stall" => {
+            // Answers only after shutdown's drain (10 s) has run out.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(Response::new(full("too late\n")))
+        }
+        "/endless" => {
+            // A stream that outlasts shutdown's drain: one event every 100 ms for 60 s.
+            let events = futures_util::stream::unfold(0u32, |i| async move {
+                if i >= 600 {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                let frame = Frame::data(Bytes::from(format!("data: tick {}\n\n", i + 1)));
+                Some((Ok::<_, Infallible>(frame), i + 1))
+            });
+            let resp = Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(events).boxed_unsync())
+                .unwrap();
+            Ok(resp)
+        }
         "/ticks" => {
             // A long stream: one event every 50 ms for 10 s, for tests that act mid-stream.
             let events = futures_util::stream::unfold(0u32, |i| async move {
