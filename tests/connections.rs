@@ -237,9 +237,15 @@ async fn shutdown_cuts_what_the_drain_cannot_finish_and_records_it() {
     };
     // One request waits on an upstream that answers after 30 s; another streams for 60 s.
     let mut stalled = TcpStream::connect(kw.proxy_addr).await.unwrap();
-    stalled.write_all(request("/stall").as_bytes()).await.unwrap();
+    stalled
+        .write_all(request("/stall").as_bytes())
+        .await
+        .unwrap();
     let mut streaming = TcpStream::connect(kw.proxy_addr).await.unwrap();
-    streaming.write_all(request("/endless").as_bytes()).await.unwrap();
+    streaming
+        .write_all(request("/endless").as_bytes())
+        .await
+        .unwrap();
     let mut first = [0u8; 256];
     let n = bounded("the stream's head", streaming.read(&mut first))
         .await

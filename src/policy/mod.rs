@@ -51,8 +51,17 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
             MAX_POLICY_BYTES / (1024 * 1024)
         )));
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|_| fail("the policy file is not valid UTF-8".to_owned()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let prefix = e.as_bytes().get(..valid).unwrap_or_default();
+        let mut errs = Errors::new(&name);
+        errs.push(
+            pos_after(&String::from_utf8_lossy(prefix)),
+            "",
+            "the policy file is not valid UTF-8 here",
+        );
+        errs.finish()
+    })?;
     let base_dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -64,6 +73,9 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
 /// relative paths. `Policy::version` is a hash of `text`.
 pub fn parse(file_name: &str, text: &str, base_dir: &Path) -> Result<Policy, PolicyErrors> {
     let mut errs = Errors::new(file_name);
+    if forbidden_characters(text, &mut errs) {
+        return Err(errs.finish());
+    }
     let Some(root) = yaml::parse_document(text, &mut errs) else {
         return Err(errs.finish());
     };
@@ -79,6 +91,43 @@ pub fn parse(file_name: &str, text: &str, base_dir: &Path) -> Result<Policy, Pol
             Err(errs.finish())
         }
     }
+}
+
+/// Reports every character YAML 1.2 does not allow in a stream (§5.1): C0 controls but tab,
+/// LF and CR, DEL, C1 controls but NEL, U+FFFE and U+FFFF. Why before parsing: a YAML parser
+/// may stop at a NUL and accept what came before it, so the policy enforced would be less
+/// than the file (and its `policy_version`) says; and a control character hides in review.
+fn forbidden_characters(text: &str, errs: &mut Errors) -> bool {
+    const MAX_REPORTED: usize = 20;
+    let forbidden = |c: char| {
+        matches!(c, '\u{0}'..='\u{8}' | '\u{b}' | '\u{c}' | '\u{e}'..='\u{1f}' | '\u{7f}')
+            || (('\u{80}'..='\u{9f}').contains(&c) && c != '\u{85}')
+            || matches!(c, '\u{fffe}' | '\u{ffff}')
+    };
+    let found: Vec<(usize, char)> = text
+        .char_indices()
+        .filter(|&(_, c)| forbidden(c))
+        .take(MAX_REPORTED)
+        .collect();
+    for &(at, c) in &found {
+        let prefix = text.get(..at).unwrap_or_default();
+        errs.push(
+            pos_after(prefix),
+            "",
+            format!(
+                "the control character U+{:04X} is not allowed in a policy file",
+                u32::from(c)
+            ),
+        );
+    }
+    !found.is_empty()
+}
+
+/// The position of the character right after `prefix` (1-based; columns count characters).
+fn pos_after(prefix: &str) -> Pos {
+    let line = prefix.bytes().filter(|&b| b == b'\n').count() + 1;
+    let column = prefix.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Pos::new(line, column)
 }
 
 /// First 16 hex characters of sha256 over the file's bytes.
@@ -123,6 +172,49 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("policy")
             .join(name)
+    }
+
+    #[test]
+    fn control_characters_are_refused_where_they_are() {
+        // A NUL used to end the parse: everything after it (here every agent) was dropped.
+        let text = format!(
+            "{ADMIN}services:\n  s: {{hosts: [s.example]}}\n\0agents:\n  bot: {{owner: t, capabilities: [], max_ttl: 1h}}\n"
+        );
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:5:1: the control character U+0000 is not allowed in a policy file"]
+        );
+        // Every one is reported, in a scalar or a comment alike; columns count characters.
+        let text = format!("{ADMIN}# \u{7f}\nservices:\n  s: {{hosts: [\"é\u{7}x\"]}}\n");
+        assert_eq!(
+            errors(&text),
+            [
+                "p.yaml:3:3: the control character U+007F is not allowed in a policy file",
+                "p.yaml:5:17: the control character U+0007 is not allowed in a policy file",
+            ]
+        );
+        // Tabs, CR LF line ends and NEL are YAML's own.
+        let text = format!(
+            "{ADMIN}services:\r\n  s: {{hosts: [s.example]}}\t# tab \u{85}\r\ncapabilities: {{}}\nagents: {{}}\n"
+        );
+        assert_eq!(errors(&text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_where_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        let mut bytes = format!("{ADMIN}services:\n  s: {{hosts: [é").into_bytes();
+        bytes.extend_from_slice(b"\xff]}\n");
+        std::fs::write(&path, bytes).unwrap();
+        let err = load(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}:4:16: the policy file is not valid UTF-8 here",
+                path.display()
+            )
+        );
     }
 
     #[test]
@@ -438,7 +530,7 @@ passthrough: [updates.example.org]
         assert_eq!(
             load(&binary).unwrap_err().to_string(),
             format!(
-                "{}:1:1: the policy file is not valid UTF-8",
+                "{}:1:8: the policy file is not valid UTF-8 here",
                 binary.display()
             )
         );
