@@ -256,11 +256,14 @@ async fn revoke_takes_effect_at_once() {
         .admin(Method::DELETE, "/v1/tasks/no-such-task", None)
         .await;
     assert_eq!(status, 404);
+    // The agent's series stays, at 0 (it does not vanish), and so does every other agent's.
     assert_eq!(
-        kw.metric("keyward_tasks_active{agent=\"bot\"}")
-            .await
-            .unwrap_or(0.0),
-        0.0
+        kw.metric("keyward_tasks_active{agent=\"bot\"}").await,
+        Some(0.0)
+    );
+    assert_eq!(
+        kw.metric("keyward_tasks_active{agent=\"reader\"}").await,
+        Some(0.0)
     );
     kw.assert_no_leaks().await;
 }

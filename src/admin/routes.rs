@@ -312,6 +312,11 @@ pub fn rfc3339(t: SystemTime) -> String {
 pub fn metrics(state: &Arc<State>) -> AdminResponse {
     let now = SystemTime::now();
     state.metrics.tasks_active_reset();
+    // Every agent of the policy has a series, at 0 when it has no live task: a series that
+    // vanished would read as "no data" on a dashboard, and `== 0` would never match.
+    for agent in &state.current().policy.policy().agents {
+        state.metrics.tasks_active_set(&agent.name, 0);
+    }
     for (agent, n) in state.tasks.active_by_agent(now) {
         state.metrics.tasks_active_set(&agent, n);
     }
