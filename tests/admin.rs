@@ -351,6 +351,9 @@ async fn wrong_methods_and_unknown_tasks_get_a_reason_in_words() {
         (Method::GET, "/v1/reload", "POST"),
         (Method::DELETE, "/v1/tasks", "GET, POST"),
         (Method::POST, "/v1/tasks/some-id", "GET, DELETE"),
+        (Method::POST, "/metrics", "GET, HEAD"),
+        (Method::PUT, "/healthz", "GET, HEAD"),
+        (Method::DELETE, "/readyz", "GET, HEAD"),
     ] {
         let resp = kw
             .http
@@ -371,6 +374,20 @@ async fn wrong_methods_and_unknown_tasks_get_a_reason_in_words() {
         assert_eq!(v["error"], "unknown_task", "{v}");
         assert_eq!(v["message"], "no task has this id", "{v}");
     }
+    // Probes and scrapers may ask with HEAD.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let resp = kw.http.head(kw.admin_url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "HEAD {path}");
+    }
+    // A mint body over the limit is 413, not a malformed request.
+    let big =
+        json!({"agent": "bot", "intent": ["plain.issues.read"], "task": "x".repeat(70 * 1024)});
+    let (status, v) = kw.admin(Method::POST, "/v1/tasks", Some(big)).await;
+    assert_eq!(
+        (status, &v["error"]),
+        (413, &json!("body_too_large")),
+        "{v}"
+    );
     let (status, v) = kw.admin(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!((status, &v["error"]), (404, &json!("not_found")), "{v}");
 }

@@ -79,9 +79,10 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     match (method.as_str(), path.as_str()) {
-        ("GET", "/healthz") => text(StatusCode::OK, "ok\n"),
-        ("GET", "/readyz") => routes::readyz(state),
-        ("GET", "/metrics") => routes::metrics(state),
+        ("GET" | "HEAD", "/healthz") => text(StatusCode::OK, "ok\n"),
+        ("GET" | "HEAD", "/readyz") => routes::readyz(state),
+        ("GET" | "HEAD", "/metrics") => routes::metrics(state),
+        (_, "/healthz" | "/readyz" | "/metrics") => routes::method_not_allowed("GET or HEAD"),
         (_, p) if p == "/v1" || p.starts_with("/v1/") => {
             if !authorized(state, &req) {
                 let mut resp = json(

@@ -78,7 +78,7 @@ fn not_found() -> AdminResponse {
     )
 }
 
-fn method_not_allowed(allowed: &'static str) -> AdminResponse {
+pub fn method_not_allowed(allowed: &'static str) -> AdminResponse {
     let mut resp = json(
         StatusCode::METHOD_NOT_ALLOWED,
         &json!({"error": "method_not_allowed", "message": format!("this endpoint takes {allowed}")}),
@@ -145,12 +145,13 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let read = Limited::new(req.into_body(), MAX_BODY).collect();
     let body = match tokio::time::timeout(state.settings.header_read_timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
-        _ => {
-            return bad_request(
-                "bad_body",
-                "the body could not be read in time or is over 64 KiB",
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return json(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &json!({"error": "body_too_large", "message": "the body is over 64 KiB"}),
             )
         }
+        _ => return bad_request("bad_body", "the body could not be read in time"),
     };
     let parsed: MintRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
