@@ -4,6 +4,7 @@
 //! either a small body keyward wrote (a denial) or the upstream's body streamed frame by frame,
 //! which finishes the request's audit record when it ends or when the agent goes away.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -109,8 +110,17 @@ pub enum ProxyBody {
         ended: bool,
         /// Trailers wait until the held-back bytes are out.
         trailers: Option<http::HeaderMap>,
+        /// The frame's own safe bytes, sent right after the held bytes the frame released.
+        queued: Option<Bytes>,
+        /// Runs while the upstream is quiet and the redactor holds bytes: they go out when
+        /// it fires (`HELD_FOR_AT_MOST`).
+        pause: Option<Pin<Box<tokio::time::Sleep>>>,
     },
 }
+
+/// How long bytes the redactor holds back may wait for the next frame: a stream's last event
+/// before a pause goes out this much later, whatever it holds.
+const HELD_FOR_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -133,6 +143,8 @@ impl ProxyBody {
             redactor,
             ended: false,
             trailers: None,
+            queued: None,
+            pause: None,
         }
     }
 }
@@ -157,7 +169,13 @@ impl Body for ProxyBody {
                 redactor,
                 ended,
                 trailers,
+                queued,
+                pause,
             } => loop {
+                if let Some(q) = queued.take().filter(|q| !q.is_empty()) {
+                    *bytes += q.len() as u64;
+                    return Poll::Ready(Some(Ok(Frame::data(q))));
+                }
                 if *ended {
                     let tail = redactor.as_mut().map(|r| r.finish()).unwrap_or_default();
                     if !tail.is_empty() {
@@ -174,7 +192,20 @@ impl Body for ProxyBody {
                     return Poll::Ready(None);
                 }
                 match Pin::new(&mut *inner).poll_frame(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        let Some(r) = redactor.as_mut().filter(|r| r.holds()) else {
+                            return Poll::Pending;
+                        };
+                        let timer = pause
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(HELD_FOR_AT_MOST)));
+                        if timer.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        *pause = None;
+                        let held = r.finish();
+                        *bytes += held.len() as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(held))));
+                    }
                     Poll::Ready(None) => *ended = true,
                     Poll::Ready(Some(Err(e))) => {
                         if let Some(r) = recorder.take() {
@@ -197,15 +228,21 @@ impl Body for ProxyBody {
                             }
                             return Poll::Ready(Some(Err(end.as_str().into())));
                         }
+                        *pause = None;
                         let frame = match (frame.into_data(), redactor.as_mut()) {
                             (Ok(data), Some(r)) => {
-                                let safe = r.push(data);
-                                if safe.is_empty() {
+                                let [held, own] = r.push(data);
+                                let (first, then) = match held.is_empty() {
+                                    true => (own, None),
+                                    false => (held, Some(own)),
+                                };
+                                *queued = then;
+                                if first.is_empty() {
                                     // Everything is held back for now; an empty data frame
                                     // could end a chunked body early, so poll again.
                                     continue;
                                 }
-                                Frame::data(safe)
+                                Frame::data(first)
                             }
                             (Ok(data), None) => Frame::data(data),
                             (Err(frame), r) => match (frame.into_trailers(), r) {

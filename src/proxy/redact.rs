@@ -109,19 +109,29 @@ impl Redactor {
         self.found - before
     }
 
-    /// Feeds a body frame; returns the bytes that are safe to send now.
-    pub fn push(&mut self, chunk: Bytes) -> Bytes {
-        if self.longest == 0 {
-            return chunk;
+    /// Feeds a body frame; returns the bytes that are safe to send now, in order: those held
+    /// back from before, then the frame's own.
+    ///
+    /// SECURITY: what is held back depends only on lengths — always the stream's last
+    /// `longest - 1` bytes — never on whether they could begin a credential. Holding back
+    /// only a tail that may begin one told the agent, by the delay, which of its guesses
+    /// (echoed by a streaming upstream) were prefixes of the credential: a whole key was
+    /// recovered that way a character at a time. The caller releases the held bytes after a
+    /// pause (`finish`), so a stream's last event is not kept until its next one.
+    pub fn push(&mut self, chunk: Bytes) -> [Bytes; 2] {
+        let hold = self.longest.saturating_sub(1);
+        if hold == 0 {
+            return [Bytes::new(), chunk];
         }
-        // The common case — nothing held back, no needle in the frame — passes the frame on
-        // without copying it (a large download is not copied three times over).
-        if self.carry.is_empty() && !self.contains_any(&chunk) {
-            let keep = self.partial_tail(&chunk);
+        // The common case — no needle in the frame nor across its start — hands the frame on
+        // without copying it (a large download is not copied three times over): the held
+        // bytes go first, the frame's last `hold` bytes are held.
+        if chunk.len() >= hold && !self.contains_any(&chunk) && !self.across_start(&chunk) {
+            let released = std::mem::take(&mut self.carry).freeze();
             let mut safe = chunk;
-            let held = safe.split_off(safe.len() - keep);
+            let held = safe.split_off(safe.len() - hold);
             self.carry.extend_from_slice(&held);
-            return safe;
+            return [released, safe];
         }
         self.carry.extend_from_slice(&chunk);
         let mut out = match self.replace_all(&self.carry) {
@@ -132,34 +142,33 @@ impl Redactor {
             }
             None => std::mem::take(&mut self.carry),
         };
-        // Hold back only a tail that could be the start of a needle split across frames, so
-        // a stream of small events (SSE) is not delayed until more bytes arrive.
-        let keep = self.partial_tail(&out);
-        self.carry = out.split_off(out.len() - keep);
-        out.freeze()
+        self.carry = out.split_off(out.len() - hold.min(out.len()));
+        [Bytes::new(), out.freeze()]
+    }
+
+    /// Whether the held bytes and the start of `chunk` hold a needle between them (the held
+    /// bytes are shorter than any needle, so one that starts there ends in `chunk`'s first
+    /// `longest - 1` bytes).
+    fn across_start(&self, chunk: &[u8]) -> bool {
+        if self.carry.is_empty() {
+            return false;
+        }
+        let mut joint = Zeroizing::new(Vec::with_capacity(2 * self.longest));
+        joint.extend_from_slice(&self.carry);
+        joint.extend_from_slice(chunk.get(..self.longest - 1).unwrap_or(chunk));
+        self.contains_any(&joint)
+    }
+
+    /// Whether bytes are held back (the caller releases them after a pause in the stream).
+    pub fn holds(&self) -> bool {
+        !self.carry.is_empty()
     }
 
     fn contains_any(&self, hay: &[u8]) -> bool {
         self.needles().any(|n| find(hay, n).is_some())
     }
 
-    /// Length of the longest tail of `out` that is a proper prefix of some needle.
-    fn partial_tail(&self, out: &[u8]) -> usize {
-        let max = self.longest.saturating_sub(1).min(out.len());
-        let region = &out[out.len() - max..];
-        self.needles()
-            .filter_map(|n| {
-                // Only a position holding the needle's first byte can start it.
-                let first = *n.first()?;
-                memchr::memchr_iter(first, region)
-                    .map(|at| region.len() - at)
-                    .find(|&k| k < n.len() && n.starts_with(&region[region.len() - k..]))
-            })
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// The bytes held back, at the end of the body.
+    /// The bytes held back: at the end of the body, or after a pause in it.
     pub fn finish(&mut self) -> Bytes {
         std::mem::take(&mut self.carry).freeze()
     }
@@ -214,6 +223,11 @@ mod tests {
     use base64::engine::general_purpose::STANDARD;
     use base64::Engine as _;
 
+    /// Everything a frame releases, in order.
+    fn push(r: &mut Redactor, frame: &[u8]) -> Vec<u8> {
+        r.push(Bytes::copy_from_slice(frame)).concat()
+    }
+
     fn redactor() -> Redactor {
         let value = CredentialValue::new(Secret::new("sk-live-0123456789".into()));
         Redactor::new(Arc::new(value), None)
@@ -224,7 +238,7 @@ mod tests {
         let mut r = redactor();
         let b64 = STANDARD.encode("sk-live-0123456789");
         let body = format!("a sk-live-0123456789 b {b64} c sk-live-0123456789");
-        let mut out = r.push(Bytes::copy_from_slice(body.as_bytes())).to_vec();
+        let mut out = push(&mut r, body.as_bytes());
         out.extend_from_slice(&r.finish());
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("sk-live"));
@@ -238,8 +252,8 @@ mod tests {
         for split in 1..18 {
             let mut r = redactor();
             let body = b"xxsk-live-0123456789yy";
-            let mut out = r.push(Bytes::copy_from_slice(&body[..split])).to_vec();
-            out.extend_from_slice(&r.push(Bytes::copy_from_slice(&body[split..])));
+            let mut out = push(&mut r, &body[..split]);
+            out.extend_from_slice(&push(&mut r, &body[split..]));
             out.extend_from_slice(&r.finish());
             assert_eq!(out, b"xx[redacted]yy", "split at {split}");
         }
@@ -268,22 +282,39 @@ mod tests {
     }
 
     #[test]
-    fn frames_that_cannot_start_a_secret_are_not_held_back() {
+    fn what_is_held_back_does_not_depend_on_the_credential() {
+        // The agent guesses; a streaming upstream echoes each guess at a frame's end. The
+        // bytes released must be the same length whether the guess begins the secret or not.
+        let released = |frame: &[u8]| {
+            let mut r = redactor();
+            let mut out = push(&mut r, b"data: event 1\n\n");
+            out.extend(push(&mut r, frame));
+            (out.len(), r.holds())
+        };
+        let longest = redactor().longest;
+        for guess in [
+            "sk-li",
+            "sk-live-0",
+            "sk-live-0123456",
+            "xx-li",
+            "sk-lx",
+            "zzzzzzzzzzzzzzz",
+        ] {
+            let frame = format!("data: {guess}");
+            let expected = "data: event 1\n\n".len() + frame.len() - (longest - 1);
+            assert_eq!(released(frame.as_bytes()), (expected, true), "{guess}");
+        }
+        // What was held goes out with the next frame (or at the end).
         let mut r = redactor();
-        assert_eq!(
-            &r.push(Bytes::copy_from_slice(b"data: event 1\n\n"))[..],
-            b"data: event 1\n\n"
-        );
-        // A tail that may begin the secret waits for the next frame, and only that tail.
-        assert_eq!(
-            &r.push(Bytes::copy_from_slice(b"data: sk-li"))[..],
-            b"data: "
-        );
-        assert_eq!(&r.push(Bytes::copy_from_slice(b"ve!"))[..], b"sk-live!");
+        let mut out = push(&mut r, b"data: event 1\n\n");
+        out.extend(push(&mut r, b"data: sk-li"));
+        out.extend(push(&mut r, b"ve!"));
+        out.extend_from_slice(&r.finish());
+        assert_eq!(out, b"data: event 1\n\ndata: sk-live!");
     }
 
     #[test]
-    fn a_tail_that_may_begin_any_needle_is_held_back_and_only_that() {
+    fn a_needle_split_anywhere_across_frames_is_replaced_whole() {
         let value = CredentialValue::new(Secret::new("sk/live+0123?456789>>".into()));
         let basic = Injection::Basic {
             username: "bot".into(),
@@ -303,21 +334,25 @@ mod tests {
                 let mut r = Redactor::for_injection(&basic, Arc::new(value));
                 let mut frame = b"data: ".to_vec();
                 frame.extend_from_slice(&needle[..k]);
-                let sent = r.push(Bytes::from(frame.clone()));
+                let sent = push(&mut r, &frame);
+                assert!(
+                    !contains(&sent, &needle[..k]),
+                    "{k} bytes of {needle:?} sent"
+                );
+                let mut out = sent;
+                out.extend(push(&mut r, &needle[k..]));
+                out.extend_from_slice(&r.finish());
                 // The Basic pair holds the value's base64: once that is whole it is replaced
                 // at once (the pair's ends around it carry no bit of the value).
                 let inner = needles
                     .iter()
                     .any(|n| n != needle && contains(&needle[..k], n));
                 if inner {
-                    assert!(contains(&sent, MARK), "{k} bytes of {needle:?}");
+                    assert!(contains(&out, MARK), "{k} bytes of {needle:?}");
+                    assert!(!needles.iter().any(|n| contains(&out, n)), "{out:?}");
                     continue;
                 }
-                assert_eq!(&sent[..], b"data: ", "{k} bytes of {needle:?}");
                 // The rest of the needle completes it: the whole is replaced.
-                let mut out = sent.to_vec();
-                out.extend_from_slice(&r.push(Bytes::copy_from_slice(&needle[k..])));
-                out.extend_from_slice(&r.finish());
                 assert_eq!(out, b"data: [redacted]", "{k} bytes of {needle:?}");
             }
         }
@@ -328,7 +363,7 @@ mod tests {
         let value = CredentialValue::new(Secret::new("sk/live\"0123456789".into()));
         let mut r = Redactor::new(Arc::new(value), None);
         let body = r#"{"php":"sk\/live\"0123456789","serde":"sk/live\"0123456789"}"#;
-        let mut out = r.push(Bytes::copy_from_slice(body.as_bytes())).to_vec();
+        let mut out = push(&mut r, body.as_bytes());
         out.extend_from_slice(&r.finish());
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -355,8 +390,8 @@ mod tests {
     #[test]
     fn clean_bodies_pass_unchanged() {
         let mut r = redactor();
-        let mut out = r.push(Bytes::copy_from_slice(b"hello ")).to_vec();
-        out.extend_from_slice(&r.push(Bytes::copy_from_slice(b"world")));
+        let mut out = push(&mut r, b"hello ");
+        out.extend_from_slice(&push(&mut r, b"world"));
         out.extend_from_slice(&r.finish());
         assert_eq!(out, b"hello world");
         assert_eq!(r.found(), 0);
