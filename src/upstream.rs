@@ -1,11 +1,13 @@
-//! Upstream connections: one pool per service, dialling through a connector that resolves,
-//! checks and dials the address itself.
+//! Upstream connections: one pool per service and host, dialling through a connector that
+//! resolves, checks and dials the address itself.
 //!
 //! SECURITY: this is where I1 and the address rules of SPEC §4.5 hold. The connector dials the
 //! exact address it checked (no second lookup to rebind), refuses loopback, private, link-local,
 //! CGNAT and metadata addresses in every spelling unless the service names that address, and
 //! verifies TLS for the request's host with no way to turn verification off. Pools are per
-//! service, so a connection that carried one service's credential never carries another's.
+//! service and host: a connection that carried one service's credential never carries
+//! another's, and a request for one host never goes out on a connection dialled, checked and
+//! verified for another (a wildcard service's, or one with several hosts).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -74,9 +76,18 @@ const MAX_POOLED: usize = 256;
 const H2_STREAM_WINDOW: u32 = 1 << 20;
 const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 
-/// One connection pool per service of a policy generation.
+/// Most hosts of one service whose connections are pooled (a wildcard service may see many);
+/// a request for a further host gets a connection of its own, not kept.
+const MAX_POOLED_HOSTS: usize = 256;
+
+/// The connection pools of a policy generation: per service, per host.
 pub struct Upstreams {
-    pools: Vec<Arc<ServicePool>>,
+    services: Vec<ServiceUpstreams>,
+}
+
+struct ServiceUpstreams {
+    connector: ConnectorInner,
+    hosts: dashmap::DashMap<String, Arc<ServicePool>>,
 }
 
 impl Upstreams {
@@ -85,7 +96,7 @@ impl Upstreams {
         connect_timeout: Duration,
         own: &Arc<OwnListeners>,
     ) -> Result<Upstreams, tls::TlsError> {
-        let mut pools = Vec::new();
+        let mut services = Vec::new();
         for service in &policy.policy().services {
             let tls = match service.scheme {
                 Scheme::Https => Some(tls::upstream::client_config(service.ca_file.as_deref())?),
@@ -97,7 +108,7 @@ impl Upstreams {
                 config.alpn_protocols = vec![b"http/1.1".to_vec()];
                 TlsConnector::from(Arc::new(config))
             });
-            pools.push(Arc::new(ServicePool {
+            services.push(ServiceUpstreams {
                 connector: ConnectorInner {
                     tls: tls.map(TlsConnector::from),
                     tls_http1,
@@ -106,16 +117,34 @@ impl Upstreams {
                     own: own.clone(),
                     timeout: connect_timeout,
                 },
-                http1: Mutex::new(Vec::new()),
-                http2: Mutex::new(None),
-                reaper: OnceLock::new(),
-            }));
+                hosts: dashmap::DashMap::new(),
+            });
         }
-        Ok(Upstreams { pools })
+        Ok(Upstreams { services })
     }
 
-    pub fn pool(&self, service: usize) -> Option<&Arc<ServicePool>> {
-        self.pools.get(service)
+    /// The pool of `service`'s connections to `host` (as the target names it, lowercase).
+    pub fn pool(&self, service: usize, host: &str) -> Option<Arc<ServicePool>> {
+        let upstreams = self.services.get(service)?;
+        if let Some(pool) = upstreams.hosts.get(host) {
+            return Some(pool.clone());
+        }
+        let pool = Arc::new(ServicePool {
+            connector: upstreams.connector.clone(),
+            http1: Mutex::new(Vec::new()),
+            http2: Mutex::new(None),
+            reaper: OnceLock::new(),
+        });
+        if upstreams.hosts.len() >= MAX_POOLED_HOSTS {
+            return Some(pool);
+        }
+        Some(
+            upstreams
+                .hosts
+                .entry(host.to_owned())
+                .or_insert(pool)
+                .clone(),
+        )
     }
 }
 
@@ -128,7 +157,7 @@ pub enum SendError {
     Protocol(hyper::Error),
 }
 
-/// A service's upstream connections. HTTP/1 connections are reused one request at a time
+/// A service's upstream connections to one host. HTTP/1 connections are reused one request at a time
 /// (a connection is taken only when it is ready for its next request, so a streaming response
 /// never holds up another request); an HTTP/2 connection (chosen by ALPN) carries every request
 /// at once. Nothing is shared between services, so a connection that carried one service's
@@ -419,6 +448,7 @@ fn named_addresses(service: &ServiceDef) -> Vec<IpAddr> {
         .collect()
 }
 
+#[derive(Clone)]
 struct ConnectorInner {
     tls: Option<TlsConnector>,
     /// The same TLS settings offering only HTTP/1.1 by ALPN.

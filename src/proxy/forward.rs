@@ -114,8 +114,10 @@ pub async fn send(
     req: Request<UpBody>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamError> {
-    let pool = upstreams
-        .pool(service)
+    let pool = req
+        .uri()
+        .host()
+        .and_then(|host| upstreams.pool(service, host))
         .ok_or(UpstreamError::Failed { kind: "connect" })?;
     match tokio::time::timeout(timeout, pool.send(req)).await {
         Err(_) => Err(UpstreamError::Timeout),

@@ -485,3 +485,54 @@ async fn connect_host_case_and_trailing_dot_name_the_same_host_and_one_leaf() {
     }
     kw.assert_no_leaks().await;
 }
+
+/// A wildcard service's hosts each get connections of their own: a request for `b.pair.test`
+/// must not ride a connection dialled and verified for `a.pair.test` (whose certificate does
+/// not name `b`). Pools were per service, so once `a` had been called, `b` got a 200 over
+/// `a`'s connection, its credential included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_never_rides_a_connection_made_for_another_host_of_its_service() {
+    let f = Fixture::start_with(|p| {
+        let tls: u16 = p
+            .split("secure.test]\n    port: ")
+            .nth(1)
+            .and_then(|rest| rest.split('\n').next())
+            .and_then(|n| n.parse().ok())
+            .expect("the standard policy names the TLS port");
+        let services = format!(
+            r#"  pair:
+    hosts: ["*.pair.test"]
+    port: {tls}
+    connect_to: 127.0.0.1:{tls}
+    tls: {{ ca_file: upstream-ca.pem }}
+    inject: {{ header: x-api-key, value: "${{credential}}", credential: tls_token }}
+"#
+        );
+        let capabilities =
+            "  pair.echo:\n    service: pair\n    risk: low\n    routes: [GET /echo]\n";
+        let agents =
+            "  pairbot:\n    owner: tests\n    capabilities: [pair.echo]\n    max_ttl: 1h\n";
+        extend_policy(&p, &services, capabilities, agents)
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("pairbot", json!(["pair.echo"])).await;
+    let agent = kw.agent(&task);
+    let url = |host: &str| format!("https://{host}:{}/echo", f.tls.port());
+
+    let b_alone = kw.send(agent.get(url("b.pair.test"))).await;
+    assert_eq!(b_alone.status, 502, "{}", b_alone.body);
+    let a = kw.send(agent.get(url("a.pair.test"))).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    // `a`'s connection is pooled now; `b` still gets its own, which fails verification.
+    for _ in 0..3 {
+        let b = kw.send(agent.get(url("b.pair.test"))).await;
+        assert_eq!(b.status, 502, "{}", b.body);
+    }
+    assert_eq!(
+        f.tls.hits(),
+        1,
+        "only the request for a.pair.test reached the upstream"
+    );
+    kw.assert_no_leaks().await;
+}

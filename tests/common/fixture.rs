@@ -240,7 +240,12 @@ impl Fixture {
     pub async fn start_with(edit: impl FnOnce(String) -> String) -> Fixture {
         let upstream_ca = TestCa::new();
         let plain = Upstream::plain().await;
-        let tls = Upstream::tls(&upstream_ca, &["secure.test", "other.test", "noca.test"]).await;
+        // `a.pair.test` (not `b.pair.test`) is for the per-host pool test.
+        let tls = Upstream::tls(
+            &upstream_ca,
+            &["secure.test", "other.test", "noca.test", "a.pair.test"],
+        )
+        .await;
         let tcp = TcpEcho::start().await;
         let creds = Creds::new();
         let mut setup = Setup::new();
