@@ -31,6 +31,11 @@ const RENEW_MARGIN: time::Duration = time::Duration::hours(1);
 const EVICTION_SAMPLE: usize = 8;
 /// Longest host echoed back in an `InvalidHost` error (the host comes from the client).
 const MAX_HOST_IN_ERROR: usize = 256;
+/// TLS sessions remembered for resumption, for all hosts together. rustls refuses to resume a
+/// session under another SNI, so one store is as safe as one per host; and one per host (its
+/// default, 256 sessions each) made every cached leaf cost ~37 KB, which let an agent calling
+/// many names under a wildcard service grow keyward by hundreds of MiB.
+const SESSIONS: usize = 4096;
 
 /// Per-host rustls `ServerConfig`s (leaf for exactly that DNS name or IP, ALPN `h2` and
 /// `http/1.1`), cached, with single-flight issuance.
@@ -42,6 +47,8 @@ pub struct LeafCache {
     /// The same key, parsed once for rustls.
     signing_key: Arc<dyn SigningKey>,
     slots: DashMap<Box<str>, Arc<Slot>>,
+    /// Shared by every leaf's config (see `SESSIONS`).
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
     capacity: usize,
     validity: time::Duration,
     issued: AtomicU64,
@@ -101,6 +108,7 @@ impl LeafCache {
             leaf_key,
             signing_key,
             slots: DashMap::new(),
+            sessions: rustls::server::ServerSessionMemoryCache::new(SESSIONS),
             capacity: capacity.max(1),
             validity,
             issued: AtomicU64::new(0),
@@ -189,6 +197,7 @@ impl LeafCache {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
         config.alpn_protocols = super::alpn_protocols();
+        config.session_storage = Arc::clone(&self.sessions);
         self.issued.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(host = %name.key, "issued leaf certificate");
         Ok(Leaf {
@@ -247,6 +256,16 @@ mod tests {
             .find(|(id, _, _)| id == oid)
             .map(|(_, _, value)| value.as_slice())
             .expect("extension present")
+    }
+
+    #[tokio::test]
+    async fn every_leaf_shares_one_bounded_session_store() {
+        let (_dir, ca, _) = temp_ca();
+        let cache = LeafCache::new(ca, 16).expect("cache");
+        let a = cache.server_config("a.example.test").await.expect("leaf");
+        let b = cache.server_config("b.example.test").await.expect("leaf");
+        assert!(Arc::ptr_eq(&a.session_storage, &b.session_storage));
+        assert!(Arc::ptr_eq(&a.session_storage, &cache.sessions));
     }
 
     #[tokio::test]
