@@ -560,3 +560,63 @@ async fn stalled_readers_do_not_stall_a_services_http2_connection() {
     );
     drop(stalled);
 }
+
+/// A blind tunnel holds one of its task's places in flight while it is open (one task cannot
+/// hold every connection with idle tunnels), and one with nothing crossing for the idle
+/// timeout is closed and recorded as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_tunnels_count_against_the_task_and_close_when_idle() {
+    let Fixture { mut kw, tcp, .. } = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  max_task_in_flight: 2\n  idle_timeout: 1s\nadmin:",
+        )
+    })
+    .await;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let target = format!("127.0.0.1:{}", tcp.addr.port());
+    let auth = Harness::proxy_auth(&task);
+
+    let mut first = echo_tunnel(&kw, tcp.addr.port(), &task).await;
+    let _second = echo_tunnel(&kw, tcp.addr.port(), &task).await;
+    let (_, third) = connect_raw(kw.proxy_addr, &target, Some(&auth)).await;
+    assert_eq!(third.status, 429, "{}", third.text());
+    assert_eq!(
+        third.header("x-keyward-reason").as_deref(),
+        Some("budget_exhausted")
+    );
+    // Another task is not held up by this one's tunnels.
+    let _others = echo_tunnel(&kw, tcp.addr.port(), &other).await;
+
+    // Kept busy, a tunnel stays open past the idle timeout...
+    for _ in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        first.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        bounded("busy tunnel echo", first.read_exact(&mut echo))
+            .await
+            .unwrap();
+    }
+    // ...and quiet, it is closed within two of it, which gives its place back.
+    let started = std::time::Instant::now();
+    expect_closed(&mut first, "the idle tunnel").await;
+    assert!(started.elapsed() < std::time::Duration::from_millis(2500));
+    let _again = bounded("a place once the idle tunnels closed", async {
+        loop {
+            let (tunnel, head) = connect_raw(kw.proxy_addr, &target, Some(&auth)).await;
+            if head.status == 200 {
+                break tunnel;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    kw.stop().await;
+    // The first tunnel's record: seven pings up, closed as idle (so was the second).
+    let rec = kw
+        .audit_where("the idle tunnel", |r| r["bytes_up"] == 4 * 7)
+        .await;
+    assert_eq!(rec["reason"], "passthrough");
+    assert_eq!(rec["outcome"], "idle");
+}

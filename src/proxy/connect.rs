@@ -241,6 +241,13 @@ async fn passthrough(
     tunnel: TunnelHost,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    // I7: a blind tunnel holds one of its task's places in flight for as long as it is open,
+    // as a WebSocket relay does; else one task could hold every connection with idle tunnels.
+    let Some(place) = task.enter(state.settings.max_task_in_flight) else {
+        let denial = Denial::bare(Reason::BudgetExhausted);
+        return refuse(&state, generation, draft, denial, Some(respond::IN_FLIGHT)).await;
+    };
+    draft.in_flight = Some(place);
     draft.arm(&state, Reason::Passthrough);
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
@@ -290,7 +297,8 @@ async fn passthrough(
             Ok(upgraded) => {
                 let shutdown = state.shutdown_signal();
                 let agent = TokioIo::new(upgraded);
-                let spliced = upgrade::splice(agent, tcp, &task, shutdown).await;
+                let idle = Some(state.settings.idle_timeout);
+                let spliced = upgrade::splice(agent, tcp, &task, shutdown, idle).await;
                 draft.rec.bytes_up = spliced.from_a;
                 draft.rec.bytes_down = spliced.from_b;
                 draft.rec.outcome = Some(spliced.ended.as_str());

@@ -63,7 +63,14 @@ pub async fn relay(
         (Ok(a), Ok(u)) => (a, u),
         _ => return recorder.complete(0, "upgrade_failed", 0),
     };
-    let spliced = splice(TokioIo::new(agent), TokioIo::new(upstream), task, shutdown).await;
+    let spliced = splice(
+        TokioIo::new(agent),
+        TokioIo::new(upstream),
+        task,
+        shutdown,
+        None,
+    )
+    .await;
     let outcome = match spliced.ended {
         Ended::Closed => "completed",
         other => other.as_str(),
@@ -78,6 +85,8 @@ pub enum Ended {
     Reset,
     /// keyward began to shut down: both sides were closed so the record can still be written.
     Shutdown,
+    /// Nothing crossed either way for the idle timeout (blind tunnels).
+    Idle,
     /// The task was revoked or expired: nothing more may cross on its behalf.
     Task(TaskEnd),
 }
@@ -89,6 +98,7 @@ impl Ended {
             Ended::Closed => "closed",
             Ended::Reset => "reset",
             Ended::Shutdown => "shutdown",
+            Ended::Idle => "idle",
             Ended::Task(end) => end.as_str(),
         }
     }
@@ -107,7 +117,15 @@ pub struct Spliced {
 ///
 /// The copy runs as its own task: I/O wakes only it, not the futures that wait for the task's
 /// end or shutdown (a `select!` over all three would poll them at every wake-up).
-pub async fn splice<A, B>(a: A, b: B, task: &Task, mut shutdown: watch::Receiver<bool>) -> Spliced
+/// `idle`: close once no byte crossed either way for that long (checked every `idle`, so
+/// between one and two of it).
+pub async fn splice<A, B>(
+    a: A,
+    b: B,
+    task: &Task,
+    mut shutdown: watch::Receiver<bool>,
+    idle: Option<std::time::Duration>,
+) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -124,6 +142,23 @@ where
     };
     let mut copy =
         tokio::spawn(async move { tokio::io::copy_bidirectional(&mut a, &mut b).await.is_ok() });
+    let quiet = async {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        let mut seen = (0, 0);
+        loop {
+            tokio::time::sleep(idle).await;
+            let now = (
+                from_a.load(Ordering::Relaxed),
+                from_b.load(Ordering::Relaxed),
+            );
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
     let ended = tokio::select! {
         copied = &mut copy => match copied {
             Ok(true) => Ended::Closed,
@@ -131,6 +166,7 @@ where
         },
         end = task.ended() => Ended::Task(end),
         _ = shutdown.wait_for(|&stopping| stopping) => Ended::Shutdown,
+        () = quiet => Ended::Idle,
     };
     // Dropping the copy closes both sides.
     copy.abort();
