@@ -333,7 +333,8 @@ pub fn metrics(state: &Arc<State>) -> AdminResponse {
 pub fn readyz(state: &Arc<State>) -> AdminResponse {
     let generation = state.current();
     let unreadable: Vec<&str> = generation.credentials.unreadable();
-    let audit = state.audit.healthy();
+    // Not ready while the audit queue is backed up: requests would be refused (503).
+    let audit = state.audit.accepting();
     let listening = state.listeners.proxy().is_some();
     let stopping = state.is_shutting_down();
     let ready = unreadable.is_empty() && audit && listening && !stopping;

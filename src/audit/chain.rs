@@ -30,6 +30,11 @@ pub(super) struct Encoded {
 }
 
 impl Encoded {
+    /// Bytes the serialized record holds.
+    pub(super) fn len(&self) -> usize {
+        self.json.len()
+    }
+
     pub(super) fn new(rec: &AuditRecord) -> Encoded {
         // Big enough for a typical record; `into_boxed_slice` trims it, so queued records
         // hold only their own bytes.

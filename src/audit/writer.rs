@@ -40,6 +40,13 @@ const GATHER_BELOW: u64 = 256;
 /// goes on (a stuck sink must not hang requests; it fails the health check instead).
 const WRITE_WAIT: Duration = Duration::from_secs(5);
 
+/// Below this many free places in the queue, or above `MAX_QUEUED_BYTES` queued, keyward takes
+/// no new request (`accepting`): a sink that stalls (a pipe nobody reads, a full disk that
+/// blocks) fills the queue, and requests forwarded then would have records that only wait in
+/// memory. What is already in flight still has room for its records.
+const RESERVE: usize = 1024;
+const MAX_QUEUED_BYTES: usize = 32 * 1024 * 1024;
+
 enum Msg {
     /// A record, and who waits to hear it was written.
     Record(Encoded, Option<oneshot::Sender<()>>),
@@ -55,6 +62,8 @@ struct Shared {
     lost: AtomicU64,
     /// `write_detached` sends still waiting for queue space; `close` waits for them.
     detached_pending: AtomicUsize,
+    /// Bytes of records queued and not yet taken by the writer.
+    queued_bytes: AtomicUsize,
     detached_done: Notify,
     /// The writer thread, unparked when someone waits for a write (it may be pausing to gather).
     writer: OnceLock<std::thread::Thread>,
@@ -67,6 +76,7 @@ impl Shared {
             written: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             detached_pending: AtomicUsize::new(0),
+            queued_bytes: AtomicUsize::new(0),
             detached_done: Notify::new(),
             writer: OnceLock::new(),
         }
@@ -96,14 +106,6 @@ impl std::fmt::Debug for AuditLog {
             .field("records_written", &self.records_written())
             .finish_non_exhaustive()
     }
-}
-
-/// Serializes and mostly hashes a record on the caller's thread (see `chain::Encoded`).
-fn encode(mut rec: AuditRecord) -> Encoded {
-    if rec.ts.is_empty() {
-        rec.ts = AuditRecord::now_ts();
-    }
-    Encoded::new(&rec)
 }
 
 impl AuditLog {
@@ -160,16 +162,15 @@ impl AuditLog {
     /// before the denial is sent (SPEC §7). The record is serialized and mostly hashed here, on
     /// the caller's thread (see `chain::Encoded`).
     pub async fn write(&self, rec: AuditRecord) {
-        let encoded = encode(rec);
+        let encoded = self.encode(rec);
         let (written_tx, written) = oneshot::channel();
-        if self
-            .tx
-            .send(Msg::Record(encoded, Some(written_tx)))
-            .await
-            .is_err()
-        {
-            self.shared.record_lost("audit log closed");
-            return;
+        // A queue that stays full (a stalled sink) must not hang the answer: past the wait
+        // the record is lost, which fails the log closed.
+        let queued = self.tx.send(Msg::Record(encoded, Some(written_tx)));
+        match tokio::time::timeout(WRITE_WAIT, queued).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return self.shared.record_lost("audit log closed"),
+            Err(_) => return self.shared.record_lost("audit queue full"),
         }
         if let Some(writer) = self.shared.writer.get() {
             writer.unpark(); // cut a gathering pause short
@@ -181,7 +182,7 @@ impl AuditLog {
     /// For paths that cannot await (a `Drop`): queue now if there is room, else hand the record
     /// to a task that waits for room. Outside a tokio runtime it blocks the calling thread.
     pub fn write_detached(&self, rec: AuditRecord) {
-        let encoded = encode(rec);
+        let encoded = self.encode(rec);
         let msg = Msg::Record(encoded, None);
         let msg = match self.tx.try_send(msg) {
             Ok(()) => return,
@@ -228,6 +229,27 @@ impl AuditLog {
     /// true again (the chain on disk may be torn), so a restart is required.
     pub fn healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::SeqCst)
+    }
+
+    /// Whether a new request may be taken: the log is healthy and its queue is not backed up
+    /// (see `RESERVE`). Turns true again once the writer catches up.
+    pub fn accepting(&self) -> bool {
+        self.healthy()
+            && self.tx.capacity() >= RESERVE.min(self.tx.max_capacity() / 2)
+            && self.shared.queued_bytes.load(Ordering::Relaxed) < MAX_QUEUED_BYTES
+    }
+
+    /// Serializes and mostly hashes a record on the caller's thread (see `chain::Encoded`),
+    /// counting its bytes as queued.
+    fn encode(&self, mut rec: AuditRecord) -> Encoded {
+        if rec.ts.is_empty() {
+            rec.ts = AuditRecord::now_ts();
+        }
+        let encoded = Encoded::new(&rec);
+        self.shared
+            .queued_bytes
+            .fetch_add(encoded.len(), Ordering::Relaxed);
+        encoded
     }
 
     /// Records that reached the sink (written to the OS) so far.
@@ -467,6 +489,9 @@ impl Writer {
     /// Appends one line to `buf` and advances the chain; false (nothing appended) if the log
     /// already failed.
     fn append(&mut self, rec: Encoded, buf: &mut Vec<u8>) -> bool {
+        self.shared
+            .queued_bytes
+            .fetch_sub(rec.len(), Ordering::Relaxed);
         if !self.shared.healthy.load(Ordering::Relaxed) {
             self.shared.record_lost("audit log failed earlier");
             return false;
@@ -553,6 +578,55 @@ mod tests {
                     .unwrap()
             })
             .collect()
+    }
+
+    /// A sink that stops taking bytes (a pipe nobody reads) backs the queue up: keyward then
+    /// takes no new request until the writer catches up, and no record is lost.
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_sink_stops_new_requests_until_it_drains() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.fifo");
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success());
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let reader_path = path.clone();
+        let reader = std::thread::spawn(move || {
+            let mut pipe = File::open(&reader_path).unwrap();
+            wait.recv().unwrap();
+            let mut all = Vec::new();
+            pipe.read_to_end(&mut all).unwrap();
+            all
+        });
+        let metrics = Metrics::new().unwrap();
+        let log = AuditLog::open(&AuditTarget::File(path), 4096, &metrics)
+            .await
+            .unwrap();
+        assert!(log.accepting());
+
+        // 2 KiB records: the pipe (64 KiB) fills, the writer blocks, the queue fills.
+        let mut rec = record(0);
+        rec.path = format!("/{}", "p".repeat(2000));
+        for _ in 0..4096 {
+            log.write_detached(rec.clone());
+        }
+        assert!(!log.accepting(), "a backed-up queue takes no new request");
+        assert!(log.healthy(), "nothing was lost");
+
+        go.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !log.accepting() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue never drained"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log.close().await;
+        let written = reader.join().unwrap();
+        assert_eq!(written.iter().filter(|&&b| b == b'\n').count(), 4096);
+        assert!(log.healthy());
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ pub async fn handle(
     let mut draft = RecordDraft::new(&state, client, generation.policy.version());
     draft.rec.method = "CONNECT".to_string();
     draft.rec.scheme = Scheme::Https.as_str();
-    if !state.audit.healthy() {
+    if !state.audit.accepting() {
         return respond::failure(
             Failure::Unavailable,
             draft.request_id(),

@@ -110,7 +110,7 @@ async fn handle_request(
     if ctx.tunnel.is_some() {
         draft.rec.scheme = crate::policy::Scheme::Https.as_str();
     }
-    if !state.audit.healthy() {
+    if !state.audit.accepting() {
         // SECURITY: no record, no request (fail closed).
         return respond::failure(
             Failure::Unavailable,
