@@ -199,7 +199,7 @@ async fn credential_reflected_in_trailers_is_redacted_for_an_http2_agent() {
     assert_eq!(trailers.get("x-plain").unwrap(), "fine");
     assert_eq!(script.hits(), 1);
     assert_eq!(
-        kw.metric("keyward_secrets_redacted_total{service=\"secure\"}")
+        kw.metric_settled("keyward_secrets_redacted_total{service=\"secure\"}", 1.0)
             .await,
         Some(1.0)
     );

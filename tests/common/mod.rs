@@ -387,6 +387,19 @@ impl Harness {
         metric_value(&self.metrics().await, series)
     }
 
+    /// The value of one metric series once it reads `expected` (or, after 2 s, whatever it
+    /// reads): what a response's end counts is counted after the agent saw that end.
+    pub async fn metric_settled(&self, series: &str, expected: f64) -> Option<f64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let value = self.metric(series).await;
+            if value == Some(expected) || std::time::Instant::now() > deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     // --- audit --------------------------------------------------------------------------------
 
     pub fn audit_text(&self) -> String {
