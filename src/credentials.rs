@@ -76,6 +76,15 @@ impl CredentialValue {
         percent_encode_into(raw, &mut percent);
         // Some encoders write lowercase hex digits (`%2f`).
         let percent_lower = Zeroizing::new(percent.to_ascii_lowercase());
+        // Common encoders leave more than RFC 3986's unreserved characters raw.
+        let unreserved =
+            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+        let python_quote = percent_encoded(raw, |b| unreserved(b) || b == b'/');
+        let js_component = percent_encoded(raw, |b| unreserved(b) || b"!'()*".contains(&b));
+        let js_uri = percent_encoded(raw, |b| unreserved(b) || b"!'()*;,/?:@&=+$#".contains(&b));
+        let js_escape = percent_encoded(raw, |b| {
+            b.is_ascii_alphanumeric() || b"@*_+-./".contains(&b)
+        });
         let json = |escape| json_escaped(secret.expose(), escape);
         // The raw value always; an encoded form when it differs and is long enough not to match
         // by chance.
@@ -89,6 +98,10 @@ impl CredentialValue {
             base64(&URL_SAFE_NO_PAD, 2),
             percent,
             percent_lower,
+            python_quote,
+            js_component,
+            js_uri,
+            js_escape,
             json(JsonEscape::Minimal),
             json(JsonEscape::Slash),
             json(JsonEscape::Ascii),
@@ -731,6 +744,21 @@ fn percent_encode_into(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// `bytes` percent-encoded (uppercase hex, UTF-8 bytes one by one) but for those `keep`
+/// leaves raw: how a given encoder writes a value.
+fn percent_encoded(bytes: &[u8], keep: impl Fn(u8) -> bool) -> zeroize::Zeroizing<Vec<u8>> {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(bytes.len() * 3));
+    for &b in bytes {
+        if keep(b) {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+    }
+    out
+}
+
 /// A query parameter name as a server decodes it: `%XX` decoded, `+` a space.
 pub fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !name.iter().any(|&b| b == b'%' || b == b'+') {
@@ -911,6 +939,8 @@ mod tests {
             "k/y\"é+1",           // raw
             "k%2Fy%22%C3%A9%2B1", // percent, RFC 3986
             "k%2fy%22%c3%a9%2b1", // percent, lowercase hex
+            "k/y%22%C3%A9%2B1",   // Python's urllib.parse.quote (keeps `/`)
+            "k/y%22%C3%A9+1",     // JavaScript's encodeURI() (keeps `/` and `+`)
             "k/y\\\"é+1",         // JSON (serde_json, Go)
             "k\\/y\\\"é+1",       // JSON with \/ (PHP)
             "k/y\\\"\\u00e9+1",   // JSON, ASCII only (Python)

@@ -325,8 +325,9 @@ mod tests {
             .map(<[u8]>::to_vec)
             .collect();
         // Raw, base64 (standard, URL-safe, at three alignments), percent (upper-, lowercase
-        // hex), JSON with `\/`, the Basic pair.
-        assert_eq!(needles.len(), 11);
+        // hex; as Python's quote, JavaScript's encodeURI and escape write it), JSON with `\/`,
+        // the Basic pair.
+        assert_eq!(needles.len(), 14);
         let contains = |hay: &[u8], n: &[u8]| hay.windows(n.len()).any(|w| w == n);
         for needle in &needles {
             for k in 1..needle.len() {
