@@ -620,3 +620,39 @@ async fn blind_tunnels_count_against_the_task_and_close_when_idle() {
     assert_eq!(rec["reason"], "passthrough");
     assert_eq!(rec["outcome"], "idle");
 }
+
+/// Inside an intercepted tunnel, a client that finishes the TLS handshake and then sends
+/// nothing is closed after `header_read_timeout`, as on the plain listener (it was held until
+/// the idle timeout), over HTTP/1.1 and HTTP/2 alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_silent_after_its_handshake_is_closed_at_the_head_timeout() {
+    let f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  header_read_timeout: 1s\nadmin:",
+        )
+    })
+    .await;
+    let task = f.kw.mint("bot", json!(["secure.read"])).await;
+    for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+        let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[alpn]).await;
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        bounded("the silent tunnel to close", async {
+            while tls.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "{}: closed after {took:?}",
+            String::from_utf8_lossy(alpn)
+        );
+    }
+    // A client that asks in time is served as before.
+    let agent = f.kw.agent(&task);
+    let resp =
+        f.kw.send(agent.get(f.tls_url("secure.test", "/echo")))
+            .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+}

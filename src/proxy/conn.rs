@@ -147,6 +147,10 @@ where
         _ = close.notified() => {}
         _ = activity.idle_for(settings.idle_timeout) => {}
         _ = shutdown.changed() => {}
+        // SECURITY (I7): the protocol sniffing in front of HTTP/1 and HTTP/2 waits for the
+        // first bytes without hyper's head timer, so a client silent after the handshake held
+        // the tunnel until the idle timeout. Nothing is in flight: close it at once.
+        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(DRAIN, conn).await;
@@ -157,6 +161,8 @@ where
 struct Activity {
     start: Instant,
     in_flight: AtomicUsize,
+    /// Whether any request has begun.
+    begun: std::sync::atomic::AtomicBool,
     /// Milliseconds after `start` when the last request in flight finished.
     idle_since_ms: AtomicU64,
 }
@@ -166,13 +172,24 @@ impl Activity {
         Activity {
             start: Instant::now(),
             in_flight: AtomicUsize::new(0),
+            begun: std::sync::atomic::AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
         }
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.begun.store(true, Ordering::Release);
         InFlight(self.clone())
+    }
+
+    /// Completes when `limit` has passed since the connection started without a request
+    /// having begun; never otherwise.
+    async fn no_first_request_within(&self, limit: Duration) {
+        tokio::time::sleep(limit.saturating_sub(self.start.elapsed())).await;
+        if self.begun.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// Completes once the connection has had no request in flight for `limit`. A request
