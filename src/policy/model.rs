@@ -66,7 +66,7 @@ impl Default for ProxySettings {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_connections: 4096,
-            max_task_in_flight: 256,
+            max_task_in_flight: 64,
             max_header_bytes: 65536,
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(300),
