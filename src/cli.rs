@@ -62,6 +62,21 @@ pub enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Check audit logs.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Verify each file's hash chain (every line a record, seq 1, 2, 3, …, every hash linking
+    /// to the one before); print its record count and last hash, or the first broken line.
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -142,6 +157,9 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             url,
         } => explain(&config, agent, intent, &constraints, &method, &url),
         Command::Task { command } => task(command).await,
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => audit_verify(&files),
         Command::Ca {
             command: CaCommand::Init { dir },
         } => {
@@ -156,6 +174,37 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
+    }
+}
+
+/// `keyward audit verify`: exit 0 when every file verifies, else 1 (every file is checked).
+fn audit_verify(files: &[PathBuf]) -> Result<(), Failure> {
+    let mut broken = 0;
+    for path in files {
+        let verified = std::fs::File::open(path)
+            .map_err(|e| format!("{}: cannot be read: {e}", path.display()))
+            .and_then(|f| {
+                crate::audit::verify_chain_to_tail(std::io::BufReader::new(f))
+                    .map_err(|e| format!("{}:{}: {}", path.display(), e.line, e.problem))
+            });
+        match verified {
+            Ok((records, last)) => println!(
+                "{}: ok, {records} records, last hash {}",
+                path.display(),
+                last.as_deref().unwrap_or("-")
+            ),
+            Err(message) => {
+                broken += 1;
+                println!("{message}");
+            }
+        }
+    }
+    match broken {
+        0 => Ok(()),
+        n => Err(Failure::user(format!(
+            "{n} of {} audit files do not verify",
+            files.len()
+        ))),
     }
 }
 

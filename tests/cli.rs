@@ -642,3 +642,66 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
         assert_absent(s, "keyward serve stderr", &log);
     }
 }
+
+/// `keyward audit verify` checks the files keyward wrote: a whole chain is ok (with its last
+/// hash, to keep elsewhere); an edited or removed record is named by its line; exit 1.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_passes_a_whole_log_and_names_the_first_broken_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let mut log = String::new();
+    for _ in 0..2 {
+        let served = serve(file.to_str().unwrap()).await;
+        let (status, stderr) = served.refuse_one_then_terminate().await;
+        assert_eq!(status.code(), Some(0));
+        log = stderr;
+    }
+    let audit = dir.path().join("audit.jsonl");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    let last_hash = text
+        .lines()
+        .last()
+        .and_then(|l| l.split("\"hash\":\"").nth(1))
+        .map(|h| h.trim_end_matches("\"}").to_string())
+        .unwrap();
+
+    // keyward logged where the chain ended when it closed the file.
+    assert!(
+        log.lines().any(|l| l.contains("audit chain end")
+            && l.contains(&last_hash)
+            && l.contains("seq=2")),
+        "{log}"
+    );
+    let out = keyward(&["audit", "verify", audit.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(": ok, 2 records, last hash "), "{stdout}");
+    assert!(stdout.contains(&last_hash), "{stdout}");
+
+    // An edited first record; a log missing its first record.
+    let edited = dir.path().join("edited.jsonl");
+    std::fs::write(&edited, text.replacen("missing_credentials", "allowed", 1)).unwrap();
+    let cut = dir.path().join("cut.jsonl");
+    std::fs::write(&cut, text.lines().nth(1).unwrap().to_string() + "\n").unwrap();
+    let out = keyward(&[
+        "audit",
+        "verify",
+        audit.to_str().unwrap(),
+        edited.to_str().unwrap(),
+        cut.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("{}:1: hash does not match", edited.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{}:1: hash does not match", cut.display())),
+        "{stdout}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 3 audit files do not verify"));
+}

@@ -185,6 +185,12 @@ pub struct ChainError {
 /// Checks a whole audit file: every line a record, `seq` 1, 2, 3, … and every hash linking to
 /// the one before. Returns the number of records.
 pub fn verify_chain<R: BufRead>(reader: R) -> Result<u64, ChainError> {
+    verify_chain_to_tail(reader).map(|(count, _)| count)
+}
+
+/// The same, also returning the last record's hash (lowercase hex): kept outside the file, it
+/// shows later whether records were cut off the end, which the chain alone cannot.
+pub fn verify_chain_to_tail<R: BufRead>(reader: R) -> Result<(u64, Option<String>), ChainError> {
     let mut prev: Option<[u8; 64]> = None;
     let mut count = 0u64;
     for (i, line) in reader.split(b'\n').enumerate() {
@@ -214,7 +220,8 @@ pub fn verify_chain<R: BufRead>(reader: R) -> Result<u64, ChainError> {
         count += 1;
         prev = chain.prev;
     }
-    Ok(count)
+    let last = prev.map(|h| String::from_utf8_lossy(&h).into_owned());
+    Ok((count, last))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 mod chain;
 mod writer;
 
-pub use chain::{verify_chain, ChainError};
+pub use chain::{verify_chain, verify_chain_to_tail, ChainError};
 pub use writer::AuditLog;
 
 use serde::{Serialize, Serializer};

@@ -481,9 +481,26 @@ impl Writer {
             tracing::warn!(error = %e, "audit log sync before reopening failed");
         }
         let (sink, chain) = open_sink(&self.target).map_err(|e| e.to_string())?;
+        self.log_chain_end("reopened");
         self.sink = sink;
         self.chain = chain;
         Ok(())
+    }
+
+    /// Logs where the chain stands, so an operator (or a log collector) keeps the last hash
+    /// outside the file: the chain alone cannot show that records were cut off its end.
+    fn log_chain_end(&self, why: &'static str) {
+        let hash = self
+            .chain
+            .prev
+            .as_ref()
+            .map(|h| String::from_utf8_lossy(h).into_owned());
+        tracing::info!(
+            seq = self.chain.seq,
+            hash = hash.as_deref().unwrap_or("-"),
+            why,
+            "audit chain end"
+        );
     }
 
     /// Appends one line to `buf` and advances the chain; false (nothing appended) if the log
@@ -529,6 +546,7 @@ impl Writer {
             self.shared.healthy.store(false, Ordering::SeqCst);
             tracing::error!(error = %e, "audit log sync failed at close");
         }
+        self.log_chain_end("closed");
         if let Some(ack) = ack {
             let _ = ack.send(());
         }
