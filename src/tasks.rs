@@ -229,8 +229,10 @@ pub enum MintError {
         requested: u64,
         max: u64,
     },
-    #[error("ttl must be positive")]
-    ZeroTtl,
+    #[error("ttl must be at least 1s")]
+    TtlTooShort,
+    #[error("constraint `{param}` of capability `{capability}` has a value with `/`, which one path segment never holds")]
+    UnmatchableConstraint { capability: String, param: String },
     #[error("max_requests must be at least 1")]
     ZeroBudget,
     #[error("task id must be 1-128 characters of A-Z a-z 0-9 . _ -")]
@@ -436,11 +438,20 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
                     param: param.clone(),
                 });
             }
+            // A `{param}` captures one segment; only a `{*param}` can hold a `/`.
+            let spans_segments = cap.routes.iter().any(|r| r.rest_param() == Some(param));
+            if !spans_segments && values.iter().any(|v| v.contains('/')) {
+                return Err(MintError::UnmatchableConstraint {
+                    capability: cap.name.clone(),
+                    param: param.clone(),
+                });
+            }
         }
     }
     let ttl = spec.ttl.unwrap_or(DEFAULT_TTL.min(agent.max_ttl));
-    if ttl.is_zero() {
-        return Err(MintError::ZeroTtl);
+    // The policy's durations start at one second too; less expires before it is used.
+    if ttl < std::time::Duration::from_secs(1) {
+        return Err(MintError::TtlTooShort);
     }
     if ttl > agent.max_ttl {
         return Err(MintError::TtlTooLong {
@@ -622,6 +633,36 @@ mod tests {
             Some("[redacted]"),
             "a longer run is taken whole"
         );
+    }
+
+    #[test]
+    fn a_value_with_a_slash_constrains_only_a_parameter_that_spans_segments() {
+        let text = format!(
+            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.files: {{service: s, routes: [\"GET /r/{{repo}}/f/{{*path}}\"]}}\nagents:\n  bot: {{owner: t, capabilities: [s.files], max_ttl: 1h}}\n",
+            crate::policy::testing::ADMIN
+        );
+        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        let mint = |param: &str, value: &str| {
+            let spec = MintSpec {
+                agent: "bot".into(),
+                task: None,
+                intent: vec![Grant {
+                    capability: "s.files".into(),
+                    constraints: vec![(param.into(), vec![value.into()])],
+                }],
+                ttl: None,
+                max_requests: None,
+            };
+            TaskStore::new()
+                .mint(&policy, spec, SystemTime::now())
+                .map(|_| ())
+        };
+        assert!(mint("path", "docs/readme.md").is_ok());
+        assert!(matches!(
+            mint("repo", "acme/web"),
+            Err(MintError::UnmatchableConstraint { .. })
+        ));
+        assert!(mint("repo", "web").is_ok());
     }
 
     fn minted_at(now: SystemTime) -> (TaskStore, Arc<Task>) {

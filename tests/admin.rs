@@ -150,6 +150,18 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
             json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": ""}}]}),
             "invalid_constraint",
         ),
+        // Tasks that could never be used: expired before their first request, or held to a
+        // value no single path segment is.
+        (
+            "a ttl under a second",
+            json!({"agent": "bot", "intent": ["plain.issues.read"], "ttl": "500ms"}),
+            "invalid_ttl",
+        ),
+        (
+            "a one-segment parameter held to a value with a slash",
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": "acme/web"}}]}),
+            "invalid_constraint",
+        ),
         (
             "a task id that is a dot segment",
             json!({"agent": "bot", "task": "..", "intent": ["plain.issues.read"]}),

@@ -245,10 +245,11 @@ fn mint_error_code(e: &MintError) -> &'static str {
         MintError::NotGranted { .. } => "capability_not_granted",
         MintError::UnknownParam { .. }
         | MintError::EmptyConstraint(_)
+        | MintError::UnmatchableConstraint { .. }
         | MintError::DuplicateConstraint { .. } => "invalid_constraint",
         MintError::DuplicateCapability(_) => "duplicate_capability",
         MintError::EmptyIntent => "empty_intent",
-        MintError::TtlTooLong { .. } | MintError::ZeroTtl => "invalid_ttl",
+        MintError::TtlTooLong { .. } | MintError::TtlTooShort => "invalid_ttl",
         MintError::ZeroBudget => "invalid_max_requests",
         MintError::BadTaskId => "invalid_task_id",
         MintError::Conflict(_) => "task_exists",

@@ -103,6 +103,14 @@ impl RoutePattern {
 
     /// Names of `{name}` and `{*name}` segments, in path order. Capture `k` of a
     /// [`RouteMatch`] belongs to the `k`-th name.
+    /// The name of the route's `{*name}` parameter (it spans the rest of the path), if any.
+    pub fn rest_param(&self) -> Option<&str> {
+        self.segments.iter().find_map(|s| match s {
+            PatternSegment::Rest(n) => Some(&**n),
+            _ => None,
+        })
+    }
+
     pub fn param_names(&self) -> impl Iterator<Item = &str> + '_ {
         self.segments.iter().filter_map(|s| match s {
             PatternSegment::Literal(_) => None,
