@@ -216,6 +216,7 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             let proxy = state
                 .listeners
                 .proxy()
+                .map(reachable)
                 .map(|a| a.to_string())
                 .unwrap_or_default();
             tracing::info!(task = %task.id, agent = %task.agent, "task minted");
@@ -297,6 +298,19 @@ fn task_json(t: &Task, now: SystemTime) -> Value {
     })
 }
 
+/// The address an agent beside keyward dials: a wildcard listener (`0.0.0.0`, `::`) is not
+/// one, so loopback of the same family stands in for it (a sidecar's agent shares the pod's
+/// network; others know the address they reach keyward at).
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, addr.port())
+}
+
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -355,4 +369,21 @@ pub fn readyz(state: &Arc<State>) -> AdminResponse {
             "shutting_down": stopping,
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wildcard_listener_is_advertised_as_loopback() {
+        for (listen, advertised) in [
+            ("0.0.0.0:8480", "127.0.0.1:8480"),
+            ("[::]:8480", "[::1]:8480"),
+            ("10.0.0.7:8480", "10.0.0.7:8480"),
+            ("127.0.0.1:1", "127.0.0.1:1"),
+        ] {
+            assert_eq!(reachable(listen.parse().unwrap()).to_string(), advertised);
+        }
+    }
 }
