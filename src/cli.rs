@@ -514,7 +514,12 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                 .await
                 .map_err(fail)?;
             let empty = Vec::new();
-            let tasks = out["tasks"].as_array().unwrap_or(&empty);
+            let Some(tasks) = out["tasks"].as_array() else {
+                return Err(Failure::user(format!(
+                    "{} answered without a task list; is it keyward's admin API?",
+                    admin.admin
+                )));
+            };
             println!(
                 "{:<24} {:<16} {:<8} {:<21} {:>6}  intent",
                 "TASK", "AGENT", "STATUS", "EXPIRES", "USED"

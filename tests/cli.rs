@@ -636,6 +636,16 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert_absent(&secrets[1], "task list stderr", &err);
 
+    // Pointed at something that is not keyward's admin API: an error, not an empty table.
+    let other = common::Upstream::plain().await;
+    let out = task_cmd(&other.addr.to_string(), &token, &["list"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("without a task list"),
+        "{}",
+        text(&out.stderr)
+    );
+
     served.child.start_kill().unwrap();
     let (_, log) = served.finish().await;
     for s in secrets.iter().chain([&minted_token]) {
