@@ -226,6 +226,15 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
     p
 }
 
+/// Whether two listeners would fight over one port: the same port (0 asks for a fresh one each
+/// time, so never) on the same address, or with either on a wildcard address (`0.0.0.0` or
+/// `::` binds the port on every address).
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn read_admin(
     field: Field<'_>,
     base_dir: &Path,
@@ -235,14 +244,19 @@ fn read_admin(
     let map = Map::open(errs, field, &["listen", "token"])?;
     let listen = match map.get("listen") {
         Some(f) => f.socket_addr(errs).filter(|addr| {
-            // Port 0 asks the OS for a fresh port each time, so two of them never clash.
-            let clash = *addr == proxy_listen && addr.port() != 0;
+            let clash = listeners_clash(*addr, proxy_listen);
             if clash {
-                errs.push(f.pos(), f.path, "must differ from `proxy.listen`");
+                errs.push(f.pos(), f.path, "must not take `proxy.listen`'s port on the same address (a wildcard address takes it on every address)");
             }
             !clash
         }),
-        None => Some(SocketAddr::from(([127, 0, 0, 1], 8481))),
+        None => {
+            let default = SocketAddr::from(([127, 0, 0, 1], 8481));
+            if listeners_clash(default, proxy_listen) {
+                errs.push(field.pos(), field.path, "the default `listen` (127.0.0.1:8481) takes `proxy.listen`'s port: set `admin.listen`");
+            }
+            Some(default)
+        }
     };
     let token = map
         .require(errs, "token")
@@ -606,7 +620,26 @@ services:
     fn admin_and_proxy_listeners_must_differ() {
         assert_eq!(
             errors("proxy: {listen: '127.0.0.1:9000'}\nadmin: {listen: '127.0.0.1:9000', token: env:T}\n"),
-            ["p.yaml:2:17: admin.listen: must differ from `proxy.listen`"]
+            ["p.yaml:2:17: admin.listen: must not take `proxy.listen`'s port on the same address (a wildcard address takes it on every address)"]
+        );
+        // A wildcard address takes the port on every address, either way round.
+        for (proxy, admin) in [
+            ("0.0.0.0:9000", "127.0.0.1:9000"),
+            ("127.0.0.1:9000", "0.0.0.0:9000"),
+            ("'[::]:9000'", "127.0.0.1:9000"),
+        ] {
+            let text =
+                format!("proxy: {{listen: {proxy}}}\nadmin: {{listen: {admin}, token: env:T}}\n");
+            assert_eq!(errors(&text).len(), 1, "{text}");
+        }
+        assert!(errors(
+            "proxy: {listen: '0.0.0.0:9000'}\nadmin: {listen: '127.0.0.1:9001', token: env:T}\n"
+        )
+        .is_empty());
+        // The admin listener's default port, taken by the proxy on a wildcard address.
+        assert_eq!(
+            errors("proxy: {listen: '0.0.0.0:8481'}\nadmin: {token: env:T}\n"),
+            ["p.yaml:2:1: admin: the default `listen` (127.0.0.1:8481) takes `proxy.listen`'s port: set `admin.listen`"]
         );
         // Port 0 (tests, scripts) is a fresh port each time.
         assert!(errors(
