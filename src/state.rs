@@ -122,7 +122,25 @@ impl State {
         let restart_required = self.restart_only.changed_in(&self.settings, &policy);
         let generation = Generation::build(path, policy, &self.settings, &self.listeners).await?;
         let version = generation.policy.version().to_string();
+        // SECURITY: an agent taken out of the policy loses its tasks for good (their tunnels
+        // and streams end now); putting the agent back later must not revive them.
+        let orphaned: Vec<_> = self
+            .tasks
+            .list()
+            .into_iter()
+            .filter(|t| generation.policy.policy().agent_index(&t.agent).is_none())
+            .filter(|t| !t.is_revoked())
+            .collect();
         self.generation.store(Arc::new(generation));
+        for task in &orphaned {
+            self.tasks.revoke(&task.id);
+        }
+        if !orphaned.is_empty() {
+            tracing::info!(
+                count = orphaned.len(),
+                "revoked the tasks of agents the policy no longer has"
+            );
+        }
         tracing::info!(policy_version = %version, "policy reloaded");
         if !restart_required.is_empty() {
             tracing::warn!(

@@ -733,3 +733,39 @@ async fn reload_reopens_the_audit_file_for_log_rotation() {
     assert_eq!(verify(&rotated), 1);
     assert_eq!(verify(&kw.audit_path), 1);
 }
+
+/// An agent taken out of the policy loses its tasks for good: they are revoked at the reload,
+/// and putting the agent back does not bring them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_without_an_agent_revokes_its_tasks_for_good() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let kept = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let url = f.plain_url("plain.test", "/echo");
+    assert_eq!(kw.send(kw.agent(&task).get(&url)).await.status, 200);
+
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let without = original.replacen(
+        "  reader:\n    owner: tests\n    capabilities: [plain.issues.read]\n    max_ttl: 10m\n",
+        "",
+        1,
+    );
+    assert_ne!(without, original);
+    std::fs::write(&kw.policy_path, &without).unwrap();
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    let (_, t) = kw
+        .admin(Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(t["status"], "revoked", "{t}");
+
+    std::fs::write(&kw.policy_path, &original).unwrap();
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    let resp = kw.send(kw.agent(&task).get(&url)).await;
+    kw.assert_denied(&resp, 407, "task_revoked").await;
+    // Other agents' tasks are untouched.
+    assert_eq!(kw.send(kw.agent(&kept).get(&url)).await.status, 200);
+    kw.assert_no_leaks().await;
+}

@@ -376,7 +376,7 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
                     tracing::warn!(
                         path = %path.display(),
                         mode = format_args!("{mode:o}"),
-                        "audit log is readable by other users; run `chmod 600` on it"
+                        "audit log is readable or writable by other users; run `chmod 600` on it"
                     );
                 }
             }
