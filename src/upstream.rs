@@ -231,8 +231,10 @@ impl ServicePool {
         req: Request<UpBody>,
         http1_only: bool,
     ) -> Result<Response<Incoming>, SendError> {
-        match self
-            .dial(req.uri(), http1_only)
+        // Boxed: dialling (TCP, TLS, the HTTP/2 handshake) is a 6.5 KB future, which would
+        // otherwise make every request's future that large, copied as it is awaited; a new
+        // connection is rare next to the requests that reuse one.
+        match Box::pin(self.dial(req.uri(), http1_only))
             .await
             .map_err(SendError::Connect)?
         {
