@@ -253,40 +253,10 @@ async fn echo(
             tokio::time::sleep(Duration::from_secs(30)).await;
             Ok(Response::new(full("too late\n")))
         }
-        "/endless" => {
-            // A stream that outlasts shutdown's drain: one event every 100 ms for 60 s.
-            let events = futures_util::stream::unfold(0u32, |i| async move {
-                if i >= 600 {
-                    return None;
-                }
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                let frame = Frame::data(Bytes::from(format!("data: tick {}\n\n", i + 1)));
-                Some((Ok::<_, Infallible>(frame), i + 1))
-            });
-            let resp = Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(StreamBody::new(events).boxed_unsync())
-                .unwrap();
-            Ok(resp)
-        }
-        "/ticks" => {
-            // A long stream: one event every 50 ms for 10 s, for tests that act mid-stream.
-            let events = futures_util::stream::unfold(0u32, |i| async move {
-                if i >= 200 {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let frame = Frame::data(Bytes::from(format!("data: tick {}\n\n", i + 1)));
-                Some((Ok::<_, Infallible>(frame), i + 1))
-            });
-            let resp = Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(StreamBody::new(events).boxed_unsync())
-                .unwrap();
-            Ok(resp)
-        }
+        // A stream that outlasts shutdown's drain: one event every 100 ms for 60 s.
+        "/endless" => Ok(ticks(600, Duration::from_millis(100))),
+        // A long stream: one event every 50 ms for 10 s, for tests that act mid-stream.
+        "/ticks" => Ok(ticks(200, Duration::from_millis(50))),
         "/sse" => {
             let events = futures_util::stream::unfold(0u32, |i| async move {
                 if i >= 3 {
@@ -415,4 +385,22 @@ impl TestCa {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
     }
+}
+
+/// An event stream of `count` events `every` apart (`data: tick N`), the first at once.
+fn ticks(count: u32, every: Duration) -> Response<EchoBody> {
+    let events = futures_util::stream::unfold(0u32, move |i| async move {
+        if i >= count {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(every).await;
+        }
+        let frame = Frame::data(Bytes::from(format!("data: tick {}\n\n", i + 1)));
+        Some((Ok::<_, Infallible>(frame), i + 1))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(StreamBody::new(events).boxed_unsync())
+        .unwrap()
 }
