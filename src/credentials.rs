@@ -74,8 +74,9 @@ impl CredentialValue {
         };
         let mut percent = Zeroizing::new(Vec::with_capacity(raw.len() * 3));
         percent_encode_into(raw, &mut percent);
-        // Some encoders write lowercase hex digits (`%2f`).
-        let percent_lower = Zeroizing::new(percent.to_ascii_lowercase());
+        // Some encoders write lowercase hex digits (`%2f`); only the digits, not the value's
+        // own letters (lowercasing the whole form missed every value with a capital letter).
+        let percent_lower = lowercase_hex_digits(&percent);
         // Common encoders leave more than RFC 3986's unreserved characters raw.
         let unreserved =
             |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
@@ -744,6 +745,20 @@ fn percent_encode_into(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// A percent-encoded text with its `%XX` digits in lowercase, everything else as it is.
+fn lowercase_hex_digits(encoded: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut out = zeroize::Zeroizing::new(encoded.to_vec());
+    let mut i = 0;
+    while let Some(at) = out.get(i..).and_then(|rest| memchr::memchr(b'%', rest)) {
+        let start = i + at + 1;
+        for b in out.iter_mut().skip(start).take(2) {
+            b.make_ascii_lowercase();
+        }
+        i = start + 2;
+    }
+    out
+}
+
 /// `bytes` percent-encoded (uppercase hex, UTF-8 bytes one by one) but for those `keep`
 /// leaves raw: how a given encoder writes a value.
 fn percent_encoded(bytes: &[u8], keep: impl Fn(u8) -> bool) -> zeroize::Zeroizing<Vec<u8>> {
@@ -929,6 +944,12 @@ mod tests {
 
     #[test]
     fn reflections_cover_percent_and_json_spellings() {
+        // Lowercase hex digits leave the value's own capitals alone.
+        let capitals = CredentialValue::new(Secret::new("AK/Q9=".into()));
+        assert!(capitals
+            .reflections()
+            .iter()
+            .any(|r| r.as_slice() == b"AK%2fQ9%3d"));
         let value = CredentialValue::new(Secret::new("k/y\"é+1".into()));
         let forms: Vec<String> = value
             .reflections()

@@ -2,7 +2,9 @@
 //! helpers: (a) `canonicalize` never panics and accepts nothing SPEC §4.4 calls ambiguous;
 //! (b) canonicalize-then-`Router::find` finds exactly the routes a naive matcher over a
 //! naively decoded path finds; (c) `policy::parse` never panics on mutations of the example
-//! policy and reports its errors as `file:line:column: ...`, sorted by position.
+//! policy and reports its errors as `file:line:column: ...`, sorted by position; (d) the
+//! response redactor, over any body cut into any frames, lets no reflection of the credential
+//! through, changes nothing else, and releases the same number of bytes whatever they are.
 //!
 //! Bounded (256 cases each) so the file runs in a few seconds; the fuzz targets in `fuzz/`
 //! explore the same ground without bounds.
@@ -505,5 +507,100 @@ proptest! {
         mutations in prop::collection::vec(mutation(), 1..4),
     ) {
         check_policy(&mutate(EXAMPLE, &mutations))?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) the response redactor
+
+const SECRET: &str = "sk/live+Q9=x_7~abc";
+
+/// The spellings of `SECRET` an upstream may reflect, written here without keyward's helpers.
+fn reflections() -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(SECRET);
+    let url64 = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(SECRET);
+    vec![
+        SECRET.into(),
+        b64.trim_end_matches('=').into(),
+        url64.into(),
+        "sk%2Flive%2BQ9%3Dx_7~abc".into(),
+        "sk%2flive%2bQ9%3dx_7~abc".into(),
+        "sk/live%2BQ9%3Dx_7~abc".into(), // Python's quote
+        "sk\\/live+Q9=x_7~abc".into(),   // PHP's json_encode
+    ]
+}
+
+/// A body of filler words and reflections, as (text, whether a reflection is in it).
+fn body() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        3 => "[a-z0-9 ./+%=:\"-]{0,40}".prop_map(String::into_bytes),
+        1 => (0..reflections().len()).prop_map(|i| reflections()[i].clone()),
+    ];
+    prop::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Pushes `body` cut at `cuts` (fractions of its length) through a redactor; returns what
+/// each frame released and what the end released.
+fn redact(body: &[u8], cuts: &[f64]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    use keyward::credentials::CredentialValue;
+    use keyward::proxy::redact::Redactor;
+    use keyward::secret::Secret;
+    let value = CredentialValue::new(Secret::new(SECRET.to_string()));
+    let mut r = Redactor::new(std::sync::Arc::new(value), None);
+    let mut at: Vec<usize> = cuts
+        .iter()
+        .map(|f| (f * body.len() as f64) as usize)
+        .collect();
+    at.push(0);
+    at.push(body.len());
+    at.sort_unstable();
+    at.dedup();
+    let released = at
+        .windows(2)
+        .map(|w| {
+            r.push(bytes::Bytes::copy_from_slice(&body[w[0]..w[1]]))
+                .concat()
+        })
+        .collect();
+    (released, r.finish().to_vec())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_redactor_lets_no_reflection_through_and_changes_nothing_else(
+        body in body(),
+        cuts in prop::collection::vec(0.0f64..1.0, 0..8),
+    ) {
+        let (frames, end) = redact(&body, &cuts);
+        let out = [frames.concat(), end].concat();
+        for r in reflections() {
+            prop_assert!(!contains(&out, &r), "{:?} let through", String::from_utf8_lossy(&r));
+        }
+        if !reflections().iter().any(|r| contains(&body, r)) {
+            prop_assert_eq!(out, body);
+        }
+    }
+
+    /// What each frame releases depends on lengths only: the same framing of a body of the
+    /// same length without a reflection releases the same number of bytes at each step.
+    #[test]
+    fn what_each_frame_releases_does_not_depend_on_the_credential(
+        body in body(),
+        cuts in prop::collection::vec(0.0f64..1.0, 0..8),
+    ) {
+        prop_assume!(!reflections().iter().any(|r| contains(&body, r)));
+        let neutral = vec![b'x'; body.len()];
+        let (frames, _) = redact(&body, &cuts);
+        let (neutral_frames, _) = redact(&neutral, &cuts);
+        let lengths: Vec<usize> = frames.iter().map(Vec::len).collect();
+        let neutral_lengths: Vec<usize> = neutral_frames.iter().map(Vec::len).collect();
+        prop_assert_eq!(lengths, neutral_lengths);
     }
 }
