@@ -118,6 +118,14 @@ pub enum ProxyBody {
     },
 }
 
+/// Fields a trailer section must not carry (they describe the body before it is read).
+const DEFERRED_NEVER: [http::header::HeaderName; 4] = [
+    http::header::CONTENT_ENCODING,
+    http::header::TRANSFER_ENCODING,
+    http::header::CONTENT_LENGTH,
+    http::header::CONTENT_RANGE,
+];
+
 /// How long bytes the redactor holds back may wait for the next frame: a stream's last event
 /// before a pause goes out this much later, whatever it holds.
 const HELD_FOR_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
@@ -248,6 +256,12 @@ impl Body for ProxyBody {
                             (Err(frame), r) => match (frame.into_trailers(), r) {
                                 (Ok(mut t), Some(r)) => {
                                     r.headers(&mut t);
+                                    // RFC 9110 §6.5.1: a coding or framing announced after the
+                                    // body cannot apply to it; a client that honoured one would
+                                    // decode bytes the redactor saw only encoded.
+                                    for name in DEFERRED_NEVER {
+                                        t.remove(name);
+                                    }
                                     *trailers = Some(t);
                                     *ended = true;
                                     continue;

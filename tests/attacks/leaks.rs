@@ -165,7 +165,10 @@ async fn credential_reflected_in_trailers_is_redacted_for_an_http2_agent() {
         let key = injected(req);
         let mut parts = chunked_head("Trailer: X-Echo-Key\r\n");
         parts.extend(chunk(b"body"));
-        parts.extend(format!("0\r\nX-Echo-Key: {key}\r\nX-Plain: fine\r\n\r\n").into_bytes());
+        parts.extend(
+            format!("0\r\nX-Echo-Key: {key}\r\nX-Plain: fine\r\nContent-Encoding: gzip\r\n\r\n")
+                .into_bytes(),
+        );
         Reply::bytes(parts)
     })
     .await;
@@ -197,6 +200,8 @@ async fn credential_reflected_in_trailers_is_redacted_for_an_http2_agent() {
         "{trailers:?}"
     );
     assert_eq!(trailers.get("x-plain").unwrap(), "fine");
+    // A coding announced after the body cannot apply to it: dropped, not relayed.
+    assert!(trailers.get("content-encoding").is_none(), "{trailers:?}");
     assert_eq!(script.hits(), 1);
     assert_eq!(
         kw.metric_settled("keyward_secrets_redacted_total{service=\"secure\"}", 1.0)
