@@ -12,6 +12,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -70,7 +71,9 @@ pub type UpBody = Either<crate::proxy::body::CountingBody<Incoming>, Empty<Bytes
 
 /// How long an HTTP/1 connection may sit idle in a pool before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// Most HTTP/1 connections a service's pool keeps (busy or idle); more are closed after use.
+/// Most HTTP/1 connections a service keeps pooled (busy or idle) over all its hosts; more are
+/// closed after use. Per service, not per host: else an agent calling many hosts of a wildcard
+/// service could leave tens of thousands of sockets open.
 const MAX_POOLED: usize = 256;
 /// HTTP/2 flow-control windows toward upstreams (see `ServicePool::dial`).
 const H2_STREAM_WINDOW: u32 = 1 << 20;
@@ -116,6 +119,7 @@ impl Upstreams {
                     named: named_addresses(service),
                     own: own.clone(),
                     timeout: connect_timeout,
+                    pooled: Arc::default(),
                 },
                 hosts: dashmap::DashMap::new(),
             });
@@ -136,7 +140,12 @@ impl Upstreams {
             reaper: OnceLock::new(),
         });
         if upstreams.hosts.len() >= MAX_POOLED_HOSTS {
-            return Some(pool);
+            // Hosts whose connections have all closed make room (else 256 made-up names
+            // would leave every later host, real ones too, without pooling until a reload).
+            upstreams.hosts.retain(|_, p| !p.is_empty());
+            if upstreams.hosts.len() >= MAX_POOLED_HOSTS {
+                return Some(pool);
+            }
         }
         Some(
             upstreams
@@ -169,6 +178,14 @@ pub struct ServicePool {
     http2: Mutex<Option<http2::SendRequest<UpBody>>>,
     /// Closes connections idle too long once traffic stops (started on first use).
     reaper: OnceLock<()>,
+}
+
+impl Drop for ServicePool {
+    /// A host's pool evicted from its service's map takes its connections with it.
+    fn drop(&mut self) {
+        let held = self.http1.get_mut().map_or(0, |c| c.len());
+        self.connector.pooled.fetch_sub(held, Ordering::Relaxed);
+    }
 }
 
 struct Pooled {
@@ -293,29 +310,51 @@ impl ServicePool {
     /// long-idle ones on the way.
     fn checkout_http1(&self) -> Option<http1::SendRequest<UpBody>> {
         let mut conns = self.http1.lock().ok()?;
-        let now = Instant::now();
-        conns.retain(|c| !c.expired(now));
+        self.drop_expired(&mut conns);
         let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
+        self.connector.pooled.fetch_sub(1, Ordering::Relaxed);
         Some(conns.swap_remove(ready).sender)
     }
 
     fn prune(&self) {
         if let Ok(mut conns) = self.http1.lock() {
-            let now = Instant::now();
-            conns.retain(|c| !c.expired(now));
+            self.drop_expired(&mut conns);
         }
+    }
+
+    fn drop_expired(&self, conns: &mut Vec<Pooled>) {
+        let now = Instant::now();
+        let before = conns.len();
+        conns.retain(|c| !c.expired(now));
+        self.connector
+            .pooled
+            .fetch_sub(before - conns.len(), Ordering::Relaxed);
     }
 
     fn put_back(self: &Arc<Self>, sender: http1::SendRequest<UpBody>) {
         self.start_reaper();
-        if let Ok(mut conns) = self.http1.lock() {
-            if conns.len() < MAX_POOLED {
-                conns.push(Pooled {
-                    sender,
-                    used: Instant::now(),
-                });
-            }
+        let Ok(mut conns) = self.http1.lock() else {
+            return;
+        };
+        let pooled = &self.connector.pooled;
+        if pooled.fetch_add(1, Ordering::Relaxed) < MAX_POOLED {
+            conns.push(Pooled {
+                sender,
+                used: Instant::now(),
+            });
+        } else {
+            pooled.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+
+    /// No pooled connection (an HTTP/2 one that closed does not count).
+    fn is_empty(&self) -> bool {
+        let no_http1 = self.http1.lock().map_or(true, |c| c.is_empty());
+        let no_http2 = self
+            .http2
+            .lock()
+            .map_or(true, |h| h.as_ref().map_or(true, |h2| h2.is_closed()));
+        no_http1 && no_http2
     }
 
     /// Once traffic stops nothing checks connections out, so a timer closes the idle ones.
@@ -460,6 +499,8 @@ struct ConnectorInner {
     named: Vec<IpAddr>,
     own: Arc<OwnListeners>,
     timeout: Duration,
+    /// HTTP/1 connections pooled over all of the service's hosts (shared by their pools).
+    pooled: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A fresh connection closed before the request could be written.
@@ -729,6 +770,78 @@ impl Write for UpstreamStream {
 
 #[cfg(test)]
 mod tests {
+
+    /// HTTP/1 connections handshaken over in-memory pipes (the far ends are returned, to keep
+    /// the connections open).
+    async fn senders(n: usize) -> Vec<(http1::SendRequest<UpBody>, tokio::io::DuplexStream)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let (near, far) = tokio::io::duplex(1024);
+            let (sender, conn) = http1::handshake(TokioIo::new(near)).await.unwrap();
+            tokio::spawn(conn);
+            out.push((sender, far));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_service_pools_at_most_max_pooled_connections_over_all_its_hosts() {
+        let connector = ConnectorInner {
+            tls: None,
+            tls_http1: None,
+            connect_to: None,
+            named: Vec::new(),
+            own: Arc::default(),
+            timeout: Duration::from_secs(1),
+            pooled: Arc::default(),
+        };
+        let pooled = Arc::clone(&connector.pooled);
+        let upstreams = Upstreams {
+            services: vec![ServiceUpstreams {
+                connector,
+                hosts: dashmap::DashMap::new(),
+            }],
+        };
+        let mut far_ends = Vec::new();
+        for host in ["a.test", "b.test", "c.test"] {
+            let pool = upstreams.pool(0, host).unwrap();
+            for (sender, far) in senders(100).await {
+                pool.put_back(sender);
+                far_ends.push(far);
+            }
+        }
+        let held = |u: &Upstreams| -> usize {
+            u.services[0]
+                .hosts
+                .iter()
+                .map(|p| p.http1.lock().unwrap().len())
+                .sum()
+        };
+        assert_eq!(held(&upstreams), MAX_POOLED);
+        assert_eq!(pooled.load(Ordering::Relaxed), MAX_POOLED);
+
+        // Taking one out makes room for one more, on any host.
+        tokio::time::sleep(Duration::from_millis(20)).await; // the connections become ready
+        let a = upstreams.pool(0, "a.test").unwrap();
+        assert!(a.checkout_http1().is_some());
+        assert_eq!(pooled.load(Ordering::Relaxed), MAX_POOLED - 1);
+        let d = upstreams.pool(0, "d.test").unwrap();
+        let (sender, far) = senders(1).await.pop().unwrap();
+        d.put_back(sender);
+        far_ends.push(far);
+        assert_eq!(held(&upstreams), MAX_POOLED);
+
+        // Closed connections leave the count when pruned, and an evicted host's pool takes
+        // its connections off it.
+        drop(far_ends);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for p in upstreams.services[0].hosts.iter() {
+            p.prune();
+        }
+        assert_eq!(pooled.load(Ordering::Relaxed), 0);
+        assert!(upstreams.services[0].hosts.iter().all(|p| p.is_empty()));
+    }
+
     use super::*;
 
     #[test]
