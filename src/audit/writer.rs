@@ -234,9 +234,13 @@ impl AuditLog {
     /// Whether a new request may be taken: the log is healthy and its queue is not backed up
     /// (see `RESERVE`). Turns true again once the writer catches up.
     pub fn accepting(&self) -> bool {
-        self.healthy()
-            && self.tx.capacity() >= RESERVE.min(self.tx.max_capacity() / 2)
-            && self.shared.queued_bytes.load(Ordering::Relaxed) < MAX_QUEUED_BYTES
+        self.healthy() && !self.backed_up()
+    }
+
+    /// Whether the queue is backed up (see `RESERVE`): the writer is behind, not failed.
+    pub fn backed_up(&self) -> bool {
+        self.tx.capacity() < RESERVE.min(self.tx.max_capacity() / 2)
+            || self.shared.queued_bytes.load(Ordering::Relaxed) >= MAX_QUEUED_BYTES
     }
 
     /// Serializes and mostly hashes a record on the caller's thread (see `chain::Encoded`),
@@ -630,6 +634,7 @@ mod tests {
             log.write_detached(rec.clone());
         }
         assert!(!log.accepting(), "a backed-up queue takes no new request");
+        assert!(log.backed_up(), "(nor a new connection)");
         assert!(log.healthy(), "nothing was lost");
 
         go.send(()).unwrap();
@@ -641,6 +646,7 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        assert!(!log.backed_up());
         log.close().await;
         let written = reader.join().unwrap();
         assert_eq!(written.iter().filter(|&&b| b == b'\n').count(), 4096);

@@ -42,6 +42,16 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = shutdown.changed() => return,
         };
+        // SECURITY (I7): while the audit queue is backed up (a stalled sink), take no new
+        // connection: every request, even one the parser refuses before keyward sees it,
+        // leaves a record, and those would wait in memory for as long as the stall lasts.
+        // (A log that failed for good is not backed up: its requests get a 503.)
+        while state.audit.backed_up() {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = shutdown.changed() => return,
