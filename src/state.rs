@@ -122,14 +122,25 @@ impl State {
         let restart_required = self.restart_only.changed_in(&self.settings, &policy);
         let generation = Generation::build(path, policy, &self.settings, &self.listeners).await?;
         let version = generation.policy.version().to_string();
-        // SECURITY: an agent taken out of the policy loses its tasks for good (their tunnels
-        // and streams end now); putting the agent back later must not revive them.
+        // SECURITY (SPEC §9): a task whose agent, or one of whose capabilities, the new policy
+        // no longer has (or no longer grants that agent) is revoked for good, its tunnels and
+        // streams ended now; putting them back later must not revive it.
+        let compiled = &generation.policy;
+        let withdrawn = |t: &crate::tasks::Task| match compiled.agent_grants(&t.agent) {
+            None => true,
+            Some(grants) => t
+                .intent
+                .iter()
+                .any(|g| match compiled.capability(&g.capability) {
+                    Some((i, _)) => !grants.contains(i),
+                    None => true,
+                }),
+        };
         let orphaned: Vec<_> = self
             .tasks
             .list()
             .into_iter()
-            .filter(|t| generation.policy.policy().agent_index(&t.agent).is_none())
-            .filter(|t| !t.is_revoked())
+            .filter(|t| !t.is_revoked() && withdrawn(t))
             .collect();
         self.generation.store(Arc::new(generation));
         for task in &orphaned {

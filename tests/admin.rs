@@ -734,8 +734,8 @@ async fn reload_reopens_the_audit_file_for_log_rotation() {
     assert_eq!(verify(&kw.audit_path), 1);
 }
 
-/// An agent taken out of the policy loses its tasks for good: they are revoked at the reload,
-/// and putting the agent back does not bring them back.
+/// An agent taken out of the policy, or a capability taken from an agent, loses its tasks for
+/// good: they are revoked at the reload, and putting it back does not bring them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_without_an_agent_revokes_its_tasks_for_good() {
     let f = Fixture::start().await;
@@ -767,5 +767,20 @@ async fn a_reload_without_an_agent_revokes_its_tasks_for_good() {
     kw.assert_denied(&resp, 407, "task_revoked").await;
     // Other agents' tasks are untouched.
     assert_eq!(kw.send(kw.agent(&kept).get(&url)).await.status, 200);
+
+    // Likewise a capability the agent is no longer granted: withdrawn and restored, the
+    // task minted before stays revoked.
+    let narrowed = original.replacen(
+        "capabilities: [plain.issues.read, plain.labels.write,",
+        "capabilities: [plain.labels.write,",
+        1,
+    );
+    assert_ne!(narrowed, original);
+    std::fs::write(&kw.policy_path, &narrowed).unwrap();
+    assert_eq!(kw.admin(Method::POST, "/v1/reload", None).await.0, 200);
+    std::fs::write(&kw.policy_path, &original).unwrap();
+    assert_eq!(kw.admin(Method::POST, "/v1/reload", None).await.0, 200);
+    let resp = kw.send(kw.agent(&kept).get(&url)).await;
+    kw.assert_denied(&resp, 407, "task_revoked").await;
     kw.assert_no_leaks().await;
 }
