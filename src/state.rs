@@ -66,6 +66,8 @@ pub struct State {
     /// Where keyward listens, once bound; never a destination.
     pub listeners: Arc<OwnListeners>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    /// When shutdown's drain runs out (set when shutdown begins).
+    drain_ends: std::sync::OnceLock<std::time::Instant>,
     request_ids: RequestIds,
 }
 
@@ -96,6 +98,7 @@ impl State {
             ca_path,
             listeners,
             shutdown: tokio::sync::watch::Sender::new(false),
+            drain_ends: std::sync::OnceLock::new(),
             request_ids: RequestIds::new(),
         }
     }
@@ -149,7 +152,7 @@ impl State {
         if !orphaned.is_empty() {
             tracing::info!(
                 count = orphaned.len(),
-                "revoked the tasks of agents the policy no longer has"
+                "revoked the tasks whose agent or capabilities the policy no longer has"
             );
         }
         tracing::info!(policy_version = %version, "policy reloaded");
@@ -176,7 +179,18 @@ impl State {
 
     /// Stops the listeners from accepting and asks connections to drain.
     pub fn begin_shutdown(&self) {
+        let _ = self
+            .drain_ends
+            .set(std::time::Instant::now() + crate::proxy::conn::DRAIN);
         self.shutdown.send_replace(true);
+    }
+
+    /// Whether shutdown's drain has run out: what ends now was cut by keyward, not by the
+    /// agent.
+    pub fn drain_over(&self) -> bool {
+        self.drain_ends
+            .get()
+            .is_some_and(|&end| std::time::Instant::now() >= end)
     }
 
     pub fn is_shutting_down(&self) -> bool {

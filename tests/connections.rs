@@ -246,27 +246,46 @@ async fn shutdown_cuts_what_the_drain_cannot_finish_and_records_it() {
         .write_all(request("/endless").as_bytes())
         .await
         .unwrap();
+    // A third one's agent gives up by itself during the drain.
+    let mut quitter = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    quitter
+        .write_all(request("/stall?quits").as_bytes())
+        .await
+        .unwrap();
     let mut first = [0u8; 256];
     let n = bounded("the stream's head", streaming.read(&mut first))
         .await
         .unwrap();
     assert!(first[..n].starts_with(b"HTTP/1.1 200"));
-    bounded("the upstream sees both requests", async {
-        while plain.hits() < 2 {
+    bounded("the upstream sees the requests", async {
+        while plain.hits() < 3 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     })
     .await;
 
     let started = std::time::Instant::now();
-    kw.stop().await;
+    let quits = async {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        drop(quitter);
+    };
+    tokio::join!(kw.stop(), quits);
     let took = started.elapsed();
     assert!(
         took >= std::time::Duration::from_secs(9) && took < std::time::Duration::from_secs(14),
         "shutdown took {took:?}; the drain is 10 s"
     );
     let rec = kw
-        .audit_where("the stalled request", |r| r["path"] == "/stall")
+        .audit_where("the agent that gave up", |r| {
+            r["path"] == "/stall" && r["outcome"] != "shutdown"
+        })
+        .await;
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    assert_eq!(rec["status"], 499);
+    let rec = kw
+        .audit_where("the stalled request", |r| {
+            r["path"] == "/stall" && r["outcome"] == "shutdown"
+        })
         .await;
     assert_eq!(rec["decision"], "allow");
     assert_eq!(rec["outcome"], "shutdown");

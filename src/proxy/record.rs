@@ -48,7 +48,7 @@ pub const CUT_BY_SHUTDOWN: u16 = 503;
 impl Drop for RecordDraft {
     fn drop(&mut self) {
         if let Some((state, reason)) = self.armed.take() {
-            let (outcome, status) = match state.is_shutting_down() {
+            let (outcome, status) = match state.drain_over() {
                 true => ("shutdown", CUT_BY_SHUTDOWN),
                 false => ("client_closed", CLIENT_CLOSED),
             };
@@ -250,7 +250,7 @@ impl Recorder {
     /// How a response that stopped before its end ended: keyward cut it at shutdown, or the
     /// agent went away.
     pub fn cut_outcome(&self) -> &'static str {
-        match self.state.is_shutting_down() {
+        match self.state.drain_over() {
             true => "shutdown",
             false => "client_closed",
         }
