@@ -83,9 +83,7 @@ impl CredentialValue {
         let python_quote = percent_encoded(raw, |b| unreserved(b) || b == b'/');
         let js_component = percent_encoded(raw, |b| unreserved(b) || b"!'()*".contains(&b));
         let js_uri = percent_encoded(raw, |b| unreserved(b) || b"!'()*;,/?:@&=+$#".contains(&b));
-        let js_escape = percent_encoded(raw, |b| {
-            b.is_ascii_alphanumeric() || b"@*_+-./".contains(&b)
-        });
+        let js_escape = js_escape(secret.expose());
         let json = |escape| json_escaped(secret.expose(), escape);
         // The raw value always; an encoded form when it differs and is long enough not to match
         // by chance.
@@ -745,6 +743,30 @@ fn percent_encode_into(bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// `value` as JavaScript's legacy `escape()` writes it: ASCII letters, digits and `@*_+-./`
+/// raw, other characters below U+0100 as `%XX`, the rest as `%uXXXX` per UTF-16 unit.
+fn js_escape(value: &str) -> zeroize::Zeroizing<Vec<u8>> {
+    use std::io::Write as _;
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(value.len() * 6));
+    let mut units = [0u16; 2];
+    for c in value.chars() {
+        match u32::from(c) {
+            n if n < 0x80 && (c.is_ascii_alphanumeric() || "@*_+-./".contains(c)) => {
+                out.push(n as u8)
+            }
+            n if n < 0x100 => {
+                let _ = write!(out, "%{n:02X}");
+            }
+            _ => {
+                for unit in c.encode_utf16(&mut units).iter() {
+                    let _ = write!(out, "%u{unit:04X}");
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A percent-encoded text with its `%XX` digits in lowercase, everything else as it is.
 fn lowercase_hex_digits(encoded: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
     let mut out = zeroize::Zeroizing::new(encoded.to_vec());
@@ -962,6 +984,7 @@ mod tests {
             "k%2fy%22%c3%a9%2b1", // percent, lowercase hex
             "k/y%22%C3%A9%2B1",   // Python's urllib.parse.quote (keeps `/`)
             "k/y%22%C3%A9+1",     // JavaScript's encodeURI() (keeps `/` and `+`)
+            "k/y%22%E9+1",        // JavaScript's escape() (Latin-1 as %XX)
             "k/y\\\"é+1",         // JSON (serde_json, Go)
             "k\\/y\\\"é+1",       // JSON with \/ (PHP)
             "k/y\\\"\\u00e9+1",   // JSON, ASCII only (Python)

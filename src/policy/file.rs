@@ -230,9 +230,11 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
 /// time, so never) on the same address, or with either on a wildcard address (`0.0.0.0` or
 /// `::` binds the port on every address).
 fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    // `[::ffff:127.0.0.1]` is 127.0.0.1 to a dual-stack socket.
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() != 0
         && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        && (ia == ib || ia.is_unspecified() || ib.is_unspecified())
 }
 
 fn read_admin(
@@ -627,6 +629,7 @@ services:
             ("0.0.0.0:9000", "127.0.0.1:9000"),
             ("127.0.0.1:9000", "0.0.0.0:9000"),
             ("'[::]:9000'", "127.0.0.1:9000"),
+            ("'[::ffff:127.0.0.1]:9000'", "127.0.0.1:9000"),
         ] {
             let text =
                 format!("proxy: {{listen: {proxy}}}\nadmin: {{listen: {admin}, token: env:T}}\n");

@@ -123,10 +123,18 @@ fn forbidden_characters(text: &str, errs: &mut Errors) -> bool {
     !found.is_empty()
 }
 
-/// The position of the character right after `prefix` (1-based; columns count characters).
+/// The position of the character right after `prefix` (1-based; columns count characters;
+/// lines end at LF, CR LF or a lone CR, as YAML's do).
 fn pos_after(prefix: &str) -> Pos {
-    let line = prefix.bytes().filter(|&b| b == b'\n').count() + 1;
-    let column = prefix.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let (mut line, mut column, mut after_cr) = (1, 1, false);
+    for c in prefix.chars() {
+        match c {
+            '\n' if after_cr => {}
+            '\n' | '\r' => (line, column) = (line + 1, 1),
+            _ => column += 1,
+        }
+        after_cr = c == '\r';
+    }
     Pos::new(line, column)
 }
 
@@ -192,6 +200,11 @@ mod tests {
                 "p.yaml:3:3: the control character U+007F is not allowed in a policy file",
                 "p.yaml:5:17: the control character U+0007 is not allowed in a policy file",
             ]
+        );
+        // Lines that end in a lone CR count as lines.
+        assert_eq!(
+            errors("# a\r# b\r\n# \u{1}\n"),
+            ["p.yaml:3:3: the control character U+0001 is not allowed in a policy file"]
         );
         // Tabs, CR LF line ends and NEL are YAML's own.
         let text = format!(
