@@ -166,11 +166,11 @@ pub enum SendError {
     Protocol(hyper::Error),
 }
 
-/// A service's upstream connections to one host. HTTP/1 connections are reused one request at a time
-/// (a connection is taken only when it is ready for its next request, so a streaming response
-/// never holds up another request); an HTTP/2 connection (chosen by ALPN) carries every request
-/// at once. Nothing is shared between services, so a connection that carried one service's
-/// credential never carries another's.
+/// A service's upstream connections to one host. HTTP/1 connections are reused one request at
+/// a time (a connection is taken only when it is ready for its next request, so a streaming
+/// response never holds up another request); an HTTP/2 connection (chosen by ALPN) carries
+/// every request at once. Nothing is shared between services or hosts, so a connection that
+/// carried one service's credential never carries another's.
 pub struct ServicePool {
     connector: ConnectorInner,
     /// HTTP/1 connections, busy or idle, most recently used last.
