@@ -75,6 +75,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// closed after use. Per service, not per host: else an agent calling many hosts of a wildcard
 /// service could leave tens of thousands of sockets open.
 const MAX_POOLED: usize = 256;
+/// Connections a host may keep pooled even when its service has `MAX_POOLED` (so at most
+/// `MAX_POOLED + MAX_POOLED_HOSTS * HOST_RESERVE` per service).
+const HOST_RESERVE: usize = 4;
 /// HTTP/2 flow-control windows toward upstreams (see `ServicePool::dial`).
 const H2_STREAM_WINDOW: u32 = 1 << 20;
 const H2_CONNECTION_WINDOW: u32 = 16 << 20;
@@ -337,14 +340,17 @@ impl ServicePool {
             return;
         };
         let pooled = &self.connector.pooled;
-        if pooled.fetch_add(1, Ordering::Relaxed) < MAX_POOLED {
-            conns.push(Pooled {
-                sender,
-                used: Instant::now(),
-            });
-        } else {
+        let service_full = pooled.fetch_add(1, Ordering::Relaxed) >= MAX_POOLED;
+        // A host keeps a few even when the service is full, so one host's burst (or an agent
+        // parking slow requests on made-up hosts) cannot end reuse for all the others.
+        if (service_full && conns.len() >= HOST_RESERVE) || conns.len() >= MAX_POOLED {
             pooled.fetch_sub(1, Ordering::Relaxed);
+            return;
         }
+        conns.push(Pooled {
+            sender,
+            used: Instant::now(),
+        });
     }
 
     /// No pooled connection (an HTTP/2 one that closed does not count).
@@ -820,16 +826,20 @@ mod tests {
         assert_eq!(held(&upstreams), MAX_POOLED);
         assert_eq!(pooled.load(Ordering::Relaxed), MAX_POOLED);
 
-        // Taking one out makes room for one more, on any host.
+        // Taking one out makes room for one more, on any host; and a host the full service
+        // had no room for still keeps its reserve (one host's burst cannot end reuse for all).
         tokio::time::sleep(Duration::from_millis(20)).await; // the connections become ready
         let a = upstreams.pool(0, "a.test").unwrap();
         assert!(a.checkout_http1().is_some());
         assert_eq!(pooled.load(Ordering::Relaxed), MAX_POOLED - 1);
         let d = upstreams.pool(0, "d.test").unwrap();
-        let (sender, far) = senders(1).await.pop().unwrap();
-        d.put_back(sender);
-        far_ends.push(far);
-        assert_eq!(held(&upstreams), MAX_POOLED);
+        for (sender, far) in senders(HOST_RESERVE + 2).await {
+            d.put_back(sender);
+            far_ends.push(far);
+        }
+        assert_eq!(d.http1.lock().unwrap().len(), HOST_RESERVE);
+        assert_eq!(held(&upstreams), MAX_POOLED - 1 + HOST_RESERVE);
+        assert_eq!(pooled.load(Ordering::Relaxed), held(&upstreams));
 
         // Closed connections leave the count when pruned, and an evicted host's pool takes
         // its connections off it.
