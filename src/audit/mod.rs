@@ -93,10 +93,7 @@ impl AuditRecord {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"path\":");
-        json_str(
-            out,
-            self.path.split_once('?').map_or(&self.path, |(p, _)| p),
-        );
+        json_str(out, without_query(&self.path));
         out.extend_from_slice(b",\"service\":");
         json_opt_str(out, self.service.as_deref());
         out.extend_from_slice(b",\"capability\":");
@@ -153,24 +150,19 @@ fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     }
 }
 
-fn json_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+fn json_u64(out: &mut Vec<u8>, n: u64) {
+    let mut buf = [b'0'; 20];
+    out.extend_from_slice(decimal(&mut buf, n, 1));
 }
 
 // SECURITY: query values can carry secrets (`?api_key=...`); SPEC §7 forbids them in a record.
 // The caller passes the path without the query, and this cut makes a mistake there harmless.
+fn without_query(path: &str) -> &str {
+    path.split_once('?').map_or(path, |(p, _)| p)
+}
+
 fn path_without_query<S: Serializer>(path: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(path.split_once('?').map_or(path, |(p, _)| p))
+    s.serialize_str(without_query(path))
 }
 
 impl AuditRecord {
@@ -254,19 +246,24 @@ pub fn format_client(addr: std::net::SocketAddr) -> String {
 }
 
 /// Appends `n` in decimal, zero-padded to at least `width` digits (at most 20, u64's widest).
-pub(crate) fn push_decimal(s: &mut String, mut n: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    // The loop below writes at most `digits.len()` digits whatever `width` asks for.
-    let width = width.clamp(1, digits.len());
-    let mut at = digits.len();
-    while n > 0 || digits.len() - at < width {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    for &d in &digits[at..] {
+pub(crate) fn push_decimal(s: &mut String, n: u64, width: usize) {
+    let mut buf = [b'0'; 20];
+    for &d in decimal(&mut buf, n, width) {
         s.push(char::from(d));
     }
+}
+
+/// `n` in decimal digits at the end of `buf`, zero-padded to at least `width` (1..=20).
+fn decimal(buf: &mut [u8; 20], mut n: u64, width: usize) -> &[u8] {
+    // The loop below writes at most `buf.len()` digits whatever `width` asks for.
+    let width = width.clamp(1, buf.len());
+    let mut at = buf.len();
+    while n > 0 || buf.len() - at < width {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    &buf[at..]
 }
 
 /// Why the audit log cannot be opened or continued.
