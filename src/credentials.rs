@@ -72,17 +72,16 @@ impl CredentialValue {
                     .to_vec(),
             )
         };
-        let mut percent = Zeroizing::new(Vec::with_capacity(raw.len() * 3));
-        percent_encode_into(raw, &mut percent);
+        let percent = percent_encoded(raw, is_unreserved);
         // Some encoders write lowercase hex digits (`%2f`); only the digits, not the value's
         // own letters (lowercasing the whole form missed every value with a capital letter).
         let percent_lower = lowercase_hex_digits(&percent);
         // Common encoders leave more than RFC 3986's unreserved characters raw.
-        let unreserved =
-            |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
-        let python_quote = percent_encoded(raw, |b| unreserved(b) || b == b'/');
-        let js_component = percent_encoded(raw, |b| unreserved(b) || b"!'()*".contains(&b));
-        let js_uri = percent_encoded(raw, |b| unreserved(b) || b"!'()*;,/?:@&=+$#".contains(&b));
+        let python_quote = percent_encoded(raw, |b| is_unreserved(b) || b == b'/');
+        let js_component = percent_encoded(raw, |b| is_unreserved(b) || b"!'()*".contains(&b));
+        let js_uri = percent_encoded(raw, |b| {
+            is_unreserved(b) || b"!'()*;,/?:@&=+$#".contains(&b)
+        });
         let js_escape = js_escape(secret.expose());
         let json = |escape| json_escaped(secret.expose(), escape);
         // The raw value always; an encoded form when it differs and is long enough not to match
@@ -724,18 +723,25 @@ fn with_query_param(uri: &Uri, param: &str, secret: &str) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
+/// RFC 3986 percent-encoding of everything but unreserved characters.
 fn percent_encode(s: &str) -> String {
     let mut out = Vec::with_capacity(s.len() * 3);
-    percent_encode_into(s.as_bytes(), &mut out);
+    percent_encode_into(s.as_bytes(), is_unreserved, &mut out);
     // Only ASCII was pushed.
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// RFC 3986 percent-encoding of everything but unreserved characters.
-fn percent_encode_into(bytes: &[u8], out: &mut Vec<u8>) {
+/// RFC 3986's unreserved characters: never percent-encoded.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Appends `bytes` percent-encoded (uppercase hex, UTF-8 bytes one by one) but for those
+/// `keep` leaves raw.
+fn percent_encode_into(bytes: &[u8], keep: impl Fn(u8) -> bool, out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+        if keep(b) {
             out.push(b);
         } else {
             out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
@@ -781,18 +787,10 @@ fn lowercase_hex_digits(encoded: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
     out
 }
 
-/// `bytes` percent-encoded (uppercase hex, UTF-8 bytes one by one) but for those `keep`
-/// leaves raw: how a given encoder writes a value.
+/// `bytes` as an encoder that leaves `keep` raw writes them, in a buffer that wipes itself.
 fn percent_encoded(bytes: &[u8], keep: impl Fn(u8) -> bool) -> zeroize::Zeroizing<Vec<u8>> {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = zeroize::Zeroizing::new(Vec::with_capacity(bytes.len() * 3));
-    for &b in bytes {
-        if keep(b) {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-        }
-    }
+    percent_encode_into(bytes, keep, &mut out);
     out
 }
 
