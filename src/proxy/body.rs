@@ -113,8 +113,10 @@ pub enum ProxyBody {
         /// The frame's own safe bytes, sent right after the held bytes the frame released.
         queued: Option<Bytes>,
         /// Runs while the upstream is quiet and the redactor holds bytes: they go out when
-        /// it fires (`HELD_FOR_AT_MOST`).
+        /// it fires (`HELD_FOR_AT_MOST`). Allocated once, re-armed per pause.
         pause: Option<Pin<Box<tokio::time::Sleep>>>,
+        /// Whether `pause` counts down the current pause (a new frame ends it).
+        pausing: bool,
     },
 }
 
@@ -153,6 +155,7 @@ impl ProxyBody {
             trailers: None,
             queued: None,
             pause: None,
+            pausing: false,
         }
     }
 }
@@ -179,6 +182,7 @@ impl Body for ProxyBody {
                 trailers,
                 queued,
                 pause,
+                pausing,
             } => loop {
                 if let Some(q) = queued.take().filter(|q| !q.is_empty()) {
                     *bytes += q.len() as u64;
@@ -204,12 +208,20 @@ impl Body for ProxyBody {
                         let Some(r) = redactor.as_mut().filter(|r| r.holds()) else {
                             return Poll::Pending;
                         };
-                        let timer = pause
-                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(HELD_FOR_AT_MOST)));
+                        let deadline = tokio::time::Instant::now() + HELD_FOR_AT_MOST;
+                        let timer = match pause {
+                            Some(timer) if !*pausing => {
+                                timer.as_mut().reset(deadline);
+                                timer
+                            }
+                            Some(timer) => timer,
+                            None => pause.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                        };
+                        *pausing = true;
                         if timer.as_mut().poll(cx).is_pending() {
                             return Poll::Pending;
                         }
-                        *pause = None;
+                        *pausing = false;
                         let held = r.finish();
                         *bytes += held.len() as u64;
                         return Poll::Ready(Some(Ok(Frame::data(held))));
@@ -236,7 +248,7 @@ impl Body for ProxyBody {
                             }
                             return Poll::Ready(Some(Err(end.as_str().into())));
                         }
-                        *pause = None;
+                        *pausing = false;
                         let frame = match (frame.into_data(), redactor.as_mut()) {
                             (Ok(data), Some(r)) => {
                                 let [held, own] = r.push(data);

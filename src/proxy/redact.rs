@@ -153,10 +153,13 @@ impl Redactor {
         if self.carry.is_empty() {
             return false;
         }
-        let mut joint = Zeroizing::new(Vec::with_capacity(2 * self.longest));
+        // On the stack for usual needle lengths: this runs for every frame of a body.
+        let mut joint: smallvec::SmallVec<[u8; 256]> = smallvec::SmallVec::new();
         joint.extend_from_slice(&self.carry);
         joint.extend_from_slice(chunk.get(..self.longest - 1).unwrap_or(chunk));
-        self.contains_any(&joint)
+        let found = self.contains_any(&joint);
+        zeroize::Zeroize::zeroize(joint.as_mut_slice());
+        found
     }
 
     /// Whether bytes are held back (the caller releases them after a pause in the stream).
