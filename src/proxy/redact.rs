@@ -153,13 +153,10 @@ impl Redactor {
         if self.carry.is_empty() {
             return false;
         }
-        // On the stack for usual needle lengths: this runs for every frame of a body.
-        let mut joint: smallvec::SmallVec<[u8; 256]> = smallvec::SmallVec::new();
+        let mut joint = Zeroizing::new(Vec::with_capacity(2 * self.longest));
         joint.extend_from_slice(&self.carry);
         joint.extend_from_slice(chunk.get(..self.longest - 1).unwrap_or(chunk));
-        let found = self.contains_any(&joint);
-        zeroize::Zeroize::zeroize(joint.as_mut_slice());
-        found
+        self.contains_any(&joint)
     }
 
     /// Whether bytes are held back (the caller releases them after a pause in the stream).
