@@ -344,7 +344,7 @@ fn secret_source(field: Field<'_>, base_dir: &Path, errs: &mut Errors) -> Option
                     key_pos: exec.key_pos,
                     path: &path,
                 };
-                argv.push(item.string(errs)?.value);
+                argv.push(item.text(errs, true)?.value);
             }
             if argv.is_empty() {
                 errs.push(

@@ -214,6 +214,30 @@ mod tests {
     }
 
     #[test]
+    fn escaped_control_characters_are_refused_too() {
+        // YAML's escapes spell what the raw check above cannot see.
+        let text = format!(
+            "{ADMIN}services: {{s: {{hosts: [s.example]}}}}\ncapabilities: {{}}\nagents:\n  bot: {{owner: \"a\\0b\", capabilities: [], max_ttl: 1h}}\n"
+        );
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:6:16: agents.bot.owner: must not contain control characters (found U+0000)"]
+        );
+        let text = format!(
+            "{ADMIN}services: {{s: {{hosts: [\"s.example\\e[2J\"]}}}}\ncapabilities: {{}}\nagents: {{}}\n"
+        );
+        assert_eq!(
+            errors(&text),
+            ["p.yaml:3:24: services.s.hosts[0]: must not contain control characters (found U+001B)"]
+        );
+        // A command's arguments may span lines (a script for `sh -c`); a tab is text anywhere.
+        let text = format!(
+            "{ADMIN}credentials:\n  k: {{source: {{exec: [sh, -c, \"echo a\\n\\techo b\"]}}}}\nservices: {{}}\ncapabilities: {{}}\nagents: {{}}\n"
+        );
+        assert_eq!(errors(&text), Vec::<String>::new());
+    }
+
+    #[test]
     fn invalid_utf8_is_reported_where_it_starts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.yaml");

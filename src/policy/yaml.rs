@@ -292,14 +292,32 @@ impl<'a> Field<'a> {
         )
     }
 
-    /// A non-empty string scalar.
+    /// A non-empty string scalar without control characters (but tab): a raw one is refused
+    /// before parsing, and this catches the escaped forms (`"a\0b"`, `"\x1b[2J"`), which would
+    /// otherwise reach names, hosts and log lines.
     pub fn string(&self, errs: &mut Errors) -> Option<Located<String>> {
+        self.text(errs, false)
+    }
+
+    /// `string`, where line breaks may be part of the value (a command's arguments).
+    pub fn text(&self, errs: &mut Errors, newlines: bool) -> Option<Located<String>> {
         match self.node {
-            Node::Scalar(s) if !self.is_null() && !s.as_str().is_empty() => Some(Located {
-                value: s.as_str().to_owned(),
-                pos: self.pos(),
-                path: self.path.to_owned(),
-            }),
+            Node::Scalar(s) if !self.is_null() && !s.as_str().is_empty() => {
+                let allowed = |c: char| c == '\t' || (newlines && c == '\n');
+                if let Some(c) = s.as_str().chars().find(|&c| c.is_control() && !allowed(c)) {
+                    let what = format!(
+                        "must not contain control characters (found U+{:04X})",
+                        u32::from(c)
+                    );
+                    errs.push(self.pos(), self.path, what);
+                    return None;
+                }
+                Some(Located {
+                    value: s.as_str().to_owned(),
+                    pos: self.pos(),
+                    path: self.path.to_owned(),
+                })
+            }
             Node::Scalar(_) => {
                 errs.push(self.pos(), self.path, "must not be empty");
                 None
