@@ -126,8 +126,8 @@ impl State {
         let generation = Generation::build(path, policy, &self.settings, &self.listeners).await?;
         let version = generation.policy.version().to_string();
         // SECURITY (SPEC §9): a task whose agent, or one of whose capabilities, the new policy
-        // no longer has (or no longer grants that agent) is revoked for good, its tunnels and
-        // streams ended now; putting them back later must not revive it.
+        // no longer has (or no longer grants that agent) is refused from its next request on,
+        // for good (putting them back later must not revive it); what it has in flight finishes.
         let compiled = &generation.policy;
         let withdrawn = |t: &crate::tasks::Task| match compiled.agent_grants(&t.agent) {
             None => true,
@@ -147,7 +147,7 @@ impl State {
             .collect();
         self.generation.store(Arc::new(generation));
         for task in &orphaned {
-            self.tasks.revoke(&task.id);
+            self.tasks.withdraw(&task.id);
         }
         if !orphaned.is_empty() {
             tracing::info!(

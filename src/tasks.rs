@@ -56,7 +56,10 @@ pub struct Task {
     used: AtomicU64,
     denied: AtomicU64,
     revoked: AtomicBool,
-    /// Woken when the task is revoked, so what is still open for it ends at once.
+    /// Revoked by an operator (not withdrawn by a reload): responses still streaming end too.
+    cut: AtomicBool,
+    /// Woken when the task is revoked or withdrawn, so the tunnels and relays still open for
+    /// it end at once.
     revocation: tokio::sync::Notify,
     in_flight: AtomicU32,
 }
@@ -98,6 +101,19 @@ impl Task {
     /// Whether the task has ended (revoked, or expired at `now`).
     pub fn ended_at(&self, now: SystemTime) -> Option<TaskEnd> {
         if self.is_revoked() {
+            Some(TaskEnd::Revoked)
+        } else if self.is_expired(now) {
+            Some(TaskEnd::Expired)
+        } else {
+            None
+        }
+    }
+
+    /// Whether a response still streaming for this task must stop now: the task was revoked
+    /// by an operator, or expired. A task a reload withdrew lets the requests it already had in
+    /// flight finish (SPEC §9: they finish under the policy they started with).
+    pub fn cut_at(&self, now: SystemTime) -> Option<TaskEnd> {
+        if self.cut.load(Ordering::Acquire) {
             Some(TaskEnd::Revoked)
         } else if self.is_expired(now) {
             Some(TaskEnd::Expired)
@@ -352,9 +368,22 @@ impl TaskStore {
         all
     }
 
-    /// Revokes at once: the next request of any connection holding this task is refused.
+    /// Revokes at once (an operator's `DELETE`): the next request of any connection holding
+    /// this task is refused, and responses still streaming for it stop.
     pub fn revoke(&self, id: &str) -> Option<Arc<Task>> {
         let task = self.get(id)?;
+        task.cut.store(true, Ordering::Release);
+        self.end(task)
+    }
+
+    /// Withdraws a task a reloaded policy no longer allows: refused from its next request on,
+    /// for good, while the requests it has in flight finish. Its tunnels and WebSocket relays
+    /// end now: they are open channels, not requests, and could otherwise outlive the policy.
+    pub fn withdraw(&self, id: &str) -> Option<Arc<Task>> {
+        self.end(self.get(id)?)
+    }
+
+    fn end(&self, task: Arc<Task>) -> Option<Arc<Task>> {
         task.revoked.store(true, Ordering::Release);
         task.revocation.notify_waiters();
         Some(task)
@@ -487,6 +516,7 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
         used: AtomicU64::new(0),
         denied: AtomicU64::new(0),
         revoked: AtomicBool::new(false),
+        cut: AtomicBool::new(false),
         revocation: tokio::sync::Notify::new(),
         in_flight: AtomicU32::new(0),
     })

@@ -397,6 +397,61 @@ async fn revoking_a_task_closes_its_tunnels_and_cuts_its_streams_at_once() {
 /// Upstream connections are pooled per service: sequential requests share one, a response
 /// still streaming never holds up another request (it gets its own connection), and the
 /// streaming one is reused once its body is done.
+/// SPEC §9: a reload that takes a capability from an agent denies its tasks from then on, but
+/// what they already have in flight finishes under the policy it started with. (An operator's
+/// revocation, above, cuts it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lets_a_withdrawn_tasks_requests_in_flight_finish() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    let slow = tokio::spawn(agent.get(f.plain_url("plain.test", "/slow")).send());
+    let mut stream = bounded(
+        "the event stream",
+        agent.get(f.plain_url("plain.test", "/sse")).send(),
+    )
+    .await
+    .unwrap();
+    let first = bounded("the first event", stream.chunk()).await.unwrap();
+    assert!(first.is_some_and(|c| c.starts_with(b"data: event 1")));
+
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let without = original.replacen(
+        "  reader:\n    owner: tests\n    capabilities: [plain.issues.read]\n    max_ttl: 10m\n",
+        "",
+        1,
+    );
+    assert_ne!(without, original);
+    std::fs::write(&kw.policy_path, &without).unwrap();
+    let (status, v) = kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+
+    // Both requests sent before the reload complete, whole...
+    let mut rest = Vec::new();
+    while let Some(chunk) = bounded("the rest of the stream", stream.chunk())
+        .await
+        .unwrap()
+    {
+        rest.extend_from_slice(&chunk);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("data: event 3"));
+    let slow = bounded("the slow answer", slow).await.unwrap().unwrap();
+    assert_eq!(slow.status(), 200);
+    assert_eq!(slow.text().await.unwrap(), "slow answer\n");
+    for path in ["/sse", "/slow"] {
+        let rec = kw
+            .audit_where("the finished request", |r| r["path"] == path)
+            .await;
+        assert_eq!(rec["status"], 200, "{rec}");
+        assert_ne!(rec["outcome"], "task_revoked", "{rec}");
+    }
+    // ...and the next one is refused.
+    let resp = kw.send(agent.get(f.plain_url("plain.test", "/echo"))).await;
+    kw.assert_denied(&resp, 407, "task_revoked").await;
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_reused_and_a_stream_holds_up_no_one() {
     let f = Fixture::start().await;

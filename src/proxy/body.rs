@@ -236,11 +236,12 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(Ok(frame))) => {
                         // SECURITY: a task revoked (or expired) while its response streams gets
-                        // nothing more, not even what already arrived.
+                        // nothing more, not even what already arrived. (One a reload withdrew
+                        // finishes what it started.)
                         let end = recorder
                             .as_ref()
                             .and_then(Recorder::task)
-                            .and_then(|t| t.ended_at(SystemTime::now()));
+                            .and_then(|t| t.cut_at(SystemTime::now()));
                         if let Some(end) = end {
                             if let Some(r) = recorder.take() {
                                 let found = redactor.as_ref().map_or(0, |r| r.found());
