@@ -5,6 +5,7 @@
 //! Owns the YAML-level rules: one document only, no duplicate keys, no anchors or tags. It must
 //! never put a scalar's value into an error message (a secret may be sitting in the wrong key).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -30,27 +31,30 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
     let strict = load(text, true)?;
     match strict {
         Ok(node) => Some(node),
-        Err(LoadError::DuplicateKey(dup)) => {
-            let first = marker_pos(dup.prev_key.span().start());
-            let again = marker_pos(dup.key.span().start());
-            let lenient = load(text, false).and_then(Result::ok);
-            let path = lenient
-                .as_ref()
-                .and_then(|tree| key_path_at(tree, first, ""))
-                .unwrap_or_default();
-            match path.rsplit_once('.') {
-                Some((parent, _)) if holds_secrets(parent) => errs.push(
-                    again,
-                    parent,
-                    format!("duplicate key (not repeated: it may be a secret; first written at {first})"),
-                ),
-                _ => errs.push(
-                    again,
-                    &path,
-                    format!("duplicate key `{}` (first written at {first})", dup.key.as_str()),
-                ),
+        Err(LoadError::DuplicateKey(_)) => {
+            // marked-yaml stops at the first duplicate; every one is reported.
+            for dup in duplicate_keys(text) {
+                let path = join(&dup.parent, &dup.key);
+                let first = dup.first;
+                // The keys these mappings may have are not secrets; anything else could be one
+                // pasted in the wrong place.
+                const KNOWN: &[&str] = &["listen", "token", "source", "refresh", "exec"];
+                if holds_secrets(&dup.parent) && !KNOWN.contains(&dup.key.as_str()) {
+                    errs.push(
+                        dup.again,
+                        &dup.parent,
+                        format!("duplicate key (not repeated: it may be a secret; first written at {first})"),
+                    );
+                } else {
+                    let key = &dup.key;
+                    errs.push(
+                        dup.again,
+                        &path,
+                        format!("duplicate key `{key}` (first written at {first})"),
+                    );
+                }
             }
-            lenient
+            load(text, false).and_then(Result::ok)
         }
         Err(e) => {
             let (pos, mut message) = describe_load_error(&e);
@@ -63,6 +67,91 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
             None
         }
     }
+}
+
+/// A key written twice in one mapping.
+struct Duplicate {
+    /// Key path of the mapping that holds it.
+    parent: String,
+    key: String,
+    first: Pos,
+    again: Pos,
+}
+
+/// Every duplicate key of `text`, in order, from the parser's events (the tree loader stops at
+/// the first). Stops quietly where the text stops parsing: the loader reports that.
+fn duplicate_keys(text: &str) -> Vec<Duplicate> {
+    use yaml_rust2::parser::{Event, Parser};
+    enum Frame {
+        /// `key` is the key whose value comes next (`None`: a key comes next).
+        Map {
+            path: String,
+            seen: HashMap<String, Pos>,
+            key: Option<String>,
+        },
+        Seq {
+            path: String,
+            next: usize,
+        },
+    }
+    /// The path of the node that starts now, and marks the parent's slot as taken.
+    fn child(stack: &mut [Frame]) -> Option<String> {
+        match stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Map { path, key, .. }) => key.take().map(|k| join(path, &k)),
+            Some(Frame::Seq { path, next }) => {
+                *next += 1;
+                Some(format!("{path}[{}]", *next - 1))
+            }
+        }
+    }
+    let mut parser = Parser::new_from_str(text);
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut out = Vec::new();
+    while let Ok((event, mark)) = parser.next_token() {
+        let pos = Pos::new(mark.line(), mark.col() + 1);
+        match event {
+            Event::StreamEnd => break,
+            Event::Scalar(value, ..) => match stack.last_mut() {
+                Some(Frame::Map { path, seen, key }) if key.is_none() => {
+                    if let Some(&first) = seen.get(&value) {
+                        out.push(Duplicate {
+                            parent: path.clone(),
+                            key: value.clone(),
+                            first,
+                            again: pos,
+                        });
+                    } else {
+                        seen.insert(value.clone(), pos);
+                    }
+                    *key = Some(value);
+                }
+                _ => {
+                    child(&mut stack);
+                }
+            },
+            Event::Alias(_) => {
+                child(&mut stack);
+            }
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                // A mapping or list as a key: the loader refuses that, and paths end here.
+                let Some(path) = child(&mut stack) else { break };
+                stack.push(match event {
+                    Event::MappingStart(..) => Frame::Map {
+                        path,
+                        seen: HashMap::new(),
+                        key: None,
+                    },
+                    _ => Frame::Seq { path, next: 0 },
+                });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                stack.pop();
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn load(text: &str, error_on_duplicates: bool) -> Option<Result<Node, LoadError>> {
@@ -172,25 +261,6 @@ pub(crate) fn node_pos(node: &Node) -> Option<Pos> {
             .first()
             .and_then(node_pos)
             .or_else(|| s.span().start().map(|m| marker_pos(Some(m)))),
-    }
-}
-
-/// The key path of the mapping key written at `pos`, if any.
-fn key_path_at(node: &Node, pos: Pos, prefix: &str) -> Option<String> {
-    match node {
-        Node::Scalar(_) => None,
-        Node::Mapping(m) => m.iter().find_map(|(k, v)| {
-            let path = join(prefix, k.as_str());
-            if marker_pos(k.span().start()) == pos {
-                Some(path)
-            } else {
-                key_path_at(v, pos, &path)
-            }
-        }),
-        Node::Sequence(s) => s
-            .iter()
-            .enumerate()
-            .find_map(|(i, v)| key_path_at(v, pos, &format!("{prefix}[{i}]"))),
     }
 }
 
@@ -562,6 +632,22 @@ mod tests {
             errs,
             ["p.yaml:3:1: a: duplicate key `a` (first written at 1:1)"]
         );
+    }
+
+    #[test]
+    fn every_duplicate_is_reported_not_only_the_first() {
+        let text = "admin:\n  token: env:A\n  token: env:B\ncredentials:\n  a: {source: env:X}\n  a: {source: env:Y}\nservices:\n  - {hosts: [x], hosts: [y]}\n  - s: {inject: 1, inject: 2}\n";
+        let (node, errs) = parse(text);
+        assert_eq!(
+            errs,
+            [
+                "p.yaml:3:3: admin.token: duplicate key `token` (first written at 2:3)",
+                "p.yaml:6:3: credentials.a: duplicate key `a` (first written at 5:3)",
+                "p.yaml:8:18: services[0].hosts: duplicate key `hosts` (first written at 8:6)",
+                "p.yaml:9:20: services[1].s.inject: duplicate key `inject` (first written at 9:9)",
+            ]
+        );
+        assert!(node.is_some(), "the walk goes on over the later values");
     }
 
     #[test]
