@@ -70,10 +70,16 @@ fn ambiguous_form(target: &str) -> Option<&'static str> {
     if path.contains("//") {
         return Some("empty segment");
     }
-    let dots = path
-        .split('/')
-        .map(|s| s.to_ascii_uppercase().replace("%2E", "."))
-        .any(|s| s == "." || s == "..");
+    // Dots alone (`.`, `..`, `...`), or padded with blanks (`..%20`, `%C2%A0.`).
+    let dots = path.split('/').any(|s| {
+        let s = s
+            .to_ascii_uppercase()
+            .replace("%2E", ".")
+            .replace("%20", " ")
+            .replace("%C2%A0", " ");
+        let inner = s.trim_matches(' ');
+        !inner.is_empty() && inner.chars().all(|c| c == '.' || c == ' ')
+    });
     if dots {
         return Some("dot segment");
     }
@@ -94,6 +100,9 @@ fn ambiguous_form(target: &str) -> Option<&'static str> {
         }
         match std::str::from_utf8(&bytes) {
             Err(_) => return Some("invalid UTF-8"),
+            Ok(text) if text.contains(|c| matches!(c, '\u{80}'..='\u{9F}')) => {
+                return Some("encoded C1 control")
+            }
             Ok(text) if text.contains(['\u{FF0E}', '\u{FF0F}', '\u{2024}']) => {
                 return Some("lookalike")
             }
@@ -122,6 +131,8 @@ fn tricky_target() -> impl Strategy<Value = String> {
         "%7e",
         "%41",
         "%2e%2e%2e",
+        "%20",
+        "%c2%a0",
         "%C3%A9",
         "~",
         "-",
@@ -165,6 +176,7 @@ fn tricky_target() -> impl Strategy<Value = String> {
         "\u{7f}",
         "\u{e9}",
         "%C0%AE",
+        "%C2%85",
         "%c0%2e",
         "%C3",
         "%EF%BC%8E",

@@ -101,7 +101,8 @@ impl fmt::Display for Ambiguity {
                 "the path contains `;` (raw or `%3B`), which some servers strip as a path parameter"
             }
             Ambiguity::DotSegment => {
-                "the path contains a `.` or `..` segment (possibly percent-encoded)"
+                "the path contains a `.` or `..` segment (possibly percent-encoded, or padded \
+                 with encoded blanks), or one of dots alone"
             }
             Ambiguity::EmptySegment => "the path contains an empty segment (`//`)",
             Ambiguity::InvalidUtf8 => {
@@ -249,7 +250,7 @@ pub fn canonicalize(target: &str) -> Result<CanonPath, Ambiguity> {
             if seg.is_empty() && idx + 1 != seg_count {
                 return Err(Ambiguity::EmptySegment);
             }
-            if seg == "." || seg == ".." {
+            if is_dot_segment(seg) {
                 return Err(Ambiguity::DotSegment);
             }
             let start = u16::try_from(start).map_err(|_| Ambiguity::TooLong)?;
@@ -271,6 +272,41 @@ pub fn canonicalize(target: &str) -> Result<CanonPath, Ambiguity> {
         raw_len: path.len(),
         segs,
     })
+}
+
+/// A segment of dots alone (`.`, `..`, `...`), or of dots and encoded blanks (`..%20`,
+/// `%C2%A0..`): servers that trim blanks from segments (Java's `trim`, JavaScript's `trim`) or
+/// drop trailing dots and spaces (Windows) read a dot segment. `seg` is canonical, so the only
+/// `%` in it begin triplets.
+fn is_dot_segment(seg: &str) -> bool {
+    if !seg.starts_with(['.', '%']) {
+        return false; // the common case, decided by one byte
+    }
+    if seg.bytes().all(|b| b == b'.') {
+        return true;
+    }
+    if !seg.contains('.') || !seg.contains('%') {
+        return false;
+    }
+    let decoded = percent_decode(seg);
+    let text = String::from_utf8_lossy(&decoded);
+    let inner = text.trim_matches(char::is_whitespace);
+    !inner.is_empty() && inner.chars().all(|c| c == '.' || c.is_whitespace())
+}
+
+fn percent_decode(raw: &str) -> Vec<u8> {
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut bytes = raw.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hi = bytes.next().and_then(hex_value).unwrap_or(0);
+            let lo = bytes.next().and_then(hex_value).unwrap_or(0);
+            decoded.push((hi << 4) | lo);
+        } else {
+            decoded.push(b);
+        }
+    }
+    decoded
 }
 
 /// Refuses the raw path bytes that are ambiguous by themselves.
@@ -347,18 +383,12 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), Ambiguity> {
 /// The segment fully percent-decoded must be UTF-8 without structural lookalikes. Only called
 /// for segments whose `%XX` triplets were already checked well-formed.
 fn check_encoded_text(raw: &str) -> Result<(), Ambiguity> {
-    let mut decoded = Vec::with_capacity(raw.len());
-    let mut bytes = raw.bytes();
-    while let Some(b) = bytes.next() {
-        if b == b'%' {
-            let hi = bytes.next().and_then(hex_value).unwrap_or(0);
-            let lo = bytes.next().and_then(hex_value).unwrap_or(0);
-            decoded.push((hi << 4) | lo);
-        } else {
-            decoded.push(b);
-        }
-    }
+    let decoded = percent_decode(raw);
     let text = std::str::from_utf8(&decoded).map_err(|_| Ambiguity::InvalidUtf8)?;
+    // C1 controls (`%C2%85` is NEL, a line break to some) are control bytes as much as C0's.
+    if text.chars().any(|c| matches!(c, '\u{80}'..='\u{9F}')) {
+        return Err(Ambiguity::ControlByte);
+    }
     if text.chars().any(is_structural_lookalike) {
         return Err(Ambiguity::Lookalike);
     }
@@ -474,6 +504,18 @@ mod tests {
             ("/%2E%2e", DotSegment),
             ("/.%2E", DotSegment),
             ("/a/%2e%2e/b", DotSegment),
+            ("/a/.../b", DotSegment),
+            ("/a/%2e%2e%2e", DotSegment),
+            ("/files/..%20/x", DotSegment),
+            ("/files/%20../x", DotSegment),
+            ("/files/.%09./x", ControlByte),
+            ("/files/..%C2%A0/x", DotSegment),
+            ("/files/..%E3%80%80/x", DotSegment),
+            ("/files/..%E2%80%A8/x", DotSegment),
+            ("/files/%20.%20.%20/x", DotSegment),
+            ("/a/%C2%80", ControlByte),
+            ("/a/%C2%85b", ControlByte),
+            ("/a/x%C2%9F", ControlByte),
             ("//", EmptySegment),
             ("//a", EmptySegment),
             ("///", EmptySegment),
@@ -520,7 +562,6 @@ mod tests {
             ("/%7E", &["~"]),
             ("/%7e", &["~"]),
             ("/a%2Db%5f%2E", &["a-b_."]),
-            ("/%2e%2e%2e", &["..."]),
             ("/%3a", &["%3A"]),
             ("/%3A", &["%3A"]),
             ("/a%3fb%23", &["a%3Fb%23"]),
@@ -543,6 +584,19 @@ mod tests {
         assert_eq!(segs("/a/b?x=1&y=/..//%2F;\\\u{e9}"), ["a", "b"]);
         assert_eq!(segs("/a?"), ["a"]);
         assert_eq!(segs("/a?b?c"), ["a"]);
+        // Dots with other text, and blanks without a dot segment inside, are ordinary names.
+        assert_eq!(
+            segs("/.well-known/..a/a../v1.2%20x/%20/%C2%A0a./%E2%80%83"),
+            [
+                ".well-known",
+                "..a",
+                "a..",
+                "v1.2%20x",
+                "%20",
+                "%C2%A0a.",
+                "%E2%80%83"
+            ]
+        );
 
         let p = canonicalize("/%61/b%62/c?x=%2F").unwrap();
         assert_eq!(p.raw_path(), "/%61/b%62/c");
