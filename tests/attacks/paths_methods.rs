@@ -30,6 +30,10 @@ fn ambiguous_paths() -> Vec<(String, &'static str)> {
         ("/repos/acme/web/%2e./web/issues", "dot_segment"),
         ("/repos/acme/%2e/web/issues", "dot_segment"),
         ("/repos/acme/web/issues/%2E", "dot_segment"),
+        ("/repos/acme/web/..%20/web/issues", "dot_segment"),
+        ("/repos/acme/web/%C2%A0../web/issues", "dot_segment"),
+        ("/repos/acme/web/..%E3%80%80/web/issues", "dot_segment"),
+        ("/repos/acme/.../issues", "dot_segment"),
         ("/repos/acme%2Fweb/x/issues", "encoded_slash"),
         ("/repos/acme%2fweb/x/issues", "encoded_slash"),
         ("/repos/acme/web%2F..%2F..%2Fadmin/issues", "encoded_slash"),
@@ -70,6 +74,8 @@ fn ambiguous_paths() -> Vec<(String, &'static str)> {
         ("/repos/acme/web/issues%09", "control_byte"),
         ("/repos/acme/web/issues%1F", "control_byte"),
         ("/repos/acme/web/issues%7f", "control_byte"),
+        ("/repos/acme/web/issues%C2%85", "control_byte"),
+        ("/repos/acme/web/issues%c2%9f", "control_byte"),
     ]
     .iter()
     .map(|(p, c)| (p.to_string(), *c))
