@@ -53,28 +53,34 @@ pub struct TunnelHost {
     pub port: u16,
 }
 
-/// Headers that ask a server to treat a request as another method (SPEC §4.4).
-const METHOD_OVERRIDES: [&str; 5] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-    "x-original-method",
-    "x-forwarded-method",
-];
-
-/// Headers that ask a server (or the proxy in front of it) to route by another path than the
-/// request line's: Symfony and Zend's `X-Original-URL`/`X-Rewrite-URL` (CVE-2018-14773), IIS
-/// URL Rewrite, nginx and Envoy's forwarded-path headers. The path decided on must be the one
-/// the upstream routes by.
-const PATH_OVERRIDES: [&str; 8] = [
-    "x-original-url",
-    "x-rewrite-url",
-    "x-original-uri",
-    "x-override-url",
-    "x-forwarded-uri",
-    "x-forwarded-path",
-    "x-forwarded-prefix",
-    "x-envoy-original-path",
+/// Headers that ask a server (or the gateway in front of it) to read the request as another
+/// than its request line says, with the detail code each is refused with (SPEC §4.4 "method-
+/// override headers and kin"):
+/// - another method;
+/// - another path: Symfony and Zend's `X-Original-URL`/`X-Rewrite-URL` (CVE-2018-14773), IIS
+///   URL Rewrite, nginx and Envoy's forwarded-path headers;
+/// - another host: gateways and frameworks that trust forwarded-host headers route (or build
+///   links) by them, so a credentialed request could reach another virtual host or tenant
+///   than the one decided on (SPEC §4.2: the destination decides, never a header).
+const OVERRIDES: [(&str, &str); 18] = [
+    ("x-http-method-override", "method_override"),
+    ("x-http-method", "method_override"),
+    ("x-method-override", "method_override"),
+    ("x-original-method", "method_override"),
+    ("x-forwarded-method", "method_override"),
+    ("x-original-url", "path_override"),
+    ("x-rewrite-url", "path_override"),
+    ("x-original-uri", "path_override"),
+    ("x-override-url", "path_override"),
+    ("x-forwarded-uri", "path_override"),
+    ("x-forwarded-path", "path_override"),
+    ("x-forwarded-prefix", "path_override"),
+    ("x-envoy-original-path", "path_override"),
+    ("x-forwarded-host", "host_override"),
+    ("x-forwarded-server", "host_override"),
+    ("x-host", "host_override"),
+    ("x-original-host", "host_override"),
+    ("x-http-host-override", "host_override"),
 ];
 
 /// The request head's size as HTTP/1 sends it (request line and header lines with their
@@ -165,19 +171,18 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if parts.method == Method::CONNECT {
         return Err(ambiguous("nested_connect"));
     }
-    if parts
-        .headers
-        .keys()
-        .any(|k| spells_any(&METHOD_OVERRIDES, k.as_str()))
-    {
-        return Err(ambiguous("method_override"));
+    if let Some(code) = parts.headers.keys().find_map(|k| override_code(k.as_str())) {
+        return Err(ambiguous(code));
     }
+    // `Forwarded` (RFC 7239) is fine for `for=` and `by=`, which a proxy in front may add;
+    // its `host=` is a host override.
     if parts
         .headers
-        .keys()
-        .any(|k| spells_any(&PATH_OVERRIDES, k.as_str()))
+        .get_all(http::header::FORWARDED)
+        .iter()
+        .any(|v| names_host(v.as_bytes()))
     {
-        return Err(ambiguous("path_override"));
+        return Err(ambiguous("host_override"));
     }
     // SECURITY: Laravel, Symfony and Express's method-override read `_method` from the query
     // string too: `POST /x?_method=DELETE` is a DELETE there.
@@ -282,13 +287,27 @@ fn is_method_name(name: impl Iterator<Item = u8>) -> bool {
 
 /// SECURITY: CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable,
 /// so `X_HTTP_Method_Override` is honoured as the override it spells.
-fn spells_any(names: &[&str], name: &str) -> bool {
-    names.iter().any(|o| {
-        o.len() == name.len()
+/// The detail code of the override header `name` spells, in any case and with `_` for `-`.
+fn override_code(name: &str) -> Option<&'static str> {
+    // Every override name starts with `x-`/`x_`: most headers are out after one byte.
+    if !name.starts_with(['x', 'X']) {
+        return None;
+    }
+    OVERRIDES.iter().find_map(|&(o, code)| {
+        let same = o.len() == name.len()
             && o.bytes()
                 .zip(name.bytes())
-                .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
+                .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'));
+        same.then_some(code)
     })
+}
+
+/// Whether a `Forwarded` value has a `host` parameter (`for=a;host=b, for=c`).
+fn names_host(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',' || b == b';')
+        .filter_map(|pair| pair.split(|&b| b == b'=').next())
+        .any(|key| key.trim_ascii().eq_ignore_ascii_case(b"host"))
 }
 
 fn canon_path(parts: &Parts) -> Result<CanonPath, TargetError> {
@@ -388,7 +407,37 @@ mod tests {
     }
 
     fn is_method_override_name(name: &str) -> bool {
-        spells_any(&METHOD_OVERRIDES, name)
+        override_code(name) == Some("method_override")
+    }
+
+    #[test]
+    fn host_overrides_are_found_and_forwarded_only_with_a_host() {
+        for name in [
+            "x-forwarded-host",
+            "X_Forwarded_Host",
+            "x-host",
+            "x-forwarded-server",
+        ] {
+            assert_eq!(override_code(name), Some("host_override"), "{name}");
+        }
+        for name in ["x-forwarded-for", "x-forwarded-proto", "host", "x-hosts"] {
+            assert_eq!(override_code(name), None, "{name}");
+        }
+        for v in [
+            "host=evil.test",
+            "for=1.2.3.4;Host=\"b\"",
+            "for=a, for=b; host = c",
+        ] {
+            assert!(names_host(v.as_bytes()), "{v}");
+        }
+        for v in [
+            "for=1.2.3.4",
+            "for=a;by=b;proto=https",
+            "for=\"host=x\"",
+            "",
+        ] {
+            assert!(!names_host(v.as_bytes()), "{v}");
+        }
     }
 
     #[test]

@@ -809,3 +809,60 @@ async fn path_override_headers_are_refused_in_every_spelling() {
     assert_eq!(f.tls.hits(), 0);
     kw.assert_no_leaks().await;
 }
+
+/// Headers that make a gateway or framework route by another host than the one decided on
+/// (`X-Forwarded-Host`, `Forwarded: host=`) are refused, on the plain listener and in a tunnel;
+/// a `Forwarded` that only says who forwarded (`for=`) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_override_headers_are_refused_in_every_spelling() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let headers = [
+        "X-Forwarded-Host: other.test",
+        "x_forwarded_host: other.test",
+        "X-Host: other.test",
+        "X-Forwarded-Server: other.test",
+        "X-Original-Host: other.test",
+        "Forwarded: host=other.test",
+        "Forwarded: for=192.0.2.1;proto=https;Host=\"other.test\"",
+    ];
+    for header in headers {
+        let resp = kw
+            .raw(&plain_get(
+                &f,
+                "GET",
+                "/repos/acme/web/issues",
+                &task,
+                &format!("{header}\r\n"),
+            ))
+            .await;
+        assert_ambiguous(kw, &resp, "host_override", header).await;
+    }
+    assert_eq!(f.plain.hits(), 0);
+    let resp = kw
+        .raw(&plain_get(
+            &f,
+            "GET",
+            "/repos/acme/web/issues",
+            &task,
+            "Forwarded: for=192.0.2.1;proto=http\r\n",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let resp = in_tunnel(
+        &f,
+        &task,
+        &tunnel_get(
+            &f,
+            "GET",
+            "/repos/acme/web/issues",
+            "X-Forwarded-Host: other.test\r\n",
+        ),
+    )
+    .await;
+    assert_ambiguous(kw, &resp, "host_override", "in a tunnel").await;
+    assert_eq!(f.tls.hits(), 0);
+    kw.assert_no_leaks().await;
+}
