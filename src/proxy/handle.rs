@@ -494,7 +494,7 @@ async fn refuse(
         .hint
         .map(|c| generation.policy.capability_at(c).name.as_str());
     let task = draft.rec.task.clone();
-    let resp = respond::deny(&DenyInfo {
+    let mut resp = respond::deny(&DenyInfo {
         reason,
         request_id: draft.request_id(),
         task: task.as_deref(),
@@ -503,10 +503,20 @@ async fn refuse(
     });
     draft.write(state, reason, reason.status().as_u16()).await;
     if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-        if let Some(t) = &ctx.tunnel {
+        match &ctx.tunnel {
             // Graceful close: HTTP/1.1 answers this request with `Connection: close`, HTTP/2
             // sends GOAWAY after it.
-            t.close.notify_one();
+            Some(t) => t.close.notify_one(),
+            // SECURITY (I7): a client that cannot authenticate does not keep its connection,
+            // or a few of them, asking once in a while, would hold every connection place
+            // (no timeout fires on a connection that keeps sending complete heads). A client
+            // that waited for the challenge sends its credentials on a new connection.
+            None => {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
         }
     }
     resp

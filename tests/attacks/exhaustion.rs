@@ -382,6 +382,49 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     kw.assert_no_leaks().await;
 }
 
+/// A client that cannot authenticate does not keep its connection: asking once in a while
+/// without a token (no timeout fires between complete heads) it held every place under
+/// `max_connections`, and tasks waited in the backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_valid_token_cannot_hold_the_connection_places() {
+    let f = Fixture::start_with(|p| with_proxy(p, "  max_connections: 3\n")).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    // Keep-alive heads: without a token, and with a token keyward never issued.
+    let port = f.plain.port();
+    let anonymous =
+        format!("GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\n\r\n");
+    let forged = format!(
+        "GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: Basic dGFzay14Omt3X3g=\r\n\r\n"
+    );
+    let mut hogs = Vec::new();
+    for head in [&anonymous, &forged, &anonymous] {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let resp = crate::common::read_response(&mut tcp).await;
+        assert_eq!(resp.status, 407, "{}", resp.text());
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+        hogs.push(tcp);
+    }
+    // Each is closed after its 407 (a second head would get nothing)...
+    for tcp in &mut hogs {
+        let _ = tcp.write_all(anonymous.as_bytes()).await;
+        let mut rest = Vec::new();
+        let read = bounded("the close after a 407", tcp.read_to_end(&mut rest)).await;
+        assert!(
+            read.is_err() || rest.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    // ...so the places are free for a task while the hogs still hold their sockets.
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "plain.test", "/echo", &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tasks_stalled_connections_cannot_starve_another_task_past_the_head_timeout() {
     let f = Fixture::start_with(|p| {
