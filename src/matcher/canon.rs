@@ -704,7 +704,9 @@ mod tests {
                     j += 1;
                 }
             }
-            if (s.is_empty() && i + 1 != parts.len()) || s == "." || s == ".." {
+            if (s.is_empty() && i + 1 != parts.len())
+                || (!s.is_empty() && s.trim_matches('.').is_empty())
+            {
                 return None;
             }
             out.push(s);
