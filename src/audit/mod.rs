@@ -50,6 +50,7 @@ pub struct AuditRecord {
     /// The credential's name, never its value.
     pub credential: Option<String>,
     pub status: u16,
+    /// Milliseconds to the microsecond ([`millis`]).
     pub upstream_ms: Option<f64>,
     pub bytes_up: u64,
     pub bytes_down: u64,
@@ -61,6 +62,12 @@ pub struct AuditRecord {
     /// list: an addition that tells a reviewer whether the agent saw the whole response.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<&'static str>,
+}
+
+/// A duration in milliseconds, to the microsecond: `2.521`, never `2.5218800000000003` (the
+/// quotient of whole microseconds is the double nearest the decimal, which prints short).
+pub fn millis(d: std::time::Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 impl AuditRecord {
@@ -285,6 +292,21 @@ pub enum AuditError {
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    #[test]
+    fn durations_print_to_the_microsecond_without_float_noise() {
+        use std::time::Duration;
+        assert_eq!(
+            millis(Duration::from_nanos(2_521_880_123)).to_string(),
+            "2521.88"
+        );
+        assert_eq!(millis(Duration::from_nanos(2_521_880)).to_string(), "2.521");
+        for us in (0..200_000u64).step_by(7) {
+            let text = millis(Duration::from_micros(us)).to_string();
+            let decimals = text.split_once('.').map_or(0, |(_, d)| d.len());
+            assert!(decimals <= 3, "{us} µs printed as {text}");
+        }
+    }
 
     #[test]
     fn ts_is_rfc3339_utc_with_microseconds() {

@@ -242,7 +242,7 @@ async fn handle_request(
                 // stripped as hop-by-hop: `gzip, chunked` is a coding too).
                 let service = draft.rec.service.clone().unwrap_or_default();
                 state.metrics.upstream_error(&service, "protocol");
-                draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
                 draft.rec.outcome = Some("encoded_response");
                 let resp = respond::failure(
                     Failure::BadGateway,
@@ -284,7 +284,7 @@ async fn handle_request(
         // The agent's own body broke (malformed chunking, a hang-up mid-body): its fault, not
         // the upstream's, so no 502 and no upstream error counted.
         Err(UpstreamError::Failed { .. }) if upload.agent_failed() => {
-            draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
             draft.rec.bytes_up = upload.bytes();
             draft.rec.outcome = Some("agent_body_error");
             let resp = respond::failure(
@@ -309,7 +309,7 @@ async fn handle_request(
             };
             let service = draft.rec.service.clone().unwrap_or_default();
             state.metrics.upstream_error(&service, kind);
-            draft.rec.upstream_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
             draft.rec.outcome = Some(kind);
             let resp = respond::failure(failure, draft.request_id(), draft.rec.task.as_deref());
             draft

@@ -53,7 +53,7 @@ impl Drop for RecordDraft {
                 false => ("client_closed", CLIENT_CLOSED),
             };
             self.rec.outcome = Some(outcome);
-            self.rec.upstream_ms = Some(self.started.elapsed().as_secs_f64() * 1000.0);
+            self.rec.upstream_ms = Some(crate::audit::millis(self.started.elapsed()));
             self.finish(&state, reason, status);
             state.audit.write_detached(std::mem::take(&mut self.rec));
         }
@@ -225,7 +225,7 @@ impl RecordDraft {
     ) -> Recorder {
         self.armed = None;
         self.fill(Reason::Allowed, status);
-        self.rec.upstream_ms = Some(upstream_started.elapsed().as_secs_f64() * 1000.0);
+        self.rec.upstream_ms = Some(crate::audit::millis(upstream_started.elapsed()));
         Recorder {
             state,
             draft: self,
