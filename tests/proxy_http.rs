@@ -396,8 +396,11 @@ async fn constraint_mismatch_outside_the_tasks_where() {
     assert_eq!(ok.status, 200, "{}", ok.body);
     for path in ["/repos/evil/web/issues", "/repos/acme/other/issues/7"] {
         let resp = kw.send(agent.get(f.plain_url("plain.test", path))).await;
-        let (_, rec) = kw.assert_denied(&resp, 403, "constraint_mismatch").await;
+        let (problem, rec) = kw.assert_denied(&resp, 403, "constraint_mismatch").await;
         assert_eq!(rec["capability"], "plain.issues.read", "{rec}");
+        // The agent learns which capability's constraints it broke.
+        assert_eq!(problem["capability"], "plain.issues.read", "{problem}");
+        assert!(problem["detail"].as_str().unwrap().contains("`plain.issues.read`"));
     }
     assert_eq!(f.plain.hits(), 1);
     kw.assert_no_leaks().await;
@@ -565,8 +568,10 @@ async fn high_risk_capability_requires_approval() {
                 .delete(f.plain_url("plain.test", "/admin/everything")),
         )
         .await;
-    let (_, rec) = kw.assert_denied(&resp, 403, "approval_required").await;
+    let (problem, rec) = kw.assert_denied(&resp, 403, "approval_required").await;
     assert_eq!(rec["capability"], "plain.admin");
+    assert_eq!(problem["capability"], "plain.admin", "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("`plain.admin`"));
     assert_eq!(rec["risk"], "high");
     assert_eq!(f.plain.hits(), 0);
     kw.assert_no_leaks().await;

@@ -489,10 +489,15 @@ async fn refuse(
             draft.rec.service = t.service.clone();
         }
     }
-    let hint = refusal
-        .denial
-        .hint
-        .map(|c| generation.policy.capability_at(c).name.as_str());
+    // SPEC §4.3: the detail names the capability that would allow the request. For a broken
+    // constraint or a missing approval that is the intent's own capability that matched.
+    let named = match reason {
+        Reason::ConstraintMismatch | Reason::ApprovalRequired => {
+            refusal.denial.capability.or(refusal.denial.hint)
+        }
+        _ => refusal.denial.hint,
+    };
+    let hint = named.map(|c| generation.policy.capability_at(c).name.as_str());
     let task = draft.rec.task.clone();
     let mut resp = respond::deny(&DenyInfo {
         reason,

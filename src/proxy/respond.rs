@@ -90,7 +90,10 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::UnknownHost => "The host is not a configured service or passthrough host.".into(),
         Reason::RouteNotInIntent => ask("The request is not in the task's intent."),
         Reason::MethodNotAllowed => ask("The path is in the task's intent but this method is not."),
-        Reason::ConstraintMismatch => "A path parameter is outside the constraints the task was minted with.".into(),
+        Reason::ConstraintMismatch => match info.hint {
+            Some(cap) => format!("A path parameter is outside the constraints the task was minted with for capability `{cap}`; ask for a task whose constraints include it."),
+            None => "A path parameter is outside the constraints the task was minted with.".into(),
+        },
         Reason::AmbiguousRequest => match info.ambiguity {
             Some(code) => format!("The request could be read two ways ({code}); send it in canonical form."),
             None => "The request could be read two ways; send it in canonical form.".into(),
@@ -99,7 +102,10 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::BlockedAddress => "The upstream resolves to a loopback, private, link-local or metadata address.".into(),
         Reason::BudgetExhausted if info.ambiguity == Some(IN_FLIGHT) => "The task has as many requests in flight as one task may (proxy.max_task_in_flight); retry when one completes.".into(),
         Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
-        Reason::ApprovalRequired => "The capability is high-risk and needs an approval.".into(),
+        Reason::ApprovalRequired => match info.hint {
+            Some(cap) => format!("Capability `{cap}` is high-risk and needs an approval."),
+            None => "The capability is high-risk and needs an approval.".into(),
+        },
         Reason::SecretEgress => "The request carries a real credential's value; it must never leave keyward.".into(),
         Reason::CredentialUnavailable => "The credential for this service cannot be read now; nothing was sent.".into(),
     }
