@@ -400,7 +400,10 @@ async fn constraint_mismatch_outside_the_tasks_where() {
         assert_eq!(rec["capability"], "plain.issues.read", "{rec}");
         // The agent learns which capability's constraints it broke.
         assert_eq!(problem["capability"], "plain.issues.read", "{problem}");
-        assert!(problem["detail"].as_str().unwrap().contains("`plain.issues.read`"));
+        assert!(problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("`plain.issues.read`"));
     }
     assert_eq!(f.plain.hits(), 1);
     kw.assert_no_leaks().await;
@@ -417,8 +420,26 @@ async fn unknown_host_is_refused() {
                 .get(format!("http://nowhere.test:{}/x", f.plain.port())),
         )
         .await;
-    let (_, rec) = kw.assert_denied(&resp, 403, "unknown_host").await;
+    let (problem, rec) = kw.assert_denied(&resp, 403, "unknown_host").await;
     assert_eq!(rec["host"], "nowhere.test");
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("not a configured service"));
+    // A configured host on a port (or scheme) its service does not use: the detail says so.
+    let wrong_port = f.plain.port().wrapping_add(1);
+    for url in [
+        format!("http://plain.test:{wrong_port}/echo"),
+        format!("http://secure.test:{}/echo", f.tls.port()),
+    ] {
+        let resp = kw.send(kw.agent(&task).get(&url)).await;
+        let (problem, _) = kw.assert_denied(&resp, 403, "unknown_host").await;
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("on another port or scheme"),
+            "{url}: {detail}"
+        );
+    }
     assert_eq!(f.plain.hits(), 0);
     kw.assert_no_leaks().await;
 }
@@ -571,7 +592,10 @@ async fn high_risk_capability_requires_approval() {
     let (problem, rec) = kw.assert_denied(&resp, 403, "approval_required").await;
     assert_eq!(rec["capability"], "plain.admin");
     assert_eq!(problem["capability"], "plain.admin", "{problem}");
-    assert!(problem["detail"].as_str().unwrap().contains("`plain.admin`"));
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("`plain.admin`"));
     assert_eq!(rec["risk"], "high");
     assert_eq!(f.plain.hits(), 0);
     kw.assert_no_leaks().await;

@@ -197,6 +197,13 @@ impl CompiledPolicy {
         find_table(&self.wildcard, scheme, parent_of(host)?, port)
     }
 
+    /// Whether some service has `host` under any scheme and port (to tell an agent that
+    /// reached a configured host on the wrong port why it was `unknown_host`).
+    pub fn serves_host(&self, host: &str) -> bool {
+        self.exact.contains_key(host)
+            || parent_of(host).is_some_and(|p| self.wildcard.contains_key(p))
+    }
+
     /// Whether CONNECTs to `host` (any port) are tunnelled blind.
     pub fn is_passthrough(&self, host: &str) -> bool {
         self.passthrough_exact.contains(host)

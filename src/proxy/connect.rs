@@ -135,9 +135,7 @@ async fn refuse(
     denial: Denial,
     code: Option<&'static str>,
 ) -> Response<ProxyBody> {
-    let hint = denial
-        .hint
-        .map(|c| generation.policy.capability_at(c).name.as_str());
+    let (hint, code) = respond::explain(&generation.policy, &denial, code, &draft.rec.host);
     let task = draft.rec.task.clone();
     let resp = respond::deny(&DenyInfo {
         reason: denial.reason,

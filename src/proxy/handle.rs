@@ -489,22 +489,19 @@ async fn refuse(
             draft.rec.service = t.service.clone();
         }
     }
-    // SPEC §4.3: the detail names the capability that would allow the request. For a broken
-    // constraint or a missing approval that is the intent's own capability that matched.
-    let named = match reason {
-        Reason::ConstraintMismatch | Reason::ApprovalRequired => {
-            refusal.denial.capability.or(refusal.denial.hint)
-        }
-        _ => refusal.denial.hint,
-    };
-    let hint = named.map(|c| generation.policy.capability_at(c).name.as_str());
+    let (hint, code) = respond::explain(
+        &generation.policy,
+        &refusal.denial,
+        refusal.code,
+        &draft.rec.host,
+    );
     let task = draft.rec.task.clone();
     let mut resp = respond::deny(&DenyInfo {
         reason,
         request_id: draft.request_id(),
         task: task.as_deref(),
         hint,
-        ambiguity: refusal.code,
+        ambiguity: code,
     });
     draft.write(state, reason, reason.status().as_u16()).await;
     if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {

@@ -7,6 +7,8 @@ use http::header::{HeaderValue, CONTENT_TYPE, PROXY_AUTHENTICATE};
 use http::{Response, StatusCode};
 use serde::Serialize;
 
+use crate::decide::Denial;
+use crate::policy::CompiledPolicy;
 use crate::proxy::body::ProxyBody;
 use crate::reason::Reason;
 
@@ -37,6 +39,31 @@ pub struct DenyInfo<'a> {
     /// Extra precision for `ambiguous_request` (a closed-set code such as `dot_segment`).
     pub ambiguity: Option<&'static str>,
 }
+
+/// What a denial tells the agent beyond its reason (SPEC §4.3): the capability that would
+/// allow the request (for a broken constraint or a missing approval, the intent's own one that
+/// matched), and a code that makes the detail precise.
+pub fn explain<'p>(
+    policy: &'p CompiledPolicy,
+    denial: &Denial,
+    code: Option<&'static str>,
+    host: &str,
+) -> (Option<&'p str>, Option<&'static str>) {
+    let named = match denial.reason {
+        Reason::ConstraintMismatch | Reason::ApprovalRequired => denial.capability.or(denial.hint),
+        _ => denial.hint,
+    };
+    let hint = named.map(|c| policy.capability_at(c).name.as_str());
+    let code = match denial.reason {
+        Reason::UnknownHost if code.is_none() && policy.serves_host(host) => Some(OTHER_PORT),
+        _ => code,
+    };
+    (hint, code)
+}
+
+/// `DenyInfo::ambiguity` of an `unknown_host` whose host a service has on another port or
+/// scheme.
+const OTHER_PORT: &str = "other_port";
 
 /// A denial: the reason's status, `X-Keyward-Reason`, a problem document; 407s carry the
 /// `Proxy-Authenticate` challenge.
@@ -87,6 +114,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::InvalidToken => "The proxy credentials do not name a known task.".into(),
         Reason::TaskExpired => "The task has expired; mint a new one.".into(),
         Reason::TaskRevoked => "The task was revoked.".into(),
+        Reason::UnknownHost if info.ambiguity == Some(OTHER_PORT) => "The host belongs to a configured service, but on another port or scheme (an `https` service is reached through CONNECT, an `http` one in absolute form).".into(),
         Reason::UnknownHost => "The host is not a configured service or passthrough host.".into(),
         Reason::RouteNotInIntent => ask("The request is not in the task's intent."),
         Reason::MethodNotAllowed => ask("The path is in the task's intent but this method is not."),
