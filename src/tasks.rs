@@ -49,6 +49,9 @@ pub struct Task {
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
     pub max_requests: Option<u64>,
+    /// Unique for the life of the process (an id may be minted again once it is forgotten):
+    /// upstream HTTP/1 connections are reused by the task that opened them only.
+    pub serial: u64,
     /// Capability name → position of its first grant in `intent`, for long intents.
     /// foldhash: the names were checked against the policy at mint time.
     grant_index: Option<HashMap<Box<str>, usize, foldhash::fast::RandomState>>,
@@ -512,6 +515,10 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
         created_at: now,
         expires_at: now + ttl,
         max_requests: spec.max_requests,
+        serial: {
+            static NEXT: AtomicU64 = AtomicU64::new(1);
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        },
         token_hash: [0; 32],
         used: AtomicU64::new(0),
         denied: AtomicU64::new(0),

@@ -7,7 +7,10 @@
 //! verifies TLS for the request's host with no way to turn verification off. Pools are per
 //! service and host: a connection that carried one service's credential never carries
 //! another's, and a request for one host never goes out on a connection dialled, checked and
-//! verified for another (a wildcard service's, or one with several hosts).
+//! verified for another (a wildcard service's, or one with several hosts). An HTTP/1
+//! connection carries one task's requests only: an upstream that sends more than a response's
+//! framing says (a response-splitting bug an agent can feed, a short `Content-Length`) shifts
+//! every later response on its connection by one, which must not hand one task another's.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -195,6 +198,8 @@ struct Pooled {
     sender: http1::SendRequest<UpBody>,
     /// when it last carried a request
     used: Instant,
+    /// The task whose requests it carries (`Task::serial`).
+    task: u64,
 }
 
 impl Pooled {
@@ -210,39 +215,44 @@ enum Sender {
 }
 
 impl ServicePool {
-    /// Sends `req` (absolute-form URI, no `Host`) on a pooled connection or a new one and
-    /// returns the response head; the body streams afterwards.
+    /// Sends `req` (absolute-form URI, no `Host`) for the task with serial `task` on a pooled
+    /// connection or a new one and returns the response head; the body streams afterwards.
+    /// HTTP/1 connections are reused by their own task only; an HTTP/2 one is shared (each
+    /// response is tied to its request's stream).
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpBody>,
+        task: u64,
     ) -> Result<Response<Incoming>, SendError> {
         if req.headers().contains_key(http::header::UPGRADE) {
             // A WebSocket upgrade takes over its connection: a fresh HTTP/1.1 one, even when
             // the upstream speaks HTTP/2 to everything else.
-            return self.send_new(req, true).await;
+            return self.send_new(req, true, task).await;
         }
         if let Some(mut h2) = self.live_http2() {
             return h2.send_request(req).await.map_err(SendError::Protocol);
         }
-        if let Some(sender) = self.checkout_http1() {
+        if let Some(sender) = self.checkout_http1(task) {
             let again = replayable(&req);
-            match self.send_http1(sender, req).await {
+            match self.send_http1(sender, req, task).await {
                 // The connection closed before the request was written (the upstream timed it
                 // out as we took it): nothing was sent, so a new connection may carry it.
-                Err(Retry::Unsent(req)) => return self.send_new(req, false).await,
+                Err(Retry::Unsent(req)) => return self.send_new(req, false, task).await,
                 // The upstream closed the reused connection as the request went out, before
                 // any answer (the keep-alive race): a bodyless GET, HEAD or OPTIONS is sent
                 // once more on a new connection (RFC 9110 §9.2.2); anything else is not.
                 Err(Retry::Failed(e)) => {
                     return match again {
-                        Some(req) if closed_before_answer(&e) => self.send_new(req, false).await,
+                        Some(req) if closed_before_answer(&e) => {
+                            self.send_new(req, false, task).await
+                        }
                         _ => Err(SendError::Protocol(e)),
                     }
                 }
                 Ok(resp) => return Ok(resp),
             }
         }
-        self.send_new(req, false).await
+        self.send_new(req, false, task).await
     }
 
     /// Sends on a new connection; `http1_only` offers only HTTP/1.1 by ALPN.
@@ -250,6 +260,7 @@ impl ServicePool {
         self: &Arc<Self>,
         req: Request<UpBody>,
         http1_only: bool,
+        task: u64,
     ) -> Result<Response<Incoming>, SendError> {
         // Boxed: dialling (TCP, TLS, the HTTP/2 handshake) is a 6.5 KB future, which would
         // otherwise make every request's future that large, copied as it is awaited; a new
@@ -264,7 +275,7 @@ impl ServicePool {
                 }
                 h2.send_request(req).await.map_err(SendError::Protocol)
             }
-            Sender::Http1(sender) => match self.send_http1(sender, req).await {
+            Sender::Http1(sender) => match self.send_http1(sender, req, task).await {
                 Ok(resp) => Ok(resp),
                 Err(Retry::Unsent(_)) => Err(SendError::Connect(closed_early())),
                 Err(Retry::Failed(e)) => Err(SendError::Protocol(e)),
@@ -278,12 +289,13 @@ impl ServicePool {
         self: &Arc<Self>,
         mut sender: http1::SendRequest<UpBody>,
         mut req: Request<UpBody>,
+        task: u64,
     ) -> Result<Response<Incoming>, Retry> {
         to_origin_form(&mut req);
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-                    self.put_back(sender);
+                    self.put_back(sender, task);
                 }
                 Ok(resp)
             }
@@ -309,12 +321,14 @@ impl ServicePool {
         }
     }
 
-    /// The most recently used HTTP/1 connection that is ready for a request; drops closed and
-    /// long-idle ones on the way.
-    fn checkout_http1(&self) -> Option<http1::SendRequest<UpBody>> {
+    /// The task's most recently used HTTP/1 connection that is ready for a request; drops
+    /// closed and long-idle ones on the way.
+    fn checkout_http1(&self, task: u64) -> Option<http1::SendRequest<UpBody>> {
         let mut conns = self.http1.lock().ok()?;
         self.drop_expired(&mut conns);
-        let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
+        let ready = conns
+            .iter()
+            .rposition(|c| c.task == task && c.sender.is_ready())?;
         self.connector.pooled.fetch_sub(1, Ordering::Relaxed);
         Some(conns.swap_remove(ready).sender)
     }
@@ -334,7 +348,7 @@ impl ServicePool {
             .fetch_sub(before - conns.len(), Ordering::Relaxed);
     }
 
-    fn put_back(self: &Arc<Self>, sender: http1::SendRequest<UpBody>) {
+    fn put_back(self: &Arc<Self>, sender: http1::SendRequest<UpBody>, task: u64) {
         self.start_reaper();
         let Ok(mut conns) = self.http1.lock() else {
             return;
@@ -344,12 +358,29 @@ impl ServicePool {
         // A host keeps a few even when the service is full, so one host's burst (or an agent
         // parking slow requests on made-up hosts) cannot end reuse for all the others.
         if (service_full && conns.len() >= HOST_RESERVE) || conns.len() >= MAX_POOLED {
+            // Full: the connection idle longest makes room (it may be an ended task's, which
+            // nothing would take again), else this one is closed after its response.
+            let idle = conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.sender.is_ready())
+                .min_by_key(|(_, c)| c.used)
+                .map(|(i, _)| i);
+            match idle {
+                Some(i) => {
+                    conns.swap_remove(i);
+                }
+                None => {
+                    pooled.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            }
             pooled.fetch_sub(1, Ordering::Relaxed);
-            return;
         }
         conns.push(Pooled {
             sender,
             used: Instant::now(),
+            task,
         });
     }
 
@@ -812,7 +843,7 @@ mod tests {
         for host in ["a.test", "b.test", "c.test"] {
             let pool = upstreams.pool(0, host).unwrap();
             for (sender, far) in senders(100).await {
-                pool.put_back(sender);
+                pool.put_back(sender, 1);
                 far_ends.push(far);
             }
         }
@@ -830,11 +861,11 @@ mod tests {
         // had no room for still keeps its reserve (one host's burst cannot end reuse for all).
         tokio::time::sleep(Duration::from_millis(20)).await; // the connections become ready
         let a = upstreams.pool(0, "a.test").unwrap();
-        assert!(a.checkout_http1().is_some());
+        assert!(a.checkout_http1(1).is_some());
         assert_eq!(pooled.load(Ordering::Relaxed), MAX_POOLED - 1);
         let d = upstreams.pool(0, "d.test").unwrap();
         for (sender, far) in senders(HOST_RESERVE + 2).await {
-            d.put_back(sender);
+            d.put_back(sender, 1);
             far_ends.push(far);
         }
         assert_eq!(d.http1.lock().unwrap().len(), HOST_RESERVE);
@@ -850,6 +881,41 @@ mod tests {
         }
         assert_eq!(pooled.load(Ordering::Relaxed), 0);
         assert!(upstreams.services[0].hosts.iter().all(|p| p.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn an_http1_connection_is_reused_by_its_own_task_only() {
+        let upstreams = Upstreams {
+            services: vec![ServiceUpstreams {
+                connector: ConnectorInner {
+                    tls: None,
+                    tls_http1: None,
+                    connect_to: None,
+                    named: Vec::new(),
+                    own: Arc::default(),
+                    timeout: Duration::from_secs(1),
+                    pooled: Arc::default(),
+                },
+                hosts: dashmap::DashMap::new(),
+            }],
+        };
+        let pool = upstreams.pool(0, "a.test").unwrap();
+        let mut far_ends = Vec::new();
+        for (task, (sender, far)) in [7, 8].into_iter().zip(senders(2).await) {
+            pool.put_back(sender, task);
+            far_ends.push(far);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // the connections become ready
+        assert!(
+            pool.checkout_http1(9).is_none(),
+            "another task's connection was reused"
+        );
+        assert!(pool.checkout_http1(7).is_some());
+        assert!(
+            pool.checkout_http1(7).is_none(),
+            "task 8's connection went to task 7"
+        );
+        assert!(pool.checkout_http1(8).is_some());
     }
 
     use super::*;

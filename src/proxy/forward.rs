@@ -111,6 +111,7 @@ pub fn aim(req: &mut Request<UpBody>, target: &Target) -> Option<()> {
 pub async fn send(
     upstreams: &Upstreams,
     service: usize,
+    task: u64,
     req: Request<UpBody>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamError> {
@@ -119,7 +120,7 @@ pub async fn send(
         .host()
         .and_then(|host| upstreams.pool(service, host))
         .ok_or(UpstreamError::Failed { kind: "connect" })?;
-    match tokio::time::timeout(timeout, pool.send(req)).await {
+    match tokio::time::timeout(timeout, pool.send(req, task)).await {
         Err(_) => Err(UpstreamError::Timeout),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(SendError::Connect(ConnectError::Blocked))) => Err(UpstreamError::Blocked),

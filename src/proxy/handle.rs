@@ -191,6 +191,7 @@ async fn handle_request(
     let sent = forward::send(
         &generation.upstreams,
         permit.service(),
+        task.serial,
         up,
         state.settings.upstream_timeout,
     )

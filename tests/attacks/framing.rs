@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -409,6 +410,71 @@ async fn upstream_sending_two_responses_does_not_answer_the_next_request() {
         r["task"] == task.id.as_str() && r["reason"] == "allowed"
     })
     .await;
+    kw.assert_no_leaks().await;
+}
+
+/// An upstream that sends a second response late (a response-splitting bug an agent can feed)
+/// shifts every later response on its connection by one: if another task's request rode that
+/// connection, it would get the first task's chosen bytes and the first task its answer. An
+/// HTTP/1 connection carries one task's requests only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_extra_response_never_reaches_another_task() {
+    let script = ScriptUpstream::start(|req| {
+        let line = req.request_line().to_string();
+        let who = line
+            .split("who=")
+            .nth(1)
+            .and_then(|w| w.split(' ').next())
+            .unwrap_or("?")
+            .to_string();
+        if who == "a1" {
+            Reply::frames(
+                vec![
+                    http_response("200 OK", &[], b"for a1"),
+                    http_response("200 OK", &[], b"POISON chosen by a"),
+                ],
+                Duration::from_millis(300),
+            )
+        } else {
+            Reply::bytes(http_response(
+                "200 OK",
+                &[],
+                format!("for {who}").as_bytes(),
+            ))
+        }
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let a = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let b = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let get = |task, who: &str| {
+        raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            &format!("/echo?who={who}"),
+            task,
+            "",
+        )
+    };
+    let first = kw.raw(&get(&a, "a1")).await;
+    assert_eq!(first.body, b"for a1");
+    // B asks while A's connection is idle and the extra response is on its way.
+    for n in 1..4 {
+        let resp = kw.raw(&get(&b, &format!("b{n}"))).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(
+            resp.body,
+            format!("for b{n}").as_bytes(),
+            "task B got another's response"
+        );
+    }
+    // Once the extra bytes came while the connection was idle, it is not reused either.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = kw.raw(&get(&a, "a2")).await;
+    assert_eq!(again.body, b"for a2");
     kw.assert_no_leaks().await;
 }
 
