@@ -45,8 +45,8 @@ pub struct CredentialValue {
     folded: zeroize::Zeroizing<Vec<u8>>,
     /// The spellings an upstream may reflect it in, for the redactor (`proxy::redact`): raw
     /// always; base64 (standard and URL-safe, at each of the three alignments), percent-encoded
-    /// (upper- and lowercase hex) and JSON-escaped when they differ from it and have at least
-    /// 4 bytes.
+    /// (upper- and lowercase hex, as common encoders leave characters raw), JSON-escaped and
+    /// UTF-16 (either byte order) when they differ from it and have at least 4 bytes.
     reflections: Vec<zeroize::Zeroizing<Vec<u8>>>,
 }
 
@@ -84,6 +84,17 @@ impl CredentialValue {
         });
         let js_escape = js_escape(secret.expose());
         let json = |escape| json_escaped(secret.expose(), escape);
+        let utf16 = |big_endian: bool| {
+            let mut out = Zeroizing::new(Vec::with_capacity(2 * raw.len()));
+            for unit in secret.expose().encode_utf16() {
+                out.extend(if big_endian {
+                    unit.to_be_bytes()
+                } else {
+                    unit.to_le_bytes()
+                });
+            }
+            out
+        };
         // The raw value always; an encoded form when it differs and is long enough not to match
         // by chance.
         let mut reflections = vec![Zeroizing::new(raw.to_vec())];
@@ -103,6 +114,8 @@ impl CredentialValue {
             json(JsonEscape::Minimal),
             json(JsonEscape::Slash),
             json(JsonEscape::Ascii),
+            utf16(false),
+            utf16(true),
         ] {
             if form.len() >= 4 && !reflections.iter().any(|r| r.as_slice() == form.as_slice()) {
                 reflections.push(form);
@@ -140,6 +153,14 @@ fn json_escaped(value: &str, escape: JsonEscape) -> zeroize::Zeroizing<Vec<u8>> 
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = zeroize::Zeroizing::new(Vec::with_capacity(value.len() * 6));
     let mut units = [0u16; 2];
+    let mut unicode = |c: char, out: &mut Vec<u8>| {
+        for unit in c.encode_utf16(&mut units).iter() {
+            out.extend_from_slice(b"\\u");
+            for shift in [12, 8, 4, 0] {
+                out.push(HEX[usize::from((unit >> shift) & 15)]);
+            }
+        }
+    };
     for c in value.chars() {
         match c {
             '"' => out.extend_from_slice(b"\\\""),
@@ -149,12 +170,7 @@ fn json_escaped(value: &str, escape: JsonEscape) -> zeroize::Zeroizing<Vec<u8>> 
             '\r' => out.extend_from_slice(b"\\r"),
             '\t' => out.extend_from_slice(b"\\t"),
             c if (c as u32) < 0x20 || (!c.is_ascii() && escape == JsonEscape::Ascii) => {
-                for unit in c.encode_utf16(&mut units).iter() {
-                    out.extend_from_slice(b"\\u");
-                    for shift in [12, 8, 4, 0] {
-                        out.push(HEX[usize::from((unit >> shift) & 15)]);
-                    }
-                }
+                unicode(c, &mut out)
             }
             c => {
                 let mut utf8 = [0u8; 4];
@@ -974,7 +990,7 @@ mod tests {
         let forms: Vec<String> = value
             .reflections()
             .iter()
-            .map(|r| String::from_utf8(r.to_vec()).unwrap())
+            .map(|r| String::from_utf8_lossy(r).into_owned())
             .collect();
         for want in [
             "k/y\"é+1",           // raw
@@ -989,13 +1005,24 @@ mod tests {
         ] {
             assert!(forms.iter().any(|f| f == want), "{want} not in {forms:?}");
         }
-        // A plain token differs from itself only in base64.
+        // A plain token differs from itself only in base64, and in UTF-16 (NUL bytes between).
         let plain = CredentialValue::new(Secret::new("sk_live_0123456789".into()));
         assert!(plain
             .reflections()
             .iter()
             .skip(1)
-            .all(|r| !r.contains(&b'_')));
+            .all(|r| !r.contains(&b'_') || r.contains(&0)));
+        let forms: Vec<&[u8]> = plain.reflections().iter().map(|r| r.as_slice()).collect();
+        for want in [
+            &b"s\0k\0_\0l\0i\0v\0e\0_\x000\x001\x002\x003\x004\x005\x006\x007\x008\x009\0"[..],
+            b"\0s\0k\0_\0l\0i\0v\0e\0_\x000\x001\x002\x003\x004\x005\x006\x007\x008\x009",
+        ] {
+            assert!(
+                forms.contains(&want),
+                "{} not a reflection",
+                String::from_utf8_lossy(want)
+            );
+        }
     }
 
     #[test]
