@@ -137,13 +137,21 @@ async fn refuse(
 ) -> Response<ProxyBody> {
     let (hint, code) = respond::explain(&generation.policy, &denial, code, &draft.rec.host);
     let task = draft.rec.task.clone();
-    let resp = respond::deny(&DenyInfo {
+    let mut resp = respond::deny(&DenyInfo {
         reason: denial.reason,
         request_id: draft.request_id(),
         task: task.as_deref(),
         hint,
         ambiguity: code,
     });
+    if denial.reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        // SECURITY (I7): as for any 407 on this listener, the connection is not kept for
+        // further guesses (see `handle::refuse`).
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     draft
         .write(state, denial.reason, denial.reason.status().as_u16())
         .await;

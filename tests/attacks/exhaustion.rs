@@ -397,8 +397,10 @@ async fn clients_without_a_valid_token_cannot_hold_the_connection_places() {
     let forged = format!(
         "GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: Basic dGFzay14Omt3X3g=\r\n\r\n"
     );
+    let connect =
+        format!("CONNECT secure.test:{port} HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n");
     let mut hogs = Vec::new();
-    for head in [&anonymous, &forged, &anonymous] {
+    for head in [&anonymous, &forged, &connect] {
         let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
         tcp.write_all(head.as_bytes()).await.unwrap();
         let resp = crate::common::read_response(&mut tcp).await;
