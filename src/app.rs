@@ -59,8 +59,8 @@ fn worker_count(var: Option<&str>, available: impl FnOnce() -> Option<usize>) ->
 pub enum StartError {
     #[error("{0}")]
     Policy(PolicyErrors),
-    #[error("the admin token source {0} is unset, empty or unreadable; set it before starting")]
-    AdminToken(String),
+    #[error("the admin token source {0} gives no token ({1}); set it before starting")]
+    AdminToken(String, credentials::SourceError),
     #[error("{0}")]
     Ca(String),
     #[error("cannot open the audit log: {0}")]
@@ -109,7 +109,7 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     let policy = policy::load(config).map_err(StartError::Policy)?;
     let token = credentials::read_source(&policy.admin.token)
         .await
-        .ok_or_else(|| StartError::AdminToken(describe_source(&policy.admin.token)))?;
+        .map_err(|why| StartError::AdminToken(describe_source(&policy.admin.token), why))?;
 
     let (ca, created) = CertAuthority::load_or_create(&policy.ca.cert, &policy.ca.key)
         .map_err(|e| StartError::Ca(e.to_string()))?;
@@ -130,15 +130,7 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     let generation = Generation::build(config, policy, &settings, &listeners)
         .await
         .map_err(StartError::Policy)?;
-    let unreadable: Vec<String> = generation
-        .credentials
-        .unreadable()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
-    for name in &unreadable {
-        tracing::warn!(credential = %name, "credential cannot be read; requests that need it get 502 credential_unavailable");
-    }
+    // (Credentials that cannot be read were each logged with why by the load.)
 
     let proxy_listener = bind(settings.listen).await?;
     let admin_listener = bind(admin_listen).await?;

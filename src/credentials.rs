@@ -258,7 +258,16 @@ impl StoreInner {
         let value = if mtime.is_some() && mtime == old.mtime {
             old.value.clone()
         } else {
-            read_file(path).map(|v| Arc::new(CredentialValue::new(v)))
+            match read_file(path) {
+                Ok(v) => Some(Arc::new(CredentialValue::new(v))),
+                Err(why) => {
+                    if old.value.is_some() {
+                        let name = self.slots.get(idx).map_or("", |s| s.name.as_str());
+                        tracing::warn!(credential = %name, %why, "credential cannot be read any more; requests that need it get 502 credential_unavailable");
+                    }
+                    None
+                }
+            }
         };
         self.store(
             idx,
@@ -294,7 +303,13 @@ impl CredentialStore {
                 .any(|def| matches!(def.source, SecretSource::File(_))),
         };
         for (idx, def) in defs.iter().enumerate() {
-            let value = read_source(&def.source).await;
+            let value = match read_source(&def.source).await {
+                Ok(v) => Some(v),
+                Err(why) => {
+                    tracing::warn!(credential = %def.name, %why, "credential cannot be read; requests that need it get 502 credential_unavailable");
+                    None
+                }
+            };
             inner.store(
                 idx,
                 Cached {
@@ -324,15 +339,17 @@ impl CredentialStore {
                     let Some(slot) = inner.slots.get(idx) else {
                         return;
                     };
-                    let value = read_source(&slot.source).await;
-                    if value.is_none() {
-                        tracing::warn!(credential = %slot.name, "credential refresh failed; keeping the previous value");
-                        continue;
-                    }
+                    let value = match read_source(&slot.source).await {
+                        Ok(v) => v,
+                        Err(why) => {
+                            tracing::warn!(credential = %slot.name, %why, "credential refresh failed; keeping the previous value");
+                            continue;
+                        }
+                    };
                     inner.store(
                         idx,
                         Cached {
-                            value: value.map(|v| Arc::new(CredentialValue::new(v))),
+                            value: Some(Arc::new(CredentialValue::new(value))),
                             checked: Instant::now(),
                             mtime: None,
                         },
@@ -602,32 +619,74 @@ fn file_mtime(source: &SecretSource) -> Option<SystemTime> {
     }
 }
 
-/// Reads a secret from its source; `None` if it is missing, empty or unreadable.
-pub async fn read_source(source: &SecretSource) -> Option<Secret> {
+/// Why a source gave no value, for the operator. Names the source (a variable, a path, a
+/// command's program), never anything it read, nor a command's arguments or output.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("environment variable {0} is not set")]
+    EnvUnset(String),
+    #[error("environment variable {0} is not valid UTF-8")]
+    EnvNotUnicode(String),
+    #[error("environment variable {0} is empty")]
+    EnvEmpty(String),
+    #[error("file {0} cannot be read: {1}")]
+    File(String, std::io::ErrorKind),
+    #[error("file {0} is empty")]
+    FileEmpty(String),
+    #[error("`exec` has no command")]
+    ExecNone,
+    #[error("command `{0}` could not be run: {1}")]
+    ExecSpawn(String, std::io::ErrorKind),
+    #[error("command `{0}` did not finish within {1} s")]
+    ExecTimeout(String, u64),
+    #[error("command `{0}` failed ({1})")]
+    ExecFailed(String, std::process::ExitStatus),
+    #[error("command `{0}` printed nothing (or only a line break)")]
+    ExecEmpty(String),
+    #[error("command `{0}` printed text that is not UTF-8")]
+    ExecNotUtf8(String),
+}
+
+/// Reads a secret from its source.
+pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
     match source {
-        SecretSource::Env(name) => std::env::var(name).ok().and_then(trimmed),
+        SecretSource::Env(name) => match std::env::var(name) {
+            Ok(v) => trimmed(v).ok_or_else(|| SourceError::EnvEmpty(name.clone())),
+            Err(std::env::VarError::NotPresent) => Err(SourceError::EnvUnset(name.clone())),
+            Err(std::env::VarError::NotUnicode(_)) => Err(SourceError::EnvNotUnicode(name.clone())),
+        },
         SecretSource::File(path) => read_file(path),
         SecretSource::Exec { argv } => read_exec(argv).await,
     }
 }
 
-fn read_file(path: &PathBuf) -> Option<Secret> {
-    std::fs::read_to_string(path).ok().and_then(trimmed)
+fn read_file(path: &PathBuf) -> Result<Secret, SourceError> {
+    let shown = || path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| SourceError::File(shown(), e.kind()))?;
+    trimmed(text).ok_or_else(|| SourceError::FileEmpty(shown()))
 }
 
-async fn read_exec(argv: &[String]) -> Option<Secret> {
-    let (program, args) = argv.split_first()?;
+async fn read_exec(argv: &[String]) -> Result<Secret, SourceError> {
+    let (program, args) = argv.split_first().ok_or(SourceError::ExecNone)?;
     let child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(EXEC_TIMEOUT, child).await.ok()?.ok()?;
+    let out = tokio::time::timeout(EXEC_TIMEOUT, child)
+        .await
+        .map_err(|_| SourceError::ExecTimeout(program.clone(), EXEC_TIMEOUT.as_secs()))?
+        .map_err(|e| SourceError::ExecSpawn(program.clone(), e.kind()))?;
     if !out.status.success() {
-        return None;
+        return Err(SourceError::ExecFailed(program.clone(), out.status));
     }
-    String::from_utf8(out.stdout).ok().and_then(trimmed)
+    let text = String::from_utf8(out.stdout).map_err(|e| {
+        // The bytes read are the secret's, wiped like it.
+        zeroize::Zeroize::zeroize(&mut e.into_bytes());
+        SourceError::ExecNotUtf8(program.clone())
+    })?;
+    trimmed(text).ok_or_else(|| SourceError::ExecEmpty(program.clone()))
 }
 
 /// Secrets written by editors and `echo` end in a newline; the newline is never part of a key.

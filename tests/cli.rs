@@ -715,3 +715,56 @@ async fn audit_verify_passes_a_whole_log_and_names_the_first_broken_line() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 3 audit files do not verify"));
 }
+
+/// A credential that cannot be read is logged with why: the variable that is unset, the file
+/// that is missing, the command that failed (by its program, never its arguments or output).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_says_why_each_credential_cannot_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let policy = std::fs::read_to_string(&file).unwrap().replace(
+        "  api_token: { source: file:api-token }\n",
+        "  api_token: { source: file:api-token }\n  \
+         unset: { source: env:KEYWARD_TEST_SURELY_UNSET }\n  \
+         gone: { source: file:no-such-file }\n  \
+         failing: { source: { exec: [sh, -c, \"echo sk_printed_then_failed; exit 3\"] } }\n  \
+         absent: { source: { exec: [/no/such/program, --token=sk_in_an_argument] } }\n",
+    );
+    std::fs::write(&file, policy).unwrap();
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["serve", "--config", file.to_str().unwrap()])
+        .env_remove("KEYWARD_TEST_SURELY_UNSET");
+    let served = serve_cmd(cmd).await;
+    let (_, log) = served.refuse_one_then_terminate().await;
+    let line = |name: &str| {
+        log.lines()
+            .find(|l| l.contains("cannot be read") && l.contains(&format!("credential={name}")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{log}"))
+            .to_string()
+    };
+    assert!(line("unset").contains("environment variable KEYWARD_TEST_SURELY_UNSET is not set"));
+    assert!(
+        line("gone").contains("no-such-file cannot be read: entity not found"),
+        "{log}"
+    );
+    assert!(
+        line("failing").contains("command `sh` failed (exit status: 3)"),
+        "{log}"
+    );
+    assert!(
+        line("absent").contains("command `/no/such/program` could not be run"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("api_token"),
+        "a readable credential was reported:\n{log}"
+    );
+    for s in secrets
+        .iter()
+        .map(String::as_str)
+        .chain(["sk_printed_then_failed", "sk_in_an_argument"])
+    {
+        assert_absent(s, "keyward serve stderr", &log);
+    }
+}
