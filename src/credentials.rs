@@ -949,7 +949,9 @@ mod tests {
             let SecretSource::File(path) = source else {
                 unreachable!()
             };
-            let value = read_file(path).ok().map(|v| Arc::new(CredentialValue::new(v)));
+            let value = read_file(path)
+                .ok()
+                .map(|v| Arc::new(CredentialValue::new(v)));
             inner.store(
                 idx,
                 Cached {

@@ -117,6 +117,14 @@ impl State {
         let result = self.reload_from(&self.config_path).await;
         self.metrics
             .policy_reload(if result.is_ok() { "ok" } else { "error" });
+        // Logged here, whichever asked (SIGHUP or `POST /v1/reload`): the operator reads why
+        // in keyward's log either way.
+        if let Err(errors) = &result {
+            for e in &errors.0 {
+                tracing::error!("{e}");
+            }
+            tracing::error!("reload failed; the previous policy keeps serving");
+        }
         result
     }
 
@@ -150,8 +158,14 @@ impl State {
             self.tasks.withdraw(&task.id);
         }
         if !orphaned.is_empty() {
+            const SHOWN: usize = 20;
+            let mut ids: Vec<&str> = orphaned.iter().take(SHOWN).map(|t| t.id.as_str()).collect();
+            if orphaned.len() > SHOWN {
+                ids.push("…");
+            }
             tracing::info!(
                 count = orphaned.len(),
+                tasks = %ids.join(","),
                 "revoked the tasks whose agent or capabilities the policy no longer has"
             );
         }

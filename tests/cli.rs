@@ -768,3 +768,38 @@ async fn serve_says_why_each_credential_cannot_be_read() {
         assert_absent(s, "keyward serve stderr", &log);
     }
 }
+
+/// A reload refused through the admin API is logged like one refused on SIGHUP: the alert on
+/// failed reloads sends the operator to keyward's log.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_refused_through_the_api_is_logged_with_its_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let served = serve(file.to_str().unwrap()).await;
+    let admin: std::net::SocketAddr = field(&served.line, "admin").parse().unwrap();
+    let good = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, good.replace("max_ttl: 1h", "max_ttl: forever")).unwrap();
+    let resp = bounded(
+        "reload",
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("http://{admin}/v1/reload"))
+            .bearer_auth(&secrets[1])
+            .send(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let (_, log) = served.refuse_one_then_terminate().await;
+    assert!(log.contains("agents.bot.max_ttl"), "{log}");
+    assert!(
+        log.contains("reload failed; the previous policy keeps serving"),
+        "{log}"
+    );
+    for s in &secrets {
+        assert_absent(s, "keyward serve stderr", &log);
+    }
+}
