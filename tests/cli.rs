@@ -803,3 +803,79 @@ async fn a_reload_refused_through_the_api_is_logged_with_its_errors() {
         assert_absent(s, "keyward serve stderr", &log);
     }
 }
+
+/// An upstream failure tells the agent only that it failed (502); keyward's log says why, with
+/// the request's id to find its audit record.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_failure_is_logged_with_its_cause_and_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    // A port nothing listens on (bound, then released).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let policy = std::fs::read_to_string(&file).unwrap().replace(
+        "    hosts: [api.test]\n",
+        &format!(
+            "    hosts: [api.test]\n    scheme: http\n    port: {port}\n    connect_to: {dead}\n    allow_cleartext: true\n",
+            port = dead.port()
+        ),
+    );
+    std::fs::write(&file, policy).unwrap();
+    let served = serve(file.to_str().unwrap()).await;
+    let admin: std::net::SocketAddr = field(&served.line, "admin").parse().unwrap();
+    let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let minted: serde_json::Value = bounded(
+        "mint",
+        client
+            .post(format!("http://{admin}/v1/tasks"))
+            .bearer_auth(&secrets[1])
+            .json(&serde_json::json!({"agent": "bot", "intent": ["api.issues.read"]}))
+            .send(),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let user = format!(
+        "{}:{}",
+        minted["task"].as_str().unwrap(),
+        minted["token"].as_str().unwrap()
+    );
+    let head = format!(
+        "GET http://api.test:{port}/repos/a/b/issues HTTP/1.1\r\nHost: api.test:{port}\r\nProxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n",
+        port = dead.port(),
+        auth = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &user),
+    );
+    let resp = common::raw_exchange(proxy, head.as_bytes()).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let request_id = resp.header("x-request-id").or_else(|| {
+        serde_json::from_slice::<serde_json::Value>(&resp.body)
+            .ok()
+            .and_then(|v| v["request_id"].as_str().map(str::to_string))
+    });
+    let (_, log) = served.refuse_one_then_terminate().await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream request failed"))
+        .unwrap_or_else(|| panic!("no upstream failure logged:\n{log}"));
+    assert!(
+        line.contains("kind=\"connect\"") || line.contains("kind=connect"),
+        "{line}"
+    );
+    assert!(line.contains("refused"), "{line}");
+    assert!(
+        line.contains(&request_id.expect("the 502 names its request")),
+        "{line}"
+    );
+    for s in secrets
+        .iter()
+        .chain([&minted["token"].as_str().unwrap().to_string()])
+    {
+        assert_absent(s, "keyward serve stderr", &log);
+    }
+}

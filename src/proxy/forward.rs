@@ -17,8 +17,9 @@ use crate::upstream::{ConnectError, SendError, UpBody, Upstreams};
 pub enum UpstreamError {
     /// the connector refused the resolved address (a decision after all: `blocked_address`)
     Blocked,
-    /// connect, DNS or TLS failure, or the connection broke: 502. `kind` is the metric label.
-    Failed { kind: &'static str },
+    /// connect, DNS or TLS failure, or the connection broke: 502. `kind` is the metric label,
+    /// `why` the error and its causes, for keyward's log (never for the agent).
+    Failed { kind: &'static str, why: String },
     /// no response head in time: 504
     Timeout,
 }
@@ -119,15 +120,37 @@ pub async fn send(
         .uri()
         .host()
         .and_then(|host| upstreams.pool(service, host))
-        .ok_or(UpstreamError::Failed { kind: "connect" })?;
+        .ok_or_else(|| UpstreamError::Failed {
+            kind: "connect",
+            why: "the request names no host".into(),
+        })?;
     match tokio::time::timeout(timeout, pool.send(req, task)).await {
         Err(_) => Err(UpstreamError::Timeout),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(SendError::Connect(ConnectError::Blocked))) => Err(UpstreamError::Blocked),
         Ok(Err(SendError::Connect(ConnectError::Timeout))) => Err(UpstreamError::Timeout),
-        Ok(Err(SendError::Connect(e))) => Err(UpstreamError::Failed { kind: e.kind() }),
-        Ok(Err(SendError::Protocol(_))) => Err(UpstreamError::Failed { kind: "protocol" }),
+        Ok(Err(SendError::Connect(e))) => Err(UpstreamError::Failed {
+            kind: e.kind(),
+            why: causes(&e),
+        }),
+        Ok(Err(SendError::Protocol(e))) => Err(UpstreamError::Failed {
+            kind: "protocol",
+            why: causes(&e),
+        }),
     }
+}
+
+/// An error and its sources, `: `-joined (`the upstream TLS handshake failed: invalid peer
+/// certificate: UnknownIssuer`).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 #[cfg(test)]

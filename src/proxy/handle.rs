@@ -303,12 +303,25 @@ async fn handle_request(
             resp
         }
         Err(e) => {
-            let (failure, kind) = match e {
-                UpstreamError::Timeout => (Failure::GatewayTimeout, "timeout"),
-                UpstreamError::Failed { kind } => (Failure::BadGateway, kind),
-                UpstreamError::Blocked => (Failure::BadGateway, "blocked"),
+            let (failure, kind, why) = match e {
+                UpstreamError::Timeout => (
+                    Failure::GatewayTimeout,
+                    "timeout",
+                    "no response head within proxy.upstream_timeout".to_string(),
+                ),
+                UpstreamError::Failed { kind, why } => (Failure::BadGateway, kind, why),
+                UpstreamError::Blocked => (Failure::BadGateway, "blocked", String::new()),
             };
             let service = draft.rec.service.clone().unwrap_or_default();
+            // The agent is told only that it failed; the operator learns why.
+            tracing::warn!(
+                request_id = %draft.request_id(),
+                service = %service,
+                host = %draft.rec.host,
+                kind,
+                error = %why,
+                "upstream request failed"
+            );
             state.metrics.upstream_error(&service, kind);
             draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
             draft.rec.outcome = Some(kind);
