@@ -14,6 +14,21 @@ use crate::proxy::identify::parse_authority;
 use crate::secret::Secret;
 use crate::tasks::{MintSpec, TaskStore};
 
+/// `println!` for command output, where a reader that stopped reading (`keyward explain … |
+/// head -1`) ends the command quietly with exit 0; `println!` would panic (exit 101).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("keyward: cannot write the output: {e}");
+                std::process::exit(2);
+            }
+            std::process::exit(0);
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "keyward",
@@ -167,8 +182,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             let key = dir.join("ca-key.pem");
             crate::tls::ca::CertAuthority::create(&cert, &key)
                 .map_err(|e| Failure::user(e.to_string()))?;
-            println!("created {} and {}", cert.display(), key.display());
-            println!(
+            out!("created {} and {}", cert.display(), key.display());
+            out!(
                 "trust {} in your agents (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, curl --cacert)",
                 cert.display()
             );
@@ -188,14 +203,14 @@ fn audit_verify(files: &[PathBuf]) -> Result<(), Failure> {
                     .map_err(|e| format!("{}:{}: {}", path.display(), e.line, e.problem))
             });
         match verified {
-            Ok((records, last)) => println!(
+            Ok((records, last)) => out!(
                 "{}: ok, {records} records, last hash {}",
                 path.display(),
                 last.as_deref().unwrap_or("-")
             ),
             Err(message) => {
                 broken += 1;
-                println!("{message}");
+                out!("{message}");
             }
         }
     }
@@ -288,7 +303,7 @@ impl Signals {
 fn check(config: &Path) -> Result<(), Failure> {
     match policy::load(config) {
         Ok(p) => {
-            println!(
+            out!(
                 "{}: ok ({} services, {} capabilities, {} agents; policy_version {})",
                 config.display(),
                 p.services.len(),
@@ -377,7 +392,7 @@ fn explain(
     let path = match canonicalize(target) {
         Ok(p) => p,
         Err(a) => {
-            println!(
+            out!(
                 "decision:   deny\nreason:     ambiguous_request ({})",
                 a.as_str()
             );
@@ -389,21 +404,21 @@ fn explain(
     if scheme == Scheme::Https {
         match decide::decide_connect(&compiled, &task, &host, port, now) {
             Ok(ConnectDecision::Intercept { service }) => match service {
-                Some(s) => println!(
+                Some(s) => out!(
                     "connect:    intercept {host}:{port} (service {})",
                     compiled.service_at(s).name
                 ),
-                None => println!("connect:    intercept {host}:{port}"),
+                None => out!("connect:    intercept {host}:{port}"),
             },
             Ok(ConnectDecision::Tunnel) => {
-                println!(
+                out!(
                     "connect:    tunnel {host}:{port} (passthrough: not inspected, no credential)"
                 );
-                println!("decision:   tunnel\nreason:     passthrough");
+                out!("decision:   tunnel\nreason:     passthrough");
                 return Ok(());
             }
             Err(d) => {
-                println!("connect:    deny {host}:{port}");
+                out!("connect:    deny {host}:{port}");
                 print_denial(&compiled, &d);
                 return Ok(());
             }
@@ -420,10 +435,10 @@ fn explain(
         Ok(permit) => {
             let cap = compiled.capability_at(permit.capability());
             let service = compiled.service_at(permit.service());
-            println!("decision:   allow\nreason:     allowed");
-            println!("service:    {}", service.name);
-            println!("capability: {} (risk {})", cap.name, cap.risk.as_str());
-            println!("route:      {}", cap.route_text[permit.route()]);
+            out!("decision:   allow\nreason:     allowed");
+            out!("service:    {}", service.name);
+            out!("capability: {} (risk {})", cap.name, cap.risk.as_str());
+            out!("route:      {}", cap.route_text[permit.route()]);
             match &service.inject {
                 Some(inj) => {
                     let (idx, place) = match inj {
@@ -438,9 +453,9 @@ fn explain(
                         }
                     };
                     let name = &compiled.policy().credentials[idx].name;
-                    println!("credential: {name} (injected as {place})");
+                    out!("credential: {name} (injected as {place})");
                 }
-                None => println!("credential: none"),
+                None => out!("credential: none"),
             }
         }
         Err(d) => print_denial(&compiled, &d),
@@ -449,12 +464,12 @@ fn explain(
 }
 
 fn print_denial(policy: &CompiledPolicy, d: &decide::Denial) {
-    println!("decision:   deny\nreason:     {}", d.reason.as_str());
+    out!("decision:   deny\nreason:     {}", d.reason.as_str());
     if let Some(c) = d.capability {
-        println!("closest:    {}", policy.capability_at(c).name);
+        out!("closest:    {}", policy.capability_at(c).name);
     }
     if let Some(h) = d.hint {
-        println!("would allow: {}", policy.capability_at(h).name);
+        out!("would allow: {}", policy.capability_at(h).name);
     }
 }
 
@@ -498,12 +513,12 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                 .await
                 .map_err(fail)?;
             let url = out["proxy_url"].as_str().unwrap_or_default();
-            println!(
+            out!(
                 "# task {} expires {}",
                 out["task"].as_str().unwrap_or_default(),
                 out["expires_at"].as_str().unwrap_or_default()
             );
-            println!("export HTTPS_PROXY={url} HTTP_PROXY={url}");
+            out!("export HTTPS_PROXY={url} HTTP_PROXY={url}");
             Ok(())
         }
         TaskCommand::List { admin } => {
@@ -517,9 +532,13 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                     admin.admin
                 )));
             };
-            println!(
+            out!(
                 "{:<24} {:<16} {:<8} {:<21} {:>6}  intent",
-                "TASK", "AGENT", "STATUS", "EXPIRES", "USED"
+                "TASK",
+                "AGENT",
+                "STATUS",
+                "EXPIRES",
+                "USED"
             );
             for t in tasks {
                 let intent: Vec<String> = t["intent"]
@@ -532,7 +551,7 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                         })
                     })
                     .collect();
-                println!(
+                out!(
                     "{:<24} {:<16} {:<8} {:<21} {:>6}  {}",
                     t["task"].as_str().unwrap_or_default(),
                     t["agent"].as_str().unwrap_or_default(),
@@ -560,7 +579,7 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             )
             .await
             .map_err(fail)?;
-            println!("revoked {id}");
+            out!("revoked {id}");
             Ok(())
         }
     }

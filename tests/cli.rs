@@ -879,3 +879,39 @@ async fn an_upstream_failure_is_logged_with_its_cause_and_request_id() {
         assert_absent(s, "keyward serve stderr", &log);
     }
 }
+
+/// A reader that stops reading (`keyward explain … | head -1`) ends the command quietly with
+/// exit 0, not a panic (exit 101).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_a_closed_pipe_ends_quietly_with_exit_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    // A pipe whose read end is closed right away, long before keyward (which reads and
+    // compiles the policy first) writes.
+    let mut child = tokio::process::Command::new(BIN)
+        .args([
+            "explain",
+            "--config",
+            file.to_str().unwrap(),
+            "--agent",
+            "bot",
+        ])
+        .args([
+            "--intent",
+            "api.issues.read",
+            "GET",
+            "https://api.test/repos/a/b/issues",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = bounded("explain into a closed pipe", child.wait_with_output())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
