@@ -73,6 +73,12 @@ pub enum CaError {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("cannot generate a new CA: {0}")]
     Generate(#[source] rcgen::Error),
+    #[error("neither `{}` nor `{}` exists, and the directory `{}` does not either: keyward creates a new CA only in a directory that exists (a mistyped path would otherwise get a CA no agent trusts); fix `ca.cert` / `ca.key`, or create the directory, or run `keyward ca init --dir DIR`", cert.display(), key.display(), dir.display())]
+    NoDirectory {
+        cert: PathBuf,
+        key: PathBuf,
+        dir: PathBuf,
+    },
 }
 
 /// The loaded CA: its certificate (PEM for `keyward ca init` output and agents' trust stores,
@@ -95,12 +101,26 @@ impl fmt::Debug for CertAuthority {
 
 impl CertAuthority {
     /// Loads the CA from `cert` and `key` (PEM). When BOTH files are missing it creates a new CA
-    /// there (as `create`) and returns `true`; when only one is missing it refuses, since
-    /// silently replacing half a CA would break every agent that trusts the old one.
+    /// there (as `create`, but only in directories that exist) and returns `true`; when only
+    /// one is missing it refuses, since silently replacing half a CA would break every agent
+    /// that trusts the old one.
     pub fn load_or_create(cert: &Path, key: &Path) -> Result<(Self, bool), CaError> {
         match (exists(cert)?, exists(key)?) {
             (true, true) => Ok((Self::load(cert, key)?, false)),
-            (false, false) => Ok((Self::create(cert, key)?, true)),
+            (false, false) => {
+                // `ca init` creates directories; serve only files, in a directory that is there.
+                for path in [cert, key] {
+                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+                    if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+                        return Err(CaError::NoDirectory {
+                            cert: cert.to_owned(),
+                            key: key.to_owned(),
+                            dir: dir.to_owned(),
+                        });
+                    }
+                }
+                Ok((Self::create(cert, key)?, true))
+            }
             (true, false) => Err(CaError::KeyMissing {
                 cert: cert.to_owned(),
                 key: key.to_owned(),
@@ -547,6 +567,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let cert = dir.path().join("certs/ca.pem");
         let key = dir.path().join("certs/ca-key.pem");
+
+        // Not in a directory that is not there (a mistyped path), and nothing is created.
+        let err = CertAuthority::load_or_create(&cert, &key).expect_err("no directory");
+        assert!(matches!(err, CaError::NoDirectory { .. }), "{err}");
+        assert!(err.to_string().contains("certs` does not either"), "{err}");
+        assert!(!dir.path().join("certs").exists());
+        fs::create_dir(dir.path().join("certs")).expect("mkdir");
 
         let (created, was_created) = CertAuthority::load_or_create(&cert, &key).expect("create");
         assert!(was_created);
