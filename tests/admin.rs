@@ -629,6 +629,61 @@ agents:
     kw.assert_no_leaks().await;
 }
 
+/// An audit log that failed a write stays failed and keyward takes no request: liveness says
+/// so, so that a supervisor restarts it (readiness alone would leave it refusing forever).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_fails_once_the_audit_log_has_failed() {
+    let setup = common::Setup::new();
+    let kw: Harness = setup
+        .start(
+            r#"
+proxy: { listen: 127.0.0.1:0 }
+admin: { listen: 127.0.0.1:0, token: file:admin-token }
+ca: { cert: ca.pem, key: ca-key.pem }
+audit: { path: /dev/full }
+services:
+  a: { hosts: [a.test] }
+capabilities:
+  a.read: { service: a, risk: low, routes: [GET /x] }
+agents:
+  bot: { owner: tests, capabilities: [a.read], max_ttl: 1h }
+"#,
+        )
+        .await;
+    let healthz = || async {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(kw.admin_url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(healthz().await, 200);
+    // A request whose record cannot be written (no space left on /dev/full).
+    let refused = common::raw_exchange(
+        kw.proxy_addr,
+        b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(refused.status, 407);
+    let mut status = 0;
+    for _ in 0..150 {
+        status = healthz().await;
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 503, "liveness still ok after the audit log failed");
+    let (ready, v) = kw.admin_as(None, Method::GET, "/readyz", None).await;
+    assert_eq!(ready, 503, "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_leaks_through_the_admin_api() {
     let f = Fixture::start().await;

@@ -79,6 +79,12 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     match (method.as_str(), path.as_str()) {
+        // Liveness fails only for what a restart mends: an audit log that failed a write
+        // stays failed (no record, no request), so the process would refuse forever.
+        ("GET" | "HEAD", "/healthz") if !state.audit.healthy() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit log failed; keyward takes no request until it is restarted\n",
+        ),
         ("GET" | "HEAD", "/healthz") => text(StatusCode::OK, "ok\n"),
         ("GET" | "HEAD", "/readyz") => routes::readyz(state),
         ("GET" | "HEAD", "/metrics") => routes::metrics(state),
