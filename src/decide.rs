@@ -252,9 +252,13 @@ pub fn normalize_host(raw: &str) -> Option<String> {
     if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
         return Some(ip.to_string());
     }
+    // RFC 1123 labels (no `-` at either end: no certificate can name one, so a CONNECT to one
+    // would be answered 200 and then fail its handshake); `_` as service names use it.
     let ok = host.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
             && label
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')

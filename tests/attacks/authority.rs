@@ -351,7 +351,15 @@ async fn wildcard_service_and_passthrough_hosts_match_exactly_one_label() {
         let resp = kw.raw(&get(&target, "", &task)).await;
         kw.assert_denied_raw(&resp, 403, "unknown_host").await;
     }
-    for host in ["*.wild.test", ".wild.test", "a..wild.test", "a.wild.test.."] {
+    // (A label that begins or ends with `-` is no host name: no certificate can name it.)
+    for host in [
+        "*.wild.test",
+        ".wild.test",
+        "a..wild.test",
+        "a.wild.test..",
+        "-a.wild.test",
+        "a-.wild.test",
+    ] {
         let target = format!("http://{host}:{port}/ping");
         let resp = kw.raw(&get(&target, "", &task)).await;
         assert_unreadable(kw, &resp, &target, &mut unparsed).await;
@@ -410,6 +418,9 @@ async fn odd_connect_authorities_are_refused_without_a_leaf() {
         format!("secure.test:{p}:{p}"),
         format!("secure..test:{p}"),
         format!(".secure.test:{p}"),
+        // Labels no certificate can name: refused before the 200, not by a failed handshake.
+        format!("-secure.test:{p}"),
+        format!("secure-.test:{p}"),
         "[::1]".to_string(),
         format!("[::1:{p}"),
         format!("[secure.test]:{p}"),
