@@ -254,6 +254,9 @@ async fn handle_request(
                 return resp;
             }
             forward::strip_hop_by_hop(resp.headers_mut());
+            // SECURITY: `Alt-Svc` invites the agent's client to reach the origin another way
+            // (HTTP/3 over UDP, another port), around keyward and its decisions.
+            resp.headers_mut().remove(http::header::ALT_SVC);
             if let Some(r) = redactor.as_mut() {
                 // SECURITY (I4): an upstream that reflects the credential must not hand it over.
                 // hyper relays a non-canonical reason phrase it read; the agent gets the

@@ -413,6 +413,31 @@ async fn upstream_sending_two_responses_does_not_answer_the_next_request() {
     kw.assert_no_leaks().await;
 }
 
+/// `Alt-Svc` would invite the agent's client to reach the origin around keyward (HTTP/3 over
+/// UDP, another port): it is not relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alt_svc_is_not_relayed() {
+    let script = ScriptUpstream::start(|_| {
+        Reply::bytes(http_response(
+            "200 OK",
+            &["Alt-Svc: h3=\":443\"; ma=86400", "X-Kept: 1"],
+            b"ok",
+        ))
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_req_at(port, "GET", "plain.test", "/echo", &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-kept").as_deref(), Some("1"));
+    assert!(resp.header("alt-svc").is_none());
+    kw.assert_no_leaks().await;
+}
+
 /// An upstream that sends a second response late (a response-splitting bug an agent can feed)
 /// shifts every later response on its connection by one: if another task's request rode that
 /// connection, it would get the first task's chosen bytes and the first task its answer. An
