@@ -117,6 +117,11 @@ pub enum ProxyBody {
         pause: Option<Pin<Box<tokio::time::Sleep>>>,
         /// Whether `pause` counts down the current pause (a new frame ends it).
         pausing: bool,
+        /// The upstream's `Content-Length`, and the body bytes it sent so far: a body that
+        /// ends short is cut, not ended (an HTTP/2 stream reset with `NO_ERROR` reads as an
+        /// end, and the agent, its `Content-Length` dropped for redaction, could not tell).
+        declared: Option<u64>,
+        received: u64,
     },
 }
 
@@ -141,10 +146,12 @@ impl ProxyBody {
         ProxyBody::Full(None)
     }
 
+    /// `declared`: the upstream's `Content-Length` (`None` for a bodyless response).
     pub fn upstream(
         inner: hyper::body::Incoming,
         recorder: Recorder,
         redactor: Option<Box<Redactor>>,
+        declared: Option<u64>,
     ) -> ProxyBody {
         ProxyBody::Upstream {
             inner,
@@ -156,6 +163,8 @@ impl ProxyBody {
             queued: None,
             pause: None,
             pausing: false,
+            declared,
+            received: 0,
         }
     }
 }
@@ -183,6 +192,8 @@ impl Body for ProxyBody {
                 queued,
                 pause,
                 pausing,
+                declared,
+                received,
             } => loop {
                 if let Some(q) = queued.take().filter(|q| !q.is_empty()) {
                     *bytes += q.len() as u64;
@@ -226,6 +237,15 @@ impl Body for ProxyBody {
                         *bytes += held.len() as u64;
                         return Poll::Ready(Some(Ok(Frame::data(held))));
                     }
+                    Poll::Ready(None) if declared.is_some_and(|d| d != *received) => {
+                        if let Some(r) = recorder.take() {
+                            let found = redactor.as_ref().map_or(0, |r| r.found());
+                            r.complete(*bytes, "upstream_error", found);
+                        }
+                        return Poll::Ready(Some(Err(
+                            "the upstream body ended before its Content-Length".into(),
+                        )));
+                    }
                     Poll::Ready(None) => *ended = true,
                     Poll::Ready(Some(Err(e))) => {
                         if let Some(r) = recorder.take() {
@@ -250,6 +270,9 @@ impl Body for ProxyBody {
                             return Poll::Ready(Some(Err(end.as_str().into())));
                         }
                         *pausing = false;
+                        if let Some(d) = frame.data_ref() {
+                            *received += d.len() as u64;
+                        }
                         let frame = match (frame.into_data(), redactor.as_mut()) {
                             (Ok(data), Some(r)) => {
                                 let [held, own] = r.push(data);

@@ -78,6 +78,16 @@ pub fn is_encoded(headers: &HeaderMap) -> bool {
     })
 }
 
+/// A response's `Content-Length`, when it has exactly one that is a number.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut all = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let only = all.next()?;
+    if all.next().is_some() {
+        return None;
+    }
+    only.to_str().ok()?.trim().parse().ok()
+}
+
 /// Points the request at the target's authority in absolute form; the client writes the
 /// origin-form line and `Host` (HTTP/1.1) or `:authority` (HTTP/2) from it.
 pub fn aim(req: &mut Request<UpBody>, target: &Target) -> Option<()> {

@@ -253,6 +253,12 @@ async fn handle_request(
                 draft.write(&state, Reason::Allowed, 502).await;
                 return resp;
             }
+            // Read before redaction may drop it (and before `Transfer-Encoding` goes as
+            // hop-by-hop: with it, a `Content-Length` means nothing).
+            let declared = (!bodyless
+                && !resp.headers().contains_key(http::header::TRANSFER_ENCODING))
+            .then(|| forward::content_length(resp.headers()))
+            .flatten();
             forward::strip_hop_by_hop(resp.headers_mut());
             // SECURITY: `Alt-Svc` invites the agent's client to reach the origin another way
             // (HTTP/3 over UDP, another port), around keyward and its decisions.
@@ -270,7 +276,10 @@ async fn handle_request(
             }
             let recorder = draft.into_recorder(state.clone(), status.as_u16(), started, upload);
             let (parts, body) = resp.into_parts();
-            Response::from_parts(parts, ProxyBody::upstream(body, recorder, redactor))
+            Response::from_parts(
+                parts,
+                ProxyBody::upstream(body, recorder, redactor, declared),
+            )
         }
         Err(UpstreamError::Blocked) => {
             task.refund();

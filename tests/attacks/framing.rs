@@ -1025,3 +1025,74 @@ async fn agent_request_trailers_never_reach_an_http2_upstream() {
     }
     kw.assert_no_leaks().await;
 }
+
+/// An HTTP/2 upstream that resets a stream with `NO_ERROR` before its `Content-Length` is
+/// reached: hyper reads that as the end of the body. keyward, which drops `Content-Length` to
+/// redact, cuts the agent's response instead of ending it as if whole, and records the
+/// failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_body_cut_short_is_cut_for_the_agent_too() {
+    let ca = crate::common::TestCa::new();
+    let (cert, key) = ca.leaf(&["secure.test"]);
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::common::ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        // (`accept` drives the connection: each stream is answered beside it.)
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            tokio::spawn(async move {
+                let head = http::Response::builder()
+                    .header("content-length", "100")
+                    .body(())
+                    .unwrap();
+                let mut stream = respond.send_response(head, false).unwrap();
+                stream
+                    .send_data(Bytes::from_static(b"8 bytes!"), false)
+                    .unwrap();
+                // Once the head and the first bytes are through to the agent.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                stream.send_reset(h2::Reason::NO_ERROR);
+            });
+        }
+    });
+    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
+    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
+    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200);
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut agent = crate::common::h1_over(
+        crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"http/1.1"]).await,
+    )
+    .await;
+    bounded("h1 ready", agent.ready()).await.unwrap();
+    let resp = bounded(
+        "the response head",
+        agent.send_request(get("/echo", &format!("secure.test:{port}"))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = bounded(
+        "the cut body",
+        http_body_util::BodyExt::collect(resp.into_body()),
+    )
+    .await;
+    assert!(body.is_err(), "a body cut short reached the agent as whole");
+    let rec = kw
+        .audit_where("the cut response", |r| r["path"] == "/echo")
+        .await;
+    assert_eq!(rec["outcome"], "upstream_error", "{rec}");
+    server.abort();
+    kw.assert_no_leaks().await;
+}
