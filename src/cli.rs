@@ -42,29 +42,39 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Run the proxy and the admin API.
+    /// Run the proxy and the admin API (logs to stderr; level from RUST_LOG, e.g.
+    /// `RUST_LOG=keyward=debug`). SIGHUP reloads the policy and reopens the audit file;
+    /// SIGTERM/SIGINT drain requests in flight and exit 0. KEYWARD_WORKERS sets the number of
+    /// worker threads (default: the CPUs keyward may use).
     Serve {
+        /// The policy file (YAML).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Validate a policy file; print every error as file:line:column: key.path: message.
     Check {
+        /// The policy file (YAML).
         #[arg(long, short)]
         config: PathBuf,
     },
     /// Show what keyward would decide for a request, without sending anything.
     Explain {
+        /// The policy file (YAML).
         #[arg(long, short)]
         config: PathBuf,
+        /// The agent the task would be minted for.
         #[arg(long)]
         agent: String,
         /// Capabilities of the intent, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         intent: Vec<String>,
-        /// Path-parameter constraint k=v (applies to every capability with that parameter).
+        /// Path-parameter constraint K=V (applies to every capability with that parameter;
+        /// repeat it for more allowed values).
         #[arg(long = "where", value_name = "K=V")]
         constraints: Vec<String>,
+        /// The request's method (GET, POST, ...), or CONNECT for a tunnel.
         method: String,
+        /// The request's absolute URL (https://host/path?query), or host:port for CONNECT.
         url: String,
     },
     /// Mint, list and revoke tasks through the admin API.
@@ -88,7 +98,10 @@ pub enum Command {
 pub enum AuditCommand {
     /// Verify each file's hash chain (every line a record, seq 1, 2, 3, …, every hash linking
     /// to the one before); print its record count and last hash, or the first broken line.
+    /// Compare the last hash with the `audit chain end` keyward logged: a chain alone does
+    /// not show records cut off its end, nor one rewritten whole.
     Verify {
+        /// Audit files (JSON lines), each checked on its own.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -96,16 +109,23 @@ pub enum AuditCommand {
 
 #[derive(Subcommand)]
 pub enum TaskCommand {
-    /// Mint a task and print the proxy URL to export.
+    /// Mint a task and print the proxy URL to export. The admin token comes from
+    /// KEYWARD_ADMIN_TOKEN.
     Mint {
+        /// The agent the task is for (one of the policy's agents).
         #[arg(long)]
         agent: String,
+        /// Capabilities of the intent, comma-separated (each granted to the agent).
         #[arg(long, value_delimiter = ',', required = true)]
         intent: Vec<String>,
+        /// Path-parameter constraint K=V for every capability with that parameter; repeat it
+        /// for more allowed values (--where repo=web --where repo=api).
         #[arg(long = "where", value_name = "K=V")]
         constraints: Vec<String>,
+        /// Lifetime (30s, 10m, 2h; default 30m, at most the agent's max_ttl).
         #[arg(long)]
         ttl: Option<String>,
+        /// Most requests the task may make (default: no count, only its ttl).
         #[arg(long)]
         max_requests: Option<u64>,
         /// Task id (generated when absent).
@@ -114,13 +134,14 @@ pub enum TaskCommand {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// List tasks (never tokens).
+    /// List tasks (never tokens). The admin token comes from KEYWARD_ADMIN_TOKEN.
     List {
         #[command(flatten)]
         admin: AdminArgs,
     },
-    /// Revoke a task at once.
+    /// Revoke a task at once. The admin token comes from KEYWARD_ADMIN_TOKEN.
     Revoke {
+        /// The task's id.
         id: String,
         #[command(flatten)]
         admin: AdminArgs,
@@ -138,6 +159,7 @@ pub struct AdminArgs {
 pub enum CaCommand {
     /// Create the CA (ca.pem and ca-key.pem) in DIR; refuses to overwrite.
     Init {
+        /// The directory (created if missing).
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
     },
@@ -170,7 +192,14 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             constraints,
             method,
             url,
-        } => explain(&config, agent, intent, &constraints, &method, &url),
+        } => explain(
+            &config,
+            agent,
+            capabilities(intent),
+            &constraints,
+            &method,
+            &url,
+        ),
         Command::Task { command } => task(command).await,
         Command::Audit {
             command: AuditCommand::Verify { files },
@@ -324,6 +353,15 @@ fn check(config: &Path) -> Result<(), Failure> {
             )))
         }
     }
+}
+
+/// `--intent a, b` names `a` and `b` (a shell-quoted list often has blanks after its commas).
+fn capabilities(intent: Vec<String>) -> Vec<String> {
+    intent
+        .into_iter()
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect()
 }
 
 /// Parses `k=v` constraints into (k, [v]) pairs, merging repeated keys.
@@ -496,7 +534,7 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                 .into_iter()
                 .map(|(k, v)| (k, serde_json::json!(v)))
                 .collect();
-            let mut body = serde_json::json!({ "agent": agent, "intent": intent });
+            let mut body = serde_json::json!({ "agent": agent, "intent": capabilities(intent) });
             if !wh.is_empty() {
                 body["where"] = serde_json::Value::Object(wh);
             }
@@ -518,7 +556,8 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                 out["task"].as_str().unwrap_or_default(),
                 out["expires_at"].as_str().unwrap_or_default()
             );
-            out!("export HTTPS_PROXY={url} HTTP_PROXY={url}");
+            // Both cases: curl reads only the lowercase `http_proxy`, other clients the upper.
+            out!("export HTTPS_PROXY={url} HTTP_PROXY={url} https_proxy={url} http_proxy={url}");
             Ok(())
         }
         TaskCommand::List { admin } => {
@@ -532,33 +571,73 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                     admin.admin
                 )));
             };
-            out!(
-                "{:<24} {:<16} {:<8} {:<21} {:>6}  intent",
-                "TASK",
-                "AGENT",
-                "STATUS",
-                "EXPIRES",
-                "USED"
-            );
-            for t in tasks {
-                let intent: Vec<String> = t["intent"]
-                    .as_array()
-                    .unwrap_or(&empty)
-                    .iter()
-                    .map(|i| {
-                        i.as_str().map(str::to_string).unwrap_or_else(|| {
-                            i["capability"].as_str().unwrap_or_default().to_string()
+            // Columns as wide as their widest entry (task ids and agents vary a lot).
+            let rows: Vec<[String; 6]> = tasks
+                .iter()
+                .map(|t| {
+                    let intent: Vec<String> = t["intent"]
+                        .as_array()
+                        .unwrap_or(&empty)
+                        .iter()
+                        .map(|i| match i.as_str() {
+                            Some(cap) => cap.to_string(),
+                            // `cap{owner=acme,repo=web|api}`: the constraints it was minted with.
+                            None => {
+                                let wh: Vec<String> = i["where"]
+                                    .as_object()
+                                    .map(|m| {
+                                        m.iter()
+                                            .map(|(k, v)| {
+                                                let vals: Vec<&str> = v
+                                                    .as_array()
+                                                    .unwrap_or(&empty)
+                                                    .iter()
+                                                    .filter_map(|x| x.as_str())
+                                                    .collect();
+                                                format!("{k}={}", vals.join("|"))
+                                            })
+                                            .collect()
+                                    })
+                                    .unwrap_or_default();
+                                format!(
+                                    "{}{{{}}}",
+                                    i["capability"].as_str().unwrap_or_default(),
+                                    wh.join(",")
+                                )
+                            }
                         })
-                    })
-                    .collect();
+                        .collect();
+                    let used = match t["max_requests"].as_u64() {
+                        Some(max) => format!("{}/{max}", t["requests_used"]),
+                        None => t["requests_used"].to_string(),
+                    };
+                    [
+                        t["task"].as_str().unwrap_or_default().to_string(),
+                        t["agent"].as_str().unwrap_or_default().to_string(),
+                        t["status"].as_str().unwrap_or_default().to_string(),
+                        t["expires_at"].as_str().unwrap_or_default().to_string(),
+                        used,
+                        intent.join(","),
+                    ]
+                })
+                .collect();
+            let header = ["TASK", "AGENT", "STATUS", "EXPIRES", "USED", "INTENT"].map(String::from);
+            let mut width = [0usize; 5];
+            for row in std::iter::once(&header).chain(&rows) {
+                for (w, cell) in width.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            for [task, agent, status, expires, used, intent] in
+                std::iter::once(&header).chain(&rows)
+            {
                 out!(
-                    "{:<24} {:<16} {:<8} {:<21} {:>6}  {}",
-                    t["task"].as_str().unwrap_or_default(),
-                    t["agent"].as_str().unwrap_or_default(),
-                    t["status"].as_str().unwrap_or_default(),
-                    t["expires_at"].as_str().unwrap_or_default(),
-                    t["requests_used"],
-                    intent.join(",")
+                    "{task:<w0$}  {agent:<w1$}  {status:<w2$}  {expires:<w3$}  {used:>w4$}  {intent}",
+                    w0 = width[0],
+                    w1 = width[1],
+                    w2 = width[2],
+                    w3 = width[3],
+                    w4 = width[4],
                 );
             }
             Ok(())

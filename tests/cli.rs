@@ -544,11 +544,13 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
             "--agent",
             "bot",
             "--intent",
-            "api.issues.read",
+            "api.issues.read, ",
             "--where",
             "owner=acme",
             "--ttl",
             "10m",
+            "--max-requests",
+            "5",
             "--task",
             "TICKET-7",
         ],
@@ -566,6 +568,10 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
         url.starts_with("http://TICKET-7:kw_") && url.ends_with(&format!("@{proxy}")),
         "{url}"
     );
+    // curl reads only the lowercase `http_proxy`: both cases are exported.
+    for var in ["HTTP_PROXY", "https_proxy", "http_proxy"] {
+        assert!(stdout.contains(&format!(" {var}={url}")), "{var} in {stdout:?}");
+    }
     let minted_token = url
         .trim_start_matches("http://TICKET-7:")
         .split('@')
@@ -597,9 +603,12 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
         .find(|l| l.starts_with("TICKET-7 "))
         .unwrap_or_else(|| panic!("no row for the task in {listing:?}"));
     assert!(
-        row.contains("bot") && row.contains("active") && row.contains("api.issues.read"),
+        row.contains("bot") && row.contains("active") && row.contains(" 0/5 "),
         "{row}"
     );
+    // Requests used of its budget (the refusal above did not count), and the intent with the
+    // constraints it was minted with.
+    assert!(row.ends_with("api.issues.read{owner=acme}"), "{row}");
     assert_absent(&minted_token, "task list", &listing);
 
     // An id is checked before it becomes a path segment: this must not revoke TICKET-7.
