@@ -107,6 +107,9 @@ impl Running {
 
 pub async fn start(config: &Path) -> Result<Running, StartError> {
     let policy = policy::load(config).map_err(StartError::Policy)?;
+    for w in policy.warnings() {
+        tracing::warn!("{}: {w}", config.display());
+    }
     let token = credentials::read_source(&policy.admin.token)
         .await
         .map_err(|why| StartError::AdminToken(describe_source(&policy.admin.token), why))?;

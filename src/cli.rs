@@ -340,6 +340,9 @@ fn check(config: &Path) -> Result<(), Failure> {
                 p.agents.len(),
                 p.version
             );
+            for w in p.warnings() {
+                eprintln!("{}: warning: {w}", config.display());
+            }
             Ok(())
         }
         Err(errors) => {

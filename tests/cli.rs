@@ -64,6 +64,37 @@ async fn check_accepts_every_shipped_example_policy() {
     }
 }
 
+/// What is valid but probably a mistake is said on stderr, and `check` still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_about_what_cannot_be_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let policy = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace(
+            "  api_token: { source: file:api-token }\n",
+            "  api_token: { source: file:api-token }\n  spare: { source: env:SPARE }\n",
+        )
+        .replace(
+            "services:\n",
+            "services:\n  lonely:\n    hosts: [lonely.test]\n",
+        )
+        .replace("    risk: medium\n", "    risk: high\n");
+    std::fs::write(&file, policy).unwrap();
+    let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    for want in [
+        "warning: service `lonely` has no capability",
+        "warning: credential `spare` is injected by no service",
+        "warning: capability `api.issues.write` is high-risk: every request for it is denied `approval_required`",
+    ] {
+        assert!(stderr.contains(want), "{want:?} not in:\n{stderr}");
+    }
+    let warnings = stderr.lines().filter(|l| l.contains(": warning: ")).count();
+    assert_eq!(warnings, 3, "{stderr}");
+}
+
 /// A policy with several independent errors, each on a line marked for the test.
 const BROKEN: &str = r#"proxy:
   listen: 127.0.0.1:0
@@ -570,7 +601,10 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
     );
     // curl reads only the lowercase `http_proxy`: both cases are exported.
     for var in ["HTTP_PROXY", "https_proxy", "http_proxy"] {
-        assert!(stdout.contains(&format!(" {var}={url}")), "{var} in {stdout:?}");
+        assert!(
+            stdout.contains(&format!(" {var}={url}")),
+            "{var} in {stdout:?}"
+        );
     }
     let minted_token = url
         .trim_start_matches("http://TICKET-7:")

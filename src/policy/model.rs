@@ -30,6 +30,43 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// What is valid but probably not what the author meant; `check` prints these and `serve`
+    /// logs them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, service) in self.services.iter().enumerate() {
+            if !self.capabilities.iter().any(|c| c.service == i) {
+                out.push(format!(
+                    "service `{}` has no capability: no request can reach it",
+                    service.name
+                ));
+            }
+        }
+        for (i, credential) in self.credentials.iter().enumerate() {
+            let used = self
+                .services
+                .iter()
+                .any(|s| s.inject.as_ref().is_some_and(|inj| inj.credential() == i));
+            if !used {
+                out.push(format!(
+                    "credential `{}` is injected by no service",
+                    credential.name
+                ));
+            }
+        }
+        for (i, cap) in self.capabilities.iter().enumerate() {
+            let granted = self.agents.iter().any(|a| a.capabilities.contains(&i));
+            if granted && matches!(cap.risk, Risk::High | Risk::Critical) {
+                out.push(format!(
+                    "capability `{}` is {}-risk: every request for it is denied `approval_required` (approvals do not exist yet)",
+                    cap.name,
+                    cap.risk.as_str()
+                ));
+            }
+        }
+        out
+    }
+
     pub fn credential_index(&self, name: &str) -> Option<usize> {
         self.credentials.iter().position(|c| c.name == name)
     }
