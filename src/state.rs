@@ -61,7 +61,8 @@ pub struct State {
     pub leaves: LeafCache,
     pub audit: AuditLog,
     pub metrics: Metrics,
-    pub admin_token: Secret,
+    /// Read again at each reload (a `file:` token rotated in place, an `exec:` one reissued).
+    admin_token: ArcSwap<Secret>,
     pub ca_path: PathBuf,
     /// Where keyward listens, once bound; never a destination.
     pub listeners: Arc<OwnListeners>,
@@ -94,12 +95,34 @@ impl State {
             leaves,
             audit,
             metrics,
-            admin_token,
+            admin_token: ArcSwap::from_pointee(admin_token),
             ca_path,
             listeners,
             shutdown: tokio::sync::watch::Sender::new(false),
             drain_ends: std::sync::OnceLock::new(),
             request_ids: RequestIds::new(),
+        }
+    }
+
+    /// Whether `token` is the admin token, compared in constant time.
+    pub fn is_admin_token(&self, token: &[u8]) -> bool {
+        self.admin_token.load().ct_eq(token)
+    }
+
+    /// Reads the admin token's source again: a rotated token applies from now on, the old
+    /// one no longer. On failure the current token stays (an admin API nobody can reach
+    /// would be worse).
+    async fn reread_admin_token(&self) {
+        let source = &self.restart_only.admin.token;
+        match crate::credentials::read_source(source).await {
+            Ok(token) if !self.admin_token.load().ct_eq(token.expose().as_bytes()) => {
+                self.admin_token.store(Arc::new(token));
+                tracing::info!("the admin token changed at its source; the new one applies now");
+            }
+            Ok(_) => {}
+            Err(why) => {
+                tracing::warn!(%why, "cannot read the admin token again; the current one stays")
+            }
         }
     }
 
@@ -114,6 +137,7 @@ impl State {
         if let Err(e) = self.audit.reopen().await {
             tracing::warn!(error = %e, "could not reopen the audit log; writing to the old file");
         }
+        self.reread_admin_token().await;
         let result = self.reload_from(&self.config_path).await;
         self.metrics
             .policy_reload(if result.is_ok() { "ok" } else { "error" });

@@ -839,3 +839,40 @@ async fn a_reload_without_an_agent_revokes_its_tasks_for_good() {
     kw.assert_denied(&resp, 407, "task_revoked").await;
     kw.assert_no_leaks().await;
 }
+
+/// An admin token rotated at its source (a `file:` rewritten, as a Secret update does) applies
+/// at the next reload, and the old one stops working; no restart, so no task is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_the_admin_token_again() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let old = kw.admin_token.clone();
+    let new = format!("adm_rotated_{}", keyward::tasks::random_hex(16));
+    kw.add_secret(&new);
+    std::fs::write(kw.path("admin-token"), format!("{new}\n")).unwrap();
+    let (status, v) = kw
+        .admin_as(Some(&old), Method::POST, "/v1/reload", None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = kw
+        .admin_as(Some(&old), Method::GET, "/v1/tasks", None)
+        .await;
+    assert_eq!(status, 401, "the old admin token still works");
+    let (status, v) = kw
+        .admin_as(Some(&new), Method::GET, "/v1/tasks", None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v.to_string().contains(&task.id), "the task survived: {v}");
+    // A source that cannot be read keeps the current token.
+    std::fs::remove_file(kw.path("admin-token")).unwrap();
+    let (status, v) = kw
+        .admin_as(Some(&new), Method::POST, "/v1/reload", None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = kw
+        .admin_as(Some(&new), Method::GET, "/v1/tasks", None)
+        .await;
+    assert_eq!(status, 200);
+    kw.assert_no_leaks().await;
+}

@@ -125,7 +125,7 @@ fn authorized(state: &State, req: &Request<Incoming>) -> bool {
         return false;
     };
     // SECURITY: constant-time comparison of the admin token.
-    state.admin_token.ct_eq(token.as_bytes())
+    state.is_admin_token(token.as_bytes())
 }
 
 pub fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
