@@ -101,6 +101,10 @@ pub enum AuditCommand {
     /// Compare the last hash with the `audit chain end` keyward logged: a chain alone does
     /// not show records cut off its end, nor one rewritten whole.
     Verify {
+        /// Each file is a piece from the middle of a log (a collector's chunk, the audit
+        /// lines of a merged stream): its first record is taken on trust, the rest checked.
+        #[arg(long)]
+        from_middle: bool,
         /// Audit files (JSON lines), each checked on its own.
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -202,8 +206,8 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         ),
         Command::Task { command } => task(command).await,
         Command::Audit {
-            command: AuditCommand::Verify { files },
-        } => audit_verify(&files),
+            command: AuditCommand::Verify { files, from_middle },
+        } => audit_verify(&files, from_middle),
         Command::Ca {
             command: CaCommand::Init { dir },
         } => {
@@ -222,20 +226,38 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 }
 
 /// `keyward audit verify`: exit 0 when every file verifies, else 1 (every file is checked).
-fn audit_verify(files: &[PathBuf]) -> Result<(), Failure> {
+fn audit_verify(files: &[PathBuf], from_middle: bool) -> Result<(), Failure> {
     let mut broken = 0;
     for path in files {
         let verified = std::fs::File::open(path)
             .map_err(|e| format!("{}: cannot be read: {e}", path.display()))
             .and_then(|f| {
-                crate::audit::verify_chain_to_tail(std::io::BufReader::new(f))
-                    .map_err(|e| format!("{}:{}: {}", path.display(), e.line, e.problem))
+                let reader = std::io::BufReader::new(f);
+                let checked = match from_middle {
+                    true => crate::audit::verify_chain_from_middle(reader),
+                    false => crate::audit::verify_chain_to_tail(reader).map(|(records, last)| {
+                        crate::audit::Verified {
+                            first_seq: 1,
+                            records,
+                            last,
+                        }
+                    }),
+                };
+                checked.map_err(|e| format!("{}:{}: {}", path.display(), e.line, e.problem))
             });
         match verified {
-            Ok((records, last)) => out!(
-                "{}: ok, {records} records, last hash {}",
+            Ok(v) if from_middle => out!(
+                "{}: ok, {} records from seq {} (the first taken on trust), last hash {}",
                 path.display(),
-                last.as_deref().unwrap_or("-")
+                v.records,
+                v.first_seq,
+                v.last.as_deref().unwrap_or("-")
+            ),
+            Ok(v) => out!(
+                "{}: ok, {} records, last hash {}",
+                path.display(),
+                v.records,
+                v.last.as_deref().unwrap_or("-")
             ),
             Err(message) => {
                 broken += 1;

@@ -753,10 +753,20 @@ async fn audit_verify_passes_a_whole_log_and_names_the_first_broken_line() {
         "{stdout}"
     );
     assert!(
-        stdout.contains(&format!("{}:1: hash does not match", cut.display())),
+        stdout.contains(&format!("{}:1: the file starts after seq 1", cut.display())),
         "{stdout}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 3 audit files do not verify"));
+
+    // The piece verifies as one from the middle of a log, its first record taken on trust.
+    let out = keyward(&["audit", "verify", "--from-middle", cut.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(": ok, 1 records from seq 2 (the first taken on trust)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&last_hash), "{stdout}");
 }
 
 /// A credential that cannot be read is logged with why: the variable that is unset, the file

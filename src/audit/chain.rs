@@ -191,7 +191,29 @@ pub fn verify_chain<R: BufRead>(reader: R) -> Result<u64, ChainError> {
 /// The same, also returning the last record's hash (lowercase hex): kept outside the file, it
 /// shows later whether records were cut off the end, which the chain alone cannot.
 pub fn verify_chain_to_tail<R: BufRead>(reader: R) -> Result<(u64, Option<String>), ChainError> {
+    verify_links(reader, false).map(|v| (v.records, v.last))
+}
+
+/// What a verified piece of an audit log holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// `seq` of its first record (1 for a whole file).
+    pub first_seq: u64,
+    pub records: u64,
+    /// The last record's hash (lowercase hex).
+    pub last: Option<String>,
+}
+
+/// Checks a piece cut from the middle of an audit log (a collector's rotated chunk, a `grep`
+/// of a merged stream): its first record is taken on trust (what it links to is not in the
+/// piece), and every later one must link to the one before with the next `seq`.
+pub fn verify_chain_from_middle<R: BufRead>(reader: R) -> Result<Verified, ChainError> {
+    verify_links(reader, true)
+}
+
+fn verify_links<R: BufRead>(reader: R, from_middle: bool) -> Result<Verified, ChainError> {
     let mut prev: Option<[u8; 64]> = None;
+    let mut first_seq = 1u64;
     let mut count = 0u64;
     for (i, line) in reader.split(b'\n').enumerate() {
         let err = |problem| ChainError {
@@ -199,7 +221,20 @@ pub fn verify_chain_to_tail<R: BufRead>(reader: R) -> Result<(u64, Option<String
             problem,
         };
         let line = line.map_err(|_| err("cannot be read"))?;
-        let chain = parse_tail(&line).ok_or_else(|| err("not a complete audit record"))?;
+        let chain = parse_tail(&line).ok_or_else(|| {
+            err("not an audit record (another program's output mixed in, or a torn last line)")
+        })?;
+        if i == 0 && from_middle {
+            first_seq = chain.seq;
+            count = 1;
+            prev = chain.prev;
+            continue;
+        }
+        if i == 0 && chain.seq != 1 {
+            return Err(err(
+                "the file starts after seq 1: the records before it are not here (a piece of a rotated or cut log? `--from-middle` checks the links after its first record)",
+            ));
+        }
         let body_len = line.len().saturating_sub(HASH_SUFFIX_LEN);
         let mut hasher = Sha256::new();
         hasher.update(line.get(..body_len).unwrap_or_default());
@@ -214,14 +249,18 @@ pub fn verify_chain_to_tail<R: BufRead>(reader: R) -> Result<(u64, Option<String
             ));
         }
         // `seq` is the last member of the hashed object, so the parsed value is the hashed one.
-        if chain.seq != count + 1 {
+        if chain.seq != first_seq + count {
             return Err(err("seq is not one more than the previous record's"));
         }
         count += 1;
         prev = chain.prev;
     }
     let last = prev.map(|h| String::from_utf8_lossy(&h).into_owned());
-    Ok((count, last))
+    Ok(Verified {
+        first_seq,
+        records: count,
+        last,
+    })
 }
 
 #[cfg(test)]
@@ -383,6 +422,37 @@ mod tests {
         let mut torn = join(&original);
         torn.extend_from_slice(b"{\"ts\":\"2026");
         assert_eq!(verify_chain(Cursor::new(torn)).unwrap_err().line, 5);
+    }
+
+    #[test]
+    fn a_piece_from_the_middle_verifies_from_its_first_record_on() {
+        let (_, buf) = chain_of(6);
+        let original = lines(&buf);
+        let piece = original[2..].to_vec();
+        // As a whole file it is refused with the reason, not as an altered record.
+        let err = verify_chain(Cursor::new(join(&piece))).unwrap_err();
+        assert_eq!(err.line, 1);
+        assert!(err.problem.contains("starts after seq 1"), "{err}");
+        let v = verify_chain_from_middle(Cursor::new(join(&piece))).unwrap();
+        assert_eq!((v.first_seq, v.records), (3, 4));
+        assert_eq!(v.last, verify_chain_to_tail(Cursor::new(&buf)).unwrap().1);
+        // Only the first record is taken on trust: a later one removed or altered still shows.
+        let mut gap = piece.clone();
+        gap.remove(2);
+        assert_eq!(
+            verify_chain_from_middle(Cursor::new(join(&gap)))
+                .unwrap_err()
+                .line,
+            3
+        );
+        let mut mixed = piece.clone();
+        mixed.insert(
+            1,
+            b"2026-11-27T12:00:00Z  INFO keyward: policy reloaded".to_vec(),
+        );
+        let err = verify_chain_from_middle(Cursor::new(join(&mixed))).unwrap_err();
+        assert_eq!(err.line, 2);
+        assert!(err.problem.contains("not an audit record"), "{err}");
     }
 
     #[test]
