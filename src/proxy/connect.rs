@@ -144,13 +144,10 @@ async fn refuse(
         hint,
         ambiguity: code,
     });
-    if denial.reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED {
-        // SECURITY (I7): as for any 407 on this listener, the connection is not kept for
-        // further guesses (see `handle::refuse`).
-        resp.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
+    if denial.reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED || task.is_none() {
+        // SECURITY (I7): as for any refusal of a client without a valid token on this
+        // listener, the connection is not kept for further guesses (see `handle::refuse`).
+        super::handle::close_after(&mut resp);
     }
     draft
         .write(state, denial.reason, denial.reason.status().as_u16())

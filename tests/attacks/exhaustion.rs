@@ -387,7 +387,7 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
 /// `max_connections`, and tasks waited in the backlog.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_without_a_valid_token_cannot_hold_the_connection_places() {
-    let f = Fixture::start_with(|p| with_proxy(p, "  max_connections: 3\n")).await;
+    let f = Fixture::start_with(|p| with_proxy(p, "  max_connections: 4\n")).await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     // Keep-alive heads: without a token, and with a token keyward never issued.
@@ -399,12 +399,19 @@ async fn clients_without_a_valid_token_cannot_hold_the_connection_places() {
     );
     let connect =
         format!("CONNECT secure.test:{port} HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n");
+    // Refused before any token is looked at: an origin-form request.
+    let origin_form = "GET /echo HTTP/1.1\r\nHost: plain.test\r\n\r\n".to_string();
     let mut hogs = Vec::new();
-    for head in [&anonymous, &forged, &connect] {
+    for (head, status) in [
+        (&anonymous, 407),
+        (&forged, 407),
+        (&connect, 407),
+        (&origin_form, 400),
+    ] {
         let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
         tcp.write_all(head.as_bytes()).await.unwrap();
         let resp = crate::common::read_response(&mut tcp).await;
-        assert_eq!(resp.status, 407, "{}", resp.text());
+        assert_eq!(resp.status, status, "{}", resp.text());
         assert_eq!(resp.header("connection").as_deref(), Some("close"));
         hogs.push(tcp);
     }
