@@ -40,9 +40,11 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
                 // pasted in the wrong place.
                 const KNOWN: &[&str] = &["listen", "token", "source", "refresh", "exec"];
                 if holds_secrets(&dup.parent) && !KNOWN.contains(&dup.key.as_str()) {
+                    // The parent's own keys may be pasted secrets too (`admin: {sk-…: {a: 1,
+                    // a: 2}}`): the path stops where a secret cannot be.
                     errs.push(
                         dup.again,
-                        &dup.parent,
+                        secret_free_prefix(&dup.parent),
                         format!("duplicate key (not repeated: it may be a secret; first written at {first})"),
                     );
                 } else {
@@ -272,6 +274,22 @@ pub(crate) fn holds_secrets(path: &str) -> bool {
         || path
             .strip_prefix("credentials.")
             .is_some_and(|rest| !rest.is_empty())
+}
+
+/// The start of a key path under `admin` or a credential that holds no key a secret could
+/// have been pasted as: `admin`, or `credentials.NAME`.
+fn secret_free_prefix(path: &str) -> &str {
+    if path == "admin" || path.starts_with("admin.") {
+        return "admin";
+    }
+    match path.strip_prefix("credentials.") {
+        Some(rest) => {
+            let name = rest.find('.').unwrap_or(rest.len());
+            path.get(..("credentials.".len() + name))
+                .unwrap_or("credentials")
+        }
+        None => path,
+    }
 }
 
 pub(crate) fn join(prefix: &str, key: &str) -> String {
@@ -648,6 +666,15 @@ mod tests {
             ]
         );
         assert!(node.is_some(), "the walk goes on over the later values");
+        // A pasted secret as the parent's key is not repeated either.
+        let (_, errs) = parse("admin:\n  sk-live-PASTED-1:\n    a: 1\n    a: 2\ncredentials:\n  k:\n    sk-live-PASTED-2: {b: 1, b: 2}\n");
+        assert_eq!(
+            errs,
+            [
+                "p.yaml:4:5: admin: duplicate key (not repeated: it may be a secret; first written at 3:5)",
+                "p.yaml:7:30: credentials.k: duplicate key (not repeated: it may be a secret; first written at 7:24)",
+            ]
+        );
     }
 
     #[test]
