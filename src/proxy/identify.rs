@@ -62,7 +62,7 @@ pub struct TunnelHost {
 /// - another host: gateways and frameworks that trust forwarded-host headers route (or build
 ///   links) by them, so a credentialed request could reach another virtual host or tenant
 ///   than the one decided on (SPEC §4.2: the destination decides, never a header).
-const OVERRIDES: [(&str, &str); 18] = [
+const OVERRIDES: [(&str, &str); 20] = [
     ("x-http-method-override", "method_override"),
     ("x-http-method", "method_override"),
     ("x-method-override", "method_override"),
@@ -81,6 +81,8 @@ const OVERRIDES: [(&str, &str); 18] = [
     ("x-host", "host_override"),
     ("x-original-host", "host_override"),
     ("x-http-host-override", "host_override"),
+    ("x-original-forwarded-host", "host_override"),
+    ("x-forwarded-hostname", "host_override"),
 ];
 
 /// The request head's size as HTTP/1 sends it (request line and header lines with their
