@@ -325,7 +325,17 @@ async fn handle_request(
                 UpstreamError::Blocked => (Failure::BadGateway, "blocked", String::new()),
             };
             let service = draft.rec.service.clone().unwrap_or_default();
-            // The agent is told only that it failed; the operator learns why.
+            // The agent is told only that it failed; the operator learns why. The text can hold
+            // what the upstream chose (an HTTP/2 GOAWAY's debug data): the credential it may
+            // echo is redacted, and the text bounded.
+            let mut why = match &redactor {
+                Some(r) => r.scrub(&why),
+                None => why,
+            };
+            if let Some((cut, _)) = why.char_indices().nth(MAX_LOGGED_ERROR) {
+                why.truncate(cut);
+                why.push('…');
+            }
             tracing::warn!(
                 request_id = %draft.request_id(),
                 service = %service,
@@ -345,6 +355,9 @@ async fn handle_request(
         }
     }
 }
+
+/// Characters of an upstream error's text that are logged.
+const MAX_LOGGED_ERROR: usize = 512;
 
 /// A head over `proxy.max_header_bytes`: 431, recorded like the heads too large to parse
 /// (reason `ambiguous_request`, nothing decided).

@@ -159,6 +159,15 @@ impl Redactor {
         self.contains_any(&joint)
     }
 
+    /// `text` with every spelling of the credential replaced: for what keyward logs about an
+    /// upstream (its error text can carry what the upstream chose to echo).
+    pub fn scrub(&self, text: &str) -> String {
+        match self.replace_all(text.as_bytes()) {
+            Some((out, _)) => String::from_utf8_lossy(&out).into_owned(),
+            None => text.to_owned(),
+        }
+    }
+
     /// Whether bytes are held back (the caller releases them after a pause in the stream).
     pub fn holds(&self) -> bool {
         !self.carry.is_empty()
@@ -261,6 +270,16 @@ mod tests {
     fn redactor() -> Redactor {
         let value = CredentialValue::new(Secret::new("sk-live-0123456789".into()));
         Redactor::new(Arc::new(value), None)
+    }
+
+    #[test]
+    fn scrub_removes_the_credential_from_text_keyward_logs() {
+        let r = redactor();
+        let text = "http2 error: connection error received: (b\"echo sk-live-0123456789\")";
+        let scrubbed = r.scrub(text);
+        assert!(!scrubbed.contains("sk-live-0123456789"), "{scrubbed}");
+        assert!(scrubbed.contains("echo [redacted]"), "{scrubbed}");
+        assert_eq!(r.scrub("connection refused"), "connection refused");
     }
 
     #[test]
