@@ -14,20 +14,27 @@ use crate::proxy::identify::parse_authority;
 use crate::secret::Secret;
 use crate::tasks::{MintSpec, TaskStore};
 
-/// `println!` for command output, where a reader that stopped reading (`keyward explain … |
-/// head -1`) ends the command quietly with exit 0; `println!` would panic (exit 101).
+/// `println!` for command output. A reader that stopped reading (`keyward explain … | head
+/// -1`) is not an error: the rest of the output is dropped and the command finishes, so its
+/// exit code still tells its verdict (`audit verify`); `println!` would panic (exit 101).
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
-            if e.kind() != std::io::ErrorKind::BrokenPipe {
-                eprintln!("keyward: cannot write the output: {e}");
-                std::process::exit(2);
+        use std::sync::atomic::Ordering;
+        if !READER_GONE.load(Ordering::Relaxed) {
+            if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("keyward: cannot write the output: {e}");
+                    std::process::exit(2);
+                }
+                READER_GONE.store(true, Ordering::Relaxed);
             }
-            std::process::exit(0);
         }
     }};
 }
+
+/// Set once stdout's reader has gone (see `out!`).
+static READER_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Parser)]
 #[command(

@@ -967,4 +967,21 @@ async fn output_to_a_closed_pipe_ends_quietly_with_exit_0() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+
+    // The command still finishes with its verdict: a chain that does not verify is exit 1
+    // even when nobody reads what `audit verify` prints.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"not\":\"a record\"}\n").unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["audit", "verify", bad.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = bounded("verify into a closed pipe", child.wait_with_output())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
 }
