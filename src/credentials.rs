@@ -48,6 +48,22 @@ pub struct CredentialValue {
     /// (upper- and lowercase hex, as common encoders leave characters raw), JSON-escaped and
     /// UTF-16 (either byte order) when they differ from it and have at least 4 bytes.
     reflections: Vec<zeroize::Zeroizing<Vec<u8>>>,
+    /// For each reflection, which of `GATE_BYTES` it holds (`gate_of`), looked up once here
+    /// rather than for every header value and frame the redactor scans.
+    reflection_gates: Vec<Option<u8>>,
+}
+
+/// Bytes rare in the text APIs answer with, which many spellings hold (`%` percent forms, `\`
+/// JSON escapes, NUL in UTF-16): a spelling holding one cannot be in a text without it, and
+/// one `memchr` per text answers that for all of them (`proxy::redact`).
+pub const GATE_BYTES: [u8; 3] = [b'%', b'\\', 0];
+
+/// The index in `GATE_BYTES` of the first gate byte `needle` holds.
+pub fn gate_of(needle: &[u8]) -> Option<u8> {
+    let i = GATE_BYTES
+        .iter()
+        .position(|&g| memchr::memchr(g, needle).is_some())?;
+    u8::try_from(i).ok()
 }
 
 impl CredentialValue {
@@ -124,6 +140,7 @@ impl CredentialValue {
         CredentialValue {
             folded: Zeroizing::new(raw.to_ascii_lowercase()),
             secret,
+            reflection_gates: reflections.iter().map(|r| gate_of(r)).collect(),
             reflections,
         }
     }
@@ -136,6 +153,11 @@ impl CredentialValue {
     /// a JSON string).
     pub fn reflections(&self) -> &[zeroize::Zeroizing<Vec<u8>>] {
         &self.reflections
+    }
+
+    /// `gate_of` each reflection, in the same order.
+    pub fn reflection_gates(&self) -> &[Option<u8>] {
+        &self.reflection_gates
     }
 }
 

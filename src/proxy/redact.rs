@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use zeroize::Zeroizing;
 
-use crate::credentials::{basic_pair, CredentialValue};
+use crate::credentials::{basic_pair, gate_of, CredentialValue, GATE_BYTES};
 use crate::policy::Injection;
 
 const MARK: &[u8] = b"[redacted]";
@@ -25,8 +25,9 @@ const SMALL_HAY: usize = 1024;
 pub struct Redactor {
     /// The credential's reflections (derived once per value, see `CredentialValue`).
     value: Arc<CredentialValue>,
-    /// An injected form that is not derived from the value alone (a Basic pair).
+    /// An injected form that is not derived from the value alone (a Basic pair), and its gate.
     extra: Option<Zeroizing<Vec<u8>>>,
+    extra_gate: Option<u8>,
     longest: usize,
     carry: BytesMut,
     found: u64,
@@ -45,12 +46,13 @@ impl Redactor {
         });
         let mut r = Redactor {
             value,
+            extra_gate: extra.as_deref().and_then(|e| gate_of(e)),
             extra,
             longest: 0,
             carry: BytesMut::new(),
             found: 0,
         };
-        r.longest = r.needles().map(<[u8]>::len).max().unwrap_or(0);
+        r.longest = r.needles().map(|(n, _)| n.len()).max().unwrap_or(0);
         r
     }
 
@@ -66,13 +68,18 @@ impl Redactor {
         }
     }
 
-    /// The injected form first: it contains the value's base64, which would otherwise be
-    /// replaced inside it and leave the form's ends.
-    fn needles(&self) -> impl Iterator<Item = &[u8]> {
-        self.extra
+    /// Each needle with its gate (`credentials::gate_of`). The injected form first: it
+    /// contains the value's base64, which would otherwise be replaced inside it and leave the
+    /// form's ends.
+    fn needles(&self) -> impl Iterator<Item = (&[u8], Option<u8>)> {
+        let extra = self.extra.iter().map(|e| (e.as_slice(), self.extra_gate));
+        let reflections = self
+            .value
+            .reflections()
             .iter()
-            .chain(self.value.reflections())
-            .map(|n| n.as_slice())
+            .map(|r| r.as_slice())
+            .zip(self.value.reflection_gates().iter().copied());
+        extra.chain(reflections)
     }
 
     /// Occurrences replaced so far.
@@ -88,7 +95,7 @@ impl Redactor {
             .keys()
             .filter(|name| {
                 let name = name.as_str().as_bytes();
-                self.needles().any(|n| {
+                self.needles().any(|(n, _)| {
                     name.len() >= n.len()
                         && name.windows(n.len()).any(|w| w.eq_ignore_ascii_case(n))
                 })
@@ -176,7 +183,7 @@ impl Redactor {
     fn contains_any(&self, hay: &[u8]) -> bool {
         let mut gates = Gates::default();
         self.needles()
-            .any(|n| gates.may_hold(hay, n) && find(hay, n).is_some())
+            .any(|(n, gate)| gates.may_hold(hay, gate) && find(hay, n).is_some())
     }
 
     /// The bytes held back: at the end of the body, or after a pause in it.
@@ -191,10 +198,10 @@ impl Redactor {
         let mut out: Option<Zeroizing<Vec<u8>>> = None;
         let mut count = 0;
         let mut gates = Gates::default();
-        for needle in self.needles() {
+        for (needle, gate) in self.needles() {
             let current = out.as_deref().map_or(hay, Vec::as_slice);
             // (A replacement only adds the marker, which holds no gate byte.)
-            if !gates.may_hold(hay, needle) || find(current, needle).is_none() {
+            if !gates.may_hold(hay, gate) || find(current, needle).is_none() {
                 continue;
             }
             let mut next = Zeroizing::new(Vec::with_capacity(current.len()));
@@ -215,28 +222,23 @@ impl Redactor {
     }
 }
 
-/// Bytes rare in the text APIs answer with, which many spellings hold (`%` percent forms, `\\`
-/// JSON escapes, NUL in UTF-16): a needle holding one cannot be in a haystack without it, and
-/// one `memchr` per haystack answers that for all of them. (memmem's own prefilter ranks these
-/// bytes common and scans for the needle's letters, which the text is full of.)
-const GATE_BYTES: [u8; 3] = [b'%', b'\\', 0];
-
-/// Which gate bytes one haystack holds, looked up once each.
+/// Which gate bytes (`credentials::GATE_BYTES`) one haystack holds, looked up once each: a
+/// needle with a gate byte the haystack lacks cannot be in it. (memmem's own prefilter ranks
+/// these bytes common and scans for the needle's letters, which the text is full of.)
 #[derive(Default)]
 struct Gates([Option<bool>; 3]);
 
 impl Gates {
-    /// Whether `hay` may hold `needle`: false when the needle has a gate byte `hay` lacks.
-    fn may_hold(&mut self, hay: &[u8], needle: &[u8]) -> bool {
-        let Some(i) = GATE_BYTES
-            .iter()
-            .position(|&g| memchr::memchr(g, needle).is_some())
-        else {
+    /// Whether `hay` may hold a needle whose gate is `gate`.
+    fn may_hold(&mut self, hay: &[u8], gate: Option<u8>) -> bool {
+        let Some(i) = gate.map(usize::from) else {
             return true;
         };
-        match self.0.get_mut(i) {
-            Some(seen) => *seen.get_or_insert_with(|| memchr::memchr(GATE_BYTES[i], hay).is_some()),
-            None => true,
+        match (self.0.get_mut(i), GATE_BYTES.get(i)) {
+            (Some(seen), Some(&byte)) => {
+                *seen.get_or_insert_with(|| memchr::memchr(byte, hay).is_some())
+            }
+            _ => true,
         }
     }
 }
@@ -374,7 +376,7 @@ mod tests {
         };
         let needles: Vec<Vec<u8>> = Redactor::for_injection(&basic, Arc::new(value))
             .needles()
-            .map(<[u8]>::to_vec)
+            .map(|(n, _)| n.to_vec())
             .collect();
         // Raw, base64 (standard, URL-safe, at three alignments), percent (upper-, lowercase
         // hex; as Python's quote, JavaScript's encodeURI and escape write it), JSON with `\/`,
