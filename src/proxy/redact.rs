@@ -182,8 +182,9 @@ impl Redactor {
 
     fn contains_any(&self, hay: &[u8]) -> bool {
         let mut gates = Gates::default();
-        self.needles()
-            .any(|(n, gate)| gates.may_hold(hay, gate) && find(hay, n).is_some())
+        self.needles().any(|(n, gate)| {
+            n.len() <= hay.len() && gates.may_hold(hay, gate) && find(hay, n).is_some()
+        })
     }
 
     /// The bytes held back: at the end of the body, or after a pause in it.
@@ -201,7 +202,11 @@ impl Redactor {
         for (needle, gate) in self.needles() {
             let current = out.as_deref().map_or(hay, Vec::as_slice);
             // (A replacement only adds the marker, which holds no gate byte.)
-            if !gates.may_hold(hay, gate) || find(current, needle).is_none() {
+            // Length first: most header values are shorter than most needles.
+            if needle.len() > current.len()
+                || !gates.may_hold(hay, gate)
+                || find(current, needle).is_none()
+            {
                 continue;
             }
             let mut next = Zeroizing::new(Vec::with_capacity(current.len()));
