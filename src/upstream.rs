@@ -821,24 +821,28 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn a_service_pools_at_most_max_pooled_connections_over_all_its_hosts() {
-        let connector = ConnectorInner {
-            tls: None,
-            tls_http1: None,
-            connect_to: None,
-            named: Vec::new(),
-            own: Arc::default(),
-            timeout: Duration::from_secs(1),
-            pooled: Arc::default(),
-        };
-        let pooled = Arc::clone(&connector.pooled);
-        let upstreams = Upstreams {
+    /// One plain service's pools, no policy needed.
+    fn one_service() -> Upstreams {
+        Upstreams {
             services: vec![ServiceUpstreams {
-                connector,
+                connector: ConnectorInner {
+                    tls: None,
+                    tls_http1: None,
+                    connect_to: None,
+                    named: Vec::new(),
+                    own: Arc::default(),
+                    timeout: Duration::from_secs(1),
+                    pooled: Arc::default(),
+                },
                 hosts: dashmap::DashMap::new(),
             }],
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn a_service_pools_at_most_max_pooled_connections_over_all_its_hosts() {
+        let upstreams = one_service();
+        let pooled = Arc::clone(&upstreams.services[0].connector.pooled);
         let mut far_ends = Vec::new();
         for host in ["a.test", "b.test", "c.test"] {
             let pool = upstreams.pool(0, host).unwrap();
@@ -885,20 +889,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http1_connection_is_reused_by_its_own_task_only() {
-        let upstreams = Upstreams {
-            services: vec![ServiceUpstreams {
-                connector: ConnectorInner {
-                    tls: None,
-                    tls_http1: None,
-                    connect_to: None,
-                    named: Vec::new(),
-                    own: Arc::default(),
-                    timeout: Duration::from_secs(1),
-                    pooled: Arc::default(),
-                },
-                hosts: dashmap::DashMap::new(),
-            }],
-        };
+        let upstreams = one_service();
         let pool = upstreams.pool(0, "a.test").unwrap();
         let mut far_ends = Vec::new();
         for (task, (sender, far)) in [7, 8].into_iter().zip(senders(2).await) {
