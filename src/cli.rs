@@ -528,7 +528,12 @@ fn explain(
                 None => out!("credential: none"),
             }
         }
-        Err(d) => print_denial(&compiled, &d),
+        Err(d) => {
+            print_denial(&compiled, &d);
+            for broken in broken_constraints(&compiled, &task, &d, &path) {
+                out!("constraint: {broken}");
+            }
+        }
     }
     Ok(())
 }
@@ -541,6 +546,56 @@ fn print_denial(policy: &CompiledPolicy, d: &decide::Denial) {
     if let Some(h) = d.hint {
         out!("would allow: {}", policy.capability_at(h).name);
     }
+}
+
+/// For a `constraint_mismatch`: which of the task's constraints the path's parameters break.
+fn broken_constraints(
+    policy: &CompiledPolicy,
+    task: &crate::tasks::Task,
+    d: &decide::Denial,
+    path: &crate::matcher::CanonPath,
+) -> Vec<String> {
+    let decide::Denial {
+        reason: crate::reason::Reason::ConstraintMismatch,
+        capability: Some(c),
+        route: Some(r),
+        ..
+    } = d
+    else {
+        return Vec::new();
+    };
+    let cap = policy.capability_at(*c);
+    let (Some(route), Some(grant)) = (cap.routes.get(*r), task.grant(&cap.name)) else {
+        return Vec::new();
+    };
+    let mut router = crate::matcher::Router::new();
+    router.insert(route, ());
+    let mut found = Vec::new();
+    router.find(path, &mut found);
+    let Some(m) = found.first() else {
+        return Vec::new();
+    };
+    grant
+        .constraints
+        .iter()
+        .filter_map(|(name, allowed)| {
+            let value = route
+                .param_names()
+                .position(|p| p == name)
+                .and_then(|k| m.captures.value(k, path));
+            match value {
+                Some(v) if allowed.iter().any(|a| a == v) => None,
+                Some(v) => Some(format!(
+                    "{name} is `{v}`; the task allows {}",
+                    allowed.join(", ")
+                )),
+                None => Some(format!(
+                    "route `{}` has no `{name}` to hold to the task's constraint",
+                    cap.route_text.get(*r).map_or("", String::as_str)
+                )),
+            }
+        })
+        .collect()
 }
 
 async fn task(command: TaskCommand) -> Result<(), Failure> {

@@ -337,6 +337,30 @@ async fn explain_prints_decision_reason_capability_route_and_credential_name_nev
     let out3 = text(&ambiguous.stdout);
     assert!(out3.contains("ambiguous_request"), "{out3}");
 
+    // A broken constraint is named, with what the task allows.
+    let constrained = keyward(&[
+        "explain",
+        "--config",
+        config,
+        "--agent",
+        "bot",
+        "--intent",
+        "api.issues.read",
+        "--where",
+        "owner=acme",
+        "--where",
+        "owner=beta",
+        "GET",
+        "https://api.test/repos/evil/web/issues",
+    ])
+    .await;
+    let out4 = text(&constrained.stdout);
+    assert!(out4.contains("reason:     constraint_mismatch"), "{out4}");
+    assert!(
+        out4.contains("constraint: owner is `evil`; the task allows acme, beta"),
+        "{out4}"
+    );
+
     // As the proxy would: a passthrough host is tunnelled blind, an unknown one refused at
     // CONNECT, whatever the path.
     let tunnel = text(&explain("GET", "https://blind.test/anything").await.stdout);
