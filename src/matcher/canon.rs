@@ -274,24 +274,25 @@ pub fn canonicalize(target: &str) -> Result<CanonPath, Ambiguity> {
     })
 }
 
-/// A segment of dots alone (`.`, `..`, `...`), or of dots and encoded blanks (`..%20`,
-/// `%C2%A0..`): servers that trim blanks from segments (Java's `trim`, JavaScript's `trim`) or
-/// drop trailing dots and spaces (Windows) read a dot segment. `seg` is canonical, so the only
-/// `%` in it begin triplets.
+/// A segment of dots alone (`.`, `..`, `...`), or of dots and blanks (`..%20`, `%C2%A0..`,
+/// `..+`: form-style decoders such as Java's `URLDecoder` read `+` as a space): servers that
+/// trim blanks from segments (Java's and JavaScript's `trim`) or drop trailing dots and spaces
+/// (Windows) read a dot segment. `seg` is canonical, so the only `%` in it begin triplets.
 fn is_dot_segment(seg: &str) -> bool {
-    if !seg.starts_with(['.', '%']) {
+    if !seg.starts_with(['.', '%', '+']) {
         return false; // the common case, decided by one byte
     }
     if seg.bytes().all(|b| b == b'.') {
         return true;
     }
-    if !seg.contains('.') || !seg.contains('%') {
+    if !seg.contains('.') || !seg.contains(['%', '+']) {
         return false;
     }
     let decoded = percent_decode(seg);
     let text = String::from_utf8_lossy(&decoded);
-    let inner = text.trim_matches(char::is_whitespace);
-    !inner.is_empty() && inner.chars().all(|c| c == '.' || c.is_whitespace())
+    let blank = |c: char| c.is_whitespace() || c == '+';
+    let inner = text.trim_matches(blank);
+    !inner.is_empty() && inner.chars().all(|c| c == '.' || blank(c))
 }
 
 fn percent_decode(raw: &str) -> Vec<u8> {
@@ -513,6 +514,9 @@ mod tests {
             ("/files/..%E3%80%80/x", DotSegment),
             ("/files/..%E2%80%A8/x", DotSegment),
             ("/files/%20.%20.%20/x", DotSegment),
+            ("/files/..+/x", DotSegment),
+            ("/files/+../x", DotSegment),
+            ("/files/.+./x", DotSegment),
             ("/a/%C2%80", ControlByte),
             ("/a/%C2%85b", ControlByte),
             ("/a/x%C2%9F", ControlByte),
@@ -586,7 +590,7 @@ mod tests {
         assert_eq!(segs("/a?b?c"), ["a"]);
         // Dots with other text, and blanks without a dot segment inside, are ordinary names.
         assert_eq!(
-            segs("/.well-known/..a/a../v1.2%20x/%20/%C2%A0a./%E2%80%83"),
+            segs("/.well-known/..a/a../v1.2%20x/%20/%C2%A0a./%E2%80%83/c++/+/a+.b"),
             [
                 ".well-known",
                 "..a",
@@ -594,7 +598,10 @@ mod tests {
                 "v1.2%20x",
                 "%20",
                 "%C2%A0a.",
-                "%E2%80%83"
+                "%E2%80%83",
+                "c++",
+                "+",
+                "a+.b"
             ]
         );
 

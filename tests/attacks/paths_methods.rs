@@ -34,6 +34,7 @@ fn ambiguous_paths() -> Vec<(String, &'static str)> {
         ("/repos/acme/web/%C2%A0../web/issues", "dot_segment"),
         ("/repos/acme/web/..%E3%80%80/web/issues", "dot_segment"),
         ("/repos/acme/.../issues", "dot_segment"),
+        ("/repos/acme/web/..+/web/issues", "dot_segment"),
         ("/repos/acme%2Fweb/x/issues", "encoded_slash"),
         ("/repos/acme%2fweb/x/issues", "encoded_slash"),
         ("/repos/acme/web%2F..%2F..%2Fadmin/issues", "encoded_slash"),
