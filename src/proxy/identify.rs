@@ -127,29 +127,29 @@ pub fn absolute_target(parts: &Parts) -> Result<Target, TargetError> {
 
 /// Target of a request inside an intercepted tunnel to `tunnel`.
 pub fn tunnel_target(parts: &Parts, tunnel: &TunnelHost) -> Result<Target, TargetError> {
-    let named = if parts.version == Version::HTTP_2 {
-        // hyper puts `:authority` in the URI; a `host` header must agree with it.
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .ok_or(ambiguous("missing_authority"))?;
-        if let Some(h) = single_host_header(&parts.headers)? {
-            if !h.eq_ignore_ascii_case(authority) {
-                return Err(ambiguous("authority_disagrees_with_host"));
-            }
+    // HTTP/2's `:authority` and an HTTP/1.1 absolute-form target (RFC 9112 §3.2.2: a server
+    // must accept it) both land in the URI. Whatever names the host — the URI's authority,
+    // the `Host` header, or both, which must then agree — must name the tunnel's, over https.
+    // A CONNECT's authority-form target lands in the URI too: a nested tunnel, never a host.
+    if parts.method == Method::CONNECT {
+        return Err(ambiguous("nested_connect"));
+    }
+    let host_header = single_host_header(&parts.headers)?;
+    let named = match (parts.uri.authority().map(|a| a.as_str()), host_header) {
+        (Some(authority), Some(h)) if !h.eq_ignore_ascii_case(authority) => {
+            return Err(ambiguous("authority_disagrees_with_host"));
         }
-        if parts.uri.scheme_str().is_some_and(|s| s != "https") {
-            return Err(ambiguous("unsupported_scheme"));
+        (Some(authority), _) => authority,
+        // RFC 9113 §8.3.1: an HTTP/2 request may carry `host` instead of `:authority`.
+        (None, Some(h)) => h,
+        (None, None) if parts.version == Version::HTTP_2 => {
+            return Err(ambiguous("missing_authority"))
         }
-        authority
-    } else {
-        // SECURITY: an absolute-form target inside a tunnel would be a second destination.
-        if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
-            return Err(ambiguous("absolute_form_in_tunnel"));
-        }
-        single_host_header(&parts.headers)?.ok_or(ambiguous("missing_host"))?
+        (None, None) => return Err(ambiguous("missing_host")),
     };
+    if parts.uri.scheme_str().is_some_and(|s| s != "https") {
+        return Err(ambiguous("unsupported_scheme"));
+    }
     // A Host without a port names the tunnel's port; an explicit one must equal it.
     let (host, port) = parse_authority(named, tunnel.port)?;
     if host != tunnel.host || port != tunnel.port {

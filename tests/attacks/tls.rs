@@ -569,7 +569,7 @@ async fn passthrough_tunnel_to_a_service_address_never_carries_its_credential() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nested_connect_absolute_form_and_missing_host_inside_a_tunnel_are_refused() {
+async fn nested_connect_other_destinations_and_missing_host_inside_a_tunnel_are_refused() {
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read", "other.read"])).await;
@@ -579,8 +579,9 @@ async fn nested_connect_absolute_form_and_missing_host_inside_a_tunnel_are_refus
         format!("CONNECT other.test:{port} HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"),
         format!("CONNECT secure.test:{port} HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n"),
         format!("CONNECT other.test:{port} HTTP/1.1\r\nHost: other.test:{port}\r\nProxy-Authorization: {auth}\r\n\r\n"),
-        format!("GET https://secure.test:{port}/echo HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n"),
         format!("GET https://other.test:{port}/x HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n"),
+        format!("GET https://secure.test:{port}/x HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"),
+        format!("GET https://user@secure.test:{port}/x HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n"),
         format!("GET http://other.test:{port}/x HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"),
         format!("GET http://plain.test:{}/echo HTTP/1.1\r\nHost: plain.test\r\n\r\n", f.plain.port()),
         // No Host at all: the request names no host to check against the tunnel's.
@@ -611,6 +612,22 @@ async fn nested_connect_absolute_form_and_missing_host_inside_a_tunnel_are_refus
         Some(1.0),
         "one leaf: secure.test's"
     );
+    // Absolute form that names the tunnel's own host over https is the same request (RFC 9112
+    // §3.2.2: a server must accept it); the upstream gets origin form.
+    let mut tls = tunnel(&f, &task, "secure.test", "secure.test", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let head = format!(
+        "GET https://secure.test:{port}/echo HTTP/1.1\r\nHost: secure.test:{port}\r\nConnection: close\r\n\r\n"
+    );
+    bounded("write", tls.write_all(head.as_bytes()))
+        .await
+        .unwrap();
+    bounded("flush", tls.flush()).await.unwrap();
+    let resp = read_response(&mut tls).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.tls.last().path, "/echo");
     kw.assert_no_leaks().await;
 }
 
@@ -719,10 +736,10 @@ async fn http2_authority_host_and_scheme_that_disagree_are_refused() {
             "ambiguous_request",
         ),
         (
-            "no authority, host secure",
-            req("/echo".to_string(), &[&secure], http::Version::HTTP_11),
-            400,
-            "ambiguous_request",
+            "no authority, host other",
+            req("/x".to_string(), &[&other], http::Version::HTTP_11),
+            403,
+            "host_mismatch",
         ),
         (
             "authority with userinfo",
@@ -746,9 +763,9 @@ async fn http2_authority_host_and_scheme_that_disagree_are_refused() {
         kw.assert_denied_raw(&resp, status, reason).await;
     }
     assert_eq!(f.tls.hits(), 0);
-    // CONNECT on an HTTP/2 stream: a nested tunnel, refused.
+    // CONNECT on an HTTP/2 stream: a nested tunnel, refused whatever it names.
     for (target, status, reason) in [
-        (other.clone(), 403, "host_mismatch"),
+        (other.clone(), 400, "ambiguous_request"),
         (secure.clone(), 400, "ambiguous_request"),
     ] {
         let connect = http::Request::builder()
@@ -781,5 +798,14 @@ async fn http2_authority_host_and_scheme_that_disagree_are_refused() {
         f.tls.last().header_all("x-api-key"),
         vec![f.creds.tls_token.clone()]
     );
+    // RFC 9113 §8.3.1: `host` may stand in for `:authority`; it names the tunnel's host.
+    let ok = h2_exchange(
+        &client,
+        req("/echo".to_string(), &[&secure], http::Version::HTTP_11),
+    )
+    .await
+    .unwrap();
+    kw.saw(&ok.text());
+    assert_eq!(ok.status, 200, "host without :authority: {}", ok.text());
     kw.assert_no_leaks().await;
 }
