@@ -140,11 +140,13 @@ pub fn tunnel_target(parts: &Parts, tunnel: &TunnelHost) -> Result<Target, Targe
             return Err(ambiguous("authority_disagrees_with_host"));
         }
         (Some(authority), _) => authority,
-        // RFC 9113 §8.3.1: an HTTP/2 request may carry `host` instead of `:authority`.
-        (None, Some(h)) => h,
-        (None, None) if parts.version == Version::HTTP_2 => {
+        // RFC 9113 §8.3.1 lets an HTTP/2 request carry `host` instead of `:authority`, but the
+        // HTTP/2 layer then drops `:scheme` too (a URI cannot be a scheme and a path): a
+        // request whose scheme cannot be checked is refused.
+        (None, _) if parts.version == Version::HTTP_2 => {
             return Err(ambiguous("missing_authority"))
         }
+        (None, Some(h)) => h,
         (None, None) => return Err(ambiguous("missing_host")),
     };
     if parts.uri.scheme_str().is_some_and(|s| s != "https") {
