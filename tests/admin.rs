@@ -175,6 +175,27 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
         assert!(v.get("token").is_none(), "{what}: {v}");
         kw.saw(&v.to_string());
     }
+    // A parameter named twice in `where` (JSON a `Value` cannot hold): refused, not "the last
+    // one wins", in an item's `where` and in the intent-wide one.
+    for raw in [
+        r#"{"agent":"bot","intent":[{"capability":"plain.issues.read","where":{"owner":"acme","owner":"evil"}}]}"#,
+        r#"{"agent":"bot","intent":["plain.issues.read"],"where":{"owner":"acme","owner":"evil"}}"#,
+    ] {
+        let resp = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(kw.admin_url("/v1/tasks"))
+            .bearer_auth(&kw.admin_token)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400, "{raw}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"], "bad_json", "{v}");
+    }
     let (_, list) = kw.admin(Method::GET, "/v1/tasks", None).await;
     assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");
     kw.assert_no_leaks().await;

@@ -105,7 +105,7 @@ struct MintRequest {
     /// keyward extension: constraints applied to every capability of the intent that has the
     /// parameter (what `keyward task mint --where` sends).
     #[serde(default, rename = "where")]
-    where_all: BTreeMap<String, OneOrMany>,
+    where_all: Constraints,
 }
 
 #[derive(Deserialize)]
@@ -121,7 +121,40 @@ enum IntentItem {
 struct ConstrainedItem {
     capability: String,
     #[serde(default, rename = "where")]
-    constraints: BTreeMap<String, OneOrMany>,
+    constraints: Constraints,
+}
+
+/// A `where` object. SECURITY: a parameter named twice is refused, not "the last one wins":
+/// an approval step that read the first would approve another task than keyward enforces.
+#[derive(Default)]
+struct Constraints(BTreeMap<String, OneOrMany>);
+
+impl<'de> Deserialize<'de> for Constraints {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Constraints;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of parameter: value or [values]")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Constraints, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, OneOrMany>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "parameter `{k}` is named twice in `where`"
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(Constraints(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[derive(Deserialize)]
@@ -185,6 +218,7 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             }) => Grant {
                 capability,
                 constraints: constraints
+                    .0
                     .into_iter()
                     .map(|(k, v)| (k, v.into_vec()))
                     .collect(),
@@ -194,6 +228,7 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let generation = state.current();
     let everywhere: Vec<(String, Vec<String>)> = parsed
         .where_all
+        .0
         .into_iter()
         .map(|(k, v)| (k, v.into_vec()))
         .collect();
