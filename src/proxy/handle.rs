@@ -200,7 +200,15 @@ async fn handle_request(
         Ok(mut resp) => {
             let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
             if switching {
-                let Some(agent_upgrade) = agent_upgrade.filter(|_| websocket) else {
+                // SPEC §4.5: only a real switch to WebSocket is relayed; a `101` to anything
+                // else (or to nothing named) would open a raw channel the agent did not ask for.
+                let to_websocket = resp
+                    .headers()
+                    .get_all(http::header::UPGRADE)
+                    .iter()
+                    .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+                let asked = agent_upgrade.filter(|_| websocket && to_websocket);
+                let Some(agent_upgrade) = asked else {
                     // An upgrade nobody asked for is a broken upstream, not something to relay.
                     let service = draft.rec.service.clone().unwrap_or_default();
                     state.metrics.upstream_error(&service, "protocol");

@@ -380,6 +380,34 @@ async fn non_websocket_upgrade_requests_are_forwarded_without_their_upgrade() {
     kw.assert_no_leaks().await;
 }
 
+/// An agent that asked for WebSocket gets a relay only if the upstream's `101` switches to
+/// WebSocket: to `h2c`, or to nothing named, is a broken upstream (502), never a raw channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_to_another_protocol_than_websocket_is_a_502() {
+    for switch in [
+        SWITCH_H2C,
+        "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
+    ] {
+        let up = Scripted::start(switch).await;
+        let f = fixture_with(&up).await;
+        let kw = &f.kw;
+        let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+        let (mut tcp, resp) =
+            send_head(kw, &upgrade_request(up.port(), "GET", "/socket", &task, WS)).await;
+        assert_eq!(resp.status, 502, "{switch:?}: {}", resp.text());
+        assert!(resp.header("upgrade").is_none(), "{}", resp.text());
+        let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+        assert_eq!(rec["outcome"], "unexpected_upgrade", "{rec}");
+        // Nothing the agent sends next reaches the upstream as raw bytes.
+        let _ = bounded("write", tcp.write_all(b"GET /admin HTTP/1.1\r\n\r\n")).await;
+        let mut rest = Vec::new();
+        let _ = bounded("keyward answers or closes", tcp.read_to_end(&mut rest)).await;
+        assert_eq!(up.heads().len(), 1, "{switch:?}");
+        kw.assert_no_leaks().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_that_switches_protocols_unasked_is_a_502_and_gets_no_tunnel() {
     let up = Scripted::start(SWITCH_H2C).await;
