@@ -242,11 +242,12 @@ pub enum MintError {
     DuplicateCapability(String),
     #[error("capability `{capability}` constrains `{param}` twice (in its own `where` and the intent-wide one, or twice in one)")]
     DuplicateConstraint { capability: String, param: String },
-    #[error("ttl {requested}s exceeds agent `{agent}`'s max_ttl of {max}s")]
+    /// Shown in seconds to the millisecond (`3600.001s`: a `1h1ms` is over an hour).
+    #[error("ttl {}s exceeds agent `{agent}`'s max_ttl of {}s", *.requested_ms as f64 / 1000.0, *.max_ms as f64 / 1000.0)]
     TtlTooLong {
         agent: String,
-        requested: u64,
-        max: u64,
+        requested_ms: u64,
+        max_ms: u64,
     },
     #[error("ttl must be at least 1s")]
     TtlTooShort,
@@ -488,8 +489,8 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
     if ttl > agent.max_ttl {
         return Err(MintError::TtlTooLong {
             agent: agent.name.clone(),
-            requested: ttl.as_secs(),
-            max: agent.max_ttl.as_secs(),
+            requested_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            max_ms: u64::try_from(agent.max_ttl.as_millis()).unwrap_or(u64::MAX),
         });
     }
     if spec.max_requests == Some(0) {
@@ -700,6 +701,33 @@ mod tests {
             Err(MintError::UnmatchableConstraint { .. })
         ));
         assert!(mint("repo", "web").is_ok());
+    }
+
+    #[test]
+    fn a_ttl_over_max_ttl_by_a_millisecond_says_so() {
+        let text = format!(
+            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.read: {{service: s, routes: [GET /x]}}\nagents:\n  bot: {{owner: t, capabilities: [s.read], max_ttl: 1h}}\n",
+            crate::policy::testing::ADMIN
+        );
+        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        let spec = MintSpec {
+            agent: "bot".into(),
+            task: None,
+            intent: vec![Grant {
+                capability: "s.read".into(),
+                constraints: Vec::new(),
+            }],
+            ttl: Some(Duration::from_millis(3_600_001)),
+            max_requests: None,
+        };
+        let err = TaskStore::new()
+            .mint(&policy, spec, SystemTime::now())
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "ttl 3600.001s exceeds agent `bot`'s max_ttl of 3600s"
+        );
     }
 
     fn minted_at(now: SystemTime) -> (TaskStore, Arc<Task>) {
