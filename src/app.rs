@@ -117,7 +117,7 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     let (ca, created) = CertAuthority::load_or_create(&policy.ca.cert, &policy.ca.key)
         .map_err(|e| StartError::Ca(e.to_string()))?;
     if created {
-        tracing::info!(cert = %policy.ca.cert.display(), "created a new CA; agents must trust this certificate");
+        tracing::info!(cert = %tidy_path(&policy.ca.cert).display(), "created a new CA; agents must trust this certificate");
     }
     let leaves = LeafCache::new(Arc::new(ca), LEAF_CACHE_CAPACITY)
         .map_err(|e| StartError::Ca(e.to_string()))?;
@@ -189,6 +189,29 @@ async fn purge_tasks(state: Arc<State>) {
 }
 
 /// Names a secret source without its value (`env:NAME`, `file:PATH`, `exec`).
+/// `path` as a person would write it (`policy/../certs/ca.pem` is `certs/ca.pem`), for
+/// messages only: the file is opened by the path as given (lexically folding `..` is wrong
+/// across a symlink).
+pub fn tidy_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
 pub fn describe_source(source: &SecretSource) -> String {
     match source {
         SecretSource::Env(name) => format!("`env:{name}`"),
@@ -199,7 +222,21 @@ pub fn describe_source(source: &SecretSource) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::worker_count;
+    use super::{tidy_path, worker_count};
+    use std::path::Path;
+
+    #[test]
+    fn paths_in_messages_fold_dot_dot_where_a_name_comes_before() {
+        for (raw, tidy) in [
+            ("policy/../certs/ca.pem", "certs/ca.pem"),
+            ("./policy/./x/../../certs", "certs"),
+            ("../certs/ca.pem", "../certs/ca.pem"),
+            ("/etc/keyward/../ca.pem", "/etc/ca.pem"),
+            ("policy/..", "."),
+        ] {
+            assert_eq!(tidy_path(Path::new(raw)), Path::new(tidy), "{raw}");
+        }
+    }
 
     #[test]
     fn workers_follow_the_cpus_the_process_may_use_unless_overridden() {

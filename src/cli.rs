@@ -292,7 +292,7 @@ async fn serve(config: &Path) -> Result<(), Failure> {
         "keyward listening proxy={} admin={} ca={}",
         running.proxy_addr,
         running.admin_addr,
-        running.ca_path.display()
+        crate::app::tidy_path(&running.ca_path).display()
     );
     signals.wait(&running).await;
     tracing::info!("shutting down");
