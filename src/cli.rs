@@ -508,7 +508,11 @@ fn explain(
             out!("decision:   allow\nreason:     allowed");
             out!("service:    {}", service.name);
             out!("capability: {} (risk {})", cap.name, cap.risk.as_str());
-            out!("route:      {}", cap.route_text[permit.route()]);
+            let route = cap
+                .route_text
+                .get(permit.route())
+                .map_or("", String::as_str);
+            out!("route:      {route}");
             match &service.inject {
                 Some(inj) => {
                     let (idx, place) = match inj {

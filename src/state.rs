@@ -154,6 +154,9 @@ impl State {
 
     async fn reload_from(&self, path: &Path) -> Result<Reloaded, PolicyErrors> {
         let policy = policy::load(path)?;
+        for w in policy.warnings() {
+            tracing::warn!("{}: {w}", path.display());
+        }
         let restart_required = self.restart_only.changed_in(&self.settings, &policy);
         let generation = Generation::build(path, policy, &self.settings, &self.listeners).await?;
         let version = generation.policy.version().to_string();

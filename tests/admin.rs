@@ -181,10 +181,8 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
         r#"{"agent":"bot","intent":[{"capability":"plain.issues.read","where":{"owner":"acme","owner":"evil"}}]}"#,
         r#"{"agent":"bot","intent":["plain.issues.read"],"where":{"owner":"acme","owner":"evil"}}"#,
     ] {
-        let resp = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
+        let resp = kw
+            .http
             .post(kw.admin_url("/v1/tasks"))
             .bearer_auth(&kw.admin_token)
             .header("content-type", "application/json")
@@ -673,10 +671,7 @@ agents:
         )
         .await;
     let healthz = || async {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
+        kw.http
             .get(kw.admin_url("/healthz"))
             .send()
             .await

@@ -856,21 +856,34 @@ async fn a_reload_refused_through_the_api_is_logged_with_its_errors() {
     let served = serve(file.to_str().unwrap()).await;
     let admin: std::net::SocketAddr = field(&served.line, "admin").parse().unwrap();
     let good = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(&file, good.replace("max_ttl: 1h", "max_ttl: forever")).unwrap();
-    let resp = bounded(
-        "reload",
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .unwrap()
-            .post(format!("http://{admin}/v1/reload"))
-            .bearer_auth(&secrets[1])
-            .send(),
+    // A reload that succeeds logs the new policy's warnings, as a start does.
+    std::fs::write(
+        &file,
+        good.replace("    risk: medium\n", "    risk: high\n"),
     )
-    .await
     .unwrap();
-    assert_eq!(resp.status().as_u16(), 400);
+    let reload = || async {
+        bounded(
+            "reload",
+            reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap()
+                .post(format!("http://{admin}/v1/reload"))
+                .bearer_auth(&secrets[1])
+                .send(),
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(reload().await.status().as_u16(), 200);
+    std::fs::write(&file, good.replace("max_ttl: 1h", "max_ttl: forever")).unwrap();
+    assert_eq!(reload().await.status().as_u16(), 400);
     let (_, log) = served.refuse_one_then_terminate().await;
+    assert!(
+        log.contains("capability `api.issues.write` is high-risk"),
+        "{log}"
+    );
     assert!(log.contains("agents.bot.max_ttl"), "{log}");
     assert!(
         log.contains("reload failed; the previous policy keeps serving"),

@@ -144,11 +144,7 @@ async fn refuse(
         hint,
         ambiguity: code,
     });
-    if denial.reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED || task.is_none() {
-        // SECURITY (I7): as for any refusal of a client without a valid token on this
-        // listener, the connection is not kept for further guesses (see `handle::refuse`).
-        super::handle::close_after(&mut resp);
-    }
+    respond::close_unless_authenticated(&mut resp, denial.reason, task.as_deref());
     draft
         .write(state, denial.reason, denial.reason.status().as_u16())
         .await;

@@ -373,7 +373,7 @@ pub async fn refuse_head(state: &State, mut draft: RecordDraft) -> Response<Prox
     draft.rec.outcome = Some("head_too_large");
     let mut resp = respond::failure(Failure::HeadTooLarge, draft.request_id(), None);
     // Nothing was authenticated: the connection is not kept (see `refuse`).
-    close_after(&mut resp);
+    respond::close_after(&mut resp);
     let status = Failure::HeadTooLarge.status().as_u16();
     draft.write(state, Reason::AmbiguousRequest, status).await;
     resp
@@ -553,8 +553,6 @@ async fn refuse(
         ambiguity: code,
     });
     draft.write(state, reason, reason.status().as_u16()).await;
-    let unauthenticated =
-        reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED || task.is_none();
     match &ctx.tunnel {
         // Graceful close: HTTP/1.1 answers this request with `Connection: close`, HTTP/2
         // sends GOAWAY after it.
@@ -562,23 +560,9 @@ async fn refuse(
             t.close.notify_one()
         }
         Some(_) => {}
-        // SECURITY (I7): a client that has not shown a valid token does not keep its
-        // connection (a 407, or anything refused before the token is looked at, such as an
-        // origin-form request), or a few of them, asking once in a while, would hold every
-        // connection place: no timeout fires on a connection that keeps sending complete
-        // heads. A client that waited for the challenge sends its credentials on a new one.
-        None if unauthenticated => close_after(&mut resp),
-        None => {}
+        None => respond::close_unless_authenticated(&mut resp, reason, task.as_deref()),
     }
     resp
-}
-
-/// Asks hyper to close the connection after this response (HTTP/1.1 `Connection: close`).
-pub fn close_after(resp: &mut Response<ProxyBody>) {
-    resp.headers_mut().insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
 }
 
 #[cfg(test)]

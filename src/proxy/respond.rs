@@ -139,6 +139,27 @@ fn detail(info: &DenyInfo<'_>) -> String {
     }
 }
 
+/// Asks hyper to close the connection after this response (HTTP/1.1 `Connection: close`).
+pub fn close_after(resp: &mut Response<ProxyBody>) {
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// SECURITY (I7): on the proxy listener, a client that has not shown a valid token does not
+/// keep its connection (a 407, or anything refused before the token is looked at, such as an
+/// origin-form request), or a few of them, asking once in a while, would hold every
+/// connection place: no timeout fires on a connection that keeps sending complete heads. A
+/// client that waited for the challenge sends its credentials on a new one.
+pub fn close_unless_authenticated(
+    resp: &mut Response<ProxyBody>,
+    reason: Reason,
+    task: Option<&str>,
+) {
+    if reason.status() == StatusCode::PROXY_AUTHENTICATION_REQUIRED || task.is_none() {
+        close_after(resp);
+    }
+}
+
 /// Failures that are not decisions (SPEC §4.3): the upstream could not be reached or answered
 /// too slowly, or keyward itself failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
