@@ -97,7 +97,7 @@ impl Running {
     pub async fn shutdown(self) {
         self.state.begin_shutdown();
         // Each listener's task drains its own connections (`conn::drain`), bounded.
-        let bound = crate::proxy::conn::DRAIN + crate::proxy::conn::CUT_GRACE;
+        let bound = self.state.settings.shutdown_timeout + crate::proxy::conn::CUT_GRACE;
         for t in self.tasks {
             let _ = tokio::time::timeout(bound, t).await;
         }

@@ -222,7 +222,7 @@ impl State {
     pub fn begin_shutdown(&self) {
         let _ = self
             .drain_ends
-            .set(std::time::Instant::now() + crate::proxy::conn::DRAIN);
+            .set(std::time::Instant::now() + self.settings.shutdown_timeout);
         self.shutdown.send_replace(true);
     }
 
@@ -275,6 +275,7 @@ impl RestartOnly {
             max_header_bytes,
             connect_timeout,
             upstream_timeout,
+            shutdown_timeout,
         } = &new.proxy;
         let AdminSettings {
             listen: admin_listen,
@@ -308,6 +309,10 @@ impl RestartOnly {
             (
                 "proxy.upstream_timeout",
                 proxy.upstream_timeout != *upstream_timeout,
+            ),
+            (
+                "proxy.shutdown_timeout",
+                proxy.shutdown_timeout != *shutdown_timeout,
             ),
             ("admin.listen", self.admin.listen != *admin_listen),
             ("admin.token", self.admin.token != *token),

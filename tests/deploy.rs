@@ -263,6 +263,16 @@ fn deployment_matches_the_policy() {
         ["keyward", "serve", "--config", "/etc/keyward/policy.yaml"]
     );
     let config = Path::new(&argv[3]);
+    // SIGTERM's drain, and the cut after it, end before the kubelet's SIGKILL: otherwise the
+    // records of what was cut are lost with the process.
+    let grace: u64 = text_at(kube.pod(), "terminationGracePeriodSeconds")
+        .parse()
+        .unwrap();
+    let shutdown = policy.proxy.shutdown_timeout + keyward::proxy::conn::CUT_GRACE;
+    assert!(
+        shutdown + std::time::Duration::from_secs(5) <= std::time::Duration::from_secs(grace),
+        "proxy.shutdown_timeout + the 2 s cut ({shutdown:?}) leaves no room in terminationGracePeriodSeconds ({grace} s)"
+    );
     let policy_volume = kube.volume_holding("keyward", config);
     assert_eq!(
         opt_text(policy_volume, "configMap.name"),

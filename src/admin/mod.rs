@@ -26,7 +26,12 @@ pub type AdminResponse = Response<Full<Bytes>>;
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     accept(listener, &state, &limit).await;
-    crate::proxy::conn::drain(&limit, MAX_ADMIN_CONNECTIONS).await;
+    crate::proxy::conn::drain(
+        &limit,
+        MAX_ADMIN_CONNECTIONS,
+        state.settings.shutdown_timeout,
+    )
+    .await;
 }
 
 async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
@@ -66,7 +71,7 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
                 _ = shutdown.changed() => {}
             }
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(crate::proxy::conn::DRAIN, conn).await;
+            let _ = tokio::time::timeout(state.settings.shutdown_timeout, conn).await;
         });
     }
 }

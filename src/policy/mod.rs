@@ -493,6 +493,7 @@ proxy:
   max_header_bytes: 8192
   connect_timeout: 1s 500ms
   upstream_timeout: 1h
+  shutdown_timeout: 25s
 audit: {{path: '-'}}
 credentials:
   c: {{source: {{exec: [op, read, 'op://vault/item/field']}}}}
@@ -510,6 +511,7 @@ passthrough: [updates.example.org]
         ));
         assert_eq!(p.proxy.listen, "[::1]:0".parse().unwrap());
         assert_eq!(p.proxy.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(p.proxy.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(p.proxy.max_header_bytes, 8192);
         assert_eq!(p.audit.path, AuditTarget::Stdout);
         assert_eq!(p.credentials[0].refresh, Some(Duration::from_secs(300)));

@@ -94,6 +94,9 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// Time allowed until the upstream's response head arrives (bodies may stream longer).
     pub upstream_timeout: Duration,
+    /// How long `SIGTERM`/`SIGINT` lets requests, tunnels and relays in flight finish, on both
+    /// listeners, before cutting them.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for ProxySettings {
@@ -107,6 +110,7 @@ impl Default for ProxySettings {
             max_header_bytes: 65536,
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(300),
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -60,7 +60,7 @@ where
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(DRAIN, conn).await;
+    let _ = tokio::time::timeout(settings.shutdown_timeout, conn).await;
     None
 }
 
@@ -75,21 +75,18 @@ fn unparsed_status(e: &hyper::Error) -> Option<u16> {
     }
 }
 
-/// How long connections may take to finish in-flight requests at shutdown.
-pub const DRAIN: Duration = Duration::from_secs(10);
-
-/// How long after `DRAIN` shutdown still waits for the connections it cut to end: cutting one
+/// How long after the drain (`proxy.shutdown_timeout`) shutdown still waits for the connections it cut to end: cutting one
 /// drops its requests, whose records are written as they drop (outcome `shutdown`), and the
 /// audit log must not close before they are queued.
 pub const CUT_GRACE: Duration = Duration::from_secs(2);
 
-/// Waits, at most `DRAIN` + `CUT_GRACE`, until every one of a listener's `capacity`
+/// Waits, at most `drain` + `CUT_GRACE`, until every one of a listener's `capacity`
 /// connection permits is back: its connections (and the tunnels they became) have ended,
-/// on their own or cut at `DRAIN`. Called once the listener stopped accepting; without it the
+/// on their own or cut when `drain` ran out. Called once the listener stopped accepting; without it the
 /// runtime would drop requests still in flight at exit, and their records with them.
-pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize) {
+pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize, drain: Duration) {
     let all = u32::try_from(capacity).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(DRAIN + CUT_GRACE, limit.acquire_many(all)).await;
+    let _ = tokio::time::timeout(drain + CUT_GRACE, limit.acquire_many(all)).await;
 }
 
 /// Serves the HTTP inside an intercepted tunnel until it closes, `close` is notified (an
@@ -153,7 +150,7 @@ where
         () = activity.no_first_request_within(settings.header_read_timeout) => return None,
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(DRAIN, conn).await;
+    let _ = tokio::time::timeout(settings.shutdown_timeout, conn).await;
     None
 }
 

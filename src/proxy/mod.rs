@@ -27,12 +27,17 @@ use crate::metrics::ConnKind;
 use crate::proxy::handle::ConnCtx;
 use crate::state::State;
 
-/// Accepts connections until shutdown, then waits (at most `conn::DRAIN`) for the open ones
+/// Accepts connections until shutdown, then waits (at most `proxy.shutdown_timeout`) for the open ones
 /// to finish their requests. Each connection holds a permit of the connection limit.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(state.settings.max_connections));
     accept(listener, &state, &limit).await;
-    conn::drain(&limit, state.settings.max_connections).await;
+    conn::drain(
+        &limit,
+        state.settings.max_connections,
+        state.settings.shutdown_timeout,
+    )
+    .await;
 }
 
 async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
