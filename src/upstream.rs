@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::Body as _;
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
@@ -285,6 +285,14 @@ impl ServicePool {
 
     /// HTTP/1 wants origin form and a `Host`; the pool gets the connection back as soon as the
     /// response head is in (it is taken again only once ready).
+    ///
+    /// SECURITY: a connection that carried a request body is closed after its response, and
+    /// the request says so (`Connection: close`). An upstream that does not read a body as
+    /// the body — it answers before it (an early `401`, a `417`) or ignores `Content-Length`
+    /// on a route that takes none (the 0.CL and CL.0 desyncs) — reads the agent's bytes as the
+    /// connection's next request: one keyward never decided, whose own body would swallow the
+    /// head of the task's next request on that connection, credential included. A bodyless
+    /// request's framing is keyward's own, so its connection is reused.
     async fn send_http1(
         self: &Arc<Self>,
         mut sender: http1::SendRequest<UpBody>,
@@ -292,9 +300,15 @@ impl ServicePool {
         task: u64,
     ) -> Result<Response<Incoming>, Retry> {
         to_origin_form(&mut req);
+        join_cookies(req.headers_mut());
+        let carries_body = !req.body().is_end_stream();
+        if carries_body {
+            req.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         match sender.try_send_request(req).await {
             Ok(resp) => {
-                if resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                if !carries_body && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
                     self.put_back(sender, task);
                 }
                 Ok(resp)
@@ -478,6 +492,23 @@ fn closed_before_answer(e: &hyper::Error) -> bool {
 enum Retry {
     Unsent(Request<UpBody>),
     Failed(hyper::Error),
+}
+
+/// An HTTP/2 agent may split `Cookie` into one field per cookie; HTTP/1 wants them joined
+/// with `; ` into one (RFC 9113 §8.2.3), as an origin reads a single `Cookie` line.
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let cookies = headers.get_all(http::header::COOKIE);
+    if cookies.iter().nth(1).is_none() {
+        return;
+    }
+    let joined = cookies
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(http::header::COOKIE, value);
+    }
 }
 
 /// `https://host:port/p?q` → `/p?q` with `Host: host:port` (the port only when not the

@@ -50,8 +50,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Parsed once: removing by `&str` would parse each name again on every request.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// `Expect` is not hop-by-hop by name, but keyward answers `100-continue` to the agent itself
+/// and streams the body at once: passed on, it asks an upstream to answer before the body
+/// (a `417`, then reading the body as the connection's next request).
+static HOP_BY_HOP: [HeaderName; 10] = [
     http::header::CONNECTION,
+    http::header::EXPECT,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHORIZATION,

@@ -178,6 +178,9 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if let Some(code) = parts.headers.keys().find_map(|k| override_code(k.as_str())) {
         return Err(ambiguous(code));
     }
+    if !plain_chunked(&parts.headers) {
+        return Err(ambiguous("transfer_coding"));
+    }
     // `Forwarded` (RFC 7239) is fine for `for=` and `by=`, which a proxy in front may add;
     // its `host=` is a host override.
     if parts
@@ -304,6 +307,23 @@ fn override_code(name: &str) -> Option<&'static str> {
                 .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'));
         same.then_some(code)
     })
+}
+
+/// Whether the request's transfer coding, if any, is `chunked` alone. With another coding
+/// (`gzip, chunked`) the parser takes the chunks off and `Transfer-Encoding` is hop-by-hop, so
+/// the upstream would get gzip bytes as a plain body: read two ways, refused (RFC 9112 §6.1
+/// lets a server refuse a coding it does not forward).
+fn plain_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match codings.next() {
+        None => true,
+        Some(only) => only.eq_ignore_ascii_case(b"chunked") && codings.next().is_none(),
+    }
 }
 
 /// Whether a `Forwarded` value has a `host` parameter (`for=a;host=b, for=c`).

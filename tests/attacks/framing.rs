@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::{
-    bounded, h2_send, http_response, parse_response, plain_services_at, Fixture, RawResp, Reply,
-    ScriptUpstream,
+    bounded, h2_send, http_response, parse_response, plain_services_at, Fixture, Harness, RawResp,
+    Reply, ScriptUpstream,
 };
 use crate::headers::{
     allowed_record, get, h2_req, raw_req, raw_req_at, tunnel_h1, tunnel_h2, tunnel_tls,
@@ -86,7 +86,14 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_request_upstream
         let buf = exchange(&f, format!("{head}{body}").as_bytes()).await;
         let resps = parse_many(&buf);
         assert!(!resps.is_empty(), "no answer for TE {te:?}");
-        assert_eq!(resps[0].status, 200, "{}", resps[0].text());
+        if te == "chunked" {
+            assert_eq!(resps[0].status, 200, "{}", resps[0].text());
+        } else {
+            // A coding besides `chunked` is refused whole (and the connection closed).
+            kw.assert_denied_raw(&resps[0], 400, "ambiguous_request")
+                .await;
+            assert_eq!(resps.len(), 1);
+        }
         // If the connection was not closed, the smuggled request was decided on its own.
         for r in &resps[1..] {
             kw.assert_denied_raw(r, 403, "approval_required").await;
@@ -1095,4 +1102,233 @@ async fn an_http2_upstream_body_cut_short_is_cut_for_the_agent_too() {
     assert_eq!(rec["outcome"], "upstream_error", "{rec}");
     server.abort();
     kw.assert_no_leaks().await;
+}
+
+/// An upstream with the CL.0 desync: on `/echo` it answers at once and never reads the body
+/// (as a route that takes none might), everywhere else it reads `Content-Length` bytes. It
+/// keeps every connection open whatever `Connection` says. Records (connection, head, body).
+async fn cl0_upstream() -> (
+    u16,
+    std::sync::Arc<std::sync::Mutex<Vec<(usize, String, Vec<u8>)>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::{Arc, Mutex};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<(usize, String, Vec<u8>)>>> = Arc::default();
+    let log = seen.clone();
+    let accept = tokio::spawn(async move {
+        for conn in 0.. {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match tcp.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    let len = if head.starts_with("POST /echo ") {
+                        0
+                    } else {
+                        head.lines()
+                            .filter_map(|l| l.split_once(':'))
+                            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                            .and_then(|(_, v)| v.trim().parse().ok())
+                            .unwrap_or(0)
+                    };
+                    while buf.len() < len {
+                        match tcp.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..len).collect();
+                    log.lock().unwrap().push((conn, head, body));
+                    let reply = http_response("200 OK", &[], b"ok");
+                    if tcp.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen, accept)
+}
+
+/// The 0.CL / CL.0 desync through keyward: an upstream that does not read a body as the body
+/// reads the agent's body as the connection's next request, which keyward never decided. If
+/// keyward sent the task's next request on that connection, the smuggled request's
+/// `Content-Length` would swallow its head, injected credential included, as the smuggled
+/// request's body. A connection that carried a body is closed after it and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_the_upstream_did_not_read_never_swallows_the_next_request() {
+    let (port, seen, accept) = cl0_upstream().await;
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let smuggled = "POST /capture HTTP/1.1\r\nHost: plain.test\r\nContent-Length: 400\r\n\r\n";
+    // Both on one agent connection, so the second would take the first's upstream connection.
+    let first = format!(
+        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nContent-Length: {}\r\n\r\n{smuggled}",
+        Harness::proxy_auth(&task),
+        smuggled.len()
+    );
+    let second = raw_req_at(port, "GET", "plain.test", "/echo?second", &task, "");
+    let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    bounded("write", tcp.write_all(first.as_bytes()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while parse_many(&got).is_empty() {
+        let n = bounded("first answer", tcp.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "closed before the first answer");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    bounded("write", tcp.write_all(second.as_bytes()))
+        .await
+        .unwrap();
+    let _ = bounded("read to EOF", tcp.read_to_end(&mut got)).await;
+    let answers = parse_many(&got);
+    assert_eq!(answers.len(), 2, "{}", String::from_utf8_lossy(&got));
+    assert!(answers.iter().all(|a| a.status == 200));
+
+    let seen = seen.lock().unwrap().clone();
+    accept.abort();
+    let heads: Vec<&str> = seen.iter().map(|(_, h, _)| h.as_str()).collect();
+    let (post_conn, post_head, _) = seen
+        .iter()
+        .find(|(_, h, _)| h.starts_with("POST /echo "))
+        .unwrap();
+    assert!(
+        post_head
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "the request with a body must ask for the connection to close: {post_head}"
+    );
+    // The broken upstream did read the body as a request (keyward cannot stop that), but the
+    // next request went on another connection, whole, and nothing swallowed the credential.
+    let (second_conn, _, _) = seen
+        .iter()
+        .find(|(_, h, _)| h.starts_with("GET /echo?second "))
+        .unwrap_or_else(|| panic!("the second request never arrived as a request: {heads:?}"));
+    assert_ne!(second_conn, post_conn, "{heads:?}");
+    for (_, head, body) in &seen {
+        assert!(
+            !String::from_utf8_lossy(body).contains(&f.creds.api_token),
+            "a credential was captured as the body of {head}"
+        );
+    }
+    kw.assert_no_leaks().await;
+}
+
+/// `Expect: 100-continue` is answered by keyward and not passed on: an upstream that answers
+/// `417` without reading the body would read it as the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_is_answered_by_keyward_and_not_passed_on() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+        Harness::proxy_auth(&task)
+    );
+    bounded("write", tcp.write_all(head.as_bytes()))
+        .await
+        .unwrap();
+    let mut got = [0u8; 64];
+    let n = bounded("100 Continue", tcp.read(&mut got)).await.unwrap();
+    assert!(
+        got[..n].starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        String::from_utf8_lossy(&got[..n])
+    );
+    bounded("write", tcp.write_all(b"hello")).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = bounded("read to EOF", tcp.read_to_end(&mut rest)).await;
+    let resp = parse_response(&rest);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.plain.last();
+    assert_eq!(seen.body, b"hello");
+    assert!(seen.header("expect").is_none(), "{:?}", seen.headers);
+}
+
+/// An HTTP/2 agent may send each cookie as its own field; an HTTP/1 upstream gets them joined
+/// into one `Cookie` line (RFC 9113 §8.2.3), as origins read only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_cookie_crumbs_reach_an_http1_upstream_as_one_line() {
+    let ca = crate::common::TestCa::new();
+    let script = ScriptUpstream::tls(&ca, &["secure.test"], |_| {
+        Reply::bytes(http_response("200 OK", &[], b"ok"))
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
+    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
+    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200);
+    let task = f.kw.mint("bot", json!(["secure.read"])).await;
+    let mut h2 = crate::common::h2_over(
+        crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"h2"]).await,
+    )
+    .await;
+    let mut req = h2_req("GET", &format!("https://secure.test:{port}/echo"), b"");
+    for crumb in ["a=1", "b=2", "c=3"] {
+        req.headers_mut()
+            .append("cookie", http::HeaderValue::from_static(crumb));
+    }
+    let resp = h2_send(&mut h2, req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = script.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header_all("cookie"), ["a=1; b=2; c=3"]);
+}
+
+/// A transfer coding besides `chunked` (`gzip, chunked`) would reach the upstream as a plain
+/// body of gzip bytes once the chunks are taken off: refused, and nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_other_than_chunked_are_refused() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    for coding in ["gzip, chunked", "deflate,chunked", "identity, chunked"] {
+        let req = format!(
+            "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            Harness::proxy_auth(&task)
+        );
+        let resp = kw.raw(&req).await;
+        assert_eq!(resp.status, 400, "{coding}: {}", resp.text());
+        assert_eq!(
+            resp.header("x-keyward-reason").as_deref(),
+            Some("ambiguous_request")
+        );
+        assert!(resp.text().contains("transfer_coding"), "{}", resp.text());
+    }
+    assert_eq!(f.plain.hits(), 0);
+    // `chunked` alone, in any case, still streams.
+    let req = format!(
+        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        Harness::proxy_auth(&task)
+    );
+    let resp = kw.raw(&req).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.plain.last().body, b"hello");
 }
