@@ -1104,18 +1104,17 @@ async fn an_http2_upstream_body_cut_short_is_cut_for_the_agent_too() {
     kw.assert_no_leaks().await;
 }
 
+/// (connection, head, body) of every request the CL.0 upstream read.
+type Cl0Log = std::sync::Arc<std::sync::Mutex<Vec<(usize, String, Vec<u8>)>>>;
+
 /// An upstream with the CL.0 desync: on `/echo` it answers at once and never reads the body
 /// (as a route that takes none might), everywhere else it reads `Content-Length` bytes. It
 /// keeps every connection open whatever `Connection` says. Records (connection, head, body).
-async fn cl0_upstream() -> (
-    u16,
-    std::sync::Arc<std::sync::Mutex<Vec<(usize, String, Vec<u8>)>>>,
-    tokio::task::JoinHandle<()>,
-) {
-    use std::sync::{Arc, Mutex};
+async fn cl0_upstream() -> (u16, Cl0Log, tokio::task::JoinHandle<()>) {
+    use std::sync::Arc;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let seen: Arc<Mutex<Vec<(usize, String, Vec<u8>)>>> = Arc::default();
+    let seen: Cl0Log = Arc::default();
     let log = seen.clone();
     let accept = tokio::spawn(async move {
         for conn in 0.. {
