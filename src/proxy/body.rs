@@ -172,6 +172,18 @@ impl ProxyBody {
 /// Why a response stopped before its end (hyper aborts it: the agent cannot take it for whole).
 type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Writes the record of a response that ended (once: the recorder is taken).
+fn finish(
+    recorder: &mut Option<Recorder>,
+    redactor: &Option<Box<Redactor>>,
+    bytes: u64,
+    outcome: &'static str,
+) {
+    if let Some(r) = recorder.take() {
+        r.complete(bytes, outcome, redactor.as_ref().map_or(0, |r| r.found()));
+    }
+}
+
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BodyError;
@@ -205,14 +217,9 @@ impl Body for ProxyBody {
                         *bytes += tail.len() as u64;
                         return Poll::Ready(Some(Ok(Frame::data(tail))));
                     }
-                    if let Some(t) = trailers.take() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
-                    }
-                    if let Some(r) = recorder.take() {
-                        let found = redactor.as_ref().map_or(0, |r| r.found());
-                        r.complete(*bytes, "completed", found);
-                    }
-                    return Poll::Ready(None);
+                    // Trailers are the last frame: hyper polls no further after them.
+                    finish(recorder, redactor, *bytes, "completed");
+                    return Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
                 match Pin::new(&mut *inner).poll_frame(cx) {
                     Poll::Pending => {
@@ -238,20 +245,14 @@ impl Body for ProxyBody {
                         return Poll::Ready(Some(Ok(Frame::data(held))));
                     }
                     Poll::Ready(None) if declared.is_some_and(|d| d != *received) => {
-                        if let Some(r) = recorder.take() {
-                            let found = redactor.as_ref().map_or(0, |r| r.found());
-                            r.complete(*bytes, "upstream_error", found);
-                        }
+                        finish(recorder, redactor, *bytes, "upstream_error");
                         return Poll::Ready(Some(Err(
                             "the upstream body ended before its Content-Length".into(),
                         )));
                     }
                     Poll::Ready(None) => *ended = true,
                     Poll::Ready(Some(Err(e))) => {
-                        if let Some(r) = recorder.take() {
-                            let found = redactor.as_ref().map_or(0, |r| r.found());
-                            r.complete(*bytes, "upstream_error", found);
-                        }
+                        finish(recorder, redactor, *bytes, "upstream_error");
                         return Poll::Ready(Some(Err(e.into())));
                     }
                     Poll::Ready(Some(Ok(frame))) => {
@@ -263,10 +264,7 @@ impl Body for ProxyBody {
                             .and_then(Recorder::task)
                             .and_then(|t| t.cut_at(SystemTime::now()));
                         if let Some(end) = end {
-                            if let Some(r) = recorder.take() {
-                                let found = redactor.as_ref().map_or(0, |r| r.found());
-                                r.complete(*bytes, end.as_str(), found);
-                            }
+                            finish(recorder, redactor, *bytes, end.as_str());
                             return Poll::Ready(Some(Err(end.as_str().into())));
                         }
                         *pausing = false;
@@ -302,7 +300,11 @@ impl Body for ProxyBody {
                                     *ended = true;
                                     continue;
                                 }
-                                (Ok(trailers), None) => Frame::trailers(trailers),
+                                (Ok(trailers), None) => {
+                                    *ended = true;
+                                    finish(recorder, redactor, *bytes, "completed");
+                                    Frame::trailers(trailers)
+                                }
                                 // Neither data nor trailers: nothing hyper produces today.
                                 (Err(_), _) => continue,
                             },
@@ -349,14 +351,14 @@ impl Drop for ProxyBody {
             ..
         } = self
         {
-            if let Some(r) = recorder.take() {
-                // A body hyper never polled because it was empty (HEAD, 204, 304) is complete.
+            if let Some(r) = recorder.as_ref() {
+                // A body hyper never polled because it was empty is complete.
                 let outcome = if inner.is_end_stream() {
                     "completed"
                 } else {
                     r.cut_outcome()
                 };
-                r.complete(*bytes, outcome, redactor.as_ref().map_or(0, |r| r.found()));
+                finish(recorder, redactor, *bytes, outcome);
             }
         }
     }

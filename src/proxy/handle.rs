@@ -284,6 +284,14 @@ async fn handle_request(
             }
             let recorder = draft.into_recorder(state.clone(), status.as_u16(), started, upload);
             let (parts, body) = resp.into_parts();
+            if bodyless {
+                // The head is the whole answer (HEAD, 204, 304): hyper never reads a body for
+                // it, so whatever an upstream sends after it (HTTP/2 DATA) is not relayed and
+                // the record is complete now.
+                let found = redactor.as_ref().map_or(0, |r| r.found());
+                recorder.complete(0, "completed", found);
+                return Response::from_parts(parts, ProxyBody::empty());
+            }
             Response::from_parts(
                 parts,
                 ProxyBody::upstream(body, recorder, redactor, declared),

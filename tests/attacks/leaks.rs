@@ -203,6 +203,10 @@ async fn credential_reflected_in_trailers_is_redacted_for_an_http2_agent() {
     // A coding announced after the body cannot apply to it: dropped, not relayed.
     assert!(trailers.get("content-encoding").is_none(), "{trailers:?}");
     assert_eq!(script.hits(), 1);
+    // The trailers were the response's last frame: it completed (the agent did not hang up).
+    let rec = crate::headers::allowed_record(kw, &task, "/reflect-auth").await;
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+    assert_eq!(rec["bytes_down"], 4, "{rec}");
     assert_eq!(
         kw.metric_settled("keyward_secrets_redacted_total{service=\"secure\"}", 1.0)
             .await,
