@@ -93,17 +93,39 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting, lets connections finish (bounded), flushes the audit log.
-    pub async fn shutdown(self) {
+    /// Stops accepting, lets connections finish (bounded), flushes the audit log (bounded).
+    /// Fails, saying why, when audit records were lost: not written, or still queued when
+    /// the log stopped taking them.
+    pub async fn shutdown(self) -> Result<(), String> {
         self.state.begin_shutdown();
         // Each listener's task drains its own connections (`conn::drain`), bounded.
         let bound = self.state.settings.shutdown_timeout + crate::proxy::conn::CUT_GRACE;
         for t in self.tasks {
             let _ = tokio::time::timeout(bound, t).await;
         }
-        self.state.audit.close().await;
+        let audit = &self.state.audit;
+        if tokio::time::timeout(AUDIT_FLUSH_LIMIT, audit.close())
+            .await
+            .is_err()
+        {
+            return Err(format!(
+                "the audit log took no more records for {} s; the records still queued are lost",
+                AUDIT_FLUSH_LIMIT.as_secs()
+            ));
+        }
+        match audit.lost() {
+            0 => Ok(()),
+            n => Err(format!(
+                "{n} audit records could not be written (see the errors above)"
+            )),
+        }
     }
 }
+
+/// How long shutdown waits, after the drain, for the audit log to take its last records: a
+/// sink that stopped taking them (a pipe nobody reads, a hung mount) must not keep keyward
+/// from exiting until the supervisor's kill.
+pub const AUDIT_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 
 pub async fn start(config: &Path) -> Result<Running, StartError> {
     let policy = policy::load(config).map_err(StartError::Policy)?;

@@ -296,8 +296,10 @@ async fn serve(config: &Path) -> Result<(), Failure> {
     );
     signals.wait(&running).await;
     tracing::info!("shutting down");
-    running.shutdown().await;
-    Ok(())
+    running
+        .shutdown()
+        .await
+        .map_err(|message| Failure { message, code: 2 })
 }
 
 /// SIGTERM/SIGINT stop keyward; SIGHUP reloads the policy.

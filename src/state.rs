@@ -226,6 +226,15 @@ impl State {
         self.shutdown.send_replace(true);
     }
 
+    /// Resolves once shutdown began and its drain ran out (never before).
+    pub async fn drain_ended(&self) {
+        let mut signal = self.shutdown_signal();
+        let _ = signal.wait_for(|&stopping| stopping).await;
+        if let Some(&end) = self.drain_ends.get() {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
+        }
+    }
+
     /// Whether shutdown's drain has run out: what ends now was cut by keyward, not by the
     /// agent.
     pub fn drain_over(&self) -> bool {

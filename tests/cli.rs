@@ -1022,3 +1022,104 @@ async fn output_to_a_closed_pipe_ends_quietly_with_exit_0() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
 }
+
+/// Records the audit log could not write make the exit after SIGTERM an error (2), saying so:
+/// a supervisor must not read the run as clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exits_2_after_sigterm_when_audit_records_were_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let policy = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        policy.replace("audit: { path: audit.jsonl }", "audit: { path: /dev/full }"),
+    )
+    .unwrap();
+    let served = serve(file.to_str().unwrap()).await;
+    let (status, log) = served.refuse_one_then_terminate().await;
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("1 audit records could not be written"),
+        "{log}"
+    );
+}
+
+/// An audit sink that stops taking records (stdout into a pipe nobody reads) does not keep
+/// keyward from exiting after SIGTERM: the drain, the cut and at most 5 s for the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exits_after_sigterm_even_when_the_audit_sink_stalls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let policy = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        policy
+            .replace("audit: { path: audit.jsonl }", "audit: { path: '-' }")
+            .replace(
+                "proxy: { listen: 127.0.0.1:0 }",
+                "proxy: { listen: 127.0.0.1:0, shutdown_timeout: 1s }",
+            ),
+    )
+    .unwrap();
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["serve", "--config", file.to_str().unwrap()]);
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Held open and never read: once the pipe's buffer is full, every write blocks.
+    let _stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = bounded("the listening line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.starts_with("keyward listening ") {
+                return line;
+            }
+        }
+        panic!("keyward serve exited before listening");
+    })
+    .await;
+    let stderr = tokio::spawn(async move {
+        let mut log = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            log.push(line);
+        }
+        log.join("\n")
+    });
+    let proxy: std::net::SocketAddr = field(&line, "proxy").parse().unwrap();
+    // Denials of ~400-byte records: a few hundred fill a pipe's 64 KiB, then they wait.
+    let requests: Vec<_> = (0..400)
+        .map(|_| {
+            tokio::spawn(tokio::time::timeout(
+                std::time::Duration::from_secs(3),
+                common::raw_exchange(
+                    proxy,
+                    b"GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+                ),
+            ))
+        })
+        .collect();
+    for r in requests {
+        let _ = r.await;
+    }
+    let started = std::time::Instant::now();
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
+        .await
+        .expect("keyward still running 20 s after SIGTERM with a stalled audit sink")
+        .unwrap();
+    let took = started.elapsed();
+    let log = bounded("stderr", stderr).await.unwrap();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("the audit log took no more records"), "{log}");
+    // 1 s drain + 2 s for what it cut + 5 s for the log, and some slack.
+    assert!(took < std::time::Duration::from_secs(12), "took {took:?}");
+}

@@ -737,3 +737,51 @@ async fn a_tunnel_silent_after_its_handshake_is_closed_at_the_head_timeout() {
             .await;
     assert_eq!(resp.status, 200, "{}", resp.body);
 }
+
+/// An HTTP/2 agent's responses stream from tasks of their own, outside the connection's: at
+/// the drain's end they are cut and recorded like HTTP/1's, and the tunnel's own record is
+/// written too, all before the audit log closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_records_the_http2_streams_it_cuts_and_their_tunnel() {
+    use http_body_util::BodyExt;
+    let mut f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  shutdown_timeout: 1s\nadmin:",
+        )
+    })
+    .await;
+    let task = f.kw.mint("bot", json!(["secure.read"])).await;
+    let mut h2 = common::tunnel_h2(&f, &task, "secure.test").await;
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::builder()
+            .uri(format!("https://secure.test:{}/endless", f.tls.port()))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        bounded("h2 ready", h2.ready()).await.unwrap();
+        let resp = bounded("the stream's head", h2.send_request(req))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let first = bounded("the first tick", body.frame()).await;
+        assert!(first.is_some_and(|f| f.is_ok()));
+        bodies.push(body);
+    }
+    f.kw.stop().await;
+    let records = f.kw.audit_records();
+    let streams: Vec<_> = records.iter().filter(|r| r["path"] == "/endless").collect();
+    assert_eq!(streams.len(), 2, "{records:?}");
+    for rec in streams {
+        assert_eq!(rec["outcome"], "shutdown", "{rec}");
+        assert_eq!(rec["status"], 200);
+        assert!(rec["bytes_down"].as_u64().unwrap() > 0, "{rec}");
+    }
+    let tunnels: Vec<_> = records
+        .iter()
+        .filter(|r| r["method"] == "CONNECT")
+        .collect();
+    assert_eq!(tunnels.len(), 1, "{records:?}");
+    assert_eq!(tunnels[0]["reason"], "allowed");
+}

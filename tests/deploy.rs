@@ -263,15 +263,17 @@ fn deployment_matches_the_policy() {
         ["keyward", "serve", "--config", "/etc/keyward/policy.yaml"]
     );
     let config = Path::new(&argv[3]);
-    // SIGTERM's drain, and the cut after it, end before the kubelet's SIGKILL: otherwise the
-    // records of what was cut are lost with the process.
+    // SIGTERM's drain, the cut after it and the audit log's flush end before the kubelet's
+    // SIGKILL: otherwise the records of what was cut are lost with the process.
     let grace: u64 = text_at(kube.pod(), "terminationGracePeriodSeconds")
         .parse()
         .unwrap();
-    let shutdown = policy.proxy.shutdown_timeout + keyward::proxy::conn::CUT_GRACE;
+    let shutdown = policy.proxy.shutdown_timeout
+        + keyward::proxy::conn::CUT_GRACE
+        + keyward::app::AUDIT_FLUSH_LIMIT;
     assert!(
-        shutdown + std::time::Duration::from_secs(5) <= std::time::Duration::from_secs(grace),
-        "proxy.shutdown_timeout + the 2 s cut ({shutdown:?}) leaves no room in terminationGracePeriodSeconds ({grace} s)"
+        shutdown <= std::time::Duration::from_secs(grace),
+        "proxy.shutdown_timeout + the 2 s cut + 5 s for the audit log ({shutdown:?}) exceed terminationGracePeriodSeconds ({grace} s)"
     );
     let policy_volume = kube.volume_holding("keyward", config);
     assert_eq!(

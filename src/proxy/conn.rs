@@ -17,13 +17,14 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::proxy::body::ProxyBody;
 use crate::proxy::fragment::{FragmentInTarget, FragmentLog, Sniff};
+use crate::proxy::handle::ConnSlot;
 use crate::state::State;
 
 /// Serves one connection of the plain proxy listener until it closes or keyward shuts down.
@@ -100,6 +101,7 @@ pub async fn serve_intercepted<I, S>(
     h2: bool,
     svc: S,
     close: Arc<Notify>,
+    slot: ConnSlot,
 ) -> Option<u16>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -107,7 +109,10 @@ where
     S::Future: Send + 'static,
 {
     let settings = &state.settings;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(StreamExecutor {
+        state: state.clone(),
+        slot,
+    });
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -152,6 +157,34 @@ where
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(settings.shutdown_timeout, conn).await;
     None
+}
+
+/// Runs the tasks hyper spawns for an HTTP/2 connection's streams (each streams one response
+/// body to the agent). They outlive the connection's own future, so unlike HTTP/1's bodies
+/// they are not dropped, and recorded, when shutdown cuts the connection: each holds the
+/// connection's place, so shutdown waits for it, and is dropped (its record written with
+/// outcome `shutdown`) when the drain runs out.
+#[derive(Clone)]
+struct StreamExecutor {
+    state: Arc<State>,
+    slot: ConnSlot,
+}
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        let (state, slot) = (self.state.clone(), self.slot.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                biased;
+                () = stream => {}
+                () = state.drain_ended() => {}
+            }
+        });
+    }
 }
 
 /// Requests in flight on one connection, and since when there have been none.

@@ -207,10 +207,13 @@ async fn intercept(
             return draft.write_detached(&state, Reason::Allowed, 200);
         }
     };
+    // The connection's place is given back only after the tunnel's record is written (below):
+    // shutdown closes the audit log once every place is back.
+    let _held = slot.clone();
     let close = Arc::new(Notify::new());
     let ctx = Arc::new(ConnCtx {
         client,
-        slot,
+        slot: slot.clone(),
         tunnel: Some(TunnelCtx {
             task: task.clone(),
             host: tunnel,
@@ -220,7 +223,7 @@ async fn intercept(
     });
     let svc_state = state.clone();
     let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    let served = conn::serve_intercepted(&state, tls, h2, svc, close).await;
+    let served = conn::serve_intercepted(&state, tls, h2, svc, close, slot).await;
     if let Some(status) = served {
         crate::proxy::record::unparsed(&state, client, status);
     }

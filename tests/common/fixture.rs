@@ -201,6 +201,7 @@ capabilities:
       - GET /reflect-auth
       - GET /big
       - GET /sse
+      - GET /endless
       - GET|POST /echo
   wrongname.read:
     service: wrongname

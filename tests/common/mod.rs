@@ -230,10 +230,13 @@ impl Harness {
     /// Stops keyward and flushes its audit log, keeping its files to read.
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
-            // Shutdown may take its whole drain (10 s) and the grace after it (2 s).
+            // Shutdown may take its whole drain (10 s), the grace after it (2 s) and the
+            // audit log's flush (at most 5 s).
             let bound = Duration::from_secs(20);
-            if tokio::time::timeout(bound, r.shutdown()).await.is_err() {
-                panic!("shutdown took more than {bound:?}");
+            match tokio::time::timeout(bound, r.shutdown()).await {
+                Err(_) => panic!("shutdown took more than {bound:?}"),
+                Ok(Err(why)) => panic!("shutdown: {why}"),
+                Ok(Ok(())) => {}
             }
         }
     }
