@@ -26,6 +26,12 @@ const MAX_PROXY_AUTH_LEN: usize = 1024;
 const MAX_TASK_ID_LEN: usize = 128;
 /// Revoked and expired tasks are remembered this long, so agents get the precise reason.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// `t` cut down to a whole millisecond since the epoch.
+fn whole_millis(t: SystemTime) -> SystemTime {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    t - Duration::from_nanos(u64::from(since.subsec_nanos() % 1_000_000))
+}
+
 /// Default ttl when the mint request names none (capped by the agent's `max_ttl`).
 const DEFAULT_TTL: Duration = Duration::from_secs(30 * 60);
 /// Intents longer than this get a name index (`Task::grant`); shorter ones are searched in
@@ -514,7 +520,8 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
         grant_index,
         intent: spec.intent,
         created_at: now,
-        expires_at: now + ttl,
+        // Whole milliseconds, as `expires_at` is published: never a request after it.
+        expires_at: whole_millis(now + ttl),
         max_requests: spec.max_requests,
         serial: {
             static NEXT: AtomicU64 = AtomicU64::new(1);
@@ -749,6 +756,19 @@ mod tests {
         };
         let (task, _token) = store.mint(&policy, spec, now).unwrap();
         (store, task)
+    }
+
+    /// `expires_at` is published to the millisecond: the task ends exactly then, not up to a
+    /// millisecond after a time a reader takes as passed.
+    #[test]
+    fn a_task_expires_at_the_millisecond_it_publishes() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_nanos(1_795_794_040_854_999_999);
+        let (_store, task) = minted_at(now);
+        let published =
+            SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_794_040_854 + 1_800_000);
+        assert_eq!(task.expires_at, published);
+        assert!(task.is_expired(published));
+        assert!(!task.is_expired(published - Duration::from_nanos(1)));
     }
 
     #[tokio::test]
