@@ -63,7 +63,8 @@ pub enum StartError {
     AdminToken(String, credentials::SourceError),
     #[error("{0}")]
     Ca(String),
-    #[error("cannot open the audit log: {0}")]
+    /// `AuditError`'s sentence, which names the log and what failed.
+    #[error("{0}")]
     Audit(String),
     #[error("internal error: {0}")]
     Internal(String),

@@ -1123,3 +1123,32 @@ async fn serve_exits_after_sigterm_even_when_the_audit_sink_stalls() {
     // 1 s drain + 2 s for what it cut + 5 s for the log, and some slack.
     assert!(took < std::time::Duration::from_secs(12), "took {took:?}");
 }
+
+/// An audit path that cannot be opened stops `serve` with exit 1 and one sentence naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let policy = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        policy.replace(
+            "audit: { path: audit.jsonl }",
+            "audit: { path: no-such-dir/audit.jsonl }",
+        ),
+    )
+    .unwrap();
+    let out = keyward(&["serve", "--config", file.to_str().unwrap()]).await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let sentence = err
+        .lines()
+        .find(|l| l.contains("audit log"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(
+        sentence.matches("cannot open the audit log").count(),
+        1,
+        "{err}"
+    );
+    assert!(sentence.contains("no-such-dir/audit.jsonl"), "{err}");
+}

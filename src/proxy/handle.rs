@@ -231,8 +231,14 @@ async fn handle_request(
                 let slot = ctx.slot.clone();
                 let shutdown = state.shutdown_signal();
                 let task = task.clone();
+                // The agent's connection lives on as the relay (its HTTP serving has ended):
+                // still counted as open, under the kind it came as.
+                let open = state.metrics.connection_opened(match ctx.tunnel {
+                    Some(_) => crate::metrics::ConnKind::Intercepted,
+                    None => crate::metrics::ConnKind::Http,
+                });
                 tokio::spawn(async move {
-                    let _slot = slot;
+                    let (_slot, _open) = (slot, open);
                     upgrade::relay(agent_upgrade, upstream_upgrade, recorder, &task, shutdown).await
                 });
                 let mut out = Response::new(ProxyBody::empty());

@@ -232,6 +232,10 @@ async fn websocket_is_relayed_only_after_a_real_101() {
         .await
         .unwrap();
     assert_eq!(back, FRAME);
+    // The relay is the agent's connection, still open (it holds a place under
+    // max_connections, so the gauge must show it).
+    const OPEN: &str = "keyward_connections_open{kind=\"http\"}";
+    assert_eq!(kw.metric(OPEN).await, Some(1.0));
     drop(tcp);
     let rec = kw
         .audit_where("the websocket", |r| r["status"] == 101)
@@ -239,6 +243,7 @@ async fn websocket_is_relayed_only_after_a_real_101() {
     crate::common::assert_record(&rec);
     assert_eq!(rec["reason"], "allowed", "{rec}");
     assert_eq!(rec["capability"], "ws.socket", "{rec}");
+    assert_eq!(kw.metric_settled(OPEN, 0.0).await, Some(0.0));
     assert_eq!(kw.audit_records().len(), 1);
     kw.assert_no_leaks().await;
 }
