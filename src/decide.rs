@@ -174,9 +174,12 @@ pub fn decide_connect(
             let cap = policy.capability_at(ci);
             let held = agent.is_some_and(|a| a.contains(ci));
             if held && task.grant(&cap.name).is_some() {
-                return Ok(ConnectDecision::Intercept {
-                    service: table.sole_service,
-                });
+                return open_unless_spent(
+                    task,
+                    ConnectDecision::Intercept {
+                        service: table.sole_service,
+                    },
+                );
             }
             if held {
                 hint.get_or_insert(ci);
@@ -191,9 +194,18 @@ pub fn decide_connect(
         });
     }
     if policy.is_passthrough(host) {
-        return Ok(ConnectDecision::Tunnel);
+        return open_unless_spent(task, ConnectDecision::Tunnel);
     }
     Err(Denial::bare(Reason::UnknownHost))
+}
+
+/// A task whose request budget is spent could send nothing through a tunnel (and a blind one
+/// would carry requests uncounted): refused before a leaf is issued or anything dialled.
+fn open_unless_spent(task: &Task, open: ConnectDecision) -> Result<ConnectDecision, Denial> {
+    match task.budget_spent() {
+        true => Err(Denial::bare(Reason::BudgetExhausted)),
+        false => Ok(open),
+    }
 }
 
 /// Every constraint of the grant must be satisfied by this route's captured parameters. A route

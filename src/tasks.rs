@@ -187,6 +187,12 @@ impl Task {
         self.in_flight.load(Ordering::Acquire)
     }
 
+    /// Whether the request budget (`max_requests`) is used up.
+    pub fn budget_spent(&self) -> bool {
+        self.max_requests
+            .is_some_and(|max| self.used.load(Ordering::Acquire) >= max)
+    }
+
     /// Takes one request from the budget; false when it is spent. Exact under concurrency.
     pub fn try_consume(&self) -> bool {
         match self.max_requests {
@@ -259,6 +265,8 @@ pub enum MintError {
     TtlTooShort,
     #[error("constraint `{param}` of capability `{capability}` has a value with `/`, which one path segment never holds")]
     UnmatchableConstraint { capability: String, param: String },
+    #[error("constraint `{param}` of capability `{capability}` has a value with a control character, which keyward refuses in every path")]
+    ControlInConstraint { capability: String, param: String },
     #[error("max_requests must be at least 1")]
     ZeroBudget,
     #[error("task id must be 1-128 characters of A-Z a-z 0-9 . _ -")]
@@ -473,6 +481,14 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
                 .any(|r| r.param_names().any(|p| p == param));
             if !known {
                 return Err(MintError::UnknownParam {
+                    capability: cap.name.clone(),
+                    param: param.clone(),
+                });
+            }
+            // A control byte (NUL, CR, …) is refused in every path, so such a value would never
+            // match; it is a mistake, or an attempt to smuggle one into a log or an approval.
+            if values.iter().any(|v| v.chars().any(char::is_control)) {
+                return Err(MintError::ControlInConstraint {
                     capability: cap.name.clone(),
                     param: param.clone(),
                 });

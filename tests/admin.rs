@@ -150,6 +150,11 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
             json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": ""}}]}),
             "invalid_constraint",
         ),
+        (
+            "a constraint value with a control character",
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": "acme\u{0}x"}}]}),
+            "invalid_constraint",
+        ),
         // Tasks that could never be used: expired before their first request, or held to a
         // value no single path segment is.
         (

@@ -551,3 +551,31 @@ async fn no_secret_leaks_after_hostile_tunnel_traffic() {
     kw.audit_count(7, |r| r["task"] == task.id.as_str()).await;
     kw.assert_no_leaks().await;
 }
+
+/// A task whose `max_requests` is spent opens no more tunnels, intercepted or blind: 429
+/// `budget_exhausted` at the CONNECT, before a leaf is issued or anything dialled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_budget_refuses_new_tunnels() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint_with(json!({"agent": "bot", "intent": ["secure.read"], "max_requests": 1}))
+        .await;
+    let resp = kw
+        .send(kw.agent(&task).get(f.tls_url("secure.test", "/echo")))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let leaves = kw.metric("keyward_tls_leaf_certs_issued_total").await;
+    for authority in [
+        format!("secure.test:{}", f.tls.port()),
+        format!("127.0.0.1:{}", f.tcp.addr.port()),
+    ] {
+        let (_tcp, head) =
+            connect_raw(kw.proxy_addr, &authority, Some(&Harness::proxy_auth(&task))).await;
+        kw.assert_denied_raw(&head, 429, "budget_exhausted").await;
+    }
+    assert_eq!(
+        kw.metric("keyward_tls_leaf_certs_issued_total").await,
+        leaves
+    );
+}

@@ -282,6 +282,7 @@ fn mint_error_code(e: &MintError) -> &'static str {
         MintError::UnknownParam { .. }
         | MintError::EmptyConstraint(_)
         | MintError::UnmatchableConstraint { .. }
+        | MintError::ControlInConstraint { .. }
         | MintError::DuplicateConstraint { .. } => "invalid_constraint",
         MintError::DuplicateCapability(_) => "duplicate_capability",
         MintError::EmptyIntent => "empty_intent",
