@@ -214,7 +214,7 @@ async fn handle_request(
                     state.metrics.upstream_error(&service, "protocol");
                     draft.rec.outcome = Some("unexpected_upgrade");
                     let resp = respond::failure(
-                        Failure::BadGateway,
+                        Failure::BadUpstreamAnswer,
                         draft.request_id(),
                         draft.rec.task.as_deref(),
                     );
@@ -260,7 +260,7 @@ async fn handle_request(
                 draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
                 draft.rec.outcome = Some("encoded_response");
                 let resp = respond::failure(
-                    Failure::BadGateway,
+                    Failure::BadUpstreamAnswer,
                     draft.request_id(),
                     draft.rec.task.as_deref(),
                 );
@@ -343,7 +343,13 @@ async fn handle_request(
                     "timeout",
                     "no response head within proxy.upstream_timeout".to_string(),
                 ),
-                UpstreamError::Failed { kind, why } => (Failure::BadGateway, kind, why),
+                UpstreamError::Failed { kind, why } => {
+                    let failure = match kind {
+                        "protocol" => Failure::BadUpstreamAnswer,
+                        _ => Failure::BadGateway,
+                    };
+                    (failure, kind, why)
+                }
                 UpstreamError::Blocked => (Failure::BadGateway, "blocked", String::new()),
             };
             let service = draft.rec.service.clone().unwrap_or_default();

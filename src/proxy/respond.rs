@@ -166,6 +166,9 @@ pub fn close_unless_authenticated(
 pub enum Failure {
     /// connect, DNS or TLS failure toward the upstream
     BadGateway,
+    /// the upstream was reached but broke off, or answered with what keyward does not relay
+    /// (malformed HTTP, an upgrade to something else than WebSocket, a coded body)
+    BadUpstreamAnswer,
     /// the upstream did not answer in time
     GatewayTimeout,
     /// keyward cannot write audit records, or is shutting down
@@ -179,7 +182,7 @@ pub enum Failure {
 impl Failure {
     pub fn status(self) -> StatusCode {
         match self {
-            Failure::BadGateway => StatusCode::BAD_GATEWAY,
+            Failure::BadGateway | Failure::BadUpstreamAnswer => StatusCode::BAD_GATEWAY,
             Failure::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::BadRequestBody => StatusCode::BAD_REQUEST,
@@ -190,6 +193,7 @@ impl Failure {
     fn code(self) -> &'static str {
         match self {
             Failure::BadGateway => "upstream_unreachable",
+            Failure::BadUpstreamAnswer => "upstream_bad_answer",
             Failure::GatewayTimeout => "upstream_timeout",
             Failure::Unavailable => "unavailable",
             Failure::BadRequestBody => "bad_request_body",
@@ -200,6 +204,7 @@ impl Failure {
     fn title(self) -> &'static str {
         match self {
             Failure::BadGateway => "Upstream unreachable",
+            Failure::BadUpstreamAnswer => "Upstream answer not relayed",
             Failure::GatewayTimeout => "Upstream timed out",
             Failure::Unavailable => "keyward unavailable",
             Failure::BadRequestBody => "Malformed request body",
@@ -211,6 +216,9 @@ impl Failure {
         match self {
             Failure::BadGateway => {
                 "The upstream could not be reached or its TLS certificate could not be verified."
+            }
+            Failure::BadUpstreamAnswer => {
+                "The upstream broke off, or answered with something keyward does not relay (not valid HTTP, an upgrade other than WebSocket, a compressed body it cannot check); nothing of it was passed on."
             }
             Failure::GatewayTimeout => "The upstream did not answer in time.",
             Failure::Unavailable => {

@@ -845,6 +845,11 @@ async fn upstream_response_with_conflicting_framing_is_not_relayed_as_is() {
         assert_eq!(resp.status, 502, "{case}: {}", resp.text());
         assert!(resp.header("set-cookie").is_none());
         let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        // Reached, but its answer was not HTTP: not "unreachable".
+        assert_eq!(
+            problem["reason"], "upstream_bad_answer",
+            "{case}: {problem}"
+        );
         let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
         assert_eq!(rec["status"], 502, "{rec}");
     }

@@ -402,6 +402,7 @@ async fn a_101_to_another_protocol_than_websocket_is_a_502() {
         assert_eq!(resp.status, 502, "{switch:?}: {}", resp.text());
         assert!(resp.header("upgrade").is_none(), "{}", resp.text());
         let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        assert_eq!(problem["reason"], "upstream_bad_answer", "{problem}");
         let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
         assert_eq!(rec["outcome"], "unexpected_upgrade", "{rec}");
         // Nothing the agent sends next reaches the upstream as raw bytes.
