@@ -133,7 +133,7 @@ fn authorized(state: &State, req: &Request<Incoming>) -> bool {
     state.is_admin_token(token.as_bytes())
 }
 
-pub fn json(status: StatusCode, value: &serde_json::Value) -> AdminResponse {
+pub fn json(status: StatusCode, value: &impl serde::Serialize) -> AdminResponse {
     let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
     body.push(b'\n');
     let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -9,7 +9,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::admin::{json, text, AdminResponse};
 use crate::state::State;
@@ -22,16 +22,13 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let method = req.method().clone();
     match (&method, path.as_str()) {
         (&Method::POST, "/v1/tasks") => mint(state, req).await,
-        (&Method::GET, "/v1/tasks") => {
-            let now = SystemTime::now();
-            let tasks: Vec<Value> = state
-                .tasks
-                .list()
-                .iter()
-                .map(|t| task_json(t, now))
-                .collect();
-            json(StatusCode::OK, &json!({ "tasks": tasks }))
-        }
+        (&Method::GET, "/v1/tasks") => json(
+            StatusCode::OK,
+            &Listing {
+                tasks: &state.tasks.list(),
+                now: SystemTime::now(),
+            },
+        ),
         (&Method::POST, "/v1/reload") => match state.reload().await {
             Ok(r) => json(
                 StatusCode::OK,
@@ -300,18 +297,64 @@ fn bad_request(code: &str, message: &str) -> AdminResponse {
     )
 }
 
-fn task_json(t: &Task, now: SystemTime) -> Value {
-    let intent: Vec<Value> = t
+/// `GET /v1/tasks`: serialized task by task into the answer, without a JSON tree of every
+/// task first (tens of thousands of tasks made one ten times the answer's size).
+struct Listing<'a> {
+    tasks: &'a [Arc<Task>],
+    now: SystemTime,
+}
+
+impl serde::Serialize for Listing<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        struct Tasks<'a>(&'a Listing<'a>);
+        impl serde::Serialize for Tasks<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_seq(self.0.tasks.iter().map(|t| task_json(t, self.0.now)))
+            }
+        }
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry("tasks", &Tasks(self))?;
+        map.end()
+    }
+}
+
+/// A task as the admin API shows it (never its token). Fields in the order the JSON has
+/// always listed them (alphabetical).
+#[derive(serde::Serialize)]
+struct TaskView<'a> {
+    agent: &'a str,
+    created_at: String,
+    expires_at: String,
+    intent: Vec<GrantView<'a>>,
+    max_requests: Option<u64>,
+    requests_denied: u64,
+    requests_used: u64,
+    status: &'static str,
+    task: &'a str,
+}
+
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum GrantView<'a> {
+    Bare(&'a str),
+    Constrained {
+        capability: &'a str,
+        #[serde(rename = "where")]
+        constraints: BTreeMap<&'a str, &'a Vec<String>>,
+    },
+}
+
+fn task_json(t: &Task, now: SystemTime) -> TaskView<'_> {
+    let intent = t
         .intent
         .iter()
-        .map(|g| {
-            if g.constraints.is_empty() {
-                json!(g.capability)
-            } else {
-                let wh: BTreeMap<&str, &Vec<String>> =
-                    g.constraints.iter().map(|(k, v)| (k.as_str(), v)).collect();
-                json!({"capability": g.capability, "where": wh})
-            }
+        .map(|g| match g.constraints.is_empty() {
+            true => GrantView::Bare(&g.capability),
+            false => GrantView::Constrained {
+                capability: &g.capability,
+                constraints: g.constraints.iter().map(|(k, v)| (k.as_str(), v)).collect(),
+            },
         })
         .collect();
     let status = if t.is_revoked() {
@@ -321,17 +364,17 @@ fn task_json(t: &Task, now: SystemTime) -> Value {
     } else {
         "active"
     };
-    json!({
-        "task": t.id,
-        "agent": t.agent,
-        "intent": intent,
-        "status": status,
-        "created_at": rfc3339(t.created_at),
-        "expires_at": rfc3339(t.expires_at),
-        "max_requests": t.max_requests,
-        "requests_used": t.requests_used(),
-        "requests_denied": t.requests_denied(),
-    })
+    TaskView {
+        agent: &t.agent,
+        created_at: rfc3339(t.created_at),
+        expires_at: rfc3339(t.expires_at),
+        intent,
+        max_requests: t.max_requests,
+        requests_denied: t.requests_denied(),
+        requests_used: t.requests_used(),
+        status,
+        task: &t.id,
+    }
 }
 
 /// The address an agent beside keyward dials: a wildcard listener (`0.0.0.0`, `::`) is not
