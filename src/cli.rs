@@ -284,7 +284,16 @@ fn audit_verify(files: &[PathBuf], from_middle: bool) -> Result<(), Failure> {
 async fn serve(config: &Path) -> Result<(), Failure> {
     // Handlers first: a supervisor may signal as soon as the listening line appears.
     let mut signals = Signals::install();
-    let running = crate::app::start(config).await.map_err(|e| Failure {
+    // A stop asked for while starting (a credential `exec` may take its 30 s) is honoured at
+    // once: nothing is listening or recorded yet.
+    let started = tokio::select! {
+        started = crate::app::start(config) => started,
+        () = signals.stopped() => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+    };
+    let running = started.map_err(|e| Failure {
         code: e.exit_code(),
         message: e.to_string(),
     })?;
@@ -326,6 +335,21 @@ impl Signals {
         }
     }
 
+    /// Until SIGTERM or SIGINT (a SIGHUP before start-up ends has nothing to reload).
+    async fn stopped(&mut self) {
+        let Some((term, int, hup)) = &mut self.0 else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => {}
+            }
+        }
+    }
+
     async fn wait(&mut self, running: &crate::app::Running) {
         let Some((term, int, hup)) = &mut self.0 else {
             let _ = tokio::signal::ctrl_c().await;
@@ -353,6 +377,10 @@ struct Signals;
 impl Signals {
     fn install() -> Signals {
         Signals
+    }
+
+    async fn stopped(&mut self) {
+        let _ = tokio::signal::ctrl_c().await;
     }
 
     async fn wait(&mut self, _running: &crate::app::Running) {

@@ -1152,3 +1152,62 @@ async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
     );
     assert!(sentence.contains("no-such-dir/audit.jsonl"), "{err}");
 }
+
+/// SIGTERM while `serve` is still starting (a credential `exec` that takes its time) stops it
+/// at once with exit 0, instead of after the start-up and a listening line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let policy = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        policy.replace(
+            "api_token: { source: file:api-token }",
+            "api_token: { source: { exec: [sleep, '20'] } }",
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    bounded("the runtime's start", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("starting the async runtime") {
+                return;
+            }
+        }
+        panic!("keyward serve exited before starting");
+    })
+    .await;
+    // Into the credential's `exec` by now, or soon: either way the stop must not wait for it.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = bounded("keyward exit", child.wait()).await.unwrap();
+    let mut log = Vec::new();
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(std::time::Duration::from_secs(2), lines.next_line()).await
+    {
+        log.push(line);
+    }
+    let log = log.join("\n");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!log.contains("keyward listening"), "{log}");
+}
