@@ -133,6 +133,8 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     for w in policy.warnings() {
         tracing::warn!("{}: {w}", config.display());
     }
+    #[cfg(unix)]
+    open_files::raise_and_check(policy.proxy.max_connections);
     let token = credentials::read_source(&policy.admin.token)
         .await
         .map_err(|why| StartError::AdminToken(describe_source(&policy.admin.token), why))?;
@@ -273,5 +275,49 @@ mod tests {
         for bad in ["0", "-1", "many", ""] {
             assert_eq!(worker_count(Some(bad), || Some(4)), 4, "{bad:?}");
         }
+    }
+}
+
+/// The open-files limit. Every agent connection takes a descriptor, most an upstream one too,
+/// and a soft limit of 1024 (a common default) is far below `max_connections`' 4096: past it
+/// `accept` fails and agents wait in the backlog. Like Go's runtime, `serve` raises the soft
+/// limit to the hard one, and says so when even that is too low.
+#[cfg(unix)]
+mod open_files {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+
+    /// Linux refuses a limit above `fs.nr_open` (2^20 by default), "unlimited" included.
+    const CEILING: u64 = 1 << 20;
+
+    pub fn raise_and_check(max_connections: usize) {
+        let before = getrlimit(Resource::Nofile);
+        let soft = before.current.unwrap_or(CEILING);
+        let target = before.maximum.unwrap_or(CEILING).min(CEILING);
+        if soft < target {
+            let raised = Rlimit {
+                current: Some(target),
+                maximum: before.maximum,
+            };
+            if setrlimit(Resource::Nofile, raised).is_ok() {
+                tracing::info!(from = soft, to = target, "raised the open-files limit");
+            }
+        }
+        let now = getrlimit(Resource::Nofile).current.unwrap_or(CEILING);
+        let wanted = needed(max_connections);
+        if now < wanted {
+            tracing::warn!(
+                limit = now,
+                wanted,
+                "the open-files limit is below what proxy.max_connections needs (an agent and an upstream descriptor per connection); raise it (ulimit -n, LimitNOFILE=, the container's nofile) or lower max_connections"
+            );
+        }
+    }
+
+    /// Two descriptors per agent connection, and room for the admin listener, pooled
+    /// upstream connections, the audit log and the CA files.
+    pub fn needed(max_connections: usize) -> u64 {
+        (max_connections as u64)
+            .saturating_mul(2)
+            .saturating_add(512)
     }
 }

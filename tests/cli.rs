@@ -1211,3 +1211,33 @@ async fn sigterm_while_starting_stops_at_once() {
     );
     assert!(!log.contains("keyward listening"), "{log}");
 }
+
+/// `serve` raises its open-files soft limit to the hard one, and warns when even that is below
+/// what `proxy.max_connections` needs.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_raises_the_open_files_limit_and_warns_when_it_is_too_low() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    // `prlimit` (util-linux) sets the limits and execs keyward.
+    for (limits, raised, warned) in [
+        ("--nofile=1024:20000", true, false),
+        ("--nofile=600:700", true, true),
+    ] {
+        let mut cmd = tokio::process::Command::new("prlimit");
+        cmd.args([limits, BIN, "serve", "--config", file.to_str().unwrap()]);
+        let served = serve_cmd(cmd).await;
+        let (status, log) = served.refuse_one_then_terminate().await;
+        assert_eq!(status.code(), Some(0), "{limits}: {log}");
+        assert_eq!(
+            log.contains("raised the open-files limit"),
+            raised,
+            "{limits}: {log}"
+        );
+        assert_eq!(
+            log.contains("the open-files limit is below what proxy.max_connections needs"),
+            warned,
+            "{limits}: {log}"
+        );
+    }
+}
