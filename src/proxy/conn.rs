@@ -76,18 +76,20 @@ fn unparsed_status(e: &hyper::Error) -> Option<u16> {
     }
 }
 
-/// How long after the drain (`proxy.shutdown_timeout`) shutdown still waits for the connections it cut to end: cutting one
-/// drops its requests, whose records are written as they drop (outcome `shutdown`), and the
-/// audit log must not close before they are queued.
+/// How long after the drain (`proxy.shutdown_timeout`) shutdown still waits for the
+/// connections it cut to end: cutting one drops its requests, whose records are written as
+/// they drop (outcome `shutdown`), and the audit log must not close before they are queued.
 pub const CUT_GRACE: Duration = Duration::from_secs(2);
 
-/// Waits, at most `drain` + `CUT_GRACE`, until every one of a listener's `capacity`
-/// connection permits is back: its connections (and the tunnels they became) have ended,
-/// on their own or cut when `drain` ran out. Called once the listener stopped accepting; without it the
-/// runtime would drop requests still in flight at exit, and their records with them.
-pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize, drain: Duration) {
+/// Waits, at most `shutdown_timeout` + `CUT_GRACE`, until every one of a listener's
+/// `capacity` connection permits is back: its connections (and the tunnels and HTTP/2
+/// streams they became) have ended, on their own or cut when the drain ran out. Called once
+/// the listener stopped accepting; without it the runtime would drop requests still in flight
+/// at exit, and their records with them.
+pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize, shutdown_timeout: Duration) {
     let all = u32::try_from(capacity).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(drain + CUT_GRACE, limit.acquire_many(all)).await;
+    let bound = shutdown_timeout + CUT_GRACE;
+    let _ = tokio::time::timeout(bound, limit.acquire_many(all)).await;
 }
 
 /// Serves the HTTP inside an intercepted tunnel until it closes, `close` is notified (an

@@ -286,6 +286,10 @@ async fn query_and_basic_credentials_reflected_in_a_redirect_and_a_bodiless_answ
         .await;
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("x-echo").as_deref(), Some("Basic [redacted]"));
+    // A HEAD answer keeps the length the GET would have, and its record is complete.
+    assert_eq!(resp.header("content-length").as_deref(), Some("10"));
+    let rec = kw.audit_where("the HEAD", |r| r["method"] == "HEAD").await;
+    assert_eq!(rec["outcome"], "completed", "{rec}");
     assert_eq!(script.hits(), 3);
     kw.assert_no_leaks().await;
 }
