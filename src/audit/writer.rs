@@ -143,6 +143,7 @@ impl AuditLog {
                 Writer {
                     target,
                     sink,
+                    written: chain.clone(),
                     chain,
                     shared: writer_shared,
                     counter,
@@ -409,6 +410,8 @@ struct Writer {
     target: AuditTarget,
     sink: Sink,
     chain: Chain,
+    /// Where the chain stood after the last batch that reached the sink.
+    written: Chain,
     shared: Arc<Shared>,
     counter: IntCounter,
 }
@@ -492,6 +495,7 @@ impl Writer {
         let (sink, chain) = open_sink(&self.target).map_err(|e| e.to_string())?;
         self.log_chain_end("reopened");
         self.sink = sink;
+        self.written = chain.clone();
         self.chain = chain;
         Ok(())
     }
@@ -534,10 +538,13 @@ impl Writer {
             Ok(()) => {
                 self.shared.written.fetch_add(records, Ordering::SeqCst);
                 self.counter.inc_by(records);
+                self.written = self.chain.clone();
             }
             Err(e) => {
-                // The chain already counts these records; a partial write may have torn a
-                // line. Stay failed so the proxy refuses requests instead of logging gaps.
+                // A partial write may have torn a line. Stay failed so the proxy refuses
+                // requests instead of logging gaps; the chain goes back to what the file
+                // holds, so its logged end names no record that was never written.
+                self.chain = self.written.clone();
                 self.shared.healthy.store(false, Ordering::SeqCst);
                 self.shared.lost.fetch_add(records, Ordering::Relaxed);
                 tracing::error!(error = %e, records, "audit log write failed");
