@@ -785,3 +785,49 @@ async fn shutdown_records_the_http2_streams_it_cuts_and_their_tunnel() {
     assert_eq!(tunnels.len(), 1, "{records:?}");
     assert_eq!(tunnels[0]["reason"], "allowed");
 }
+
+/// An idle HTTP/2 connection (nothing in flight) closes at once at shutdown, like an idle
+/// HTTP/1 one: HTTP/2's graceful close waits for the client to answer a PING, which a stuck
+/// client never does, and that held shutdown for the whole drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_an_idle_http2_connection_at_once() {
+    let mut f = Fixture::start().await;
+    let task = f.kw.mint("bot", json!(["secure.read"])).await;
+    let tls = common::tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (mut client, mut conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    let req = http::Request::builder()
+        .uri(f.tls_url("secure.test", "/echo"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = bounded("the response", async {
+        tokio::select! {
+            r = resp => r,
+            _ = &mut conn => panic!("connection ended"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    bounded("the body", async {
+        loop {
+            tokio::select! {
+                chunk = body.data() => if chunk.is_none() { return },
+                _ = &mut conn => panic!("connection ended"),
+            }
+        }
+    })
+    .await;
+    // From here on `conn` is held but never polled: keyward's PING goes unanswered.
+    let started = std::time::Instant::now();
+    f.kw.stop().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "shutdown waited {:?} for an idle HTTP/2 connection",
+        started.elapsed()
+    );
+    drop((client, conn));
+}

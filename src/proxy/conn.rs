@@ -150,7 +150,14 @@ where
         }
         _ = close.notified() => {}
         _ = activity.idle_for(settings.idle_timeout) => {}
-        _ = shutdown.changed() => {}
+        _ = shutdown.changed() => {
+            // HTTP/2's graceful close waits for the client to answer a PING, which an idle
+            // (or stuck) client may never do: with nothing in flight, close at once, as an
+            // idle HTTP/1 connection is.
+            if h2 && activity.is_idle() {
+                return None;
+            }
+        }
         // SECURITY (I7): the protocol sniffing in front of HTTP/1 and HTTP/2 waits for the
         // first bytes without hyper's head timer, so a client silent after the handshake held
         // the tunnel until the idle timeout. Nothing is in flight: close it at once.
@@ -213,6 +220,11 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         self.begun.store(true, Ordering::Release);
         InFlight(self.clone())
+    }
+
+    /// No request in flight (none begun, or every response done).
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
     }
 
     /// Completes when `limit` has passed since the connection started without a request
