@@ -110,8 +110,9 @@ impl Running {
             .is_err()
         {
             return Err(format!(
-                "the audit log took no more records for {} s; the records still queued are lost",
-                AUDIT_FLUSH_LIMIT.as_secs()
+                "the audit log took no more records for {} s: {} audit records were not written",
+                AUDIT_FLUSH_LIMIT.as_secs(),
+                audit.unwritten()
             ));
         }
         match audit.lost() {

@@ -335,18 +335,16 @@ impl Signals {
         }
     }
 
-    /// Until SIGTERM or SIGINT (a SIGHUP before start-up ends has nothing to reload).
+    /// Until SIGTERM or SIGINT. A SIGHUP meanwhile stays pending for `wait`, which reloads
+    /// once start-up is done (logrotate's `postrotate` may send one at any time).
     async fn stopped(&mut self) {
-        let Some((term, int, hup)) = &mut self.0 else {
+        let Some((term, int, _)) = &mut self.0 else {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };
-        loop {
-            tokio::select! {
-                _ = term.recv() => return,
-                _ = int.recv() => return,
-                _ = hup.recv() => {}
-            }
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
     }
 

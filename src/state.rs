@@ -218,6 +218,11 @@ impl State {
         self.shutdown.subscribe()
     }
 
+    /// Whether shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
     /// Stops the listeners from accepting and asks connections to drain.
     pub fn begin_shutdown(&self) {
         let _ = self

@@ -831,3 +831,38 @@ async fn shutdown_closes_an_idle_http2_connection_at_once() {
     );
     drop((client, conn));
 }
+
+/// A tunnel whose agent never starts its TLS handshake has nothing in flight: shutdown closes
+/// it at once and records it (`shutdown`), even with a drain shorter than the handshake's own
+/// timeout (which used to outlast it and lose the record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_records_a_tunnel_still_waiting_for_its_handshake() {
+    let mut f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  shutdown_timeout: 1s\nadmin:",
+        )
+    })
+    .await;
+    let task = f.kw.mint("bot", json!(["secure.read"])).await;
+    let authority = format!("secure.test:{}", f.tls.port());
+    let (mut silent, head) = connect_raw(
+        f.kw.proxy_addr,
+        &authority,
+        Some(&Harness::proxy_auth(&task)),
+    )
+    .await;
+    assert_eq!(head.status, 200);
+    let started = std::time::Instant::now();
+    f.kw.stop().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    expect_closed(&mut silent, "the silent tunnel").await;
+    let rec =
+        f.kw.audit_where("the tunnel", |r| r["method"] == "CONNECT")
+            .await;
+    assert_eq!(rec["outcome"], "shutdown", "{rec}");
+}

@@ -390,19 +390,20 @@ fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip, addr.port())
 }
 
-/// RFC 3339 in UTC to the millisecond (`2026-11-27T15:40:40.854Z`): an expiry printed to the
-/// second would read as passed while the task still runs for most of a second.
+/// RFC 3339 in UTC to the millisecond, always three digits (`2026-11-27T15:40:40.850Z`): an
+/// expiry printed to the second would read as passed while the task still runs for most of a
+/// second, and a fixed width keeps the strings sortable.
 pub fn rfc3339(t: SystemTime) -> String {
     let ms = t
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_millis();
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::try_from(ms).unwrap_or(0) * 1_000_000)
         .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
+        .and_then(|d| d.format(&format).ok())
         .unwrap_or_default()
 }
 
@@ -472,10 +473,10 @@ mod tests {
     fn times_are_printed_to_the_millisecond() {
         let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
         assert_eq!(rfc3339(at(1_795_794_040_854)), "2026-11-27T15:40:40.854Z");
-        assert_eq!(rfc3339(at(1_795_794_040_000)), "2026-11-27T15:40:40Z");
+        assert_eq!(rfc3339(at(1_795_794_040_850)), "2026-11-27T15:40:40.850Z");
         assert_eq!(
             rfc3339(at(1_795_794_040_000) + Duration::from_micros(999)),
-            "2026-11-27T15:40:40Z"
+            "2026-11-27T15:40:40.000Z"
         );
     }
 }

@@ -58,6 +58,8 @@ enum Msg {
 
 struct Shared {
     healthy: AtomicBool,
+    /// Records handed to the log (serialized), written or not.
+    handed: AtomicU64,
     written: AtomicU64,
     lost: AtomicU64,
     /// `write_detached` sends still waiting for queue space; `close` waits for them.
@@ -73,6 +75,7 @@ impl Shared {
     fn new() -> Self {
         Shared {
             healthy: AtomicBool::new(true),
+            handed: AtomicU64::new(0),
             written: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             detached_pending: AtomicUsize::new(0),
@@ -251,6 +254,7 @@ impl AuditLog {
             rec.ts = AuditRecord::now_ts();
         }
         let encoded = Encoded::new(&rec);
+        self.shared.handed.fetch_add(1, Ordering::Relaxed);
         self.shared
             .queued_bytes
             .fetch_add(encoded.len(), Ordering::Relaxed);
@@ -268,6 +272,12 @@ impl AuditLog {
     /// Records lost since start (not written, for whatever reason).
     pub fn lost(&self) -> u64 {
         self.shared.lost.load(Ordering::Relaxed)
+    }
+
+    /// Records handed to the log and not written (yet): lost, or still queued.
+    pub fn unwritten(&self) -> u64 {
+        let handed = self.shared.handed.load(Ordering::Relaxed);
+        handed.saturating_sub(self.shared.written.load(Ordering::SeqCst))
     }
 
     pub async fn close(&self) {

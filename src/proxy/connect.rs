@@ -173,13 +173,18 @@ async fn intercept(
     );
     // SECURITY (I7): a client that stalls its handshake (slowloris) holds a connection slot.
     let handshake_timeout = HANDSHAKE_TIMEOUT.min(state.settings.header_read_timeout);
-    let start = match tokio::time::timeout(handshake_timeout, acceptor).await {
-        Ok(Ok(start)) => start,
-        _ => {
-            draft.rec.outcome = Some("tls_handshake_failed");
-            return draft.write_detached(&state, Reason::Allowed, 200);
-        }
-    };
+    let start =
+        match unless_stopping(&state, tokio::time::timeout(handshake_timeout, acceptor)).await {
+            None => {
+                draft.rec.outcome = Some("shutdown");
+                return draft.write_detached(&state, Reason::Allowed, 200);
+            }
+            Some(Ok(Ok(start))) => start,
+            Some(_) => {
+                draft.rec.outcome = Some("tls_handshake_failed");
+                return draft.write_detached(&state, Reason::Allowed, 200);
+            }
+        };
     // SECURITY: domain fronting — the name the client asks TLS for must be the CONNECT host.
     if let Some(sni) = start.client_hello().server_name() {
         if normalize_host(sni).as_deref() != Some(tunnel.host.as_str()) {
@@ -197,12 +202,17 @@ async fn intercept(
     };
     // ALPN is read inside the arm: a borrowed local that lived on would keep a second slot
     // for the TLS stream in this task across the connection's life (~1.3 KiB each).
-    let (tls, h2) = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
-        Ok(Ok(tls)) => {
+    let handshake = tokio::time::timeout(handshake_timeout, start.into_stream(config));
+    let (tls, h2) = match unless_stopping(&state, handshake).await {
+        None => {
+            draft.rec.outcome = Some("shutdown");
+            return draft.write_detached(&state, Reason::Allowed, 200);
+        }
+        Some(Ok(Ok(tls))) => {
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             (tls, h2)
         }
-        _ => {
+        Some(_) => {
             draft.rec.outcome = Some("tls_handshake_failed");
             return draft.write_detached(&state, Reason::Allowed, 200);
         }
@@ -228,8 +238,23 @@ async fn intercept(
         crate::proxy::record::unparsed(&state, client, status);
     }
     let end = task.ended_at(SystemTime::now());
-    draft.rec.outcome = Some(end.map_or("closed", |e| e.as_str()));
+    draft.rec.outcome = Some(match end {
+        Some(e) => e.as_str(),
+        None if state.stopping() => "shutdown",
+        None => "closed",
+    });
     draft.write_detached(&state, Reason::Allowed, 200);
+}
+
+/// `fut`, unless keyward begins to shut down first (`None`): a tunnel still in its TLS
+/// handshake has nothing in flight, and waiting out the handshake's timeout could outlast a
+/// short drain and lose the tunnel's record.
+async fn unless_stopping<F: std::future::Future>(state: &State, fut: F) -> Option<F::Output> {
+    let mut stopping = state.shutdown_signal();
+    tokio::select! {
+        out = fut => Some(out),
+        _ = stopping.wait_for(|&s| s) => None,
+    }
 }
 
 /// A blind tunnel to a passthrough host: dial first (so a failure is a 502, not a dead tunnel),

@@ -258,13 +258,25 @@ impl Recorder {
 
     /// `redacted`: reflected credentials replaced in this response (counted per service).
     pub fn complete(self, bytes_down: u64, outcome: &'static str, redacted: u64) {
+        self.complete_relay(0, bytes_down, outcome, redacted);
+    }
+
+    /// `complete` for a request that became a relay (WebSocket): `relayed_up` bytes went from
+    /// the agent to the upstream after the upgrade, besides the request's own body.
+    pub fn complete_relay(
+        self,
+        relayed_up: u64,
+        bytes_down: u64,
+        outcome: &'static str,
+        redacted: u64,
+    ) {
         let Recorder {
             state,
             mut draft,
             upload,
         } = self;
         draft.armed = None;
-        draft.rec.bytes_up = upload.bytes();
+        draft.rec.bytes_up = upload.bytes().saturating_add(relayed_up);
         draft.rec.bytes_down = bytes_down;
         draft.rec.outcome = Some(outcome);
         draft.rec.ts = crate::audit::AuditRecord::now_ts();

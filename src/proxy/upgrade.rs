@@ -75,7 +75,7 @@ pub async fn relay(
         Ended::Closed => "completed",
         other => other.as_str(),
     };
-    recorder.complete(spliced.from_b, outcome, 0);
+    recorder.complete_relay(spliced.from_a, spliced.from_b, outcome, 0);
 }
 
 /// How a splice ended.

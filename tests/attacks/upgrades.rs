@@ -243,6 +243,8 @@ async fn websocket_is_relayed_only_after_a_real_101() {
     crate::common::assert_record(&rec);
     assert_eq!(rec["reason"], "allowed", "{rec}");
     assert_eq!(rec["capability"], "ws.socket", "{rec}");
+    // The relayed frame counts as sent up (the upgrade request itself had no body).
+    assert_eq!(rec["bytes_up"], FRAME.len(), "{rec}");
     assert_eq!(kw.metric_settled(OPEN, 0.0).await, Some(0.0));
     assert_eq!(kw.audit_records().len(), 1);
     kw.assert_no_leaks().await;
