@@ -230,7 +230,7 @@ impl ServicePool {
             return self.send_new(req, true, task).await;
         }
         if let Some(mut h2) = self.live_http2() {
-            return h2.send_request(req).await.map_err(SendError::Protocol);
+            return h2.send_request(req).await.map_err(|e| self.http2_failed(e));
         }
         if let Some(sender) = self.checkout_http1(task) {
             let again = replayable(&req);
@@ -273,7 +273,7 @@ impl ServicePool {
                 if let Ok(mut slot) = self.http2.lock() {
                     *slot = Some(h2.clone());
                 }
-                h2.send_request(req).await.map_err(SendError::Protocol)
+                h2.send_request(req).await.map_err(|e| self.http2_failed(e))
             }
             Sender::Http1(sender) => match self.send_http1(sender, req, task).await {
                 Ok(resp) => Ok(resp),
@@ -321,6 +321,30 @@ impl ServicePool {
                 None => Err(Retry::Failed(e.into_error())),
             },
         }
+    }
+
+    /// A stream the shared HTTP/2 connection refused (`REFUSED_STREAM`, `ENHANCE_YOUR_CALM`)
+    /// retires that connection: the next request dials a new one. An upstream that stopped
+    /// taking streams on it (say, after agents left many downloads unread) would otherwise
+    /// fail every task's requests for as long as it keeps the connection open.
+    fn http2_failed(&self, e: hyper::Error) -> SendError {
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+                let refused = matches!(
+                    h2e.reason(),
+                    Some(h2::Reason::REFUSED_STREAM | h2::Reason::ENHANCE_YOUR_CALM)
+                );
+                if refused {
+                    if let Ok(mut slot) = self.http2.lock() {
+                        *slot = None;
+                    }
+                }
+                break;
+            }
+            source = s.source();
+        }
+        SendError::Protocol(e)
     }
 
     fn live_http2(&self) -> Option<http2::SendRequest<UpBody>> {

@@ -167,6 +167,11 @@ async fn handle_request(
                 http::header::ACCEPT_ENCODING,
                 http::HeaderValue::from_static("identity"),
             );
+            // SECURITY (I4): nor split across byte ranges: the agent could ask for a
+            // reflected credential in two pieces (two requests, or one multipart answer),
+            // neither of which the redactor would recognize.
+            parts.headers.remove(http::header::RANGE);
+            parts.headers.remove(http::header::IF_RANGE);
         }
     }
     drop(injected);

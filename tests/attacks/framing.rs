@@ -1336,3 +1336,68 @@ async fn transfer_codings_other_than_chunked_are_refused() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(f.plain.last().body, b"hello");
 }
+
+/// An HTTP/2 upstream that refuses every stream on a connection (`REFUSED_STREAM`; Node
+/// answers `ENHANCE_YOUR_CALM` once agents left many downloads unread) would fail every
+/// task's requests for as long as it keeps that shared connection open: keyward retires it
+/// and the next request dials a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upstream_connection_that_refuses_streams_is_retired() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let ca = crate::common::TestCa::new();
+    let (cert, key) = ca.leaf(&["secure.test"]);
+    let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut h2) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = h2.accept().await {
+                    if n == 0 {
+                        // The first connection stays open and refuses everything.
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    } else {
+                        let resp = http::Response::builder().status(200).body(()).unwrap();
+                        if let Ok(mut body) = respond.send_response(resp, false) {
+                            let _ = body.send_data(Bytes::from_static(b"fresh"), true);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
+    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
+    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200);
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let url = format!("https://secure.test:{port}/echo");
+    let first = kw.send(kw.agent(&task).get(&url)).await;
+    assert_eq!(first.status, 502, "{}", first.body);
+    let second = kw.send(kw.agent(&task).get(&url)).await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.body, "fresh");
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    server.abort();
+    kw.assert_no_leaks().await;
+}

@@ -781,3 +781,30 @@ async fn agents_own_token_in_an_allowed_path_is_never_recorded() {
         crate::common::assert_absent(&task.token, place, &text);
     }
 }
+
+/// An upstream that reflects the credential and honours `Range` would hand it over in pieces
+/// (two ranges in one multipart answer, or two requests), none of which the redactor knows:
+/// a request that gets a credential goes without `Range`/`If-Range`, so the answer is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_ranges_cannot_split_a_reflected_credential() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/reflect-auth",
+            &task,
+            "Range: bytes=0-14,15-60\r\nIf-Range: \"x\"\r\n",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.plain.last();
+    assert!(seen.header("range").is_none(), "{:?}", seen.headers);
+    assert!(seen.header("if-range").is_none(), "{:?}", seen.headers);
+    assert!(!resp.text().contains(&f.creds.api_token));
+    kw.assert_no_leaks().await;
+}
