@@ -665,9 +665,9 @@ impl OwnListeners {
     }
 
     /// Whether dialling `addr` could reach one of keyward's own listeners. A listener bound to
-    /// an unspecified address answers on every local address, which keyward cannot enumerate
-    /// without asking the OS, so there any loopback, private or link-local address (a pod's own
-    /// IP among them) on that port counts as keyward's own.
+    /// an unspecified address answers on every local address: there any loopback, private or
+    /// link-local address (a pod's own IP among them) on that port counts as keyward's own,
+    /// and so does any other address of this host (a public one), which the OS confirms.
     ///
     /// SECURITY: the address is compared as the kernel will dial it: `::ffff:127.0.0.1` is
     /// `127.0.0.1`, and an unspecified address (`0.0.0.0`, `::`) is dialled as this host, so it
@@ -682,9 +682,14 @@ impl OwnListeners {
                 own.port() == addr.port()
                     && (own_ip == ip
                         || ip.is_unspecified()
-                        || (own_ip.is_unspecified() && is_blocked(ip)))
+                        || (own_ip.is_unspecified() && (is_blocked(ip) || is_local(ip))))
             })
     }
+}
+
+/// Whether `ip` is an address of this host: only a local address can be bound.
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// SECURITY: every answer must be allowed, so a mixed answer (a rebinding attempt) is refused
@@ -765,11 +770,15 @@ fn is_blocked_v6(ip: Ipv6Addr) -> bool {
         return is_blocked_v4(v4);
     }
     let seg = ip.segments();
-    // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96), 6to4 (2002::/16) embed an IPv4 address.
+    // IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d), NAT64 (64:ff9b::/96
+    // and the local-use 64:ff9b:1::/48) and 6to4 (2002::/16) embed an IPv4 address.
     if seg[..6] == [0, 0, 0, 0, 0, 0] && !(seg[6] == 0 && seg[7] <= 1) {
         return is_blocked_v4(embedded_v4(seg[6], seg[7]));
     }
-    if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+    if seg[..6] == [0, 0, 0, 0, 0xffff, 0]
+        || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+        || seg[..3] == [0x64, 0xff9b, 1]
+    {
         return is_blocked_v4(embedded_v4(seg[6], seg[7]));
     }
     if seg[0] == 0x2002 {
@@ -1008,6 +1017,18 @@ mod tests {
         for a in ["127.0.0.1:3129", "127.0.0.2:3128", "93.184.216.34:9090"] {
             assert!(!own.contains(addr(a)), "{a} is not keyward");
         }
+        // So does this host's address on its default route, public or not (a UDP `connect`
+        // only picks the route; nothing is sent). A machine without a route has none.
+        let routed = std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|s| s.connect("203.0.113.1:9").map(|()| s))
+            .and_then(|s| s.local_addr());
+        if let Ok(local) = routed {
+            let a = SocketAddr::new(local.ip(), 9090);
+            assert!(
+                own.contains(a),
+                "{a} is this host: keyward's admin listener"
+            );
+        }
         // Spellings the kernel dials as the proxy listener's address.
         for a in ["0.0.0.0:3128", "[::]:3128", "[::ffff:127.0.0.1]:3128"] {
             assert!(
@@ -1047,13 +1068,22 @@ mod tests {
             "::ffff:169.254.169.254",
             "::127.0.0.1",
             "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1::7f00:1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
             "2002:7f00:1::",
             "fd00:ec2::254",
             "fe80::1",
         ] {
             assert!(is_blocked(a.parse().unwrap()), "{a} must be blocked");
         }
-        for a in ["93.184.216.34", "2606:4700::1111", "1.1.1.1", "100.128.0.1"] {
+        for a in [
+            "93.184.216.34",
+            "2606:4700::1111",
+            "1.1.1.1",
+            "100.128.0.1",
+            "::ffff:0:5db8:d822",
+        ] {
             assert!(!is_blocked(a.parse().unwrap()), "{a} must be allowed");
         }
     }
