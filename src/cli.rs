@@ -14,6 +14,15 @@ use crate::proxy::identify::parse_authority;
 use crate::secret::Secret;
 use crate::tasks::{MintSpec, TaskStore};
 
+/// `eprintln!` that never panics: with stderr closed (a supervisor gone, a reader that hung
+/// up) the message is lost, but the exit code still says what happened.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// `println!` for command output. A reader that stopped reading (`keyward explain … | head
 /// -1`) is not an error: the rest of the output is dropped and the command finishes, so its
 /// exit code still tells its verdict (`audit verify`); `println!` would panic (exit 101).
@@ -24,7 +33,7 @@ macro_rules! out {
         if !READER_GONE.load(Ordering::Relaxed) {
             if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
                 if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    eprintln!("keyward: cannot write the output: {e}");
+                    err!("keyward: cannot write the output: {e}");
                     std::process::exit(2);
                 }
                 READER_GONE.store(true, Ordering::Relaxed);
@@ -297,7 +306,7 @@ async fn serve(config: &Path) -> Result<(), Failure> {
         code: e.exit_code(),
         message: e.to_string(),
     })?;
-    eprintln!(
+    err!(
         "keyward listening proxy={} admin={} ca={}",
         running.proxy_addr,
         running.admin_addr,
@@ -398,13 +407,13 @@ fn check(config: &Path) -> Result<(), Failure> {
                 p.version
             );
             for w in p.warnings() {
-                eprintln!("{}: warning: {w}", config.display());
+                err!("{}: warning: {w}", config.display());
             }
             Ok(())
         }
         Err(errors) => {
             for e in &errors.0 {
-                eprintln!("{e}");
+                err!("{e}");
             }
             Err(Failure::user(format!(
                 "{} has {} error(s)",

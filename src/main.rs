@@ -1,6 +1,8 @@
 //! The `keyward` binary: parse the command line, run it, map the outcome to an exit code
 //! (0 ok, 1 user error, 2 internal error) with one sentence on stderr.
 
+use std::io::Write as _;
+
 use clap::Parser;
 
 // mimalloc: a proxy allocates and frees many small buffers per request on every worker; the
@@ -31,18 +33,25 @@ fn main() {
         // Escape codes only for a person at a terminal, never into log files or collectors.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // A line that cannot be written (stderr closed) is dropped; reporting that with
+        // `eprintln!` to the same closed stderr would panic and turn the exit code into 101.
+        .log_internal_errors(false)
         .init();
     let runtime = match keyward::app::runtime() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("keyward: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "keyward: cannot start the async runtime: {e}"
+            );
             std::process::exit(2);
         }
     };
     let code = match runtime.block_on(keyward::cli::run(cli)) {
         Ok(()) => 0,
         Err(failure) => {
-            eprintln!("keyward: {}", failure.message);
+            // Not `eprintln!`: a closed stderr must not turn the exit code into a panic's 101.
+            let _ = writeln!(std::io::stderr(), "keyward: {}", failure.message);
             failure.code
         }
     };

@@ -1023,18 +1023,77 @@ async fn output_to_a_closed_pipe_ends_quietly_with_exit_0() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
 }
 
+/// `explain_policy` in `dir` with each `(from, to)` replaced.
+fn edited_policy(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
+    let (file, _) = explain_policy(dir);
+    let mut policy = std::fs::read_to_string(&file).unwrap();
+    for (from, to) in edits {
+        assert!(policy.contains(from), "{from}");
+        policy = policy.replace(from, to);
+    }
+    std::fs::write(&file, policy).unwrap();
+    file
+}
+
+type StderrLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+
+/// `keyward serve --config file`, its stdout as given, its stderr read line by line.
+fn spawn_serve(file: &Path, stdout: Stdio) -> (tokio::process::Child, StderrLines) {
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// Reads stderr into `log` (bounded) until a line contains `needle`; returns that line.
+async fn read_until(lines: &mut StderrLines, log: &mut Vec<String>, needle: &str) -> String {
+    bounded(needle, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            log.push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("keyward serve ended before {needle:?}:\n{}", log.join("\n"));
+    })
+    .await
+}
+
+/// The rest of stderr, until it closes (bounded).
+async fn read_rest(mut lines: StderrLines, mut log: Vec<String>) -> String {
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(std::time::Duration::from_secs(15), lines.next_line()).await
+    {
+        log.push(line);
+    }
+    log.join("\n")
+}
+
+/// Sends `signal` (`-TERM`, `-HUP`) to `child`.
+fn signal(child: &tokio::process::Child, signal: &str) {
+    let pid = child.id().unwrap().to_string();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// Records the audit log could not write make the exit after SIGTERM an error (2), saying so:
 /// a supervisor must not read the run as clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exits_2_after_sigterm_when_audit_records_were_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = explain_policy(dir.path());
-    let policy = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        policy.replace("audit: { path: audit.jsonl }", "audit: { path: /dev/full }"),
-    )
-    .unwrap();
+    let file = edited_policy(
+        dir.path(),
+        &[("audit: { path: audit.jsonl }", "audit: { path: /dev/full }")],
+    );
     let served = serve(file.to_str().unwrap()).await;
     let (status, log) = served.refuse_one_then_terminate().await;
     assert_eq!(status.code(), Some(2), "{log}");
@@ -1051,46 +1110,21 @@ async fn serve_exits_2_after_sigterm_when_audit_records_were_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exits_after_sigterm_even_when_the_audit_sink_stalls() {
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = explain_policy(dir.path());
-    let policy = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        policy
-            .replace("audit: { path: audit.jsonl }", "audit: { path: '-' }")
-            .replace(
+    let file = edited_policy(
+        dir.path(),
+        &[
+            ("audit: { path: audit.jsonl }", "audit: { path: '-' }"),
+            (
                 "proxy: { listen: 127.0.0.1:0 }",
                 "proxy: { listen: 127.0.0.1:0, shutdown_timeout: 1s }",
             ),
-    )
-    .unwrap();
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args(["serve", "--config", file.to_str().unwrap()]);
-    let mut child = cmd
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+        ],
+    );
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::piped());
     // Held open and never read: once the pipe's buffer is full, every write blocks.
     let _stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let line = bounded("the listening line", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.starts_with("keyward listening ") {
-                return line;
-            }
-        }
-        panic!("keyward serve exited before listening");
-    })
-    .await;
-    let stderr = tokio::spawn(async move {
-        let mut log = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            log.push(line);
-        }
-        log.join("\n")
-    });
+    let mut log = Vec::new();
+    let line = read_until(&mut lines, &mut log, "keyward listening ").await;
     let proxy: std::net::SocketAddr = field(&line, "proxy").parse().unwrap();
     // Denials of ~400-byte records: a few hundred fill a pipe's 64 KiB, then they wait.
     let requests: Vec<_> = (0..400)
@@ -1107,13 +1141,9 @@ async fn serve_exits_after_sigterm_even_when_the_audit_sink_stalls() {
     for r in requests {
         let _ = r.await;
     }
+    let stderr = tokio::spawn(read_rest(lines, log));
     let started = std::time::Instant::now();
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&child, "-TERM");
     let status = tokio::time::timeout(std::time::Duration::from_secs(20), child.wait())
         .await
         .expect("keyward still running 20 s after SIGTERM with a stalled audit sink")
@@ -1135,16 +1165,13 @@ async fn serve_exits_after_sigterm_even_when_the_audit_sink_stalls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = explain_policy(dir.path());
-    let policy = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        policy.replace(
+    let file = edited_policy(
+        dir.path(),
+        &[(
             "audit: { path: audit.jsonl }",
             "audit: { path: no-such-dir/audit.jsonl }",
-        ),
-    )
-    .unwrap();
+        )],
+    );
     let out = keyward(&["serve", "--config", file.to_str().unwrap()]).await;
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -1165,51 +1192,22 @@ async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_starting_stops_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = explain_policy(dir.path());
-    let policy = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        policy.replace(
+    let file = edited_policy(
+        dir.path(),
+        &[(
             "api_token: { source: file:api-token }",
             "api_token: { source: { exec: [sleep, '20'] } }",
-        ),
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config", file.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    bounded("the runtime's start", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("starting the async runtime") {
-                return;
-            }
-        }
-        panic!("keyward serve exited before starting");
-    })
-    .await;
+        )],
+    );
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
+    let mut log = Vec::new();
+    read_until(&mut lines, &mut log, "starting the async runtime").await;
     // Into the credential's `exec` by now, or soon: either way the stop must not wait for it.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
-    let pid = child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&child, "-TERM");
     let status = bounded("keyward exit", child.wait()).await.unwrap();
-    let mut log = Vec::new();
-    while let Ok(Ok(Some(line))) =
-        tokio::time::timeout(std::time::Duration::from_secs(2), lines.next_line()).await
-    {
-        log.push(line);
-    }
-    let log = log.join("\n");
+    let log = read_rest(lines, log).await;
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(3),
@@ -1254,62 +1252,50 @@ async fn serve_raises_the_open_files_limit_and_warns_when_it_is_too_low() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_while_starting_reloads_once_started() {
     let dir = tempfile::tempdir().unwrap();
-    let (file, _) = explain_policy(dir.path());
-    let policy = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        policy.replace(
+    let file = edited_policy(
+        dir.path(),
+        &[(
             "api_token: { source: file:api-token }",
             "api_token: { source: { exec: [sh, -c, 'sleep 1; echo tok'] } }",
-        ),
-    )
-    .unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "--config", file.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap().to_string();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        )],
+    );
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
     let mut log = Vec::new();
-    bounded("the runtime's start", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            log.push(line.clone());
-            if line.contains("starting the async runtime") {
-                return;
-            }
-        }
-        panic!("keyward serve exited before starting");
-    })
-    .await;
+    read_until(&mut lines, &mut log, "starting the async runtime").await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let signal = |name: &str| {
-        assert!(std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-            .unwrap()
-            .success());
-    };
-    signal("-HUP");
-    bounded("the reload after start-up", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            log.push(line.clone());
-            if line.contains("reloaded on SIGHUP") {
-                return;
-            }
-        }
-        panic!("keyward serve exited:\n{}", log.join("\n"));
-    })
-    .await;
+    signal(&child, "-HUP");
+    read_until(&mut lines, &mut log, "reloaded on SIGHUP").await;
     assert!(
         log.iter().any(|l| l.starts_with("keyward listening ")),
         "{}",
         log.join("\n")
     );
-    signal("-TERM");
+    signal(&child, "-TERM");
     let status = bounded("keyward exit", child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// With stderr closed (its reader gone), `serve` still ends with its own exit code: the last
+/// sentence is lost, but a panic's 101 would tell a supervisor something else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_keeps_its_exit_code_when_stderr_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = edited_policy(
+        dir.path(),
+        &[("audit: { path: audit.jsonl }", "audit: { path: /dev/full }")],
+    );
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
+    let mut log = Vec::new();
+    let line = read_until(&mut lines, &mut log, "keyward listening ").await;
+    let proxy: std::net::SocketAddr = field(&line, "proxy").parse().unwrap();
+    let refused = common::raw_exchange(
+        proxy,
+        b"GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(refused.status, 407);
+    drop(lines);
+    signal(&child, "-TERM");
+    let status = bounded("keyward exit", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(2));
 }
