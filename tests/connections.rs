@@ -19,6 +19,14 @@ fn keep_alive_get(f: &Fixture, path: &str, task: &Task) -> String {
     )
 }
 
+/// The standard policy with `proxy.shutdown_timeout` set.
+fn with_shutdown_timeout(policy: String, timeout: &str) -> String {
+    policy.replace(
+        "  listen: 127.0.0.1:0\nadmin:",
+        &format!("  listen: 127.0.0.1:0\n  shutdown_timeout: {timeout}\nadmin:"),
+    )
+}
+
 /// A passthrough tunnel to the TCP echo upstream, checked with one round trip.
 async fn echo_tunnel(kw: &Harness, echo_port: u16, task: &Task) -> TcpStream {
     let target = format!("127.0.0.1:{echo_port}");
@@ -227,13 +235,8 @@ async fn shutdown_lets_requests_in_flight_finish_and_records_them() {
 /// closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_what_the_drain_cannot_finish_and_records_it() {
-    let Fixture { mut kw, plain, .. } = Fixture::start_with(|p| {
-        p.replace(
-            "  listen: 127.0.0.1:0\nadmin:",
-            "  listen: 127.0.0.1:0\n  shutdown_timeout: 3s\nadmin:",
-        )
-    })
-    .await;
+    let Fixture { mut kw, plain, .. } =
+        Fixture::start_with(|p| with_shutdown_timeout(p, "3s")).await;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let port = plain.port();
     let request = |path: &str| {
@@ -744,13 +747,7 @@ async fn a_tunnel_silent_after_its_handshake_is_closed_at_the_head_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_records_the_http2_streams_it_cuts_and_their_tunnel() {
     use http_body_util::BodyExt;
-    let mut f = Fixture::start_with(|p| {
-        p.replace(
-            "  listen: 127.0.0.1:0\nadmin:",
-            "  listen: 127.0.0.1:0\n  shutdown_timeout: 1s\nadmin:",
-        )
-    })
-    .await;
+    let mut f = Fixture::start_with(|p| with_shutdown_timeout(p, "1s")).await;
     let task = f.kw.mint("bot", json!(["secure.read"])).await;
     let mut h2 = common::tunnel_h2(&f, &task, "secure.test").await;
     let mut bodies = Vec::new();
@@ -837,13 +834,7 @@ async fn shutdown_closes_an_idle_http2_connection_at_once() {
 /// timeout (which used to outlast it and lose the record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_records_a_tunnel_still_waiting_for_its_handshake() {
-    let mut f = Fixture::start_with(|p| {
-        p.replace(
-            "  listen: 127.0.0.1:0\nadmin:",
-            "  listen: 127.0.0.1:0\n  shutdown_timeout: 1s\nadmin:",
-        )
-    })
-    .await;
+    let mut f = Fixture::start_with(|p| with_shutdown_timeout(p, "1s")).await;
     let task = f.kw.mint("bot", json!(["secure.read"])).await;
     let authority = format!("secure.test:{}", f.tls.port());
     let (mut silent, head) = connect_raw(

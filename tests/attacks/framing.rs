@@ -921,24 +921,31 @@ async fn tls_upstream_connections_are_never_shared_across_services_on_one_addres
     kw.assert_no_leaks().await;
 }
 
+/// A TLS acceptor for `names` (signed by `ca`) offering HTTP/2 only, and a listener for it.
+async fn h2_only_tls(
+    ca: &crate::common::TestCa,
+    names: &[&str],
+) -> (tokio_rustls::TlsAcceptor, tokio::net::TcpListener) {
+    let (cert, key) = ca.leaf(names);
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::common::ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (acceptor, listener)
+}
+
 /// A TLS upstream speaking HTTP/2 only, recording each request's trailers (as text).
 async fn h2_trailer_recorder(
     ca: &crate::common::TestCa,
     names: &[&str],
 ) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    let (cert, key) = ca.leaf(names);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (acceptor, listener) = h2_only_tls(ca, names).await;
     let port = listener.local_addr().unwrap().port();
     let seen: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
     let seen2 = seen.clone();
@@ -1045,16 +1052,7 @@ async fn agent_request_trailers_never_reach_an_http2_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_upstream_body_cut_short_is_cut_for_the_agent_too() {
     let ca = crate::common::TestCa::new();
-    let (cert, key) = ca.leaf(&["secure.test"]);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(crate::common::ring())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (acceptor, listener) = h2_only_tls(&ca, &["secure.test"]).await;
     let port = listener.local_addr().unwrap().port();
     let server = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
@@ -1345,18 +1343,7 @@ async fn transfer_codings_other_than_chunked_are_refused() {
 async fn an_http2_upstream_connection_that_refuses_streams_is_retired() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let ca = crate::common::TestCa::new();
-    let (cert, key) = ca.leaf(&["secure.test"]);
-    let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert], key)
-    .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (acceptor, listener) = h2_only_tls(&ca, &["secure.test"]).await;
     let port = listener.local_addr().unwrap().port();
     let conns = std::sync::Arc::new(AtomicUsize::new(0));
     let counted = conns.clone();
