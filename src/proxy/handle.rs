@@ -172,6 +172,8 @@ async fn handle_request(
             // neither of which the redactor would recognize.
             parts.headers.remove(http::header::RANGE);
             parts.headers.remove(http::header::IF_RANGE);
+            // Apache httpd still honours the pre-RFC 2616 spelling when `Range` is absent.
+            parts.headers.remove("request-range");
         }
     }
     drop(injected);

@@ -798,13 +798,14 @@ async fn byte_ranges_cannot_split_a_reflected_credential() {
             "plain.test",
             "/reflect-auth",
             &task,
-            "Range: bytes=0-14,15-60\r\nIf-Range: \"x\"\r\n",
+            "Range: bytes=0-14,15-60\r\nIf-Range: \"x\"\r\nRequest-Range: bytes=0-14\r\n",
         ))
         .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     let seen = f.plain.last();
     assert!(seen.header("range").is_none(), "{:?}", seen.headers);
     assert!(seen.header("if-range").is_none(), "{:?}", seen.headers);
+    assert!(seen.header("request-range").is_none(), "{:?}", seen.headers);
     assert!(!resp.text().contains(&f.creds.api_token));
     kw.assert_no_leaks().await;
 }
