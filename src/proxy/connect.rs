@@ -221,6 +221,7 @@ async fn intercept(
     // shutdown closes the audit log once every place is back.
     let _held = slot.clone();
     let close = Arc::new(Notify::new());
+    let relay = Arc::new(tokio::sync::Semaphore::new(1));
     let ctx = Arc::new(ConnCtx {
         client,
         slot: slot.clone(),
@@ -229,6 +230,7 @@ async fn intercept(
             host: tunnel,
             service: draft.rec.service.clone(),
             close: close.clone(),
+            relay: relay.clone(),
         }),
     });
     let svc_state = state.clone();
@@ -237,6 +239,9 @@ async fn intercept(
     if let Some(status) = served {
         crate::proxy::record::unparsed(&state, client, status);
     }
+    // A connection that became a WebSocket relay is still this tunnel: it ends with the
+    // relay (which ends at the latest at shutdown or when the task ends).
+    let _ = relay.acquire().await;
     let end = task.ended_at(SystemTime::now());
     draft.rec.outcome = Some(match end {
         Some(e) => e.as_str(),

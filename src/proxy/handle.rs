@@ -50,6 +50,9 @@ pub struct TunnelCtx {
     pub service: Option<String>,
     /// Notified to close the tunnel after an authentication failure (SPEC §4.2).
     pub close: Arc<Notify>,
+    /// One permit, held by the WebSocket relay the tunnel's connection became (if any): the
+    /// tunnel's own record waits for it, since the tunnel stays open as that relay.
+    pub relay: Arc<tokio::sync::Semaphore>,
 }
 
 /// The service function of both listeners. Never fails toward hyper.
@@ -244,8 +247,12 @@ async fn handle_request(
                     Some(_) => crate::metrics::ConnKind::Intercepted,
                     None => crate::metrics::ConnKind::Http,
                 });
+                let in_tunnel = ctx
+                    .tunnel
+                    .as_ref()
+                    .and_then(|t| t.relay.clone().try_acquire_owned().ok());
                 tokio::spawn(async move {
-                    let (_slot, _open) = (slot, open);
+                    let (_slot, _open, _in_tunnel) = (slot, open, in_tunnel);
                     upgrade::relay(agent_upgrade, upstream_upgrade, recorder, &task, shutdown).await
                 });
                 let mut out = Response::new(ProxyBody::empty());

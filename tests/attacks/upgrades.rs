@@ -597,6 +597,18 @@ async fn websocket_inside_a_tunnel_is_relayed_only_after_a_real_101() {
                 .await
                 .unwrap();
             assert_eq!(back, FRAME);
+            // The tunnel is still open, as the relay: its record waits for its end.
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let tunnel = |r: &serde_json::Value| r["method"] == "CONNECT" && r["service"] == "wss";
+            assert!(
+                !kw.audit_records().iter().any(tunnel),
+                "the tunnel was recorded while its WebSocket was open"
+            );
+            drop(tls);
+            let rec = kw.audit_where("the wss tunnel", tunnel).await;
+            assert_eq!(rec["outcome"], "closed", "{rec}");
+            assert_eq!(up.heads().len(), 1);
+            continue;
         } else {
             let mut rest = Vec::new();
             let _ = bounded("keyward closes", tls.read_to_end(&mut rest)).await;
