@@ -46,6 +46,11 @@ const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// memory. What is already in flight still has room for its records.
 const RESERVE: usize = 1024;
 const MAX_QUEUED_BYTES: usize = 32 * 1024 * 1024;
+/// A sink that takes longer than this for one write (a full pipe nobody reads, a hung
+/// mount) backs the log up at once: otherwise requests go on being answered for as long as
+/// the queue has room (tens of thousands), their records waiting on a sink that may never
+/// take them.
+const WRITE_STALL: Duration = Duration::from_secs(1);
 
 enum Msg {
     /// A record, and who waits to hear it was written.
@@ -66,6 +71,10 @@ struct Shared {
     detached_pending: AtomicUsize,
     /// Bytes of records queued and not yet taken by the writer.
     queued_bytes: AtomicUsize,
+    /// While the writer is in a `write(2)`: when it began, in ms after `epoch` (plus one, so
+    /// that 0 means "not writing").
+    writing_since: AtomicU64,
+    epoch: std::time::Instant,
     detached_done: Notify,
     /// The writer thread, unparked when someone waits for a write (it may be pausing to gather).
     writer: OnceLock<std::thread::Thread>,
@@ -80,8 +89,22 @@ impl Shared {
             lost: AtomicU64::new(0),
             detached_pending: AtomicUsize::new(0),
             queued_bytes: AtomicUsize::new(0),
+            writing_since: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             detached_done: Notify::new(),
             writer: OnceLock::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether the writer has been inside one write for longer than `WRITE_STALL`.
+    fn stalled(&self) -> bool {
+        match self.writing_since.load(Ordering::Relaxed) {
+            0 => false,
+            since => self.now_ms().saturating_sub(since - 1) > WRITE_STALL.as_millis() as u64,
         }
     }
 
@@ -245,6 +268,7 @@ impl AuditLog {
     pub fn backed_up(&self) -> bool {
         self.tx.capacity() < RESERVE.min(self.tx.max_capacity() / 2)
             || self.shared.queued_bytes.load(Ordering::Relaxed) >= MAX_QUEUED_BYTES
+            || self.shared.stalled()
     }
 
     /// Serializes and mostly hashes a record on the caller's thread (see `chain::Encoded`),
@@ -544,7 +568,11 @@ impl Writer {
         if buf.is_empty() {
             return;
         }
-        match self.sink.write_batch(buf) {
+        let began = self.shared.now_ms().saturating_add(1);
+        self.shared.writing_since.store(began, Ordering::Relaxed);
+        let wrote = self.sink.write_batch(buf);
+        self.shared.writing_since.store(0, Ordering::Relaxed);
+        match wrote {
             Ok(()) => {
                 self.shared.written.fetch_add(records, Ordering::SeqCst);
                 self.counter.inc_by(records);
@@ -622,6 +650,55 @@ mod tests {
                     .unwrap()
             })
             .collect()
+    }
+
+    /// A write that blocks longer than `WRITE_STALL` backs the log up even while the queue has
+    /// room: a few records into a pipe nobody reads, then no new request until it drains.
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_blocks_backs_the_log_up_with_the_queue_nearly_empty() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.fifo");
+        let made = std::process::Command::new("mkfifo").arg(&path).status();
+        assert!(made.unwrap().success());
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let reader_path = path.clone();
+        let reader = std::thread::spawn(move || {
+            let mut pipe = File::open(&reader_path).unwrap();
+            wait.recv().unwrap();
+            let mut all = Vec::new();
+            pipe.read_to_end(&mut all).unwrap();
+            all
+        });
+        let metrics = Metrics::new().unwrap();
+        let log = AuditLog::open(&AuditTarget::File(path), 4096, &metrics)
+            .await
+            .unwrap();
+        // 100 KiB of records: more than the pipe holds, far less than the queue.
+        let mut rec = record(0);
+        rec.path = format!("/{}", "p".repeat(2000));
+        for _ in 0..50 {
+            log.write_detached(rec.clone());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while log.accepting() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a blocked write never backed the log up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(log.healthy(), "nothing was lost");
+        go.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !log.accepting() {
+            assert!(std::time::Instant::now() < deadline, "never drained");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log.close().await;
+        let written = reader.join().unwrap();
+        assert_eq!(written.iter().filter(|&&b| b == b'\n').count(), 50);
     }
 
     /// A sink that stops taking bytes (a pipe nobody reads) backs the queue up: keyward then
