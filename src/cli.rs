@@ -314,10 +314,19 @@ async fn serve(config: &Path) -> Result<(), Failure> {
     );
     signals.wait(&running).await;
     tracing::info!("shutting down");
-    running
-        .shutdown()
-        .await
-        .map_err(|message| Failure { message, code: 2 })
+    let state = running.state.clone();
+    // A second SIGTERM/SIGINT (an operator's second Ctrl-C) ends the drain at once: what is
+    // in flight is cut and recorded, the audit log flushed, as when the drain runs out.
+    let second = async {
+        signals.stopped().await;
+        tracing::warn!("second stop signal: cutting the drain short");
+        state.cut_drain();
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        stopped = running.shutdown() => stopped.map_err(|message| Failure { message, code: 2 }),
+        () = second => Ok(()),
+    }
 }
 
 /// SIGTERM/SIGINT stop keyward; SIGHUP reloads the policy.

@@ -69,6 +69,8 @@ pub struct State {
     shutdown: tokio::sync::watch::Sender<bool>,
     /// When shutdown's drain runs out (set when shutdown begins).
     drain_ends: std::sync::OnceLock<std::time::Instant>,
+    /// Set by a second SIGTERM/SIGINT: the drain ends now.
+    drain_cut: tokio::sync::watch::Sender<bool>,
     request_ids: RequestIds,
 }
 
@@ -100,6 +102,7 @@ impl State {
             listeners,
             shutdown: tokio::sync::watch::Sender::new(false),
             drain_ends: std::sync::OnceLock::new(),
+            drain_cut: tokio::sync::watch::Sender::new(false),
             request_ids: RequestIds::new(),
         }
     }
@@ -235,17 +238,32 @@ impl State {
     pub async fn drain_ended(&self) {
         let mut signal = self.shutdown_signal();
         let _ = signal.wait_for(|&stopping| stopping).await;
-        if let Some(&end) = self.drain_ends.get() {
-            tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
+        let mut cut = self.drain_cut.subscribe();
+        let runs_out = async {
+            if let Some(&end) = self.drain_ends.get() {
+                tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
+            }
+        };
+        tokio::select! {
+            () = runs_out => {}
+            _ = cut.wait_for(|&cut| cut) => {}
         }
+    }
+
+    /// Ends the drain now (a second SIGTERM/SIGINT): what is still in flight is cut and
+    /// recorded (`shutdown`).
+    pub fn cut_drain(&self) {
+        self.drain_cut.send_replace(true);
     }
 
     /// Whether shutdown's drain has run out: what ends now was cut by keyward, not by the
     /// agent.
     pub fn drain_over(&self) -> bool {
-        self.drain_ends
-            .get()
-            .is_some_and(|&end| std::time::Instant::now() >= end)
+        *self.drain_cut.borrow()
+            || self
+                .drain_ends
+                .get()
+                .is_some_and(|&end| std::time::Instant::now() >= end)
     }
 
     pub fn is_shutting_down(&self) -> bool {

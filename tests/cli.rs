@@ -1299,3 +1299,91 @@ async fn serve_keeps_its_exit_code_when_stderr_is_closed() {
     let status = bounded("keyward exit", child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(2));
 }
+
+/// A second SIGTERM cuts the drain short: a request still waiting on its upstream is cut and
+/// recorded (`shutdown`, 503) at once instead of after `proxy.shutdown_timeout` (10 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_cuts_the_drain_short() {
+    use base64::Engine as _;
+    // An upstream that takes connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (reached_tx, mut reached) = tokio::sync::mpsc::channel::<()>(4);
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+            let _ = reached_tx.send(()).await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let file = edited_policy(
+        dir.path(),
+        &[(
+            "    hosts: [api.test]\n",
+            &format!("    hosts: [api.test]\n    scheme: http\n    allow_cleartext: true\n    connect_to: 127.0.0.1:{port}\n"),
+        )],
+    );
+    let admin_token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
+    let mut log = Vec::new();
+    let line = read_until(&mut lines, &mut log, "keyward listening ").await;
+    let stderr = tokio::spawn(read_rest(lines, log));
+    let (proxy, admin) = (
+        field(&line, "proxy").to_string(),
+        field(&line, "admin").to_string(),
+    );
+    let minted: serde_json::Value = bounded(
+        "mint",
+        reqwest::Client::new()
+            .post(format!("http://{admin}/v1/tasks"))
+            .bearer_auth(admin_token.trim())
+            .json(&serde_json::json!({"agent": "bot", "intent": ["api.issues.read"]}))
+            .send(),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        minted["task"].as_str().unwrap(),
+        minted["token"].as_str().unwrap()
+    ));
+    let proxy: std::net::SocketAddr = proxy.parse().unwrap();
+    let waiting = tokio::spawn(async move {
+        let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+        let req = format!("GET http://api.test/repos/a/b/issues HTTP/1.1\r\nHost: api.test\r\nProxy-Authorization: Basic {auth}\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, req.as_bytes())
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut rest).await;
+    });
+    bounded("the request reaches the upstream", reached.recv()).await;
+
+    let started = std::time::Instant::now();
+    signal(&child, "-TERM");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    signal(&child, "-TERM");
+    let status = bounded("keyward exit", child.wait()).await.unwrap();
+    let took = started.elapsed();
+    let log = bounded("stderr", stderr).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "took {took:?}\n{log}"
+    );
+    assert!(log.contains("cutting the drain short"), "{log}");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let rec: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["path"] == "/repos/a/b/issues")
+        .unwrap_or_else(|| panic!("no record of the cut request:\n{audit}"));
+    assert_eq!(rec["outcome"], "shutdown", "{rec}");
+    assert_eq!(rec["status"], 503, "{rec}");
+    let _ = bounded("the agent's side", waiting).await;
+    holder.abort();
+}

@@ -26,12 +26,7 @@ pub type AdminResponse = Response<Full<Bytes>>;
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     accept(listener, &state, &limit).await;
-    crate::proxy::conn::drain(
-        &limit,
-        MAX_ADMIN_CONNECTIONS,
-        state.settings.shutdown_timeout,
-    )
-    .await;
+    crate::proxy::conn::drain(&state, &limit, MAX_ADMIN_CONNECTIONS).await;
 }
 
 async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
@@ -71,7 +66,10 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
                 _ = shutdown.changed() => {}
             }
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(state.settings.shutdown_timeout, conn).await;
+            tokio::select! {
+                _ = conn => {}
+                () = state.drain_ended() => {}
+            }
         });
     }
 }

@@ -61,7 +61,13 @@ where
         _ = shutdown.changed() => {}
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(settings.shutdown_timeout, conn).await;
+    // Bounded by the drain at shutdown (which a second signal cuts short), else (an idle or
+    // closed connection) by as long as a drain would take.
+    tokio::select! {
+        _ = conn => {}
+        () = state.drain_ended() => {}
+        () = tokio::time::sleep(settings.shutdown_timeout) => {}
+    }
     None
 }
 
@@ -81,15 +87,22 @@ fn unparsed_status(e: &hyper::Error) -> Option<u16> {
 /// they drop (outcome `shutdown`), and the audit log must not close before they are queued.
 pub const CUT_GRACE: Duration = Duration::from_secs(2);
 
-/// Waits, at most `shutdown_timeout` + `CUT_GRACE`, until every one of a listener's
+/// Waits, at most until the drain ends (`proxy.shutdown_timeout`, or a second signal) and
+/// `CUT_GRACE` after, until every one of a listener's
 /// `capacity` connection permits is back: its connections (and the tunnels and HTTP/2
 /// streams they became) have ended, on their own or cut when the drain ran out. Called once
 /// the listener stopped accepting; without it the runtime would drop requests still in flight
 /// at exit, and their records with them.
-pub async fn drain(limit: &tokio::sync::Semaphore, capacity: usize, shutdown_timeout: Duration) {
+pub async fn drain(state: &State, limit: &tokio::sync::Semaphore, capacity: usize) {
     let all = u32::try_from(capacity).unwrap_or(u32::MAX);
-    let bound = shutdown_timeout + CUT_GRACE;
-    let _ = tokio::time::timeout(bound, limit.acquire_many(all)).await;
+    let cut_and_recorded = async {
+        state.drain_ended().await;
+        tokio::time::sleep(CUT_GRACE).await;
+    };
+    tokio::select! {
+        _ = limit.acquire_many(all) => {}
+        () = cut_and_recorded => {}
+    }
 }
 
 /// Serves the HTTP inside an intercepted tunnel until it closes, `close` is notified (an
@@ -164,7 +177,13 @@ where
         () = activity.no_first_request_within(settings.header_read_timeout) => return None,
     }
     conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(settings.shutdown_timeout, conn).await;
+    // Bounded by the drain at shutdown (which a second signal cuts short), else (an idle or
+    // closed connection) by as long as a drain would take.
+    tokio::select! {
+        _ = conn => {}
+        () = state.drain_ended() => {}
+        () = tokio::time::sleep(settings.shutdown_timeout) => {}
+    }
     None
 }
 

@@ -32,12 +32,7 @@ use crate::state::State;
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(state.settings.max_connections));
     accept(listener, &state, &limit).await;
-    conn::drain(
-        &limit,
-        state.settings.max_connections,
-        state.settings.shutdown_timeout,
-    )
-    .await;
+    conn::drain(&state, &limit, state.settings.max_connections).await;
 }
 
 async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
