@@ -376,9 +376,17 @@ impl Signals {
                 _ = term.recv() => return,
                 _ = int.recv() => return,
                 _ = hup.recv() => {
-                    // A failure is logged by `reload` itself.
-                    if let Ok(r) = running.state.reload().await {
-                        tracing::info!(policy_version = %r.version, "reloaded on SIGHUP");
+                    // A stop is not held up by a reload (a credential `exec` may take 30 s):
+                    // the reload is dropped unfinished, which leaves the old policy serving.
+                    tokio::select! {
+                        reloaded = running.state.reload() => {
+                            // A failure is logged by `reload` itself.
+                            if let Ok(r) = reloaded {
+                                tracing::info!(policy_version = %r.version, "reloaded on SIGHUP");
+                            }
+                        }
+                        _ = term.recv() => return,
+                        _ = int.recv() => return,
                     }
                 }
             }

@@ -1387,3 +1387,39 @@ async fn a_second_sigterm_cuts_the_drain_short() {
     let _ = bounded("the agent's side", waiting).await;
     holder.abort();
 }
+
+/// SIGTERM during a SIGHUP reload is not held up by it (a credential `exec` may take 30 s):
+/// the reload is dropped unfinished and keyward stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_slow_reload_stops_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = dir.path().join("slow");
+    let file = edited_policy(
+        dir.path(),
+        &[(
+            "api_token: { source: file:api-token }",
+            &format!(
+                "api_token: {{ source: {{ exec: [sh, -c, 'test -f {} && sleep 20; echo tok'] }} }}",
+                slow.display()
+            ),
+        )],
+    );
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
+    let mut log = Vec::new();
+    read_until(&mut lines, &mut log, "keyward listening ").await;
+    let stderr = tokio::spawn(read_rest(lines, log));
+    // From now on reading the credential takes 20 s.
+    std::fs::write(&slow, "").unwrap();
+    signal(&child, "-HUP");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    signal(&child, "-TERM");
+    let status = bounded("keyward exit", child.wait()).await.unwrap();
+    let took = started.elapsed();
+    let log = bounded("stderr", stderr).await.unwrap();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "took {took:?}\n{log}"
+    );
+}
