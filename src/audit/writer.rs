@@ -652,14 +652,18 @@ mod tests {
             .collect()
     }
 
-    /// A write that blocks longer than `WRITE_STALL` backs the log up even while the queue has
-    /// room: a few records into a pipe nobody reads, then no new request until it drains.
+    /// An audit log (queue of 4,096) writing into a FIFO whose reader reads nothing until
+    /// `go` is sent, then everything; the reader returns what it read.
     #[cfg(unix)]
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_that_blocks_backs_the_log_up_with_the_queue_nearly_empty() {
+    async fn log_into_unread_pipe(
+        dir: &Path,
+    ) -> (
+        AuditLog,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<Vec<u8>>,
+    ) {
         use std::io::Read as _;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.fifo");
+        let path = dir.join("audit.fifo");
         let made = std::process::Command::new("mkfifo").arg(&path).status();
         assert!(made.unwrap().success());
         let (go, wait) = std::sync::mpsc::channel::<()>();
@@ -675,6 +679,16 @@ mod tests {
         let log = AuditLog::open(&AuditTarget::File(path), 4096, &metrics)
             .await
             .unwrap();
+        (log, go, reader)
+    }
+
+    /// A write that blocks longer than `WRITE_STALL` backs the log up even while the queue has
+    /// room: a few records into a pipe nobody reads, then no new request until it drains.
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_blocks_backs_the_log_up_with_the_queue_nearly_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, go, reader) = log_into_unread_pipe(dir.path()).await;
         // 100 KiB of records: more than the pipe holds, far less than the queue.
         let mut rec = record(0);
         rec.path = format!("/{}", "p".repeat(2000));
@@ -706,24 +720,8 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stalled_sink_stops_new_requests_until_it_drains() {
-        use std::io::Read as _;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.fifo");
-        let made = std::process::Command::new("mkfifo").arg(&path).status();
-        assert!(made.unwrap().success());
-        let (go, wait) = std::sync::mpsc::channel::<()>();
-        let reader_path = path.clone();
-        let reader = std::thread::spawn(move || {
-            let mut pipe = File::open(&reader_path).unwrap();
-            wait.recv().unwrap();
-            let mut all = Vec::new();
-            pipe.read_to_end(&mut all).unwrap();
-            all
-        });
-        let metrics = Metrics::new().unwrap();
-        let log = AuditLog::open(&AuditTarget::File(path), 4096, &metrics)
-            .await
-            .unwrap();
+        let (log, go, reader) = log_into_unread_pipe(dir.path()).await;
         assert!(log.accepting());
 
         // 2 KiB records: the pipe (64 KiB) fills, the writer blocks, the queue fills.

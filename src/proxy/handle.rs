@@ -176,7 +176,7 @@ async fn handle_request(
             parts.headers.remove(http::header::RANGE);
             parts.headers.remove(http::header::IF_RANGE);
             // Apache httpd still honours the pre-RFC 2616 spelling when `Range` is absent.
-            parts.headers.remove("request-range");
+            parts.headers.remove(&REQUEST_RANGE);
         }
     }
     drop(injected);
@@ -397,6 +397,9 @@ async fn handle_request(
         }
     }
 }
+
+/// Parsed once (a `&str` name is parsed again on every removal).
+static REQUEST_RANGE: http::HeaderName = http::HeaderName::from_static("request-range");
 
 /// Characters of an upstream error's text that are logged.
 const MAX_LOGGED_ERROR: usize = 512;
