@@ -111,9 +111,21 @@ fn forbidden_characters(text: &str, errs: &mut Errors) -> bool {
         .collect();
     for &(at, c) in &found {
         let prefix = text.get(..at).unwrap_or_default();
+        let pos = pos_after(prefix);
+        // A key path for one written in a line's keys or values, not for one in a comment or
+        // at a line's start (between two keys, the path would name the wrong one).
+        let line = prefix
+            .rfind(['\n', '\r'])
+            .map_or(prefix, |i| prefix.get(i + 1..).unwrap_or_default())
+            .trim_start();
+        let path = if line.is_empty() || line.starts_with('#') {
+            String::new()
+        } else {
+            yaml::path_at(text, pos)
+        };
         errs.push(
-            pos_after(prefix),
-            "",
+            pos,
+            &path,
             format!(
                 "the control character U+{:04X} is not allowed in a policy file",
                 u32::from(c)
@@ -198,7 +210,7 @@ mod tests {
             errors(&text),
             [
                 "p.yaml:3:3: the control character U+007F is not allowed in a policy file",
-                "p.yaml:5:17: the control character U+0007 is not allowed in a policy file",
+                "p.yaml:5:17: services.s.hosts: the control character U+0007 is not allowed in a policy file",
             ]
         );
         // Lines that end in a lone CR count as lines.
@@ -461,7 +473,7 @@ passthrough: []                      # hosts tunnelled blind (no inspection, no 
         let errs = errors(&text);
         assert_eq!(errs.len(), 1);
         assert!(
-            errs[0].starts_with("p.yaml:7:26: invalid YAML: "),
+            errs[0].starts_with("p.yaml:7:26: capabilities.c.routes: invalid YAML: "),
             "{errs:?}"
         );
         assert!(errs[0].contains("must be quoted"), "{errs:?}");
@@ -545,7 +557,7 @@ passthrough: [updates.example.org]
     fn syntax_error_is_reported_alone() {
         assert_eq!(
             errors("admin:\n  token: [env:X\nproxy: {}\n"),
-            ["p.yaml:3:6: invalid YAML: illegal placement of ':' indicator"]
+            ["p.yaml:3:6: admin.token: invalid YAML: illegal placement of ':' indicator"]
         );
     }
 

@@ -33,26 +33,22 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
         Ok(node) => Some(node),
         Err(LoadError::DuplicateKey(_)) => {
             // marked-yaml stops at the first duplicate; every one is reported.
-            for dup in duplicate_keys(text) {
+            for dup in walk(text, None).duplicates {
                 let path = join(&dup.parent, &dup.key);
                 let first = dup.first;
-                // The keys these mappings may have are not secrets; anything else could be one
-                // pasted in the wrong place.
-                const KNOWN: &[&str] = &["listen", "token", "source", "refresh", "exec"];
-                if holds_secrets(&dup.parent) && !KNOWN.contains(&dup.key.as_str()) {
-                    // The parent's own keys may be pasted secrets too (`admin: {sk-…: {a: 1,
-                    // a: 2}}`): the path stops where a secret cannot be.
-                    errs.push(
-                        dup.again,
-                        secret_free_prefix(&dup.parent),
-                        format!("duplicate key (not repeated: it may be a secret; first written at {first})"),
-                    );
-                } else {
+                let shown = secret_safe(&path);
+                if shown == path {
                     let key = &dup.key;
                     errs.push(
                         dup.again,
                         &path,
                         format!("duplicate key `{key}` (first written at {first})"),
+                    );
+                } else {
+                    errs.push(
+                        dup.again,
+                        shown,
+                        format!("duplicate key (not repeated: it may be a secret; first written at {first})"),
                     );
                 }
             }
@@ -65,7 +61,7 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
                     "; inside `[...]` a route with `{param}` must be quoted (`[\"GET /a/{id}\"]`) or written as a `- GET /a/{id}` line",
                 );
             }
-            errs.push(pos, "", message);
+            errs.push(pos, &path_at(text, pos), message);
             None
         }
     }
@@ -80,9 +76,24 @@ struct Duplicate {
     again: Pos,
 }
 
-/// Every duplicate key of `text`, in order, from the parser's events (the tree loader stops at
-/// the first). Stops quietly where the text stops parsing: the loader reports that.
-fn duplicate_keys(text: &str) -> Vec<Duplicate> {
+/// The key path of the node being written at `pos` (for a problem found there before or
+/// without a tree), cut before any key that may be a pasted secret.
+pub(crate) fn path_at(text: &str, pos: Pos) -> String {
+    let path = walk(text, Some(pos)).path;
+    secret_safe(&path).to_owned()
+}
+
+/// What a walk over the parser's events found.
+struct Walk {
+    /// Every duplicate key, in order (the tree loader stops at the first).
+    duplicates: Vec<Duplicate>,
+    /// The key path of the innermost node still open where the walk stopped: at `stop`, or
+    /// where the text stops parsing (the loader reports that error; this names where it is).
+    path: String,
+}
+
+/// Walks `text`'s events up to `stop` (or its end, or its first syntax error).
+fn walk(text: &str, stop: Option<Pos>) -> Walk {
     use yaml_rust2::parser::{Event, Parser};
     enum Frame {
         /// `key` is the key whose value comes next (`None`: a key comes next).
@@ -112,6 +123,9 @@ fn duplicate_keys(text: &str) -> Vec<Duplicate> {
     let mut out = Vec::new();
     while let Ok((event, mark)) = parser.next_token() {
         let pos = Pos::new(mark.line(), mark.col() + 1);
+        if stop.is_some_and(|stop| pos >= stop) {
+            break;
+        }
         match event {
             Event::StreamEnd => break,
             Event::Scalar(value, ..) => match stack.last_mut() {
@@ -153,7 +167,18 @@ fn duplicate_keys(text: &str) -> Vec<Duplicate> {
             _ => {}
         }
     }
-    out
+    let path = match stack.last() {
+        None => String::new(),
+        Some(Frame::Map { path, key, .. }) => match key {
+            Some(key) => join(path, key),
+            None => path.clone(),
+        },
+        Some(Frame::Seq { path, .. }) => path.clone(),
+    };
+    Walk {
+        duplicates: out,
+        path,
+    }
 }
 
 fn load(text: &str, error_on_duplicates: bool) -> Option<Result<Node, LoadError>> {
@@ -276,20 +301,27 @@ pub(crate) fn holds_secrets(path: &str) -> bool {
             .is_some_and(|rest| !rest.is_empty())
 }
 
-/// The start of a key path under `admin` or a credential that holds no key a secret could
-/// have been pasted as: `admin`, or `credentials.NAME`.
-fn secret_free_prefix(path: &str) -> &str {
-    if path == "admin" || path.starts_with("admin.") {
-        return "admin";
-    }
-    match path.strip_prefix("credentials.") {
-        Some(rest) => {
-            let name = rest.find('.').unwrap_or(rest.len());
-            path.get(..("credentials.".len() + name))
-                .unwrap_or("credentials")
+/// `path` cut before its first key that may be a pasted secret: under `admin` or a credential
+/// (`credentials.NAME`), every key must be one the format knows, since any other could be a
+/// secret written as a key (`admin: {sk-live-…: {listen: 1, listen: 2}}`).
+fn secret_safe(path: &str) -> &str {
+    const KNOWN: &[&str] = &["listen", "token", "source", "refresh", "exec"];
+    let mut keys = path.split('.');
+    // How many leading keys are names: `admin`, or `credentials` and the credential's name.
+    let names = match keys.next() {
+        Some("admin") => 1,
+        Some("credentials") => 2,
+        _ => return path,
+    };
+    let mut end = 0;
+    for (i, key) in path.split('.').enumerate() {
+        let bare = key.split('[').next().unwrap_or(key);
+        if i >= names && !KNOWN.contains(&bare) {
+            break;
         }
-        None => path,
+        end += if i == 0 { key.len() } else { key.len() + 1 };
     }
+    path.get(..end).unwrap_or("")
 }
 
 pub(crate) fn join(prefix: &str, key: &str) -> String {
@@ -680,14 +712,25 @@ mod tests {
     #[test]
     fn yaml_level_errors_have_positions() {
         let cases = [
-            ("a: [1, 2\nb: 3\n", "p.yaml:2:2: invalid YAML: "),
-            ("a:\n\tb: 1\n", "p.yaml:2:2: invalid YAML: tabs"),
-            ("a: &x 1\nb: *x\n", "p.yaml:1:7: YAML anchors"),
-            ("a: !!str 1\n", "p.yaml:1:10: YAML tags"),
+            ("a: [1, 2\nb: 3\n", "p.yaml:2:2: a: invalid YAML: "),
+            ("a:\n\tb: 1\n", "p.yaml:2:2: a: invalid YAML: tabs"),
+            ("a: &x 1\nb: *x\n", "p.yaml:1:7: a: YAML anchors"),
+            ("a: !!str 1\n", "p.yaml:1:10: a: YAML tags"),
+            (
+                "a:\n  b:\n    c: \"x\n",
+                "p.yaml:3:8: a.b.c: invalid YAML: while scanning a quoted scalar",
+            ),
+            (
+                "a:\n  - {b: 1}\n  - [c: [d\n",
+                "p.yaml:4:1: a[1][0].c: invalid YAML:",
+            ),
             ("hello", "p.yaml:1:1: the policy must be a YAML mapping"),
             ("- a\n", "p.yaml:1:1: the policy must be a YAML mapping"),
             ("[a]: 1", "p.yaml:1:1: mapping keys must be plain strings"),
-            ("a: `x\n", "p.yaml:1:4: invalid YAML: unexpected character"),
+            (
+                "a: `x\n",
+                "p.yaml:1:4: a: invalid YAML: unexpected character",
+            ),
         ];
         for (text, want) in cases {
             let (node, errs) = parse(text);
@@ -697,12 +740,41 @@ mod tests {
         }
     }
 
+    // SECURITY: under `admin` and a credential, a key the format does not know may be a pasted
+    // secret; no message repeats one, whatever the error (`check` prints them, and a reload's
+    // 400 answer carries them).
+    #[test]
+    fn key_paths_stop_before_a_key_that_may_be_a_pasted_secret() {
+        let cases = [
+            "admin:\n  sk-live-PASTED:\n    listen: a\n    listen: b\n",
+            "credentials:\n  k:\n    source: env:A\n    sk-live-PASTED: {exec: [a], exec: [b]}\n",
+            "admin:\n  token: env:X\n  sk-live-PASTED: [a\n",
+            "credentials:\n  k:\n    sk-live-PASTED:\n      source: \"x\n",
+            "admin:\n  token:\n    sk-live-PASTED: !!str x\n",
+        ];
+        for text in cases {
+            let (_, errs) = parse(text);
+            assert!(!errs.is_empty(), "{text:?}");
+            for e in &errs {
+                assert!(!e.contains("PASTED"), "{text:?}: {e}");
+            }
+        }
+        assert_eq!(secret_safe("admin.token"), "admin.token");
+        assert_eq!(secret_safe("admin.sk-x.listen"), "admin");
+        assert_eq!(
+            secret_safe("credentials.k.source.exec"),
+            "credentials.k.source.exec"
+        );
+        assert_eq!(secret_safe("credentials.k.sk-x"), "credentials.k");
+        assert_eq!(secret_safe("services.a.sk-x"), "services.a.sk-x");
+    }
+
     #[test]
     fn a_route_with_braces_in_a_flow_list_gets_a_hint() {
         let (_, errs) = parse("routes: [GET /a/{id}]\n");
         assert_eq!(
             errs,
-            ["p.yaml:1:17: invalid YAML: while parsing a flow sequence, expected ',' or ']'; inside `[...]` a route with `{param}` must be quoted (`[\"GET /a/{id}\"]`) or written as a `- GET /a/{id}` line"]
+            ["p.yaml:1:17: routes: invalid YAML: while parsing a flow sequence, expected ',' or ']'; inside `[...]` a route with `{param}` must be quoted (`[\"GET /a/{id}\"]`) or written as a `- GET /a/{id}` line"]
         );
         let (node, errs) = parse("routes: [\"GET /a/{id}\", GET /b]\n");
         assert!(node.is_some() && errs.is_empty());
