@@ -25,6 +25,11 @@ use crate::secret::{base64_zeroizing, Secret};
 
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a command's output may stay open after the command exited (held by a process it
+/// started), before what was printed is taken as the value.
+const EXEC_LEFTOVER_GRACE: Duration = Duration::from_millis(200);
+/// The longest secret a file or a command may hold; more is an error, not a value.
+const MAX_SECRET_BYTES: u64 = 64 * 1024;
 /// Values shorter than this are not scanned for in requests (they would match by chance).
 const MIN_SCAN_LEN: usize = 8;
 // `window_hash` reads exactly one u64 per window.
@@ -655,6 +660,8 @@ pub enum SourceError {
     File(String, std::io::ErrorKind),
     #[error("file {0} is empty")]
     FileEmpty(String),
+    #[error("file {0} holds more than {1} bytes: not a secret")]
+    FileTooLong(String, u64),
     #[error("`exec` has no command")]
     ExecNone,
     #[error("command `{0}` could not be run: {1}")]
@@ -667,6 +674,8 @@ pub enum SourceError {
     ExecEmpty(String),
     #[error("command `{0}` printed text that is not UTF-8")]
     ExecNotUtf8(String),
+    #[error("command `{0}` printed more than {1} bytes: not a secret")]
+    ExecTooLong(String, u64),
 }
 
 /// Reads a secret from its source.
@@ -683,32 +692,99 @@ pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
 }
 
 fn read_file(path: &PathBuf) -> Result<Secret, SourceError> {
+    use std::io::Read;
     let shown = || path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| SourceError::File(shown(), e.kind()))?;
+    let file = std::fs::File::open(path).map_err(|e| SourceError::File(shown(), e.kind()))?;
+    // Bounded: `file:/dev/zero` or a log file named by mistake must not fill memory.
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(4096));
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| SourceError::File(shown(), e.kind()))?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(SourceError::FileTooLong(shown(), MAX_SECRET_BYTES));
+    }
+    let text = String::from_utf8(std::mem::take(&mut *bytes)).map_err(|e| {
+        zeroize::Zeroize::zeroize(&mut e.into_bytes());
+        SourceError::File(shown(), std::io::ErrorKind::InvalidData)
+    })?;
     trimmed(text).ok_or_else(|| SourceError::FileEmpty(shown()))
 }
 
+/// Runs the command in a process group of its own and reads what it prints. It is done when
+/// it exits: a process it left holding its output open gets a moment to finish, and then
+/// everything left in its group is killed (so is everything after a timeout). A daemon the
+/// command starts on purpose leaves the group first (`setsid`), as daemons do.
 async fn read_exec(argv: &[String]) -> Result<Secret, SourceError> {
+    use tokio::io::AsyncReadExt;
     let (program, args) = argv.split_first().ok_or(SourceError::ExecNone)?;
-    let child = tokio::process::Command::new(program)
+    let mut child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(EXEC_TIMEOUT, child)
+        .spawn()
+        .map_err(|e| SourceError::ExecSpawn(program.clone(), e.kind()))?;
+    let _group = ProcessGroup(child.id());
+    let Some(stdout) = child.stdout.take() else {
+        return Err(SourceError::ExecSpawn(
+            program.clone(),
+            std::io::ErrorKind::BrokenPipe,
+        ));
+    };
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(4096));
+    let run = async {
+        let mut bounded = stdout.take(MAX_SECRET_BYTES + 1);
+        let mut read = std::pin::pin!(bounded.read_to_end(&mut out));
+        tokio::select! {
+            status = child.wait() => {
+                // What the command printed is in the pipe already.
+                let _ = tokio::time::timeout(EXEC_LEFTOVER_GRACE, &mut read).await;
+                status
+            }
+            read = &mut read => {
+                // Past the bound, the command is killed (it may print forever).
+                if read? as u64 > MAX_SECRET_BYTES {
+                    return Ok(None);
+                }
+                child.wait().await
+            }
+        }
+        .map(Some)
+    };
+    let status = tokio::time::timeout(EXEC_TIMEOUT, run)
         .await
         .map_err(|_| SourceError::ExecTimeout(program.clone(), EXEC_TIMEOUT.as_secs()))?
         .map_err(|e| SourceError::ExecSpawn(program.clone(), e.kind()))?;
-    if !out.status.success() {
-        return Err(SourceError::ExecFailed(program.clone(), out.status));
+    if status.is_none() || out.len() as u64 > MAX_SECRET_BYTES {
+        return Err(SourceError::ExecTooLong(program.clone(), MAX_SECRET_BYTES));
     }
-    let text = String::from_utf8(out.stdout).map_err(|e| {
+    if let Some(status) = status.filter(|s| !s.success()) {
+        return Err(SourceError::ExecFailed(program.clone(), status));
+    }
+    let text = String::from_utf8(std::mem::take(&mut *out)).map_err(|e| {
         // The bytes read are the secret's, wiped like it.
         zeroize::Zeroize::zeroize(&mut e.into_bytes());
         SourceError::ExecNotUtf8(program.clone())
     })?;
     trimmed(text).ok_or_else(|| SourceError::ExecEmpty(program.clone()))
+}
+
+/// A command's process group, killed when the read ends however it ends.
+struct ProcessGroup(Option<u32>);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        let pid = self
+            .0
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        if let Some(pid) = pid {
+            // ESRCH (nothing left in the group) is the usual answer.
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
 }
 
 /// Secrets written by editors and `echo` end in a newline; the newline is never part of a key.
@@ -925,6 +1001,80 @@ pub fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn exec(script: &str) -> SecretSource {
+        SecretSource::Exec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+        }
+    }
+
+    /// Whether process `pid` is gone (or a zombie nobody reaped yet: it runs no more).
+    fn ended(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    // A command that leaves a child holding its output open (`cmd &` in a script, a helper
+    // that forks) used to be waited for until the 30 s timeout, and the child lived on.
+    #[tokio::test]
+    async fn an_exec_is_done_when_it_exits_and_what_it_left_running_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = format!(
+            "sleep 60 & echo $! > {}; echo sk_from_exec_123",
+            pid_file.display()
+        );
+        let started = Instant::now();
+        let secret = read_source(&exec(&script)).await.unwrap();
+        assert_eq!(secret.expose(), "sk_from_exec_123");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let pid = pid.trim();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !ended(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(ended(pid), "the command's leftover child {pid} still runs");
+    }
+
+    // `yes`, or `file:/dev/zero`, must not fill memory: a secret is short.
+    #[tokio::test]
+    async fn endless_sources_are_an_error_not_a_value() {
+        let err = read_source(&exec("yes sk_again")).await.unwrap_err();
+        assert!(matches!(err, SourceError::ExecTooLong(..)), "{err}");
+        let err = read_source(&SecretSource::File("/dev/zero".into()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SourceError::FileTooLong(..)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "file /dev/zero holds more than 65536 bytes: not a secret"
+        );
+    }
+
+    #[tokio::test]
+    async fn exec_failures_name_the_program_never_the_output() {
+        let err = read_source(&exec("echo sk_printed; exit 3"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SourceError::ExecFailed(..)), "{err}");
+        assert!(!err.to_string().contains("sk_printed"), "{err}");
+        let err = read_source(&exec("echo")).await.unwrap_err();
+        assert!(matches!(err, SourceError::ExecEmpty(..)), "{err}");
+        let err = read_source(&exec("printf 'sk\\377'")).await.unwrap_err();
+        assert!(matches!(err, SourceError::ExecNotUtf8(..)), "{err}");
+        let secret = read_source(&exec("printf 'sk_value\\r\\n'")).await.unwrap();
+        assert_eq!(secret.expose(), "sk_value");
+    }
 
     #[test]
     fn the_scan_filter_never_misses_a_present_secret() {
