@@ -39,7 +39,35 @@ const _: () = assert!(MIN_SCAN_LEN == 8);
 struct Cached {
     value: Option<Arc<CredentialValue>>,
     checked: Instant,
+    /// For a `file:` source, the file as it was just before it was read.
+    stamp: Option<FileStamp>,
+}
+
+/// What tells that a file changed: a rotation that renames another file into place (as
+/// Kubernetes swaps its `..data` link) changes the inode even where the new file's
+/// modification time is older or equal (`cp -p`, an unpacked archive); a rewrite in place
+/// changes the change time, which no tool can set back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
     mtime: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.modified().ok(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 /// A credential's value with the forms that are looked for on every request, derived once per
@@ -281,8 +309,8 @@ impl StoreInner {
         path: &PathBuf,
         old: &Cached,
     ) -> Option<Arc<CredentialValue>> {
-        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        let value = if mtime.is_some() && mtime == old.mtime {
+        let stamp = FileStamp::of(path);
+        let value = if stamp.is_some() && stamp == old.stamp {
             old.value.clone()
         } else {
             match read_file(path) {
@@ -301,7 +329,7 @@ impl StoreInner {
             Cached {
                 value: value.clone(),
                 checked: Instant::now(),
-                mtime,
+                stamp,
             },
         );
         value
@@ -330,6 +358,10 @@ impl CredentialStore {
                 .any(|def| matches!(def.source, SecretSource::File(_))),
         };
         for (idx, def) in defs.iter().enumerate() {
+            let stamp = match &def.source {
+                SecretSource::File(path) => FileStamp::of(path),
+                _ => None,
+            };
             let value = match read_source(&def.source).await {
                 Ok(v) => Some(v),
                 Err(why) => {
@@ -340,7 +372,7 @@ impl CredentialStore {
             inner.store(
                 idx,
                 Cached {
-                    mtime: file_mtime(&def.source),
+                    stamp,
                     value: value.map(|v| Arc::new(CredentialValue::new(v))),
                     checked: Instant::now(),
                 },
@@ -378,7 +410,7 @@ impl CredentialStore {
                         Cached {
                             value: Some(Arc::new(CredentialValue::new(value))),
                             checked: Instant::now(),
-                            mtime: None,
+                            stamp: None,
                         },
                     );
                 }
@@ -636,13 +668,6 @@ fn decoded_base64_tokens<'a>(bytes: &[u8], out: &mut Vec<std::borrow::Cow<'a, [u
                 out.push(d.into());
             }
         }
-    }
-}
-
-fn file_mtime(source: &SecretSource) -> Option<SystemTime> {
-    match source {
-        SecretSource::File(p) => std::fs::metadata(p).and_then(|m| m.modified()).ok(),
-        _ => None,
     }
 }
 
@@ -1121,13 +1146,14 @@ mod tests {
             let SecretSource::File(path) = source else {
                 unreachable!()
             };
+            let stamp = FileStamp::of(path);
             let value = read_file(path)
                 .ok()
                 .map(|v| Arc::new(CredentialValue::new(v)));
             inner.store(
                 idx,
                 Cached {
-                    mtime: file_mtime(source),
+                    stamp,
                     value,
                     checked: Instant::now(),
                 },
@@ -1164,6 +1190,40 @@ mod tests {
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
         assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
         assert!(store.carried_in(&[b"ghp_second_value_BBBB"]));
+    }
+
+    // Kubernetes rotates a secret volume by pointing its `..data` link at a new directory. The
+    // new file's modification time may equal the old one's (it is copied with its times, or
+    // both were written in one tick): the swap is still seen.
+    #[test]
+    fn a_kubernetes_style_link_swap_is_seen_whatever_the_new_files_time() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("..2026_old"), dir.path().join("..2026_new"));
+        std::fs::create_dir(&old).unwrap();
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(old.join("token"), "sk_live_before_rotation").unwrap();
+        std::fs::write(new.join("token"), "sk_live_after_rotation_").unwrap();
+        let then = std::fs::metadata(old.join("token"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(new.join("token"))
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+        symlink("..2026_old", dir.path().join("..data")).unwrap();
+        symlink("..data/token", dir.path().join("token")).unwrap();
+        let store = file_store(&[&dir.path().join("token")]);
+        assert!(store.carried_in(&[b"Bearer sk_live_before_rotation"]));
+
+        symlink("..2026_new", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        assert!(store.carried_in(&[b"Bearer sk_live_after_rotation_"]));
+        assert!(!store.carried_in(&[b"Bearer sk_live_before_rotation"]));
     }
 
     #[test]
