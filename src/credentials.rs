@@ -813,9 +813,15 @@ impl Drop for ProcessGroup {
 }
 
 /// Secrets written by editors and `echo` end in a newline; the newline is never part of a key.
+/// Nor are spaces or tabs at either end: an upstream's HTTP parser drops them from the header
+/// keyward injects, so the key it uses is the trimmed one, and that is the one the redactor and
+/// the egress scan must look for. (The bytes cut stay in the buffer, which wipes all of itself.)
 fn trimmed(mut v: String) -> Option<Secret> {
-    let keep = v.trim_end_matches(['\n', '\r']).len();
+    const BLANK: [char; 4] = [' ', '\t', '\n', '\r'];
+    let keep = v.trim_end_matches(BLANK).len();
     v.truncate(keep);
+    let lead = v.len() - v.trim_start_matches(BLANK).len();
+    v.drain(..lead);
     (!v.is_empty()).then(|| Secret::new(v))
 }
 
@@ -1342,8 +1348,12 @@ mod tests {
     }
 
     #[test]
-    fn trailing_newline_is_not_part_of_a_secret() {
+    fn blanks_at_either_end_are_not_part_of_a_secret() {
         assert_eq!(trimmed("abc\n".into()).unwrap().expose(), "abc");
         assert!(trimmed("\n".into()).is_none());
+        // An upstream reads `X-Api-Key: abc ` as `abc`: the value keyward injects, redacts and
+        // scans for is the trimmed one.
+        assert_eq!(trimmed(" \tab c \t\r\n".into()).unwrap().expose(), "ab c");
+        assert!(trimmed(" \t ".into()).is_none());
     }
 }
