@@ -132,6 +132,13 @@ impl CredentialValue {
             is_unreserved(b) || b"!'()*;,/?:@&=+$#".contains(&b)
         });
         let js_escape = js_escape(secret.expose());
+        // Form encoding (`+` for a space): Java's `URLEncoder` and the WHATWG serializer keep
+        // `*`, PHP's `urlencode` does not (nor `~`, in all three); .NET's `HttpUtility` keeps
+        // `!()*` and writes lowercase hex, `WebUtility` the same set in uppercase.
+        let form_java = form_encoded(raw, b"-._*");
+        let form_php = form_encoded(raw, b"-._");
+        let form_dotnet = form_encoded(raw, b"-._!()*");
+        let form_dotnet_lower = lowercase_hex_digits(&form_dotnet);
         let json = |escape| json_escaped(secret.expose(), escape);
         let utf16 = |big_endian: bool| {
             let mut out = Zeroizing::new(Vec::with_capacity(2 * raw.len()));
@@ -160,9 +167,15 @@ impl CredentialValue {
             js_component,
             js_uri,
             js_escape,
+            form_java,
+            form_php,
+            form_dotnet,
+            form_dotnet_lower,
             json(JsonEscape::Minimal),
             json(JsonEscape::Slash),
             json(JsonEscape::Ascii),
+            json(JsonEscape::HtmlGo),
+            json(JsonEscape::HtmlGson),
             utf16(false),
             utf16(true),
         ] {
@@ -194,13 +207,28 @@ impl CredentialValue {
     }
 }
 
-/// How JSON encoders write a string: the minimum (serde_json, Go with HTML escaping off),
-/// also `\/` (PHP's `json_encode`), or also non-ASCII as `\uXXXX` (Python's `json.dumps`).
+/// How JSON encoders write a string: the minimum (serde_json, Go's `Encoder` with HTML
+/// escaping off), also `\/` (PHP's `json_encode`), also non-ASCII as `\uXXXX` (Python's
+/// `json.dumps`), or HTML-safe: `<>&` as `\u003c` … (Go's `json.Marshal`, by default) and
+/// also `='` (Gson, by default; `=` ends most base64 keys).
 #[derive(Clone, Copy, PartialEq)]
 enum JsonEscape {
     Minimal,
     Slash,
     Ascii,
+    HtmlGo,
+    HtmlGson,
+}
+
+impl JsonEscape {
+    /// Whether an ASCII character this encoder writes as `\uXXXX` (beyond the controls).
+    fn html_escapes(self, c: char) -> bool {
+        match self {
+            JsonEscape::HtmlGo => matches!(c, '<' | '>' | '&'),
+            JsonEscape::HtmlGson => matches!(c, '<' | '>' | '&' | '=' | '\''),
+            _ => false,
+        }
+    }
 }
 
 /// `value` as it appears inside a JSON string written with `escape`.
@@ -224,7 +252,13 @@ fn json_escaped(value: &str, escape: JsonEscape) -> zeroize::Zeroizing<Vec<u8>> 
             '\n' => out.extend_from_slice(b"\\n"),
             '\r' => out.extend_from_slice(b"\\r"),
             '\t' => out.extend_from_slice(b"\\t"),
-            c if (c as u32) < 0x20 || (!c.is_ascii() && escape == JsonEscape::Ascii) => {
+            c if (c as u32) < 0x20
+                || (!c.is_ascii() && escape == JsonEscape::Ascii)
+                || escape.html_escapes(c)
+                // Go and Gson escape the two JavaScript line separators as well.
+                || (matches!(c, '\u{2028}' | '\u{2029}')
+                    && matches!(escape, JsonEscape::HtmlGo | JsonEscape::HtmlGson)) =>
+            {
                 unicode(c, &mut out)
             }
             c => {
@@ -998,6 +1032,24 @@ fn percent_encoded(bytes: &[u8], keep: impl Fn(u8) -> bool) -> zeroize::Zeroizin
     out
 }
 
+/// `bytes` form-encoded: a space as `+`, `keep` and ASCII letters and digits raw, the rest
+/// `%XX` (uppercase hex, UTF-8 bytes one by one).
+fn form_encoded(bytes: &[u8], keep: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(bytes.len() * 3));
+    for &b in bytes {
+        if b == b' ' {
+            out.push(b'+');
+        } else {
+            percent_encode_into(
+                &[b],
+                |b| b.is_ascii_alphanumeric() || keep.contains(&b),
+                &mut out,
+            );
+        }
+    }
+    out
+}
+
 /// A query parameter name as a server decodes it: `%XX` decoded, `+` a space.
 pub fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !name.iter().any(|&b| b == b'%' || b == b'+') {
@@ -1303,6 +1355,52 @@ mod tests {
             "k/y\\\"\\u00e9+1",   // JSON, ASCII only (Python)
         ] {
             assert!(forms.iter().any(|f| f == want), "{want} not in {forms:?}");
+        }
+        // Form encoders and HTML-safe JSON encoders, on a base64 key and on a key of symbols.
+        for (secret, want) in [
+            (
+                "tok/with+slash=and~tilde!Q9x",
+                "tok%2Fwith%2Bslash%3Dand%7Etilde%21Q9x",
+            ), // Java URLEncoder, WHATWG, PHP urlencode
+            (
+                "tok/with+slash=and~tilde!Q9x",
+                "tok%2fwith%2bslash%3dand%7etilde!Q9x",
+            ), // .NET HttpUtility
+            (
+                "tok/with+slash=and~tilde!Q9x",
+                "tok%2Fwith%2Bslash%3Dand%7Etilde!Q9x",
+            ), // .NET WebUtility
+            (
+                "tok/with+slash=and~tilde!Q9x",
+                "tok/with+slash\\u003dand~tilde!Q9x",
+            ), // Gson
+            (
+                "Q8~a&b<c>x*y!z'(1)_9",
+                "Q8~a\\u0026b\\u003cc\\u003ex*y!z'(1)_9",
+            ), // Go json.Marshal
+            (
+                "Q8~a&b<c>x*y!z'(1)_9",
+                "Q8~a\\u0026b\\u003cc\\u003ex*y!z\\u0027(1)_9",
+            ), // Gson
+            (
+                "Q8~a&b<c>x*y!z'(1)_9",
+                "Q8%7Ea%26b%3Cc%3Ex*y%21z%27%281%29_9",
+            ), // Java URLEncoder
+            (
+                "Q8~a&b<c>x*y!z'(1)_9",
+                "Q8%7Ea%26b%3Cc%3Ex%2Ay%21z%27%281%29_9",
+            ), // PHP urlencode
+            ("Q8~a&b<c>x*y!z'(1)_9", "Q8%7ea%26b%3cc%3ex*y!z%27(1)_9"), // .NET HttpUtility
+            ("key with space", "key+with+space"),                       // form encoding
+        ] {
+            let value = CredentialValue::new(Secret::new(secret.into()));
+            assert!(
+                value
+                    .reflections()
+                    .iter()
+                    .any(|r| r.as_slice() == want.as_bytes()),
+                "{want} not a reflection of {secret}"
+            );
         }
         // A plain token differs from itself only in base64, and in UTF-16 (NUL bytes between).
         let plain = CredentialValue::new(Secret::new("sk_live_0123456789".into()));

@@ -538,8 +538,11 @@ fn reflections() -> Vec<Vec<u8>> {
         url64.into(),
         "sk%2Flive%2BQ9%3Dx_7~abc".into(),
         "sk%2flive%2bQ9%3dx_7~abc".into(),
-        "sk/live%2BQ9%3Dx_7~abc".into(), // Python's quote
-        "sk\\/live+Q9=x_7~abc".into(),   // PHP's json_encode
+        "sk/live%2BQ9%3Dx_7~abc".into(),     // Python's quote
+        "sk\\/live+Q9=x_7~abc".into(),       // PHP's json_encode
+        "sk%2Flive%2BQ9%3Dx_7%7Eabc".into(), // form encoding: Java's URLEncoder, PHP's urlencode
+        "sk%2flive%2bQ9%3dx_7%7eabc".into(), // .NET's HttpUtility.UrlEncode
+        "sk/live+Q9\\u003dx_7~abc".into(),   // Gson's HTML-safe JSON
     ]
 }
 
