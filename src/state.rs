@@ -72,6 +72,9 @@ pub struct State {
     /// Set by a second SIGTERM/SIGINT: the drain ends now.
     drain_cut: tokio::sync::watch::Sender<bool>,
     request_ids: RequestIds,
+    /// One reload at a time, each reading the file when its turn comes: two that overlapped
+    /// (a slow credential `exec`) swapped in whichever finished last, an older file's policy.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl State {
@@ -104,6 +107,7 @@ impl State {
             drain_ends: std::sync::OnceLock::new(),
             drain_cut: tokio::sync::watch::Sender::new(false),
             request_ids: RequestIds::new(),
+            reloading: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -136,6 +140,7 @@ impl State {
 
     /// Loads the policy file again; an invalid policy leaves the old one serving.
     pub async fn reload(&self) -> Result<Reloaded, PolicyErrors> {
+        let _turn = self.reloading.lock().await;
         // Log rotation sends the same signal; the audit file reopens whatever the policy says.
         if let Err(e) = self.audit.reopen().await {
             tracing::warn!(error = %e, "could not reopen the audit log; writing to the old file");

@@ -311,6 +311,47 @@ fn without_plain_echo(policy: &str) -> String {
     narrowed
 }
 
+/// Two reloads that overlap: the one asked for last reads the file last and its policy is the
+/// one that serves. (The first, held up by a slow credential `exec`, used to finish last and
+/// put back the older file's policy, and with it a route the file no longer grants.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_reloads_leave_the_newest_policy_serving() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    let url = f.plain_url("plain.test", "/echo");
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let slow_mark = kw.policy_path.with_file_name("slow");
+    let with_slow_exec = |policy: &str| {
+        let exec = format!(
+            "credentials:\n  slow: {{ source: {{ exec: [sh, -c, 'test -f {} && sleep 3; echo tok'] }} }}\n",
+            slow_mark.display()
+        );
+        policy.replacen("credentials:\n", &exec, 1)
+    };
+    std::fs::write(&slow_mark, "").unwrap();
+    std::fs::write(&kw.policy_path, with_slow_exec(&original)).unwrap();
+    let first = kw.admin(Method::POST, "/v1/reload", None);
+    let second = async {
+        // The first reload is in its `exec` by now; the file changes and a second is asked.
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        std::fs::remove_file(&slow_mark).unwrap();
+        let narrowed = with_slow_exec(&without_plain_echo(&original));
+        std::fs::write(&kw.policy_path, narrowed).unwrap();
+        kw.admin(Method::POST, "/v1/reload", None).await
+    };
+    let ((status1, first), (status2, second)) = tokio::join!(first, second);
+    assert_eq!((status1, status2), (200, 200), "{first} {second}");
+    assert_ne!(first["policy_version"], second["policy_version"]);
+
+    let (_, ready) = kw.admin(Method::GET, "/readyz", None).await;
+    assert_eq!(ready["policy_version"], second["policy_version"], "{ready}");
+    let resp = kw.send(agent.get(&url)).await;
+    kw.assert_denied(&resp, 403, "route_not_in_intent").await;
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_with_an_invalid_policy_keeps_the_old_one_serving() {
     let f = Fixture::start().await;
