@@ -344,7 +344,9 @@ impl StoreInner {
         old: &Cached,
     ) -> Option<Arc<CredentialValue>> {
         let stamp = FileStamp::of(path);
-        let value = if stamp.is_some() && stamp == old.stamp {
+        // A file that could not be read is tried again at each check, changed or not: fixing
+        // its owner or mode does not always change what the stamp holds.
+        let value = if stamp.is_some() && stamp == old.stamp && old.value.is_some() {
             old.value.clone()
         } else {
             match read_file(path) {
@@ -719,6 +721,8 @@ pub enum SourceError {
     File(String, std::io::ErrorKind),
     #[error("file {0} is empty")]
     FileEmpty(String),
+    #[error("{0} is not a regular file")]
+    NotAFile(String),
     #[error("file {0} holds more than {1} bytes: not a secret")]
     FileTooLong(String, u64),
     #[error("`exec` has no command")]
@@ -752,13 +756,24 @@ pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
 
 fn read_file(path: &PathBuf) -> Result<Secret, SourceError> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let shown = || path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|e| SourceError::File(shown(), e.kind()))?;
+    let fail = |e: std::io::Error| SourceError::File(shown(), e.kind());
+    // SECURITY: a regular file only, opened without blocking: a FIFO put in its place would
+    // hold the read, and with it the worker thread that checks the file for a request.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(fail)?;
+    if !file.metadata().map_err(fail)?.is_file() {
+        return Err(SourceError::NotAFile(shown()));
+    }
     // Bounded: `file:/dev/zero` or a log file named by mistake must not fill memory.
     let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(4096));
     file.take(MAX_SECRET_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| SourceError::File(shown(), e.kind()))?;
+        .map_err(fail)?;
     if bytes.len() as u64 > MAX_SECRET_BYTES {
         return Err(SourceError::FileTooLong(shown(), MAX_SECRET_BYTES));
     }
@@ -1134,14 +1149,43 @@ mod tests {
     async fn endless_sources_are_an_error_not_a_value() {
         let err = read_source(&exec("yes sk_again")).await.unwrap_err();
         assert!(matches!(err, SourceError::ExecTooLong(..)), "{err}");
-        let err = read_source(&SecretSource::File("/dev/zero".into()))
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'k'; 1 << 20]).unwrap();
+        let err = read_source(&SecretSource::File(big.clone()))
             .await
             .unwrap_err();
         assert!(matches!(err, SourceError::FileTooLong(..)), "{err}");
         assert_eq!(
             err.to_string(),
-            "file /dev/zero holds more than 65536 bytes: not a secret"
+            format!(
+                "file {} holds more than 65536 bytes: not a secret",
+                big.display()
+            )
         );
+    }
+
+    // A FIFO would block the read (and the worker thread that checks the file for a request)
+    // until someone writes to it; a device or a directory is not a secret either.
+    #[tokio::test]
+    async fn only_a_regular_file_is_read_and_never_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for path in [fifo, "/dev/zero".into(), dir.path().to_path_buf()] {
+            let source = SecretSource::File(path.clone());
+            let read = tokio::time::timeout(Duration::from_secs(5), read_source(&source));
+            let err = read.await.expect("the read did not wait").unwrap_err();
+            assert!(
+                matches!(err, SourceError::NotAFile(_) | SourceError::File(..)),
+                "{}: {err}",
+                path.display()
+            );
+        }
     }
 
     #[tokio::test]
