@@ -25,6 +25,8 @@ use crate::secret::{base64_zeroizing, Secret};
 
 const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+/// How soon a failed `exec` is tried again (when its `refresh` is longer).
+const EXEC_RETRY: Duration = Duration::from_secs(30);
 /// How long a command's output may stay open after the command exited (held by a process it
 /// started), before what was printed is taken as the value.
 const EXEC_LEFTOVER_GRACE: Duration = Duration::from_millis(200);
@@ -374,8 +376,15 @@ impl StoreInner {
 
 impl CredentialStore {
     /// Reads every source once (exec sources run now). Unreadable sources are kept and reported
-    /// by `unreadable()`; requests needing them get `credential_unavailable`.
-    pub async fn load(policy: &CompiledPolicy) -> CredentialStore {
+    /// by `unreadable()`; requests needing them get `credential_unavailable`. On a reload,
+    /// `previous` is the store being replaced: a command that fails now leaves the value it
+    /// gave before (the rule of the refresh), rather than a credential nobody can use until
+    /// its next `refresh`; a log rotation's SIGHUP during an outage of the secret store must
+    /// not take a working credential away.
+    pub async fn load(
+        policy: &CompiledPolicy,
+        previous: Option<&CredentialStore>,
+    ) -> CredentialStore {
         let defs = &policy.policy().credentials;
         let inner = StoreInner {
             slots: defs
@@ -399,17 +408,25 @@ impl CredentialStore {
                 _ => None,
             };
             let value = match read_source(&def.source).await {
-                Ok(v) => Some(v),
+                Ok(v) => Some(Arc::new(CredentialValue::new(v))),
                 Err(why) => {
-                    tracing::warn!(credential = %def.name, %why, "credential cannot be read; requests that need it get 502 credential_unavailable");
-                    None
+                    match previous.and_then(|p| p.kept_exec_value(&def.name, &def.source)) {
+                        Some(kept) => {
+                            tracing::warn!(credential = %def.name, %why, "credential cannot be read again; keeping the value read before the reload");
+                            Some(kept)
+                        }
+                        None => {
+                            tracing::warn!(credential = %def.name, %why, "credential cannot be read; requests that need it get 502 credential_unavailable");
+                            None
+                        }
+                    }
                 }
             };
             inner.store(
                 idx,
                 Cached {
                     stamp,
-                    value: value.map(|v| Arc::new(CredentialValue::new(v))),
+                    value,
                     checked: Instant::now(),
                 },
             );
@@ -419,7 +436,21 @@ impl CredentialStore {
         }
     }
 
+    /// The value this store holds for the `exec` credential `name` reading `source`, if any.
+    fn kept_exec_value(&self, name: &str, source: &SecretSource) -> Option<Arc<CredentialValue>> {
+        if !matches!(source, SecretSource::Exec { .. }) {
+            return None;
+        }
+        let slot = self
+            .inner
+            .slots
+            .iter()
+            .find(|slot| slot.name == name && slot.source == *source)?;
+        slot.cache.load().as_ref()?.value.clone()
+    }
+
     /// Starts background refresh for `exec` sources; the tasks end when the store is dropped.
+    /// After a failed attempt (or with no value yet) the next comes sooner than `refresh`.
     pub fn spawn_refreshers(&self) {
         for (idx, slot) in self.inner.slots.iter().enumerate() {
             if !matches!(slot.source, SecretSource::Exec { .. }) {
@@ -427,9 +458,13 @@ impl CredentialStore {
             }
             let weak = Arc::downgrade(&self.inner);
             let every = slot.refresh;
+            let mut next = match slot.cache.load().as_ref().and_then(|c| c.value.as_ref()) {
+                Some(_) => every,
+                None => every.min(EXEC_RETRY),
+            };
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(every).await;
+                    tokio::time::sleep(next).await;
                     let Some(inner) = weak.upgrade() else { return };
                     let Some(slot) = inner.slots.get(idx) else {
                         return;
@@ -438,9 +473,11 @@ impl CredentialStore {
                         Ok(v) => v,
                         Err(why) => {
                             tracing::warn!(credential = %slot.name, %why, "credential refresh failed; keeping the previous value");
+                            next = every.min(EXEC_RETRY);
                             continue;
                         }
                     };
+                    next = every;
                     inner.store(
                         idx,
                         Cached {

@@ -30,17 +30,19 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Compiles a validated policy and builds its credentials and clients.
+    /// Compiles a validated policy and builds its credentials and clients (`previous`: the
+    /// generation a reload replaces).
     pub async fn build(
         source: &Path,
         policy: policy::Policy,
         settings: &ProxySettings,
         own: &Arc<OwnListeners>,
+        previous: Option<&Generation>,
     ) -> Result<Generation, PolicyErrors> {
         let policy = CompiledPolicy::compile(policy);
         let upstreams = Upstreams::build(&policy, settings.connect_timeout, own)
             .map_err(|e| PolicyErrors::whole_file(&source.display().to_string(), e.to_string()))?;
-        let credentials = CredentialStore::load(&policy).await;
+        let credentials = CredentialStore::load(&policy, previous.map(|g| &g.credentials)).await;
         credentials.spawn_refreshers();
         Ok(Generation {
             policy,
@@ -166,7 +168,15 @@ impl State {
             tracing::warn!("{}: {w}", path.display());
         }
         let restart_required = self.restart_only.changed_in(&self.settings, &policy);
-        let generation = Generation::build(path, policy, &self.settings, &self.listeners).await?;
+        let previous = self.current();
+        let generation = Generation::build(
+            path,
+            policy,
+            &self.settings,
+            &self.listeners,
+            Some(&previous),
+        )
+        .await?;
         let version = generation.policy.version().to_string();
         // SECURITY (SPEC §9): a task whose agent, or one of whose capabilities, the new policy
         // no longer has (or no longer grants that agent) is refused from its next request on,

@@ -352,6 +352,45 @@ async fn overlapping_reloads_leave_the_newest_policy_serving() {
     kw.assert_no_leaks().await;
 }
 
+/// A reload re-runs every credential `exec`; one that fails then (its secret store briefly
+/// down, during a log rotation's SIGHUP) keeps the value it gave before, as a failed refresh
+/// does, instead of leaving the credential unusable until its next `refresh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_exec_fails_keeps_the_value_it_read_before() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let agent = kw.agent(&task);
+    let url = f.plain_url("plain.test", "/echo");
+    let token_file = kw.policy_path.with_file_name("api-token");
+    let outage = kw.policy_path.with_file_name("outage");
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let exec = format!(
+        "api_token: {{ source: {{ exec: [sh, -c, 'test -f {} && exit 3; cat {}'] }}, refresh: 10m }}",
+        outage.display(),
+        token_file.display()
+    );
+    let with_exec = original.replacen("api_token: { source: file:api-token }", &exec, 1);
+    assert_ne!(with_exec, original);
+    std::fs::write(&kw.policy_path, &with_exec).unwrap();
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(kw.send(agent.get(&url)).await.status, 200);
+
+    std::fs::write(&outage, "").unwrap();
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    let resp = kw.send(agent.get(&url)).await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(
+        f.plain.last().header("authorization"),
+        Some(format!("Bearer {}", f.creds.api_token))
+    );
+    let (_, ready) = kw.admin(Method::GET, "/readyz", None).await;
+    assert_eq!(ready["credentials_unreadable"], json!([]), "{ready}");
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_with_an_invalid_policy_keeps_the_old_one_serving() {
     let f = Fixture::start().await;
