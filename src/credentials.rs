@@ -758,6 +758,8 @@ pub enum SourceError {
     File(String, std::io::ErrorKind),
     #[error("file {0} is empty")]
     FileEmpty(String),
+    #[error("{0} holds a line break or another control character inside its value (more than one line?)")]
+    ControlInValue(String),
     #[error("{0} is not a regular file")]
     NotAFile(String),
     #[error("file {0} holds more than {1} bytes: not a secret")]
@@ -780,6 +782,27 @@ pub enum SourceError {
 
 /// Reads a secret from its source.
 pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
+    let secret = read_raw(source).await?;
+    // Two lines (`A\nB`) cannot go into a header: every request would fail, while the
+    // credential looked readable. Refused here, so `/readyz` and the log say why.
+    if secret
+        .expose()
+        .bytes()
+        .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+    {
+        let shown = match source {
+            SecretSource::Env(name) => format!("environment variable {name}"),
+            SecretSource::File(path) => format!("file {}", path.display()),
+            SecretSource::Exec { argv } => {
+                format!("command `{}`", argv.first().map_or("", String::as_str))
+            }
+        };
+        return Err(SourceError::ControlInValue(shown));
+    }
+    Ok(secret)
+}
+
+async fn read_raw(source: &SecretSource) -> Result<Secret, SourceError> {
     match source {
         SecretSource::Env(name) => match std::env::var(name) {
             Ok(v) => trimmed(v).ok_or_else(|| SourceError::EnvEmpty(name.clone())),
@@ -928,11 +951,7 @@ pub fn inject(
     let Some(injection) = &policy.service_at(permit.service()).inject else {
         return Ok(None);
     };
-    let idx = match injection {
-        Injection::Header { credential, .. }
-        | Injection::Query { credential, .. }
-        | Injection::Basic { credential, .. } => *credential,
-    };
+    let idx = injection.credential();
     let value = store.get(idx).ok_or(Reason::CredentialUnavailable)?;
     let secret = value.secret();
     match injection {
@@ -1236,6 +1255,14 @@ mod tests {
         assert!(matches!(err, SourceError::ExecEmpty(..)), "{err}");
         let err = read_source(&exec("printf 'sk\\377'")).await.unwrap_err();
         assert!(matches!(err, SourceError::ExecNotUtf8(..)), "{err}");
+        let err = read_source(&exec("printf 'sk_line_one\\nsk_line_two\\n'"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SourceError::ControlInValue(..)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "command `sh` holds a line break or another control character inside its value (more than one line?)"
+        );
         let secret = read_source(&exec("printf 'sk_value\\r\\n'")).await.unwrap();
         assert_eq!(secret.expose(), "sk_value");
     }

@@ -665,7 +665,9 @@ async fn unreadable_credential_file_is_credential_unavailable() {
     let resp = kw
         .send(kw.agent(&task).get(f.plain_url("gone.test", "/ping")))
         .await;
-    kw.assert_denied(&resp, 502, "credential_unavailable").await;
+    let (_, rec) = kw.assert_denied(&resp, 502, "credential_unavailable").await;
+    // The record names the credential the operator must fix.
+    assert_eq!(rec["credential"], "gone_token", "{rec}");
     assert_eq!(f.plain.hits(), 0);
     let (_, t) = kw
         .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)

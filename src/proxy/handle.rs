@@ -153,6 +153,13 @@ async fn handle_request(
         Ok(c) => c,
         Err(reason) => {
             task.refund();
+            // The record names the credential that could not be read (never its value).
+            let service = generation.policy.service_at(permit.service());
+            draft.rec.credential = service
+                .inject
+                .as_ref()
+                .and_then(|how| generation.credentials.name(how.credential()))
+                .map(str::to_string);
             return refuse(&state, &generation, ctx, draft, reason.into()).await;
         }
     };
