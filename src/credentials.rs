@@ -40,9 +40,25 @@ const _: () = assert!(MIN_SCAN_LEN == 8);
 /// A value and when it was read.
 struct Cached {
     value: Option<Arc<CredentialValue>>,
+    /// The value before the last rotation: an upstream may accept it for a while yet, so the
+    /// egress scan (and the audit record's redaction) keeps looking for it. One per credential.
+    retired: Option<Arc<CredentialValue>>,
     checked: Instant,
     /// For a `file:` source, the file as it was just before it was read.
     stamp: Option<FileStamp>,
+}
+
+impl Cached {
+    /// The retired value once `value` replaces this one's.
+    fn retired_by(&self, value: &Option<Arc<CredentialValue>>) -> Option<Arc<CredentialValue>> {
+        match (&self.value, value) {
+            (Some(was), Some(now)) if was.secret.expose() == now.secret.expose() => {
+                self.retired.clone()
+            }
+            (Some(was), _) => Some(was.clone()),
+            (None, _) => self.retired.clone(),
+        }
+    }
 }
 
 /// What tells that a file changed: a rotation that renames another file into place (as
@@ -305,19 +321,28 @@ struct StoreInner {
 impl StoreInner {
     /// Replaces slot `idx`'s value. The scan set learns it first, so no request can have it
     /// injected before the egress scan looks for it.
-    fn store(&self, idx: usize, cached: Cached) {
+    fn store(&self, idx: usize, mut cached: Cached) {
         let Some(slot) = self.slots.get(idx) else {
             return;
         };
         let _one_at_a_time = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.cache.load().as_ref() {
+            cached.retired = old.retired_by(&cached.value);
+        }
         let cached = Arc::new(cached);
         let values = self
             .slots
             .iter()
             .enumerate()
-            .filter_map(|(i, other)| match i == idx {
-                true => cached.value.clone(),
-                false => other.cache.load().as_ref()?.value.clone(),
+            .flat_map(|(i, other)| {
+                let held = match i == idx {
+                    true => Some(cached.clone()),
+                    false => other.cache.load_full(),
+                };
+                held.map(|c| [c.value.clone(), c.retired.clone()])
+                    .into_iter()
+                    .flatten()
+                    .flatten()
             })
             .collect();
         self.scan.store(Arc::new(ScanSet::new(values)));
@@ -366,6 +391,7 @@ impl StoreInner {
             idx,
             Cached {
                 value: value.clone(),
+                retired: None,
                 checked: Instant::now(),
                 stamp,
             },
@@ -407,25 +433,31 @@ impl CredentialStore {
                 SecretSource::File(path) => FileStamp::of(path),
                 _ => None,
             };
+            // What the replaced store held under this name (a reload).
+            let before = previous.and_then(|p| p.held(&def.name));
+            let kept = before.as_ref().and_then(|(source, cached)| {
+                let same_exec =
+                    matches!(source, SecretSource::Exec { .. }) && **source == def.source;
+                same_exec.then(|| cached.value.clone()).flatten()
+            });
             let value = match read_source(&def.source).await {
                 Ok(v) => Some(Arc::new(CredentialValue::new(v))),
-                Err(why) => {
-                    match previous.and_then(|p| p.kept_exec_value(&def.name, &def.source)) {
-                        Some(kept) => {
-                            tracing::warn!(credential = %def.name, %why, "credential cannot be read again; keeping the value read before the reload");
-                            Some(kept)
-                        }
-                        None => {
-                            tracing::warn!(credential = %def.name, %why, "credential cannot be read; requests that need it get 502 credential_unavailable");
-                            None
-                        }
+                Err(why) => match kept {
+                    Some(kept) => {
+                        tracing::warn!(credential = %def.name, %why, "credential cannot be read again; keeping the value read before the reload");
+                        Some(kept)
                     }
-                }
+                    None => {
+                        tracing::warn!(credential = %def.name, %why, "credential cannot be read; requests that need it get 502 credential_unavailable");
+                        None
+                    }
+                },
             };
             inner.store(
                 idx,
                 Cached {
                     stamp,
+                    retired: before.and_then(|(_, cached)| cached.retired_by(&value)),
                     value,
                     checked: Instant::now(),
                 },
@@ -436,17 +468,10 @@ impl CredentialStore {
         }
     }
 
-    /// The value this store holds for the `exec` credential `name` reading `source`, if any.
-    fn kept_exec_value(&self, name: &str, source: &SecretSource) -> Option<Arc<CredentialValue>> {
-        if !matches!(source, SecretSource::Exec { .. }) {
-            return None;
-        }
-        let slot = self
-            .inner
-            .slots
-            .iter()
-            .find(|slot| slot.name == name && slot.source == *source)?;
-        slot.cache.load().as_ref()?.value.clone()
+    /// The source and what is held for the credential `name`, if this store has it.
+    fn held(&self, name: &str) -> Option<(&SecretSource, Arc<Cached>)> {
+        let slot = self.inner.slots.iter().find(|slot| slot.name == name)?;
+        Some((&slot.source, slot.cache.load_full()?))
     }
 
     /// Starts background refresh for `exec` sources; the tasks end when the store is dropped.
@@ -482,6 +507,7 @@ impl CredentialStore {
                         idx,
                         Cached {
                             value: Some(Arc::new(CredentialValue::new(value))),
+                            retired: None,
                             checked: Instant::now(),
                             stamp: None,
                         },
@@ -1321,6 +1347,7 @@ mod tests {
                 Cached {
                     stamp,
                     value,
+                    retired: None,
                     checked: Instant::now(),
                 },
             );
@@ -1343,7 +1370,8 @@ mod tests {
         assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_"]));
 
         // The file changes (as a Kubernetes secret volume does); once the check interval has
-        // passed, the next scan reads it and finds the new value, and the old one no more.
+        // passed, the next scan reads it and finds the new value. The old one is still looked
+        // for (an upstream may accept it for a while yet), until the next rotation.
         std::fs::write(&a, "sk_live_rotated_value_C").unwrap();
         let later = std::time::SystemTime::now() + Duration::from_secs(5);
         std::fs::File::options()
@@ -1354,8 +1382,26 @@ mod tests {
             .unwrap();
         std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
-        assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
+        assert!(store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
         assert!(store.carried_in(&[b"ghp_second_value_BBBB"]));
+        assert_eq!(
+            store.get(0).unwrap().secret().expose(),
+            "sk_live_rotated_value_C",
+            "only the new value is injected"
+        );
+
+        std::fs::write(&a, "sk_live_third_value_DD").unwrap();
+        let later = later + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&a)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        assert!(store.carried_in(&[b"/x?k=sk_live_third_value_DD"]));
+        assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
+        assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
     }
 
     // Kubernetes rotates a secret volume by pointing its `..data` link at a new directory. The
@@ -1389,7 +1435,10 @@ mod tests {
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
         std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
         assert!(store.carried_in(&[b"Bearer sk_live_after_rotation_"]));
-        assert!(!store.carried_in(&[b"Bearer sk_live_before_rotation"]));
+        assert_eq!(
+            store.get(0).unwrap().secret().expose(),
+            "sk_live_after_rotation_"
+        );
     }
 
     #[test]
