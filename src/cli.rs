@@ -465,6 +465,41 @@ fn parse_where(items: &[String]) -> Result<Vec<(String, Vec<String>)>, Failure> 
     Ok(out)
 }
 
+/// `explain … CONNECT host:port`: the tunnel's own decision, as `serve` records it (the
+/// requests inside an intercepted tunnel are each decided like a plain one).
+fn explain_connect(
+    compiled: &CompiledPolicy,
+    task: &crate::tasks::Task,
+    target: &str,
+    now: SystemTime,
+) -> Result<(), Failure> {
+    // `https://host:port` is taken for `host:port`, as a client given that URL would CONNECT.
+    let authority = target
+        .strip_prefix("https://")
+        .or_else(|| target.strip_prefix("http://"))
+        .unwrap_or(target)
+        .trim_end_matches('/');
+    let (host, port) = parse_authority(authority, 443).map_err(|e| {
+        Failure::user(format!(
+            "`{target}` is not host:port for CONNECT ({})",
+            e.code
+        ))
+    })?;
+    match decide::decide_connect(compiled, task, &host, port, now) {
+        Ok(ConnectDecision::Intercept { service }) => {
+            let name = service.map_or("", |s| compiled.service_at(s).name.as_str());
+            out!("decision:   allow\nreason:     allowed");
+            out!("connect:    intercept {host}:{port} (service {name}); each request inside is decided on its own");
+        }
+        Ok(ConnectDecision::Tunnel) => {
+            out!("decision:   tunnel\nreason:     passthrough");
+            out!("connect:    tunnel {host}:{port} (passthrough: not inspected, no credential)");
+        }
+        Err(d) => print_denial(compiled, &d),
+    }
+    Ok(())
+}
+
 fn explain(
     config: &Path,
     agent: String,
@@ -493,6 +528,9 @@ fn explain(
             now,
         )
         .map_err(|e| Failure::user(e.to_string()))?;
+    if method.eq_ignore_ascii_case("CONNECT") {
+        return explain_connect(&compiled, &task, url, now);
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|_| Failure::user(format!("`{url}` is not a URL")))?;

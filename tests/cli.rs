@@ -378,6 +378,21 @@ async fn explain_prints_decision_reason_capability_route_and_credential_name_nev
         "{unknown}"
     );
 
+    // CONNECT: the tunnel's own decision, as `serve` records it (it used to be decided as a
+    // request for `/` and read `route_not_in_intent` for a tunnel `serve` intercepts).
+    for target in ["api.test:443", "https://api.test"] {
+        let connect = text(&explain("CONNECT", target).await.stdout);
+        assert!(
+            connect.contains("decision:   allow") && connect.contains("reason:     allowed"),
+            "{target}: {connect}"
+        );
+        assert!(connect.contains("intercept api.test:443"), "{connect}");
+    }
+    let connect = text(&explain("CONNECT", "blind.test:443").await.stdout);
+    assert!(connect.contains("reason:     passthrough"), "{connect}");
+    let connect = text(&explain("CONNECT", "api.test:8443").await.stdout);
+    assert!(connect.contains("reason:     unknown_host"), "{connect}");
+
     for s in &secrets {
         for (what, o) in [
             ("allow", &allow),
