@@ -1147,7 +1147,8 @@ fn form_encoded(bytes: &[u8], keep: &[u8]) -> zeroize::Zeroizing<Vec<u8>> {
     out
 }
 
-/// A query parameter name as a server decodes it: `%XX` decoded, `+` a space.
+/// A query parameter name as a server decodes it: `%XX` decoded, `+` a space, and `%uXXXX`
+/// as the character it names (ASP.NET and IIS decode it in query strings).
 pub fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !name.iter().any(|&b| b == b'%' || b == b'+') {
         return name.into();
@@ -1160,6 +1161,15 @@ pub fn decode_query_name(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let mut out = Vec::with_capacity(name.len());
     let mut i = 0;
     while i < name.len() {
+        let wide = matches!(name.get(i + 1), Some(b'u' | b'U'))
+            .then(|| (2..6).try_fold(0u32, |n, k| Some(n << 4 | u32::from(hex(i + k)?))))
+            .flatten();
+        if let (b'%', Some(code)) = (name[i], wide) {
+            let c = char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER);
+            out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+            i += 6;
+            continue;
+        }
         match (name[i], hex(i + 1), hex(i + 2)) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h << 4) | l);
@@ -1443,7 +1453,7 @@ mod tests {
 
     #[test]
     fn query_injection_replaces_agent_values_in_every_spelling() {
-        let uri: Uri = "https://h/p/q?a=1&api_key=fake&api%5Fkey=x&b=2"
+        let uri: Uri = "https://h/p/q?a=1&api_key=fake&api%5Fkey=x&b=2&api%u005Fkey=iis"
             .parse()
             .unwrap();
         let out = with_query_param(&uri, "api_key", "s3cr3t/+=").unwrap();

@@ -236,10 +236,38 @@ pub fn query_lookalike(query: &str, param: &str) -> bool {
             && pair.split(';').any(|sub| {
                 let key = sub.split_once('=').map_or(sub, |(k, _)| k);
                 let decoded = crate::credentials::decode_query_name(key.as_bytes());
+                let decoded = unicode_folded(&decoded);
                 let root = structural_root(&decoded);
                 want.contains(&root) || php_names(&decoded).iter().any(|n| want.contains(n))
             })
     })
+}
+
+/// A decoded name as servers beyond ASCII may read it: blanks at either end dropped in
+/// Unicode's sense (JavaScript's `trim`, Python's `strip`: `\x0b`, `\xa0`, `\u3000`, …), and
+/// each character case-folded to ASCII where it folds to ASCII (Java's `equalsIgnoreCase`
+/// matches the dotless `ı` with `i`, the Kelvin sign with `k`).
+fn unicode_folded(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let odd_blank = |b: &u8| matches!(b, 0x0b | 0x0c | 0x1c..=0x1f);
+    if name.is_ascii()
+        && !name.first().is_some_and(odd_blank)
+        && !name.last().is_some_and(odd_blank)
+    {
+        return name.into();
+    }
+    let text = String::from_utf8_lossy(name);
+    let blank = |c: char| c.is_whitespace() || ('\x1c'..='\x1f').contains(&c);
+    let mut out = Vec::with_capacity(name.len());
+    for c in text.trim_matches(blank).chars() {
+        let folded: String = c.to_uppercase().flat_map(char::to_lowercase).collect();
+        let c = if folded.is_ascii() {
+            folded
+        } else {
+            c.to_string()
+        };
+        out.extend_from_slice(c.as_bytes());
+    }
+    out.into()
 }
 
 /// The name a nesting parser keys a parameter under, lowercased: `[api_key]` (qs, Rack),
@@ -413,6 +441,18 @@ mod tests {
             "api_key+=x",
             "api_key%09=x",
             "api_key.x=y",
+            // Blanks beyond ASCII's at either end, and characters that case-fold to ASCII.
+            "api_key%0b=x",
+            "%0bapi_key=x",
+            "api_key%1f=x",
+            "api_key%c2%a0=x",
+            "%c2%a0api_key=x",
+            "api_key%c2%85=x",
+            "api_key%e3%80%80=x",
+            "ap%C4%B1_key=x",
+            "api_%E2%84%AAey=x",
+            "API%u005FKEY=x",
+            "%u00a0api_key=x",
         ] {
             assert!(query_lookalike(q, "api_key"), "{q}");
         }
@@ -421,6 +461,8 @@ mod tests {
             "api_key=x",
             "api%5Fkey=x",
             "%61pi_key=x",
+            "api%u005Fkey=x",
+            "%u0061pi_key=x",
             "q=1&api_key=x;api_key=y",
             "api_keys=x",
             "key=x&api=y",
