@@ -384,9 +384,9 @@ mod tests {
             .map(|(n, _)| n.to_vec())
             .collect();
         // Raw, base64 (standard, URL-safe, at three alignments), percent (upper-, lowercase
-        // hex; as Python's quote, JavaScript's encodeURI and escape write it), JSON with `\/`,
-        // UTF-16 (two byte orders), the Basic pair.
-        assert_eq!(needles.len(), 16);
+        // hex; as Python's quote, JavaScript's encodeURI and escape write it), JSON with `\/`
+        // and HTML-safe (`>` as `\u003e`), UTF-16 (two byte orders), the Basic pair.
+        assert_eq!(needles.len(), 17);
         let contains = |hay: &[u8], n: &[u8]| hay.windows(n.len()).any(|w| w == n);
         for needle in &needles {
             for k in 1..needle.len() {

@@ -23,7 +23,8 @@ struct Problem<'a> {
     detail: String,
     reason: &'a str,
     request_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `null` where no task is known (a 407, a head too large to read): every problem
+    /// document has the same keys.
     task: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     capability: Option<&'a str>,
@@ -246,7 +247,11 @@ pub fn failure(f: Failure, request_id: &str, task: Option<&str>) -> Response<Pro
         task,
         capability: None,
     };
-    problem_response(f.status(), &problem)
+    let mut resp = problem_response(f.status(), &problem);
+    // The same header as a denial's, with the failure's code, so an agent reads one place.
+    resp.headers_mut()
+        .insert(REASON_HEADER, HeaderValue::from_static(f.code()));
+    resp
 }
 
 fn problem_response(status: StatusCode, problem: &Problem<'_>) -> Response<ProxyBody> {
