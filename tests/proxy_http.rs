@@ -717,6 +717,10 @@ async fn unreachable_upstream_is_502_recorded_with_the_allowed_request() {
     // The same problem shape as a denial (SPEC §4.3), naming the task.
     assert_eq!(problem["type"], "urn:keyward:error:upstream_unreachable");
     assert_eq!(problem["reason"], "upstream_unreachable");
+    assert_eq!(
+        resp.header("x-keyward-reason").as_deref(),
+        Some("upstream_unreachable")
+    );
     assert_eq!(problem["status"], 502);
     assert_eq!(problem["task"], task.id.as_str());
     assert!(

@@ -544,6 +544,15 @@ impl Harness {
         );
         assert!(problem["title"].is_string(), "{problem}");
         assert!(problem["detail"].is_string(), "{problem}");
+        // Every problem document has the same keys: `task` is null where none is known.
+        let task = problem.get("task");
+        assert!(
+            task.is_some_and(|t| t.is_string() || t.is_null()),
+            "no task: {problem}"
+        );
+        if status == 403 || status == 429 {
+            assert!(problem["task"].is_string(), "{problem}");
+        }
     }
 
     // --- leaks --------------------------------------------------------------------------------
