@@ -808,30 +808,12 @@ pub enum SourceError {
 
 /// Reads a secret from its source.
 pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
-    let secret = read_raw(source).await?;
-    // Two lines (`A\nB`) cannot go into a header: every request would fail, while the
-    // credential looked readable. Refused here, so `/readyz` and the log say why.
-    if secret
-        .expose()
-        .bytes()
-        .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
-    {
-        let shown = match source {
-            SecretSource::Env(name) => format!("environment variable {name}"),
-            SecretSource::File(path) => format!("file {}", path.display()),
-            SecretSource::Exec { argv } => {
-                format!("command `{}`", argv.first().map_or("", String::as_str))
-            }
-        };
-        return Err(SourceError::ControlInValue(shown));
-    }
-    Ok(secret)
-}
-
-async fn read_raw(source: &SecretSource) -> Result<Secret, SourceError> {
     match source {
         SecretSource::Env(name) => match std::env::var(name) {
-            Ok(v) => trimmed(v).ok_or_else(|| SourceError::EnvEmpty(name.clone())),
+            Ok(v) => one_line(
+                trimmed(v).ok_or_else(|| SourceError::EnvEmpty(name.clone()))?,
+                || format!("environment variable {name}"),
+            ),
             Err(std::env::VarError::NotPresent) => Err(SourceError::EnvUnset(name.clone())),
             Err(std::env::VarError::NotUnicode(_)) => Err(SourceError::EnvNotUnicode(name.clone())),
         },
@@ -867,7 +849,19 @@ fn read_file(path: &PathBuf) -> Result<Secret, SourceError> {
         zeroize::Zeroize::zeroize(&mut e.into_bytes());
         SourceError::File(shown(), std::io::ErrorKind::InvalidData)
     })?;
-    trimmed(text).ok_or_else(|| SourceError::FileEmpty(shown()))
+    let secret = trimmed(text).ok_or_else(|| SourceError::FileEmpty(shown()))?;
+    one_line(secret, || format!("file {}", shown()))
+}
+
+/// SECURITY: two lines (`A\nB`) cannot go into a header: every request would fail while the
+/// credential looked readable. Refused where it is read (at start, reload, refresh and file
+/// change), so `/readyz` and the log say why.
+fn one_line(secret: Secret, shown: impl FnOnce() -> String) -> Result<Secret, SourceError> {
+    let control = |b: u8| (b < 0x20 && b != b'\t') || b == 0x7f;
+    match secret.expose().bytes().any(control) {
+        true => Err(SourceError::ControlInValue(shown())),
+        false => Ok(secret),
+    }
 }
 
 /// Runs the command in a process group of its own and reads what it prints. It is done when
@@ -928,7 +922,8 @@ async fn read_exec(argv: &[String]) -> Result<Secret, SourceError> {
         zeroize::Zeroize::zeroize(&mut e.into_bytes());
         SourceError::ExecNotUtf8(program.clone())
     })?;
-    trimmed(text).ok_or_else(|| SourceError::ExecEmpty(program.clone()))
+    let secret = trimmed(text).ok_or_else(|| SourceError::ExecEmpty(program.clone()))?;
+    one_line(secret, || format!("command `{program}`"))
 }
 
 /// A command's process group, killed when the read ends however it ends.
@@ -1255,6 +1250,24 @@ mod tests {
                 big.display()
             )
         );
+    }
+
+    // A value of two lines could not go into a header: refused at start and at a rotation
+    // alike (the rotated file is read by the request path, not by `read_source`).
+    #[test]
+    fn a_second_line_is_refused_from_a_file_at_start_and_at_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "sk_line_one\nsk_line_two\n").unwrap();
+        let err = read_file(&path).unwrap_err();
+        assert!(matches!(err, SourceError::ControlInValue(_)), "{err}");
+
+        std::fs::write(&path, "sk_single_line_value\n").unwrap();
+        let store = file_store(&[&path]);
+        assert!(store.get(0).is_some());
+        std::fs::write(&path, "sk_single_line_value\nsk_second\n").unwrap();
+        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        assert!(store.get(0).is_none(), "a two-line value was taken");
     }
 
     // A FIFO would block the read (and the worker thread that checks the file for a request)
