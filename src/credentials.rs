@@ -1395,15 +1395,14 @@ mod tests {
         // The file changes (as a Kubernetes secret volume does); once the check interval has
         // passed, the next scan reads it and finds the new value. The old one is still looked
         // for (an upstream may accept it for a while yet), until the next rotation.
-        std::fs::write(&a, "sk_live_rotated_value_C").unwrap();
-        let later = std::time::SystemTime::now() + Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&a)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        let rotate = |value: &str, ahead: u64| {
+            std::fs::write(&a, value).unwrap();
+            let later = std::time::SystemTime::now() + Duration::from_secs(ahead);
+            let file = std::fs::File::options().write(true).open(&a).unwrap();
+            file.set_modified(later).unwrap();
+            std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        };
+        rotate("sk_live_rotated_value_C", 5);
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
         assert!(store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
         assert!(store.carried_in(&[b"ghp_second_value_BBBB"]));
@@ -1413,15 +1412,7 @@ mod tests {
             "only the new value is injected"
         );
 
-        std::fs::write(&a, "sk_live_third_value_DD").unwrap();
-        let later = later + Duration::from_secs(5);
-        std::fs::File::options()
-            .write(true)
-            .open(&a)
-            .unwrap()
-            .set_modified(later)
-            .unwrap();
-        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        rotate("sk_live_third_value_DD", 10);
         assert!(store.carried_in(&[b"/x?k=sk_live_third_value_DD"]));
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
         assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
