@@ -316,6 +316,9 @@ struct StoreInner {
     rebuild: std::sync::Mutex<()>,
     /// Whether any slot reads a file, whose change is noticed only when it is looked at.
     has_files: bool,
+    /// keyward's own secrets (the admin token): never injected, but looked for like a
+    /// credential, so no request carries one out and no record keeps one.
+    own: Vec<Arc<CredentialValue>>,
 }
 
 impl StoreInner {
@@ -344,6 +347,7 @@ impl StoreInner {
                     .flatten()
                     .flatten()
             })
+            .chain(self.own.iter().cloned())
             .collect();
         self.scan.store(Arc::new(ScanSet::new(values)));
         slot.cache.store(Some(cached));
@@ -407,11 +411,18 @@ impl CredentialStore {
     /// gave before (the rule of the refresh), rather than a credential nobody can use until
     /// its next `refresh`; a log rotation's SIGHUP during an outage of the secret store must
     /// not take a working credential away.
+    ///
+    /// `own` are keyward's own secrets, looked for but never injected (the admin token).
     pub async fn load(
         policy: &CompiledPolicy,
         previous: Option<&CredentialStore>,
+        own: &[&Secret],
     ) -> CredentialStore {
         let defs = &policy.policy().credentials;
+        let own: Vec<_> = own
+            .iter()
+            .map(|s| Arc::new(CredentialValue::new((*s).clone())))
+            .collect();
         let inner = StoreInner {
             slots: defs
                 .iter()
@@ -422,11 +433,12 @@ impl CredentialStore {
                     cache: ArcSwapOption::empty(),
                 })
                 .collect(),
-            scan: ArcSwap::from_pointee(ScanSet::new(Vec::new())),
+            scan: ArcSwap::from_pointee(ScanSet::new(own.clone())),
             rebuild: std::sync::Mutex::new(()),
             has_files: defs
                 .iter()
                 .any(|def| matches!(def.source, SecretSource::File(_))),
+            own,
         };
         for (idx, def) in defs.iter().enumerate() {
             let stamp = match &def.source {
@@ -1356,6 +1368,7 @@ mod tests {
             scan: ArcSwap::from_pointee(ScanSet::new(Vec::new())),
             rebuild: std::sync::Mutex::new(()),
             has_files: true,
+            own: Vec::new(),
         };
         for (idx, source) in sources.iter().enumerate() {
             let SecretSource::File(path) = source else {

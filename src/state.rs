@@ -31,18 +31,20 @@ pub struct Generation {
 
 impl Generation {
     /// Compiles a validated policy and builds its credentials and clients (`previous`: the
-    /// generation a reload replaces).
+    /// generation a reload replaces; the admin token is looked for like a credential).
     pub async fn build(
         source: &Path,
         policy: policy::Policy,
         settings: &ProxySettings,
         own: &Arc<OwnListeners>,
         previous: Option<&Generation>,
+        admin_token: &Secret,
     ) -> Result<Generation, PolicyErrors> {
         let policy = CompiledPolicy::compile(policy);
         let upstreams = Upstreams::build(&policy, settings.connect_timeout, own)
             .map_err(|e| PolicyErrors::whole_file(&source.display().to_string(), e.to_string()))?;
-        let credentials = CredentialStore::load(&policy, previous.map(|g| &g.credentials)).await;
+        let credentials =
+            CredentialStore::load(&policy, previous.map(|g| &g.credentials), &[admin_token]).await;
         credentials.spawn_refreshers();
         Ok(Generation {
             policy,
@@ -169,12 +171,14 @@ impl State {
         }
         let restart_required = self.restart_only.changed_in(&self.settings, &policy);
         let previous = self.current();
+        let admin_token = self.admin_token.load_full();
         let generation = Generation::build(
             path,
             policy,
             &self.settings,
             &self.listeners,
             Some(&previous),
+            &admin_token,
         )
         .await?;
         let version = generation.policy.version().to_string();

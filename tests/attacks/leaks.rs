@@ -530,6 +530,31 @@ async fn real_credential_sent_by_the_agent_in_any_spelling_is_secret_egress() {
     kw.assert_no_leaks().await;
 }
 
+/// keyward's own admin token is a secret like a credential (SPEC §7: never in a record): an
+/// agent that got hold of it cannot send it out through keyward, and its record keeps none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_sent_by_an_agent_is_secret_egress_and_never_recorded() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let admin = kw.admin_token.clone();
+    for (path, extra) in [
+        (format!("/repos/{admin}/web/issues"), String::new()),
+        (
+            "/echo".to_string(),
+            format!("X-Note: {}\r\n", STANDARD.encode(&admin)),
+        ),
+    ] {
+        let resp = kw
+            .raw(&raw_req(&f, "GET", "plain.test", &path, &task, &extra))
+            .await;
+        let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+        assert!(!rec.to_string().contains(admin.as_str()), "{rec}");
+    }
+    assert_eq!(f.plain.hits(), 0, "the admin token left keyward");
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_in_a_connect_authority_is_refused_and_never_recorded() {
     let f = Fixture::start().await;
