@@ -1403,10 +1403,16 @@ async fn a_second_sigterm_cuts_the_drain_short() {
     holder.abort();
 }
 
-/// SIGTERM during a SIGHUP reload is not held up by it (a credential `exec` may take 30 s):
-/// the reload is dropped unfinished and keyward stops.
+/// SIGTERM during a reload (SIGHUP or `POST /v1/reload`) is not held up by it (a credential
+/// `exec` may take 30 s): the reload is dropped unfinished and keyward stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_slow_reload_stops_at_once() {
+    for by_post in [false, true] {
+        sigterm_during_a_slow_reload(by_post).await;
+    }
+}
+
+async fn sigterm_during_a_slow_reload(by_post: bool) {
     let dir = tempfile::tempdir().unwrap();
     let slow = dir.path().join("slow");
     let file = edited_policy(
@@ -1419,13 +1425,24 @@ async fn sigterm_during_a_slow_reload_stops_at_once() {
             ),
         )],
     );
+    let admin_token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
     let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
     let mut log = Vec::new();
-    read_until(&mut lines, &mut log, "keyward listening ").await;
+    let line = read_until(&mut lines, &mut log, "keyward listening ").await;
+    let admin = field(&line, "admin").to_string();
     let stderr = tokio::spawn(read_rest(lines, log));
     // From now on reading the credential takes 20 s.
     std::fs::write(&slow, "").unwrap();
-    signal(&child, "-HUP");
+    let posted = by_post.then(|| {
+        let request = reqwest::Client::new()
+            .post(format!("http://{admin}/v1/reload"))
+            .bearer_auth(admin_token.trim())
+            .send();
+        tokio::spawn(request)
+    });
+    if !by_post {
+        signal(&child, "-HUP");
+    }
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let started = std::time::Instant::now();
     signal(&child, "-TERM");
@@ -1433,6 +1450,11 @@ async fn sigterm_during_a_slow_reload_stops_at_once() {
     let took = started.elapsed();
     let log = bounded("stderr", stderr).await.unwrap();
     assert_eq!(status.code(), Some(0), "{log}");
+    if let Some(posted) = posted {
+        // The reload's caller is told it was dropped.
+        let answer = bounded("reload answer", posted).await.unwrap().unwrap();
+        assert_eq!(answer.status(), 503);
+    }
     assert!(
         took < std::time::Duration::from_secs(3),
         "took {took:?}\n{log}"

@@ -29,12 +29,16 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
                 now: SystemTime::now(),
             },
         ),
-        (&Method::POST, "/v1/reload") => match state.reload().await {
-            Ok(r) => json(
+        (&Method::POST, "/v1/reload") => match reload_unless_stopping(state).await {
+            None => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({ "error": "shutting_down", "detail": "keyward is stopping; the reload was dropped and the policy it had kept serving" }),
+            ),
+            Some(Ok(r)) => json(
                 StatusCode::OK,
                 &json!({ "policy_version": r.version, "restart_required": r.restart_required }),
             ),
-            Err(errors) => {
+            Some(Err(errors)) => {
                 let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
                 json(
                     StatusCode::BAD_REQUEST,
@@ -65,6 +69,18 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             StatusCode::NOT_FOUND,
             &json!({"error": "not_found", "message": "no such admin endpoint"}),
         ),
+    }
+}
+
+/// A reload, unless keyward starts to stop first: a stop is not held up by it (a credential
+/// `exec` may take 30 s); the reload is dropped unfinished and the old policy kept serving.
+async fn reload_unless_stopping(
+    state: &State,
+) -> Option<Result<crate::state::Reloaded, crate::policy::PolicyErrors>> {
+    let mut stopping = state.shutdown_signal();
+    tokio::select! {
+        reloaded = state.reload() => Some(reloaded),
+        _ = stopping.wait_for(|&stopping| stopping) => None,
     }
 }
 
