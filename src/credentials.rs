@@ -43,6 +43,9 @@ struct Cached {
     /// The value before the last rotation: an upstream may accept it for a while yet, so the
     /// egress scan (and the audit record's redaction) keeps looking for it. One per credential.
     retired: Option<Arc<CredentialValue>>,
+    /// The value was kept because reading the source again failed (a reload's `exec`): it is
+    /// tried again soon, not after a whole `refresh`.
+    stale: bool,
     checked: Instant,
     /// For a `file:` source, the file as it was just before it was read.
     stamp: Option<FileStamp>,
@@ -157,6 +160,9 @@ impl CredentialValue {
         let form_php = form_encoded(raw, b"-._");
         let form_dotnet = form_encoded(raw, b"-._!()*");
         let form_dotnet_lower = lowercase_hex_digits(&form_dotnet);
+        // Python's `quote_plus` (and `urlencode`), Go's `url.QueryEscape`: RFC 3986's
+        // unreserved set raw, a space as `+`.
+        let form_python = form_encoded(raw, b"-._~");
         let json = |escape| json_escaped(secret.expose(), escape);
         let utf16 = |big_endian: bool| {
             let mut out = Zeroizing::new(Vec::with_capacity(2 * raw.len()));
@@ -189,6 +195,7 @@ impl CredentialValue {
             form_php,
             form_dotnet,
             form_dotnet_lower,
+            form_python,
             json(JsonEscape::Minimal),
             json(JsonEscape::Slash),
             json(JsonEscape::Ascii),
@@ -396,6 +403,7 @@ impl StoreInner {
             Cached {
                 value: value.clone(),
                 retired: None,
+                stale: false,
                 checked: Instant::now(),
                 stamp,
             },
@@ -452,16 +460,16 @@ impl CredentialStore {
                     matches!(source, SecretSource::Exec { .. }) && **source == def.source;
                 same_exec.then(|| cached.value.clone()).flatten()
             });
-            let value = match read_source(&def.source).await {
-                Ok(v) => Some(Arc::new(CredentialValue::new(v))),
+            let (value, stale) = match read_source(&def.source).await {
+                Ok(v) => (Some(Arc::new(CredentialValue::new(v))), false),
                 Err(why) => match kept {
                     Some(kept) => {
                         tracing::warn!(credential = %def.name, %why, "credential cannot be read again; keeping the value read before the reload");
-                        Some(kept)
+                        (Some(kept), true)
                     }
                     None => {
                         tracing::warn!(credential = %def.name, %why, "credential cannot be read; requests that need it get 502 credential_unavailable");
-                        None
+                        (None, false)
                     }
                 },
             };
@@ -471,6 +479,7 @@ impl CredentialStore {
                     stamp,
                     retired: before.and_then(|(_, cached)| cached.retired_by(&value)),
                     value,
+                    stale,
                     checked: Instant::now(),
                 },
             );
@@ -495,10 +504,7 @@ impl CredentialStore {
             }
             let weak = Arc::downgrade(&self.inner);
             let every = slot.refresh;
-            let mut next = match slot.cache.load().as_ref().and_then(|c| c.value.as_ref()) {
-                Some(_) => every,
-                None => every.min(EXEC_RETRY),
-            };
+            let mut next = first_refresh(slot.cache.load().as_deref(), every);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(next).await;
@@ -520,6 +526,7 @@ impl CredentialStore {
                         Cached {
                             value: Some(Arc::new(CredentialValue::new(value))),
                             retired: None,
+                            stale: false,
                             checked: Instant::now(),
                             stamp: None,
                         },
@@ -818,6 +825,15 @@ pub enum SourceError {
     ExecTooLong(String, u64),
 }
 
+/// When an `exec` source is first run again: after `refresh`, or sooner when the read at load
+/// failed (no value, or one kept from before a reload).
+fn first_refresh(cached: Option<&Cached>, every: Duration) -> Duration {
+    match cached {
+        Some(c) if c.value.is_some() && !c.stale => every,
+        _ => every.min(EXEC_RETRY),
+    }
+}
+
 /// Reads a secret from its source.
 pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
     match source {
@@ -839,8 +855,13 @@ fn read_file(path: &PathBuf) -> Result<Secret, SourceError> {
     use std::os::unix::fs::OpenOptionsExt;
     let shown = || path.display().to_string();
     let fail = |e: std::io::Error| SourceError::File(shown(), e.kind());
-    // SECURITY: a regular file only, opened without blocking: a FIFO put in its place would
-    // hold the read, and with it the worker thread that checks the file for a request.
+    // SECURITY: a regular file only, looked at before it is opened (opening a FIFO or a
+    // device has effects of its own) and opened without blocking (in case one was swapped in
+    // since): a FIFO would hold the read, and with it the worker thread that checks the file
+    // for a request.
+    if !std::fs::metadata(path).map_err(fail)?.is_file() {
+        return Err(SourceError::NotAFile(shown()));
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
@@ -959,10 +980,12 @@ impl Drop for ProcessGroup {
 /// keyward injects, so the key it uses is the trimmed one, and that is the one the redactor and
 /// the egress scan must look for. (The bytes cut stay in the buffer, which wipes all of itself.)
 fn trimmed(mut v: String) -> Option<Secret> {
-    const BLANK: [char; 4] = [' ', '\t', '\n', '\r'];
-    let keep = v.trim_end_matches(BLANK).len();
+    // Unicode's blanks too (a no-break space pasted from a web console, a byte-order mark):
+    // an upstream that trims what it reads and echoes it back would show the bare value.
+    let blank = |c: char| c.is_whitespace() || c == '\u{feff}';
+    let keep = v.trim_end_matches(blank).len();
     v.truncate(keep);
-    let lead = v.len() - v.trim_start_matches(BLANK).len();
+    let lead = v.len() - v.trim_start_matches(blank).len();
     v.drain(..lead);
     (!v.is_empty()).then(|| Secret::new(v))
 }
@@ -1384,6 +1407,7 @@ mod tests {
                     stamp,
                     value,
                     retired: None,
+                    stale: false,
                     checked: Instant::now(),
                 },
             );
@@ -1576,6 +1600,7 @@ mod tests {
             ), // PHP urlencode
             ("Q8~a&b<c>x*y!z'(1)_9", "Q8%7ea%26b%3cc%3ex*y!z%27(1)_9"), // .NET HttpUtility
             ("key with space", "key+with+space"),                       // form encoding
+            ("a<b c~d", "a%3Cb+c~d"), // Python's quote_plus, Go's QueryEscape
         ] {
             let value = CredentialValue::new(Secret::new(secret.into()));
             assert!(
@@ -1629,6 +1654,29 @@ mod tests {
         }
     }
 
+    // A command that failed at a reload and left the value from before is run again soon,
+    // not after a whole `refresh` (an operator who rotated during an outage waits 30 s).
+    #[test]
+    fn a_failed_or_kept_exec_value_is_retried_before_its_refresh() {
+        let every = Duration::from_secs(600);
+        let cached = |value: bool, stale: bool| Cached {
+            value: value.then(|| Arc::new(CredentialValue::new(Secret::new("sk_x_1234".into())))),
+            retired: None,
+            stale,
+            checked: Instant::now(),
+            stamp: None,
+        };
+        assert_eq!(first_refresh(Some(&cached(true, false)), every), every);
+        assert_eq!(first_refresh(Some(&cached(true, true)), every), EXEC_RETRY);
+        assert_eq!(
+            first_refresh(Some(&cached(false, false)), every),
+            EXEC_RETRY
+        );
+        assert_eq!(first_refresh(None, every), EXEC_RETRY);
+        let short = Duration::from_secs(5);
+        assert_eq!(first_refresh(Some(&cached(true, true)), short), short);
+    }
+
     #[test]
     fn blanks_at_either_end_are_not_part_of_a_secret() {
         assert_eq!(trimmed("abc\n".into()).unwrap().expose(), "abc");
@@ -1636,6 +1684,12 @@ mod tests {
         // An upstream reads `X-Api-Key: abc ` as `abc`: the value keyward injects, redacts and
         // scans for is the trimmed one.
         assert_eq!(trimmed(" \tab c \t\r\n".into()).unwrap().expose(), "ab c");
+        assert_eq!(
+            trimmed("\u{feff}\u{a0}sk_nbsp\u{a0}\u{3000}\n".into())
+                .unwrap()
+                .expose(),
+            "sk_nbsp"
+        );
         assert!(trimmed(" \t ".into()).is_none());
     }
 }

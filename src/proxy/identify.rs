@@ -244,7 +244,8 @@ pub fn query_lookalike(query: &str, param: &str) -> bool {
 }
 
 /// A decoded name as servers beyond ASCII may read it: blanks at either end dropped in
-/// Unicode's sense (JavaScript's `trim`, Python's `strip`: `\x0b`, `\xa0`, `\u3000`, …), and
+/// Unicode's sense (JavaScript's `trim`, Python's `strip`: `\x0b`, `\xa0`, `\u3000`, the
+/// byte-order mark, …), and
 /// each character case-folded to ASCII where it folds to ASCII (Java's `equalsIgnoreCase`
 /// matches the dotless `ı` with `i`, the Kelvin sign with `k`).
 fn unicode_folded(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
@@ -256,10 +257,15 @@ fn unicode_folded(name: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         return name.into();
     }
     let text = String::from_utf8_lossy(name);
-    let blank = |c: char| c.is_whitespace() || ('\x1c'..='\x1f').contains(&c);
+    let blank = |c: char| c.is_whitespace() || ('\x1c'..='\x1f').contains(&c) || c == '\u{feff}';
     let mut out = Vec::with_capacity(name.len());
     for c in text.trim_matches(blank).chars() {
-        let folded: String = c.to_uppercase().flat_map(char::to_lowercase).collect();
+        // `İ` lowercases to `i` and a combining dot, which Java's comparison ignores.
+        let folded: String = c
+            .to_uppercase()
+            .flat_map(char::to_lowercase)
+            .filter(|c| !('\u{300}'..='\u{36f}').contains(c))
+            .collect();
         let c = if folded.is_ascii() {
             folded
         } else {
@@ -453,6 +459,10 @@ mod tests {
             "api_%E2%84%AAey=x",
             "API%u005FKEY=x",
             "%u00a0api_key=x",
+            "ap%C4%B0_key=x",
+            "ap%u0130_key=x",
+            "%EF%BB%BFapi_key=x",
+            "%uFEFFapi_key=x",
         ] {
             assert!(query_lookalike(q, "api_key"), "{q}");
         }
