@@ -251,17 +251,11 @@ fn audit_verify(files: &[PathBuf], from_middle: bool) -> Result<(), Failure> {
                 let reader = std::io::BufReader::new(f);
                 let checked = match from_middle {
                     true => crate::audit::verify_chain_from_middle(reader),
-                    false => crate::audit::verify_chain_to_tail(reader).map(|(records, last)| {
-                        crate::audit::Verified {
-                            first_seq: 1,
-                            records,
-                            last,
-                        }
-                    }),
+                    false => crate::audit::verify_whole(reader),
                 };
                 checked.map_err(|e| format!("{}:{}: {}", path.display(), e.line, e.problem))
             });
-        match verified {
+        match &verified {
             Ok(v) if from_middle => out!(
                 "{}: ok, {} records from seq {} (the first taken on trust), last hash {}",
                 path.display(),
@@ -278,6 +272,16 @@ fn audit_verify(files: &[PathBuf], from_middle: bool) -> Result<(), Failure> {
             Err(message) => {
                 broken += 1;
                 out!("{message}");
+            }
+        }
+        if let Ok(v) = &verified {
+            if !v.not_records.is_empty() {
+                let at: Vec<String> = v.not_records.iter().map(ToString::to_string).collect();
+                out!(
+                    "{}: note: line(s) {} are not records (a write torn by a crash or a full disk); the chain holds across them",
+                    path.display(),
+                    at.join(", ")
+                );
             }
         }
     }

@@ -185,13 +185,14 @@ pub struct ChainError {
 /// Checks a whole audit file: every line a record, `seq` 1, 2, 3, … and every hash linking to
 /// the one before. Returns the number of records.
 pub fn verify_chain<R: BufRead>(reader: R) -> Result<u64, ChainError> {
-    verify_chain_to_tail(reader).map(|(count, _)| count)
+    verify_whole(reader).map(|v| v.records)
 }
 
-/// The same, also returning the last record's hash (lowercase hex): kept outside the file, it
-/// shows later whether records were cut off the end, which the chain alone cannot.
-pub fn verify_chain_to_tail<R: BufRead>(reader: R) -> Result<(u64, Option<String>), ChainError> {
-    verify_links(reader, false).map(|v| (v.records, v.last))
+/// The same, with what `audit verify` prints: the last record's hash (lowercase hex; kept
+/// outside the file, it shows later whether records were cut off the end, which the chain
+/// alone cannot) and the lines that are not records.
+pub fn verify_whole(reader: impl BufRead) -> Result<Verified, ChainError> {
+    verify_links(reader, false)
 }
 
 /// What a verified piece of an audit log holds.
@@ -202,6 +203,10 @@ pub struct Verified {
     pub records: u64,
     /// The last record's hash (lowercase hex).
     pub last: Option<String>,
+    /// Lines (1-based) that are not records: a write torn by a crash or a full disk, which the
+    /// writer leaves in place when it starts again. Each hides nothing, since the records
+    /// around it must still link; any removed or altered record still breaks the chain.
+    pub not_records: Vec<usize>,
 }
 
 /// Checks a piece cut from the middle of an audit log (a collector's rotated chunk, a `grep`
@@ -215,22 +220,33 @@ fn verify_links<R: BufRead>(reader: R, from_middle: bool) -> Result<Verified, Ch
     let mut prev: Option<[u8; 64]> = None;
     let mut first_seq = 1u64;
     let mut count = 0u64;
+    let mut not_records = Vec::new();
     for (i, line) in reader.split(b'\n').enumerate() {
         let err = |problem| ChainError {
             line: i + 1,
             problem,
         };
         let line = line.map_err(|_| err("cannot be read"))?;
-        let chain = parse_tail(&line).ok_or_else(|| {
-            err("not an audit record (another program's output mixed in, or a torn last line)")
-        })?;
-        if i == 0 && from_middle {
+        let Some(chain) = parse_tail(&line) else {
+            // The start of a record cut short, once: a torn write. Anything else (another
+            // program's output), or two in a row, is not.
+            const START: &[u8] = b"{\"ts\":\"";
+            let torn = !line.is_empty() && (line.starts_with(START) || START.starts_with(&line));
+            if !torn || not_records.last() == Some(&i) {
+                return Err(err(
+                    "not an audit record (another program's output mixed in?)",
+                ));
+            }
+            not_records.push(i + 1);
+            continue;
+        };
+        if count == 0 && from_middle {
             first_seq = chain.seq;
             count = 1;
             prev = chain.prev;
             continue;
         }
-        if i == 0 && chain.seq != 1 {
+        if count == 0 && chain.seq != 1 {
             return Err(err(
                 "the file starts after seq 1: the records before it are not here (a piece of a rotated or cut log? `--from-middle` checks the links after its first record)",
             ));
@@ -260,6 +276,7 @@ fn verify_links<R: BufRead>(reader: R, from_middle: bool) -> Result<Verified, Ch
         first_seq,
         records: count,
         last,
+        not_records,
     })
 }
 
@@ -419,9 +436,45 @@ mod tests {
             1
         );
 
-        let mut torn = join(&original);
-        torn.extend_from_slice(b"{\"ts\":\"2026");
-        assert_eq!(verify_chain(Cursor::new(torn)).unwrap_err().line, 5);
+        // A record replaced by a line that is not one: the next record does not link.
+        let mut replaced = original.clone();
+        replaced[1] = b"{\"ts\":\"2026".to_vec();
+        assert_eq!(
+            verify_chain(Cursor::new(join(&replaced))).unwrap_err().line,
+            3
+        );
+    }
+
+    // A write torn by a crash or a full disk is left in place when keyward starts again and
+    // appends after it: the chain is checked across it, and the line is reported.
+    #[test]
+    fn a_torn_line_is_reported_and_the_chain_checked_across_it() {
+        let (_, buf) = chain_of(4);
+        let original = lines(&buf);
+        let mut torn = original.clone();
+        torn.insert(2, b"{\"ts\":\"2026-11-27T1".to_vec());
+        let v = verify_whole(Cursor::new(join(&torn))).unwrap();
+        assert_eq!((v.records, v.not_records), (4, vec![3]));
+        // At the end, before any restart.
+        let mut tail = join(&original);
+        tail.extend_from_slice(b"{\"ts\":\"2026");
+        let v = verify_whole(Cursor::new(tail)).unwrap();
+        assert_eq!((v.records, v.not_records), (4, vec![5]));
+        // Two torn lines in a row are not one torn write; another program's line is not one.
+        let mut twice = original.clone();
+        twice.insert(1, b"{\"ts\":\"2026-11".to_vec());
+        twice.insert(1, b"{\"t".to_vec());
+        assert_eq!(verify_chain(Cursor::new(join(&twice))).unwrap_err().line, 3);
+        let mut mixed = original.clone();
+        mixed.insert(1, b"INFO keyward: policy reloaded".to_vec());
+        assert_eq!(verify_chain(Cursor::new(join(&mixed))).unwrap_err().line, 2);
+        // The first record must still be seq 1.
+        let mut headless = original[1..].to_vec();
+        headless.insert(0, b"{\"ts".to_vec());
+        assert_eq!(
+            verify_chain(Cursor::new(join(&headless))).unwrap_err().line,
+            2
+        );
     }
 
     #[test]
@@ -435,7 +488,7 @@ mod tests {
         assert!(err.problem.contains("starts after seq 1"), "{err}");
         let v = verify_chain_from_middle(Cursor::new(join(&piece))).unwrap();
         assert_eq!((v.first_seq, v.records), (3, 4));
-        assert_eq!(v.last, verify_chain_to_tail(Cursor::new(&buf)).unwrap().1);
+        assert_eq!(v.last, verify_whole(Cursor::new(&buf)).unwrap().last);
         // Only the first record is taken on trust: a later one removed or altered still shows.
         let mut gap = piece.clone();
         gap.remove(2);

@@ -16,9 +16,7 @@
 mod chain;
 mod writer;
 
-pub use chain::{
-    verify_chain, verify_chain_from_middle, verify_chain_to_tail, ChainError, Verified,
-};
+pub use chain::{verify_chain, verify_chain_from_middle, verify_whole, ChainError, Verified};
 pub use writer::AuditLog;
 
 use serde::{Serialize, Serializer};
