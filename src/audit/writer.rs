@@ -15,7 +15,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 /// The writer stops draining the queue into one batch past this many bytes, which bounds both
@@ -51,6 +51,9 @@ const MAX_QUEUED_BYTES: usize = 32 * 1024 * 1024;
 /// the queue has room (tens of thousands), their records waiting on a sink that may never
 /// take them.
 const WRITE_STALL: Duration = Duration::from_secs(1);
+/// How often the writer checks that its path still names the file it writes: records written
+/// into a file removed (or moved away) without a reload would be lost unseen.
+const PATH_CHECK: Duration = Duration::from_secs(1);
 
 enum Msg {
     /// A record, and who waits to hear it was written.
@@ -168,6 +171,8 @@ impl AuditLog {
                 }
                 Writer {
                     target,
+                    identity: sink.identity(),
+                    path_checked: Instant::now(),
                     sink,
                     written: chain.clone(),
                     chain,
@@ -372,6 +377,18 @@ impl Sink {
         }
     }
 
+    /// Device and inode of a regular file (what its path must still name).
+    fn identity(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Sink::File {
+                file,
+                regular: true,
+            } => file.metadata().ok().map(|m| (m.dev(), m.ino())),
+            _ => None,
+        }
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         match self {
             Sink::File { file, regular } => {
@@ -442,6 +459,9 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
 
 struct Writer {
     target: AuditTarget,
+    /// Device and inode of the regular file the writer has open (see `PATH_CHECK`).
+    identity: Option<(u64, u64)>,
+    path_checked: Instant,
     sink: Sink,
     chain: Chain,
     /// Where the chain stood after the last batch that reached the sink.
@@ -461,6 +481,8 @@ impl Writer {
                 self.finish(None);
                 return; // every AuditLog handle is gone
             }
+            // Between batches: nothing is chained to the old file yet.
+            self.check_path();
             let mut batch = 0u64;
             let mut close = None;
             loop {
@@ -528,10 +550,37 @@ impl Writer {
         }
         let (sink, chain) = open_sink(&self.target).map_err(|e| e.to_string())?;
         self.log_chain_end("reopened");
+        self.identity = sink.identity();
         self.sink = sink;
         self.written = chain.clone();
         self.chain = chain;
         Ok(())
+    }
+
+    /// SECURITY: records written into a file that was removed, or moved away without a
+    /// reload, are lost unseen. At most once a `PATH_CHECK`, the path must still name the open
+    /// file; else it is opened again (a new file there starts its own chain), and if that
+    /// fails the log fails: requests are refused rather than recorded nowhere.
+    fn check_path(&mut self) {
+        let (Some(identity), AuditTarget::File(path)) = (self.identity, &self.target) else {
+            return;
+        };
+        if self.path_checked.elapsed() < PATH_CHECK {
+            return;
+        }
+        self.path_checked = Instant::now();
+        let here = std::fs::metadata(path).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
+        if here == Some(identity) {
+            return;
+        }
+        tracing::warn!(path = %path.display(), "the audit file was removed, moved or replaced; opening its path again");
+        if let Err(e) = self.reopen() {
+            self.shared.healthy.store(false, Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot open the audit file again; requests are refused until keyward is restarted");
+        }
     }
 
     /// Logs where the chain stands, so an operator (or a log collector) keeps the last hash
@@ -773,6 +822,38 @@ mod tests {
         assert_eq!(verify(&path), 5);
         assert_eq!(seqs(&path), [1, 2, 3, 4, 5]);
         assert!(metrics.render().contains("keyward_audit_records_total 5\n"));
+    }
+
+    // A file removed under keyward (or moved away without a reload): the records after it go
+    // to a new file at the path, which starts its own chain, instead of into the removed one.
+    #[tokio::test]
+    async fn a_removed_file_is_noticed_and_its_path_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let metrics = Metrics::new().unwrap();
+        let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        log.write(record(0)).await;
+        std::fs::remove_file(&path).unwrap();
+        tokio::time::sleep(PATH_CHECK + Duration::from_millis(100)).await;
+        for i in 1..4 {
+            log.write(record(i)).await;
+        }
+        log.close().await;
+        assert!(log.healthy());
+        assert_eq!(verify(&path), 3);
+        assert_eq!(seqs(&path), [1, 2, 3]);
+
+        // A path that cannot be opened again fails the log: nothing is written nowhere.
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let target = AuditTarget::File(sub.join("audit.jsonl"));
+        let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        log.write(record(0)).await;
+        std::fs::remove_dir_all(&sub).unwrap();
+        tokio::time::sleep(PATH_CHECK + Duration::from_millis(100)).await;
+        log.write(record(1)).await;
+        assert!(!log.healthy(), "records went into a removed file");
+        log.close().await;
     }
 
     #[tokio::test]
