@@ -878,7 +878,9 @@ async fn an_agent_hanging_up_before_the_answer_still_leaves_a_record() {
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-    tcp.write_all(raw_get(&f, "plain.test", "/slow", &task, "").as_bytes())
+    // With a body, which reaches the upstream whole before the agent goes.
+    let req = raw_get(&f, "plain.test", "/slow", &task, "Content-Length: 10\r\n");
+    tcp.write_all(format!("{req}0123456789").as_bytes())
         .await
         .unwrap();
     // The upstream takes 600 ms; hang up once it has the request.
@@ -898,6 +900,7 @@ async fn an_agent_hanging_up_before_the_answer_still_leaves_a_record() {
     assert_eq!(rec["outcome"], "client_closed", "{rec}");
     assert_eq!(rec["status"], 499, "{rec}");
     assert_eq!(rec["task"], task.id.as_str(), "{rec}");
+    assert_eq!(rec["bytes_up"], 10, "the body sent is counted: {rec}");
     let counted = kw
         .metric(r#"keyward_decisions_total{agent="bot",capability="plain.issues.read",decision="allow",reason="allowed",service="plain"}"#)
         .await;
@@ -906,6 +909,33 @@ async fn an_agent_hanging_up_before_the_answer_still_leaves_a_record() {
         .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
         .await;
     assert_eq!(listed["requests_used"], 1, "{listed}");
+}
+
+/// An agent that goes away in the middle of its request body is recorded as gone
+/// (`client_closed`, 499), not as one that sent a malformed body (`agent_body_error`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_hanging_up_mid_body_is_recorded_as_gone() {
+    use tokio::io::AsyncWriteExt;
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let head = format!(
+        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nContent-Length: 100000\r\n\r\n0123456789",
+        auth(&task)
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // keyward is streaming the body upstream by now; the agent goes.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    drop(tcp);
+    let rec = kw
+        .audit_where("the cut upload", |r| r["path"] == "/echo")
+        .await;
+    common::assert_record(&rec);
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    assert_eq!(rec["status"], 499, "{rec}");
+    assert_eq!(rec["bytes_up"], 10, "{rec}");
 }
 
 /// `requests_denied` in the admin API counts every denial of the task, on the plain listener

@@ -23,6 +23,7 @@ use crate::proxy::redact::Redactor;
 pub struct Upload {
     bytes: AtomicU64,
     agent_failed: AtomicBool,
+    agent_hung_up: AtomicBool,
 }
 
 impl Upload {
@@ -30,9 +31,55 @@ impl Upload {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// Whether the agent's body broke off (malformed, or the agent went away).
     pub fn agent_failed(&self) -> bool {
         self.agent_failed.load(Ordering::Relaxed)
     }
+
+    /// Whether it broke off because the agent went away (its connection or stream closed
+    /// mid-body), rather than because it was malformed.
+    pub fn agent_hung_up(&self) -> bool {
+        self.agent_hung_up.load(Ordering::Relaxed)
+    }
+}
+
+/// Tells an agent that went away mid-body from one that sent a malformed body.
+pub trait AgentBodyError {
+    fn is_hang_up(&self) -> bool;
+}
+
+impl AgentBodyError for hyper::Error {
+    fn is_hang_up(&self) -> bool {
+        if self.is_incomplete_message() || self.is_canceled() {
+            return true;
+        }
+        // HTTP/2: the agent reset its stream (CANCEL) or its connection went.
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.is_io() || h2.is_go_away() || h2.reason() == Some(h2::Reason::CANCEL);
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return is_gone(io.kind());
+            }
+            source = e.source();
+        }
+        false
+    }
+}
+
+impl AgentBodyError for std::io::Error {
+    fn is_hang_up(&self) -> bool {
+        is_gone(self.kind())
+    }
+}
+
+fn is_gone(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        kind,
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
 }
 
 /// Counts the data bytes that pass through `inner` into a shared `Upload`, notes an error of
@@ -55,6 +102,7 @@ impl<B> CountingBody<B> {
 impl<B> Body for CountingBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: AgentBodyError,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -75,8 +123,11 @@ where
                     // Trailers (the only other frame) are dropped; the body goes on (or ends).
                     None => continue,
                 },
-                Poll::Ready(Some(Err(_))) => {
+                Poll::Ready(Some(Err(e))) => {
                     self.upload.agent_failed.store(true, Ordering::Relaxed);
+                    if e.is_hang_up() {
+                        self.upload.agent_hung_up.store(true, Ordering::Relaxed);
+                    }
                 }
                 _ => {}
             }

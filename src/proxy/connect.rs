@@ -280,7 +280,7 @@ async fn passthrough(
         return refuse(&state, generation, draft, denial, Some(respond::IN_FLIGHT)).await;
     };
     draft.in_flight = Some(place);
-    draft.arm(&state, Reason::Passthrough);
+    draft.arm(&state, Reason::Passthrough, None);
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
         let named = generation.policy.passthrough_addresses();

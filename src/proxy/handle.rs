@@ -21,7 +21,7 @@ use crate::proxy::body::{CountingBody, ProxyBody, Upload};
 use crate::proxy::connect;
 use crate::proxy::forward::{self, UpstreamError};
 use crate::proxy::identify::{self, Target, TargetError, TunnelHost};
-use crate::proxy::record::RecordDraft;
+use crate::proxy::record::{RecordDraft, CLIENT_CLOSED};
 use crate::proxy::redact::Redactor;
 use crate::proxy::respond::{self, DenyInfo, Failure};
 use crate::proxy::upgrade;
@@ -204,7 +204,7 @@ async fn handle_request(
     }
 
     let started = Instant::now();
-    draft.arm(&state, Reason::Allowed);
+    draft.arm(&state, Reason::Allowed, Some(&upload));
     let sent = forward::send(
         &generation.upstreams,
         permit.service(),
@@ -338,23 +338,27 @@ async fn handle_request(
             .await
         }
         // The agent's own body broke (malformed chunking, a hang-up mid-body): its fault, not
-        // the upstream's, so no 502 and no upstream error counted.
+        // the upstream's, so no 502 and no upstream error counted. An agent that went away is
+        // recorded as such (`client_closed`, 499), not as one that sent a malformed body.
         Err(UpstreamError::Failed { .. }) if upload.agent_failed() => {
             draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
             draft.rec.bytes_up = upload.bytes();
-            draft.rec.outcome = Some("agent_body_error");
+            let status = match upload.agent_hung_up() {
+                true => {
+                    draft.rec.outcome = Some("client_closed");
+                    CLIENT_CLOSED
+                }
+                false => {
+                    draft.rec.outcome = Some("agent_body_error");
+                    Failure::BadRequestBody.status().as_u16()
+                }
+            };
             let resp = respond::failure(
                 Failure::BadRequestBody,
                 draft.request_id(),
                 draft.rec.task.as_deref(),
             );
-            draft
-                .write(
-                    &state,
-                    Reason::Allowed,
-                    Failure::BadRequestBody.status().as_u16(),
-                )
-                .await;
+            draft.write(&state, Reason::Allowed, status).await;
             resp
         }
         Err(e) => {

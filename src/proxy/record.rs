@@ -37,6 +37,8 @@ pub struct RecordDraft {
     /// for an allowed request is when its response (or WebSocket relay) ends.
     pub in_flight: Option<crate::tasks::InFlightSlot>,
     armed: Option<(Arc<State>, Reason)>,
+    /// The request body's count, for the record of a request dropped while it was sent.
+    upload: Option<Arc<crate::proxy::body::Upload>>,
 }
 
 /// Status recorded for a request whose agent went away before keyward answered it.
@@ -54,6 +56,9 @@ impl Drop for RecordDraft {
             };
             self.rec.outcome = Some(outcome);
             self.rec.upstream_ms = Some(crate::audit::millis(self.started.elapsed()));
+            if let Some(upload) = &self.upload {
+                self.rec.bytes_up = upload.bytes();
+            }
             self.finish(&state, reason, status);
             state.audit.write_detached(std::mem::take(&mut self.rec));
         }
@@ -91,13 +96,22 @@ impl RecordDraft {
             started: Instant::now(),
             in_flight: None,
             armed: None,
+            upload: None,
         }
     }
 
     /// From here until the record is written, dropping the draft writes it (the agent hung
     /// up) as `reason` with outcome `client_closed`.
-    pub fn arm(&mut self, state: &Arc<State>, reason: Reason) {
+    /// From now on a draft dropped unwritten records its request as cut (`client_closed`),
+    /// with the body bytes `upload` counted as sent.
+    pub fn arm(
+        &mut self,
+        state: &Arc<State>,
+        reason: Reason,
+        upload: Option<&Arc<crate::proxy::body::Upload>>,
+    ) {
         self.armed = Some((state.clone(), reason));
+        self.upload = upload.cloned();
     }
 
     pub fn request_id(&self) -> &str {
