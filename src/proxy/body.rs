@@ -424,7 +424,7 @@ mod tests {
     async fn request_trailers_are_dropped_and_data_counted() {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("x-api-key", http::HeaderValue::from_static("dummy"));
-        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
             Ok(Frame::data(Bytes::from_static(b"hello"))),
             Ok(Frame::trailers(trailers)),
         ];
@@ -433,7 +433,7 @@ mod tests {
         let collected = CountingBody::new(inner, upload.clone())
             .collect()
             .await
-            .unwrap_or_else(|e| match e {});
+            .unwrap();
         assert!(collected.trailers().is_none());
         assert_eq!(&collected.to_bytes()[..], b"hello");
         assert_eq!(upload.bytes(), 5);
@@ -454,5 +454,19 @@ mod tests {
             .is_err());
         assert_eq!(upload.bytes(), 3);
         assert!(upload.agent_failed());
+        assert!(!upload.agent_hung_up(), "a malformed body is not a hang-up");
+
+        // The agent went away mid-body.
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hel"))),
+            Err(std::io::ErrorKind::UnexpectedEof.into()),
+        ];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let upload = Arc::new(Upload::default());
+        assert!(CountingBody::new(inner, upload.clone())
+            .collect()
+            .await
+            .is_err());
+        assert!(upload.agent_failed() && upload.agent_hung_up());
     }
 }
