@@ -1403,6 +1403,30 @@ async fn a_second_sigterm_cuts_the_drain_short() {
     holder.abort();
 }
 
+/// Audit records to `-` with standard output at /dev/null (keyward started with it closed)
+/// go nowhere: `serve` says so at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_to_stdout_that_is_dev_null_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = edited_policy(
+        dir.path(),
+        &[("audit: { path: audit.jsonl }", "audit: { path: \"-\" }")],
+    );
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
+    let mut log = Vec::new();
+    read_until(&mut lines, &mut log, "standard output is /dev/null").await;
+    signal(&child, "-TERM");
+    bounded("keyward exit", child.wait()).await.unwrap();
+
+    // A real pipe is not warned about.
+    let (mut child, mut lines) = spawn_serve(&file, Stdio::piped());
+    let mut log = Vec::new();
+    read_until(&mut lines, &mut log, "keyward listening ").await;
+    assert!(!log.join("\n").contains("/dev/null"), "{log:?}");
+    signal(&child, "-TERM");
+    bounded("keyward exit", child.wait()).await.unwrap();
+}
+
 /// SIGTERM during a reload (SIGHUP or `POST /v1/reload`) is not held up by it (a credential
 /// `exec` may take 30 s): the reload is dropped unfinished and keyward stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

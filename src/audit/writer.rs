@@ -405,7 +405,12 @@ impl Sink {
 
 fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
     match target {
-        AuditTarget::Stdout => Ok((Sink::Stdout(io::stdout()), Chain::default())),
+        AuditTarget::Stdout => {
+            if stdout_is_null() {
+                tracing::warn!("audit.path is \"-\" but standard output is /dev/null (closed when keyward started?): every record is discarded");
+            }
+            Ok((Sink::Stdout(io::stdout()), Chain::default()))
+        }
         AuditTarget::File(path) => {
             let mut opts = OpenOptions::new();
             opts.append(true).create(true);
@@ -455,6 +460,18 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
             Ok((sink, chain))
         }
     }
+}
+
+/// Whether standard output is `/dev/null`: what the Rust runtime puts there when keyward was
+/// started with it closed (`>&-`), and where records written to `-` would go unseen.
+fn stdout_is_null() -> bool {
+    let (Ok(out), Ok(null)) = (
+        rustix::fs::fstat(io::stdout()),
+        rustix::fs::stat("/dev/null"),
+    ) else {
+        return false;
+    };
+    (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
 }
 
 struct Writer {

@@ -88,6 +88,9 @@ pub struct CertAuthority {
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     provider: Arc<CryptoProvider>,
+    /// When the CA certificate expires: no leaf outlives it (an agent would reject the chain
+    /// while the leaf cache still served it).
+    not_after: OffsetDateTime,
 }
 
 // The key must never reach a log line, so Debug shows only what is public.
@@ -211,8 +214,9 @@ impl CertAuthority {
 
         // webpki ignores a trust anchor's own validity and basicConstraints, so the self-test
         // below would pass an expired or non-CA certificate that agents' TLS stacks refuse.
-        check_ca_facts(cert_facts(&cert_der), OffsetDateTime::now_utc(), cert_path)
-            .map_err(invalid)?;
+        let facts = cert_facts(&cert_der);
+        let not_after = facts.as_ref().map(|f| f.not_after);
+        check_ca_facts(facts, OffsetDateTime::now_utc(), cert_path).map_err(invalid)?;
         let provider = super::crypto_provider();
         check_key_matches(&cert_der, &key_pair, &provider, cert_path, key_path)?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key_pair)
@@ -229,6 +233,7 @@ impl CertAuthority {
             cert_der,
             issuer,
             provider,
+            not_after: not_after.unwrap_or(OffsetDateTime::UNIX_EPOCH),
         };
         ca.self_test().map_err(invalid)?;
         Ok(ca)
@@ -246,7 +251,11 @@ impl CertAuthority {
     ) -> Result<CertificateDer<'static>, rcgen::Error> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
+        // RFC 5280 bounds a common name at 64 characters; a longer host goes in the SAN only
+        // (which clients match on; with an empty subject it is marked critical, as required).
+        if common_name.len() <= 64 {
+            dn.push(DnType::CommonName, common_name);
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = vec![san.clone()];
         params.is_ca = IsCa::ExplicitNoCa;
@@ -254,7 +263,7 @@ impl CertAuthority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = now - LEAF_BACKDATE;
-        params.not_after = now + validity;
+        params.not_after = (now + validity).min(self.not_after);
         // SECURITY: every leaf shares one key, and rcgen's default serial is a hash of the key,
         // so without a random serial all leaves would share issuer+serial, which browsers reject
         // as a forged reissue (and which breaks revocation semantics).
@@ -500,7 +509,15 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError
         source,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(write_err)?;
+        // A directory made for the CA's key is the owner's alone, whatever the umask.
+        let mut dirs = fs::DirBuilder::new();
+        dirs.recursive(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            dirs.mode(0o700);
+        }
+        dirs.create(parent).map_err(write_err)?;
     }
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
@@ -588,6 +605,11 @@ mod tests {
         let (loaded, was_created) = CertAuthority::load_or_create(&cert, &key).expect("load");
         assert!(!was_created);
         assert_eq!(loaded.cert_pem(), created.cert_pem());
+
+        // `ca init --dir` makes the directory itself: the owner's alone.
+        let made = dir.path().join("made/here");
+        CertAuthority::create(&made.join("ca.pem"), &made.join("ca-key.pem")).expect("create");
+        assert_eq!(mode(&made), 0o700);
     }
 
     #[test]
@@ -813,6 +835,58 @@ mod tests {
         let (one, two) = (view(&one.expect("sign")), view(&two.expect("sign")));
         assert_eq!(one.serial.len(), 16);
         assert_ne!(one.serial, two.serial);
+    }
+
+    // A leaf never outlives its CA (agents would reject the chain while the cache served it),
+    // and a host longer than a common name may be is named by the SAN alone, marked critical.
+    #[test]
+    fn a_leaf_ends_with_its_ca_and_a_long_host_has_no_common_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = KeyPair::generate().expect("key");
+        let provider = super::super::crypto_provider();
+        let now = OffsetDateTime::now_utc();
+        let mut params = ca_params(now, &provider);
+        params.not_after = now + time::Duration::hours(2);
+        let cert_pem = params.self_signed(&key).expect("sign").pem();
+        let (cert, key_path) = write_pair(dir.path(), &cert_pem, &key.serialize_pem());
+        let ca = CertAuthority::load(&cert, &key_path).expect("load");
+        let ca_end = cert_facts(ca.cert_der()).expect("facts").not_after;
+
+        let leaf_key = KeyPair::generate().expect("key");
+        let san_of = |host: &str| SanType::DnsName(host.try_into().expect("name"));
+        let short = ca
+            .sign_leaf(
+                &san_of("a.example.test"),
+                "a.example.test",
+                &leaf_key,
+                now,
+                time::Duration::days(7),
+            )
+            .expect("sign");
+        assert_eq!(cert_facts(&short).expect("facts").not_after, ca_end);
+        let san_critical = |der: &[u8]| {
+            view(der)
+                .extensions
+                .iter()
+                .find(|(oid, _, _)| oid == &[0x55, 0x1d, 0x11])
+                .map(|(_, critical, _)| *critical)
+        };
+        assert_eq!(san_critical(&short), Some(false));
+        let long = format!("{}.example.test", "a".repeat(60));
+        let leaf = ca
+            .sign_leaf(
+                &san_of(&long),
+                &long,
+                &leaf_key,
+                now,
+                time::Duration::days(7),
+            )
+            .expect("sign");
+        assert_eq!(
+            san_critical(&leaf),
+            Some(true),
+            "an empty subject needs a critical SAN"
+        );
     }
 
     #[test]
