@@ -177,15 +177,27 @@ where
         () = activity.no_first_request_within(settings.header_read_timeout) => return None,
     }
     conn.as_mut().graceful_shutdown();
+    // An HTTP/2 connection whose last stream ends during the drain would still wait for the
+    // client's PING answer: once idle it gets a moment to flush its last frames (the select
+    // keeps polling it meanwhile), then closes.
+    let idle_then_flushed = async {
+        activity.until_idle().await;
+        tokio::time::sleep(H2_FLUSH_GRACE).await;
+    };
     // Bounded by the drain at shutdown (which a second signal cuts short), else (an idle or
     // closed connection) by as long as a drain would take.
     tokio::select! {
         _ = conn => {}
         () = state.drain_ended() => {}
         () = tokio::time::sleep(settings.shutdown_timeout) => {}
+        () = idle_then_flushed, if h2 => {}
     }
     None
 }
+
+/// How long an HTTP/2 connection that went idle during shutdown's drain is still driven, so
+/// the frames of its last response leave before it is dropped.
+const H2_FLUSH_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs the tasks hyper spawns for an HTTP/2 connection's streams (each streams one response
 /// body to the agent). They outlive the connection's own future, so unlike HTTP/1's bodies
@@ -244,6 +256,13 @@ impl Activity {
     /// No request in flight (none begun, or every response done).
     fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
+    }
+
+    /// Completes once no request is in flight (looked at every 20 ms: only during a drain).
+    async fn until_idle(&self) {
+        while !self.is_idle() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Completes when `limit` has passed since the connection started without a request

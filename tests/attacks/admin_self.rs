@@ -121,16 +121,25 @@ async fn absolute_form_requests_to_keywards_own_listeners_are_not_proxied() {
         format!("2130706433:{port}"),
     ] {
         for path in ["/metrics", "/v1/tasks"] {
-            let resp = kw
-                .raw(&format!(
-                    "GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-                    Harness::proxy_auth(&task),
-                    kw.admin_token
-                ))
-                .await;
-            let what = format!("http://{authority}{path}");
-            assert_no_admin_content(&resp, &what);
-            kw.assert_denied_raw(&resp, 403, "unknown_host").await;
+            // An agent that holds the admin token cannot send it anywhere (`secret_egress`);
+            // without it, keyward's own listeners are no destination (`unknown_host`).
+            for (auth, reason) in [
+                (String::new(), "unknown_host"),
+                (
+                    format!("Authorization: Bearer {}\r\n", kw.admin_token),
+                    "secret_egress",
+                ),
+            ] {
+                let resp = kw
+                    .raw(&format!(
+                        "GET http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {}\r\n{auth}Connection: close\r\n\r\n",
+                        Harness::proxy_auth(&task),
+                    ))
+                    .await;
+                let what = format!("http://{authority}{path}");
+                assert_no_admin_content(&resp, &what);
+                kw.assert_denied_raw(&resp, 403, reason).await;
+            }
         }
     }
     assert_eq!(f.plain.hits(), 0);
@@ -387,9 +396,8 @@ async fn service_whose_connect_to_is_keywards_own_listener_is_a_blocked_address(
             let before = kw.audit_records().len();
             let resp = kw
                 .raw(&format!(
-                    "GET http://{host}:{port}{path} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: {}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                    "GET http://{host}:{port}{path} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
                     Harness::proxy_auth(&task),
-                    kw.admin_token
                 ))
                 .await;
             let what = format!("connect_to {connect_to}, {path}");
