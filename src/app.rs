@@ -205,11 +205,10 @@ fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartErro
 
 /// Forgets long-ended tasks once a minute.
 async fn purge_tasks(state: Arc<State>) {
-    let mut shutdown = state.shutdown_signal();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(60)) => state.tasks.purge(SystemTime::now()),
-            _ = shutdown.changed() => return,
+            () = state.stopped() => return,
         }
     }
 }

@@ -240,6 +240,15 @@ impl State {
         self.shutdown.subscribe()
     }
 
+    /// Resolves once shutdown has begun, also when it began before this was called. (A
+    /// receiver's `changed()` misses a shutdown that began before it subscribed: a task first
+    /// polled after a SIGTERM that came right at start-up never saw it, and held the exit for
+    /// the whole drain.)
+    pub async fn stopped(&self) {
+        let mut signal = self.shutdown_signal();
+        let _ = signal.wait_for(|&stopping| stopping).await;
+    }
+
     /// Whether shutdown has begun.
     pub fn stopping(&self) -> bool {
         *self.shutdown.borrow()
@@ -255,8 +264,7 @@ impl State {
 
     /// Resolves once shutdown began and its drain ran out (never before).
     pub async fn drain_ended(&self) {
-        let mut signal = self.shutdown_signal();
-        let _ = signal.wait_for(|&stopping| stopping).await;
+        self.stopped().await;
         let mut cut = self.drain_cut.subscribe();
         let runs_out = async {
             if let Some(&end) = self.drain_ends.get() {

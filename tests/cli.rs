@@ -1403,6 +1403,36 @@ async fn a_second_sigterm_cuts_the_drain_short() {
     holder.abort();
 }
 
+/// A SIGTERM at any moment of start-up exits at once. One that came as start-up ended (just
+/// before the listening line) reached the listener tasks before they first ran; they missed
+/// it and held the exit for the whole drain (10 s), one run in three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_at_the_end_of_start_up_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    for _ in 0..10 {
+        let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
+        let mut log = Vec::new();
+        // The runtime's first line: start-up is under way, and ends a few ms later.
+        read_until(&mut lines, &mut log, "starting the async runtime").await;
+        signal(&child, "-TERM");
+        let started = std::time::Instant::now();
+        let status = bounded("keyward exit", child.wait()).await.unwrap();
+        // Before its handlers are installed (the runtime's first instants), the signal's
+        // default action ends the process; after, keyward stops and exits 0.
+        use std::os::unix::process::ExitStatusExt;
+        assert!(
+            status.code() == Some(0) || status.signal() == Some(15),
+            "{status:?}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// Audit records to `-` with standard output at /dev/null (keyward started with it closed)
 /// go nowhere: `serve` says so at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,15 +30,14 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 }
 
 async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
-    let mut shutdown = state.shutdown_signal();
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
+            () = state.stopped() => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+            () = state.stopped() => return,
         };
         let Ok((stream, _peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -60,10 +59,9 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
-            let mut shutdown = state.shutdown_signal();
             tokio::select! {
                 _ = conn.as_mut() => return,
-                _ = shutdown.changed() => {}
+                () = state.stopped() => {}
             }
             conn.as_mut().graceful_shutdown();
             tokio::select! {

@@ -77,10 +77,9 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
 async fn reload_unless_stopping(
     state: &State,
 ) -> Option<Result<crate::state::Reloaded, crate::policy::PolicyErrors>> {
-    let mut stopping = state.shutdown_signal();
     tokio::select! {
         reloaded = state.reload() => Some(reloaded),
-        _ = stopping.wait_for(|&stopping| stopping) => None,
+        () = state.stopped() => None,
     }
 }
 

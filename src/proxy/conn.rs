@@ -54,11 +54,10 @@ where
         .serve_connection(TokioIo::new(Sniff::new(stream, fragments)), svc)
         .with_upgrades();
     tokio::pin!(conn);
-    let mut shutdown = state.shutdown_signal();
     tokio::select! {
         ended = conn.as_mut() => return ended.err().and_then(|e| unparsed_status(&e)),
         _ = activity.idle_for(settings.idle_timeout) => {}
-        _ = shutdown.changed() => {}
+        () = state.stopped() => {}
     }
     conn.as_mut().graceful_shutdown();
     // Bounded by the drain at shutdown (which a second signal cuts short), else (an idle or
@@ -154,7 +153,6 @@ where
     let io = TokioIo::new(Sniff::new(io, fragments));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    let mut shutdown = state.shutdown_signal();
     tokio::select! {
         ended = conn.as_mut() => {
             return ended
@@ -163,7 +161,7 @@ where
         }
         _ = close.notified() => {}
         _ = activity.idle_for(settings.idle_timeout) => {}
-        _ = shutdown.changed() => {
+        () = state.stopped() => {
             // HTTP/2's graceful close waits for the client to answer a PING, which an idle
             // (or stuck) client may never do: with nothing in flight, close at once, as an
             // idle HTTP/1 connection is.

@@ -255,10 +255,9 @@ async fn intercept(
 /// handshake has nothing in flight, and waiting out the handshake's timeout could outlast a
 /// short drain and lose the tunnel's record.
 async fn unless_stopping<F: std::future::Future>(state: &State, fut: F) -> Option<F::Output> {
-    let mut stopping = state.shutdown_signal();
     tokio::select! {
         out = fut => Some(out),
-        _ = stopping.wait_for(|&s| s) => None,
+        () = state.stopped() => None,
     }
 }
 

@@ -36,11 +36,10 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
 }
 
 async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
-    let mut shutdown = state.shutdown_signal();
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = shutdown.changed() => return,
+            () = state.stopped() => return,
         };
         // SECURITY (I7): while the audit queue is backed up (a stalled sink), take no new
         // connection: every request, even one the parser refuses before keyward sees it,
@@ -49,12 +48,12 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
         while state.audit.backed_up() {
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                _ = shutdown.changed() => return,
+                () = state.stopped() => return,
             }
         }
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+            () = state.stopped() => return,
         };
         let (stream, client) = match accepted {
             Ok(a) => a,
