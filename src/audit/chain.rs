@@ -185,7 +185,14 @@ pub struct ChainError {
 /// Checks a whole audit file: every line a record, `seq` 1, 2, 3, … and every hash linking to
 /// the one before. Returns the number of records.
 pub fn verify_chain<R: BufRead>(reader: R) -> Result<u64, ChainError> {
-    verify_whole(reader).map(|v| v.records)
+    let verified = verify_whole(reader)?;
+    match verified.not_records.first() {
+        Some(&line) => Err(ChainError {
+            line,
+            problem: "not an audit record (a write cut short by a crash or a full disk?)",
+        }),
+        None => Ok(verified.records),
+    }
 }
 
 /// The same, with what `audit verify` prints: the last record's hash (lowercase hex; kept
@@ -203,9 +210,11 @@ pub struct Verified {
     pub records: u64,
     /// The last record's hash (lowercase hex).
     pub last: Option<String>,
-    /// Lines (1-based) that are not records: a write torn by a crash or a full disk, which the
-    /// writer leaves in place when it starts again. Each hides nothing, since the records
-    /// around it must still link; any removed or altered record still breaks the chain.
+    /// Lines (1-based) that are the start of a record cut short (never a whole JSON object):
+    /// a write torn by a crash or a full disk, which the writer leaves in place when it starts
+    /// again. The records around one must still link, so no record can be removed or altered
+    /// behind it; like any cut at the end, only the chain end kept outside the file shows a
+    /// last record cut short.
     pub not_records: Vec<usize>,
 }
 
@@ -230,8 +239,12 @@ fn verify_links<R: BufRead>(reader: R, from_middle: bool) -> Result<Verified, Ch
         let Some(chain) = parse_tail(&line) else {
             // The start of a record cut short, once: a torn write. Anything else (another
             // program's output), or two in a row, is not.
+            // SECURITY: never a whole JSON object (a record written without a valid hash
+            // would otherwise be skipped with a note, and read as real by everything else).
             const START: &[u8] = b"{\"ts\":\"";
-            let torn = !line.is_empty() && (line.starts_with(START) || START.starts_with(&line));
+            let starts = line.starts_with(START) || START.starts_with(&line);
+            let whole = serde_json::from_slice::<serde::de::IgnoredAny>(&line).is_ok();
+            let torn = !line.is_empty() && starts && !whole;
             if !torn || not_records.last() == Some(&i) {
                 return Err(err(
                     "not an audit record (another program's output mixed in?)",
@@ -455,11 +468,19 @@ mod tests {
         torn.insert(2, b"{\"ts\":\"2026-11-27T1".to_vec());
         let v = verify_whole(Cursor::new(join(&torn))).unwrap();
         assert_eq!((v.records, v.not_records), (4, vec![3]));
+        // `verify_chain` (the library's strict check) still refuses it.
+        assert_eq!(verify_chain(Cursor::new(join(&torn))).unwrap_err().line, 3);
         // At the end, before any restart.
         let mut tail = join(&original);
         tail.extend_from_slice(b"{\"ts\":\"2026");
         let v = verify_whole(Cursor::new(tail)).unwrap();
         assert_eq!((v.records, v.not_records), (4, vec![5]));
+        // A whole record without a valid hash is not a torn write: it fails the file.
+        let mut forged = original.clone();
+        let fake = String::from_utf8(original[1].clone()).unwrap();
+        let fake = fake.rsplit_once(",\"hash\"").unwrap().0.to_string() + "}";
+        forged.insert(2, fake.into_bytes());
+        assert_eq!(verify_whole(Cursor::new(join(&forged))).unwrap_err().line, 3);
         // Two torn lines in a row are not one torn write; another program's line is not one.
         let mut twice = original.clone();
         twice.insert(1, b"{\"ts\":\"2026-11".to_vec());
