@@ -156,7 +156,8 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     let admin_listen = policy.admin.listen;
     let ca_path = policy.ca.cert.clone();
     let listeners = Arc::new(OwnListeners::default());
-    let generation = Generation::build(config, policy, &settings, &listeners, None, &token)
+    let own = [Arc::new(token.clone())];
+    let generation = Generation::build(config, policy, &settings, &listeners, None, &own)
         .await
         .map_err(StartError::Policy)?;
     // (Credentials that cannot be read were each logged with why by the load.)

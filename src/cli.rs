@@ -477,10 +477,15 @@ fn explain_connect(
     target: &str,
     now: SystemTime,
 ) -> Result<(), Failure> {
-    // `https://host:port` is taken for `host:port`, as a client given that URL would CONNECT.
+    // `https://host:port` is taken for `host:port`, as a client given that URL would CONNECT
+    // (one given an `http://` URL sends no CONNECT: explain that request instead).
+    if target.starts_with("http://") {
+        return Err(Failure::user(
+            "an http:// URL is not reached through CONNECT; explain the request itself (GET http://…)",
+        ));
+    }
     let authority = target
         .strip_prefix("https://")
-        .or_else(|| target.strip_prefix("http://"))
         .unwrap_or(target)
         .trim_end_matches('/');
     let (host, port) = parse_authority(authority, 443).map_err(|e| {

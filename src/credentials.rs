@@ -325,46 +325,70 @@ struct StoreInner {
     has_files: bool,
     /// keyward's own secrets (the admin token): never injected, but looked for like a
     /// credential, so no request carries one out and no record keeps one.
-    own: Vec<Arc<CredentialValue>>,
+    own: ArcSwap<Vec<Arc<CredentialValue>>>,
 }
 
 impl StoreInner {
     /// Replaces slot `idx`'s value. The scan set learns it first, so no request can have it
     /// injected before the egress scan looks for it.
-    fn store(&self, idx: usize, mut cached: Cached) {
-        let Some(slot) = self.slots.get(idx) else {
-            return;
-        };
+    fn store(&self, idx: usize, cached: Cached) {
+        self.store_unless_replaced(idx, cached, None);
+    }
+
+    /// `store`, but when `read_over` is given only if the slot still holds it: two requests
+    /// that check a changed file at once must not put back the value one of them read before
+    /// the other stored the new one. The value in effect afterwards.
+    fn store_unless_replaced(
+        &self,
+        idx: usize,
+        mut cached: Cached,
+        read_over: Option<&Arc<Cached>>,
+    ) -> Option<Arc<CredentialValue>> {
+        let slot = self.slots.get(idx)?;
         let _one_at_a_time = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = slot.cache.load().as_ref() {
+        let old = slot.cache.load_full();
+        if let Some(expected) = read_over {
+            if !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, expected)) {
+                return old.and_then(|o| o.value.clone());
+            }
+        }
+        if let Some(old) = &old {
             cached.retired = old.retired_by(&cached.value);
         }
         let cached = Arc::new(cached);
+        self.rebuild_scan(Some((idx, &cached)));
+        let value = cached.value.clone();
+        slot.cache.store(Some(cached));
+        value
+    }
+
+    /// The scan set anew from every slot's values (slot `idx` about to hold `replacing`) and
+    /// keyward's own secrets. Called with `rebuild` held.
+    fn rebuild_scan(&self, replacing: Option<(usize, &Arc<Cached>)>) {
         let values = self
             .slots
             .iter()
             .enumerate()
-            .flat_map(|(i, other)| {
-                let held = match i == idx {
-                    true => Some(cached.clone()),
-                    false => other.cache.load_full(),
+            .flat_map(|(i, slot)| {
+                let held = match replacing {
+                    Some((idx, cached)) if idx == i => Some(cached.clone()),
+                    _ => slot.cache.load_full(),
                 };
                 held.map(|c| [c.value.clone(), c.retired.clone()])
                     .into_iter()
                     .flatten()
                     .flatten()
             })
-            .chain(self.own.iter().cloned())
+            .chain(self.own.load().iter().cloned())
             .collect();
         self.scan.store(Arc::new(ScanSet::new(values)));
-        slot.cache.store(Some(cached));
     }
 
     /// Slot `idx`'s current value: a `file:` source is re-checked at most once a
     /// `FILE_CHECK_INTERVAL`. `now` is read from the clock only for those, once per caller.
     fn current(&self, idx: usize, now: &mut Option<Instant>) -> Option<Arc<CredentialValue>> {
         let slot = self.slots.get(idx)?;
-        let cached = slot.cache.load();
+        let cached = slot.cache.load_full();
         if let (SecretSource::File(path), Some(c)) = (&slot.source, cached.as_ref()) {
             let now = *now.get_or_insert_with(Instant::now);
             if now.saturating_duration_since(c.checked) >= FILE_CHECK_INTERVAL {
@@ -379,7 +403,7 @@ impl StoreInner {
         &self,
         idx: usize,
         path: &PathBuf,
-        old: &Cached,
+        old: &Arc<Cached>,
     ) -> Option<Arc<CredentialValue>> {
         let stamp = FileStamp::of(path);
         // A file that could not be read is tried again at each check, changed or not: fixing
@@ -398,17 +422,14 @@ impl StoreInner {
                 }
             }
         };
-        self.store(
-            idx,
-            Cached {
-                value: value.clone(),
-                retired: None,
-                stale: false,
-                checked: Instant::now(),
-                stamp,
-            },
-        );
-        value
+        let checked = Cached {
+            value,
+            retired: None,
+            stale: false,
+            checked: Instant::now(),
+            stamp,
+        };
+        self.store_unless_replaced(idx, checked, Some(old))
     }
 }
 
@@ -424,12 +445,12 @@ impl CredentialStore {
     pub async fn load(
         policy: &CompiledPolicy,
         previous: Option<&CredentialStore>,
-        own: &[&Secret],
+        own: &[Arc<Secret>],
     ) -> CredentialStore {
         let defs = &policy.policy().credentials;
         let own: Vec<_> = own
             .iter()
-            .map(|s| Arc::new(CredentialValue::new((*s).clone())))
+            .map(|s| Arc::new(CredentialValue::new(Secret::clone(s))))
             .collect();
         let inner = StoreInner {
             slots: defs
@@ -446,7 +467,7 @@ impl CredentialStore {
             has_files: defs
                 .iter()
                 .any(|def| matches!(def.source, SecretSource::File(_))),
-            own,
+            own: ArcSwap::from_pointee(own),
         };
         for (idx, def) in defs.iter().enumerate() {
             let stamp = match &def.source {
@@ -487,6 +508,17 @@ impl CredentialStore {
         CredentialStore {
             inner: Arc::new(inner),
         }
+    }
+
+    /// Replaces keyward's own secrets looked for (a rotated admin token, and the one before).
+    pub fn set_own(&self, own: &[Arc<Secret>]) {
+        let own = own
+            .iter()
+            .map(|s| Arc::new(CredentialValue::new(Secret::clone(s))))
+            .collect();
+        let _one_at_a_time = self.inner.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.own.store(Arc::new(own));
+        self.inner.rebuild_scan(None);
     }
 
     /// The source and what is held for the credential `name`, if this store has it.
@@ -1391,7 +1423,7 @@ mod tests {
             scan: ArcSwap::from_pointee(ScanSet::new(Vec::new())),
             rebuild: std::sync::Mutex::new(()),
             has_files: true,
-            own: Vec::new(),
+            own: ArcSwap::from_pointee(Vec::new()),
         };
         for (idx, source) in sources.iter().enumerate() {
             let SecretSource::File(path) = source else {

@@ -31,20 +31,20 @@ pub struct Generation {
 
 impl Generation {
     /// Compiles a validated policy and builds its credentials and clients (`previous`: the
-    /// generation a reload replaces; the admin token is looked for like a credential).
+    /// generation a reload replaces; `own_secrets`: keyward's, looked for like credentials).
     pub async fn build(
         source: &Path,
         policy: policy::Policy,
         settings: &ProxySettings,
         own: &Arc<OwnListeners>,
         previous: Option<&Generation>,
-        admin_token: &Secret,
+        own_secrets: &[Arc<Secret>],
     ) -> Result<Generation, PolicyErrors> {
         let policy = CompiledPolicy::compile(policy);
         let upstreams = Upstreams::build(&policy, settings.connect_timeout, own)
             .map_err(|e| PolicyErrors::whole_file(&source.display().to_string(), e.to_string()))?;
         let credentials =
-            CredentialStore::load(&policy, previous.map(|g| &g.credentials), &[admin_token]).await;
+            CredentialStore::load(&policy, previous.map(|g| &g.credentials), own_secrets).await;
         credentials.spawn_refreshers();
         Ok(Generation {
             policy,
@@ -67,6 +67,8 @@ pub struct State {
     pub metrics: Metrics,
     /// Read again at each reload (a `file:` token rotated in place, an `exec:` one reissued).
     admin_token: ArcSwap<Secret>,
+    /// The admin token before the last rotation, still looked for by the egress scan.
+    admin_token_retired: arc_swap::ArcSwapOption<Secret>,
     pub ca_path: PathBuf,
     /// Where keyward listens, once bound; never a destination.
     pub listeners: Arc<OwnListeners>,
@@ -105,6 +107,7 @@ impl State {
             audit,
             metrics,
             admin_token: ArcSwap::from_pointee(admin_token),
+            admin_token_retired: arc_swap::ArcSwapOption::empty(),
             ca_path,
             listeners,
             shutdown: tokio::sync::watch::Sender::new(false),
@@ -127,7 +130,10 @@ impl State {
         let source = &self.restart_only.admin.token;
         match crate::credentials::read_source(source).await {
             Ok(token) if !self.admin_token.load().ct_eq(token.expose().as_bytes()) => {
-                self.admin_token.store(Arc::new(token));
+                let old = self.admin_token.swap(Arc::new(token));
+                self.admin_token_retired.store(Some(old));
+                // Looked for from now on, whether or not the policy reload that follows works.
+                self.current().credentials.set_own(&self.own_secrets());
                 tracing::info!("the admin token changed at its source; the new one applies now");
             }
             Ok(_) => {}
@@ -135,6 +141,15 @@ impl State {
                 tracing::warn!(%why, "cannot read the admin token again; the current one stays")
             }
         }
+    }
+
+    /// keyward's own secrets the egress scan looks for: the admin token, and the one before
+    /// its last rotation.
+    fn own_secrets(&self) -> Vec<Arc<Secret>> {
+        let current = self.admin_token.load_full();
+        std::iter::once(current)
+            .chain(self.admin_token_retired.load_full())
+            .collect()
     }
 
     /// The generation that decides requests starting now.
@@ -171,14 +186,14 @@ impl State {
         }
         let restart_required = self.restart_only.changed_in(&self.settings, &policy);
         let previous = self.current();
-        let admin_token = self.admin_token.load_full();
+        let own = self.own_secrets();
         let generation = Generation::build(
             path,
             policy,
             &self.settings,
             &self.listeners,
             Some(&previous),
-            &admin_token,
+            &own,
         )
         .await?;
         let version = generation.policy.version().to_string();

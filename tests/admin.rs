@@ -323,9 +323,11 @@ async fn overlapping_reloads_leave_the_newest_policy_serving() {
     let url = f.plain_url("plain.test", "/echo");
     let original = std::fs::read_to_string(&kw.policy_path).unwrap();
     let slow_mark = kw.policy_path.with_file_name("slow");
+    let started = kw.policy_path.with_file_name("exec-started");
     let with_slow_exec = |policy: &str| {
         let exec = format!(
-            "credentials:\n  slow: {{ source: {{ exec: [sh, -c, 'test -f {} && sleep 3; echo tok'] }} }}\n",
+            "credentials:\n  slow: {{ source: {{ exec: [sh, -c, 'touch {}; test -f {} && sleep 3; echo tok'] }} }}\n",
+            started.display(),
             slow_mark.display()
         );
         policy.replacen("credentials:\n", &exec, 1)
@@ -334,8 +336,14 @@ async fn overlapping_reloads_leave_the_newest_policy_serving() {
     std::fs::write(&kw.policy_path, with_slow_exec(&original)).unwrap();
     let first = kw.admin(Method::POST, "/v1/reload", None);
     let second = async {
-        // The first reload is in its `exec` by now; the file changes and a second is asked.
-        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        // Once the first reload is in its `exec` (it read the file), the file changes and a
+        // second reload is asked.
+        common::bounded("the first reload's exec", async {
+            while !started.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
         std::fs::remove_file(&slow_mark).unwrap();
         let narrowed = with_slow_exec(&without_plain_echo(&original));
         std::fs::write(&kw.policy_path, narrowed).unwrap();
@@ -965,6 +973,34 @@ async fn a_reload_reads_the_admin_token_again() {
         .await;
     assert_eq!(status, 200, "{v}");
     assert!(v.to_string().contains(&task.id), "the task survived: {v}");
+    // Rotated again, with a policy that does not load: the new token applies, and an agent
+    // holding it (or the one before) cannot send it out, whatever became of the reload.
+    let newer = format!("adm_rotated_{}", keyward::tasks::random_hex(16));
+    kw.add_secret(&newer);
+    std::fs::write(kw.path("admin-token"), format!("{newer}\n")).unwrap();
+    let policy = std::fs::read_to_string(&kw.policy_path).unwrap();
+    std::fs::write(&kw.policy_path, format!("{policy}\nsurprise: true\n")).unwrap();
+    let (status, v) = kw
+        .admin_as(Some(&new), Method::POST, "/v1/reload", None)
+        .await;
+    assert_eq!(status, 400, "{v}");
+    std::fs::write(&kw.policy_path, &policy).unwrap();
+    let agent = kw.agent(&task);
+    for token in [&newer, &new] {
+        let resp = kw
+            .send(
+                agent
+                    .get(f.plain_url("plain.test", "/echo"))
+                    .header("x-note", token.as_str()),
+            )
+            .await;
+        kw.assert_denied(&resp, 403, "secret_egress").await;
+    }
+    let (status, _) = kw
+        .admin_as(Some(&newer), Method::GET, "/v1/tasks", None)
+        .await;
+    assert_eq!(status, 200);
+    let new = newer;
     // A source that cannot be read keeps the current token.
     std::fs::remove_file(kw.path("admin-token")).unwrap();
     let (status, v) = kw

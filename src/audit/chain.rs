@@ -480,7 +480,10 @@ mod tests {
         let fake = String::from_utf8(original[1].clone()).unwrap();
         let fake = fake.rsplit_once(",\"hash\"").unwrap().0.to_string() + "}";
         forged.insert(2, fake.into_bytes());
-        assert_eq!(verify_whole(Cursor::new(join(&forged))).unwrap_err().line, 3);
+        assert_eq!(
+            verify_whole(Cursor::new(join(&forged))).unwrap_err().line,
+            3
+        );
         // Two torn lines in a row are not one torn write; another program's line is not one.
         let mut twice = original.clone();
         twice.insert(1, b"{\"ts\":\"2026-11".to_vec());

@@ -586,10 +586,15 @@ impl Writer {
             return;
         }
         self.path_checked = Instant::now();
-        let here = std::fs::metadata(path).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino())
-        });
+        let here = match std::fs::metadata(path) {
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                Some((m.dev(), m.ino()))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            // Cannot tell (a permission change on the way): looked at again next time.
+            Err(_) => return,
+        };
         if here == Some(identity) {
             return;
         }

@@ -315,7 +315,17 @@ fn secret_safe(path: &str) -> &str {
     };
     let mut end = 0;
     for (i, key) in path.split('.').enumerate() {
-        let bare = key.split('[').next().unwrap_or(key);
+        // A list item's `[n]` is the path's, not the key's; any other `[` is in the key.
+        let bare = match key.split_once('[') {
+            Some((name, index))
+                if index
+                    .strip_suffix(']')
+                    .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                name
+            }
+            _ => key,
+        };
         if i >= names && !KNOWN.contains(&bare) {
             break;
         }
@@ -767,6 +777,11 @@ mod tests {
         );
         assert_eq!(secret_safe("credentials.k.sk-x"), "credentials.k");
         assert_eq!(secret_safe("services.a.sk-x"), "services.a.sk-x");
+        assert_eq!(
+            secret_safe("credentials.k.source.exec[0]"),
+            "credentials.k.source.exec[0]"
+        );
+        assert_eq!(secret_safe("admin.token[sk-pasted]"), "admin");
     }
 
     #[test]

@@ -57,7 +57,10 @@ impl AgentBodyError for hyper::Error {
         let mut source = std::error::Error::source(self);
         while let Some(e) = source {
             if let Some(h2) = e.downcast_ref::<h2::Error>() {
-                return h2.is_io() || h2.is_go_away() || h2.reason() == Some(h2::Reason::CANCEL);
+                // (A GOAWAY keyward's HTTP/2 layer sent, for a protocol error, is not one.)
+                return h2.is_io()
+                    || (h2.is_go_away() && h2.is_remote())
+                    || h2.reason() == Some(h2::Reason::CANCEL);
             }
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
                 return is_gone(io.kind());

@@ -101,9 +101,7 @@ impl RecordDraft {
     }
 
     /// From here until the record is written, dropping the draft writes it (the agent hung
-    /// up) as `reason` with outcome `client_closed`.
-    /// From now on a draft dropped unwritten records its request as cut (`client_closed`),
-    /// with the body bytes `upload` counted as sent.
+    /// up) as `reason` with outcome `client_closed`, counting the body bytes `upload` saw sent.
     pub fn arm(
         &mut self,
         state: &Arc<State>,

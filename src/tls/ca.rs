@@ -88,8 +88,8 @@ pub struct CertAuthority {
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     provider: Arc<CryptoProvider>,
-    /// When the CA certificate expires: no leaf outlives it (an agent would reject the chain
-    /// while the leaf cache still served it).
+    /// When the CA certificate expires: no leaf claims to outlive it (a leaf's validity
+    /// should lie within its issuer's).
     not_after: OffsetDateTime,
 }
 
