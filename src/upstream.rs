@@ -88,6 +88,9 @@ const H2_CONNECTION_WINDOW: u32 = 16 << 20;
 /// Most hosts of one service whose connections are pooled (a wildcard service may see many);
 /// a request for a further host gets a connection of its own, not kept.
 const MAX_POOLED_HOSTS: usize = 256;
+/// HTTP/2 connections kept per service and host (one per task); more tasks at once each dial
+/// their own and the least recently used goes.
+const MAX_POOLED_H2: usize = 256;
 
 /// The connection pools of a policy generation: per service, per host.
 pub struct Upstreams {
@@ -142,7 +145,7 @@ impl Upstreams {
         let pool = Arc::new(ServicePool {
             connector: upstreams.connector.clone(),
             http1: Mutex::new(Vec::new()),
-            http2: Mutex::new(None),
+            http2: Mutex::new(Vec::new()),
             reaper: OnceLock::new(),
         });
         if upstreams.hosts.len() >= MAX_POOLED_HOSTS {
@@ -172,16 +175,17 @@ pub enum SendError {
     Protocol(hyper::Error),
 }
 
-/// A service's upstream connections to one host. HTTP/1 connections are reused one request at
-/// a time (a connection is taken only when it is ready for its next request, so a streaming
-/// response never holds up another request); an HTTP/2 connection (chosen by ALPN) carries
-/// every request at once. Nothing is shared between services or hosts, so a connection that
+/// A service's upstream connections to one host, each reused by one task only. HTTP/1
+/// connections carry one request at a time (a connection is taken only when it is ready for
+/// its next request, so a streaming response never holds up another request); an HTTP/2
+/// connection (chosen by ALPN) carries all of its task's requests at once. Nothing is shared between services or hosts, so a connection that
 /// carried one service's credential never carries another's.
 pub struct ServicePool {
     connector: ConnectorInner,
     /// HTTP/1 connections, busy or idle, most recently used last.
     http1: Mutex<Vec<Pooled>>,
-    http2: Mutex<Option<http2::SendRequest<UpBody>>>,
+    /// HTTP/2 connections, one per task (see `send`).
+    http2: Mutex<Vec<PooledH2>>,
     /// Closes connections idle too long once traffic stops (started on first use).
     reaper: OnceLock<()>,
 }
@@ -192,6 +196,14 @@ impl Drop for ServicePool {
         let held = self.http1.get_mut().map_or(0, |c| c.len());
         self.connector.pooled.fetch_sub(held, Ordering::Relaxed);
     }
+}
+
+/// A task's HTTP/2 connection to the host.
+struct PooledH2 {
+    sender: http2::SendRequest<UpBody>,
+    /// when it last carried a request
+    used: Instant,
+    task: u64,
 }
 
 struct Pooled {
@@ -217,8 +229,14 @@ enum Sender {
 impl ServicePool {
     /// Sends `req` (absolute-form URI, no `Host`) for the task with serial `task` on a pooled
     /// connection or a new one and returns the response head; the body streams afterwards.
-    /// HTTP/1 connections are reused by their own task only; an HTTP/2 one is shared (each
-    /// response is tied to its request's stream).
+    /// Connections are reused by their own task only, HTTP/2 ones too (each carries all of
+    /// its task's requests at once).
+    ///
+    /// SECURITY (fairness): on a connection shared by every task, one task's agent could stall
+    /// the others: responses it leaves unread hold the connection's flow-control window, its
+    /// streams the upstream's concurrent-stream limit, and its cancelled streams (each a
+    /// `RST_STREAM` after the credential went out) can get the connection closed by an
+    /// upstream that guards against rapid resets. Per task, that only ever hurts itself.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<UpBody>,
@@ -229,8 +247,11 @@ impl ServicePool {
             // the upstream speaks HTTP/2 to everything else.
             return self.send_new(req, true, task).await;
         }
-        if let Some(mut h2) = self.live_http2() {
-            return h2.send_request(req).await.map_err(|e| self.http2_failed(e));
+        if let Some(mut h2) = self.live_http2(task) {
+            return h2
+                .send_request(req)
+                .await
+                .map_err(|e| self.http2_failed(e, task));
         }
         if let Some(sender) = self.checkout_http1(task) {
             let again = replayable(&req);
@@ -270,10 +291,10 @@ impl ServicePool {
             .map_err(SendError::Connect)?
         {
             Sender::Http2(mut h2) => {
-                if let Ok(mut slot) = self.http2.lock() {
-                    *slot = Some(h2.clone());
-                }
-                h2.send_request(req).await.map_err(|e| self.http2_failed(e))
+                self.put_http2(h2.clone(), task);
+                h2.send_request(req)
+                    .await
+                    .map_err(|e| self.http2_failed(e, task))
             }
             Sender::Http1(sender) => match self.send_http1(sender, req, task).await {
                 Ok(resp) => Ok(resp),
@@ -323,11 +344,11 @@ impl ServicePool {
         }
     }
 
-    /// A stream the shared HTTP/2 connection refused (`REFUSED_STREAM`, `ENHANCE_YOUR_CALM`)
-    /// retires that connection: the next request dials a new one. An upstream that stopped
-    /// taking streams on it (say, after agents left many downloads unread) would otherwise
-    /// fail every task's requests for as long as it keeps the connection open.
-    fn http2_failed(&self, e: hyper::Error) -> SendError {
+    /// A stream the task's HTTP/2 connection refused (`REFUSED_STREAM`, `ENHANCE_YOUR_CALM`)
+    /// retires that connection: the task's next request dials a new one. An upstream that
+    /// stopped taking streams on it (say, after its agent left many downloads unread) would
+    /// otherwise fail the task's requests for as long as it keeps the connection open.
+    fn http2_failed(&self, e: hyper::Error, task: u64) -> SendError {
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
             if let Some(h2e) = s.downcast_ref::<h2::Error>() {
@@ -336,8 +357,8 @@ impl ServicePool {
                     Some(h2::Reason::REFUSED_STREAM | h2::Reason::ENHANCE_YOUR_CALM)
                 );
                 if refused {
-                    if let Ok(mut slot) = self.http2.lock() {
-                        *slot = None;
+                    if let Ok(mut conns) = self.http2.lock() {
+                        conns.retain(|c| c.task != task);
                     }
                 }
                 break;
@@ -347,16 +368,38 @@ impl ServicePool {
         SendError::Protocol(e)
     }
 
-    fn live_http2(&self) -> Option<http2::SendRequest<UpBody>> {
-        let mut slot = self.http2.lock().ok()?;
-        match slot.as_ref() {
-            Some(h2) if !h2.is_closed() => Some(h2.clone()),
-            Some(_) => {
-                *slot = None;
-                None
-            }
-            None => None,
+    /// The task's HTTP/2 connection, if it has one still open.
+    fn live_http2(&self, task: u64) -> Option<http2::SendRequest<UpBody>> {
+        let mut conns = self.http2.lock().ok()?;
+        let at = conns.iter().position(|c| c.task == task)?;
+        let conn = conns.get_mut(at)?;
+        if conn.sender.is_closed() {
+            conns.swap_remove(at);
+            return None;
         }
+        conn.used = Instant::now();
+        Some(conn.sender.clone())
+    }
+
+    /// Keeps a new HTTP/2 connection for its task. At `MAX_POOLED_H2` the one unused longest
+    /// goes (its streams still finish: hyper closes it once they have).
+    fn put_http2(self: &Arc<Self>, sender: http2::SendRequest<UpBody>, task: u64) {
+        self.start_reaper();
+        let Ok(mut conns) = self.http2.lock() else {
+            return;
+        };
+        conns.retain(|c| c.task != task && !c.sender.is_closed());
+        if conns.len() >= MAX_POOLED_H2 {
+            if let Some(oldest) = conns.iter().enumerate().min_by_key(|(_, c)| c.used) {
+                let i = oldest.0;
+                conns.swap_remove(i);
+            }
+        }
+        conns.push(PooledH2 {
+            sender,
+            used: Instant::now(),
+            task,
+        });
     }
 
     /// The task's most recently used HTTP/1 connection that is ready for a request; drops
@@ -374,6 +417,12 @@ impl ServicePool {
     fn prune(&self) {
         if let Ok(mut conns) = self.http1.lock() {
             self.drop_expired(&mut conns);
+        }
+        // An HTTP/2 connection no request used for `IDLE_TIMEOUT` is let go: hyper closes it
+        // once its last stream (a long download, say) has ended.
+        if let Ok(mut conns) = self.http2.lock() {
+            let now = Instant::now();
+            conns.retain(|c| !c.sender.is_closed() && now.duration_since(c.used) <= IDLE_TIMEOUT);
         }
     }
 
@@ -428,7 +477,7 @@ impl ServicePool {
         let no_http2 = self
             .http2
             .lock()
-            .map_or(true, |h| h.as_ref().map_or(true, |h2| h2.is_closed()));
+            .map_or(true, |h| h.iter().all(|c| c.sender.is_closed()));
         no_http1 && no_http2
     }
 
@@ -457,9 +506,9 @@ impl ServicePool {
             .await
             .map_err(|_| ConnectError::Timeout)??;
         if stream.is_h2() {
-            // Every request of the service shares this connection, so agents that stop reading
-            // must not exhaust its window for everyone: a stream may hold 1 MiB unread, the
-            // connection 16 (16 stalled streams before others wait; hyper's 2 and 5 let 3 do it).
+            // Every request of the task shares this connection, so an agent that stops reading
+            // one download must not stall its others at once: a stream may hold 1 MiB unread,
+            // the connection 16 (hyper's 2 and 5 let 3 stalled streams do it).
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .initial_stream_window_size(H2_STREAM_WINDOW)

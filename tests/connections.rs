@@ -506,6 +506,34 @@ async fn upstream_connections_are_reused_and_a_stream_holds_up_no_one() {
     drop(stream);
 }
 
+/// An HTTP/2 upstream connection carries one task's requests only: shared, one task's agent
+/// could stall the others (unread downloads holding its window, streams its concurrency
+/// limit, cancelled streams its patience); each task's requests still share its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_task_gets_its_own_http2_upstream_connection() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let url = f.tls_url("secure.test", "/echo");
+    for round in 1..=2 {
+        let task = kw.mint("bot", json!(["secure.read"])).await;
+        let agent = kw.agent(&task);
+        for _ in 0..3 {
+            let resp = kw.send(agent.get(&url)).await;
+            assert_eq!(resp.status, 200, "{}", resp.body);
+        }
+        assert_eq!(
+            f.tls.connections(),
+            round,
+            "one upstream connection per task"
+        );
+    }
+    assert_eq!(
+        f.tls.last().version,
+        "HTTP/2.0",
+        "the upstream was reached over HTTP/2"
+    );
+}
+
 /// An upstream that answers one keep-alive request per connection (without `Connection:
 /// close`), then closes it `close_after` later without reading anything more; and a fixture
 /// whose `basic` service points at it. Returns the fixture, the count of requests answered,
