@@ -938,6 +938,72 @@ async fn an_agent_hanging_up_mid_body_is_recorded_as_gone() {
     assert_eq!(rec["bytes_up"], 10, "{rec}");
 }
 
+/// Revoking a task stops what it has out at once: an upload still being sent goes no further
+/// (the upstream never gets the whole write), and a request waiting on its upstream gets the
+/// 407 instead of the answer. Each is recorded as the allowed request it was, cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_task_cuts_its_upload_and_withholds_a_pending_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let head = format!(
+        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nfirst\r\n",
+        auth(&task)
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    kw.revoke(&task.id).await;
+    // The agent goes on writing; none of it reaches the upstream as a whole request.
+    let _ = tcp.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = bounded("the answer", tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
+    assert!(answer.contains("task_revoked"), "{answer}");
+    let seen = f.plain.last();
+    assert!(
+        !String::from_utf8_lossy(&seen.body).contains("second"),
+        "the upstream got the upload's rest: {:?}",
+        seen.body
+    );
+    let rec = kw
+        .audit_where("the cut upload", |r| r["path"] == "/echo")
+        .await;
+    common::assert_record(&rec);
+    assert_eq!(rec["decision"], "allow", "{rec}");
+    assert_eq!(rec["outcome"], "task_revoked", "{rec}");
+    assert_eq!(rec["status"], 407, "{rec}");
+
+    // A request waiting on a slow upstream when its task is revoked.
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(raw_get(&f, "plain.test", "/slow", &task, "").as_bytes())
+        .await
+        .unwrap();
+    let before = f.plain.hits();
+    bounded("upstream sees the request", async {
+        while f.plain.hits() == before {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    kw.revoke(&task.id).await;
+    let mut answer = Vec::new();
+    let _ = bounded("the answer", tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
+    assert!(!answer.contains("slow answer"), "{answer}");
+    let rec = kw
+        .audit_where("the withheld answer", |r| r["path"] == "/slow")
+        .await;
+    assert_eq!(rec["outcome"], "task_revoked", "{rec}");
+    assert_eq!(rec["status"], 407, "{rec}");
+    kw.assert_no_leaks().await;
+}
+
 /// `requests_denied` in the admin API counts every denial of the task, on the plain listener
 /// as in tunnels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

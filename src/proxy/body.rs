@@ -24,6 +24,8 @@ pub struct Upload {
     bytes: AtomicU64,
     agent_failed: AtomicBool,
     agent_hung_up: AtomicBool,
+    /// Set when the task ended (revoked, expired) while the body was still being sent.
+    cut: std::sync::OnceLock<crate::tasks::TaskEnd>,
 }
 
 impl Upload {
@@ -40,6 +42,11 @@ impl Upload {
     /// mid-body), rather than because it was malformed.
     pub fn agent_hung_up(&self) -> bool {
         self.agent_hung_up.load(Ordering::Relaxed)
+    }
+
+    /// How the task ended, if that cut the body short.
+    pub fn cut_by(&self) -> Option<crate::tasks::TaskEnd> {
+        self.cut.get().copied()
     }
 }
 
@@ -94,21 +101,29 @@ fn is_gone(kind: std::io::ErrorKind) -> bool {
 pub struct CountingBody<B> {
     inner: B,
     upload: Arc<Upload>,
+    /// The request's task: a body still streaming when it is revoked or expires goes no
+    /// further (the upstream gets a cut-off request, not the rest of a write the operator
+    /// stopped).
+    task: Option<Arc<crate::tasks::Task>>,
 }
 
 impl<B> CountingBody<B> {
-    pub fn new(inner: B, upload: Arc<Upload>) -> Self {
-        CountingBody { inner, upload }
+    pub fn new(inner: B, upload: Arc<Upload>, task: Option<Arc<crate::tasks::Task>>) -> Self {
+        CountingBody {
+            inner,
+            upload,
+            task,
+        }
     }
 }
 
 impl<B> Body for CountingBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: AgentBodyError,
+    B::Error: AgentBodyError + Into<BodyError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -117,15 +132,22 @@ where
         loop {
             let polled = Pin::new(&mut self.inner).poll_frame(cx);
             match &polled {
-                Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
-                    Some(data) => {
-                        self.upload
-                            .bytes
-                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(frame))) => {
+                    let end = self.task.as_ref().and_then(|t| t.cut_at(SystemTime::now()));
+                    if let Some(end) = end {
+                        let _ = self.upload.cut.set(end);
+                        return Poll::Ready(Some(Err(end.as_str().into())));
                     }
-                    // Trailers (the only other frame) are dropped; the body goes on (or ends).
-                    None => continue,
-                },
+                    match frame.data_ref() {
+                        Some(data) => {
+                            self.upload
+                                .bytes
+                                .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                        // Trailers (the only other frame) are dropped; the body goes on.
+                        None => continue,
+                    }
+                }
                 Poll::Ready(Some(Err(e))) => {
                     self.upload.agent_failed.store(true, Ordering::Relaxed);
                     if e.is_hang_up() {
@@ -134,7 +156,7 @@ where
                 }
                 _ => {}
             }
-            return polled;
+            return polled.map(|frame| frame.map(|r| r.map_err(Into::into)));
         }
     }
 
@@ -433,7 +455,7 @@ mod tests {
         ];
         let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
         let upload = Arc::new(Upload::default());
-        let collected = CountingBody::new(inner, upload.clone())
+        let collected = CountingBody::new(inner, upload.clone(), None)
             .collect()
             .await
             .unwrap();
@@ -451,7 +473,7 @@ mod tests {
         ];
         let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
         let upload = Arc::new(Upload::default());
-        assert!(CountingBody::new(inner, upload.clone())
+        assert!(CountingBody::new(inner, upload.clone(), None)
             .collect()
             .await
             .is_err());
@@ -466,7 +488,7 @@ mod tests {
         ];
         let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
         let upload = Arc::new(Upload::default());
-        assert!(CountingBody::new(inner, upload.clone())
+        assert!(CountingBody::new(inner, upload.clone(), None)
             .collect()
             .await
             .is_err());

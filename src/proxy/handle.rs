@@ -190,7 +190,8 @@ async fn handle_request(
     let head_only = parts.method == Method::HEAD;
 
     let upload = Arc::new(Upload::default());
-    let mut up = Request::from_parts(parts, Either::Left(CountingBody::new(body, upload.clone())));
+    let counted = CountingBody::new(body, upload.clone(), Some(task.clone()));
+    let mut up = Request::from_parts(parts, Either::Left(counted));
     if forward::aim(&mut up, &target).is_none() {
         task.refund();
         return refuse(
@@ -213,6 +214,14 @@ async fn handle_request(
         state.settings.upstream_timeout,
     )
     .await;
+    // SECURITY: a task revoked or expired while its request was out gets no answer (not
+    // even the head), and an upload still going is cut (`CountingBody`).
+    let ended = upload
+        .cut_by()
+        .or_else(|| task.cut_at(SystemTime::now()).filter(|_| sent.is_ok()));
+    if let Some(end) = ended {
+        return ended_in_flight(&state, ctx, draft, end, started, &upload).await;
+    }
     match sent {
         Ok(mut resp) => {
             let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -610,6 +619,40 @@ async fn refuse(
         Some(_) => {}
         None => respond::close_unless_authenticated(&mut resp, reason, task.as_deref()),
     }
+    resp
+}
+
+/// The answer to an allowed request whose task ended (revoked, expired) while it was out: the
+/// 407 a new request would get, and a record of the allowed request with how it was cut.
+async fn ended_in_flight(
+    state: &State,
+    ctx: &ConnCtx,
+    mut draft: RecordDraft,
+    end: crate::tasks::TaskEnd,
+    started: Instant,
+    upload: &Upload,
+) -> Response<ProxyBody> {
+    let reason = match end {
+        crate::tasks::TaskEnd::Revoked => Reason::TaskRevoked,
+        crate::tasks::TaskEnd::Expired => Reason::TaskExpired,
+    };
+    draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
+    draft.rec.bytes_up = upload.bytes();
+    draft.rec.outcome = Some(end.as_str());
+    let task = draft.rec.task.clone();
+    let resp = respond::deny(&DenyInfo {
+        reason,
+        request_id: draft.request_id(),
+        task: task.as_deref(),
+        hint: None,
+        ambiguity: None,
+    });
+    if let Some(t) = &ctx.tunnel {
+        t.close.notify_one();
+    }
+    draft
+        .write(state, Reason::Allowed, reason.status().as_u16())
+        .await;
     resp
 }
 
