@@ -22,6 +22,26 @@ fn raw_get(f: &Fixture, host: &str, path: &str, task: &Task, extra: &str) -> Str
     )
 }
 
+/// The head of a raw absolute-form POST to the plain upstream's `/echo` with `framing`
+/// (`Content-Length: …` or `Transfer-Encoding: chunked`), followed by `body_start`.
+fn raw_post_echo(f: &Fixture, task: &Task, framing: &str, body_start: &str) -> String {
+    let port = f.plain.port();
+    format!(
+        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\n{framing}\r\n\r\n{body_start}",
+        auth(task)
+    )
+}
+
+/// Waits (bounded) until the plain upstream has seen more than `before` requests.
+async fn upstream_saw_more_than(f: &Fixture, before: usize) {
+    bounded("upstream sees the request", async {
+        while f.plain.hits() <= before {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 /// The record of the allowed request of `task` to `path`.
 async fn allowed_record(kw: &Harness, task: &Task, path: &str) -> Value {
     let rec = kw
@@ -884,12 +904,7 @@ async fn an_agent_hanging_up_before_the_answer_still_leaves_a_record() {
         .await
         .unwrap();
     // The upstream takes 600 ms; hang up once it has the request.
-    bounded("upstream sees the request", async {
-        while f.plain.hits() == 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    upstream_saw_more_than(&f, 0).await;
     drop(tcp);
     let rec = kw
         .audit_where("the hung-up request", |r| r["path"] == "/slow")
@@ -919,12 +934,8 @@ async fn an_agent_hanging_up_mid_body_is_recorded_as_gone() {
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let port = f.plain.port();
     let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-    let head = format!(
-        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nContent-Length: 100000\r\n\r\n0123456789",
-        auth(&task)
-    );
+    let head = raw_post_echo(&f, &task, "Content-Length: 100000", "0123456789");
     tcp.write_all(head.as_bytes()).await.unwrap();
     // keyward is streaming the body upstream by now; the agent goes.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -947,12 +958,9 @@ async fn revoking_a_task_cuts_its_upload_and_withholds_a_pending_answer() {
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let port = f.plain.port();
     let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-    let head = format!(
-        "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nfirst\r\n",
-        auth(&task)
-    );
+    let framing = "Transfer-Encoding: chunked\r\nConnection: close";
+    let head = raw_post_echo(&f, &task, framing, "5\r\nfirst\r\n");
     tcp.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     kw.revoke(&task.id).await;
@@ -963,6 +971,8 @@ async fn revoking_a_task_cuts_its_upload_and_withholds_a_pending_answer() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
     assert!(answer.contains("task_revoked"), "{answer}");
+    // (The echo upstream notes a request once its body ends, whole or cut.)
+    upstream_saw_more_than(&f, 0).await;
     let seen = f.plain.last();
     assert!(
         !String::from_utf8_lossy(&seen.body).contains("second"),
@@ -979,17 +989,12 @@ async fn revoking_a_task_cuts_its_upload_and_withholds_a_pending_answer() {
 
     // A request waiting on a slow upstream when its task is revoked.
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let before = f.plain.hits();
     let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
     tcp.write_all(raw_get(&f, "plain.test", "/slow", &task, "").as_bytes())
         .await
         .unwrap();
-    let before = f.plain.hits();
-    bounded("upstream sees the request", async {
-        while f.plain.hits() == before {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    upstream_saw_more_than(&f, before).await;
     kw.revoke(&task.id).await;
     let mut answer = Vec::new();
     let _ = bounded("the answer", tcp.read_to_end(&mut answer)).await;

@@ -465,33 +465,24 @@ mod tests {
         assert!(!upload.agent_failed());
     }
 
+    /// `hel` then `error` through a counting body: what its `Upload` noted.
+    async fn upload_broken_by(error: std::io::Error) -> Arc<Upload> {
+        let frames = vec![Ok(Frame::data(Bytes::from_static(b"hel"))), Err(error)];
+        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+        let upload = Arc::new(Upload::default());
+        let counted = CountingBody::new(inner, upload.clone(), None);
+        assert!(counted.collect().await.is_err());
+        assert_eq!(upload.bytes(), 3);
+        upload
+    }
+
     #[tokio::test]
     async fn an_error_of_the_agents_body_is_noted() {
-        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"hel"))),
-            Err(std::io::Error::other("bad chunk")),
-        ];
-        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let upload = Arc::new(Upload::default());
-        assert!(CountingBody::new(inner, upload.clone(), None)
-            .collect()
-            .await
-            .is_err());
-        assert_eq!(upload.bytes(), 3);
+        let upload = upload_broken_by(std::io::Error::other("bad chunk")).await;
         assert!(upload.agent_failed());
         assert!(!upload.agent_hung_up(), "a malformed body is not a hang-up");
-
         // The agent went away mid-body.
-        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"hel"))),
-            Err(std::io::ErrorKind::UnexpectedEof.into()),
-        ];
-        let inner = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-        let upload = Arc::new(Upload::default());
-        assert!(CountingBody::new(inner, upload.clone(), None)
-            .collect()
-            .await
-            .is_err());
+        let upload = upload_broken_by(std::io::ErrorKind::UnexpectedEof.into()).await;
         assert!(upload.agent_failed() && upload.agent_hung_up());
     }
 }
