@@ -15,7 +15,7 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -146,6 +146,8 @@ impl Upstreams {
             connector: upstreams.connector.clone(),
             http1: Mutex::new(Vec::new()),
             http2: Mutex::new(Vec::new()),
+            speaks_h2: AtomicBool::new(false),
+            h2_dial: tokio::sync::Mutex::new(()),
             reaper: OnceLock::new(),
         });
         if upstreams.hosts.len() >= MAX_POOLED_HOSTS {
@@ -186,6 +188,10 @@ pub struct ServicePool {
     http1: Mutex<Vec<Pooled>>,
     /// HTTP/2 connections, one per task (see `send`).
     http2: Mutex<Vec<PooledH2>>,
+    /// Whether the host answered a dial with HTTP/2: then a task's first requests, sent at
+    /// once, wait for one dial (`h2_dial`) instead of each dialling a connection of its own.
+    speaks_h2: AtomicBool,
+    h2_dial: tokio::sync::Mutex<()>,
     /// Closes connections idle too long once traffic stops (started on first use).
     reaper: OnceLock<()>,
 }
@@ -253,6 +259,25 @@ impl ServicePool {
                 .await
                 .map_err(|e| self.http2_failed(e, task));
         }
+        if self.speaks_h2.load(Ordering::Relaxed) {
+            let dialled = {
+                let _one_dial = self.h2_dial.lock().await;
+                match self.live_http2(task) {
+                    Some(h2) => Sender::Http2(h2),
+                    None => {
+                        let dialled = Box::pin(self.dial(req.uri(), false))
+                            .await
+                            .map_err(SendError::Connect)?;
+                        // Kept before the next waiter looks.
+                        if let Sender::Http2(h2) = &dialled {
+                            self.put_http2(h2.clone(), task);
+                        }
+                        dialled
+                    }
+                }
+            };
+            return self.send_on(dialled, req, task).await;
+        }
         if let Some(sender) = self.checkout_http1(task) {
             let again = replayable(&req);
             match self.send_http1(sender, req, task).await {
@@ -286,11 +311,23 @@ impl ServicePool {
         // Boxed: dialling (TCP, TLS, the HTTP/2 handshake) is a 6.5 KB future, which would
         // otherwise make every request's future that large, copied as it is awaited; a new
         // connection is rare next to the requests that reuse one.
-        match Box::pin(self.dial(req.uri(), http1_only))
+        let dialled = Box::pin(self.dial(req.uri(), http1_only))
             .await
-            .map_err(SendError::Connect)?
-        {
+            .map_err(SendError::Connect)?;
+        self.send_on(dialled, req, task).await
+    }
+
+    /// Sends on a connection just dialled (or found by a request that waited for a dial),
+    /// keeping an HTTP/2 one for the task.
+    async fn send_on(
+        self: &Arc<Self>,
+        sender: Sender,
+        req: Request<UpBody>,
+        task: u64,
+    ) -> Result<Response<Incoming>, SendError> {
+        match sender {
             Sender::Http2(mut h2) => {
+                self.speaks_h2.store(true, Ordering::Relaxed);
                 self.put_http2(h2.clone(), task);
                 h2.send_request(req)
                     .await

@@ -532,6 +532,14 @@ async fn each_task_gets_its_own_http2_upstream_connection() {
         "HTTP/2.0",
         "the upstream was reached over HTTP/2"
     );
+    // A new task's first requests, sent at once, wait for one dial rather than each dialling.
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let agent = kw.agent(&task);
+    let burst = (0..8).map(|_| kw.send(agent.get(&url)));
+    for resp in futures_util::future::join_all(burst).await {
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    assert_eq!(f.tls.connections(), 3, "a burst dialled more than once");
 }
 
 /// An upstream that answers one keep-alive request per connection (without `Connection:
