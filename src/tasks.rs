@@ -151,6 +151,23 @@ impl Task {
         }
     }
 
+    /// Completes when an operator revokes the task (not when a reload withdraws it: its
+    /// requests in flight finish). No timer: a request waiting on its upstream awaits this
+    /// beside the upstream, and the timer wheel would cost every request.
+    pub async fn revoked_by_operator(&self) {
+        let notified = self.revocation.notified();
+        tokio::pin!(notified);
+        loop {
+            // Registered before the flag is read, so a revocation in between is not missed.
+            notified.as_mut().enable();
+            if self.cut.load(Ordering::Acquire) {
+                return;
+            }
+            notified.as_mut().await;
+            notified.set(self.revocation.notified());
+        }
+    }
+
     pub fn requests_used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }

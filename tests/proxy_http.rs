@@ -987,6 +987,19 @@ async fn revoking_a_task_cuts_its_upload_and_withholds_a_pending_answer() {
     assert_eq!(rec["outcome"], "task_revoked", "{rec}");
     assert_eq!(rec["status"], 407, "{rec}");
 
+    // An upload paused when its task is revoked (no frame comes to be cut): 407 at once, not
+    // the upstream's timeout.
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let head = raw_post_echo(&f, &task, framing, "5\r\nfirst\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    kw.revoke(&task.id).await;
+    let mut answer = Vec::new();
+    let _ = bounded("the answer", tcp.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
+
     // A request waiting on a slow upstream when its task is revoked.
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let before = f.plain.hits();

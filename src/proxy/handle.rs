@@ -206,22 +206,31 @@ async fn handle_request(
 
     let started = Instant::now();
     draft.arm(&state, Reason::Allowed, Some(&upload));
-    let sent = forward::send(
+    let sending = forward::send(
         &generation.upstreams,
         permit.service(),
         task.serial,
         up,
         state.settings.upstream_timeout,
-    )
-    .await;
+    );
     // SECURITY: a task revoked or expired while its request was out gets no answer (not
-    // even the head), and an upload still going is cut (`CountingBody`).
-    let ended = upload
-        .cut_by()
-        .or_else(|| task.cut_at(SystemTime::now()).filter(|_| sent.is_ok()));
-    if let Some(end) = ended {
+    // even the head), and an upload still going is cut (`CountingBody`; a paused one here:
+    // the request is dropped, which resets its stream or closes its connection).
+    let sent = tokio::select! {
+        biased;
+        sent = sending => Some(sent),
+        () = task.revoked_by_operator() => None,
+    };
+    let ended = match &sent {
+        None => Some(crate::tasks::TaskEnd::Revoked),
+        Some(sent) => upload
+            .cut_by()
+            .or_else(|| task.cut_at(SystemTime::now()).filter(|_| sent.is_ok())),
+    };
+    let (Some(sent), None) = (sent, ended) else {
+        let end = ended.unwrap_or(crate::tasks::TaskEnd::Revoked);
         return ended_in_flight(&state, ctx, draft, end, started, &upload).await;
-    }
+    };
     match sent {
         Ok(mut resp) => {
             let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -408,6 +417,7 @@ async fn handle_request(
             );
             state.metrics.upstream_error(&service, kind);
             draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
+            draft.rec.bytes_up = upload.bytes();
             draft.rec.outcome = Some(kind);
             let resp = respond::failure(failure, draft.request_id(), draft.rec.task.as_deref());
             draft
