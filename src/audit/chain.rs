@@ -244,7 +244,9 @@ fn verify_links<R: BufRead>(reader: R, from_middle: bool) -> Result<Verified, Ch
             const START: &[u8] = b"{\"ts\":\"";
             let starts = line.starts_with(START) || START.starts_with(&line);
             let whole = serde_json::from_slice::<serde::de::IgnoredAny>(&line).is_ok();
-            let torn = !line.is_empty() && starts && !whole;
+            // The writer ends a torn line before it appends: one record's start, never two.
+            let once = memchr::memmem::find_iter(&line, START).count() <= 1;
+            let torn = !line.is_empty() && starts && !whole && once;
             if !torn || not_records.last() == Some(&i) {
                 return Err(err(
                     "not an audit record (another program's output mixed in?)",
@@ -484,6 +486,11 @@ mod tests {
             verify_whole(Cursor::new(join(&forged))).unwrap_err().line,
             3
         );
+        // A cut start followed by a whole forged record on the same line is not a torn write.
+        let mut glued = original.clone();
+        let glued_line = [b"{\"ts\":\"2026-11".as_slice(), &original[1]].concat();
+        glued.insert(2, glued_line);
+        assert_eq!(verify_whole(Cursor::new(join(&glued))).unwrap_err().line, 3);
         // Two torn lines in a row are not one torn write; another program's line is not one.
         let mut twice = original.clone();
         twice.insert(1, b"{\"ts\":\"2026-11".to_vec());

@@ -377,6 +377,18 @@ impl Sink {
         }
     }
 
+    /// How many names the open regular file still has (0: removed).
+    fn identity_links(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Sink::File {
+                file,
+                regular: true,
+            } => file.metadata().ok().map(|m| m.nlink()),
+            _ => None,
+        }
+    }
+
     /// Device and inode of a regular file (what its path must still name).
     fn identity(&self) -> Option<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;
@@ -586,20 +598,27 @@ impl Writer {
             return;
         }
         self.path_checked = Instant::now();
-        let here = match std::fs::metadata(path) {
-            Ok(m) => {
-                use std::os::unix::fs::MetadataExt;
-                Some((m.dev(), m.ino()))
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata(path);
+        if let Ok(m) = &here {
+            if (m.dev(), m.ino()) == identity {
+                return;
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            // Cannot tell (a permission change on the way): looked at again next time.
-            Err(_) => return,
-        };
-        if here == Some(identity) {
+        }
+        // A path that cannot be looked at (a directory made unreadable, a file where the
+        // directory was) may still name the open file: only one removed for sure counts then.
+        let removed = self.sink.identity_links() == Some(0);
+        let missing = matches!(&here, Err(e) if e.kind() == io::ErrorKind::NotFound);
+        if here.is_err() && !missing && !removed {
             return;
         }
         tracing::warn!(path = %path.display(), "the audit file was removed, moved or replaced; opening its path again");
-        if let Err(e) = self.reopen() {
+        // Only a regular file is opened again (a FIFO put there would block the writer).
+        let reopened = match &here {
+            Ok(m) if !m.is_file() => Err("the audit path is no longer a regular file".to_owned()),
+            _ => self.reopen(),
+        };
+        if let Err(e) = reopened {
             self.shared.healthy.store(false, Ordering::SeqCst);
             tracing::error!(error = %e, "cannot open the audit file again; requests are refused until keyward is restarted");
         }
@@ -865,6 +884,22 @@ mod tests {
         assert_eq!(verify(&path), 3);
         assert_eq!(seqs(&path), [1, 2, 3]);
 
+        // A FIFO put at the path is not opened (it would block the writer): the log fails.
+        let fifo = dir.path().join("fifo.jsonl");
+        let target = AuditTarget::File(fifo.clone());
+        let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        log.write(record(0)).await;
+        std::fs::remove_file(&fifo).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        tokio::time::sleep(PATH_CHECK + Duration::from_millis(100)).await;
+        log.write(record(1)).await;
+        assert!(!log.healthy(), "records went into a removed file");
+        log.close().await;
+
         // A path that cannot be opened again fails the log: nothing is written nowhere.
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
@@ -872,6 +907,8 @@ mod tests {
         let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
         log.write(record(0)).await;
         std::fs::remove_dir_all(&sub).unwrap();
+        // A file where the directory was: the path cannot be looked at (not a directory).
+        std::fs::write(&sub, "").unwrap();
         tokio::time::sleep(PATH_CHECK + Duration::from_millis(100)).await;
         log.write(record(1)).await;
         assert!(!log.healthy(), "records went into a removed file");
