@@ -269,8 +269,11 @@ impl ServicePool {
                             .await
                             .map_err(SendError::Connect)?;
                         // Kept before the next waiter looks.
-                        if let Sender::Http2(h2) = &dialled {
-                            self.put_http2(h2.clone(), task);
+                        match &dialled {
+                            Sender::Http2(h2) => self.put_http2(h2.clone(), task),
+                            // The host no longer offers HTTP/2: its HTTP/1 connections are
+                            // pooled and dialled in parallel again.
+                            Sender::Http1(_) => self.speaks_h2.store(false, Ordering::Relaxed),
                         }
                         dialled
                     }
