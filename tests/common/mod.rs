@@ -381,8 +381,10 @@ impl Harness {
         let resp = bounded("metrics", self.http.get(self.admin_url("/metrics")).send())
             .await
             .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        bounded("metrics body", resp.text()).await.unwrap()
+        let status = resp.status().as_u16();
+        let body = bounded("metrics body", resp.text()).await.unwrap();
+        assert_eq!(status, 200, "/metrics: {body}");
+        body
     }
 
     /// The value of one metric series (exact text before the value), or `None`.

@@ -1,0 +1,842 @@
+//! Credentials: reading secret values from their sources, and injecting them into a request
+//! that holds a `Permit`.
+//!
+//! `env:` values are read at load; `file:` values are re-read when the file changes (checked at
+//! most once a second, as Kubernetes secret volumes update in place); `exec:` values are fetched
+//! at load and refreshed in the background. A source that cannot be read yields
+//! `credential_unavailable`: nothing is ever sent without its credential. Values live only in
+//! `Secret` and never reach a log, error or record.
+//!
+//! `value` derives the spellings of a value that are looked for; `source` reads values;
+//! `inject` puts one into a request.
+
+mod inject;
+mod source;
+mod value;
+
+pub use inject::{basic_pair, decode_query_name, inject, Injected};
+pub use source::{read_source, SourceError};
+pub use value::{gate_of, CredentialValue, GATE_BYTES};
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use base64::Engine as _;
+use http::uri::Uri;
+
+use crate::policy::{CompiledPolicy, SecretSource};
+use crate::secret::Secret;
+use source::read_file;
+
+const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a failed `exec` is tried again (when its `refresh` is longer).
+const EXEC_RETRY: Duration = Duration::from_secs(30);
+/// Values shorter than this are not scanned for in requests (they would match by chance).
+const MIN_SCAN_LEN: usize = 8;
+// `window_hash` reads exactly one u64 per window.
+const _: () = assert!(MIN_SCAN_LEN == 8);
+
+/// A value and when it was read.
+struct Cached {
+    value: Option<Arc<CredentialValue>>,
+    /// The value before the last rotation: an upstream may accept it for a while yet, so the
+    /// egress scan (and the audit record's redaction) keeps looking for it. One per credential.
+    retired: Option<Arc<CredentialValue>>,
+    /// The value was kept because reading the source again failed (a reload's `exec`): it is
+    /// tried again soon, not after a whole `refresh`.
+    stale: bool,
+    checked: Instant,
+    /// For a `file:` source, the file as it was just before it was read.
+    stamp: Option<FileStamp>,
+}
+
+impl Cached {
+    /// The retired value once `value` replaces this one's.
+    fn retired_by(&self, value: &Option<Arc<CredentialValue>>) -> Option<Arc<CredentialValue>> {
+        match (&self.value, value) {
+            (Some(was), Some(now)) if was.secret.expose() == now.secret.expose() => {
+                self.retired.clone()
+            }
+            (Some(was), _) => Some(was.clone()),
+            (None, _) => self.retired.clone(),
+        }
+    }
+}
+
+/// What tells that a file changed: a rotation that renames another file into place (as
+/// Kubernetes swaps its `..data` link) changes the inode even where the new file's
+/// modification time is older or equal (`cp -p`, an unpacked archive); a rewrite in place
+/// changes the change time, which no tool can set back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: Option<SystemTime>,
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(path: &std::path::Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: m.modified().ok(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+/// One credential of the policy, by index.
+pub struct CredentialSlot {
+    name: String,
+    source: SecretSource,
+    refresh: Duration,
+    cache: ArcSwapOption<Cached>,
+}
+
+impl CredentialSlot {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// All credentials of one policy generation.
+pub struct CredentialStore {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    slots: Vec<CredentialSlot>,
+    /// Every readable value at once, for the egress scan: one load per request instead of one
+    /// per credential. Rebuilt whenever a slot's value is replaced.
+    scan: ArcSwap<ScanSet>,
+    /// Serializes rebuilds, so the last one stored reads the newest slot values.
+    rebuild: std::sync::Mutex<()>,
+    /// Whether any slot reads a file, whose change is noticed only when it is looked at.
+    has_files: bool,
+    /// keyward's own secrets (the admin token): never injected, but looked for like a
+    /// credential, so no request carries one out and no record keeps one.
+    own: ArcSwap<Vec<Arc<CredentialValue>>>,
+}
+
+impl StoreInner {
+    /// Replaces slot `idx`'s value. The scan set learns it first, so no request can have it
+    /// injected before the egress scan looks for it.
+    fn store(&self, idx: usize, cached: Cached) {
+        self.store_unless_replaced(idx, cached, None);
+    }
+
+    /// `store`, but when `read_over` is given only if the slot still holds it: two requests
+    /// that check a changed file at once must not put back the value one of them read before
+    /// the other stored the new one. The value in effect afterwards.
+    fn store_unless_replaced(
+        &self,
+        idx: usize,
+        mut cached: Cached,
+        read_over: Option<&Arc<Cached>>,
+    ) -> Option<Arc<CredentialValue>> {
+        let slot = self.slots.get(idx)?;
+        let _one_at_a_time = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let old = slot.cache.load_full();
+        if let Some(expected) = read_over {
+            if !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, expected)) {
+                return old.and_then(|o| o.value.clone());
+            }
+        }
+        if let Some(old) = &old {
+            cached.retired = old.retired_by(&cached.value);
+        }
+        let cached = Arc::new(cached);
+        self.rebuild_scan(Some((idx, &cached)));
+        let value = cached.value.clone();
+        slot.cache.store(Some(cached));
+        value
+    }
+
+    /// The scan set anew from every slot's values (slot `idx` about to hold `replacing`) and
+    /// keyward's own secrets. Called with `rebuild` held.
+    fn rebuild_scan(&self, replacing: Option<(usize, &Arc<Cached>)>) {
+        let values = self
+            .slots
+            .iter()
+            .enumerate()
+            .flat_map(|(i, slot)| {
+                let held = match replacing {
+                    Some((idx, cached)) if idx == i => Some(cached.clone()),
+                    _ => slot.cache.load_full(),
+                };
+                held.map(|c| [c.value.clone(), c.retired.clone()])
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .chain(self.own.load().iter().cloned())
+            .collect();
+        self.scan.store(Arc::new(ScanSet::new(values)));
+    }
+
+    /// Slot `idx`'s current value: a `file:` source is re-checked at most once a
+    /// `FILE_CHECK_INTERVAL`. `now` is read from the clock only for those, once per caller.
+    fn current(&self, idx: usize, now: &mut Option<Instant>) -> Option<Arc<CredentialValue>> {
+        let slot = self.slots.get(idx)?;
+        let cached = slot.cache.load_full();
+        if let (SecretSource::File(path), Some(c)) = (&slot.source, cached.as_ref()) {
+            let now = *now.get_or_insert_with(Instant::now);
+            if now.saturating_duration_since(c.checked) >= FILE_CHECK_INTERVAL {
+                return self.refresh_file(idx, path, c);
+            }
+        }
+        cached.as_ref().and_then(|c| c.value.clone())
+    }
+
+    /// Re-reads a file source if its modification time changed; the value as of now.
+    fn refresh_file(
+        &self,
+        idx: usize,
+        path: &PathBuf,
+        old: &Arc<Cached>,
+    ) -> Option<Arc<CredentialValue>> {
+        let stamp = FileStamp::of(path);
+        // A file that could not be read is tried again at each check, changed or not: fixing
+        // its owner or mode does not always change what the stamp holds.
+        let value = if stamp.is_some() && stamp == old.stamp && old.value.is_some() {
+            old.value.clone()
+        } else {
+            match read_file(path) {
+                Ok(v) => Some(Arc::new(CredentialValue::new(v))),
+                Err(why) => {
+                    if old.value.is_some() {
+                        let name = self.slots.get(idx).map_or("", |s| s.name.as_str());
+                        tracing::warn!(credential = %name, %why, "credential cannot be read any more; requests that need it get 502 credential_unavailable");
+                    }
+                    None
+                }
+            }
+        };
+        let checked = Cached {
+            value,
+            retired: None,
+            stale: false,
+            checked: Instant::now(),
+            stamp,
+        };
+        self.store_unless_replaced(idx, checked, Some(old))
+    }
+}
+
+impl CredentialStore {
+    /// Reads every source once (exec sources run now). Unreadable sources are kept and reported
+    /// by `unreadable()`; requests needing them get `credential_unavailable`. On a reload,
+    /// `previous` is the store being replaced: a command that fails now leaves the value it
+    /// gave before (the rule of the refresh), rather than a credential nobody can use until
+    /// its next `refresh`; a log rotation's SIGHUP during an outage of the secret store must
+    /// not take a working credential away.
+    ///
+    /// `own` are keyward's own secrets, looked for but never injected (the admin token).
+    pub async fn load(
+        policy: &CompiledPolicy,
+        previous: Option<&CredentialStore>,
+        own: &[Arc<Secret>],
+    ) -> CredentialStore {
+        let defs = &policy.policy().credentials;
+        let own: Vec<_> = own
+            .iter()
+            .map(|s| Arc::new(CredentialValue::new(Secret::clone(s))))
+            .collect();
+        let inner = StoreInner {
+            slots: defs
+                .iter()
+                .map(|def| CredentialSlot {
+                    name: def.name.clone(),
+                    source: def.source.clone(),
+                    refresh: def.refresh.unwrap_or(Duration::from_secs(300)),
+                    cache: ArcSwapOption::empty(),
+                })
+                .collect(),
+            scan: ArcSwap::from_pointee(ScanSet::new(own.clone())),
+            rebuild: std::sync::Mutex::new(()),
+            has_files: defs
+                .iter()
+                .any(|def| matches!(def.source, SecretSource::File(_))),
+            own: ArcSwap::from_pointee(own),
+        };
+        for (idx, def) in defs.iter().enumerate() {
+            let stamp = match &def.source {
+                SecretSource::File(path) => FileStamp::of(path),
+                _ => None,
+            };
+            // What the replaced store held under this name (a reload).
+            let before = previous.and_then(|p| p.held(&def.name));
+            let kept = before.as_ref().and_then(|(source, cached)| {
+                let same_exec =
+                    matches!(source, SecretSource::Exec { .. }) && **source == def.source;
+                same_exec.then(|| cached.value.clone()).flatten()
+            });
+            let (value, stale) = match read_source(&def.source).await {
+                Ok(v) => (Some(Arc::new(CredentialValue::new(v))), false),
+                Err(why) => match kept {
+                    Some(kept) => {
+                        tracing::warn!(credential = %def.name, %why, "credential cannot be read again; keeping the value read before the reload");
+                        (Some(kept), true)
+                    }
+                    None => {
+                        tracing::warn!(credential = %def.name, %why, "credential cannot be read; requests that need it get 502 credential_unavailable");
+                        (None, false)
+                    }
+                },
+            };
+            inner.store(
+                idx,
+                Cached {
+                    stamp,
+                    retired: before.and_then(|(_, cached)| cached.retired_by(&value)),
+                    value,
+                    stale,
+                    checked: Instant::now(),
+                },
+            );
+        }
+        CredentialStore {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Replaces keyward's own secrets looked for (a rotated admin token, and the one before).
+    pub fn set_own(&self, own: &[Arc<Secret>]) {
+        let own = own
+            .iter()
+            .map(|s| Arc::new(CredentialValue::new(Secret::clone(s))))
+            .collect();
+        let _one_at_a_time = self.inner.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        self.inner.own.store(Arc::new(own));
+        self.inner.rebuild_scan(None);
+    }
+
+    /// The source and what is held for the credential `name`, if this store has it.
+    fn held(&self, name: &str) -> Option<(&SecretSource, Arc<Cached>)> {
+        let slot = self.inner.slots.iter().find(|slot| slot.name == name)?;
+        Some((&slot.source, slot.cache.load_full()?))
+    }
+
+    /// Starts background refresh for `exec` sources; the tasks end when the store is dropped.
+    /// After a failed attempt (or with no value yet) the next comes sooner than `refresh`.
+    pub fn spawn_refreshers(&self) {
+        for (idx, slot) in self.inner.slots.iter().enumerate() {
+            if !matches!(slot.source, SecretSource::Exec { .. }) {
+                continue;
+            }
+            let weak = Arc::downgrade(&self.inner);
+            let every = slot.refresh;
+            let mut next = first_refresh(slot.cache.load().as_deref(), every);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(next).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let Some(slot) = inner.slots.get(idx) else {
+                        return;
+                    };
+                    let value = match read_source(&slot.source).await {
+                        Ok(v) => v,
+                        Err(why) => {
+                            tracing::warn!(credential = %slot.name, %why, "credential refresh failed; keeping the previous value");
+                            next = every.min(EXEC_RETRY);
+                            continue;
+                        }
+                    };
+                    next = every;
+                    inner.store(
+                        idx,
+                        Cached {
+                            value: Some(Arc::new(CredentialValue::new(value))),
+                            retired: None,
+                            stale: false,
+                            checked: Instant::now(),
+                            stamp: None,
+                        },
+                    );
+                }
+            });
+        }
+    }
+
+    /// The current value of credential `idx`, or `None` if it cannot be read now.
+    pub fn get(&self, idx: usize) -> Option<Arc<CredentialValue>> {
+        self.inner.current(idx, &mut None)
+    }
+
+    pub fn name(&self, idx: usize) -> Option<&str> {
+        self.inner.slots.get(idx).map(|s| s.name.as_str())
+    }
+
+    /// Names of credentials that cannot be read now (for readiness).
+    pub fn unreadable(&self) -> Vec<&str> {
+        self.inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| self.get(i).is_none())
+            .map(|(_, slot)| slot.name.as_str())
+            .collect()
+    }
+
+    /// Whether any header (name or value), the request target or its authority carries a real
+    /// credential's value (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded.
+    /// For requests and for CONNECT alike (whose target is its authority).
+    pub fn carried_by(&self, uri: &Uri, headers: &http::HeaderMap) -> bool {
+        let target = uri
+            .path_and_query()
+            .map(|p| p.as_str().as_bytes())
+            .unwrap_or(b"");
+        let mut places: Vec<&[u8]> = vec![target];
+        // `Proxy-Authorization` (name and value) is keyward's own and never forwarded: a
+        // credential there goes nowhere (and fails authentication), so it is not worth decoding
+        // on every request.
+        places.extend(
+            headers
+                .iter()
+                .filter(|(name, _)| *name != http::header::PROXY_AUTHORIZATION)
+                .map(|(_, v)| v.as_bytes()),
+        );
+        let mut folded: Vec<&[u8]> = headers
+            .keys()
+            .filter(|name| *name != http::header::PROXY_AUTHORIZATION)
+            .map(|name| name.as_str().as_bytes())
+            .collect();
+        // The absolute URI's (or `:authority`'s, or CONNECT's) host is looked up, sent as SNI
+        // and written as `Host` even when the agent sent no `Host` header.
+        if let Some(authority) = uri.authority() {
+            folded.push(authority.as_str().as_bytes());
+        }
+        // Header names arrive lowercased and hosts are case-folded: compare them without case.
+        self.scan(&places, &folded)
+    }
+
+    /// Whether any of `places` carries a real credential's value in a spelling an upstream
+    /// would decode: raw, percent-encoded (any case, any subset of bytes), or base64 (standard
+    /// or URL-safe, padded or not, e.g. inside a Basic pair).
+    pub fn carried_in(&self, places: &[&[u8]]) -> bool {
+        self.scan(places, &[])
+    }
+
+    /// The same, ignoring ASCII case: for what is case-folded on the way (header names, hosts).
+    pub fn carried_in_any_case(&self, places: &[&[u8]]) -> bool {
+        self.scan(&[], places)
+    }
+
+    /// One pass over the credentials for both kinds of places.
+    fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> bool {
+        if self.inner.has_files {
+            // A changed file is re-read here, so its new value is in the set loaded below.
+            let mut now = None;
+            for (idx, slot) in self.inner.slots.iter().enumerate() {
+                if matches!(slot.source, SecretSource::File(_)) {
+                    self.inner.current(idx, &mut now);
+                }
+            }
+        }
+        let set = self.inner.scan.load();
+        let exact = Places::new(exact, false);
+        let folded = Places::new(folded, true);
+        if !set.may_start_in(&exact) && !set.may_start_in(&folded) {
+            return false;
+        }
+        set.values.iter().any(|value| {
+            exact.contain(value.secret.expose().as_bytes()) || folded.contain(&value.folded)
+        })
+    }
+}
+/// Every readable credential value of a store, and the first `MIN_SCAN_LEN` bytes of each
+/// (as is and lowercased) hashed into a 2^16-bit filter: a request none of whose windows hits
+/// the filter carries no value, which is decided without looking at any value. With 50 values
+/// about one request in twenty with 100 windows goes on to the exact search.
+struct ScanSet {
+    values: Vec<Arc<CredentialValue>>,
+    firsts: Box<[u64; 1024]>,
+}
+
+impl ScanSet {
+    fn new(values: Vec<Arc<CredentialValue>>) -> ScanSet {
+        let mut firsts = Box::new([0u64; 1024]);
+        let needles = values
+            .iter()
+            .flat_map(|v| [v.secret.expose().as_bytes(), v.folded.as_slice()]);
+        for first in needles.filter_map(|n| n.get(..MIN_SCAN_LEN)) {
+            let bit = filter_bit(window_hash(first));
+            if let Some(word) = firsts.get_mut(bit >> 6) {
+                *word |= 1 << (bit & 63);
+            }
+        }
+        ScanSet { values, firsts }
+    }
+
+    /// False when no value can start at any window of `places`.
+    fn may_start_in(&self, places: &Places<'_>) -> bool {
+        places
+            .hay
+            .iter()
+            .flat_map(|place| place.windows(MIN_SCAN_LEN))
+            .any(|w| {
+                let bit = filter_bit(window_hash(w));
+                self.firsts
+                    .get(bit >> 6)
+                    .is_some_and(|word| word & (1 << (bit & 63)) != 0)
+            })
+    }
+}
+
+fn filter_bit(hash: u64) -> usize {
+    (hash & 0xffff) as usize
+}
+
+/// Every spelling of some places, ready to be searched for credential values.
+struct Places<'a> {
+    hay: Vec<std::borrow::Cow<'a, [u8]>>,
+    /// A value longer than every place cannot be in any.
+    longest: usize,
+}
+
+impl<'a> Places<'a> {
+    fn new(places: &[&'a [u8]], fold: bool) -> Places<'a> {
+        let mut hay = spellings(places);
+        if fold {
+            // Most of these (header names) are lowercase already and stay borrowed.
+            for h in hay
+                .iter_mut()
+                .filter(|h| h.iter().any(u8::is_ascii_uppercase))
+            {
+                h.to_mut().make_ascii_lowercase();
+            }
+        }
+        Places {
+            longest: hay.iter().map(|h| h.len()).max().unwrap_or(0),
+            hay,
+        }
+    }
+
+    fn contain(&self, needle: &[u8]) -> bool {
+        if needle.len() < MIN_SCAN_LEN || needle.len() > self.longest {
+            return false;
+        }
+        let finder = memchr::memmem::Finder::new(needle);
+        self.hay.iter().any(|h| finder.find(h).is_some())
+    }
+}
+
+/// A keyed multiply-xorshift hash of one `MIN_SCAN_LEN`-byte window. Keyed per process, so
+/// which filter bit a secret's first window sets cannot be learned from outside.
+fn window_hash(w: &[u8]) -> u64 {
+    static KEY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let key = *KEY.get_or_init(|| {
+        let mut k = [0u8; 8];
+        crate::tasks::fill_random(&mut k);
+        u64::from_le_bytes(k) | 1
+    });
+    let mut x = [0u8; 8];
+    if let Some(w) = w.get(..8) {
+        x.copy_from_slice(w);
+    }
+    let mut h = (u64::from_le_bytes(x) ^ key).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^ (h >> 32)
+}
+
+/// Each place as sent, percent-decoded, and with its base64 runs decoded (also after
+/// percent-decoding): every spelling an upstream might decode a credential from.
+fn spellings<'a>(places: &[&'a [u8]]) -> Vec<std::borrow::Cow<'a, [u8]>> {
+    let mut hay = Vec::with_capacity(places.len());
+    for &p in places {
+        hay.push(p.into());
+        if let Some(decoded) = percent_decoded(p) {
+            decoded_base64_tokens(&decoded, &mut hay);
+            hay.push(decoded.into());
+        }
+        decoded_base64_tokens(p, &mut hay);
+    }
+    hay
+}
+
+/// `bytes` with every valid `%XX` decoded, or `None` if it has none.
+fn percent_decoded(bytes: &[u8]) -> Option<Vec<u8>> {
+    if !bytes.contains(&b'%') {
+        return None;
+    }
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h << 4) | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    Some(out)
+}
+
+/// Decodes every run of base64 characters (either alphabet, padding ignored) long enough to
+/// hold a scanned secret, into `out`.
+fn decoded_base64_tokens<'a>(bytes: &[u8], out: &mut Vec<std::borrow::Cow<'a, [u8]>>) {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurposeConfig = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
+    const STD: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::STANDARD, LENIENT);
+    const URL: GeneralPurpose = GeneralPurpose::new(&base64::alphabet::URL_SAFE, LENIENT);
+    let is_b64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_');
+    // A secret of MIN_SCAN_LEN bytes takes at least this many base64 characters.
+    let min = MIN_SCAN_LEN.div_ceil(3) * 4;
+    for token in bytes.split(|b| !is_b64(b)).filter(|t| t.len() >= min) {
+        // Decode from each of the four offsets (the secret may follow other encoded bytes or
+        // a stray character), each cut to whole quanta; a token mixing both alphabets'
+        // specials decodes in neither and cannot be what an upstream decodes either.
+        for start in 0..4 {
+            let rest = &token[start..];
+            if rest.len() < min {
+                break;
+            }
+            let whole = &rest[..rest.len() - rest.len() % 4];
+            let decoded = [&STD, &URL]
+                .into_iter()
+                .flat_map(|engine| [rest, whole].into_iter().map(move |t| engine.decode(t)))
+                .find_map(Result::ok);
+            if let Some(d) = decoded {
+                out.push(d.into());
+            }
+        }
+    }
+}
+
+/// When an `exec` source is first run again: after `refresh`, or sooner when the read at load
+/// failed (no value, or one kept from before a reload).
+fn first_refresh(cached: Option<&Cached>, every: Duration) -> Duration {
+    match cached {
+        Some(c) if c.value.is_some() && !c.stale => every,
+        _ => every.min(EXEC_RETRY),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD;
+
+    // A value of two lines could not go into a header: refused at start and at a rotation
+    // alike (the rotated file is read by the request path, not by `read_source`).
+    #[test]
+    fn a_second_line_is_refused_from_a_file_at_start_and_at_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "sk_line_one\nsk_line_two\n").unwrap();
+        let err = read_file(&path).unwrap_err();
+        assert!(matches!(err, SourceError::ControlInValue(_)), "{err}");
+
+        std::fs::write(&path, "sk_single_line_value\n").unwrap();
+        let store = file_store(&[&path]);
+        assert!(store.get(0).is_some());
+        std::fs::write(&path, "sk_single_line_value\nsk_second\n").unwrap();
+        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        assert!(store.get(0).is_none(), "a two-line value was taken");
+    }
+
+    #[test]
+    fn the_scan_filter_never_misses_a_present_secret() {
+        let secret = "sk_live_0123456789abcdef";
+        let set = ScanSet::new(vec![Arc::new(CredentialValue::new(Secret::new(
+            secret.into(),
+        )))]);
+        for at in 0..40 {
+            let mut place = vec![b'x'; at];
+            place.extend_from_slice(secret.as_bytes());
+            place.extend_from_slice(b"-tail");
+            assert!(set.may_start_in(&Places::new(&[&place], false)), "at {at}");
+            let upper = place.to_ascii_uppercase();
+            assert!(set.may_start_in(&Places::new(&[&upper], true)), "at {at}");
+        }
+        // Nothing to find in places shorter than a window, nor in an empty set.
+        assert!(!set.may_start_in(&Places::new(&[b"short"], false)));
+        let empty = ScanSet::new(Vec::new());
+        assert!(!empty.may_start_in(&Places::new(&[secret.as_bytes()], false)));
+    }
+
+    /// A store over `file:` sources, as `load` builds it.
+    fn file_store(paths: &[&std::path::Path]) -> CredentialStore {
+        let sources: Vec<SecretSource> = paths
+            .iter()
+            .map(|p| SecretSource::File(p.to_path_buf()))
+            .collect();
+        let inner = StoreInner {
+            slots: sources
+                .iter()
+                .enumerate()
+                .map(|(i, source)| CredentialSlot {
+                    name: format!("c{i}"),
+                    source: source.clone(),
+                    refresh: Duration::from_secs(300),
+                    cache: ArcSwapOption::empty(),
+                })
+                .collect(),
+            scan: ArcSwap::from_pointee(ScanSet::new(Vec::new())),
+            rebuild: std::sync::Mutex::new(()),
+            has_files: true,
+            own: ArcSwap::from_pointee(Vec::new()),
+        };
+        for (idx, source) in sources.iter().enumerate() {
+            let SecretSource::File(path) = source else {
+                unreachable!()
+            };
+            let stamp = FileStamp::of(path);
+            let value = read_file(path)
+                .ok()
+                .map(|v| Arc::new(CredentialValue::new(v)));
+            inner.store(
+                idx,
+                Cached {
+                    stamp,
+                    value,
+                    retired: None,
+                    stale: false,
+                    checked: Instant::now(),
+                },
+            );
+        }
+        CredentialStore {
+            inner: Arc::new(inner),
+        }
+    }
+
+    #[test]
+    fn the_egress_scan_sees_every_value_and_a_rotated_file_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, "sk_live_first_value_A\n").unwrap();
+        std::fs::write(&b, "ghp_second_value_BBBB").unwrap();
+        let store = file_store(&[&a, &b]);
+        assert!(store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
+        assert!(store.carried_in(&[b"Bearer ghp_second_value_BBBB"]));
+        assert!(store.carried_in_any_case(&[b"GHP_SECOND_VALUE_BBBB.example"]));
+        assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_"]));
+
+        // The file changes (as a Kubernetes secret volume does); once the check interval has
+        // passed, the next scan reads it and finds the new value. The old one is still looked
+        // for (an upstream may accept it for a while yet), until the next rotation.
+        let rotate = |value: &str, ahead: u64| {
+            std::fs::write(&a, value).unwrap();
+            let later = std::time::SystemTime::now() + Duration::from_secs(ahead);
+            let file = std::fs::File::options().write(true).open(&a).unwrap();
+            file.set_modified(later).unwrap();
+            std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        };
+        rotate("sk_live_rotated_value_C", 5);
+        assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
+        assert!(store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
+        assert!(store.carried_in(&[b"ghp_second_value_BBBB"]));
+        assert_eq!(
+            store.get(0).unwrap().secret().expose(),
+            "sk_live_rotated_value_C",
+            "only the new value is injected"
+        );
+
+        rotate("sk_live_third_value_DD", 10);
+        assert!(store.carried_in(&[b"/x?k=sk_live_third_value_DD"]));
+        assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
+        assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
+    }
+
+    // Kubernetes rotates a secret volume by pointing its `..data` link at a new directory. The
+    // new file's modification time may equal the old one's (it is copied with its times, or
+    // both were written in one tick): the swap is still seen.
+    #[test]
+    fn a_kubernetes_style_link_swap_is_seen_whatever_the_new_files_time() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("..2026_old"), dir.path().join("..2026_new"));
+        std::fs::create_dir(&old).unwrap();
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(old.join("token"), "sk_live_before_rotation").unwrap();
+        std::fs::write(new.join("token"), "sk_live_after_rotation_").unwrap();
+        let then = std::fs::metadata(old.join("token"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(new.join("token"))
+            .unwrap()
+            .set_modified(then)
+            .unwrap();
+        symlink("..2026_old", dir.path().join("..data")).unwrap();
+        symlink("..data/token", dir.path().join("token")).unwrap();
+        let store = file_store(&[&dir.path().join("token")]);
+        assert!(store.carried_in(&[b"Bearer sk_live_before_rotation"]));
+
+        symlink("..2026_new", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        assert!(store.carried_in(&[b"Bearer sk_live_after_rotation_"]));
+        assert_eq!(
+            store.get(0).unwrap().secret().expose(),
+            "sk_live_after_rotation_"
+        );
+    }
+
+    #[test]
+    fn egress_scan_decodes_percent_and_base64_spellings() {
+        let secret = b"sk_live_0123456789";
+        let finds = |text: &str| {
+            spellings(&[text.as_bytes()])
+                .iter()
+                .any(|h| memchr::memmem::find(h, secret).is_some())
+        };
+        let std64 = STANDARD.encode(secret);
+        let url64 =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b"x:sk_live_0123456789");
+        let basic = STANDARD.encode(b"bot:sk_live_0123456789");
+        for hit in [
+            "sk%5Flive%5F0123456789".to_string(),
+            "%73%6b%5f%6c%69%76%65_0123456789".to_string(),
+            format!("Bearer {std64}"),
+            format!("Basic {basic}"),
+            format!("?t={url64}&x=1"),
+            format!("x{basic}"),
+            format!("k={}", std64.replace('=', "%3D")),
+        ] {
+            assert!(finds(&hit), "{hit} not found");
+        }
+        for miss in ["sk_live_012345678", "Bearer abcdefghijklmnop", "%zz%5", ""] {
+            assert!(!finds(miss), "{miss} found");
+        }
+    }
+
+    // A command that failed at a reload and left the value from before is run again soon,
+    // not after a whole `refresh` (an operator who rotated during an outage waits 30 s).
+    #[test]
+    fn a_failed_or_kept_exec_value_is_retried_before_its_refresh() {
+        let every = Duration::from_secs(600);
+        let cached = |value: bool, stale: bool| Cached {
+            value: value.then(|| Arc::new(CredentialValue::new(Secret::new("sk_x_1234".into())))),
+            retired: None,
+            stale,
+            checked: Instant::now(),
+            stamp: None,
+        };
+        assert_eq!(first_refresh(Some(&cached(true, false)), every), every);
+        assert_eq!(first_refresh(Some(&cached(true, true)), every), EXEC_RETRY);
+        assert_eq!(
+            first_refresh(Some(&cached(false, false)), every),
+            EXEC_RETRY
+        );
+        assert_eq!(first_refresh(None, every), EXEC_RETRY);
+        let short = Duration::from_secs(5);
+        assert_eq!(first_refresh(Some(&cached(true, true)), short), short);
+    }
+}
