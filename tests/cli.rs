@@ -1052,6 +1052,25 @@ fn edited_policy(dir: &Path, edits: &[(&str, &str)]) -> PathBuf {
 
 type StderrLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
 
+/// The test policy with `api_token` read by `exec` (`argv`, a YAML list) instead of a file.
+fn policy_with_exec_token(dir: &Path, argv: &str) -> PathBuf {
+    let exec = format!("api_token: {{ source: {{ exec: {argv} }} }}");
+    edited_policy(dir, &[("api_token: { source: file:api-token }", &exec)])
+}
+
+/// `spawn_serve`, then its stderr read until a line holding `needle`: the child, the rest of
+/// stderr, the lines read so far and the one that held it.
+async fn spawn_serve_until(
+    file: &Path,
+    stdout: Stdio,
+    needle: &str,
+) -> (tokio::process::Child, StderrLines, Vec<String>, String) {
+    let (child, mut lines) = spawn_serve(file, stdout);
+    let mut log = Vec::new();
+    let line = read_until(&mut lines, &mut log, needle).await;
+    (child, lines, log, line)
+}
+
 /// `keyward serve --config file`, its stdout as given, its stderr read line by line.
 fn spawn_serve(file: &Path, stdout: Stdio) -> (tokio::process::Child, StderrLines) {
     let mut child = tokio::process::Command::new(BIN)
@@ -1207,16 +1226,9 @@ async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_starting_stops_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let file = edited_policy(
-        dir.path(),
-        &[(
-            "api_token: { source: file:api-token }",
-            "api_token: { source: { exec: [sleep, '20'] } }",
-        )],
-    );
-    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
-    let mut log = Vec::new();
-    read_until(&mut lines, &mut log, "starting the async runtime").await;
+    let file = policy_with_exec_token(dir.path(), "[sleep, '20']");
+    let (mut child, lines, log, _) =
+        spawn_serve_until(&file, Stdio::null(), "starting the async runtime").await;
     // Into the credential's `exec` by now, or soon: either way the stop must not wait for it.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
@@ -1267,16 +1279,9 @@ async fn serve_raises_the_open_files_limit_and_warns_when_it_is_too_low() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_while_starting_reloads_once_started() {
     let dir = tempfile::tempdir().unwrap();
-    let file = edited_policy(
-        dir.path(),
-        &[(
-            "api_token: { source: file:api-token }",
-            "api_token: { source: { exec: [sh, -c, 'sleep 1; echo tok'] } }",
-        )],
-    );
-    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
-    let mut log = Vec::new();
-    read_until(&mut lines, &mut log, "starting the async runtime").await;
+    let file = policy_with_exec_token(dir.path(), "[sh, -c, 'sleep 1; echo tok']");
+    let (mut child, mut lines, mut log, _) =
+        spawn_serve_until(&file, Stdio::null(), "starting the async runtime").await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     signal(&child, "-HUP");
     read_until(&mut lines, &mut log, "reloaded on SIGHUP").await;
@@ -1299,9 +1304,8 @@ async fn serve_keeps_its_exit_code_when_stderr_is_closed() {
         dir.path(),
         &[("audit: { path: audit.jsonl }", "audit: { path: /dev/full }")],
     );
-    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
-    let mut log = Vec::new();
-    let line = read_until(&mut lines, &mut log, "keyward listening ").await;
+    let (mut child, lines, _log, line) =
+        spawn_serve_until(&file, Stdio::null(), "keyward listening ").await;
     let proxy: std::net::SocketAddr = field(&line, "proxy").parse().unwrap();
     let refused = common::raw_exchange(
         proxy,
@@ -1340,9 +1344,8 @@ async fn a_second_sigterm_cuts_the_drain_short() {
         )],
     );
     let admin_token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
-    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
-    let mut log = Vec::new();
-    let line = read_until(&mut lines, &mut log, "keyward listening ").await;
+    let (mut child, lines, log, line) =
+        spawn_serve_until(&file, Stdio::null(), "keyward listening ").await;
     let stderr = tokio::spawn(read_rest(lines, log));
     let (proxy, admin) = (
         field(&line, "proxy").to_string(),
@@ -1411,10 +1414,9 @@ async fn sigterm_at_the_end_of_start_up_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let (file, _) = explain_policy(dir.path());
     for _ in 0..10 {
-        let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
-        let mut log = Vec::new();
         // The runtime's first line: start-up is under way, and ends a few ms later.
-        read_until(&mut lines, &mut log, "starting the async runtime").await;
+        let (mut child, _lines, _log, _) =
+            spawn_serve_until(&file, Stdio::null(), "starting the async runtime").await;
         signal(&child, "-TERM");
         let started = std::time::Instant::now();
         let status = bounded("keyward exit", child.wait()).await.unwrap();
@@ -1442,16 +1444,14 @@ async fn audit_to_stdout_that_is_dev_null_is_warned_about() {
         dir.path(),
         &[("audit: { path: audit.jsonl }", "audit: { path: \"-\" }")],
     );
-    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
-    let mut log = Vec::new();
-    read_until(&mut lines, &mut log, "standard output is /dev/null").await;
+    let (mut child, _lines, _log, _) =
+        spawn_serve_until(&file, Stdio::null(), "standard output is /dev/null").await;
     signal(&child, "-TERM");
     bounded("keyward exit", child.wait()).await.unwrap();
 
     // A real pipe is not warned about.
-    let (mut child, mut lines) = spawn_serve(&file, Stdio::piped());
-    let mut log = Vec::new();
-    read_until(&mut lines, &mut log, "keyward listening ").await;
+    let (mut child, _lines, log, _) =
+        spawn_serve_until(&file, Stdio::piped(), "keyward listening ").await;
     assert!(!log.join("\n").contains("/dev/null"), "{log:?}");
     signal(&child, "-TERM");
     bounded("keyward exit", child.wait()).await.unwrap();
@@ -1469,20 +1469,16 @@ async fn sigterm_during_a_slow_reload_stops_at_once() {
 async fn sigterm_during_a_slow_reload(by_post: bool) {
     let dir = tempfile::tempdir().unwrap();
     let slow = dir.path().join("slow");
-    let file = edited_policy(
+    let file = policy_with_exec_token(
         dir.path(),
-        &[(
-            "api_token: { source: file:api-token }",
-            &format!(
-                "api_token: {{ source: {{ exec: [sh, -c, 'test -f {} && sleep 20; echo tok'] }} }}",
-                slow.display()
-            ),
-        )],
+        &format!(
+            "[sh, -c, 'test -f {} && sleep 20; echo tok']",
+            slow.display()
+        ),
     );
     let admin_token = std::fs::read_to_string(dir.path().join("admin-token")).unwrap();
-    let (mut child, mut lines) = spawn_serve(&file, Stdio::null());
-    let mut log = Vec::new();
-    let line = read_until(&mut lines, &mut log, "keyward listening ").await;
+    let (mut child, lines, log, line) =
+        spawn_serve_until(&file, Stdio::null(), "keyward listening ").await;
     let admin = field(&line, "admin").to_string();
     let stderr = tokio::spawn(read_rest(lines, log));
     // From now on reading the credential takes 20 s.
