@@ -878,10 +878,7 @@ async fn tls_upstream_connections_are_never_shared_across_services_on_one_addres
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
-    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
-    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
-    assert_eq!(status, 200);
+    let f = fixture_with_tls_upstream_at(port, &ca).await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read", "other.read"])).await;
     let mut secure = crate::common::h1_over(
@@ -985,10 +982,7 @@ async fn h2_trailer_recorder(
 async fn agent_request_trailers_never_reach_an_http2_upstream() {
     let ca = crate::common::TestCa::new();
     let (port, trailers) = h2_trailer_recorder(&ca, &["secure.test"]).await;
-    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
-    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
-    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
-    assert_eq!(status, 200);
+    let f = fixture_with_tls_upstream_at(port, &ca).await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
     // An HTTP/2 agent sends trailers naming the injected header.
@@ -1075,10 +1069,7 @@ async fn an_http2_upstream_body_cut_short_is_cut_for_the_agent_too() {
             });
         }
     });
-    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
-    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
-    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
-    assert_eq!(status, 200);
+    let f = fixture_with_tls_upstream_at(port, &ca).await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
     let mut agent = crate::common::h1_over(
@@ -1282,10 +1273,7 @@ async fn http2_cookie_crumbs_reach_an_http1_upstream_as_one_line() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
-    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
-    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
-    assert_eq!(status, 200);
+    let f = fixture_with_tls_upstream_at(port, &ca).await;
     let task = f.kw.mint("bot", json!(["secure.read"])).await;
     let mut h2 = crate::common::h2_over(
         crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"h2"]).await,
@@ -1372,10 +1360,7 @@ async fn an_http2_upstream_connection_that_refuses_streams_is_retired() {
             });
         }
     });
-    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
-    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
-    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
-    assert_eq!(status, 200);
+    let f = fixture_with_tls_upstream_at(port, &ca).await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
     let url = format!("https://secure.test:{port}/echo");
@@ -1387,4 +1372,15 @@ async fn an_http2_upstream_connection_that_refuses_streams_is_retired() {
     assert_eq!(conns.load(Ordering::SeqCst), 2);
     server.abort();
     kw.assert_no_leaks().await;
+}
+
+/// The standard fixture with its TLS services at `port` (an upstream with a certificate from
+/// `ca`), `ca` trusted for them.
+async fn fixture_with_tls_upstream_at(port: u16, ca: &crate::common::TestCa) -> Fixture {
+    let f = Fixture::start_with(|p| crate::common::tls_services_at(p, port)).await;
+    // The services' `ca_file` is read again at the reload.
+    std::fs::write(f.kw.path("upstream-ca.pem"), &ca.pem).unwrap();
+    let (status, _) = f.kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200);
+    f
 }
