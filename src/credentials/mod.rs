@@ -151,8 +151,21 @@ impl StoreInner {
         if let Some(old) = &old {
             cached.retired = old.retired_by(&cached.value);
         }
+        // A file checked and found unchanged (once a second) holds the same values: the scan
+        // set stands as it is.
+        let same = |a: &Option<Arc<CredentialValue>>, b: &Option<Arc<CredentialValue>>| match (a, b)
+        {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        let unchanged = old
+            .as_ref()
+            .is_some_and(|o| same(&o.value, &cached.value) && same(&o.retired, &cached.retired));
         let cached = Arc::new(cached);
-        self.rebuild_scan(Some((idx, &cached)));
+        if !unchanged {
+            self.rebuild_scan(Some((idx, &cached)));
+        }
         let value = cached.value.clone();
         slot.cache.store(Some(cached));
         value
