@@ -80,7 +80,12 @@ pub async fn handle(
     let (host, port) = match parsed {
         Ok(hp) => hp,
         Err(code) => {
-            draft.rec.host = String::new();
+            // The record names the host asked for when it reads as one (port 443 was only
+            // assumed above), and never a guessed port.
+            match (code, parse_authority(authority, 0)) {
+                (None, Ok((host, _))) => draft.set_host(&host, 0),
+                _ => draft.rec.host = String::new(),
+            }
             let code = code.or(Some("missing_port"));
             return refuse(
                 &state,

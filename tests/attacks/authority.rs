@@ -441,6 +441,14 @@ async fn odd_connect_authorities_are_refused_without_a_leaf() {
             assert_eq!(rec["method"], "CONNECT", "{rec}");
         }
     }
+    // A CONNECT without a port is refused; its record names the host and guesses no port.
+    let (_, head) = connect(kw, "secure.test", &task).await;
+    let (_, rec) = kw.assert_denied_raw(&head, 400, "ambiguous_request").await;
+    assert_eq!(
+        (&rec["host"], &rec["port"]),
+        (&json!("secure.test"), &json!(null)),
+        "{rec}"
+    );
     // IP literals that are not a passthrough host in exactly that spelling are unknown.
     for authority in [
         format!("[::1]:{p}"),
