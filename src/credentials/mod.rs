@@ -1,9 +1,10 @@
 //! Credentials: reading secret values from their sources, and injecting them into a request
 //! that holds a `Permit`.
 //!
-//! `env:` values are read at load; `file:` values are re-read when the file changes (checked at
-//! most once a second, as Kubernetes secret volumes update in place); `exec:` values are fetched
-//! at load and refreshed in the background. A source that cannot be read yields
+//! `env:` values are read at load; `file:` values are re-read when the file changes (looked at
+//! once a second in the background, as Kubernetes secret volumes update in place); `exec:`
+//! values are fetched at load and refreshed in the background. A request only loads what is
+//! held: no file or process I/O on its path. A source that cannot be read yields
 //! `credential_unavailable`: nothing is ever sent without its credential. Values live only in
 //! `Secret` and never reach a log, error or record.
 //!
@@ -18,9 +19,8 @@ pub use inject::{basic_pair, decode_query_name, inject, Injected};
 pub use source::{read_source, SourceError};
 pub use value::{gate_of, CredentialValue, GATE_BYTES};
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use base64::Engine as _;
@@ -38,7 +38,7 @@ const MIN_SCAN_LEN: usize = 8;
 // `window_hash` reads exactly one u64 per window.
 const _: () = assert!(MIN_SCAN_LEN == 8);
 
-/// A value and when it was read.
+/// A value, and what is known of its source.
 struct Cached {
     value: Option<Arc<CredentialValue>>,
     /// The value before the last rotation: an upstream may accept it for a while yet, so the
@@ -47,7 +47,6 @@ struct Cached {
     /// The value was kept because reading the source again failed (a reload's `exec`): it is
     /// tried again soon, not after a whole `refresh`.
     stale: bool,
-    checked: Instant,
     /// For a `file:` source, the file as it was just before it was read.
     stamp: Option<FileStamp>,
 }
@@ -117,8 +116,6 @@ struct StoreInner {
     scan: ArcSwap<ScanSet>,
     /// Serializes rebuilds, so the last one stored reads the newest slot values.
     rebuild: std::sync::Mutex<()>,
-    /// Whether any slot reads a file, whose change is noticed only when it is looked at.
-    has_files: bool,
     /// keyward's own secrets (the admin token): never injected, but looked for like a
     /// credential, so no request carries one out and no record keeps one.
     own: ArcSwap<Vec<Arc<CredentialValue>>>,
@@ -127,48 +124,18 @@ struct StoreInner {
 impl StoreInner {
     /// Replaces slot `idx`'s value. The scan set learns it first, so no request can have it
     /// injected before the egress scan looks for it.
-    fn store(&self, idx: usize, cached: Cached) {
-        self.store_unless_replaced(idx, cached, None);
-    }
-
-    /// `store`, but when `read_over` is given only if the slot still holds it: two requests
-    /// that check a changed file at once must not put back the value one of them read before
-    /// the other stored the new one. The value in effect afterwards.
-    fn store_unless_replaced(
-        &self,
-        idx: usize,
-        mut cached: Cached,
-        read_over: Option<&Arc<Cached>>,
-    ) -> Option<Arc<CredentialValue>> {
-        let slot = self.slots.get(idx)?;
+    fn store(&self, idx: usize, mut cached: Cached) {
+        let Some(slot) = self.slots.get(idx) else {
+            return;
+        };
         let _one_at_a_time = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
         let old = slot.cache.load_full();
-        if let Some(expected) = read_over {
-            if !old.as_ref().is_some_and(|o| Arc::ptr_eq(o, expected)) {
-                return old.and_then(|o| o.value.clone());
-            }
-        }
         if let Some(old) = &old {
             cached.retired = old.retired_by(&cached.value);
         }
-        // A file checked and found unchanged (once a second) holds the same values: the scan
-        // set stands as it is.
-        let same = |a: &Option<Arc<CredentialValue>>, b: &Option<Arc<CredentialValue>>| match (a, b)
-        {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        let unchanged = old
-            .as_ref()
-            .is_some_and(|o| same(&o.value, &cached.value) && same(&o.retired, &cached.retired));
         let cached = Arc::new(cached);
-        if !unchanged {
-            self.rebuild_scan(Some((idx, &cached)));
-        }
-        let value = cached.value.clone();
+        self.rebuild_scan(Some((idx, &cached)));
         slot.cache.store(Some(cached));
-        value
     }
 
     /// The scan set anew from every slot's values (slot `idx` about to hold `replacing`) and
@@ -193,52 +160,44 @@ impl StoreInner {
         self.scan.store(Arc::new(ScanSet::new(values)));
     }
 
-    /// Slot `idx`'s current value: a `file:` source is re-checked at most once a
-    /// `FILE_CHECK_INTERVAL`. `now` is read from the clock only for those, once per caller.
-    fn current(&self, idx: usize, now: &mut Option<Instant>) -> Option<Arc<CredentialValue>> {
-        let slot = self.slots.get(idx)?;
-        let cached = slot.cache.load_full();
-        if let (SecretSource::File(path), Some(c)) = (&slot.source, cached.as_ref()) {
-            let now = *now.get_or_insert_with(Instant::now);
-            if now.saturating_duration_since(c.checked) >= FILE_CHECK_INTERVAL {
-                return self.refresh_file(idx, path, c);
+    /// Looks at every `file:` source once: a file whose stamp changed (or that could not be
+    /// read last time) is read again. Blocking I/O: the watcher runs it off the runtime, so a
+    /// hung mount stalls only the watcher, never a request.
+    fn check_files(&self) {
+        for (idx, slot) in self.slots.iter().enumerate() {
+            let (SecretSource::File(path), Some(old)) = (&slot.source, slot.cache.load_full())
+            else {
+                continue;
+            };
+            let stamp = FileStamp::of(path);
+            // A file that could not be read is tried again at each check, changed or not:
+            // fixing its owner or mode does not always change what the stamp holds.
+            if stamp.is_some() && stamp == old.stamp && old.value.is_some() {
+                continue;
             }
-        }
-        cached.as_ref().and_then(|c| c.value.clone())
-    }
-
-    /// Re-reads a file source if its modification time changed; the value as of now.
-    fn refresh_file(
-        &self,
-        idx: usize,
-        path: &PathBuf,
-        old: &Arc<Cached>,
-    ) -> Option<Arc<CredentialValue>> {
-        let stamp = FileStamp::of(path);
-        // A file that could not be read is tried again at each check, changed or not: fixing
-        // its owner or mode does not always change what the stamp holds.
-        let value = if stamp.is_some() && stamp == old.stamp && old.value.is_some() {
-            old.value.clone()
-        } else {
-            match read_file(path) {
+            let value = match read_file(path) {
                 Ok(v) => Some(Arc::new(CredentialValue::new(v))),
                 Err(why) => {
                     if old.value.is_some() {
-                        let name = self.slots.get(idx).map_or("", |s| s.name.as_str());
-                        tracing::warn!(credential = %name, %why, "credential cannot be read any more; requests that need it get 502 credential_unavailable");
+                        tracing::warn!(credential = %slot.name, %why, "credential cannot be read any more; requests that need it get 502 credential_unavailable");
                     }
                     None
                 }
+            };
+            let unreadable_still = value.is_none() && old.value.is_none();
+            if unreadable_still && stamp == old.stamp {
+                continue;
             }
-        };
-        let checked = Cached {
-            value,
-            retired: None,
-            stale: false,
-            checked: Instant::now(),
-            stamp,
-        };
-        self.store_unless_replaced(idx, checked, Some(old))
+            self.store(
+                idx,
+                Cached {
+                    value,
+                    retired: None,
+                    stale: false,
+                    stamp,
+                },
+            );
+        }
     }
 }
 
@@ -273,14 +232,19 @@ impl CredentialStore {
                 .collect(),
             scan: ArcSwap::from_pointee(ScanSet::new(own.clone())),
             rebuild: std::sync::Mutex::new(()),
-            has_files: defs
-                .iter()
-                .any(|def| matches!(def.source, SecretSource::File(_))),
             own: ArcSwap::from_pointee(own),
         };
         for (idx, def) in defs.iter().enumerate() {
+            // Taken before the read (a change during it is seen at the next check), and off
+            // the runtime like the read itself.
             let stamp = match &def.source {
-                SecretSource::File(path) => FileStamp::of(path),
+                SecretSource::File(path) => {
+                    let path = path.clone();
+                    tokio::task::spawn_blocking(move || FileStamp::of(&path))
+                        .await
+                        .ok()
+                        .flatten()
+                }
                 _ => None,
             };
             // What the replaced store held under this name (a reload).
@@ -310,7 +274,6 @@ impl CredentialStore {
                     retired: before.and_then(|(_, cached)| cached.retired_by(&value)),
                     value,
                     stale,
-                    checked: Instant::now(),
                 },
             );
         }
@@ -336,9 +299,34 @@ impl CredentialStore {
         Some((&slot.source, slot.cache.load_full()?))
     }
 
-    /// Starts background refresh for `exec` sources; the tasks end when the store is dropped.
-    /// After a failed attempt (or with no value yet) the next comes sooner than `refresh`.
+    /// Starts background refresh: one task per `exec` source, and one that looks at every
+    /// `file:` source once a second. They end when the store is dropped. After a failed
+    /// attempt (or with no value yet) an `exec` is run again sooner than its `refresh`.
     pub fn spawn_refreshers(&self) {
+        if self
+            .inner
+            .slots
+            .iter()
+            .any(|slot| matches!(slot.source, SecretSource::File(_)))
+        {
+            let weak = Arc::downgrade(&self.inner);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(FILE_CHECK_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    // One check at a time: a check stuck on a hung mount is not stacked on.
+                    if tokio::task::spawn_blocking(move || inner.check_files())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
         for (idx, slot) in self.inner.slots.iter().enumerate() {
             if !matches!(slot.source, SecretSource::Exec { .. }) {
                 continue;
@@ -368,7 +356,6 @@ impl CredentialStore {
                             value: Some(Arc::new(CredentialValue::new(value))),
                             retired: None,
                             stale: false,
-                            checked: Instant::now(),
                             stamp: None,
                         },
                     );
@@ -379,7 +366,8 @@ impl CredentialStore {
 
     /// The current value of credential `idx`, or `None` if it cannot be read now.
     pub fn get(&self, idx: usize) -> Option<Arc<CredentialValue>> {
-        self.inner.current(idx, &mut None)
+        let slot = self.inner.slots.get(idx)?;
+        slot.cache.load().as_ref().and_then(|c| c.value.clone())
     }
 
     pub fn name(&self, idx: usize) -> Option<&str> {
@@ -443,15 +431,6 @@ impl CredentialStore {
 
     /// One pass over the credentials for both kinds of places.
     fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> bool {
-        if self.inner.has_files {
-            // A changed file is re-read here, so its new value is in the set loaded below.
-            let mut now = None;
-            for (idx, slot) in self.inner.slots.iter().enumerate() {
-                if matches!(slot.source, SecretSource::File(_)) {
-                    self.inner.current(idx, &mut now);
-                }
-            }
-        }
         let set = self.inner.scan.load();
         let exact = Places::new(exact, false);
         let folded = Places::new(folded, true);
@@ -644,7 +623,7 @@ mod tests {
     use base64::engine::general_purpose::STANDARD;
 
     // A value of two lines could not go into a header: refused at start and at a rotation
-    // alike (the rotated file is read by the request path, not by `read_source`).
+    // alike (the rotated file is read by the watcher, not by `read_source`).
     #[test]
     fn a_second_line_is_refused_from_a_file_at_start_and_at_rotation() {
         let dir = tempfile::tempdir().unwrap();
@@ -657,7 +636,7 @@ mod tests {
         let store = file_store(&[&path]);
         assert!(store.get(0).is_some());
         std::fs::write(&path, "sk_single_line_value\nsk_second\n").unwrap();
-        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        store.inner.check_files();
         assert!(store.get(0).is_none(), "a two-line value was taken");
     }
 
@@ -700,7 +679,6 @@ mod tests {
                 .collect(),
             scan: ArcSwap::from_pointee(ScanSet::new(Vec::new())),
             rebuild: std::sync::Mutex::new(()),
-            has_files: true,
             own: ArcSwap::from_pointee(Vec::new()),
         };
         for (idx, source) in sources.iter().enumerate() {
@@ -718,7 +696,6 @@ mod tests {
                     value,
                     retired: None,
                     stale: false,
-                    checked: Instant::now(),
                 },
             );
         }
@@ -739,15 +716,15 @@ mod tests {
         assert!(store.carried_in_any_case(&[b"GHP_SECOND_VALUE_BBBB.example"]));
         assert!(!store.carried_in(&[b"/x?k=sk_live_first_value_"]));
 
-        // The file changes (as a Kubernetes secret volume does); once the check interval has
-        // passed, the next scan reads it and finds the new value. The old one is still looked
+        // The file changes (as a Kubernetes secret volume does); the next check reads it, and
+        // the scan finds the new value. The old one is still looked
         // for (an upstream may accept it for a while yet), until the next rotation.
         let rotate = |value: &str, ahead: u64| {
             std::fs::write(&a, value).unwrap();
             let later = std::time::SystemTime::now() + Duration::from_secs(ahead);
             let file = std::fs::File::options().write(true).open(&a).unwrap();
             file.set_modified(later).unwrap();
-            std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+            store.inner.check_files();
         };
         rotate("sk_live_rotated_value_C", 5);
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
@@ -794,7 +771,7 @@ mod tests {
 
         symlink("..2026_new", dir.path().join("..data_tmp")).unwrap();
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
-        std::thread::sleep(FILE_CHECK_INTERVAL + Duration::from_millis(50));
+        store.inner.check_files();
         assert!(store.carried_in(&[b"Bearer sk_live_after_rotation_"]));
         assert_eq!(
             store.get(0).unwrap().secret().expose(),
@@ -839,7 +816,6 @@ mod tests {
             value: value.then(|| Arc::new(CredentialValue::new(Secret::new("sk_x_1234".into())))),
             retired: None,
             stale,
-            checked: Instant::now(),
             stamp: None,
         };
         assert_eq!(first_refresh(Some(&cached(true, false)), every), every);

@@ -62,7 +62,19 @@ pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
             Err(std::env::VarError::NotPresent) => Err(SourceError::EnvUnset(name.clone())),
             Err(std::env::VarError::NotUnicode(_)) => Err(SourceError::EnvNotUnicode(name.clone())),
         },
-        SecretSource::File(path) => read_file(path),
+        SecretSource::File(path) => {
+            // Off the runtime: a file on a hung mount must not stall requests while a reload
+            // reads it.
+            let owned = path.clone();
+            tokio::task::spawn_blocking(move || read_file(&owned))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SourceError::File(
+                        path.display().to_string(),
+                        std::io::ErrorKind::Other,
+                    ))
+                })
+        }
         SecretSource::Exec { argv } => read_exec(argv).await,
     }
 }
@@ -74,8 +86,7 @@ pub(super) fn read_file(path: &PathBuf) -> Result<Secret, SourceError> {
     let fail = |e: std::io::Error| SourceError::File(shown(), e.kind());
     // SECURITY: a regular file only, looked at before it is opened (opening a FIFO or a
     // device has effects of its own) and opened without blocking (in case one was swapped in
-    // since): a FIFO would hold the read, and with it the worker thread that checks the file
-    // for a request.
+    // since): a FIFO would hold the read, and with it every later check of the file.
     if !std::fs::metadata(path).map_err(fail)?.is_file() {
         return Err(SourceError::NotAFile(shown()));
     }
@@ -277,8 +288,8 @@ mod tests {
         );
     }
 
-    // A FIFO would block the read (and the worker thread that checks the file for a request)
-    // until someone writes to it; a device or a directory is not a secret either.
+    // A FIFO would block the read (and every later check of the file) until someone writes
+    // to it; a device or a directory is not a secret either.
     #[tokio::test]
     async fn only_a_regular_file_is_read_and_never_waited_for() {
         let dir = tempfile::tempdir().unwrap();
