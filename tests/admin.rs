@@ -834,7 +834,7 @@ async fn admin_listener_bounds_slow_heads_and_slow_bodies() {
 
     // A head that never ends: the connection is closed, not held.
     let mut slow = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
-    slow.write_all(b"GET /v1/tasks HTTP/1.1\r\nHost: admin\r\n")
+    slow.write_all(b"GET /v1/tasks HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     let mut buf = Vec::new();
@@ -849,7 +849,7 @@ async fn admin_listener_bounds_slow_heads_and_slow_bodies() {
     // A mint body that stops short of its Content-Length: refused in bounded time, no task.
     let mut slow = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
     let head = format!(
-        "POST /v1/tasks HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"agent\":",
+        "POST /v1/tasks HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"agent\":",
         kw.admin_token
     );
     slow.write_all(head.as_bytes()).await.unwrap();
@@ -1012,4 +1012,47 @@ async fn a_reload_reads_the_admin_token_again() {
         .await;
     assert_eq!(status, 200);
     kw.assert_no_leaks().await;
+}
+
+/// DNS rebinding: a web page whose name an attacker points at 127.0.0.1 reaches the admin
+/// listener as its own origin, but still names its own host. On a loopback connection only
+/// loopback names are answered; the admin token is not what stops it, since `/metrics` and
+/// `/readyz` need none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebound_page_cannot_read_the_admin_listener() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let port = kw.admin_addr.port();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str, host: String| {
+        let req = client
+            .get(kw.admin_url(path))
+            .header("host", host)
+            .header("authorization", format!("Bearer {}", kw.admin_token));
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    for path in ["/metrics", "/readyz", "/healthz", "/v1/tasks"] {
+        for host in [
+            format!("rebind.attacker.example:{port}"),
+            format!("127.0.0.1.nip.io:{port}"),
+            "attacker.example".to_string(),
+        ] {
+            let (status, body) = get(path, host.clone()).await;
+            assert_eq!(status, 421, "{path} with Host {host}: {body}");
+            assert!(body.contains("host_not_loopback"), "{body}");
+            assert!(!body.contains("bot"), "{body}");
+        }
+        for host in [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            "localhost".to_string(),
+        ] {
+            let (status, body) = get(path, host.clone()).await;
+            assert_eq!(status, 200, "{path} with Host {host}: {body}");
+        }
+    }
+    assert!(kw.metrics().await.contains("keyward_decisions_total"));
 }

@@ -43,6 +43,9 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // A connection to a loopback address comes from this machine, and only a web page
+        // rebound to it (DNS rebinding) would name another host.
+        let loopback = stream.local_addr().is_ok_and(|a| a.ip().is_loopback());
         let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -55,7 +58,12 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             let svc_state = state.clone();
             let svc = service_fn(move |req| {
                 let state = svc_state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                async move {
+                    if loopback && !names_loopback(&req) {
+                        return Ok::<_, Infallible>(foreign_host());
+                    }
+                    Ok(route(&state, req).await)
+                }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
@@ -111,6 +119,43 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     }
 }
 
+/// Whether a request that reached a loopback address names a loopback host (or none).
+/// SECURITY: a page an agent's browser loads can have its name resolve to 127.0.0.1 (DNS
+/// rebinding) and read `/metrics` and `/readyz` (agent, service and credential names) as its
+/// own origin; its requests still name the page's host. `*.localhost` never leaves the
+/// machine (RFC 6761). Scrapers reaching a pod address are not concerned.
+fn names_loopback<B>(req: &Request<B>) -> bool {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => return true,
+        (Some(h), None) => h.as_bytes(),
+        (Some(_), Some(_)) => return false,
+    };
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
+            _ => return false,
+        },
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn foreign_host() -> AdminResponse {
+    json(
+        StatusCode::MISDIRECTED_REQUEST,
+        &serde_json::json!({"error": "host_not_loopback", "message": "this connection reached a loopback address: name it as localhost or by a loopback address"}),
+    )
+}
+
 fn authorized(state: &State, req: &Request<Incoming>) -> bool {
     let mut values = req.headers().get_all(http::header::AUTHORIZATION).iter();
     let (Some(v), None) = (values.next(), values.next()) else {
@@ -147,4 +192,51 @@ pub fn text(status: StatusCode, body: impl Into<Bytes>) -> AdminResponse {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_hosts(hosts: &[&str]) -> Request<()> {
+        let mut req = Request::new(());
+        for h in hosts {
+            req.headers_mut()
+                .append(http::header::HOST, HeaderValue::from_str(h).unwrap());
+        }
+        req
+    }
+
+    #[test]
+    fn only_loopback_names_pass_the_rebinding_guard() {
+        for ok in [
+            "127.0.0.1:8481",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "localhost:8481",
+            "LOCALHOST",
+            "localhost.",
+            "metrics.localhost:9",
+            "[::1]:8481",
+            "[::1]",
+        ] {
+            assert!(names_loopback(&with_hosts(&[ok])), "{ok}");
+        }
+        assert!(names_loopback(&with_hosts(&[])), "no Host at all");
+        for bad in [
+            "attacker.example:8481",
+            "attacker.example",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io:8481",
+            "10.0.0.5:8481",
+            "0.0.0.0:8481",
+            "[::ffff:10.0.0.1]:8481",
+            "[::1]x",
+            "[::1",
+            "",
+        ] {
+            assert!(!names_loopback(&with_hosts(&[bad])), "{bad}");
+        }
+        assert!(!names_loopback(&with_hosts(&["localhost", "evil.example"])));
+    }
 }

@@ -160,7 +160,9 @@ async fn admin_token_is_accepted_only_once_as_bearer_in_the_authorization_header
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let adm = kw.admin_token.clone();
     let get = |query: &str, lines: &str| {
-        format!("GET /v1/tasks{query} HTTP/1.1\r\nHost: admin\r\n{lines}Connection: close\r\n\r\n")
+        format!(
+            "GET /v1/tasks{query} HTTP/1.1\r\nHost: localhost\r\n{lines}Connection: close\r\n\r\n"
+        )
     };
     let cases = [
         ("no token", get("", "")),
@@ -281,9 +283,9 @@ async fn admin_token_is_accepted_only_once_as_bearer_in_the_authorization_header
     }
     // A refused DELETE revokes nothing, a refused POST mints nothing.
     for head in [
-        format!("DELETE /v1/tasks/{} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", task.id),
-        format!("DELETE /v1/tasks/{}?token={adm} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n", task.id),
-        "POST /v1/tasks HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\nContent-Length: 47\r\nConnection: close\r\n\r\n{\"agent\":\"bot\",\"intent\":[\"plain.issues.read\"]}".to_string(),
+        format!("DELETE /v1/tasks/{} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", task.id),
+        format!("DELETE /v1/tasks/{}?token={adm} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", task.id),
+        "POST /v1/tasks HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 47\r\nConnection: close\r\n\r\n{\"agent\":\"bot\",\"intent\":[\"plain.issues.read\"]}".to_string(),
     ] {
         let resp = admin_raw(kw, &head).await;
         assert_eq!(resp.status, 401, "{}", resp.text());
@@ -318,7 +320,7 @@ async fn admin_paths_spelled_differently_do_not_skip_the_token_check() {
     ] {
         let resp = admin_raw(
             kw,
-            &format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"),
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
         )
         .await;
         assert_ne!(resp.status, 200, "{path}: {}", resp.text());
