@@ -4,7 +4,6 @@
 //! either a small body keyward wrote (a denial) or the upstream's body streamed frame by frame,
 //! which finishes the request's audit record when it ends or when the agent goes away.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -188,11 +187,6 @@ pub enum ProxyBody {
         trailers: Option<http::HeaderMap>,
         /// The frame's own safe bytes, sent right after the held bytes the frame released.
         queued: Option<Bytes>,
-        /// Runs while the upstream is quiet and the redactor holds bytes: they go out when
-        /// it fires (`HELD_FOR_AT_MOST`). Allocated once, re-armed per pause.
-        pause: Option<Pin<Box<tokio::time::Sleep>>>,
-        /// Whether `pause` counts down the current pause (a new frame ends it).
-        pausing: bool,
         /// The upstream's `Content-Length`, and the body bytes it sent so far: a body that
         /// ends short is cut, not ended (an HTTP/2 stream reset with `NO_ERROR` reads as an
         /// end, and the agent, its `Content-Length` dropped for redaction, could not tell).
@@ -208,10 +202,6 @@ const DEFERRED_NEVER: [http::header::HeaderName; 4] = [
     http::header::CONTENT_LENGTH,
     http::header::CONTENT_RANGE,
 ];
-
-/// How long bytes the redactor holds back may wait for the next frame: a stream's last event
-/// before a pause goes out this much later, whatever it holds.
-const HELD_FOR_AT_MOST: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -237,8 +227,6 @@ impl ProxyBody {
             ended: false,
             trailers: None,
             queued: None,
-            pause: None,
-            pausing: false,
             declared,
             received: 0,
         }
@@ -278,8 +266,6 @@ impl Body for ProxyBody {
                 ended,
                 trailers,
                 queued,
-                pause,
-                pausing,
                 declared,
                 received,
             } => loop {
@@ -298,28 +284,9 @@ impl Body for ProxyBody {
                     return Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))));
                 }
                 match Pin::new(&mut *inner).poll_frame(cx) {
-                    Poll::Pending => {
-                        let Some(r) = redactor.as_mut().filter(|r| r.holds()) else {
-                            return Poll::Pending;
-                        };
-                        let deadline = tokio::time::Instant::now() + HELD_FOR_AT_MOST;
-                        let timer = match pause {
-                            Some(timer) if !*pausing => {
-                                timer.as_mut().reset(deadline);
-                                timer
-                            }
-                            Some(timer) => timer,
-                            None => pause.insert(Box::pin(tokio::time::sleep_until(deadline))),
-                        };
-                        *pausing = true;
-                        if timer.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                        *pausing = false;
-                        let held = r.finish();
-                        *bytes += held.len() as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(held))));
-                    }
+                    // SECURITY: what the redactor holds waits for the next frame or the end,
+                    // however long the upstream pauses (see `Redactor::push`).
+                    Poll::Pending => return Poll::Pending,
                     Poll::Ready(None) if declared.is_some_and(|d| d != *received) => {
                         finish(recorder, redactor, *bytes, "upstream_error");
                         return Poll::Ready(Some(Err(
@@ -343,7 +310,6 @@ impl Body for ProxyBody {
                             finish(recorder, redactor, *bytes, end.as_str());
                             return Poll::Ready(Some(Err(end.as_str().into())));
                         }
-                        *pausing = false;
                         if let Some(d) = frame.data_ref() {
                             *received += d.len() as u64;
                         }

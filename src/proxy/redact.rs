@@ -3,8 +3,10 @@
 //!
 //! The credential is looked for raw, base64-encoded and percent-encoded; each occurrence is
 //! replaced by `[redacted]` and counted. Bodies are scanned as they stream, with a carry of
-//! the longest needle minus one byte so an occurrence split across frames is still found.
-//! Never logs what it finds.
+//! the longest needle minus one byte so an occurrence split across frames is still found:
+//! whatever the framing and however long the upstream pauses, the carry goes out only with
+//! the next frame or at the end, except what precedes a line break in it (no spelling of a
+//! credential holds one). Never logs what it finds.
 
 use std::sync::Arc;
 
@@ -31,6 +33,15 @@ pub struct Redactor {
     longest: usize,
     carry: BytesMut,
     found: u64,
+    /// Whether no needle holds a line break (true of every one-line value), so the bytes up
+    /// to a break can go out at once.
+    breaks: bool,
+}
+
+/// A line break, which a one-line value (`credentials::source`) and its ASCII spellings never
+/// hold. (Its UTF-16 spellings may, for some characters: `Redactor::breaks` checks.)
+fn is_break(b: u8) -> bool {
+    b == b'\n' || b == b'\r'
 }
 
 impl Redactor {
@@ -51,8 +62,11 @@ impl Redactor {
             longest: 0,
             carry: BytesMut::new(),
             found: 0,
+            breaks: false,
         };
         r.longest = r.needles().map(|(n, _)| n.len()).max().unwrap_or(0);
+        let breaks = !r.needles().any(|(n, _)| n.iter().copied().any(is_break));
+        r.breaks = breaks;
         r
     }
 
@@ -119,12 +133,15 @@ impl Redactor {
     /// Feeds a body frame; returns the bytes that are safe to send now, in order: those held
     /// back from before, then the frame's own.
     ///
-    /// SECURITY: what is held back depends only on lengths — always the stream's last
-    /// `longest - 1` bytes — never on whether they could begin a credential. Holding back
-    /// only a tail that may begin one told the agent, by the delay, which of its guesses
-    /// (echoed by a streaming upstream) were prefixes of the credential: a whole key was
-    /// recovered that way a character at a time. The caller releases the held bytes after a
-    /// pause (`finish`), so a stream's last event is not kept until its next one.
+    /// SECURITY: what is held back depends only on lengths and line breaks — the stream's
+    /// last `longest - 1` bytes, less those up to the last line break among them — never on
+    /// whether they could begin a credential. Holding back only a tail that may begin one
+    /// told the agent, by the delay, which of its guesses (echoed by a streaming upstream)
+    /// were prefixes of the credential: a whole key was recovered that way a character at a
+    /// time. Nor is the tail ever let go before the next frame or the end (it once went out
+    /// after a 50 ms pause, and an agent that placed the credential across the upstream's
+    /// pause got it whole). No occurrence can span a line break, so a stream's events (SSE,
+    /// NDJSON), which end in one, go out at once.
     pub fn push(&mut self, chunk: Bytes) -> [Bytes; 2] {
         let hold = self.longest.saturating_sub(1);
         if hold == 0 {
@@ -136,7 +153,7 @@ impl Redactor {
         if chunk.len() >= hold && !self.contains_any(&chunk) && !self.across_start(&chunk) {
             let released = std::mem::take(&mut self.carry).freeze();
             let mut safe = chunk;
-            let held = safe.split_off(safe.len() - hold);
+            let held = safe.split_off(self.held_from(&safe, hold));
             self.carry.extend_from_slice(&held);
             return [released, safe];
         }
@@ -149,8 +166,20 @@ impl Redactor {
             }
             None => std::mem::take(&mut self.carry),
         };
-        self.carry = out.split_off(out.len() - hold.min(out.len()));
+        self.carry = out.split_off(self.held_from(&out, hold));
         [Bytes::new(), out.freeze()]
+    }
+
+    /// Where the held tail of `out` (already searched) starts: its last `hold` bytes, less
+    /// those up to the last line break among them. An occurrence that the next frame could
+    /// complete holds no break, so it starts after the last one.
+    fn held_from(&self, out: &[u8], hold: usize) -> usize {
+        let start = out.len().saturating_sub(hold);
+        let tail = out.get(start..).unwrap_or_default();
+        match tail.iter().rposition(|&b| is_break(b)) {
+            Some(i) if self.breaks => start + i + 1,
+            _ => start,
+        }
     }
 
     /// Whether the held bytes and the start of `chunk` hold a needle between them (the held
@@ -175,8 +204,9 @@ impl Redactor {
         }
     }
 
-    /// Whether bytes are held back (the caller releases them after a pause in the stream).
-    pub fn holds(&self) -> bool {
+    /// Whether bytes are held back (until the next frame or the end).
+    #[cfg(test)]
+    fn holds(&self) -> bool {
         !self.carry.is_empty()
     }
 
@@ -187,7 +217,7 @@ impl Redactor {
         })
     }
 
-    /// The bytes held back: at the end of the body, or after a pause in it.
+    /// The bytes held back, at the end of the body.
     pub fn finish(&mut self) -> Bytes {
         std::mem::take(&mut self.carry).freeze()
     }
@@ -359,17 +389,55 @@ mod tests {
             "sk-lx",
             "zzzzzzzzzzzzzzz",
         ] {
+            // Everything up to the last line break goes out; what follows it is held.
             let frame = format!("data: {guess}");
+            assert_eq!(released(frame.as_bytes()), (first.len(), true), "{guess}");
+            // Without a break within reach, the last `longest - 1` bytes are held.
+            let frame = format!("data: {}{guess}", "e".repeat(longest));
             let expected = first.len() + frame.len() - (longest - 1);
             assert_eq!(released(frame.as_bytes()), (expected, true), "{guess}");
         }
         // What was held goes out with the next frame (or at the end).
         let mut r = redactor();
         let mut out = push(&mut r, b"data: event 1\n\n");
+        assert_eq!(out, b"data: event 1\n\n", "a whole event waits for nothing");
+        assert!(!r.holds());
         out.extend(push(&mut r, b"data: sk-li"));
-        out.extend(push(&mut r, b"ve!"));
-        out.extend_from_slice(&r.finish());
-        assert_eq!(out, b"data: event 1\n\ndata: sk-live!");
+        out.extend(push(&mut r, b"ve!\r\n"));
+        assert_eq!(out, b"data: event 1\n\ndata: sk-live!\r\n");
+        assert!(!r.holds());
+    }
+
+    #[test]
+    fn a_credential_is_never_released_in_part_before_the_frame_that_completes_it() {
+        // However the upstream splits a reflection (and however long it pauses between the
+        // parts), nothing of it goes out before the frame that completes it has been seen.
+        let secret = "sk-live-0123456789";
+        for split in 1..secret.len() {
+            for before in ["", "x", "data: {\"echo\": \"", "line\nmore ", "\r\n\r\n"] {
+                let mut r = redactor();
+                let first = format!("{before}Bearer {}", &secret[..split]);
+                let out = push(&mut r, first.as_bytes());
+                let shown = String::from_utf8_lossy(&out).into_owned();
+                let part = &secret[..split.min(4)];
+                assert!(
+                    !shown.contains(&format!("Bearer {part}")),
+                    "split {split} after {before:?}: released {shown:?}"
+                );
+                let mut all = out;
+                all.extend(push(
+                    &mut r,
+                    format!("{}\"}}\n", &secret[split..]).as_bytes(),
+                ));
+                all.extend_from_slice(&r.finish());
+                let all = String::from_utf8_lossy(&all).into_owned();
+                assert_eq!(
+                    all,
+                    format!("{before}Bearer [redacted]\"}}\n"),
+                    "split {split}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -74,6 +74,55 @@ async fn credential_reflected_in_one_byte_frames_is_redacted() {
     kw.assert_no_leaks().await;
 }
 
+/// An upstream that pauses in the middle of a reflected credential (TCP slow start on a long
+/// path, a stall the agent causes by reading slowly, or on purpose): the held-back part is
+/// not let go during the pause, whatever its length and wherever the agent placed the split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_split_across_a_long_upstream_pause_is_redacted() {
+    let script = ScriptUpstream::start(|req| {
+        let auth = injected(req);
+        let split: usize = req
+            .header("x-split")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(1);
+        let (a, b) = auth.split_at(split.min(auth.len()));
+        Reply::frames(
+            vec![
+                chunked_head(""),
+                chunk(format!("event: echo\ndata: {a}").as_bytes()),
+                chunk(format!("{b}\n\n").as_bytes()),
+                b"0\r\n\r\n".to_vec(),
+            ],
+            Duration::from_millis(150),
+        )
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let len = "Bearer ".len() + f.creds.api_token.len();
+    for split in ["Bearer ".len() + 1, len / 2, len - 1] {
+        let resp = kw
+            .raw(&raw_req_at(
+                port,
+                "GET",
+                "plain.test",
+                "/reflect-auth",
+                &task,
+                &format!("X-Split: {split}\r\n"),
+            ))
+            .await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(
+            String::from_utf8_lossy(&resp.body),
+            "event: echo\ndata: Bearer [redacted]\n\n",
+            "split at {split}"
+        );
+    }
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_reflected_base64_and_percent_encoded_in_headers_and_body_is_redacted() {
     let script = ScriptUpstream::start(|req| {
