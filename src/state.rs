@@ -346,6 +346,7 @@ impl RestartOnly {
             idle_timeout,
             max_connections,
             max_task_in_flight,
+            max_task_connections,
             max_header_bytes,
             connect_timeout,
             upstream_timeout,
@@ -371,6 +372,10 @@ impl RestartOnly {
             (
                 "proxy.max_task_in_flight",
                 proxy.max_task_in_flight != *max_task_in_flight,
+            ),
+            (
+                "proxy.max_task_connections",
+                proxy.max_task_connections != *max_task_connections,
             ),
             (
                 "proxy.max_header_bytes",

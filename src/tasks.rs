@@ -71,6 +71,8 @@ pub struct Task {
     /// it end at once.
     revocation: tokio::sync::Notify,
     in_flight: AtomicU32,
+    /// Agent connections this task holds (`proxy.max_task_connections`).
+    connections: AtomicU32,
 }
 
 /// Why a task stopped being valid.
@@ -199,6 +201,23 @@ impl Task {
         Some(InFlightSlot(self.clone()))
     }
 
+    /// Takes one of the task's `limit` connection places, held until the returned guard drops
+    /// (the connection, and every tunnel or relay it became, has closed); `None` when all are
+    /// taken.
+    pub fn hold_connection(self: &Arc<Self>, limit: u32) -> Option<ConnectionHold> {
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ConnectionHold(self.clone()))
+    }
+
+    /// Agent connections this task holds now.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
     /// Requests of this task in flight now.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Acquire)
@@ -239,6 +258,15 @@ impl InFlightSlot {
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One of a task's connection places (see `Task::hold_connection`).
+pub struct ConnectionHold(Arc<Task>);
+
+impl Drop for ConnectionHold {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -567,6 +595,7 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
         cut: AtomicBool::new(false),
         revocation: tokio::sync::Notify::new(),
         in_flight: AtomicU32::new(0),
+        connections: AtomicU32::new(0),
     })
 }
 

@@ -339,11 +339,15 @@ impl serde::Serialize for Listing<'_> {
 #[derive(serde::Serialize)]
 struct TaskView<'a> {
     agent: &'a str,
+    /// Agent connections (and tunnels) the task holds now.
+    connections: u32,
     created_at: String,
     expires_at: String,
     intent: Vec<GrantView<'a>>,
     max_requests: Option<u64>,
     requests_denied: u64,
+    /// Requests of the task in flight now.
+    requests_in_flight: u32,
     requests_used: u64,
     status: &'static str,
     task: &'a str,
@@ -381,11 +385,13 @@ fn task_json(t: &Task, now: SystemTime) -> TaskView<'_> {
     };
     TaskView {
         agent: &t.agent,
+        connections: t.connections(),
         created_at: rfc3339(t.created_at),
         expires_at: rfc3339(t.expires_at),
         intent,
         max_requests: t.max_requests,
         requests_denied: t.requests_denied(),
+        requests_in_flight: t.in_flight(),
         requests_used: t.requests_used(),
         status,
         task: &t.id,

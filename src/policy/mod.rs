@@ -491,6 +491,7 @@ passthrough: []                      # hosts tunnelled blind (no inspection, no 
             AuditTarget::File("/etc/keyward/audit.jsonl".into())
         );
         assert!(p.services.is_empty() && p.agents.is_empty());
+        assert_eq!(p.proxy.task_connections_limit(), 1024);
     }
 
     #[test]
@@ -525,6 +526,14 @@ passthrough: [updates.example.org]
         assert_eq!(p.proxy.connect_timeout, Duration::from_millis(1500));
         assert_eq!(p.proxy.shutdown_timeout, Duration::from_secs(25));
         assert_eq!(p.proxy.max_header_bytes, 8192);
+        // A quarter of max_connections, unless set.
+        assert_eq!(p.proxy.task_connections_limit(), 2);
+        let set = ok(&format!(
+            "{ADMIN}proxy: {{max_connections: 2, max_task_connections: 3}}\n"
+        ));
+        assert_eq!(set.proxy.task_connections_limit(), 3);
+        let tiny = ok(&format!("{ADMIN}proxy: {{max_connections: 3}}\n"));
+        assert_eq!(tiny.proxy.task_connections_limit(), 1);
         assert_eq!(p.audit.path, AuditTarget::Stdout);
         assert_eq!(p.credentials[0].refresh, Some(Duration::from_secs(300)));
         let plain = &p.services[0];

@@ -90,6 +90,9 @@ pub struct ProxySettings {
     pub max_connections: usize,
     /// Requests one task may have in flight at once, so one task cannot starve the others.
     pub max_task_in_flight: u32,
+    /// Connections (and the tunnels they became) one task may hold at once, when set; see
+    /// `task_connections_limit`.
+    pub max_task_connections: Option<u32>,
     pub max_header_bytes: usize,
     pub connect_timeout: Duration,
     /// Time allowed until the upstream's response head arrives (bodies may stream longer).
@@ -97,6 +100,18 @@ pub struct ProxySettings {
     /// How long `SIGTERM`/`SIGINT` lets requests, tunnels and relays in flight finish, on both
     /// listeners, before cutting them.
     pub shutdown_timeout: Duration,
+}
+
+impl ProxySettings {
+    /// Connections one task may hold: `max_task_connections`, by default a quarter of
+    /// `max_connections`, so one task cannot take every place from the others.
+    pub fn task_connections_limit(&self) -> u32 {
+        self.max_task_connections.unwrap_or_else(|| {
+            u32::try_from(self.max_connections / 4)
+                .unwrap_or(u32::MAX)
+                .max(1)
+        })
+    }
 }
 
 impl Default for ProxySettings {
@@ -107,6 +122,7 @@ impl Default for ProxySettings {
             idle_timeout: Duration::from_secs(90),
             max_connections: 4096,
             max_task_in_flight: 64,
+            max_task_connections: None,
             max_header_bytes: 65536,
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(300),

@@ -68,6 +68,15 @@ pub async fn handle(
     if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
         return refuse(&state, &generation, draft, d, None).await;
     }
+    let limit = state.settings.task_connections_limit();
+    if !ctx.slot.claim(&task, limit) {
+        let denial = Denial::bare(Reason::BudgetExhausted);
+        let code = Some(respond::CONNECTIONS);
+        let mut resp = refuse(&state, &generation, draft, denial, code).await;
+        // The connection is not kept: no task holds it.
+        respond::close_after(&mut resp);
+        return resp;
+    }
     // SECURITY: CONNECT takes the authority form only (RFC 9110 §9.3.6); `CONNECT
     // http://host:port/` is a second spelling of the destination. A missing port is not guessed.
     let parsed = if req.uri().scheme().is_some() || req.uri().path_and_query().is_some() {

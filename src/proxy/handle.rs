@@ -40,7 +40,46 @@ pub struct ConnCtx {
     pub tunnel: Option<TunnelCtx>,
 }
 
-pub type ConnSlot = Arc<tokio::sync::OwnedSemaphorePermit>;
+pub type ConnSlot = Arc<ConnPlace>;
+
+/// A connection's place under `max_connections`, and the task that holds it: the first task
+/// that authenticates on it (a CONNECT's task, for the tunnel it becomes). One task holds at
+/// most `max_task_connections` places, so it cannot take every place from the others.
+pub struct ConnPlace {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    holder: std::sync::OnceLock<crate::tasks::ConnectionHold>,
+}
+
+impl ConnPlace {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> ConnPlace {
+        ConnPlace {
+            _permit: permit,
+            holder: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Counts the connection against `task` if no task holds it yet; false when `task` holds
+    /// all the places it may.
+    pub fn claim(&self, task: &Arc<Task>, limit: u32) -> bool {
+        if self.holder.get().is_some() {
+            return true;
+        }
+        match task.hold_connection(limit) {
+            Some(hold) => {
+                // Requests on one connection are handled one at a time (HTTP/1.1), so no
+                // other claim can have won meanwhile; if one did, this hold is dropped.
+                let _ = self.holder.set(hold);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a task holds the connection.
+    pub fn held(&self) -> bool {
+        self.holder.get().is_some()
+    }
+}
 
 #[derive(Clone)]
 pub struct TunnelCtx {
@@ -480,6 +519,15 @@ fn prepare(
     };
     draft.set_task(&task);
     decide::check_validity(&task, now)?;
+    if !ctx
+        .slot
+        .claim(&task, state.settings.task_connections_limit())
+    {
+        return Err(Refusal {
+            denial: Denial::bare(Reason::BudgetExhausted),
+            code: Some(respond::CONNECTIONS),
+        });
+    }
 
     let target = match &ctx.tunnel {
         Some(t) => {
@@ -627,7 +675,13 @@ async fn refuse(
             t.close.notify_one()
         }
         Some(_) => {}
-        None => respond::close_unless_authenticated(&mut resp, reason, task.as_deref()),
+        None => {
+            respond::close_unless_authenticated(&mut resp, reason, task.as_deref());
+            // Nor one that no task holds: its task holds all the connections it may.
+            if !ctx.slot.held() {
+                respond::close_after(&mut resp);
+            }
+        }
     }
     resp
 }

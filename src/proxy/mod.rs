@@ -72,7 +72,7 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             let _open = state.metrics.connection_opened(ConnKind::Http);
             let ctx = Arc::new(ConnCtx {
                 client,
-                slot: Arc::new(permit),
+                slot: Arc::new(handle::ConnPlace::new(permit)),
                 tunnel: None,
             });
             let svc_state = state.clone();

@@ -86,7 +86,7 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
         REASON_HEADER,
         HeaderValue::from_static(info.reason.as_str()),
     );
-    if info.ambiguity == Some(IN_FLIGHT) {
+    if info.ambiguity == Some(IN_FLIGHT) || info.ambiguity == Some(CONNECTIONS) {
         resp.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -101,6 +101,8 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
 
 /// `DenyInfo::ambiguity` of a `budget_exhausted` refusal for too many requests in flight.
 pub const IN_FLIGHT: &str = "in_flight";
+/// The same, for a task that holds as many connections as one task may.
+pub const CONNECTIONS: &str = "connections";
 
 fn detail(info: &DenyInfo<'_>) -> String {
     let ask = |what: &str| match info.hint {
@@ -130,6 +132,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::HostMismatch => "The request's Host or TLS server name differs from the tunnel's host.".into(),
         Reason::BlockedAddress => "The upstream resolves to a loopback, private, link-local or metadata address.".into(),
         Reason::BudgetExhausted if info.ambiguity == Some(IN_FLIGHT) => "The task has as many requests in flight as one task may (proxy.max_task_in_flight); retry when one completes.".into(),
+        Reason::BudgetExhausted if info.ambiguity == Some(CONNECTIONS) => "The task holds as many proxy connections as one task may (proxy.max_task_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
         Reason::ApprovalRequired => match info.hint {
             Some(cap) => format!("Capability `{cap}` is high-risk and needs an approval."),

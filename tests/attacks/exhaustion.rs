@@ -5,9 +5,9 @@
 //! capped by `max_task_in_flight` while another task is served, and its stalled connections
 //! hold the listener no longer than the head timeout.
 //!
-//! Connections themselves are capped per process, not per task (a connection is not bound to a
-//! task until its first head is read): the head, handshake and idle timeouts bound how long a
-//! task's quiet connections hold places under `max_connections`.
+//! A connection is bound to a task at its first authenticated head, and one task holds at most
+//! `max_task_connections`; before that, the head and handshake timeouts bound how long a
+//! connection holds a place under `max_connections`.
 
 use std::time::{Duration, Instant};
 
@@ -429,6 +429,91 @@ async fn clients_without_a_valid_token_cannot_hold_the_connection_places() {
     // ...so the places are free for a task while the hogs still hold their sockets.
     let resp = kw
         .raw(&raw_req(&f, "GET", "plain.test", "/echo", &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    kw.assert_no_leaks().await;
+}
+
+/// One task cannot hold every connection place: kept-alive connections that each send an
+/// allowed (or a denied) request now and then never time out, nor do tunnels. A task holds at
+/// most `max_task_connections` (by default a quarter of `max_connections`); past that its new
+/// connection gets 429 and is closed, and other tasks are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_task_cannot_hold_every_connection_place() {
+    let f =
+        Fixture::start_with(|p| with_proxy(p, "  max_connections: 8\n  max_task_connections: 2\n"))
+            .await;
+    let kw = &f.kw;
+    let hog = kw
+        .mint("bot", json!(["plain.issues.read", "secure.read"]))
+        .await;
+    let other = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let keep_alive = |task| {
+        raw_req(&f, "GET", "plain.test", "/echo", task, "").replace("Connection: close\r\n", "")
+    };
+    // Two kept-alive connections, one allowed request each, a denied one on the second.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(keep_alive(&hog).as_bytes()).await.unwrap();
+        let resp = crate::common::read_response(&mut tcp).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        held.push(tcp);
+    }
+    let denied =
+        raw_req(&f, "DELETE", "plain.test", "/echo", &hog, "").replace("Connection: close\r\n", "");
+    held[1].write_all(denied.as_bytes()).await.unwrap();
+    let resp = crate::common::read_response(&mut held[1]).await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert_eq!(resp.header("connection"), None, "a held connection is kept");
+    let (_, view) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", hog.id), None)
+        .await;
+    assert_eq!(view["connections"], 2, "{view}");
+
+    // A third connection of the same task, plain or CONNECT: 429, closed.
+    let mut third = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    third.write_all(keep_alive(&hog).as_bytes()).await.unwrap();
+    let resp = crate::common::read_response(&mut third).await;
+    let (problem, _) = kw.assert_denied_raw(&resp, 429, "budget_exhausted").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("max_task_connections")),
+        "{problem}"
+    );
+    assert_eq!(resp.header("retry-after").as_deref(), Some("1"));
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+    let mut rest = Vec::new();
+    let _ = bounded("the close after a 429", third.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    let authority = format!("secure.test:{}", f.tls.port());
+    let (_, head) = connect_raw(kw.proxy_addr, &authority, Some(&Harness::proxy_auth(&hog))).await;
+    kw.assert_denied_raw(&head, 429, "budget_exhausted").await;
+    assert_eq!(f.plain.hits(), 2);
+
+    // Another task is served meanwhile.
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "plain.test", "/echo", &other, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+
+    // Once one of its connections closes, the task may open another.
+    drop(held.pop());
+    let mut freed = false;
+    for _ in 0..100 {
+        let (_, view) = kw
+            .admin(http::Method::GET, &format!("/v1/tasks/{}", hog.id), None)
+            .await;
+        if view["connections"] == 1 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "the closed connection still counts");
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "plain.test", "/echo", &hog, ""))
         .await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     kw.assert_no_leaks().await;
