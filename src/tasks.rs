@@ -435,6 +435,11 @@ impl TaskStore {
     /// this task is refused, and responses still streaming for it stop.
     pub fn revoke(&self, id: &str) -> Option<Arc<Task>> {
         let task = self.get(id)?;
+        // A task that has expired already ended, and stays expired (status and reason):
+        // what was in flight was cut at its expiry.
+        if task.is_expired(SystemTime::now()) {
+            return Some(task);
+        }
         task.cut.store(true, Ordering::Release);
         self.end(task)
     }

@@ -505,6 +505,23 @@ async fn expired_task_is_refused_on_plain_http_and_at_connect() {
     .await;
     kw.saw(&head.text());
     kw.assert_denied_raw(&head, 407, "task_expired").await;
+    // Revoking a task that has already expired changes nothing: it ended by expiry, and says
+    // so (status and reason alike).
+    let (status, v) = kw
+        .admin(
+            http::Method::DELETE,
+            &format!("/v1/tasks/{}", task.id),
+            None,
+        )
+        .await;
+    assert_eq!((status, &v["status"]), (200, &json!("expired")), "{v}");
+    let resp = kw
+        .raw(&format!(
+            "GET http://plain.test:{port}/repos/acme/web/issues HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+            Harness::proxy_auth(&task)
+        ))
+        .await;
+    kw.assert_denied_raw(&resp, 407, "task_expired").await;
     assert_eq!(f.plain.hits() + f.tls.hits(), 0);
     assert_eq!(kw.metric(LEAVES).await, Some(0.0));
     kw.assert_no_leaks().await;
