@@ -177,6 +177,9 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
         let (status, v) = kw.mint_body(body).await;
         assert_eq!(status, 400, "{what}: {v}");
         assert_eq!(v["error"], code, "{what}: {v}");
+        // SPEC §5: "400 with a reason".
+        assert_eq!(v["reason"], code, "{what}: {v}");
+        assert!(v["message"].is_string(), "{what}: {v}");
         assert!(v.get("token").is_none(), "{what}: {v}");
         kw.saw(&v.to_string());
     }

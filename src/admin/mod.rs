@@ -100,9 +100,10 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
         (_, "/healthz" | "/readyz" | "/metrics") => routes::method_not_allowed("GET or HEAD"),
         (_, p) if p == "/v1" || p.starts_with("/v1/") => {
             if !authorized(state, &req) {
-                let mut resp = json(
+                let mut resp = error(
                     StatusCode::UNAUTHORIZED,
-                    &serde_json::json!({"error": "unauthorized", "message": "send Authorization: Bearer <admin token>"}),
+                    "unauthorized",
+                    "send Authorization: Bearer <admin token>",
                 );
                 resp.headers_mut().insert(
                     "www-authenticate",
@@ -112,10 +113,7 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             }
             routes::v1(state, req).await
         }
-        _ => json(
-            StatusCode::NOT_FOUND,
-            &serde_json::json!({"error": "not_found"}),
-        ),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
 }
 
@@ -150,9 +148,10 @@ fn names_loopback<B>(req: &Request<B>) -> bool {
 }
 
 fn foreign_host() -> AdminResponse {
-    json(
+    error(
         StatusCode::MISDIRECTED_REQUEST,
-        &serde_json::json!({"error": "host_not_loopback", "message": "this connection reached a loopback address: name it as localhost or by a loopback address"}),
+        "host_not_loopback",
+        "this connection reached a loopback address: name it as localhost or by a loopback address",
     )
 }
 
@@ -172,6 +171,15 @@ fn authorized(state: &State, req: &Request<Incoming>) -> bool {
     };
     // SECURITY: constant-time comparison of the admin token.
     state.is_admin_token(token.as_bytes())
+}
+
+/// An error answer: `error` and `reason` both hold the code (SPEC §5 says "with a reason";
+/// `error` is what the API always had), `message` says it in words.
+pub fn error(status: StatusCode, code: &str, message: &str) -> AdminResponse {
+    json(
+        status,
+        &serde_json::json!({"error": code, "reason": code, "message": message}),
+    )
 }
 
 pub fn json(status: StatusCode, value: &impl serde::Serialize) -> AdminResponse {

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::admin::{json, text, AdminResponse};
+use crate::admin::{error, json, text, AdminResponse};
 use crate::state::State;
 use crate::tasks::{Grant, MintError, MintSpec, Task};
 
@@ -30,9 +30,10 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             },
         ),
         (&Method::POST, "/v1/reload") => match reload_unless_stopping(state).await {
-            None => json(
+            None => error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &json!({ "error": "shutting_down", "detail": "keyward is stopping; the reload was dropped and the policy it had kept serving" }),
+                "shutting_down",
+                "keyward is stopping; the reload was dropped and the policy it had kept serving",
             ),
             Some(Ok(r)) => json(
                 StatusCode::OK,
@@ -42,7 +43,7 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
                 let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
                 json(
                     StatusCode::BAD_REQUEST,
-                    &json!({ "error": "invalid_policy", "errors": list }),
+                    &json!({ "error": "invalid_policy", "reason": "invalid_policy", "message": "the new policy is invalid; the old one keeps serving", "errors": list }),
                 )
             }
         },
@@ -65,10 +66,7 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
         }
         (_, "/v1/tasks") => method_not_allowed("GET or POST"),
         (_, "/v1/reload") => method_not_allowed("POST"),
-        _ => json(
-            StatusCode::NOT_FOUND,
-            &json!({"error": "not_found", "message": "no such admin endpoint"}),
-        ),
+        _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
     }
 }
 
@@ -84,16 +82,14 @@ async fn reload_unless_stopping(
 }
 
 fn not_found() -> AdminResponse {
-    json(
-        StatusCode::NOT_FOUND,
-        &json!({"error": "unknown_task", "message": "no task has this id"}),
-    )
+    error(StatusCode::NOT_FOUND, "unknown_task", "no task has this id")
 }
 
 pub fn method_not_allowed(allowed: &'static str) -> AdminResponse {
-    let mut resp = json(
+    let mut resp = error(
         StatusCode::METHOD_NOT_ALLOWED,
-        &json!({"error": "method_not_allowed", "message": format!("this endpoint takes {allowed}")}),
+        "method_not_allowed",
+        &format!("this endpoint takes {allowed}"),
     );
     let allow = allowed.replace(" or ", ", ");
     if let Ok(v) = http::HeaderValue::try_from(allow) {
@@ -191,9 +187,10 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let body = match tokio::time::timeout(state.settings.header_read_timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return json(
+            return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                &json!({"error": "body_too_large", "message": "the body is over 64 KiB"}),
+                "body_too_large",
+                "the body is over 64 KiB",
             )
         }
         _ => return bad_request("bad_body", "the body could not be read in time"),
@@ -278,9 +275,10 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
                 }),
             )
         }
-        Err(MintError::Conflict(id)) => json(
+        Err(MintError::Conflict(id)) => error(
             StatusCode::CONFLICT,
-            &json!({"error": "task_exists", "message": format!("task id `{id}` is in use")}),
+            "task_exists",
+            &format!("task id `{id}` is in use"),
         ),
         Err(e) => bad_request(mint_error_code(&e), &e.to_string()),
     }
@@ -306,10 +304,7 @@ fn mint_error_code(e: &MintError) -> &'static str {
 }
 
 fn bad_request(code: &str, message: &str) -> AdminResponse {
-    json(
-        StatusCode::BAD_REQUEST,
-        &json!({"error": code, "message": message}),
-    )
+    error(StatusCode::BAD_REQUEST, code, message)
 }
 
 /// `GET /v1/tasks`: serialized task by task into the answer, without a JSON tree of every
