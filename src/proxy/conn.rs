@@ -70,9 +70,12 @@ where
     None
 }
 
-/// The status hyper sends for a request head it cannot parse (it answers those itself).
+/// The status hyper sends for a request head it cannot parse (it answers those itself), or
+/// `CLOSED_UNANSWERED` for the HTTP/2 preface, which it answers by closing.
 fn unparsed_status(e: &hyper::Error) -> Option<u16> {
-    if e.is_parse_too_large() {
+    if e.is_parse_version_h2() {
+        Some(crate::proxy::record::CLOSED_UNANSWERED)
+    } else if e.is_parse_too_large() {
         Some(431)
     } else if e.is_parse() {
         Some(400)

@@ -20,7 +20,10 @@ use crate::tasks::Task;
 pub fn unparsed(state: &State, client: SocketAddr, status: u16) {
     let generation = state.current();
     let mut draft = RecordDraft::new(state, client, generation.policy.version());
-    draft.rec.outcome = Some("unparsed");
+    draft.rec.outcome = Some(match status {
+        CLOSED_UNANSWERED => "http2_preface",
+        _ => "unparsed",
+    });
     draft.write_detached(state, Reason::AmbiguousRequest, status);
 }
 
@@ -43,6 +46,9 @@ pub struct RecordDraft {
 
 /// Status recorded for a request whose agent went away before keyward answered it.
 pub const CLIENT_CLOSED: u16 = 499;
+/// Status recorded for a connection keyward closed without an answer (nginx's 444): an
+/// HTTP/2 preface where HTTP/1.1 was expected (plain HTTP/2 is not offered on the listener).
+pub const CLOSED_UNANSWERED: u16 = 444;
 /// Status recorded for a request still waiting on its upstream when shutdown's drain ran out
 /// (the agent's connection is closed without an answer).
 pub const CUT_BY_SHUTDOWN: u16 = 503;

@@ -483,12 +483,15 @@ async fn h2c_prior_knowledge_and_upgrades_to_keyward_itself_are_refused() {
             && !back.starts_with(b"HTTP/1.1 101"),
         "keyward spoke HTTP/2 or accepted the preface: {back:?}"
     );
-    // hyper refused the preface itself; the attempt still left its one record.
+    // hyper refused the preface itself, closing without an answer; the attempt still left
+    // its one record, which says so (nginx's 444), not a status never sent.
+    assert!(back.is_empty(), "{back:?}");
     let rec = kw
-        .audit_where("the refused preface", |r| r["outcome"] == "unparsed")
+        .audit_where("the refused preface", |r| r["outcome"] == "http2_preface")
         .await;
     crate::common::assert_record(&rec);
     assert_eq!(rec["reason"], "ambiguous_request", "{rec}");
+    assert_eq!(rec["status"], 444, "{rec}");
     // An origin-form h2c upgrade addressed to keyward itself.
     let (_, resp) = send_head(
         kw,
