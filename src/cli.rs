@@ -247,6 +247,13 @@ fn audit_verify(files: &[PathBuf], from_middle: bool) -> Result<(), Failure> {
     for path in files {
         let verified = std::fs::File::open(path)
             .map_err(|e| format!("{}: cannot be read: {e}", path.display()))
+            .and_then(|f| match f.metadata() {
+                Ok(m) if m.is_dir() => Err(format!(
+                    "{}: is a directory (name the audit files in it)",
+                    path.display()
+                )),
+                _ => Ok(f),
+            })
             .and_then(|f| {
                 let reader = std::io::BufReader::new(f);
                 let checked = match from_middle {

@@ -796,6 +796,27 @@ async fn audit_verify_passes_a_whole_log_and_names_the_first_broken_line() {
         "{stdout}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 of 3 audit files do not verify"));
+    // A directory, or a file that is not there: named with why, the others still checked.
+    let missing = dir.path().join("missing.jsonl");
+    let out = keyward(&[
+        "audit",
+        "verify",
+        dir.path().to_str().unwrap(),
+        missing.to_str().unwrap(),
+        audit.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("{}: is a directory", dir.path().display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{}: cannot be read: ", missing.display())),
+        "{stdout}"
+    );
+    assert!(stdout.contains(": ok, 2 records, last hash "), "{stdout}");
 
     // The piece verifies as one from the middle of a log, its first record taken on trust.
     let out = keyward(&["audit", "verify", "--from-middle", cut.to_str().unwrap()]).await;
