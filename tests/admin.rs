@@ -1059,3 +1059,34 @@ async fn a_rebound_page_cannot_read_the_admin_listener() {
     }
     assert!(kw.metrics().await.contains("keyward_decisions_total"));
 }
+
+/// The same on a dual-stack wildcard listener (`[::]`), where a connection to 127.0.0.1
+/// arrives on `::ffff:127.0.0.1`: still a loopback connection, still guarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebound_page_cannot_read_a_dual_stack_admin_listener() {
+    let f = Fixture::start_with(|p| {
+        p.replacen(
+            "admin:\n  listen: 127.0.0.1:0",
+            "admin:\n  listen: '[::]:0'",
+            1,
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    assert!(kw.admin_addr.is_ipv6(), "{}", kw.admin_addr);
+    let port = kw.admin_addr.port();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for (host, status) in [
+        (format!("rebind.attacker.example:{port}"), 421),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("[::ffff:127.0.0.1]:{port}"), 200),
+    ] {
+        let resp = client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "Host {host}");
+    }
+}

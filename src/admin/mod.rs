@@ -45,7 +45,10 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
         };
         // A connection to a loopback address comes from this machine, and only a web page
         // rebound to it (DNS rebinding) would name another host.
-        let loopback = stream.local_addr().is_ok_and(|a| a.ip().is_loopback());
+        // (`::ffff:127.0.0.1` on a dual-stack `[::]` listener is loopback too.)
+        let loopback = stream
+            .local_addr()
+            .is_ok_and(|a| a.ip().to_canonical().is_loopback());
         let state = state.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -140,11 +143,13 @@ fn names_loopback<B>(req: &Request<B>) -> bool {
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    // `0.0.0.0` and `[::]` reach this machine only (a person typing the wildcard address).
     name == "localhost"
         || name.ends_with(".localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+        || name.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+            let ip = ip.to_canonical();
+            ip.is_loopback() || ip.is_unspecified()
+        })
 }
 
 fn foreign_host() -> AdminResponse {
@@ -227,6 +232,9 @@ mod tests {
             "metrics.localhost:9",
             "[::1]:8481",
             "[::1]",
+            "[::ffff:127.0.0.1]:8481",
+            "0.0.0.0:8481",
+            "[::]:8481",
         ] {
             assert!(names_loopback(&with_hosts(&[ok])), "{ok}");
         }
@@ -237,7 +245,6 @@ mod tests {
             "localhost.attacker.example",
             "127.0.0.1.nip.io:8481",
             "10.0.0.5:8481",
-            "0.0.0.0:8481",
             "[::ffff:10.0.0.1]:8481",
             "[::1]x",
             "[::1",
