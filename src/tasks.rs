@@ -435,12 +435,13 @@ impl TaskStore {
     /// this task is refused, and responses still streaming for it stop.
     pub fn revoke(&self, id: &str) -> Option<Arc<Task>> {
         let task = self.get(id)?;
-        // A task that has expired already ended, and stays expired (status and reason):
-        // what was in flight was cut at its expiry.
+        task.cut.store(true, Ordering::Release);
+        // A task that has expired already ended, and stays expired (status and reason); what
+        // it still has in flight is cut all the same.
         if task.is_expired(SystemTime::now()) {
+            task.revocation.notify_waiters();
             return Some(task);
         }
-        task.cut.store(true, Ordering::Release);
         self.end(task)
     }
 

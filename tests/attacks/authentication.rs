@@ -487,9 +487,21 @@ async fn expired_task_is_refused_on_plain_http_and_at_connect() {
         id: v["task"].as_str().unwrap().to_string(),
         token: v["token"].as_str().unwrap().to_string(),
     };
+    // A request of the task waits on an upstream that answers in 30 s.
+    let port = f.plain.port();
+    let mut stalled = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "GET http://plain.test:{port}/stall HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+                Harness::proxy_auth(&task)
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
     // Task expiry is wall-clock time: the task expires at most 1 s after this answer.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let port = f.plain.port();
     let resp = kw
         .raw(&format!(
             "GET http://plain.test:{port}/repos/acme/web/issues HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
@@ -515,6 +527,15 @@ async fn expired_task_is_refused_on_plain_http_and_at_connect() {
         )
         .await;
     assert_eq!((status, &v["status"]), (200, &json!("expired")), "{v}");
+    // ...but what it still had in flight is cut at once, as for any revocation.
+    let mut answer = Vec::new();
+    let _ = bounded(
+        "the stalled request's answer",
+        tokio::io::AsyncReadExt::read_to_end(&mut stalled, &mut answer),
+    )
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
     let resp = kw
         .raw(&format!(
             "GET http://plain.test:{port}/repos/acme/web/issues HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
@@ -522,7 +543,8 @@ async fn expired_task_is_refused_on_plain_http_and_at_connect() {
         ))
         .await;
     kw.assert_denied_raw(&resp, 407, "task_expired").await;
-    assert_eq!(f.plain.hits() + f.tls.hits(), 0);
+    // Only the request made before the expiry reached an upstream.
+    assert_eq!((f.plain.hits(), f.tls.hits()), (1, 0));
     assert_eq!(kw.metric(LEAVES).await, Some(0.0));
     kw.assert_no_leaks().await;
 }
