@@ -55,6 +55,8 @@ fn main() {
             failure.code
         }
     };
-    drop(runtime);
+    // Tasks still held are dropped (their destructors run); a blocking thread stuck on a hung
+    // file system (a `file:` credential's check) is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
 }

@@ -160,43 +160,48 @@ impl StoreInner {
         self.scan.store(Arc::new(ScanSet::new(values)));
     }
 
-    /// Looks at every `file:` source once: a file whose stamp changed (or that could not be
-    /// read last time) is read again. Blocking I/O: the watcher runs it off the runtime, so a
-    /// hung mount stalls only the watcher, never a request.
-    fn check_files(&self) {
-        for (idx, slot) in self.slots.iter().enumerate() {
-            let (SecretSource::File(path), Some(old)) = (&slot.source, slot.cache.load_full())
-            else {
-                continue;
-            };
-            let stamp = FileStamp::of(path);
-            // A file that could not be read is tried again at each check, changed or not:
-            // fixing its owner or mode does not always change what the stamp holds.
-            if stamp.is_some() && stamp == old.stamp && old.value.is_some() {
-                continue;
-            }
-            let value = match read_file(path) {
-                Ok(v) => Some(Arc::new(CredentialValue::new(v))),
-                Err(why) => {
-                    if old.value.is_some() {
-                        tracing::warn!(credential = %slot.name, %why, "credential cannot be read any more; requests that need it get 502 credential_unavailable");
-                    }
-                    None
+    /// Looks at slot `idx`'s `file:` source: a file whose stamp changed (or that could not be
+    /// read last time) is read again. Blocking I/O: its watcher runs it off the runtime, so a
+    /// hung mount stalls only that watcher, never a request.
+    fn check_file(&self, idx: usize) {
+        let Some(slot) = self.slots.get(idx) else {
+            return;
+        };
+        let (SecretSource::File(path), Some(old)) = (&slot.source, slot.cache.load_full()) else {
+            return;
+        };
+        let stamp = FileStamp::of(path);
+        // A file that could not be read is tried again at each check, changed or not: fixing
+        // its owner or mode does not always change what the stamp holds.
+        if stamp.is_some() && stamp == old.stamp && old.value.is_some() {
+            return;
+        }
+        let value = match read_file(path) {
+            Ok(v) => Some(Arc::new(CredentialValue::new(v))),
+            Err(why) => {
+                if old.value.is_some() {
+                    tracing::warn!(credential = %slot.name, %why, "credential cannot be read any more; requests that need it get 502 credential_unavailable");
                 }
-            };
-            let unreadable_still = value.is_none() && old.value.is_none();
-            if unreadable_still && stamp == old.stamp {
-                continue;
+                None
             }
-            self.store(
-                idx,
-                Cached {
-                    value,
-                    retired: None,
-                    stale: false,
-                    stamp,
-                },
-            );
+        };
+        if value.is_none() && old.value.is_none() && stamp == old.stamp {
+            return;
+        }
+        let cached = Cached {
+            value,
+            retired: None,
+            stale: false,
+            stamp,
+        };
+        self.store(idx, cached);
+    }
+
+    /// Every slot's `check_file`, at once (the watchers' work, for tests).
+    #[cfg(test)]
+    fn check_files(&self) {
+        for idx in 0..self.slots.len() {
+            self.check_file(idx);
         }
     }
 }
@@ -303,12 +308,10 @@ impl CredentialStore {
     /// `file:` source once a second. They end when the store is dropped. After a failed
     /// attempt (or with no value yet) an `exec` is run again sooner than its `refresh`.
     pub fn spawn_refreshers(&self) {
-        if self
-            .inner
-            .slots
-            .iter()
-            .any(|slot| matches!(slot.source, SecretSource::File(_)))
-        {
+        for (idx, slot) in self.inner.slots.iter().enumerate() {
+            if !matches!(slot.source, SecretSource::File(_)) {
+                continue;
+            }
             let weak = Arc::downgrade(&self.inner);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(FILE_CHECK_INTERVAL);
@@ -317,8 +320,9 @@ impl CredentialStore {
                 loop {
                     tick.tick().await;
                     let Some(inner) = weak.upgrade() else { return };
-                    // One check at a time: a check stuck on a hung mount is not stacked on.
-                    if tokio::task::spawn_blocking(move || inner.check_files())
+                    // One check of a file at a time, each file on its own: a check stuck on a
+                    // hung mount is not stacked on, and holds up no other file.
+                    if tokio::task::spawn_blocking(move || inner.check_file(idx))
                         .await
                         .is_err()
                     {
