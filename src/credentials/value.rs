@@ -18,6 +18,9 @@ pub struct CredentialValue {
     /// For each reflection, which of `GATE_BYTES` it holds (`gate_of`), looked up once here
     /// rather than for every header value and frame the redactor scans.
     reflection_gates: Vec<Option<u8>>,
+    /// Whether a reflection holds a line-break byte (`\n`, `\r`): only a UTF-16 form of some
+    /// non-ASCII values can. The redactor releases bytes at line breaks only when none does.
+    reflections_hold_breaks: bool,
 }
 
 /// Bytes rare in the text APIs answer with, which many spellings hold (`%` percent forms, `\`
@@ -125,6 +128,9 @@ impl CredentialValue {
             folded: Zeroizing::new(raw.to_ascii_lowercase()),
             secret,
             reflection_gates: reflections.iter().map(|r| gate_of(r)).collect(),
+            reflections_hold_breaks: reflections
+                .iter()
+                .any(|r| memchr::memchr2(b'\n', b'\r', r).is_some()),
             reflections,
         }
     }
@@ -142,6 +148,11 @@ impl CredentialValue {
     /// `gate_of` each reflection, in the same order.
     pub fn reflection_gates(&self) -> &[Option<u8>] {
         &self.reflection_gates
+    }
+
+    /// Whether any reflection holds a line-break byte.
+    pub fn reflections_hold_breaks(&self) -> bool {
+        self.reflections_hold_breaks
     }
 }
 

@@ -33,15 +33,9 @@ pub struct Redactor {
     longest: usize,
     carry: BytesMut,
     found: u64,
-    /// Whether no needle holds a line break (true of every one-line value), so the bytes up
-    /// to a break can go out at once.
+    /// Whether no needle holds a line-break byte (`\n`, `\r`; true of every ASCII value),
+    /// so the bytes up to a break can go out at once.
     breaks: bool,
-}
-
-/// A line break, which a one-line value (`credentials::source`) and its ASCII spellings never
-/// hold. (Its UTF-16 spellings may, for some characters: `Redactor::breaks` checks.)
-fn is_break(b: u8) -> bool {
-    b == b'\n' || b == b'\r'
 }
 
 impl Redactor {
@@ -65,8 +59,12 @@ impl Redactor {
             breaks: false,
         };
         r.longest = r.needles().map(|(n, _)| n.len()).max().unwrap_or(0);
-        let breaks = !r.needles().any(|(n, _)| n.iter().copied().any(is_break));
-        r.breaks = breaks;
+        // (Looked up once per value, not per request: the reflections are many.)
+        let extra_holds_breaks = r
+            .extra
+            .as_deref()
+            .is_some_and(|e| memchr::memchr2(b'\n', b'\r', e).is_some());
+        r.breaks = !r.value.reflections_hold_breaks() && !extra_holds_breaks;
         r
     }
 
@@ -175,10 +173,13 @@ impl Redactor {
     /// complete holds no break, so it starts after the last one.
     fn held_from(&self, out: &[u8], hold: usize) -> usize {
         let start = out.len().saturating_sub(hold);
+        if !self.breaks {
+            return start;
+        }
         let tail = out.get(start..).unwrap_or_default();
-        match tail.iter().rposition(|&b| is_break(b)) {
-            Some(i) if self.breaks => start + i + 1,
-            _ => start,
+        match memchr::memrchr2(b'\n', b'\r', tail) {
+            Some(i) => start + i + 1,
+            None => start,
         }
     }
 
@@ -406,6 +407,20 @@ mod tests {
         out.extend(push(&mut r, b"ve!\r\n"));
         assert_eq!(out, b"data: event 1\n\ndata: sk-live!\r\n");
         assert!(!r.holds());
+    }
+
+    #[test]
+    fn line_breaks_release_bytes_only_where_no_spelling_holds_one() {
+        assert!(redactor().breaks);
+        // `Ċ` (U+010A) is `0A 01` in UTF-16LE: that spelling could span a line break.
+        let value = CredentialValue::new(Secret::new("sk-\u{10A}uni-0123456789".into()));
+        assert!(value.reflections_hold_breaks());
+        let mut r = Redactor::new(Arc::new(value), None);
+        assert!(!r.breaks);
+        let event = b"data: event 1\n\n";
+        assert!(push(&mut r, event).is_empty(), "released at a line break");
+        assert!(r.holds());
+        assert_eq!(r.finish().as_ref(), event);
     }
 
     #[test]
