@@ -8,7 +8,6 @@ use http::Method;
 
 use crate::admin::client;
 use crate::decide::{self, ConnectDecision, RequestFacts};
-use crate::matcher::canon::canonicalize;
 use crate::policy::{self, CompiledPolicy, Injection, Scheme};
 use crate::proxy::identify::parse_authority;
 use crate::secret::Secret;
@@ -566,17 +565,6 @@ fn explain(
     })?;
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| Failure::user(format!("`{method}` is not an HTTP method")))?;
-    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let path = match canonicalize(target) {
-        Ok(p) => p,
-        Err(a) => {
-            out!(
-                "decision:   deny\nreason:     ambiguous_request ({})",
-                a.as_str()
-            );
-            return Ok(());
-        }
-    };
     // An https:// URL is reached through CONNECT: what keyward decides there comes first, as
     // the agent would meet it.
     if scheme == Scheme::Https {
@@ -602,6 +590,30 @@ fn explain(
             }
         }
     }
+    // The request's own checks, as `serve` makes them (a fragment, `_method` in the query,
+    // the path's spelling), then the decision.
+    let (mut parts, ()) = http::Request::builder()
+        .method(method.clone())
+        .uri(uri.clone())
+        .body(())
+        .map_err(|_| Failure::user(format!("`{url}` is not a URL")))?
+        .into_parts();
+    if url.contains('#') {
+        parts
+            .extensions
+            .insert(crate::proxy::fragment::FragmentInTarget);
+    }
+    let path = match crate::proxy::identify::absolute_target(&parts) {
+        Ok(target) => target.path,
+        Err(e) => {
+            out!(
+                "decision:   deny\nreason:     {} ({})",
+                e.reason.as_str(),
+                e.code
+            );
+            return Ok(());
+        }
+    };
     let facts = RequestFacts {
         scheme,
         host: &host,
@@ -613,6 +625,16 @@ fn explain(
         Ok(permit) => {
             let cap = compiled.capability_at(permit.capability());
             let service = compiled.service_at(permit.service());
+            // SECURITY (as in `serve`): `API_KEY` or `api.key` beside the injected `api_key`.
+            if let Some(Injection::Query { param, .. }) = &service.inject {
+                if uri
+                    .query()
+                    .is_some_and(|q| crate::proxy::identify::query_lookalike(q, param))
+                {
+                    out!("decision:   deny\nreason:     ambiguous_request (query_lookalike)");
+                    return Ok(());
+                }
+            }
             out!("decision:   allow\nreason:     allowed");
             out!("service:    {}", service.name);
             out!("capability: {} (risk {})", cap.name, cap.risk.as_str());

@@ -270,7 +270,13 @@ services:
   api:
     hosts: [api.test]
     inject: { header: Authorization, value: "Bearer ${credential}", credential: api_token }
+  search:
+    hosts: [search.test]
+    inject: { query: key, credential: api_token }
 capabilities:
+  search.read:
+    service: search
+    routes: [GET /v1/search]
   api.issues.read:
     service: api
     risk: low
@@ -282,7 +288,7 @@ capabilities:
     routes:
       - POST /repos/{owner}/{repo}/issues
 agents:
-  bot: { owner: tests, capabilities: [api.issues.read, api.issues.write], max_ttl: 1h }
+  bot: { owner: tests, capabilities: [api.issues.read, api.issues.write, search.read], max_ttl: 1h }
 passthrough: [blind.test]
 "#;
     let file = dir.join("policy.yaml");
@@ -336,6 +342,43 @@ async fn explain_prints_decision_reason_capability_route_and_credential_name_nev
     let ambiguous = explain("GET", "https://api.test/repos/acme/web/%2e%2e/issues").await;
     let out3 = text(&ambiguous.stdout);
     assert!(out3.contains("ambiguous_request"), "{out3}");
+    // The URL's own checks are `serve`'s: a fragment, `_method` in the query.
+    for (url, code) in [
+        ("https://api.test/repos/acme/web/issues#top", "fragment"),
+        (
+            "https://api.test/repos/acme/web/issues?_METHOD=delete",
+            "method_override",
+        ),
+    ] {
+        let out = text(&explain("GET", url).await.stdout);
+        assert!(
+            out.contains(&format!("reason:     ambiguous_request ({code})")),
+            "{url}: {out}"
+        );
+    }
+    // A look-alike of the injected query parameter, beside an allowed request.
+    for (url, verdict) in [
+        ("https://search.test/v1/search?q=x", "reason:     allowed"),
+        (
+            "https://search.test/v1/search?q=x&KEY=mine",
+            "reason:     ambiguous_request (query_lookalike)",
+        ),
+    ] {
+        let out = keyward(&[
+            "explain",
+            "--config",
+            config,
+            "--agent",
+            "bot",
+            "--intent",
+            "search.read",
+            "GET",
+            url,
+        ])
+        .await;
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains(verdict), "{url}: {stdout}");
+    }
 
     // A broken constraint is named, with what the task allows.
     let constrained = keyward(&[
