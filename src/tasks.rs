@@ -312,12 +312,25 @@ pub enum MintError {
     UnmatchableConstraint { capability: String, param: String },
     #[error("constraint `{param}` of capability `{capability}` has a value with a control character, which keyward refuses in every path")]
     ControlInConstraint { capability: String, param: String },
+    #[error("constraint `{param}` of capability `{capability}` has a value no request path holds as written ({why}): write it as a URL spells it (non-ASCII and spaces percent-encoded)")]
+    NonCanonicalConstraint {
+        capability: String,
+        param: String,
+        why: &'static str,
+    },
     #[error("max_requests must be at least 1")]
     ZeroBudget,
     #[error("task id must be 1-128 characters of A-Z a-z 0-9 . _ -")]
     BadTaskId,
     #[error("task id `{0}` is in use")]
     Conflict(String),
+}
+
+/// A constraint value as a request path's capture holds it (percent-encoded unreserved
+/// characters decoded, other triplets in upper case), or why no path holds it.
+fn canonical_value(value: &str) -> Result<String, crate::matcher::canon::Ambiguity> {
+    let path = crate::matcher::canon::canonicalize(&format!("/{value}"))?;
+    Ok(path.tail(0).to_owned())
 }
 
 /// How the agent presented itself on `Proxy-Authorization`.
@@ -486,7 +499,11 @@ impl TaskStore {
 }
 
 /// Checks the spec against the policy and builds the task (without its token hash yet).
-fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Result<Task, MintError> {
+fn build_task(
+    policy: &CompiledPolicy,
+    mut spec: MintSpec,
+    now: SystemTime,
+) -> Result<Task, MintError> {
     let agent = policy
         .agent(&spec.agent)
         .ok_or_else(|| MintError::UnknownAgent(spec.agent.clone()))?;
@@ -551,6 +568,26 @@ fn build_task(policy: &CompiledPolicy, spec: MintSpec, now: SystemTime) -> Resul
                     capability: cap.name.clone(),
                     param: param.clone(),
                 });
+            }
+            // A value a request path could not hold as written (`é` raw, a space, `..`) would
+            // be minted and then never match: said now, with why.
+            if let Some(why) = values.iter().find_map(|v| canonical_value(v).err()) {
+                return Err(MintError::NonCanonicalConstraint {
+                    capability: cap.name.clone(),
+                    param: param.clone(),
+                    why: why.as_str(),
+                });
+            }
+        }
+    }
+    // Values are compared with the request's canonical path: `acm%65` is `acme`, `%c3%a9` is
+    // `%C3%A9`. Stored (and listed) as such.
+    for grant in &mut spec.intent {
+        for (_, values) in &mut grant.constraints {
+            for value in values.iter_mut() {
+                if let Ok(canonical) = canonical_value(value) {
+                    *value = canonical;
+                }
             }
         }
     }
@@ -776,6 +813,51 @@ mod tests {
             Err(MintError::UnmatchableConstraint { .. })
         ));
         assert!(mint("repo", "web").is_ok());
+    }
+
+    #[test]
+    fn constraint_values_are_held_as_a_request_path_spells_them() {
+        let text = format!(
+            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.files: {{service: s, routes: [\"GET /r/{{repo}}/f/{{*path}}\"]}}\nagents:\n  bot: {{owner: t, capabilities: [s.files], max_ttl: 1h}}\n",
+            crate::policy::testing::ADMIN
+        );
+        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        let mint = |param: &str, value: &str| {
+            let spec = MintSpec {
+                agent: "bot".into(),
+                task: None,
+                intent: vec![Grant {
+                    capability: "s.files".into(),
+                    constraints: vec![(param.into(), vec![value.into()])],
+                }],
+                ttl: None,
+                max_requests: None,
+            };
+            TaskStore::new()
+                .mint(&policy, spec, SystemTime::now())
+                .map(|(task, _)| task.intent[0].constraints[0].1[0].clone())
+        };
+        // Stored canonical: what the request's capture will be.
+        assert_eq!(mint("repo", "acm%65").unwrap(), "acme");
+        assert_eq!(mint("repo", "a%c3%a9").unwrap(), "a%C3%A9");
+        assert_eq!(mint("path", "docs/r%65adme.md").unwrap(), "docs/readme.md");
+        assert_eq!(mint("repo", "web").unwrap(), "web");
+        // No request path holds these as written: refused, with why.
+        for (value, why) in [
+            ("\u{e9}", "non_ascii"),
+            ("a b", "control_byte"),
+            ("..", "dot_segment"),
+            ("a;b", "semicolon"),
+            ("a%2", "malformed_percent"),
+            ("a%25b", "encoded_percent"),
+        ] {
+            match mint("repo", value) {
+                Err(e @ MintError::NonCanonicalConstraint { .. }) => {
+                    assert!(e.to_string().contains(why), "{value}: {e}")
+                }
+                other => panic!("{value}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -168,6 +168,16 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
             "invalid_constraint",
         ),
         (
+            "a value no request path holds as written (raw non-ASCII)",
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": "acm\u{e9}"}}]}),
+            "invalid_constraint",
+        ),
+        (
+            "a value no request path holds as written (a space)",
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": "ac me"}}]}),
+            "invalid_constraint",
+        ),
+        (
             "a task id that is a dot segment",
             json!({"agent": "bot", "task": "..", "intent": ["plain.issues.read"]}),
             "invalid_task_id",

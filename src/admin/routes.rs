@@ -293,6 +293,7 @@ fn mint_error_code(e: &MintError) -> &'static str {
         | MintError::EmptyConstraint(_)
         | MintError::UnmatchableConstraint { .. }
         | MintError::ControlInConstraint { .. }
+        | MintError::NonCanonicalConstraint { .. }
         | MintError::DuplicateConstraint { .. } => "invalid_constraint",
         MintError::DuplicateCapability(_) => "duplicate_capability",
         MintError::EmptyIntent => "empty_intent",
