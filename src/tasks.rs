@@ -785,28 +785,32 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_value_with_a_slash_constrains_only_a_parameter_that_spans_segments() {
+    /// Mints a task of capability `s.files` (`GET /r/{repo}/f/{*path}`) held to
+    /// `param = value`; the value as stored.
+    fn mint_files(param: &str, value: &str) -> Result<String, MintError> {
         let text = format!(
             "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.files: {{service: s, routes: [\"GET /r/{{repo}}/f/{{*path}}\"]}}\nagents:\n  bot: {{owner: t, capabilities: [s.files], max_ttl: 1h}}\n",
             crate::policy::testing::ADMIN
         );
         let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
-        let mint = |param: &str, value: &str| {
-            let spec = MintSpec {
-                agent: "bot".into(),
-                task: None,
-                intent: vec![Grant {
-                    capability: "s.files".into(),
-                    constraints: vec![(param.into(), vec![value.into()])],
-                }],
-                ttl: None,
-                max_requests: None,
-            };
-            TaskStore::new()
-                .mint(&policy, spec, SystemTime::now())
-                .map(|_| ())
+        let spec = MintSpec {
+            agent: "bot".into(),
+            task: None,
+            intent: vec![Grant {
+                capability: "s.files".into(),
+                constraints: vec![(param.into(), vec![value.into()])],
+            }],
+            ttl: None,
+            max_requests: None,
         };
+        TaskStore::new()
+            .mint(&policy, spec, SystemTime::now())
+            .map(|(task, _)| task.intent[0].constraints[0].1[0].clone())
+    }
+
+    #[test]
+    fn a_value_with_a_slash_constrains_only_a_parameter_that_spans_segments() {
+        let mint = mint_files;
         assert!(mint("path", "docs/readme.md").is_ok());
         assert!(matches!(
             mint("repo", "acme/web"),
@@ -817,26 +821,7 @@ mod tests {
 
     #[test]
     fn constraint_values_are_held_as_a_request_path_spells_them() {
-        let text = format!(
-            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.files: {{service: s, routes: [\"GET /r/{{repo}}/f/{{*path}}\"]}}\nagents:\n  bot: {{owner: t, capabilities: [s.files], max_ttl: 1h}}\n",
-            crate::policy::testing::ADMIN
-        );
-        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
-        let mint = |param: &str, value: &str| {
-            let spec = MintSpec {
-                agent: "bot".into(),
-                task: None,
-                intent: vec![Grant {
-                    capability: "s.files".into(),
-                    constraints: vec![(param.into(), vec![value.into()])],
-                }],
-                ttl: None,
-                max_requests: None,
-            };
-            TaskStore::new()
-                .mint(&policy, spec, SystemTime::now())
-                .map(|(task, _)| task.intent[0].constraints[0].1[0].clone())
-        };
+        let mint = mint_files;
         // Stored canonical: what the request's capture will be.
         assert_eq!(mint("repo", "acm%65").unwrap(), "acme");
         assert_eq!(mint("repo", "a%c3%a9").unwrap(), "a%C3%A9");

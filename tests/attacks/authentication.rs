@@ -487,27 +487,19 @@ async fn expired_task_is_refused_on_plain_http_and_at_connect() {
         id: v["task"].as_str().unwrap().to_string(),
         token: v["token"].as_str().unwrap().to_string(),
     };
-    // A request of the task waits on an upstream that answers in 30 s.
     let port = f.plain.port();
-    let mut stalled = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-    stalled
-        .write_all(
-            format!(
-                "GET http://plain.test:{port}/stall HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
-                Harness::proxy_auth(&task)
-            )
-            .as_bytes(),
+    let get = |path: &str| {
+        format!(
+            "GET http://plain.test:{port}{path} HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+            Harness::proxy_auth(&task)
         )
-        .await
-        .unwrap();
+    };
+    // A request of the task waits on an upstream that answers in 30 s.
+    let mut stalled = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    stalled.write_all(get("/stall").as_bytes()).await.unwrap();
     // Task expiry is wall-clock time: the task expires at most 1 s after this answer.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let resp = kw
-        .raw(&format!(
-            "GET http://plain.test:{port}/repos/acme/web/issues HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
-            Harness::proxy_auth(&task)
-        ))
-        .await;
+    let resp = kw.raw(&get("/repos/acme/web/issues")).await;
     kw.assert_denied_raw(&resp, 407, "task_expired").await;
     let (_, head) = connect_raw(
         kw.proxy_addr,
@@ -536,12 +528,7 @@ async fn expired_task_is_refused_on_plain_http_and_at_connect() {
     .await;
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
-    let resp = kw
-        .raw(&format!(
-            "GET http://plain.test:{port}/repos/acme/web/issues HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
-            Harness::proxy_auth(&task)
-        ))
-        .await;
+    let resp = kw.raw(&get("/repos/acme/web/issues")).await;
     kw.assert_denied_raw(&resp, 407, "task_expired").await;
     // Only the request made before the expiry reached an upstream.
     assert_eq!((f.plain.hits(), f.tls.hits()), (1, 0));
