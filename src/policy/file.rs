@@ -669,6 +669,7 @@ proxy:
   connect_timeout: 0s
   max_connections: -1
   listen: localhost:80
+  max_header_bytes: \"8192\"
 credentials:
   v: {{source: env:V, refresh: 5m}}
 agents:
@@ -682,8 +683,9 @@ agents:
                 "p.yaml:5:20: proxy.connect_timeout: must be between 1ms and 1day",
                 "p.yaml:6:20: proxy.max_connections: must be a whole number from 1 to 1000000",
                 "p.yaml:7:11: proxy.listen: must be an IP address and port, like `127.0.0.1:8480` or `[::1]:8480`",
-                "p.yaml:9:22: credentials.v.refresh: `refresh` applies only to `exec` sources (`env` is read once, `file` is re-read when it changes)",
-                "p.yaml:11:44: agents.a.max_ttl: must be between 1s and 30days",
+                "p.yaml:8:21: proxy.max_header_bytes: must be a whole number from 1024 to 16777216, not a quoted string",
+                "p.yaml:10:22: credentials.v.refresh: `refresh` applies only to `exec` sources (`env` is read once, `file` is re-read when it changes)",
+                "p.yaml:12:44: agents.a.max_ttl: must be between 1s and 30days",
             ]
         );
     }

@@ -472,9 +472,17 @@ impl<'a> Field<'a> {
 
     /// An integer in `min..=max`.
     pub fn integer(&self, errs: &mut Errors, min: u64, max: u64) -> Option<u64> {
-        let parsed = self
-            .node
-            .as_scalar()
+        let scalar = self.node.as_scalar();
+        // A quoted `"8443"` is a string, as `allow_cleartext: "true"` is not a boolean.
+        if scalar.is_some_and(|s| !s.may_coerce()) {
+            errs.push(
+                self.pos(),
+                self.path,
+                format!("must be a whole number from {min} to {max}, not a quoted string"),
+            );
+            return None;
+        }
+        let parsed = scalar
             .filter(|s| !s.as_str().is_empty() && s.as_str().bytes().all(|b| b.is_ascii_digit()))
             .and_then(|s| s.as_str().parse::<u64>().ok())
             .filter(|n| (min..=max).contains(n));
