@@ -18,9 +18,35 @@ pub struct CredentialValue {
     /// For each reflection, which of `GATE_BYTES` it holds (`gate_of`), looked up once here
     /// rather than for every header value and frame the redactor scans.
     reflection_gates: Vec<Option<u8>>,
-    /// Whether a reflection holds a line-break byte (`\n`, `\r`): only a UTF-16 form of some
-    /// non-ASCII values can. The redactor releases bytes at line breaks only when none does.
-    reflections_hold_breaks: bool,
+    /// Which bytes no reflection holds, so that no occurrence can span one (the redactor lets
+    /// a stream's held-back tail go up to the last such byte).
+    breaks: Breaks,
+}
+
+/// The bytes no spelling of a value can hold, by the value's class alone (not by which
+/// characters it has: what the redactor releases must not tell the secret's characters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Breaks {
+    /// A value of printable ASCII (and tabs): every spelling is printable ASCII, tabs and the
+    /// NUL bytes of UTF-16, so any other byte — a line break, another control byte, a byte
+    /// of 0x80 or more (binary data, UTF-8 text) — is a break.
+    NotPrintable,
+    /// Other values: `\n` and `\r`, when no spelling holds one (a UTF-16 form of `Ċ`,
+    /// U+010A, holds 0x0A).
+    LineBreaks,
+    /// None: every byte may belong to a spelling.
+    None,
+}
+
+impl Breaks {
+    /// Whether `b` is a break of this class.
+    pub fn is_break(self, b: u8) -> bool {
+        match self {
+            Breaks::NotPrintable => b != 0 && b != b'\t' && !(0x20..0x7f).contains(&b),
+            Breaks::LineBreaks => b == b'\n' || b == b'\r',
+            Breaks::None => false,
+        }
+    }
 }
 
 /// Bytes rare in the text APIs answer with, which many spellings hold (`%` percent forms, `\`
@@ -124,13 +150,12 @@ impl CredentialValue {
                 reflections.push(form);
             }
         }
+        let breaks = breaks_of(raw, &reflections);
         CredentialValue {
             folded: Zeroizing::new(raw.to_ascii_lowercase()),
             secret,
             reflection_gates: reflections.iter().map(|r| gate_of(r)).collect(),
-            reflections_hold_breaks: reflections
-                .iter()
-                .any(|r| memchr::memchr2(b'\n', b'\r', r).is_some()),
+            breaks,
             reflections,
         }
     }
@@ -150,10 +175,25 @@ impl CredentialValue {
         &self.reflection_gates
     }
 
-    /// Whether any reflection holds a line-break byte.
-    pub fn reflections_hold_breaks(&self) -> bool {
-        self.reflections_hold_breaks
+    /// Which bytes no reflection holds.
+    pub fn breaks(&self) -> Breaks {
+        self.breaks
     }
+}
+
+/// The class of `raw`'s breaks, checked against the spellings actually derived (a class a
+/// spelling breaks falls back to the next).
+fn breaks_of(raw: &[u8], reflections: &[zeroize::Zeroizing<Vec<u8>>]) -> Breaks {
+    let printable = raw.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    [Breaks::NotPrintable, Breaks::LineBreaks]
+        .into_iter()
+        .filter(|&class| class != Breaks::NotPrintable || printable)
+        .find(|&class| {
+            reflections
+                .iter()
+                .all(|r| !r.iter().any(|&b| class.is_break(b)))
+        })
+        .unwrap_or(Breaks::None)
 }
 
 /// How JSON encoders write a string: the minimum (serde_json, Go's `Encoder` with HTML

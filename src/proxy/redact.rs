@@ -5,8 +5,9 @@
 //! replaced by `[redacted]` and counted. Bodies are scanned as they stream, with a carry of
 //! the longest needle minus one byte so an occurrence split across frames is still found:
 //! whatever the framing and however long the upstream pauses, the carry goes out only with
-//! the next frame or at the end, except what precedes a line break in it (no spelling of a
-//! credential holds one). Never logs what it finds.
+//! the next frame or at the end, except what precedes a break in it: a byte no spelling of
+//! the credential holds (`credentials::Breaks`: for a printable-ASCII value, a line break,
+//! another control byte or a byte of 0x80 or more). Never logs what it finds.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use zeroize::Zeroizing;
 
-use crate::credentials::{basic_pair, gate_of, CredentialValue, GATE_BYTES};
+use crate::credentials::{basic_pair, gate_of, Breaks, CredentialValue, GATE_BYTES};
 use crate::policy::Injection;
 
 const MARK: &[u8] = b"[redacted]";
@@ -33,9 +34,9 @@ pub struct Redactor {
     longest: usize,
     carry: BytesMut,
     found: u64,
-    /// Whether no needle holds a line-break byte (`\n`, `\r`; true of every ASCII value),
-    /// so the bytes up to a break can go out at once.
-    breaks: bool,
+    /// The bytes no needle holds (`CredentialValue::breaks`), so that the bytes up to one can
+    /// go out at once.
+    breaks: Breaks,
 }
 
 impl Redactor {
@@ -56,15 +57,21 @@ impl Redactor {
             longest: 0,
             carry: BytesMut::new(),
             found: 0,
-            breaks: false,
+            breaks: Breaks::None,
         };
         r.longest = r.needles().map(|(n, _)| n.len()).max().unwrap_or(0);
-        // (Looked up once per value, not per request: the reflections are many.)
+        // (Looked up once per value, not per request: the reflections are many. The injected
+        // form, a Basic pair's base64, is printable ASCII, but is checked all the same.)
+        let breaks = r.value.breaks();
         let extra_holds_breaks = r
             .extra
             .as_deref()
-            .is_some_and(|e| memchr::memchr2(b'\n', b'\r', e).is_some());
-        r.breaks = !r.value.reflections_hold_breaks() && !extra_holds_breaks;
+            .is_some_and(|e| e.iter().any(|&b| breaks.is_break(b)));
+        r.breaks = if extra_holds_breaks {
+            Breaks::None
+        } else {
+            breaks
+        };
         r
     }
 
@@ -131,15 +138,16 @@ impl Redactor {
     /// Feeds a body frame; returns the bytes that are safe to send now, in order: those held
     /// back from before, then the frame's own.
     ///
-    /// SECURITY: what is held back depends only on lengths and line breaks — the stream's
-    /// last `longest - 1` bytes, less those up to the last line break among them — never on
-    /// whether they could begin a credential. Holding back only a tail that may begin one
+    /// SECURITY: what is held back depends only on lengths and breaks — the stream's last
+    /// `longest - 1` bytes, less those up to the last break among them (a byte no spelling
+    /// of the value's class holds) — never on whether they could begin a credential. Holding back only a tail that may begin one
     /// told the agent, by the delay, which of its guesses (echoed by a streaming upstream)
     /// were prefixes of the credential: a whole key was recovered that way a character at a
     /// time. Nor is the tail ever let go before the next frame or the end (it once went out
     /// after a 50 ms pause, and an agent that placed the credential across the upstream's
-    /// pause got it whole). No occurrence can span a line break, so a stream's events (SSE,
-    /// NDJSON), which end in one, go out at once.
+    /// pause got it whole). No occurrence can span a break, so a stream's events (SSE,
+    /// NDJSON: a line break) and binary messages (gRPC: a length prefix, protobuf tags) go
+    /// out at once, all but a run of printable text at their very end.
     pub fn push(&mut self, chunk: Bytes) -> [Bytes; 2] {
         let hold = self.longest.saturating_sub(1);
         if hold == 0 {
@@ -169,18 +177,17 @@ impl Redactor {
     }
 
     /// Where the held tail of `out` (already searched) starts: its last `hold` bytes, less
-    /// those up to the last line break among them. An occurrence that the next frame could
+    /// those up to the last break among them. An occurrence that the next frame could
     /// complete holds no break, so it starts after the last one.
     fn held_from(&self, out: &[u8], hold: usize) -> usize {
         let start = out.len().saturating_sub(hold);
-        if !self.breaks {
-            return start;
-        }
         let tail = out.get(start..).unwrap_or_default();
-        match memchr::memrchr2(b'\n', b'\r', tail) {
-            Some(i) => start + i + 1,
-            None => start,
-        }
+        let last = match self.breaks {
+            Breaks::NotPrintable => tail.iter().rposition(|&b| self.breaks.is_break(b)),
+            Breaks::LineBreaks => memchr::memrchr2(b'\n', b'\r', tail),
+            Breaks::None => None,
+        };
+        last.map_or(start, |i| start + i + 1)
     }
 
     /// Whether the held bytes and the start of `chunk` hold a needle between them (the held
@@ -410,17 +417,52 @@ mod tests {
     }
 
     #[test]
-    fn line_breaks_release_bytes_only_where_no_spelling_holds_one() {
-        assert!(redactor().breaks);
-        // `Ċ` (U+010A) is `0A 01` in UTF-16LE: that spelling could span a line break.
+    fn bytes_go_out_up_to_the_last_byte_no_spelling_holds() {
+        // A printable-ASCII value: every byte but printable ASCII, tab and NUL is a break, so
+        // a binary stream (gRPC: a length prefix, protobuf tags) is not held to its next frame.
+        let mut r = redactor();
+        assert_eq!(r.breaks, Breaks::NotPrintable);
+        let grpc = b"\x00\x00\x00\x00\x07\x08\x96\x01\x12\x02ok";
+        assert_eq!(
+            push(&mut r, grpc),
+            b"\x00\x00\x00\x00\x07\x08\x96\x01\x12\x02"
+        );
+        assert_eq!(
+            r.finish().as_ref(),
+            b"ok",
+            "printable text may begin a spelling"
+        );
+        // Never a NUL or a tab: UTF-16 spellings hold NULs, a value may hold a tab.
+        let mut r = redactor();
+        assert!(push(&mut r, b"abc\x00def\tghi").is_empty());
+        // `Ċ` (U+010A) is `0A 01` in UTF-16LE: for that value no byte is a break at all.
         let value = CredentialValue::new(Secret::new("sk-\u{10A}uni-0123456789".into()));
-        assert!(value.reflections_hold_breaks());
+        assert_eq!(value.breaks(), Breaks::None);
         let mut r = Redactor::new(Arc::new(value), None);
-        assert!(!r.breaks);
         let event = b"data: event 1\n\n";
         assert!(push(&mut r, event).is_empty(), "released at a line break");
         assert!(r.holds());
         assert_eq!(r.finish().as_ref(), event);
+        // Another non-ASCII value: line breaks only (its UTF-8 bytes may be in a spelling).
+        let value = CredentialValue::new(Secret::new("sk-\u{e9}t\u{e9}-0123456789".into()));
+        assert_eq!(value.breaks(), Breaks::LineBreaks);
+        let mut r = Redactor::new(Arc::new(value), None);
+        assert_eq!(push(&mut r, b"x\n\xc3\xa9"), b"x\n");
+    }
+
+    #[test]
+    fn no_spelling_of_a_printable_value_holds_a_break() {
+        // What `breaks_of` checks for each value, over values with every printable byte.
+        let all: String = (0x20u8..0x7f).map(char::from).collect();
+        for value in [
+            all.as_str(),
+            "sk-live-0123456789",
+            "a\tb c",
+            "~!@#$%^&*()_+{}|:<>?",
+        ] {
+            let v = CredentialValue::new(Secret::new(value.into()));
+            assert_eq!(v.breaks(), Breaks::NotPrintable, "{value:?}");
+        }
     }
 
     #[test]

@@ -123,6 +123,45 @@ async fn credential_split_across_a_long_upstream_pause_is_redacted() {
     kw.assert_no_leaks().await;
 }
 
+/// What the redactor holds back goes out up to the last byte no spelling of the credential
+/// holds: a binary stream (gRPC's length prefixes, protobuf tags) through a credentialed
+/// route is not held back to its next message, however long the upstream is quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_stream_is_not_held_back_to_its_next_message() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // One length-prefixed message (protobuf: field 1 = "ok", field 2 = 1), then the upstream
+    // keeps the stream open and says nothing more.
+    let message = b"\x00\x00\x00\x00\x06\x0a\x02ok\x10\x01".to_vec();
+    let script = ScriptUpstream::start(move |_| {
+        Reply::frames(
+            vec![chunked_head(""), chunk(&message)],
+            Duration::from_millis(100),
+        )
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let head = raw_req_at(port, "GET", "plain.test", "/reflect-auth", &task, "");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // The message's last bytes (`\x10\x01`, which no chunk framing holds) arrive while the
+    // stream is open and quiet (keyward may re-chunk a message: its bytes are not looked for
+    // whole).
+    let end = b"\x10\x01";
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(end.len()).any(|w| w == end) {
+        let n = bounded("the message, before the stream goes on", tcp.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_reflected_base64_and_percent_encoded_in_headers_and_body_is_redacted() {
     let script = ScriptUpstream::start(|req| {
