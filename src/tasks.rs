@@ -253,6 +253,10 @@ impl InFlightSlot {
     pub fn task(&self) -> &Task {
         &self.0
     }
+
+    pub fn shared_task(&self) -> Arc<Task> {
+        self.0.clone()
+    }
 }
 
 impl Drop for InFlightSlot {

@@ -4,6 +4,7 @@
 //! either a small body keyward wrote (a denial) or the upstream's body streamed frame by frame,
 //! which finishes the request's audit record when it ends or when the agent goes away.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -192,6 +193,9 @@ pub enum ProxyBody {
         /// end, and the agent, its `Content-Length` dropped for redaction, could not tell).
         declared: Option<u64>,
         received: u64,
+        /// Made when the upstream first goes quiet: ends when an operator revokes the task,
+        /// so a quiet stream is cut then, not at its next frame.
+        revoked: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     },
 }
 
@@ -229,6 +233,7 @@ impl ProxyBody {
             queued: None,
             declared,
             received: 0,
+            revoked: None,
         }
     }
 }
@@ -268,6 +273,7 @@ impl Body for ProxyBody {
                 queued,
                 declared,
                 received,
+                revoked,
             } => loop {
                 if let Some(q) = queued.take().filter(|q| !q.is_empty()) {
                     *bytes += q.len() as u64;
@@ -285,8 +291,27 @@ impl Body for ProxyBody {
                 }
                 match Pin::new(&mut *inner).poll_frame(cx) {
                     // SECURITY: what the redactor holds waits for the next frame or the end,
-                    // however long the upstream pauses (see `Redactor::push`).
-                    Poll::Pending => return Poll::Pending,
+                    // however long the upstream pauses (see `Redactor::push`). An operator's
+                    // revocation cuts the stream at once (at expiry, its next frame does).
+                    Poll::Pending => {
+                        if revoked.is_none() {
+                            let Some(task) = recorder.as_ref().and_then(Recorder::shared_task)
+                            else {
+                                return Poll::Pending;
+                            };
+                            *revoked =
+                                Some(Box::pin(async move { task.revoked_by_operator().await }));
+                        }
+                        let Some(cut) = revoked.as_mut() else {
+                            return Poll::Pending;
+                        };
+                        if cut.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        let end = crate::tasks::TaskEnd::Revoked.as_str();
+                        finish(recorder, redactor, *bytes, end);
+                        return Poll::Ready(Some(Err(end.into())));
+                    }
                     Poll::Ready(None) if declared.is_some_and(|d| d != *received) => {
                         finish(recorder, redactor, *bytes, "upstream_error");
                         return Poll::Ready(Some(Err(

@@ -265,6 +265,11 @@ impl Recorder {
         self.draft.in_flight.as_ref().map(|slot| slot.task())
     }
 
+    /// The same, shared (for a future that outlives a borrow).
+    pub fn shared_task(&self) -> Option<Arc<crate::tasks::Task>> {
+        self.draft.in_flight.as_ref().map(|slot| slot.shared_task())
+    }
+
     /// How a response that stopped before its end ended: keyward cut it at shutdown, or the
     /// agent went away.
     pub fn cut_outcome(&self) -> &'static str {

@@ -162,6 +162,59 @@ async fn a_binary_stream_is_not_held_back_to_its_next_message() {
     kw.assert_no_leaks().await;
 }
 
+/// An operator's revocation cuts a response stream the upstream is quiet on at once, not at
+/// its next frame (which may be minutes away on an event stream); its record says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_cuts_a_quiet_stream_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let script = ScriptUpstream::start(|_| {
+        Reply::frames(
+            vec![
+                chunked_head("Content-Type: text/event-stream\r\n"),
+                chunk(b"data: first\n\n"),
+                chunk(b"data: second, 3 s later\n\n"),
+            ],
+            Duration::from_secs(3),
+        )
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let head = raw_req_at(port, "GET", "plain.test", "/reflect-auth", &task, "");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: first") {
+        let n = bounded("the first event", tcp.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    kw.revoke(&task.id).await;
+    // The stream ends well before the upstream's next event would have come.
+    let rest = tokio::time::timeout(Duration::from_millis(1500), async {
+        let mut rest = Vec::new();
+        let _ = tcp.read_to_end(&mut rest).await;
+        rest
+    })
+    .await
+    .expect("the quiet stream was not cut at the revocation");
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("second"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    let rec = kw
+        .audit_where("the cut stream", |r| r["path"] == "/reflect-auth")
+        .await;
+    assert_eq!(rec["outcome"], "task_revoked", "{rec}");
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_reflected_base64_and_percent_encoded_in_headers_and_body_is_redacted() {
     let script = ScriptUpstream::start(|req| {
