@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::common::{
     basic, bounded, connect_raw, h2_send, http_response, plain_services_at, tls_services_at,
-    Fixture, Harness, Reply, ScriptUpstream,
+    Fixture, Harness, Reply, ScriptUpstream, Task,
 };
 use crate::headers::{allowed_record, h2_req, raw_req, raw_req_at, tunnel_tls_at};
 
@@ -123,77 +123,69 @@ async fn credential_split_across_a_long_upstream_pause_is_redacted() {
     kw.assert_no_leaks().await;
 }
 
+/// keyward in front of a script upstream that answers every request with `parts`, `gap`
+/// apart, then keeps the connection; a task of `bot`, and an agent connection on which it sent
+/// a credentialed GET.
+async fn stream_from(
+    parts: Vec<Vec<u8>>,
+    gap: Duration,
+) -> (ScriptUpstream, Fixture, Task, tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let script = ScriptUpstream::start(move |_| Reply::frames(parts.clone(), gap)).await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let task = f.kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = tokio::net::TcpStream::connect(f.kw.proxy_addr)
+        .await
+        .unwrap();
+    let head = raw_req_at(port, "GET", "plain.test", "/reflect-auth", &task, "");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    (script, f, task, tcp)
+}
+
+/// Reads (bounded) until what arrived holds `until`; what arrived.
+async fn read_until(tcp: &mut tokio::net::TcpStream, until: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(until.len()).any(|w| w == until) {
+        let n = bounded("the stream", tcp.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
 /// What the redactor holds back goes out up to the last byte no spelling of the credential
 /// holds: a binary stream (gRPC's length prefixes, protobuf tags) through a credentialed
 /// route is not held back to its next message, however long the upstream is quiet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_stream_is_not_held_back_to_its_next_message() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // One length-prefixed message (protobuf: field 1 = "ok", field 2 = 1), then the upstream
     // keeps the stream open and says nothing more.
     let message = b"\x00\x00\x00\x00\x06\x0a\x02ok\x10\x01".to_vec();
-    let script = ScriptUpstream::start(move |_| {
-        Reply::frames(
-            vec![chunked_head(""), chunk(&message)],
-            Duration::from_millis(100),
-        )
-    })
-    .await;
-    let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
-    let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-    let head = raw_req_at(port, "GET", "plain.test", "/reflect-auth", &task, "");
-    tcp.write_all(head.as_bytes()).await.unwrap();
+    let parts = vec![chunked_head(""), chunk(&message)];
+    let (_script, f, _task, mut tcp) = stream_from(parts, Duration::from_millis(100)).await;
     // The message's last bytes (`\x10\x01`, which no chunk framing holds) arrive while the
     // stream is open and quiet (keyward may re-chunk a message: its bytes are not looked for
     // whole).
-    let end = b"\x10\x01";
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(end.len()).any(|w| w == end) {
-        let n = bounded("the message, before the stream goes on", tcp.read(&mut buf))
-            .await
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    kw.assert_no_leaks().await;
+    read_until(&mut tcp, b"\x10\x01").await;
+    f.kw.assert_no_leaks().await;
 }
 
 /// An operator's revocation cuts a response stream the upstream is quiet on at once, not at
 /// its next frame (which may be minutes away on an event stream); its record says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_cuts_a_quiet_stream_at_once() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let script = ScriptUpstream::start(|_| {
-        Reply::frames(
-            vec![
-                chunked_head("Content-Type: text/event-stream\r\n"),
-                chunk(b"data: first\n\n"),
-                chunk(b"data: second, 3 s later\n\n"),
-            ],
-            Duration::from_secs(3),
-        )
-    })
-    .await;
-    let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    use tokio::io::AsyncReadExt;
+    let parts = vec![
+        chunked_head("Content-Type: text/event-stream\r\n"),
+        chunk(b"data: first\n\n"),
+        chunk(b"data: second, 3 s later\n\n"),
+    ];
+    let (_script, f, task, mut tcp) = stream_from(parts, Duration::from_secs(3)).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-    let head = raw_req_at(port, "GET", "plain.test", "/reflect-auth", &task, "");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("data: first") {
-        let n = bounded("the first event", tcp.read(&mut buf))
-            .await
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut tcp, b"data: first").await;
     kw.revoke(&task.id).await;
     // The stream ends well before the upstream's next event would have come.
     let rest = tokio::time::timeout(Duration::from_millis(1500), async {
