@@ -223,6 +223,11 @@ async fn handle_request(
             parts.headers.remove(http::header::IF_RANGE);
             // Apache httpd still honours the pre-RFC 2616 spelling when `Range` is absent.
             parts.headers.remove(&REQUEST_RANGE);
+            // SECURITY (I4): nor compressed inside a WebSocket (permessage-deflate): the
+            // upstream's messages are redacted too (`ws_redact`), so no extension is offered.
+            if websocket {
+                parts.headers.remove(http::header::SEC_WEBSOCKET_EXTENSIONS);
+            }
         }
     }
     drop(injected);
@@ -282,11 +287,20 @@ async fn handle_request(
                     .iter()
                     .any(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
                 let asked = agent_upgrade.filter(|_| websocket && to_websocket);
-                let Some(agent_upgrade) = asked else {
+                // SECURITY (I4): an extension keyward did not offer (it offers none on a
+                // credentialed upgrade) could hide a message from the redactor.
+                let unoffered = redactor.is_some()
+                    && resp
+                        .headers()
+                        .contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS);
+                let Some(agent_upgrade) = asked.filter(|_| !unoffered) else {
                     // An upgrade nobody asked for is a broken upstream, not something to relay.
                     let service = draft.rec.service.clone().unwrap_or_default();
                     state.metrics.upstream_error(&service, "protocol");
-                    draft.rec.outcome = Some("unexpected_upgrade");
+                    draft.rec.outcome = Some(match unoffered && websocket && to_websocket {
+                        true => "websocket_extension",
+                        false => "unexpected_upgrade",
+                    });
                     let resp = respond::failure(
                         Failure::BadUpstreamAnswer,
                         draft.request_id(),
@@ -305,6 +319,7 @@ async fn handle_request(
                 let slot = ctx.slot.clone();
                 let shutdown = state.shutdown_signal();
                 let task = task.clone();
+                let redactor = redactor.take();
                 // The agent's connection lives on as the relay (its HTTP serving has ended):
                 // still counted as open, under the kind it came as.
                 let open = state.metrics.connection_opened(match ctx.tunnel {
@@ -317,7 +332,15 @@ async fn handle_request(
                     .and_then(|t| t.relay.clone().try_acquire_owned().ok());
                 tokio::spawn(async move {
                     let (_slot, _open, _in_tunnel) = (slot, open, in_tunnel);
-                    upgrade::relay(agent_upgrade, upstream_upgrade, recorder, &task, shutdown).await
+                    upgrade::relay(
+                        agent_upgrade,
+                        upstream_upgrade,
+                        recorder,
+                        &task,
+                        shutdown,
+                        redactor,
+                    )
+                    .await
                 });
                 let mut out = Response::new(ProxyBody::empty());
                 *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;

@@ -2,7 +2,8 @@
 //!
 //! Modules in the order a request meets them: `conn` (one connection) → `handle` (the flow) →
 //! `identify` (target) → `connect` (CONNECT, tunnels, interception) → `forward` (upstream) →
-//! `respond` (refusals and failures as responses) → `record` (audit + metrics) → `body`.
+//! `respond` (refusals and failures as responses) → `record` (audit + metrics) → `body`;
+//! `upgrade` and `ws_redact` relay WebSocket upgrades.
 
 pub mod body;
 pub mod conn;
@@ -15,6 +16,7 @@ pub mod record;
 pub mod redact;
 pub mod respond;
 pub mod upgrade;
+pub mod ws_redact;
 
 use std::sync::Arc;
 use std::time::Duration;

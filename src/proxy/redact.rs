@@ -212,6 +212,14 @@ impl Redactor {
         }
     }
 
+    /// `hay`, a piece that is complete in itself (a WebSocket control frame's payload), with
+    /// every occurrence replaced and counted; `None` when it holds none.
+    pub fn whole(&mut self, hay: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let (out, n) = self.replace_all(hay)?;
+        self.found += n;
+        Some(out)
+    }
+
     /// Whether bytes are held back (until the next frame or the end).
     #[cfg(test)]
     fn holds(&self) -> bool {

@@ -1,7 +1,8 @@
 //! WebSocket upgrades: the only upgrade keyward relays (never `h2c` or others), decided like
 //! any request, and relayed only after the upstream really answered `101 Switching Protocols`.
-//! Frames are relayed opaquely once both sides have switched, by `splice`, which passthrough
-//! tunnels use too.
+//! Once both sides have switched, bytes are copied both ways by `splice`, which passthrough
+//! tunnels use too; when a credential was injected, the upstream's frames are read and
+//! redacted on the way (`ws_redact`).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 
 use crate::proxy::record::Recorder;
+use crate::proxy::redact::Redactor;
+use crate::proxy::ws_redact::{RedactedReads, Seen};
 use crate::tasks::{Task, TaskEnd};
 
 /// Whether the agent asks for a WebSocket upgrade in the one form that is relayed:
@@ -51,31 +54,40 @@ pub fn mark_upgrade(headers: &mut HeaderMap) {
 }
 
 /// Relays bytes between the agent and the upstream once both upgrades complete, then finishes
-/// the request's audit record with the byte counts.
+/// the request's audit record with the byte counts. With a `redactor` (a credential was
+/// injected), the upstream's messages reach the agent redacted (`ws_redact`).
 pub async fn relay(
     agent: OnUpgrade,
     upstream: OnUpgrade,
     recorder: Recorder,
     task: &Task,
     shutdown: watch::Receiver<bool>,
+    redactor: Option<Box<Redactor>>,
 ) {
     let (agent, upstream) = match tokio::join!(agent, upstream) {
-        (Ok(a), Ok(u)) => (a, u),
+        (Ok(a), Ok(u)) => (TokioIo::new(a), TokioIo::new(u)),
         _ => return recorder.complete(0, "upgrade_failed", 0),
     };
-    let spliced = splice(
-        TokioIo::new(agent),
-        TokioIo::new(upstream),
-        task,
-        shutdown,
-        None,
-    )
-    .await;
-    let outcome = match spliced.ended {
+    let Some(redactor) = redactor else {
+        let spliced = splice(agent, upstream, task, shutdown, None).await;
+        return recorder.complete_relay(spliced.from_a, spliced.from_b, outcome(&spliced), 0);
+    };
+    let seen = Arc::new(Seen::default());
+    let upstream = RedactedReads::new(upstream, redactor, seen.clone());
+    let spliced = splice(agent, upstream, task, shutdown, None).await;
+    let outcome = match seen.broken.load(Ordering::Relaxed) {
+        true => "websocket_protocol_error",
+        false => outcome(&spliced),
+    };
+    let found = seen.found.load(Ordering::Relaxed);
+    recorder.complete_relay(spliced.from_a, spliced.from_b, outcome, found);
+}
+
+fn outcome(spliced: &Spliced) -> &'static str {
+    match spliced.ended {
         Ended::Closed => "completed",
         other => other.as_str(),
-    };
-    recorder.complete_relay(spliced.from_a, spliced.from_b, outcome, 0);
+    }
 }
 
 /// How a splice ended.

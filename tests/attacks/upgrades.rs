@@ -140,15 +140,35 @@ async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     }
     let switched = answer.starts_with("HTTP/1.1 101");
     let mut buf = [0u8; 4096];
+    let mut pending = Vec::new();
     while let Ok(n) = tcp.read(&mut buf).await {
         if n == 0 {
             break;
         }
         after.lock().unwrap().extend_from_slice(&buf[..n]);
-        if switched && tcp.write_all(&buf[..n]).await.is_err() {
+        pending.extend_from_slice(&buf[..n]);
+        if switched && tcp.write_all(&echo_frames(&mut pending)).await.is_err() {
             break;
         }
     }
+}
+
+/// What a WebSocket server echoes for the client frames in `pending` (short ones: the tests
+/// send no other): each whole masked frame, unmasked; the rest stays pending.
+fn echo_frames(pending: &mut Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    while pending.len() >= 6 {
+        let len = usize::from(pending[1] & 0x7f);
+        assert!(len < 126 && pending[1] & 0x80 != 0, "a short masked frame");
+        if pending.len() < 6 + len {
+            break;
+        }
+        let mask = [pending[2], pending[3], pending[4], pending[5]];
+        out.extend([pending[0], len as u8]);
+        out.extend((0..len).map(|i| pending[6 + i] ^ mask[i % 4]));
+        pending.drain(..6 + len);
+    }
+    out
 }
 
 const SWITCH_WS: &str = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
@@ -158,13 +178,19 @@ const OK_200: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Len
 const BAD_400: &str =
     "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nno\n";
 
-/// A masked WebSocket text frame ("hello").
+/// A masked WebSocket text frame ("Hello", RFC 6455 §5.7), as a client sends it.
 const FRAME: &[u8] = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58";
+/// The same frame as a server sends it back (unmasked).
+const ECHO: &[u8] = b"\x81\x05Hello";
 
 /// The standard fixture plus service `ws.test` on the scripted upstream, with capability
 /// `ws.socket` (`GET /socket`) held by agent `wsbot`.
 async fn fixture_with(up: &Scripted) -> Fixture {
-    let port = up.port();
+    fixture_on(up.port()).await
+}
+
+/// The same with service `ws.test` on the upstream at `port`.
+async fn fixture_on(port: u16) -> Fixture {
     let services = format!(
         r#"  ws:
     hosts: [ws.test]
@@ -227,11 +253,11 @@ async fn websocket_is_relayed_only_after_a_real_101() {
     assert!(!head.contains("proxy-authorization"), "{head}");
     // Frames flow both ways once both sides switched.
     bounded("write frame", tcp.write_all(FRAME)).await.unwrap();
-    let mut back = vec![0u8; FRAME.len()];
+    let mut back = vec![0u8; ECHO.len()];
     bounded("read echo", tcp.read_exact(&mut back))
         .await
         .unwrap();
-    assert_eq!(back, FRAME);
+    assert_eq!(back, ECHO);
     // The relay is the agent's connection, still open (it holds a place under
     // max_connections, so the gauge must show it).
     const OPEN: &str = "keyward_connections_open{kind=\"http\"}";
@@ -595,11 +621,11 @@ async fn websocket_inside_a_tunnel_is_relayed_only_after_a_real_101() {
         bounded("write frame", tls.write_all(FRAME)).await.unwrap();
         bounded("flush", tls.flush()).await.unwrap();
         if status == 101 {
-            let mut back = vec![0u8; FRAME.len()];
+            let mut back = vec![0u8; ECHO.len()];
             bounded("read echo", tls.read_exact(&mut back))
                 .await
                 .unwrap();
-            assert_eq!(back, FRAME);
+            assert_eq!(back, ECHO);
             // The tunnel is still open, as the relay: its record waits for its end.
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             let tunnel = |r: &serde_json::Value| r["method"] == "CONNECT" && r["service"] == "wss";
@@ -632,5 +658,232 @@ async fn websocket_inside_a_tunnel_is_relayed_only_after_a_real_101() {
         r["status"] == 200 && r["service"] == "wsok"
     })
     .await;
+    kw.assert_no_leaks().await;
+}
+
+/// An upstream for one WebSocket connection: reads the upgrade's head (sent on `head`), then
+/// hands the connection to `then`.
+async fn ws_upstream<F, Fut>(then: F) -> (u16, tokio::sync::oneshot::Receiver<String>)
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(bounded("ws upstream", async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(tcp.read(&mut b).await.unwrap(), 1);
+            head.push(b[0]);
+        }
+        let _ = head_tx.send(String::from_utf8_lossy(&head).into_owned());
+        then(tcp).await;
+    }));
+    (port, head_rx)
+}
+
+/// A server's (unmasked) frame.
+fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    match u8::try_from(payload.len()) {
+        Ok(n) if n < 126 => f.push(n),
+        _ => {
+            f.push(126);
+            f.extend(u16::try_from(payload.len()).unwrap().to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads server frames until the connection closes: (fin, opcode, payload) each.
+async fn read_frames(tcp: &mut TcpStream) -> Vec<(bool, u8, Vec<u8>)> {
+    let mut wire = Vec::new();
+    let _ = bounded("read frames", tcp.read_to_end(&mut wire)).await;
+    let mut frames = Vec::new();
+    let mut rest = &wire[..];
+    while rest.len() >= 2 {
+        assert!(rest[1] & 0x80 == 0, "an unmasked frame");
+        let (len, at) = match rest[1] & 0x7f {
+            126 => (usize::from(u16::from_be_bytes([rest[2], rest[3]])), 4),
+            127 => panic!("a frame under 64 KiB"),
+            n => (usize::from(n), 2),
+        };
+        frames.push((
+            rest[0] & 0x80 != 0,
+            rest[0] & 0x0f,
+            rest[at..at + len].to_vec(),
+        ));
+        rest = &rest[at + len..];
+    }
+    assert!(rest.is_empty(), "a cut frame: {rest:?}");
+    frames
+}
+
+/// SECURITY (I4): an upstream that echoes the upgrade's credential in WebSocket messages —
+/// split across a pause, in a ping, in the close frame's reason — hands the agent
+/// `[redacted]`, not the credential; the message streams (its first part arrives before the
+/// upstream sends the rest), and the agent's offer of compression is not passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_reflected_in_websocket_messages_is_redacted() {
+    let secret: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let s = secret.clone();
+    let (port, head) = ws_upstream(move |mut tcp| async move {
+        tcp.write_all(SWITCH_WS.as_bytes()).await.unwrap();
+        let key = s.lock().unwrap().clone();
+        let mut text = b"echo: Bearer ".to_vec();
+        text.extend_from_slice(&key);
+        text.extend_from_slice(b" done");
+        let (first, second) = text.split_at(13 + key.len() / 2);
+        // One message in two frames, the credential across them and across a pause.
+        let mut prefix = "x".repeat(400).into_bytes();
+        prefix.extend_from_slice(first);
+        tcp.write_all(&server_frame(false, 1, &prefix))
+            .await
+            .unwrap();
+        go_rx.await.unwrap();
+        tcp.write_all(&server_frame(true, 9, &key)).await.unwrap();
+        tcp.write_all(&server_frame(true, 0, second)).await.unwrap();
+        let mut close = 1008u16.to_be_bytes().to_vec();
+        close.extend_from_slice(&key);
+        tcp.write_all(&server_frame(true, 8, &close)).await.unwrap();
+    })
+    .await;
+    let f = fixture_on(port).await;
+    let kw = &f.kw;
+    *secret.lock().unwrap() = f.creds.api_token.as_bytes().to_vec();
+    let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+    let offer =
+        format!("{WS}Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n");
+    let (mut tcp, resp) =
+        send_head(kw, &upgrade_request(port, "GET", "/socket", &task, &offer)).await;
+    assert_eq!(resp.status, 101, "{}", resp.text());
+    let head = head.await.unwrap().to_ascii_lowercase();
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(!head.contains("sec-websocket-extensions"), "{head}");
+    // The message's first frame arrives while the upstream still holds the rest back.
+    let mut first = [0u8; 4];
+    bounded("first fragment", tcp.read_exact(&mut first))
+        .await
+        .unwrap();
+    assert_eq!(
+        first[..2],
+        [0x01, 126],
+        "a text frame that is not the message's last"
+    );
+    let mut payload = vec![0u8; usize::from(u16::from_be_bytes([first[2], first[3]]))];
+    bounded("first fragment", tcp.read_exact(&mut payload))
+        .await
+        .unwrap();
+    // (All but what the redactor holds back: less than the longest spelling.)
+    assert!(
+        payload.len() > 200 && payload.iter().all(|&b| b == b'x'),
+        "{payload:?}"
+    );
+    go_tx.send(()).unwrap();
+    let mut frames = vec![(false, 1, payload)];
+    frames.extend(read_frames(&mut tcp).await);
+    let key = f.creds.api_token.as_bytes();
+    for (_, _, payload) in &frames {
+        assert!(
+            !payload.windows(key.len()).any(|w| w == key),
+            "a frame carries the credential"
+        );
+    }
+    let text: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.1 < 8)
+        .flat_map(|f| f.2.clone())
+        .collect();
+    let mut want = "x".repeat(400).into_bytes();
+    want.extend_from_slice(b"echo: Bearer [redacted] done");
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        String::from_utf8_lossy(&want)
+    );
+    let ops: Vec<(bool, u8)> = frames.iter().map(|f| (f.0, f.1)).collect();
+    assert_eq!(
+        ops.iter().filter(|o| o.1 == 0).count(),
+        ops.len() - 3,
+        "{ops:?}"
+    );
+    assert!(
+        ops.contains(&(true, 9)) && ops.contains(&(true, 8)),
+        "{ops:?}"
+    );
+    assert!(ops.iter().rfind(|o| o.1 < 8).unwrap().0, "{ops:?}");
+    let ping = frames.iter().find(|f| f.1 == 9).unwrap();
+    assert_eq!(ping.2, b"[redacted]");
+    let close = frames.iter().find(|f| f.1 == 8).unwrap();
+    assert_eq!(close.2, b"\x03\xf0[redacted]");
+    drop(tcp);
+    let rec = kw
+        .audit_where("the websocket", |r| r["status"] == 101)
+        .await;
+    crate::common::assert_record(&rec);
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+    assert_eq!(
+        kw.metric_settled("keyward_secrets_redacted_total{service=\"ws\"}", 3.0)
+            .await,
+        Some(3.0)
+    );
+    kw.assert_no_leaks().await;
+}
+
+/// An upstream whose frames keyward cannot read for redaction (a masked frame, a compressed
+/// one) ends the relay, recorded as such; one that agrees to an extension keyward did not
+/// offer gets no relay at all (502).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_frames_keyward_cannot_redact_end_the_relay() {
+    for (frame, label) in [
+        (FRAME.to_vec(), "masked"),
+        (vec![0xc1, 0x01, b'x'], "compressed"),
+    ] {
+        let (port, _head) = ws_upstream(move |mut tcp| async move {
+            tcp.write_all(SWITCH_WS.as_bytes()).await.unwrap();
+            tcp.write_all(&server_frame(true, 1, b"fine"))
+                .await
+                .unwrap();
+            tcp.write_all(&frame).await.unwrap();
+            // Held open: keyward, not the upstream, ends the relay.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        })
+        .await;
+        let f = fixture_on(port).await;
+        let kw = &f.kw;
+        let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+        let (mut tcp, resp) =
+            send_head(kw, &upgrade_request(port, "GET", "/socket", &task, WS)).await;
+        assert_eq!(resp.status, 101, "{label}: {}", resp.text());
+        let mut wire = Vec::new();
+        bounded("keyward closes", tcp.read_to_end(&mut wire))
+            .await
+            .unwrap();
+        assert_eq!(wire, server_frame(true, 1, b"fine"), "{label}");
+        let rec = kw
+            .audit_where("the websocket", |r| r["status"] == 101)
+            .await;
+        assert_eq!(rec["outcome"], "websocket_protocol_error", "{label}: {rec}");
+    }
+
+    let switch_deflate = SWITCH_WS.replace(
+        "\r\n\r\n",
+        "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+    );
+    let up = Scripted::start(&switch_deflate).await;
+    let f = fixture_with(&up).await;
+    let kw = &f.kw;
+    let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+    let (_tcp, resp) =
+        send_head(kw, &upgrade_request(up.port(), "GET", "/socket", &task, WS)).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let rec = kw
+        .audit_where("the refused upgrade", |r| r["status"] == 502)
+        .await;
+    assert_eq!(rec["outcome"], "websocket_extension", "{rec}");
     kw.assert_no_leaks().await;
 }
