@@ -138,7 +138,9 @@ where
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(128)
+        // A tunnel is one task's: more streams than it may have in flight would only be
+        // refused (429), so an HTTP/2 client is told to queue them instead.
+        .max_concurrent_streams(settings.max_task_in_flight.min(128))
         .max_header_list_size(settings.max_header_bytes.max(8192) as u32)
         .max_pending_accept_reset_streams(32)
         .keep_alive_interval(Some(Duration::from_secs(30)));

@@ -580,8 +580,10 @@ async fn http2_concurrent_streams_are_capped_per_connection() {
     .await
     .unwrap();
     assert_eq!(resp.status(), 200);
+    // As many as the tunnel's task may have in flight (default 64): a client that keeps to
+    // it never meets the 429 for too many at once.
     let cap = conn.max_concurrent_send_streams();
-    assert!(cap > 0 && cap <= 128, "max_concurrent_streams = {cap}");
+    assert_eq!(cap, 64, "max_concurrent_streams");
     kw.assert_no_leaks().await;
 }
 
