@@ -21,12 +21,30 @@ pub struct PolicyError {
 
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        escaped(f, &self.file)?;
+        write!(f, ":{}:{}: ", self.line, self.column)?;
         if !self.key_path.is_empty() {
-            write!(f, "{}: ", self.key_path)?;
+            escaped(f, &self.key_path)?;
+            f.write_str(": ")?;
         }
-        f.write_str(&self.message)
+        escaped(f, &self.message)
     }
+}
+
+/// `text` with control characters written as `\u{..}`: a key (or a name it suggests) may spell
+/// one with a YAML escape, and a raw line break or terminal sequence would break the
+/// one-line-per-error output, or forge a line in keyward's log.
+fn escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    for part in text.split_inclusive(char::is_control) {
+        match part.char_indices().last() {
+            Some((at, c)) if c.is_control() => {
+                f.write_str(&part[..at])?;
+                write!(f, "\\u{{{:x}}}", u32::from(c))?;
+            }
+            _ => f.write_str(part)?,
+        }
+    }
+    Ok(())
 }
 
 impl std::error::Error for PolicyError {}
@@ -135,6 +153,20 @@ mod tests {
         assert_eq!(
             all.to_string(),
             "policy.yaml:2:9: first\npolicy.yaml:7:3: proxy.listen: second"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_keys_are_escaped_so_each_error_stays_one_line() {
+        let mut errs = Errors::new("p.yaml");
+        errs.push(
+            Pos::new(4, 3),
+            "capabilities.x\u{1b}[31mRED\ny",
+            "unknown key `x\u{1b}[31mRED\ny`; did you mean `é\u{85}`?",
+        );
+        assert_eq!(
+            errs.finish().to_string(),
+            "p.yaml:4:3: capabilities.x\\u{1b}[31mRED\\u{a}y: unknown key `x\\u{1b}[31mRED\\u{a}y`; did you mean `é\\u{85}`?"
         );
     }
 

@@ -315,8 +315,9 @@ fn read_audit(field: Option<Field<'_>>, base_dir: &Path, errs: &mut Errors) -> A
 /// `env:NAME`, `file:PATH` or `{exec: [argv...]}`. Anything else is taken for a literal secret.
 fn secret_source(field: Field<'_>, base_dir: &Path, errs: &mut Errors) -> Option<SecretSource> {
     match field.node {
-        Node::Scalar(s) => {
-            let text = s.as_str();
+        Node::Scalar(_) => {
+            // (Says only which control character, never the text: it may be a secret.)
+            let text = field.string(errs)?.value;
             if let Some(name) = text.strip_prefix("env:") {
                 if values::check_env_name(name) {
                     return Some(SecretSource::Env(name.to_owned()));
@@ -353,15 +354,22 @@ fn secret_source(field: Field<'_>, base_dir: &Path, errs: &mut Errors) -> Option
                     key_pos: exec.key_pos,
                     path: &path,
                 };
-                argv.push(item.text(errs, true)?.value);
+                // (An argument may hold a line break, a command's name may not.)
+                argv.push(item.text(errs, i > 0)?.value);
             }
-            if argv.is_empty() {
+            let Some(command) = argv.first_mut() else {
                 errs.push(
                     exec.key_pos,
                     exec.path,
                     "`exec` must name a command: `{exec: [command, args...]}`",
                 );
                 return None;
+            };
+            // A command with a `/` in it is a path, and a relative one is the policy's
+            // neighbour (like every other path in the file), not the working directory's:
+            // keyward may start anywhere (`/` in a container). A bare name is looked up in PATH.
+            if command.contains('/') {
+                *command = base_dir.join(&*command).to_string_lossy().into_owned();
             }
             Some(SecretSource::Exec { argv })
         }
@@ -508,7 +516,48 @@ fn read_agent(name: Located<String>, field: Field<'_>, errs: &mut Errors) -> Opt
 
 #[cfg(test)]
 mod tests {
-    use crate::policy::testing::{errors, ADMIN};
+    use crate::policy::model::SecretSource;
+    use crate::policy::testing::{errors, ok, ADMIN};
+
+    #[test]
+    fn an_exec_command_with_a_slash_is_the_policy_files_neighbour() {
+        let p = ok(&format!(
+            "{ADMIN}credentials:\n  a: {{source: {{exec: [./get.sh, x]}}}}\n  b: {{source: {{exec: [bin/get, y]}}}}\n  c: {{source: {{exec: [/usr/bin/get]}}}}\n  d: {{source: {{exec: [vault, kv]}}}}\n"
+        ));
+        let argv: Vec<_> = p
+            .credentials
+            .iter()
+            .map(|c| match &c.source {
+                SecretSource::Exec { argv } => argv.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(argv[0], ["/etc/keyward/./get.sh", "x"]);
+        assert_eq!(argv[1], ["/etc/keyward/bin/get", "y"]);
+        assert_eq!(argv[2], ["/usr/bin/get"]);
+        // A bare name is looked up in PATH when it runs.
+        assert_eq!(argv[3], ["vault", "kv"]);
+    }
+
+    #[test]
+    fn escaped_control_characters_in_sources_are_refused() {
+        for (source, at) in [
+            (r#""file:/a\0b""#, "credentials.a.source"),
+            (r#""env:A\nB""#, "credentials.a.source"),
+            (r#"{exec: ["get\nit"]}"#, "credentials.a.source.exec[0]"),
+        ] {
+            let errs = errors(&format!("{ADMIN}credentials:\n  a: {{source: {source}}}\n"));
+            assert_eq!(errs.len(), 1, "{source}: {errs:?}");
+            assert!(
+                errs[0].contains(&format!("{at}: must not contain control characters")),
+                "{source}: {errs:?}"
+            );
+        }
+        // An argument may hold a line break (a script for `sh -c`).
+        ok(&format!(
+            "{ADMIN}credentials:\n  a: {{source: {{exec: [sh, -c, \"echo a\\necho b\"]}}}}\n"
+        ));
+    }
 
     #[test]
     fn unknown_keys_everywhere() {
