@@ -66,20 +66,32 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     http::header::UPGRADE,
 ];
 
-/// Whether a response body is content- or transfer-coded with anything but `identity` and
-/// `chunked` (so its bytes are not the bytes the redactor would need to see).
+/// Whether a response body may reach the agent as other bytes than its content: content-coded
+/// with anything but `identity`, or transfer-coded with anything but `chunked` alone (so its
+/// bytes are not the bytes the redactor would need to see).
+///
+/// SECURITY (I4): `chunked` must be the only transfer coding, not merely one of them. With
+/// `chunked, identity` (or two headers saying so) the body is read to the connection's close
+/// with its chunk framing left in: a credential split over two chunks reaches the agent as
+/// two halves with a chunk-size line between them, which it can strip.
 pub fn is_encoded(headers: &HeaderMap) -> bool {
-    [
-        http::header::CONTENT_ENCODING,
-        http::header::TRANSFER_ENCODING,
-    ]
-    .iter()
-    .flat_map(|h| headers.get_all(h).iter())
-    .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-    .map(|c| c.trim_ascii())
-    .any(|c| {
-        !c.is_empty() && !c.eq_ignore_ascii_case(b"identity") && !c.eq_ignore_ascii_case(b"chunked")
-    })
+    let codings = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(<[u8]>::trim_ascii)
+            .filter(|c| !c.is_empty())
+    };
+    let content_coded =
+        codings(http::header::CONTENT_ENCODING).any(|c| !c.eq_ignore_ascii_case(b"identity"));
+    let mut transfer = codings(http::header::TRANSFER_ENCODING);
+    let transfer_coded = match (transfer.next(), transfer.next()) {
+        (None, _) => false,
+        (Some(only), None) => !only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => true,
+    };
+    content_coded || transfer_coded
 }
 
 /// A response's `Content-Length`, when it has exactly one that is a number.
@@ -217,5 +229,15 @@ mod tests {
         ]));
         assert!(with(&[("transfer-encoding", "gzip, chunked")]));
         assert!(with(&[("content-encoding", "IDENTITY, deflate")]));
+        // `chunked` must be the only transfer coding (else the body is read to the close with
+        // its chunk lines in it).
+        assert!(!with(&[("transfer-encoding", "Chunked")]));
+        assert!(with(&[("transfer-encoding", "chunked, identity")]));
+        assert!(with(&[("transfer-encoding", "identity")]));
+        assert!(with(&[("transfer-encoding", "chunked, chunked")]));
+        assert!(with(&[
+            ("transfer-encoding", "chunked"),
+            ("transfer-encoding", "identity")
+        ]));
     }
 }

@@ -551,6 +551,50 @@ async fn credential_reflected_inside_a_compressed_body_never_reaches_the_agent()
     kw.assert_no_leaks().await;
 }
 
+/// SECURITY (I4): `Transfer-Encoding: chunked, identity` (or `chunked` and `identity` in two
+/// headers) makes the body run to the connection's close with its chunk lines left in; a
+/// credential echoed over two chunks would reach the agent as two halves around a chunk-size
+/// line. `chunked` must be the only transfer coding of a credentialed response: else 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_split_over_chunks_of_a_body_read_to_its_close_never_reaches_the_agent() {
+    let script = ScriptUpstream::start(|req| {
+        let echo = injected(req);
+        let (a, b) = echo.split_at(echo.len() / 2);
+        let codings = if req.request_line().contains("two-headers") {
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity"
+        } else {
+            "Transfer-Encoding: chunked, identity"
+        };
+        let mut out =
+            format!("HTTP/1.1 200 OK\r\n{codings}\r\nConnection: close\r\n\r\n").into_bytes();
+        out.extend(chunk(a.as_bytes()));
+        out.extend(chunk(b.as_bytes()));
+        out.extend(b"0\r\n\r\n");
+        Reply::bytes(out)
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let key = &f.creds.api_token;
+    let half = &key[..key.len() / 2];
+    for path in ["/reflect-auth?one-header", "/reflect-auth?two-headers"] {
+        let resp = kw
+            .raw(&raw_req_at(port, "GET", "plain.test", path, &task, ""))
+            .await;
+        assert_eq!(resp.status, 502, "{path}: {}", resp.text());
+        assert!(
+            !resp.text().contains(half),
+            "{path}: part of the credential reached the agent"
+        );
+        let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
+        assert_eq!(rec["outcome"], "encoded_response", "{rec}");
+    }
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_credential_sent_by_the_agent_in_any_spelling_is_secret_egress() {
     let f = Fixture::start().await;
