@@ -178,6 +178,9 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if let Some(code) = parts.headers.keys().find_map(|k| override_code(k.as_str())) {
         return Err(ambiguous(code));
     }
+    if parts.headers.keys().any(|k| framing_lookalike(k.as_str())) {
+        return Err(ambiguous("framing_lookalike"));
+    }
     if !plain_chunked(&parts.headers) {
         return Err(ambiguous("transfer_coding"));
     }
@@ -341,6 +344,22 @@ fn override_code(name: &str) -> Option<&'static str> {
                 .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'));
         same.then_some(code)
     })
+}
+
+/// Whether `name` is `Content-Length` or `Transfer-Encoding` with `_` for `-`. SECURITY: a
+/// server that reads `_` as `-` (CGI-style, as some do for every header) frames the body by
+/// it, keyward and the parser do not: the body would be read two ways, and what the upstream
+/// takes for the rest of it (or the next request) would be the task's next credentialed
+/// request on that connection.
+fn framing_lookalike(name: &str) -> bool {
+    const FRAMING: [&str; 2] = ["content-length", "transfer-encoding"];
+    name.contains('_')
+        && FRAMING.iter().any(|f| {
+            f.len() == name.len()
+                && f.bytes()
+                    .zip(name.bytes())
+                    .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
+        })
 }
 
 /// Whether the request's transfer coding, if any, is `chunked` alone. With another coding
