@@ -135,13 +135,26 @@ fn names_loopback<B>(req: &Request<B>) -> bool {
     let Ok(host) = std::str::from_utf8(host) else {
         return false;
     };
-    let name = match host.strip_prefix('[') {
+    let (name, port) = match host.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
-            Some((ip, port)) if port.is_empty() || port.starts_with(':') => ip,
-            _ => return false,
+            Some((ip, "")) => (ip, ""),
+            Some((ip, port)) => match port.strip_prefix(':') {
+                Some(port) => (ip, port),
+                None => return false,
+            },
+            None => return false,
         },
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+        None => host.split_once(':').unwrap_or((host, "")),
     };
+    // The port must be a port (or empty, as RFC 3986 allows): `127.0.0.1:80@evil.example`
+    // names no loopback host, whatever its start says.
+    if !port.is_empty()
+        && !(port.len() <= 5
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p > 0))
+    {
+        return false;
+    }
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     // `0.0.0.0` and `[::]` reach this machine only (a person typing the wildcard address).
     name == "localhost"
@@ -235,6 +248,7 @@ mod tests {
             "[::ffff:127.0.0.1]:8481",
             "0.0.0.0:8481",
             "[::]:8481",
+            "localhost:",
         ] {
             assert!(names_loopback(&with_hosts(&[ok])), "{ok}");
         }
@@ -249,6 +263,15 @@ mod tests {
             "[::1]x",
             "[::1",
             "",
+            "127.0.0.1:evil.example",
+            "localhost:x.evil.example",
+            "127.0.0.1:80@evil.example",
+            "[::1]:x@evil.example",
+            "localhost:99999999",
+            "localhost:0",
+            "localhost:+80",
+            "localhost:80:80",
+            "::1",
         ] {
             assert!(!names_loopback(&with_hosts(&[bad])), "{bad}");
         }
