@@ -1,7 +1,7 @@
 //! The command line (SPEC §6): parses arguments and dispatches. No business logic here.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand};
 use http::Method;
@@ -172,6 +172,15 @@ pub struct AdminArgs {
     /// Admin API base URL.
     #[arg(long, default_value = "http://127.0.0.1:8481")]
     admin: String,
+    /// Seconds to wait for the admin API's answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+}
+
+impl AdminArgs {
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
 }
 
 #[derive(Subcommand)]
@@ -768,9 +777,16 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             if let Some(t) = task {
                 body["task"] = t.into();
             }
-            let out = client::call(&admin.admin, &token, Method::POST, "/v1/tasks", Some(body))
-                .await
-                .map_err(fail)?;
+            let out = client::call(
+                &admin.admin,
+                admin.timeout(),
+                &token,
+                Method::POST,
+                "/v1/tasks",
+                Some(body),
+            )
+            .await
+            .map_err(fail)?;
             let url = out["proxy_url"].as_str().unwrap_or_default();
             out!(
                 "# task {} expires {}",
@@ -782,9 +798,16 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             Ok(())
         }
         TaskCommand::List { admin } => {
-            let out = client::call(&admin.admin, &token, Method::GET, "/v1/tasks", None)
-                .await
-                .map_err(fail)?;
+            let out = client::call(
+                &admin.admin,
+                admin.timeout(),
+                &token,
+                Method::GET,
+                "/v1/tasks",
+                None,
+            )
+            .await
+            .map_err(fail)?;
             let empty = Vec::new();
             let Some(tasks) = out["tasks"].as_array() else {
                 return Err(Failure::user(format!(
@@ -872,6 +895,7 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             }
             client::call(
                 &admin.admin,
+                admin.timeout(),
                 &token,
                 Method::DELETE,
                 &format!("/v1/tasks/{id}"),

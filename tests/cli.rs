@@ -778,6 +778,38 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
     }
 }
 
+/// An admin listener that accepts and never answers (its places all held, say) does not hang
+/// `keyward task`: it gives up after `--timeout` with one sentence, exit 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_commands_give_up_on_an_admin_api_that_never_answers() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = silent.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            open.push(tcp);
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = task_cmd(
+        &admin,
+        "whatever",
+        &["revoke", "TICKET-1", "--timeout", "1"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the admin API at http://{admin} did not answer within 1 s"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    held.abort();
+}
+
 /// `keyward audit verify` checks the files keyward wrote: a whole chain is ok (with its last
 /// hash, to keep elsewhere); an edited or removed record is named by its line; exit 1.
 #[cfg(unix)]

@@ -1,5 +1,7 @@
 //! The CLI's client of the admin API (`keyward task mint|list|revoke`).
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -17,12 +19,29 @@ pub enum ClientError {
     Unreachable(String),
     #[error("KEYWARD_ADMIN_TOKEN cannot be sent in a header (it has a control character)")]
     BadToken,
+    #[error("the admin API at {0} did not answer within {1} s")]
+    TimedOut(String, u64),
     #[error("the admin API answered {status}: {body}")]
     Refused { status: StatusCode, body: String },
 }
 
-/// Sends one request with the admin token and returns the JSON body of a 2xx answer.
+/// Sends one request with the admin token and returns the JSON body of a 2xx answer, if it
+/// comes within `timeout` (an admin listener whose places are all held must not hang the
+/// operator's `task revoke` without a word).
 pub async fn call(
+    admin: &str,
+    timeout: Duration,
+    token: &Secret,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, ClientError> {
+    tokio::time::timeout(timeout, exchange(admin, token, method, path, body))
+        .await
+        .unwrap_or_else(|_| Err(ClientError::TimedOut(admin.to_string(), timeout.as_secs())))
+}
+
+async fn exchange(
     admin: &str,
     token: &Secret,
     method: Method,
