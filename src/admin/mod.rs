@@ -148,11 +148,12 @@ fn names_loopback<B>(req: &Request<B>) -> bool {
     };
     // The port must be a port (or empty, as RFC 3986 allows): `127.0.0.1:80@evil.example`
     // names no loopback host, whatever its start says.
-    if !port.is_empty()
-        && !(port.len() <= 5
-            && port.bytes().all(|b| b.is_ascii_digit())
-            && port.parse::<u16>().is_ok_and(|p| p > 0))
-    {
+    let is_port = |p: &str| {
+        p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u16>().is_ok_and(|n| n > 0)
+    };
+    if !port.is_empty() && !is_port(port) {
         return false;
     }
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
