@@ -21,6 +21,8 @@ pub const CONNECTIONS_OPEN: &str = "keyward_connections_open";
 pub const TLS_LEAF_CERTS_ISSUED_TOTAL: &str = "keyward_tls_leaf_certs_issued_total";
 pub const POLICY_RELOADS_TOTAL: &str = "keyward_policy_reloads_total";
 pub const SECRETS_REDACTED_TOTAL: &str = "keyward_secrets_redacted_total";
+/// The `kind` label of `keyward_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 5] = ["dns", "connect", "tls", "timeout", "protocol"];
 pub const AUDIT_RECORDS_TOTAL: &str = "keyward_audit_records_total";
 
 /// Name, help and type of every family, so `render` can print HELP/TYPE even for a family
@@ -258,7 +260,23 @@ impl Metrics {
         }
     }
 
-    /// One upstream failure; `kind` is one of dns, connect, tls, timeout, protocol.
+    /// Creates each service's series of the upstream-failure and redaction counters at 0.
+    /// `increase()` cannot see a series that first appears at 1, so without them an alert on
+    /// a pod's first TLS failure or first echoed credential would not fire.
+    pub fn know_services<'a>(&self, services: impl IntoIterator<Item = &'a str>) {
+        for service in services {
+            for kind in UPSTREAM_ERROR_KINDS {
+                let _ = self
+                    .upstream_errors
+                    .get_metric_with_label_values(&[service, kind]);
+            }
+            let _ = self
+                .secrets_redacted
+                .get_metric_with_label_values(&[service]);
+        }
+    }
+
+    /// One upstream failure; `kind` is one of `UPSTREAM_ERROR_KINDS`.
     pub fn upstream_error(&self, service: &str, kind: &str) {
         if let Ok(c) = self
             .upstream_errors

@@ -97,6 +97,7 @@ impl State {
     ) -> State {
         // The policy it starts with fixes what only a restart changes.
         let started = generation.policy.policy();
+        metrics.know_services(started.services.iter().map(|s| s.name.as_str()));
         State {
             settings: started.proxy.clone(),
             restart_only: RestartOnly::of(started),
@@ -217,6 +218,8 @@ impl State {
             .into_iter()
             .filter(|t| !t.is_revoked() && withdrawn(t))
             .collect();
+        let services = compiled.policy().services.iter().map(|s| s.name.as_str());
+        self.metrics.know_services(services);
         self.generation.store(Arc::new(generation));
         for task in &orphaned {
             self.tasks.withdraw(&task.id);

@@ -590,6 +590,33 @@ fn label_names(line: &str) -> Vec<String> {
         .collect()
 }
 
+/// Each service's failure and redaction series exist at 0 from the start, and a reload's new
+/// service gets them too: `increase()` sees a pod's first TLS failure or first echoed
+/// credential (a series that first appears at 1 shows no increase, and the alert on it would
+/// stay silent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_and_redaction_series_start_at_zero_for_every_service() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let text = kw.metrics().await;
+    for kind in ["dns", "connect", "tls", "timeout", "protocol"] {
+        let series = format!("keyward_upstream_errors_total{{kind=\"{kind}\",service=\"secure\"}}");
+        assert_eq!(common::metric_value(&text, &series), Some(0.0), "{series}");
+    }
+    let redacted = "keyward_secrets_redacted_total{service=\"plain\"}";
+    assert_eq!(common::metric_value(&text, redacted), Some(0.0));
+    // A service added by a reload.
+    let policy = std::fs::read_to_string(&kw.policy_path).unwrap().replace(
+        "\nservices:\n",
+        "\nservices:\n  added:\n    hosts: [added.test]\n",
+    );
+    std::fs::write(&kw.policy_path, policy).unwrap();
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    let series = "keyward_upstream_errors_total{kind=\"tls\",service=\"added\"}";
+    assert_eq!(kw.metric(series).await, Some(0.0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_have_the_spec_names_and_no_task_ids_paths_tokens_or_addresses() {
     let f = Fixture::start().await;
