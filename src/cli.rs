@@ -503,12 +503,17 @@ fn explain_connect(
         .strip_prefix("https://")
         .unwrap_or(target)
         .trim_end_matches('/');
-    let (host, port) = parse_authority(authority, 443).map_err(|e| {
-        Failure::user(format!(
-            "`{target}` is not host:port for CONNECT ({})",
-            e.code
-        ))
-    })?;
+    let (host, port) = match parse_authority(authority, 443) {
+        Ok(hp) => hp,
+        Err(e) => {
+            out!(
+                "decision:   deny\nreason:     {} ({})",
+                e.reason.as_str(),
+                e.code
+            );
+            return Ok(());
+        }
+    };
     match decide::decide_connect(compiled, task, &host, port, now) {
         Ok(ConnectDecision::Intercept { service }) => {
             let name = service.map_or("", |s| compiled.service_at(s).name.as_str());
@@ -566,12 +571,18 @@ fn explain(
     let authority = uri
         .authority()
         .ok_or_else(|| Failure::user("the URL has no host"))?;
-    let (host, port) = parse_authority(authority.as_str(), scheme.default_port()).map_err(|e| {
-        Failure::user(format!(
-            "the URL's host is refused as ambiguous ({})",
-            e.code
-        ))
-    })?;
+    // (As `serve` refuses such an authority: a decision, not a usage error.)
+    let (host, port) = match parse_authority(authority.as_str(), scheme.default_port()) {
+        Ok(hp) => hp,
+        Err(e) => {
+            out!(
+                "decision:   deny\nreason:     {} ({})",
+                e.reason.as_str(),
+                e.code
+            );
+            return Ok(());
+        }
+    };
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| Failure::user(format!("`{method}` is not an HTTP method")))?;
     // An https:// URL is reached through CONNECT: what keyward decides there comes first, as

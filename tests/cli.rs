@@ -342,15 +342,35 @@ async fn explain_prints_decision_reason_capability_route_and_credential_name_nev
     let ambiguous = explain("GET", "https://api.test/repos/acme/web/%2e%2e/issues").await;
     let out3 = text(&ambiguous.stdout);
     assert!(out3.contains("ambiguous_request"), "{out3}");
-    // The URL's own checks are `serve`'s: a fragment, `_method` in the query.
-    for (url, code) in [
-        ("https://api.test/repos/acme/web/issues#top", "fragment"),
+    // The URL's own checks are `serve`'s: a fragment, `_method` in the query, and an
+    // authority `serve` refuses (userinfo, a port spelled with a leading zero) is a denial
+    // too, not a usage error.
+    for (method, url, code) in [
         (
+            "GET",
+            "https://api.test/repos/acme/web/issues#top",
+            "fragment",
+        ),
+        (
+            "GET",
             "https://api.test/repos/acme/web/issues?_METHOD=delete",
             "method_override",
         ),
+        (
+            "GET",
+            "http://u:p@api.test/repos/acme/web/issues",
+            "userinfo",
+        ),
+        (
+            "GET",
+            "https://api.test:0443/repos/acme/web/issues",
+            "bad_port",
+        ),
+        ("CONNECT", "u@api.test:443", "userinfo"),
     ] {
-        let out = text(&explain("GET", url).await.stdout);
+        let run = explain(method, url).await;
+        let out = text(&run.stdout);
+        assert_eq!(run.status.code(), Some(0), "{url}: {}", text(&run.stderr));
         assert!(
             out.contains(&format!("reason:     ambiguous_request ({code})")),
             "{url}: {out}"
