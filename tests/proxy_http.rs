@@ -120,6 +120,19 @@ async fn query_credential_replaces_the_agents_parameter() {
 
     let rec = allowed_record(kw, &task, "/search").await;
     assert_eq!(rec["credential"], "query_key");
+    // The decision is in keyward's own log at debug too, without the query string.
+    let id = rec["request_id"].as_str().unwrap();
+    let logs = common::captured_logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains(" DEBUG ") && l.contains(&format!("request_id={id} ")))
+        .unwrap_or_else(|| panic!("no debug line for {id}"));
+    assert!(line.contains("decision"), "{line}");
+    assert!(line.contains("reason=\"allowed\""), "{line}");
+    assert!(
+        line.contains("path=\"/search\"") && !line.contains("rust"),
+        "{line}"
+    );
     // A parameter some server reads as `api_key` but injection would leave beside it: refused.
     for query in [
         "API_KEY=dummy",

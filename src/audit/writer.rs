@@ -282,6 +282,23 @@ impl AuditLog {
         if rec.ts.is_empty() {
             rec.ts = AuditRecord::now_ts();
         }
+        // Every decision in keyward's own log too, at `debug` (`RUST_LOG=keyward=debug`):
+        // what an operator follows live. The record's fields, already scrubbed (never a query
+        // string: `path` may still hold one here).
+        tracing::debug!(
+            request_id = %rec.request_id,
+            task = rec.task.as_deref().unwrap_or(""),
+            agent = rec.agent.as_deref().unwrap_or(""),
+            decision = rec.decision,
+            reason = rec.reason,
+            method = %rec.method,
+            host = %rec.host,
+            path = rec.path.split('?').next().unwrap_or(""),
+            capability = rec.capability.as_deref().unwrap_or(""),
+            status = rec.status,
+            outcome = rec.outcome.unwrap_or(""),
+            "decision"
+        );
         let encoded = Encoded::new(&rec);
         self.shared.handed.fetch_add(1, Ordering::Relaxed);
         self.shared
