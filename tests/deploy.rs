@@ -423,6 +423,14 @@ fn deployment_matches_the_policy() {
         );
     }
     assert!(kube.env("agent", "KEYWARD_ADMIN_TOKEN").is_none());
+    // The agent runs as another user than keyward (the pod's).
+    let keyward_uid = text_at(kube.pod(), "securityContext.runAsUser");
+    let agent_uid = text_at(kube.container("agent"), "securityContext.runAsUser");
+    assert_ne!(agent_uid, keyward_uid, "the agent runs as keyward's uid");
+    assert_ne!(
+        text_at(kube.container("agent"), "securityContext.runAsGroup"),
+        text_at(kube.pod(), "securityContext.runAsGroup")
+    );
 
     // Hardening on every container.
     assert_eq!(text_at(kube.pod(), "securityContext.runAsNonRoot"), "true");
