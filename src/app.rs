@@ -46,6 +46,21 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Worker threads: `KEYWARD_WORKERS` when it is a positive integer, else the CPUs this process
 /// may use (`available`: affinity mask and cgroup quota on Linux), else 1.
+/// An admin token shorter than this is guessable: it is warned about (not refused: a
+/// development setup may use a word).
+const ADMIN_TOKEN_MIN: usize = 16;
+
+/// Warns when the admin token is short (never saying what it is).
+pub(crate) fn warn_if_short(token: &crate::secret::Secret) {
+    let len = token.expose().len();
+    if len < ADMIN_TOKEN_MIN {
+        tracing::warn!(
+            bytes = len,
+            "the admin token is short; use at least {ADMIN_TOKEN_MIN} random bytes (e.g. `openssl rand -hex 32`)"
+        );
+    }
+}
+
 fn worker_count(var: Option<&str>, available: impl FnOnce() -> Option<usize>) -> usize {
     var.and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
@@ -139,6 +154,7 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     let token = credentials::read_source(&policy.admin.token)
         .await
         .map_err(|why| StartError::AdminToken(describe_source(&policy.admin.token), why))?;
+    warn_if_short(&token);
 
     let (ca, created) = CertAuthority::load_or_create(&policy.ca.cert, &policy.ca.key)
         .map_err(|e| StartError::Ca(e.to_string()))?;

@@ -131,6 +131,7 @@ impl State {
         let source = &self.restart_only.admin.token;
         match crate::credentials::read_source(source).await {
             Ok(token) if !self.admin_token.load().ct_eq(token.expose().as_bytes()) => {
+                crate::app::warn_if_short(&token);
                 let old = self.admin_token.swap(Arc::new(token));
                 self.admin_token_retired.store(Some(old));
                 // Looked for from now on, whether or not the policy reload that follows works.

@@ -590,6 +590,35 @@ async fn serve_prints_the_listening_line_once_bound() {
     }
 }
 
+/// A short admin token is warned about at start (never shown), since the admin listener takes
+/// it as the only proof of an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_warns_about_a_short_admin_token_without_showing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    std::fs::write(dir.path().join("admin-token"), "short-admin").unwrap();
+    let mut served = serve(file.to_str().unwrap()).await;
+    served.child.start_kill().unwrap();
+    let (_, log) = served.finish().await;
+    let warning = log
+        .lines()
+        .find(|l| l.contains("the admin token is short"))
+        .unwrap_or_else(|| panic!("no warning in:\n{log}"));
+    assert!(
+        warning.contains("WARN") && warning.contains("bytes=11"),
+        "{warning}"
+    );
+    assert_absent("short-admin", "keyward serve stderr", &log);
+
+    // A long one is not.
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let mut served = serve(file.to_str().unwrap()).await;
+    served.child.start_kill().unwrap();
+    let (_, log) = served.finish().await;
+    assert!(!log.contains("admin token is short"), "{log}");
+}
+
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exits_0_on_sigterm_and_flushes_the_audit_log() {
