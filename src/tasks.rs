@@ -268,6 +268,12 @@ impl Drop for InFlightSlot {
 /// One of a task's connection places (see `Task::hold_connection`).
 pub struct ConnectionHold(Arc<Task>);
 
+impl ConnectionHold {
+    pub fn task(&self) -> &Arc<Task> {
+        &self.0
+    }
+}
+
 impl Drop for ConnectionHold {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);

@@ -79,6 +79,13 @@ impl ConnPlace {
     pub fn held(&self) -> bool {
         self.holder.get().is_some()
     }
+
+    /// Whether another task than `task` holds the connection.
+    pub fn held_by_other(&self, task: &Task) -> bool {
+        self.holder
+            .get()
+            .is_some_and(|h| h.task().serial != task.serial)
+    }
 }
 
 #[derive(Clone)]
@@ -542,6 +549,16 @@ fn prepare(
     };
     draft.set_task(&task);
     decide::check_validity(&task, now)?;
+    // SECURITY (I3): a connection's identity is fixed, on the plain listener as in a tunnel:
+    // another task's request on it is refused (and the connection closed), so no task rides
+    // a place another holds (`max_task_connections`), and a connection's requests are one
+    // task's.
+    if ctx.slot.held_by_other(&task) {
+        return Err(Refusal {
+            denial: Denial::bare(Reason::InvalidToken),
+            code: Some(respond::OTHER_TASK),
+        });
+    }
     if !ctx
         .slot
         .claim(&task, state.settings.task_connections_limit())

@@ -103,6 +103,8 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
 pub const IN_FLIGHT: &str = "in_flight";
 /// The same, for a task that holds as many connections as one task may.
 pub const CONNECTIONS: &str = "connections";
+/// `DenyInfo::ambiguity` of an `invalid_token` refusal on a connection another task holds.
+pub const OTHER_TASK: &str = "connection_of_another_task";
 
 fn detail(info: &DenyInfo<'_>) -> String {
     let ask = |what: &str| match info.hint {
@@ -114,6 +116,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
     match info.reason {
         Reason::Allowed | Reason::Passthrough => String::new(),
         Reason::MissingCredentials => "Send Proxy-Authorization: Basic base64(TASK_ID:TOKEN), e.g. HTTPS_PROXY=http://TASK_ID:TOKEN@host:port.".into(),
+        Reason::InvalidToken if info.ambiguity == Some(OTHER_TASK) => "This connection belongs to another task (the first to authenticate on it); send this task's requests on a connection of its own.".into(),
         Reason::InvalidToken => "The proxy credentials do not name a known task.".into(),
         Reason::TaskExpired => "The task has expired; mint a new one.".into(),
         Reason::TaskRevoked => "The task was revoked.".into(),

@@ -421,6 +421,62 @@ async fn proxy_authorization_on_an_http2_stream_cannot_change_the_tunnels_task()
     kw.assert_no_leaks().await;
 }
 
+/// SECURITY (I3): a plain connection's identity is fixed by the first task that
+/// authenticates on it, as a tunnel's is by its CONNECT: another task's request on it gets a
+/// 407 and the connection closes (no task rides a connection place another holds). The other
+/// task's own connection works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tasks_request_on_a_held_plain_connection_is_refused_and_closes_it() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let first = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let request = |task: &Task| {
+        format!(
+            "GET http://plain.test:{port}/repos/acme/web/issues HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\n\r\n",
+            Harness::proxy_auth(task)
+        )
+    };
+    let mut tcp = bounded("connect", tokio::net::TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    bounded("write", tcp.write_all(request(&first).as_bytes()))
+        .await
+        .unwrap();
+    let resp = read_response(&mut tcp).await;
+    kw.saw(&resp.text());
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    bounded("write", tcp.write_all(request(&other).as_bytes()))
+        .await
+        .unwrap();
+    let resp = read_response(&mut tcp).await;
+    kw.saw(&resp.text());
+    let (problem, rec) = kw.assert_denied_raw(&resp, 407, "invalid_token").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("belongs to another task"),
+        "{problem}"
+    );
+    assert_eq!(rec["task"], other.id.as_str());
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+    let mut rest = Vec::new();
+    let _ = bounded(
+        "closed",
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut rest),
+    )
+    .await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    assert_eq!(f.plain.hits(), 1);
+    let own = kw
+        .raw(&request(&other).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n"))
+        .await;
+    assert_eq!(own.status, 200, "{}", own.text());
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_task_is_refused_on_a_kept_alive_plain_connection_and_at_connect() {
     let f = Fixture::start().await;
