@@ -80,7 +80,20 @@ pub(crate) fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
     if text.contains('*') {
         return Err("`*` may appear only as the whole first label (`*.example.com`)".into());
     }
-    Ok(HostPattern::Exact(parse_host(text)?))
+    let host = parse_host(text)?;
+    // An IPv4-mapped IPv6 address is the IPv4 address under a second spelling: two services
+    // (or a service and a passthrough entry) could name one address, and the overlap checks,
+    // which compare names, would not see it. (`connect_to` may dial one.)
+    if let Some(v4) = host
+        .parse::<Ipv6Addr>()
+        .ok()
+        .and_then(|ip| ip.to_ipv4_mapped())
+    {
+        return Err(format!(
+            "an IPv4-mapped IPv6 address; write the IPv4 address (`{v4}`)"
+        ));
+    }
+    Ok(HostPattern::Exact(host))
 }
 
 /// A single host (no wildcard), normalized: lowercase, no trailing dot, IPv6 without brackets.
@@ -300,6 +313,8 @@ mod tests {
             "[::1",
             "[nope]",
             "a.b.c:x",
+            "::ffff:127.0.0.1",
+            "[::FFFF:7f00:1]",
         ];
         for text in bad {
             assert!(parse_host_pattern(text).is_err(), "{text:?} accepted");
