@@ -590,6 +590,17 @@ extra: 1
     }
 
     #[test]
+    fn a_merge_key_is_named_as_such() {
+        let errs = errors(&format!(
+            "{ADMIN}agents:\n  a:\n    <<: {{owner: x}}\n    capabilities: []\n"
+        ));
+        assert!(
+            errs.contains(&"p.yaml:5:5: agents.a: YAML merge keys (`<<`) are not supported; write the keys out".to_string()),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
     fn duplicate_key() {
         let text = format!("{ADMIN}credentials:\n  a: {{source: env:A}}\n  a: {{source: env:B}}\n");
         assert_eq!(

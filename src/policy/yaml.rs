@@ -565,6 +565,14 @@ impl<'a> Map<'a> {
             if allowed.contains(&e.key) {
                 continue;
             }
+            if e.key == "<<" {
+                errs.push(
+                    e.key_pos,
+                    field.path,
+                    "YAML merge keys (`<<`) are not supported; write the keys out",
+                );
+                continue;
+            }
             // SECURITY: `token: {ghp_...}` or `github_token: {sk-...}` turn a pasted secret into
             // a mapping key; where secrets live, an unknown key is reported without its name.
             if holds_secrets(field.path) {
