@@ -68,6 +68,18 @@ pub async fn handle(
     if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
         return refuse(&state, &generation, draft, d, None).await;
     }
+    // SECURITY (I3): a connection's identity is fixed (see `handle::prepare`).
+    if ctx.slot.held_by_other(&task) {
+        let denial = Denial::bare(Reason::InvalidToken);
+        return refuse(
+            &state,
+            &generation,
+            draft,
+            denial,
+            Some(respond::OTHER_TASK),
+        )
+        .await;
+    }
     let limit = state.settings.task_connections_limit();
     if !ctx.slot.claim(&task, limit) {
         let denial = Denial::bare(Reason::BudgetExhausted);
@@ -107,6 +119,13 @@ pub async fn handle(
         }
     };
     draft.set_target("CONNECT", Scheme::Https, &host, port, "");
+    if let Err(e) = crate::proxy::identify::connect_head(req.headers(), &host, port) {
+        let denial = Denial::bare(e.reason);
+        let mut resp = refuse(&state, &generation, draft, denial, Some(e.code)).await;
+        // (What follows such a head could be read as a body or as a tunnel's bytes.)
+        respond::close_after(&mut resp);
+        return resp;
+    }
     // SECURITY: a real credential in the agent's hands has leaked; not even a blind tunnel's
     // name (or its SNI/DNS lookup) may carry it out.
     if generation.credentials.carried_by(req.uri(), req.headers()) {

@@ -467,6 +467,89 @@ async fn odd_connect_authorities_are_refused_without_a_leaf() {
     kw.assert_no_leaks().await;
 }
 
+/// A CONNECT's `Host` must name its authority, as an absolute URI's must (SPEC §4.4), and a
+/// CONNECT carries no body: else 400 `ambiguous_request`, no leaf, and the connection closes.
+/// The same task's CONNECT with a matching `Host` (the port left out when it is 443) or none is
+/// intercepted; another task's CONNECT on a connection a task holds is a 407.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_a_disagreeing_host_or_a_body_is_ambiguous() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let p = f.tls.port();
+    let head_with = |extra: &str| {
+        format!(
+            "CONNECT secure.test:{p} HTTP/1.1\r\n{extra}Proxy-Authorization: {}\r\n\r\n",
+            auth(&task)
+        )
+    };
+    for (extra, code) in [
+        (
+            format!("Host: plain.test:{p}\r\n"),
+            "host_disagrees_with_uri",
+        ),
+        (
+            "Host: secure.test:443\r\n".to_string(),
+            "host_disagrees_with_uri",
+        ),
+        (
+            format!("Host: secure.test:{p}\r\nHost: secure.test:{p}\r\n"),
+            "duplicate_host",
+        ),
+        (
+            format!("Host: secure.test:{p}\r\nContent-Length: 5\r\n"),
+            "connect_with_body",
+        ),
+        (
+            format!("Host: secure.test:{p}\r\nTransfer-Encoding: chunked\r\n"),
+            "connect_with_body",
+        ),
+    ] {
+        let (mut tcp, head) = exchange_head(kw.proxy_addr, head_with(&extra).as_bytes()).await;
+        kw.saw(&head.text());
+        let (problem, _) = kw.assert_denied_raw(&head, 400, "ambiguous_request").await;
+        assert!(
+            problem["detail"].as_str().unwrap().contains(code),
+            "{extra:?}: {problem}"
+        );
+        let mut rest = Vec::new();
+        let _ = crate::common::bounded(
+            "closed",
+            tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut rest),
+        )
+        .await;
+    }
+    assert_eq!(kw.metric(LEAVES).await, Some(0.0));
+    for extra in [format!("Host: Secure.Test:{p}\r\n"), String::new()] {
+        let (_, head) = exchange_head(kw.proxy_addr, head_with(&extra).as_bytes()).await;
+        assert_eq!(head.status, 200, "{extra:?}: {}", head.text());
+    }
+    // Another task on a connection the first holds (after a refused plain request).
+    let other = kw
+        .mint("bot", json!(["secure.read", "plain.issues.read"]))
+        .await;
+    let plain = format!(
+        "GET http://plain.test:{}/repos/acme/web/nope HTTP/1.1\r\nHost: plain.test:{}\r\nProxy-Authorization: {}\r\n\r\n",
+        f.plain.port(),
+        f.plain.port(),
+        auth(&other)
+    );
+    let connect = head_with(&format!("Host: secure.test:{p}\r\n"));
+    let (mut tcp, first) =
+        exchange_head(kw.proxy_addr, format!("{plain}{connect}").as_bytes()).await;
+    kw.saw(&first.text());
+    kw.assert_denied_raw(&first, 403, "route_not_in_intent")
+        .await;
+    let second = crate::common::read_head_and_body(&mut tcp).await;
+    kw.saw(&second.text());
+    let (problem, _) = kw.assert_denied_raw(&second, 407, "invalid_token").await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("another task"),
+        "{problem}"
+    );
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_host_case_and_trailing_dot_name_the_same_host_and_one_leaf() {
     let f = Fixture::start().await;
