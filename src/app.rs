@@ -44,8 +44,6 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Worker threads: `KEYWARD_WORKERS` when it is a positive integer, else the CPUs this process
-/// may use (`available`: affinity mask and cgroup quota on Linux), else 1.
 /// An admin token shorter than this is guessable: it is warned about (not refused: a
 /// development setup may use a word).
 const ADMIN_TOKEN_MIN: usize = 16;
@@ -61,6 +59,8 @@ pub(crate) fn warn_if_short(token: &crate::secret::Secret) {
     }
 }
 
+/// Worker threads: `KEYWARD_WORKERS` when it is a positive integer, else the CPUs this process
+/// may use (`available`: affinity mask and cgroup quota on Linux), else 1.
 fn worker_count(var: Option<&str>, available: impl FnOnce() -> Option<usize>) -> usize {
     var.and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)

@@ -486,6 +486,17 @@ fn parse_where(items: &[String]) -> Result<Vec<(String, Vec<String>)>, Failure> 
 
 /// `explain … CONNECT host:port`: the tunnel's own decision, as `serve` records it (the
 /// requests inside an intercepted tunnel are each decided like a plain one).
+/// A target `serve` refuses before any decision (an odd authority, a fragment, ...): a
+/// decision to print, not a usage error.
+fn print_refused_target(e: &crate::proxy::identify::TargetError) -> Result<(), Failure> {
+    out!(
+        "decision:   deny\nreason:     {} ({})",
+        e.reason.as_str(),
+        e.code
+    );
+    Ok(())
+}
+
 fn explain_connect(
     compiled: &CompiledPolicy,
     task: &crate::tasks::Task,
@@ -505,14 +516,7 @@ fn explain_connect(
         .trim_end_matches('/');
     let (host, port) = match parse_authority(authority, 443) {
         Ok(hp) => hp,
-        Err(e) => {
-            out!(
-                "decision:   deny\nreason:     {} ({})",
-                e.reason.as_str(),
-                e.code
-            );
-            return Ok(());
-        }
+        Err(e) => return print_refused_target(&e),
     };
     match decide::decide_connect(compiled, task, &host, port, now) {
         Ok(ConnectDecision::Intercept { service }) => {
@@ -574,14 +578,7 @@ fn explain(
     // (As `serve` refuses such an authority: a decision, not a usage error.)
     let (host, port) = match parse_authority(authority.as_str(), scheme.default_port()) {
         Ok(hp) => hp,
-        Err(e) => {
-            out!(
-                "decision:   deny\nreason:     {} ({})",
-                e.reason.as_str(),
-                e.code
-            );
-            return Ok(());
-        }
+        Err(e) => return print_refused_target(&e),
     };
     let method = Method::from_bytes(method.as_bytes())
         .map_err(|_| Failure::user(format!("`{method}` is not an HTTP method")))?;
@@ -625,14 +622,7 @@ fn explain(
     }
     let path = match crate::proxy::identify::absolute_target(&parts) {
         Ok(target) => target.path,
-        Err(e) => {
-            out!(
-                "decision:   deny\nreason:     {} ({})",
-                e.reason.as_str(),
-                e.code
-            );
-            return Ok(());
-        }
+        Err(e) => return print_refused_target(&e),
     };
     let facts = RequestFacts {
         scheme,

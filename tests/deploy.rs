@@ -423,6 +423,19 @@ fn deployment_matches_the_policy() {
         );
     }
     assert!(kube.env("agent", "KEYWARD_ADMIN_TOKEN").is_none());
+    // No volume keyward mounts is mounted in the agent (the pod's fsGroup makes the agent a
+    // member of keyward's group, so only this keeps keyward's files from it).
+    let names = |c: &str| -> BTreeSet<String> {
+        items(kube.container(c), "volumeMounts")
+            .iter()
+            .map(|m| text_at(m, "name"))
+            .collect()
+    };
+    let shared: Vec<_> = names("agent")
+        .intersection(&names("keyward"))
+        .cloned()
+        .collect();
+    assert!(shared.is_empty(), "the agent mounts keyward's {shared:?}");
     // The agent runs as another user than keyward (the pod's).
     let keyward_uid = text_at(kube.pod(), "securityContext.runAsUser");
     let agent_uid = text_at(kube.container("agent"), "securityContext.runAsUser");

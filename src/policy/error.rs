@@ -31,13 +31,23 @@ impl fmt::Display for PolicyError {
     }
 }
 
-/// `text` with control characters written as `\u{..}`: a key (or a name it suggests) may spell
-/// one with a YAML escape, and a raw line break or terminal sequence would break the
-/// one-line-per-error output, or forge a line in keyward's log.
+/// `text` with control characters, line and paragraph separators and bidirectional controls
+/// written as `\u{..}`: a key (or a name it suggests, or a path) may spell one with a YAML
+/// escape, and a raw line break, terminal sequence or reordering would break the
+/// one-line-per-error output, forge a line in keyward's log, or show another text than it is.
 fn escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
-    for part in text.split_inclusive(char::is_control) {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+            )
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    };
+    for part in text.split_inclusive(hidden) {
         match part.char_indices().last() {
-            Some((at, c)) if c.is_control() => {
+            Some((at, c)) if hidden(c) => {
                 f.write_str(&part[..at])?;
                 write!(f, "\\u{{{:x}}}", u32::from(c))?;
             }
@@ -162,11 +172,11 @@ mod tests {
         errs.push(
             Pos::new(4, 3),
             "capabilities.x\u{1b}[31mRED\ny",
-            "unknown key `x\u{1b}[31mRED\ny`; did you mean `é\u{85}`?",
+            "unknown key `x\u{1b}[31mRED\ny`; did you mean `é\u{85}`?\u{2028}\u{202e}",
         );
         assert_eq!(
             errs.finish().to_string(),
-            "p.yaml:4:3: capabilities.x\\u{1b}[31mRED\\u{a}y: unknown key `x\\u{1b}[31mRED\\u{a}y`; did you mean `é\\u{85}`?"
+            "p.yaml:4:3: capabilities.x\\u{1b}[31mRED\\u{a}y: unknown key `x\\u{1b}[31mRED\\u{a}y`; did you mean `é\\u{85}`?\\u{2028}\\u{202e}"
         );
     }
 

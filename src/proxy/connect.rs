@@ -68,24 +68,11 @@ pub async fn handle(
     if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
         return refuse(&state, &generation, draft, d, None).await;
     }
-    // SECURITY (I3): a connection's identity is fixed (see `handle::prepare`).
-    if ctx.slot.held_by_other(&task) {
-        let denial = Denial::bare(Reason::InvalidToken);
-        return refuse(
-            &state,
-            &generation,
-            draft,
-            denial,
-            Some(respond::OTHER_TASK),
-        )
-        .await;
-    }
     let limit = state.settings.task_connections_limit();
-    if !ctx.slot.claim(&task, limit) {
-        let denial = Denial::bare(Reason::BudgetExhausted);
-        let code = Some(respond::CONNECTIONS);
-        let mut resp = refuse(&state, &generation, draft, denial, code).await;
-        // The connection is not kept: no task holds it.
+    if let Some((reason, code)) = ctx.slot.claim(&task, limit) {
+        let denial = Denial::bare(reason);
+        let mut resp = refuse(&state, &generation, draft, denial, Some(code)).await;
+        // The connection is not kept: it is another task's, or no task holds it.
         respond::close_after(&mut resp);
         return resp;
     }

@@ -58,33 +58,29 @@ impl ConnPlace {
         }
     }
 
-    /// Counts the connection against `task` if no task holds it yet; false when `task` holds
-    /// all the places it may.
-    pub fn claim(&self, task: &Arc<Task>, limit: u32) -> bool {
-        if self.holder.get().is_some() {
-            return true;
+    /// Counts the connection against `task` if no task holds it yet. `None` when `task` may
+    /// use it; else why not: another task holds it (SECURITY, I3: a connection's identity is
+    /// fixed, on the plain listener as in a tunnel, so no task rides a place another holds),
+    /// or `task` holds all the places it may.
+    pub fn claim(&self, task: &Arc<Task>, limit: u32) -> Option<(Reason, &'static str)> {
+        if let Some(hold) = self.holder.get() {
+            return (hold.task().serial != task.serial)
+                .then_some((Reason::InvalidToken, respond::OTHER_TASK));
         }
         match task.hold_connection(limit) {
             Some(hold) => {
                 // Requests on one connection are handled one at a time (HTTP/1.1), so no
                 // other claim can have won meanwhile; if one did, this hold is dropped.
                 let _ = self.holder.set(hold);
-                true
+                None
             }
-            None => false,
+            None => Some((Reason::BudgetExhausted, respond::CONNECTIONS)),
         }
     }
 
     /// Whether a task holds the connection.
     pub fn held(&self) -> bool {
         self.holder.get().is_some()
-    }
-
-    /// Whether another task than `task` holds the connection.
-    pub fn held_by_other(&self, task: &Task) -> bool {
-        self.holder
-            .get()
-            .is_some_and(|h| h.task().serial != task.serial)
     }
 }
 
@@ -549,23 +545,11 @@ fn prepare(
     };
     draft.set_task(&task);
     decide::check_validity(&task, now)?;
-    // SECURITY (I3): a connection's identity is fixed, on the plain listener as in a tunnel:
-    // another task's request on it is refused (and the connection closed), so no task rides
-    // a place another holds (`max_task_connections`), and a connection's requests are one
-    // task's.
-    if ctx.slot.held_by_other(&task) {
+    let limit = state.settings.task_connections_limit();
+    if let Some((reason, code)) = ctx.slot.claim(&task, limit) {
         return Err(Refusal {
-            denial: Denial::bare(Reason::InvalidToken),
-            code: Some(respond::OTHER_TASK),
-        });
-    }
-    if !ctx
-        .slot
-        .claim(&task, state.settings.task_connections_limit())
-    {
-        return Err(Refusal {
-            denial: Denial::bare(Reason::BudgetExhausted),
-            code: Some(respond::CONNECTIONS),
+            denial: Denial::bare(reason),
+            code: Some(code),
         });
     }
 

@@ -178,8 +178,12 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if let Some(code) = parts.headers.keys().find_map(|k| override_code(k.as_str())) {
         return Err(ambiguous(code));
     }
-    if parts.headers.keys().any(|k| framing_lookalike(k.as_str())) {
-        return Err(ambiguous("framing_lookalike"));
+    if let Some(code) = parts
+        .headers
+        .keys()
+        .find_map(|k| lookalike_code(k.as_str()))
+    {
+        return Err(ambiguous(code));
     }
     if !plain_chunked(&parts.headers) {
         return Err(ambiguous("transfer_coding"));
@@ -346,20 +350,31 @@ fn override_code(name: &str) -> Option<&'static str> {
     })
 }
 
-/// Whether `name` is `Content-Length` or `Transfer-Encoding` with `_` for `-`. SECURITY: a
-/// server that reads `_` as `-` (CGI-style, as some do for every header) frames the body by
-/// it, keyward and the parser do not: the body would be read two ways, and what the upstream
-/// takes for the rest of it (or the next request) would be the task's next credentialed
-/// request on that connection.
-fn framing_lookalike(name: &str) -> bool {
-    const FRAMING: [&str; 2] = ["content-length", "transfer-encoding"];
-    name.contains('_')
-        && FRAMING.iter().any(|f| {
-            f.len() == name.len()
-                && f.bytes()
-                    .zip(name.bytes())
-                    .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'))
-        })
+/// The detail code for a header that is one keyward reads or removes, spelled with `_` for
+/// `-`, which a server that reads `_` as `-` (CGI-style, as some do for every header) takes
+/// for the real one. SECURITY:
+/// - `Content-Length`, `Transfer-Encoding`: that server frames the body by it, keyward and
+///   the parser do not; the body would be read two ways, and what the upstream takes for the
+///   rest of it (or the next request) would be the task's next credentialed request;
+/// - `Sec-WebSocket-Extensions`: keyward removes it from a credentialed upgrade, so that no
+///   compression hides a message from the redactor.
+fn lookalike_code(name: &str) -> Option<&'static str> {
+    const SPECIAL: [(&str, &str); 3] = [
+        ("content-length", "framing_lookalike"),
+        ("transfer-encoding", "framing_lookalike"),
+        ("sec-websocket-extensions", "header_lookalike"),
+    ];
+    if !name.contains('_') {
+        return None;
+    }
+    SPECIAL.iter().find_map(|&(real, code)| {
+        let same = real.len() == name.len()
+            && real
+                .bytes()
+                .zip(name.bytes())
+                .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'));
+        same.then_some(code)
+    })
 }
 
 /// Whether the request's transfer coding, if any, is `chunked` alone. With another coding
@@ -410,7 +425,7 @@ pub fn connect_head(headers: &HeaderMap, host: &str, port: u16) -> Result<(), Ta
         || headers
             .get_all(http::header::CONTENT_LENGTH)
             .iter()
-            .any(|v| v.as_bytes().trim_ascii() != b"0");
+            .any(|v| v.to_str().ok().and_then(|n| n.trim().parse::<u64>().ok()) != Some(0));
     if has_content {
         return Err(ambiguous("connect_with_body"));
     }

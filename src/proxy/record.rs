@@ -304,6 +304,11 @@ impl Recorder {
         draft.rec.outcome = Some(outcome);
         draft.rec.ts = crate::audit::AuditRecord::now_ts();
         let service = draft.rec.service.as_deref().unwrap_or("");
+        if outcome == "websocket_protocol_error" {
+            // The upstream's frames broke the protocol: an upstream failure, as a malformed
+            // response is.
+            state.metrics.upstream_error(service, "protocol");
+        }
         if redacted > 0 {
             state.metrics.secrets_redacted(service, redacted);
             tracing::warn!(request_id = %draft.rec.request_id, service, count = redacted, "upstream reflected the injected credential; redacted");

@@ -520,7 +520,11 @@ async fn connect_with_a_disagreeing_host_or_a_body_is_ambiguous() {
         .await;
     }
     assert_eq!(kw.metric(LEAVES).await, Some(0.0));
-    for extra in [format!("Host: Secure.Test:{p}\r\n"), String::new()] {
+    for extra in [
+        format!("Host: Secure.Test:{p}\r\n"),
+        String::new(),
+        "Content-Length: 00\r\n".to_string(),
+    ] {
         let (_, head) = exchange_head(kw.proxy_addr, head_with(&extra).as_bytes()).await;
         assert_eq!(head.status, 200, "{extra:?}: {}", head.text());
     }

@@ -868,6 +868,9 @@ async fn websocket_frames_keyward_cannot_redact_end_the_relay() {
             .audit_where("the websocket", |r| r["status"] == 101)
             .await;
         assert_eq!(rec["outcome"], "websocket_protocol_error", "{label}: {rec}");
+        // An upstream failure, counted as one.
+        let series = "keyward_upstream_errors_total{kind=\"protocol\",service=\"ws\"}";
+        assert_eq!(kw.metric(series).await, Some(1.0), "{label}");
     }
 
     let switch_deflate = SWITCH_WS.replace(
