@@ -137,16 +137,37 @@ impl AuditRecord {
     }
 }
 
-/// A JSON string. Agent-chosen text (a method, a host, a path) may hold anything; the rare
-/// string that needs escaping goes through serde_json, which escapes exactly `"`, `\\` and
-/// control characters.
+/// A JSON string, in ASCII. Agent-chosen text (a method, a host, a path) may hold anything:
+/// besides `"`, `\\` and control characters, every non-ASCII character is written as a
+/// `\uXXXX` escape, so a record is one line for every reader (U+2028, U+0085 and the like
+/// end a line for some) and shows what it holds (a bidirectional override would reorder it).
 fn json_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        let _ = serde_json::to_writer(&mut *out, s);
-        return;
-    }
     out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(s.as_bytes());
+    } else {
+        for c in s.chars() {
+            match c {
+                '"' => out.extend_from_slice(b"\\\""),
+                '\\' => out.extend_from_slice(b"\\\\"),
+                '\n' => out.extend_from_slice(b"\\n"),
+                '\r' => out.extend_from_slice(b"\\r"),
+                '\t' => out.extend_from_slice(b"\\t"),
+                ' '..='~' => out.push(c as u8),
+                _ => {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        out.extend_from_slice(b"\\u");
+                        for shift in [12, 8, 4, 0] {
+                            out.push(b"0123456789abcdef"[usize::from((*unit >> shift) & 0xf)]);
+                        }
+                    }
+                }
+            }
+        }
+    }
     out.push(b'"');
 }
 
@@ -324,15 +345,15 @@ mod tests {
     }
 
     #[test]
-    fn write_json_writes_what_the_serialize_derive_writes() {
+    fn write_json_writes_ascii_that_reads_back_as_what_the_serialize_derive_writes() {
         let same = |rec: &AuditRecord| {
             let mut ours = Vec::new();
             rec.write_json(&mut ours);
+            assert!(ours.iter().all(|b| (0x20..0x7f).contains(b)), "{ours:?}");
             let serde = serde_json::to_vec(rec).unwrap();
-            assert_eq!(
-                String::from_utf8_lossy(&ours),
-                String::from_utf8_lossy(&serde)
-            );
+            let ours: serde_json::Value = serde_json::from_slice(&ours).unwrap();
+            let serde: serde_json::Value = serde_json::from_slice(&serde).unwrap();
+            assert_eq!(ours, serde);
         };
         same(&AuditRecord::default());
         let strange = [
@@ -373,8 +394,11 @@ mod tests {
             };
             same(&rec);
         }
-        // Every character below U+0800 inside a path, one at a time.
-        for c in (0u32..0x800).filter_map(char::from_u32) {
+        // Every character below U+0800, and the astral plane's first, inside a path.
+        for c in (0u32..0x800)
+            .chain([0x2028, 0x202e, 0xfeff, 0x1_0000])
+            .filter_map(char::from_u32)
+        {
             same(&AuditRecord {
                 path: format!("/a{c}b"),
                 ..AuditRecord::default()
@@ -464,9 +488,17 @@ mod tests {
         let rec = AuditRecord {
             method: "GET\n{\"fake\":1}".into(),
             host: "a\u{0}b\r".into(),
+            path: "/x/\u{2028}\u{85}\u{202e}live".into(),
             ..AuditRecord::default()
         };
-        let line = serde_json::to_string(&rec).unwrap();
-        assert!(!line.contains('\n') && !line.contains('\r') && !line.contains('\0'));
+        let mut line = Vec::new();
+        rec.write_json(&mut line);
+        let line = String::from_utf8(line).unwrap();
+        assert!(line.is_ascii(), "{line}");
+        assert_eq!(line.lines().count(), 1);
+        assert!(
+            line.contains(r#""path":"/x/\u2028\u0085\u202elive""#),
+            "{line}"
+        );
     }
 }
