@@ -15,8 +15,9 @@ pub struct CredentialValue {
     /// (upper- and lowercase hex, as common encoders leave characters raw), JSON-escaped and
     /// UTF-16 (either byte order) when they differ from it and have at least 4 bytes.
     reflections: Vec<zeroize::Zeroizing<Vec<u8>>>,
-    /// For each reflection, which of `GATE_BYTES` it holds (`gate_of`), looked up once here
-    /// rather than for every header value and frame the redactor scans.
+    /// For each reflection, which of `GATE_BYTES` the part of it matched on holds (`gate_of`,
+    /// `match_len`), looked up once here rather than for every header value and frame the
+    /// redactor scans.
     reflection_gates: Vec<Option<u8>>,
     /// Which bytes no reflection holds, so that no occurrence can span one (the redactor lets
     /// a stream's held-back tail go up to the last such byte).
@@ -53,6 +54,20 @@ impl Breaks {
 /// JSON escapes, NUL in UTF-16): a spelling holding one cannot be in a text without it, and
 /// one `memchr` per text answers that for all of them (`proxy::redact`).
 pub const GATE_BYTES: [u8; 3] = [b'%', b'\\', 0];
+
+/// How much of a spelling `len` bytes long the redactor matches on: its first half (at least 8
+/// bytes; a spelling of 8 or fewer, whole). A reflection cut short is still a reflection: an
+/// upstream that echoes the first N bytes of what it got ("bad header: Bearer sk-…") would
+/// otherwise hand over all but the credential's last character, and the agent could try the
+/// last one against `secret_egress`. Cut anywhere past its first half, a spelling leaves
+/// the agent half of it to guess.
+pub fn match_len(len: usize) -> usize {
+    if len <= 8 {
+        len
+    } else {
+        len.div_ceil(2).max(8)
+    }
+}
 
 /// The index in `GATE_BYTES` of the first gate byte `needle` holds.
 pub fn gate_of(needle: &[u8]) -> Option<u8> {
@@ -154,7 +169,11 @@ impl CredentialValue {
         CredentialValue {
             folded: Zeroizing::new(raw.to_ascii_lowercase()),
             secret,
-            reflection_gates: reflections.iter().map(|r| gate_of(r)).collect(),
+            // (Of the part matched on: a byte there is in every occurrence, cut or whole.)
+            reflection_gates: reflections
+                .iter()
+                .map(|r| gate_of(r.get(..match_len(r.len())).unwrap_or(r)))
+                .collect(),
             breaks,
             reflections,
         }

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use zeroize::Zeroizing;
 
-use crate::credentials::{basic_pair, gate_of, Breaks, CredentialValue, GATE_BYTES};
+use crate::credentials::{basic_pair, gate_of, match_len, Breaks, CredentialValue, GATE_BYTES};
 use crate::policy::Injection;
 
 const MARK: &[u8] = b"[redacted]";
@@ -52,7 +52,7 @@ impl Redactor {
         });
         let mut r = Redactor {
             value,
-            extra_gate: extra.as_deref().and_then(|e| gate_of(e)),
+            extra_gate: extra.as_deref().and_then(|e| gate_of(key_of(e))),
             extra,
             longest: 0,
             carry: BytesMut::new(),
@@ -87,9 +87,8 @@ impl Redactor {
         }
     }
 
-    /// Each needle with its gate (`credentials::gate_of`). The injected form first: it
-    /// contains the value's base64, which would otherwise be replaced inside it and leave the
-    /// form's ends.
+    /// Each needle with its gate (`credentials::gate_of` of the part matched on): the injected
+    /// form (a Basic pair), then the value's reflections.
     fn needles(&self) -> impl Iterator<Item = (&[u8], Option<u8>)> {
         let extra = self.extra.iter().map(|e| (e.as_slice(), self.extra_gate));
         let reflections = self
@@ -126,7 +125,7 @@ impl Redactor {
             self.found += 1;
         }
         for value in headers.values_mut() {
-            if let Some((out, n)) = self.replace_all(value.as_bytes()) {
+            if let Some((out, n)) = self.replace_all(value.as_bytes(), true) {
                 self.found += n;
                 *value = http::HeaderValue::from_bytes(&out)
                     .unwrap_or(http::HeaderValue::from_static("[redacted]"));
@@ -164,7 +163,7 @@ impl Redactor {
             return [released, safe];
         }
         self.carry.extend_from_slice(&chunk);
-        let mut out = match self.replace_all(&self.carry) {
+        let mut out = match self.replace_all(&self.carry, false) {
             Some((replaced, n)) => {
                 self.found += n;
                 self.carry.clear();
@@ -206,7 +205,7 @@ impl Redactor {
     /// `text` with every spelling of the credential replaced: for what keyward logs about an
     /// upstream (its error text can carry what the upstream chose to echo).
     pub fn scrub(&self, text: &str) -> String {
-        match self.replace_all(text.as_bytes()) {
+        match self.replace_all(text.as_bytes(), true) {
             Some((out, _)) => String::from_utf8_lossy(&out).into_owned(),
             None => text.to_owned(),
         }
@@ -215,7 +214,7 @@ impl Redactor {
     /// `hay`, a piece that is complete in itself (a WebSocket control frame's payload), with
     /// every occurrence replaced and counted; `None` when it holds none.
     pub fn whole(&mut self, hay: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        let (out, n) = self.replace_all(hay)?;
+        let (out, n) = self.replace_all(hay, true)?;
         self.found += n;
         Some(out)
     }
@@ -229,47 +228,79 @@ impl Redactor {
     fn contains_any(&self, hay: &[u8]) -> bool {
         let mut gates = Gates::default();
         self.needles().any(|(n, gate)| {
-            n.len() <= hay.len() && gates.may_hold(hay, gate) && find(hay, n).is_some()
+            let key = key_of(n);
+            key.len() <= hay.len() && gates.may_hold(hay, gate) && find(hay, key).is_some()
         })
     }
 
-    /// The bytes held back, at the end of the body.
+    /// The bytes held back, at the end of the body (or of a WebSocket message), with a spelling
+    /// cut short at the very end replaced too: nothing more can complete it.
     pub fn finish(&mut self) -> Bytes {
-        std::mem::take(&mut self.carry).freeze()
+        let carry = std::mem::take(&mut self.carry);
+        match self.replace_all(&carry, true) {
+            Some((out, n)) => {
+                self.found += n;
+                Bytes::copy_from_slice(&out)
+            }
+            None => carry.freeze(),
+        }
     }
 
     /// `hay` with every occurrence of every needle replaced by the marker, and how many there
     /// were; `None` (nothing copied) when there is none. Copies that held a needle wipe
     /// themselves.
-    fn replace_all(&self, hay: &[u8]) -> Option<(Zeroizing<Vec<u8>>, u64)> {
-        let mut out: Option<Zeroizing<Vec<u8>>> = None;
-        let mut count = 0;
+    ///
+    /// An occurrence is the needle's first `match_len` bytes and as many of the rest as follow:
+    /// a reflection cut short is replaced too. Occurrences of several needles that overlap
+    /// (spellings that share a start, a Basic pair and the value's base64 inside it) become one
+    /// marker, so no byte any of them covers goes out. One that runs to the end of `hay` cut
+    /// short may go on in the next frame: unless `at_end`, it is left for the held tail (it is
+    /// shorter than the longest needle), to be replaced once the rest has come.
+    fn replace_all(&self, hay: &[u8], at_end: bool) -> Option<(Zeroizing<Vec<u8>>, u64)> {
+        let mut found: smallvec::SmallVec<[(usize, usize); 4]> = smallvec::SmallVec::new();
         let mut gates = Gates::default();
         for (needle, gate) in self.needles() {
-            let current = out.as_deref().map_or(hay, Vec::as_slice);
-            // (A replacement only adds the marker, which holds no gate byte.)
+            let key = key_of(needle);
             // Length first: most header values are shorter than most needles.
-            if needle.len() > current.len()
-                || !gates.may_hold(hay, gate)
-                || find(current, needle).is_none()
-            {
+            if key.len() > hay.len() || !gates.may_hold(hay, gate) || find(hay, key).is_none() {
                 continue;
             }
-            let mut next = Zeroizing::new(Vec::with_capacity(current.len()));
-            let mut last = 0;
-            for at in memchr::memmem::find_iter(current, needle) {
-                if at < last {
-                    continue;
+            for at in memchr::memmem::find_iter(hay, key) {
+                let len = hay
+                    .get(at..)
+                    .unwrap_or_default()
+                    .iter()
+                    .zip(needle.iter())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let open = len < needle.len() && at + len == hay.len();
+                if !open || at_end {
+                    found.push((at, at + len));
                 }
-                next.extend_from_slice(&current[last..at]);
-                next.extend_from_slice(MARK);
-                last = at + needle.len();
-                count += 1;
             }
-            next.extend_from_slice(&current[last..]);
-            out = Some(next);
         }
-        out.map(|o| (o, count))
+        if found.is_empty() {
+            return None;
+        }
+        found.sort_unstable();
+        let mut out = Zeroizing::new(Vec::with_capacity(hay.len()));
+        let (mut last, mut count) = (0, 0);
+        let mut spans = found.into_iter().peekable();
+        while let Some((start, mut end)) = spans.next() {
+            while let Some(&(next_start, next_end)) = spans.peek() {
+                if next_start > end {
+                    break;
+                }
+                end = end.max(next_end);
+                spans.next();
+            }
+            out.extend_from_slice(hay.get(last..start).unwrap_or_default());
+            out.extend_from_slice(MARK);
+            last = end;
+            count += 1;
+        }
+        out.extend_from_slice(hay.get(last..).unwrap_or_default());
+        Some((out, count))
     }
 }
 
@@ -292,6 +323,11 @@ impl Gates {
             _ => true,
         }
     }
+}
+
+/// The part of `needle` an occurrence must have (`credentials::match_len`).
+fn key_of(needle: &[u8]) -> &[u8] {
+    needle.get(..match_len(needle.len())).unwrap_or(needle)
 }
 
 /// The first occurrence of `needle` (not empty) in `hay`.
@@ -370,6 +406,43 @@ mod tests {
         assert_eq!(r.headers(&mut h), 1);
         assert_eq!(h["x-echo"], "Bearer [redacted]");
         assert_eq!(h["x-other"], "fine");
+    }
+
+    /// SECURITY: an upstream that echoes the first N bytes of what it got hands over a
+    /// credential cut short; with N chosen one short of its end, the agent would need to guess
+    /// one character (and `secret_egress` tells a right guess). Cut past its first half, the
+    /// rest is replaced, at the end of a body or header value or inside it; cut before, at
+    /// most half of it shows, and the other half is the agent's to guess.
+    #[test]
+    fn a_reflection_cut_short_past_half_the_credential_is_replaced() {
+        let key = "sk-live-0123456789"; // 18 bytes: cut past 9 is replaced
+        for cut in 9..key.len() {
+            let head = &key[..cut];
+            let mut r = redactor();
+            let mut out = push(&mut r, format!("bad header: Bearer {head}").as_bytes());
+            out.extend_from_slice(&r.finish());
+            assert_eq!(out, b"bad header: Bearer [redacted]", "cut at {cut}");
+            let mut r = redactor();
+            let mut out = push(&mut r, format!("{{\"error\":\"{head}...\"}}").as_bytes());
+            out.extend_from_slice(&r.finish());
+            assert_eq!(out, b"{\"error\":\"[redacted]...\"}", "cut at {cut}");
+            let mut h = HeaderMap::new();
+            h.insert("x-echo", format!("Bearer {head}").parse().unwrap());
+            redactor().headers(&mut h);
+            assert_eq!(h["x-echo"], "Bearer [redacted]", "cut at {cut}");
+        }
+        // Its base64 cut short too.
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+        let mut r = redactor();
+        let mut out = push(&mut r, &b64.as_bytes()[..b64.len() - 3]);
+        out.extend_from_slice(&r.finish());
+        assert_eq!(out, b"[redacted]");
+        // Half or less is not (it could be anything's).
+        let mut r = redactor();
+        let mut out = push(&mut r, format!("id {}!", &key[..8]).as_bytes());
+        out.extend_from_slice(&r.finish());
+        assert_eq!(out, b"id sk-live-!");
     }
 
     #[test]
@@ -535,14 +608,17 @@ mod tests {
                 let mut out = sent;
                 out.extend(push(&mut r, &needle[k..]));
                 out.extend_from_slice(&r.finish());
-                // The Basic pair holds the value's base64: once that is whole it is replaced
-                // at once (the pair's ends around it carry no bit of the value).
+                // The Basic pair holds the value's base64: once enough of that is there it is
+                // replaced at once (the pair's ends around it carry no bit of the value).
                 let inner = needles
                     .iter()
-                    .any(|n| n != needle && contains(&needle[..k], n));
+                    .any(|n| n != needle && contains(&needle[..k], key_of(n)));
                 if inner {
                     assert!(contains(&out, MARK), "{k} bytes of {needle:?}");
-                    assert!(!needles.iter().any(|n| contains(&out, n)), "{out:?}");
+                    assert!(
+                        !needles.iter().any(|n| contains(&out, key_of(n))),
+                        "{out:?}"
+                    );
                     continue;
                 }
                 // The rest of the needle completes it: the whole is replaced.

@@ -551,6 +551,52 @@ async fn credential_reflected_inside_a_compressed_body_never_reaches_the_agent()
     kw.assert_no_leaks().await;
 }
 
+/// SECURITY (I4): an upstream that echoes what it got cut short ("bad key: <first N bytes>")
+/// would hand the agent all but the credential's last characters, and `secret_egress` would
+/// tell it which guess at the rest is right. A reflection cut past half the credential is
+/// replaced, in a header and in the body, at its end and inside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credential_echoed_cut_short_is_redacted() {
+    let script = ScriptUpstream::start(|req| {
+        let echo = injected(req);
+        let cut = &echo[..echo.len() - 1];
+        let body = format!("{{\"error\":\"bad key: {cut}\",\"hint\":\"x\"}}\nbad key: {cut}");
+        let header = format!("X-Bad-Key: {cut}");
+        Reply::bytes(http_response(
+            "401 Unauthorized",
+            &[&header],
+            body.as_bytes(),
+        ))
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .raw(&raw_req_at(
+            port,
+            "GET",
+            "plain.test",
+            "/reflect-auth",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 401, "{}", resp.text());
+    assert_eq!(
+        resp.header("x-bad-key").as_deref(),
+        Some("Bearer [redacted]")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&resp.body),
+        "{\"error\":\"bad key: Bearer [redacted]\",\"hint\":\"x\"}\nbad key: Bearer [redacted]"
+    );
+    let key = &f.creds.api_token;
+    assert!(!resp.text().contains(&key[..key.len() / 2 + 1]));
+    kw.assert_no_leaks().await;
+}
+
 /// SECURITY (I4): `Transfer-Encoding: chunked, identity` (or `chunked` and `identity` in two
 /// headers) makes the body run to the connection's close with its chunk lines left in; a
 /// credential echoed over two chunks would reach the agent as two halves around a chunk-size
