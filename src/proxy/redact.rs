@@ -33,6 +33,9 @@ pub struct Redactor {
     extra_gate: Option<u8>,
     longest: usize,
     carry: BytesMut,
+    /// Bytes at the start of the next frame that belong to an occurrence already replaced (one
+    /// found near a frame's end: see `replace_all`).
+    swallow: usize,
     found: u64,
     /// The bytes no needle holds (`CredentialValue::breaks`), so that the bytes up to one can
     /// go out at once.
@@ -56,6 +59,7 @@ impl Redactor {
             extra,
             longest: 0,
             carry: BytesMut::new(),
+            swallow: 0,
             found: 0,
             breaks: Breaks::None,
         };
@@ -125,7 +129,7 @@ impl Redactor {
             self.found += 1;
         }
         for value in headers.values_mut() {
-            if let Some((out, n)) = self.replace_all(value.as_bytes(), true) {
+            if let Some((out, n, _)) = self.replace_all(value.as_bytes(), true) {
                 self.found += n;
                 *value = http::HeaderValue::from_bytes(&out)
                     .unwrap_or(http::HeaderValue::from_static("[redacted]"));
@@ -147,10 +151,15 @@ impl Redactor {
     /// pause got it whole). No occurrence can span a break, so a stream's events (SSE,
     /// NDJSON: a line break) and binary messages (gRPC: a length prefix, protobuf tags) go
     /// out at once, all but a run of printable text at their very end.
-    pub fn push(&mut self, chunk: Bytes) -> [Bytes; 2] {
+    pub fn push(&mut self, mut chunk: Bytes) -> [Bytes; 2] {
         let hold = self.longest.saturating_sub(1);
         if hold == 0 {
             return [Bytes::new(), chunk];
+        }
+        if self.swallow > 0 {
+            let n = self.swallow.min(chunk.len());
+            bytes::Buf::advance(&mut chunk, n);
+            self.swallow -= n;
         }
         // The common case — no needle in the frame nor across its start — hands the frame on
         // without copying it (a large download is not copied three times over): the held
@@ -164,8 +173,9 @@ impl Redactor {
         }
         self.carry.extend_from_slice(&chunk);
         let mut out = match self.replace_all(&self.carry, false) {
-            Some((replaced, n)) => {
+            Some((replaced, n, swallow)) => {
                 self.found += n;
+                self.swallow = swallow;
                 self.carry.clear();
                 BytesMut::from(&replaced[..])
             }
@@ -206,7 +216,7 @@ impl Redactor {
     /// upstream (its error text can carry what the upstream chose to echo).
     pub fn scrub(&self, text: &str) -> String {
         match self.replace_all(text.as_bytes(), true) {
-            Some((out, _)) => String::from_utf8_lossy(&out).into_owned(),
+            Some((out, _, _)) => String::from_utf8_lossy(&out).into_owned(),
             None => text.to_owned(),
         }
     }
@@ -214,7 +224,7 @@ impl Redactor {
     /// `hay`, a piece that is complete in itself (a WebSocket control frame's payload), with
     /// every occurrence replaced and counted; `None` when it holds none.
     pub fn whole(&mut self, hay: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        let (out, n) = self.replace_all(hay, true)?;
+        let (out, n, _) = self.replace_all(hay, true)?;
         self.found += n;
         Some(out)
     }
@@ -236,9 +246,10 @@ impl Redactor {
     /// The bytes held back, at the end of the body (or of a WebSocket message), with a spelling
     /// cut short at the very end replaced too: nothing more can complete it.
     pub fn finish(&mut self) -> Bytes {
+        self.swallow = 0;
         let carry = std::mem::take(&mut self.carry);
         match self.replace_all(&carry, true) {
-            Some((out, n)) => {
+            Some((out, n, _)) => {
                 self.found += n;
                 Bytes::copy_from_slice(&out)
             }
@@ -246,18 +257,20 @@ impl Redactor {
         }
     }
 
-    /// `hay` with every occurrence of every needle replaced by the marker, and how many there
-    /// were; `None` (nothing copied) when there is none. Copies that held a needle wipe
-    /// themselves.
+    /// `hay` with every occurrence of every needle replaced by the marker, how many there were,
+    /// and how many bytes of the next frame the last one still covers (see below); `None`
+    /// (nothing copied) when there is none. Copies that held a needle wipe themselves.
     ///
-    /// An occurrence is the needle's first `match_len` bytes and as many of the rest as follow:
-    /// a reflection cut short is replaced too. Occurrences of several needles that overlap
-    /// (spellings that share a start, a Basic pair and the value's base64 inside it) become one
-    /// marker, so no byte any of them covers goes out. One that runs to the end of `hay` cut
-    /// short may go on in the next frame: unless `at_end`, it is left for the held tail (it is
-    /// shorter than the longest needle), to be replaced once the rest has come.
-    fn replace_all(&self, hay: &[u8], at_end: bool) -> Option<(Zeroizing<Vec<u8>>, u64)> {
+    /// An occurrence is the needle's first `match_len` bytes, and it is replaced with as many
+    /// bytes as the whole needle has, whatever they are: a reflection cut short is replaced
+    /// too, and what is replaced never depends on how much of the rest matched (else an
+    /// upstream that echoes the agent's own text would tell it, a character at a time, how far
+    /// its guesses at the rest went). Unless `at_end`, an occurrence near the end of `hay` goes
+    /// on into the next frame: those bytes are returned, for `push` to drop. Occurrences of
+    /// several needles that overlap become one marker.
+    fn replace_all(&self, hay: &[u8], at_end: bool) -> Option<(Zeroizing<Vec<u8>>, u64, usize)> {
         let mut found: smallvec::SmallVec<[(usize, usize); 4]> = smallvec::SmallVec::new();
+        let mut swallow = 0;
         let mut gates = Gates::default();
         for (needle, gate) in self.needles() {
             let key = key_of(needle);
@@ -266,17 +279,11 @@ impl Redactor {
                 continue;
             }
             for at in memchr::memmem::find_iter(hay, key) {
-                let len = hay
-                    .get(at..)
-                    .unwrap_or_default()
-                    .iter()
-                    .zip(needle.iter())
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                let open = len < needle.len() && at + len == hay.len();
-                if !open || at_end {
-                    found.push((at, at + len));
+                let end = at + needle.len();
+                if end > hay.len() && !at_end {
+                    swallow = swallow.max(end - hay.len());
                 }
+                found.push((at, end.min(hay.len())));
             }
         }
         if found.is_empty() {
@@ -300,7 +307,7 @@ impl Redactor {
             count += 1;
         }
         out.extend_from_slice(hay.get(last..).unwrap_or_default());
-        Some((out, count))
+        Some((out, count, swallow))
     }
 }
 
@@ -422,10 +429,15 @@ mod tests {
             let mut out = push(&mut r, format!("bad header: Bearer {head}").as_bytes());
             out.extend_from_slice(&r.finish());
             assert_eq!(out, b"bad header: Bearer [redacted]", "cut at {cut}");
+            // Inside a text, as many bytes as the whole credential has are replaced, whatever
+            // follows the cut (what goes must not tell how much of it matched).
             let mut r = redactor();
-            let mut out = push(&mut r, format!("{{\"error\":\"{head}...\"}}").as_bytes());
+            let text = format!("{{\"error\":\"{head}...\", \"hint\": \"see the docs\"}}");
+            let mut out = push(&mut r, text.as_bytes());
             out.extend_from_slice(&r.finish());
-            assert_eq!(out, b"{\"error\":\"[redacted]...\"}", "cut at {cut}");
+            let mut want = b"{\"error\":\"[redacted]".to_vec();
+            want.extend_from_slice(&text.as_bytes()[10 + key.len()..]);
+            assert_eq!(out, want, "cut at {cut}");
             let mut h = HeaderMap::new();
             h.insert("x-echo", format!("Bearer {head}").parse().unwrap());
             redactor().headers(&mut h);
@@ -443,6 +455,41 @@ mod tests {
         let mut out = push(&mut r, format!("id {}!", &key[..8]).as_bytes());
         out.extend_from_slice(&r.finish());
         assert_eq!(out, b"id sk-live-!");
+    }
+
+    /// SECURITY: once an occurrence's first half is there, what is replaced is as long as the
+    /// whole credential whatever follows, so an upstream that echoes the agent's own text does
+    /// not tell it, by where the marker ends, whether its guess at the next character was
+    /// right. Nor does a line break after the first half let that half out early.
+    #[test]
+    fn what_is_replaced_does_not_tell_how_far_a_guess_matched() {
+        let key = "sk-live-0123456789";
+        for pad in 0..12 {
+            let outs: std::collections::HashSet<Vec<u8>> = "0123456789abcdef"
+                .chars()
+                .map(|c| {
+                    let mut r = redactor();
+                    let text = format!("echo: {}{c}{}|end", &key[..9], ".".repeat(pad));
+                    let mut out = push(&mut r, text.as_bytes());
+                    out.extend_from_slice(&r.finish());
+                    out
+                })
+                .collect();
+            assert_eq!(outs.len(), 1, "pad {pad}: {outs:?}");
+        }
+        let text = b"data: sk-live-0\nnext line, and more\n";
+        for at in 1..text.len() {
+            let mut r = redactor();
+            let mut out = push(&mut r, &text[..at]);
+            out.extend(push(&mut r, &text[at..]));
+            out.extend_from_slice(&r.finish());
+            let shown = String::from_utf8_lossy(&out);
+            assert!(!shown.contains("sk-live-0"), "split at {at}: {shown}");
+            assert!(
+                shown.starts_with("data: [redacted]"),
+                "split at {at}: {shown}"
+            );
+        }
     }
 
     #[test]
@@ -470,14 +517,8 @@ mod tests {
         };
         let longest = redactor().longest;
         assert!(first.len() > longest);
-        for guess in [
-            "sk-li",
-            "sk-live-0",
-            "sk-live-0123456",
-            "xx-li",
-            "sk-lx",
-            "zzzzzzzzzzzzzzz",
-        ] {
+        // (Guesses shorter than what an occurrence must have: `match_len`, 9 bytes here.)
+        for guess in ["sk-li", "sk-live-", "xx-li", "sk-lx", "zzzzzzzzzzzzzzz"] {
             // Everything up to the last line break goes out; what follows it is held.
             let frame = format!("data: {guess}");
             assert_eq!(released(frame.as_bytes()), (first.len(), true), "{guess}");
