@@ -89,18 +89,18 @@ impl AuditRecord {
         out.extend_from_slice(b",\"reason\":");
         json_str(out, self.reason);
         out.extend_from_slice(b",\"method\":");
-        json_str(out, &self.method);
+        json_str_capped(out, &self.method, SHORT_FIELD_MAX);
         out.extend_from_slice(b",\"scheme\":");
         json_str(out, self.scheme);
         out.extend_from_slice(b",\"host\":");
-        json_str(out, &self.host);
+        json_str_capped(out, &self.host, SHORT_FIELD_MAX);
         out.extend_from_slice(b",\"port\":");
         match self.port {
             Some(port) => json_u64(out, port.into()),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"path\":");
-        json_str(out, without_query(&self.path));
+        json_str_capped(out, without_query(&self.path), PATH_MAX);
         out.extend_from_slice(b",\"service\":");
         json_opt_str(out, self.service.as_deref());
         out.extend_from_slice(b",\"capability\":");
@@ -135,6 +135,28 @@ impl AuditRecord {
         }
         out.push(b'}');
     }
+}
+
+/// The longest `path` a record keeps, and the longest `method` or `host`. SECURITY: these are
+/// the agent's (or anyone's: a 407 is recorded too), and a request head may be 64 KiB; kept
+/// whole, a flood of unauthenticated requests with long paths filled the audit disk at 60 KB a
+/// record, after which keyward refuses every task (no record, no request). A longer one is
+/// cut, and says how much was cut.
+pub const PATH_MAX: usize = 2048;
+pub const SHORT_FIELD_MAX: usize = 256;
+
+/// `json_str` of `s`, cut to at most `max` bytes (at a character's start) plus a note of how
+/// many bytes were cut: `/a/b…(+58976 bytes)`.
+fn json_str_capped(out: &mut Vec<u8>, s: &str, max: usize) {
+    if s.len() <= max {
+        return json_str(out, s);
+    }
+    let mut cut = max;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let kept = s.get(..cut).unwrap_or_default();
+    json_str(out, &format!("{kept}\u{2026}(+{} bytes)", s.len() - cut));
 }
 
 /// A JSON string, in ASCII. Agent-chosen text (a method, a host, a path) may hold anything:
@@ -481,6 +503,31 @@ mod tests {
         let line = serde_json::to_string(&rec).unwrap();
         assert!(line.contains(r#""path":"/v1/x""#));
         assert!(!line.contains("hunter2"));
+    }
+
+    #[test]
+    fn long_agent_chosen_fields_are_cut_and_say_by_how_much() {
+        let rec = AuditRecord {
+            method: "M".repeat(300),
+            host: format!("{}.test", "h".repeat(400)),
+            path: format!("/{}é{}", "a".repeat(2046), "b".repeat(60_000)),
+            ..AuditRecord::default()
+        };
+        let mut line = Vec::new();
+        rec.write_json(&mut line);
+        assert!(line.len() < 4096, "{} bytes", line.len());
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v["method"],
+            format!("{}\u{2026}(+44 bytes)", "M".repeat(256))
+        );
+        assert!(v["host"]
+            .as_str()
+            .unwrap()
+            .ends_with("\u{2026}(+149 bytes)"));
+        // Cut at a character's start: `é` (2 bytes) straddles byte 2048.
+        let path = v["path"].as_str().unwrap();
+        assert_eq!(path, format!("/{}\u{2026}(+60002 bytes)", "a".repeat(2046)));
     }
 
     #[test]
