@@ -351,6 +351,7 @@ impl RestartOnly {
             max_connections,
             max_task_in_flight,
             max_task_connections,
+            max_agent_connections,
             max_header_bytes,
             connect_timeout,
             upstream_timeout,
@@ -380,6 +381,10 @@ impl RestartOnly {
             (
                 "proxy.max_task_connections",
                 proxy.max_task_connections != *max_task_connections,
+            ),
+            (
+                "proxy.max_agent_connections",
+                proxy.max_agent_connections != *max_agent_connections,
             ),
             (
                 "proxy.max_header_bytes",

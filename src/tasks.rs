@@ -73,6 +73,9 @@ pub struct Task {
     in_flight: AtomicU32,
     /// Agent connections this task holds (`proxy.max_task_connections`).
     connections: AtomicU32,
+    /// Agent connections all the tasks of its agent hold (`proxy.max_agent_connections`):
+    /// one counter per agent, shared by its tasks (`TaskStore::agents`).
+    agent_connections: Arc<AtomicU32>,
 }
 
 /// Why a task stopped being valid.
@@ -204,13 +207,26 @@ impl Task {
     /// Takes one of the task's `limit` connection places, held until the returned guard drops
     /// (the connection, and every tunnel or relay it became, has closed); `None` when all are
     /// taken.
-    pub fn hold_connection(self: &Arc<Self>, limit: u32) -> Option<ConnectionHold> {
-        self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()?;
-        Some(ConnectionHold(self.clone()))
+    pub fn hold_connection(
+        self: &Arc<Self>,
+        task_limit: u32,
+        agent_limit: u32,
+    ) -> Result<ConnectionHold, ConnectionsFull> {
+        let take = |count: &AtomicU32, limit: u32| {
+            count
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if !take(&self.connections, task_limit) {
+            return Err(ConnectionsFull::Task);
+        }
+        if !take(&self.agent_connections, agent_limit) {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(ConnectionsFull::Agent);
+        }
+        Ok(ConnectionHold(self.clone()))
     }
 
     /// Agent connections this task holds now.
@@ -277,7 +293,16 @@ impl ConnectionHold {
 impl Drop for ConnectionHold {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.agent_connections.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Whose connection places are all held: the task's (`max_task_connections`) or its agent's
+/// (`max_agent_connections`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectionsFull {
+    Task,
+    Agent,
 }
 
 /// What a mint request asks for (from the admin API or `keyward explain`).
@@ -354,6 +379,9 @@ enum Presented<'a> {
 pub struct TaskStore {
     by_id: DashMap<String, Arc<Task>>,
     by_hash: DashMap<[u8; 32], Arc<Task>>,
+    /// Each agent's connection count, shared by its tasks (agents are the policy's names, so
+    /// this stays small).
+    agents: DashMap<String, Arc<AtomicU32>>,
 }
 
 impl TaskStore {
@@ -372,8 +400,10 @@ impl TaskStore {
         let task = build_task(policy, spec, now)?;
         let token = new_token();
         let hash = hash_token(token.expose());
+        let agent_connections = self.agents.entry(task.agent.clone()).or_default().clone();
         let task = Arc::new(Task {
             token_hash: hash,
+            agent_connections,
             ..task
         });
         match self.by_id.entry(task.id.clone()) {
@@ -649,6 +679,7 @@ fn build_task(
         revocation: tokio::sync::Notify::new(),
         in_flight: AtomicU32::new(0),
         connections: AtomicU32::new(0),
+        agent_connections: Arc::default(),
     })
 }
 

@@ -185,6 +185,7 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
             "max_connections",
             "max_task_in_flight",
             "max_task_connections",
+            "max_agent_connections",
             "max_header_bytes",
             "connect_timeout",
             "upstream_timeout",
@@ -225,6 +226,12 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
         .and_then(|f| f.integer(errs, 1, 1_000_000))
     {
         p.max_task_connections = u32::try_from(v).ok();
+    }
+    if let Some(v) = map
+        .get("max_agent_connections")
+        .and_then(|f| f.integer(errs, 1, 1_000_000))
+    {
+        p.max_agent_connections = u32::try_from(v).ok();
     }
     if let Some(v) = map
         .get("max_header_bytes")
@@ -581,7 +588,7 @@ extra: 1
         assert_eq!(
             errors(&text),
             [
-                "p.yaml:5:3: proxy.bogus: unknown key `bogus` (expected one of: listen, header_read_timeout, idle_timeout, max_connections, max_task_in_flight, max_task_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
+                "p.yaml:5:3: proxy.bogus: unknown key `bogus` (expected one of: listen, header_read_timeout, idle_timeout, max_connections, max_task_in_flight, max_task_connections, max_agent_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
                 "p.yaml:9:5: services.s.injct: unknown key `injct`; did you mean `inject`?",
                 "p.yaml:14:5: capabilities.c.description: unknown key `description` (expected one of: service, risk, routes)",
                 "p.yaml:15:1: extra: unknown key `extra` (expected one of: proxy, admin, ca, audit, credentials, services, capabilities, agents, passthrough)",

@@ -534,6 +534,13 @@ passthrough: [updates.example.org]
         assert_eq!(set.proxy.task_connections_limit(), 3);
         let tiny = ok(&format!("{ADMIN}proxy: {{max_connections: 3}}\n"));
         assert_eq!(tiny.proxy.task_connections_limit(), 1);
+        // Half of max_connections for all of an agent's tasks, unless set.
+        assert_eq!(p.proxy.agent_connections_limit(), 5);
+        assert_eq!(tiny.proxy.agent_connections_limit(), 1);
+        let set = ok(&format!(
+            "{ADMIN}proxy: {{max_connections: 8, max_agent_connections: 7}}\n"
+        ));
+        assert_eq!(set.proxy.agent_connections_limit(), 7);
         assert_eq!(p.audit.path, AuditTarget::Stdout);
         assert_eq!(p.credentials[0].refresh, Some(Duration::from_secs(300)));
         let plain = &p.services[0];

@@ -93,6 +93,9 @@ pub struct ProxySettings {
     /// Connections (and the tunnels they became) one task may hold at once, when set; see
     /// `task_connections_limit`.
     pub max_task_connections: Option<u32>,
+    /// The same for all the tasks of one agent together, when set; see
+    /// `agent_connections_limit`.
+    pub max_agent_connections: Option<u32>,
     pub max_header_bytes: usize,
     pub connect_timeout: Duration,
     /// Time allowed until the upstream's response head arrives (bodies may stream longer).
@@ -112,6 +115,17 @@ impl ProxySettings {
                 .max(1)
         })
     }
+
+    /// Connections all the tasks of one agent may hold together: `max_agent_connections`, by
+    /// default half of `max_connections`, so one agent's tasks (a quarter each) cannot take
+    /// every place from the other agents.
+    pub fn agent_connections_limit(&self) -> u32 {
+        self.max_agent_connections.unwrap_or_else(|| {
+            u32::try_from(self.max_connections / 2)
+                .unwrap_or(u32::MAX)
+                .max(1)
+        })
+    }
 }
 
 impl Default for ProxySettings {
@@ -123,6 +137,7 @@ impl Default for ProxySettings {
             max_connections: 4096,
             max_task_in_flight: 64,
             max_task_connections: None,
+            max_agent_connections: None,
             max_header_bytes: 65536,
             connect_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(300),

@@ -68,8 +68,7 @@ pub async fn handle(
     if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
         return refuse(&state, &generation, draft, d, None).await;
     }
-    let limit = state.settings.task_connections_limit();
-    if let Some((reason, code)) = ctx.slot.claim(&task, limit) {
+    if let Some((reason, code)) = ctx.slot.claim(&task, &state.settings) {
         let denial = Denial::bare(reason);
         let mut resp = refuse(&state, &generation, draft, denial, Some(code)).await;
         // The connection is not kept: it is another task's, or no task holds it.

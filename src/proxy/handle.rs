@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use crate::credentials;
 use crate::decide::{self, Denial, RequestFacts};
-use crate::policy::Injection;
+use crate::policy::{Injection, ProxySettings};
 use crate::proxy::body::{CountingBody, ProxyBody, Upload};
 use crate::proxy::connect;
 use crate::proxy::forward::{self, UpstreamError};
@@ -27,7 +27,7 @@ use crate::proxy::respond::{self, DenyInfo, Failure};
 use crate::proxy::upgrade;
 use crate::reason::Reason;
 use crate::state::{Generation, State};
-use crate::tasks::Task;
+use crate::tasks::{ConnectionsFull, Task};
 
 /// Where a request came from.
 #[derive(Clone)]
@@ -62,19 +62,30 @@ impl ConnPlace {
     /// use it; else why not: another task holds it (SECURITY, I3: a connection's identity is
     /// fixed, on the plain listener as in a tunnel, so no task rides a place another holds),
     /// or `task` holds all the places it may.
-    pub fn claim(&self, task: &Arc<Task>, limit: u32) -> Option<(Reason, &'static str)> {
+    pub fn claim(
+        &self,
+        task: &Arc<Task>,
+        settings: &ProxySettings,
+    ) -> Option<(Reason, &'static str)> {
         if let Some(hold) = self.holder.get() {
             return (hold.task().serial != task.serial)
                 .then_some((Reason::InvalidToken, respond::OTHER_TASK));
         }
-        match task.hold_connection(limit) {
-            Some(hold) => {
+        let limits = (
+            settings.task_connections_limit(),
+            settings.agent_connections_limit(),
+        );
+        match task.hold_connection(limits.0, limits.1) {
+            Ok(hold) => {
                 // Requests on one connection are handled one at a time (HTTP/1.1), so no
                 // other claim can have won meanwhile; if one did, this hold is dropped.
                 let _ = self.holder.set(hold);
                 None
             }
-            None => Some((Reason::BudgetExhausted, respond::CONNECTIONS)),
+            Err(ConnectionsFull::Task) => Some((Reason::BudgetExhausted, respond::CONNECTIONS)),
+            Err(ConnectionsFull::Agent) => {
+                Some((Reason::BudgetExhausted, respond::AGENT_CONNECTIONS))
+            }
         }
     }
 
@@ -545,8 +556,7 @@ fn prepare(
     };
     draft.set_task(&task);
     decide::check_validity(&task, now)?;
-    let limit = state.settings.task_connections_limit();
-    if let Some((reason, code)) = ctx.slot.claim(&task, limit) {
+    if let Some((reason, code)) = ctx.slot.claim(&task, &state.settings) {
         return Err(Refusal {
             denial: Denial::bare(reason),
             code: Some(code),

@@ -86,7 +86,10 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
         REASON_HEADER,
         HeaderValue::from_static(info.reason.as_str()),
     );
-    if info.ambiguity == Some(IN_FLIGHT) || info.ambiguity == Some(CONNECTIONS) {
+    if matches!(
+        info.ambiguity,
+        Some(IN_FLIGHT) | Some(CONNECTIONS) | Some(AGENT_CONNECTIONS)
+    ) {
         resp.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
@@ -103,6 +106,8 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
 pub const IN_FLIGHT: &str = "in_flight";
 /// The same, for a task that holds as many connections as one task may.
 pub const CONNECTIONS: &str = "connections";
+/// The same, for a task whose agent's tasks hold as many connections as one agent's may.
+pub const AGENT_CONNECTIONS: &str = "agent_connections";
 /// `DenyInfo::ambiguity` of an `invalid_token` refusal on a connection another task holds.
 pub const OTHER_TASK: &str = "connection_of_another_task";
 
@@ -135,6 +140,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::HostMismatch => "The request's Host or TLS server name differs from the tunnel's host.".into(),
         Reason::BlockedAddress => "The upstream resolves to a loopback, private, link-local or metadata address.".into(),
         Reason::BudgetExhausted if info.ambiguity == Some(IN_FLIGHT) => "The task has as many requests in flight as one task may (proxy.max_task_in_flight); retry when one completes.".into(),
+        Reason::BudgetExhausted if info.ambiguity == Some(AGENT_CONNECTIONS) => "The agent's tasks hold as many proxy connections as one agent's may (proxy.max_agent_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted if info.ambiguity == Some(CONNECTIONS) => "The task holds as many proxy connections as one task may (proxy.max_task_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
         Reason::ApprovalRequired => match info.hint {

@@ -434,6 +434,71 @@ async fn clients_without_a_valid_token_cannot_hold_the_connection_places() {
     kw.assert_no_leaks().await;
 }
 
+/// Nor can one agent, through several tasks: all of an agent's tasks together hold at most
+/// `max_agent_connections` (by default half of `max_connections`); past that a task of that
+/// agent gets 429 on a new connection, while another agent's task is served. A place freed by
+/// one of the agent's tasks can be taken by another of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_cannot_hold_every_connection_place_through_many_tasks() {
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            p,
+            "  max_connections: 16\n  max_task_connections: 2\n  max_agent_connections: 3\n",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        tasks.push(kw.mint("bot", json!(["plain.issues.read"])).await);
+    }
+    let other = kw.mint("reader", json!(["plain.issues.read"])).await;
+    let keep_alive = |task| {
+        raw_req(&f, "GET", "plain.test", "/echo", task, "").replace("Connection: close\r\n", "")
+    };
+    let mut held = Vec::new();
+    for task in [&tasks[0], &tasks[0], &tasks[1]] {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(keep_alive(task).as_bytes()).await.unwrap();
+        let resp = crate::common::read_response(&mut tcp).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        held.push(tcp);
+    }
+    // The agent's fourth connection, from a task that holds none: 429, naming the setting.
+    for task in [&tasks[1], &tasks[2]] {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(keep_alive(task).as_bytes()).await.unwrap();
+        let resp = crate::common::read_response(&mut tcp).await;
+        let (problem, _) = kw.assert_denied_raw(&resp, 429, "budget_exhausted").await;
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("max_agent_connections")),
+            "{problem}"
+        );
+        assert_eq!(resp.header("connection").as_deref(), Some("close"));
+    }
+    let resp = kw
+        .raw(&raw_req(&f, "GET", "plain.test", "/echo", &other, ""))
+        .await;
+    assert_eq!(resp.status, 200, "another agent: {}", resp.text());
+    // A place the agent frees is its other tasks' to take.
+    drop(held.pop());
+    let mut served = false;
+    for _ in 0..100 {
+        let resp = kw
+            .raw(&raw_req(&f, "GET", "plain.test", "/echo", &tasks[2], ""))
+            .await;
+        if resp.status == 200 {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "the freed place was not given back to the agent");
+    kw.assert_no_leaks().await;
+}
+
 /// One task cannot hold every connection place: kept-alive connections that each send an
 /// allowed (or a denied) request now and then never time out, nor do tunnels. A task holds at
 /// most `max_task_connections` (by default a quarter of `max_connections`); past that its new
