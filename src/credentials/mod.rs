@@ -17,7 +17,7 @@ mod value;
 
 pub use inject::{basic_pair, decode_query_name, inject, Injected};
 pub use source::{read_source, SourceError};
-pub use value::{gate_of, match_len, Breaks, CredentialValue, GATE_BYTES};
+pub use value::{gate_of, keys_of, Breaks, CredentialValue, GATE_BYTES};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

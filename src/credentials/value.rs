@@ -15,13 +15,17 @@ pub struct CredentialValue {
     /// (upper- and lowercase hex, as common encoders leave characters raw), JSON-escaped and
     /// UTF-16 (either byte order) when they differ from it and have at least 4 bytes.
     reflections: Vec<zeroize::Zeroizing<Vec<u8>>>,
-    /// For each reflection, which of `GATE_BYTES` the part of it matched on holds (`gate_of`,
-    /// `match_len`), looked up once here rather than for every header value and frame the
+    /// For each reflection, which of `GATE_BYTES` each of its keys holds (`gate_of`,
+    /// `keys_of`), looked up once here rather than for every header value and frame the
     /// redactor scans.
-    reflection_gates: Vec<Option<u8>>,
+    reflection_gates: Vec<[Option<u8>; 2]>,
     /// Which bytes no reflection holds, so that no occurrence can span one (the redactor lets
     /// a stream's held-back tail go up to the last such byte).
     breaks: Breaks,
+    /// The first two bytes of each reflection's keys, as a set (bit `b0 << 8 | b1`): a short
+    /// text (most header values) that holds none of them holds no occurrence, looked up in one
+    /// pass rather than one search per key.
+    starts: Box<zeroize::Zeroizing<[u64; 1024]>>,
 }
 
 /// The bytes no spelling of a value can hold, by the value's class alone (not by which
@@ -55,18 +59,23 @@ impl Breaks {
 /// one `memchr` per text answers that for all of them (`proxy::redact`).
 pub const GATE_BYTES: [u8; 3] = [b'%', b'\\', 0];
 
-/// How much of a spelling `len` bytes long the redactor matches on: its first half (at least 8
-/// bytes; a spelling of 8 or fewer, whole). A reflection cut short is still a reflection: an
-/// upstream that echoes the first N bytes of what it got ("bad header: Bearer sk-…") would
-/// otherwise hand over all but the credential's last character, and the agent could try the
-/// last one against `secret_egress`. Cut anywhere past its first half, a spelling leaves
-/// the agent half of it to guess.
+/// How much of a spelling `len` bytes long the redactor matches on, at its start (the head)
+/// and at its end (the tail): a third of it, at least 8 bytes (a spelling of 8 or fewer, whole).
+/// A reflection cut short is still a reflection: an upstream that echoes the first (or last) N
+/// bytes of what it got ("bad header: Bearer sk-…") would otherwise hand over all but one
+/// character, and the agent could try that one against `secret_egress`. A third, not a half:
+/// a head cut and a tail cut together, each one byte short of its key, and one more character
+/// at each end told by a guess the redactor replaced, still leave the agent a third to guess.
 pub fn match_len(len: usize) -> usize {
-    if len <= 8 {
-        len
-    } else {
-        len.div_ceil(2).max(8)
-    }
+    len.div_ceil(3).max(8).min(len)
+}
+
+/// A spelling's head and tail keys (`match_len` bytes at each end).
+pub fn keys_of(needle: &[u8]) -> [&[u8]; 2] {
+    let k = match_len(needle.len());
+    let head = needle.get(..k).unwrap_or(needle);
+    let tail = needle.get(needle.len() - k..).unwrap_or(needle);
+    [head, tail]
 }
 
 /// The index in `GATE_BYTES` of the first gate byte `needle` holds.
@@ -166,13 +175,23 @@ impl CredentialValue {
             }
         }
         let breaks = breaks_of(raw, &reflections);
+        let mut starts = Box::new(zeroize::Zeroizing::new([0u64; 1024]));
+        for key in reflections.iter().flat_map(|r| keys_of(r)) {
+            if let [b0, b1, ..] = key {
+                let bit = usize::from(*b0) << 8 | usize::from(*b1);
+                if let Some(word) = starts.get_mut(bit / 64) {
+                    *word |= 1 << (bit % 64);
+                }
+            }
+        }
         CredentialValue {
+            starts,
             folded: Zeroizing::new(raw.to_ascii_lowercase()),
             secret,
-            // (Of the part matched on: a byte there is in every occurrence, cut or whole.)
+            // (Of the parts matched on: a byte there is in every occurrence, cut or whole.)
             reflection_gates: reflections
                 .iter()
-                .map(|r| gate_of(r.get(..match_len(r.len())).unwrap_or(r)))
+                .map(|r| keys_of(r).map(gate_of))
                 .collect(),
             breaks,
             reflections,
@@ -189,14 +208,25 @@ impl CredentialValue {
         &self.reflections
     }
 
-    /// `gate_of` each reflection, in the same order.
-    pub fn reflection_gates(&self) -> &[Option<u8>] {
+    /// `gate_of` each reflection's head and tail keys, in the same order.
+    pub fn reflection_gates(&self) -> &[[Option<u8>; 2]] {
         &self.reflection_gates
     }
 
     /// Which bytes no reflection holds.
     pub fn breaks(&self) -> Breaks {
         self.breaks
+    }
+
+    /// Whether `hay` has two bytes in a row that begin a reflection's key (else no occurrence of
+    /// any, whole or cut short, is in it). One pass over `hay`: for short texts.
+    pub fn may_begin_in(&self, hay: &[u8]) -> bool {
+        hay.windows(2).any(|w| {
+            let bit = usize::from(w[0]) << 8 | usize::from(w[1]);
+            self.starts
+                .get(bit / 64)
+                .is_some_and(|word| word & (1 << (bit % 64)) != 0)
+        })
     }
 }
 

@@ -105,7 +105,7 @@ pub async fn handle(
         }
     };
     draft.set_target("CONNECT", Scheme::Https, &host, port, "");
-    if let Err(e) = crate::proxy::identify::connect_head(req.headers(), &host, port) {
+    if let Err(e) = crate::proxy::identify::connect_head(req.headers()) {
         let denial = Denial::bare(e.reason);
         let mut resp = refuse(&state, &generation, draft, denial, Some(e.code)).await;
         // (What follows such a head could be read as a body or as a tunnel's bytes.)

@@ -411,16 +411,11 @@ fn canon_path(parts: &Parts) -> Result<CanonPath, TargetError> {
     canonicalize(target).map_err(|a| ambiguous(a.as_str()))
 }
 
-/// The checks a CONNECT's head must pass once its authority is read as `host:port`: a `Host`
-/// that names another destination is a second spelling of it (SPEC §4.4, as for an absolute
-/// URI), and a CONNECT has no content (RFC 9110 §9.3.6), so framing on one would be read two
-/// ways (the first bytes of the tunnel, or a body).
-pub fn connect_head(headers: &HeaderMap, host: &str, port: u16) -> Result<(), TargetError> {
-    if let Some(h) = single_host_header(headers)? {
-        if parse_authority(h, 443)? != (host.to_string(), port) {
-            return Err(ambiguous("host_disagrees_with_uri"));
-        }
-    }
+/// The check a CONNECT's head must pass: a CONNECT has no content (RFC 9110 §9.3.6), so
+/// framing on one would be read two ways (the first bytes of the tunnel, or a body). Its
+/// `Host` is not checked: the destination is the authority alone (SPEC §4.2), and common
+/// clients send the proxy's own name there (Node's `http.request` does).
+pub fn connect_head(headers: &HeaderMap) -> Result<(), TargetError> {
     let has_content = headers.contains_key(http::header::TRANSFER_ENCODING)
         || headers
             .get_all(http::header::CONTENT_LENGTH)
