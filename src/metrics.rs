@@ -260,19 +260,22 @@ impl Metrics {
         }
     }
 
-    /// Creates each service's series of the upstream-failure and redaction counters at 0.
+    /// Creates each service's series of the upstream-failure and redaction counters at 0:
     /// `increase()` cannot see a series that first appears at 1, so without them an alert on
-    /// a pod's first TLS failure or first echoed credential would not fire.
-    pub fn know_services<'a>(&self, services: impl IntoIterator<Item = &'a str>) {
-        for service in services {
-            for kind in UPSTREAM_ERROR_KINDS {
+    /// a pod's first TLS failure or first echoed credential would not fire. Each service is
+    /// (name, reached over TLS, injects a credential): only the series that can grow.
+    pub fn know_services<'a>(&self, services: impl IntoIterator<Item = (&'a str, bool, bool)>) {
+        for (service, tls, injects) in services {
+            for kind in UPSTREAM_ERROR_KINDS.iter().filter(|&&k| tls || k != "tls") {
                 let _ = self
                     .upstream_errors
                     .get_metric_with_label_values(&[service, kind]);
             }
-            let _ = self
-                .secrets_redacted
-                .get_metric_with_label_values(&[service]);
+            if injects {
+                let _ = self
+                    .secrets_redacted
+                    .get_metric_with_label_values(&[service]);
+            }
         }
     }
 

@@ -97,7 +97,7 @@ impl State {
     ) -> State {
         // The policy it starts with fixes what only a restart changes.
         let started = generation.policy.policy();
-        metrics.know_services(started.services.iter().map(|s| s.name.as_str()));
+        metrics.know_services(metric_series(started));
         State {
             settings: started.proxy.clone(),
             restart_only: RestartOnly::of(started),
@@ -219,8 +219,7 @@ impl State {
             .into_iter()
             .filter(|t| !t.is_revoked() && withdrawn(t))
             .collect();
-        let services = compiled.policy().services.iter().map(|s| s.name.as_str());
-        self.metrics.know_services(services);
+        self.metrics.know_services(metric_series(compiled.policy()));
         self.generation.store(Arc::new(generation));
         for task in &orphaned {
             self.tasks.withdraw(&task.id);
@@ -441,6 +440,17 @@ impl RequestIds {
         }
         id
     }
+}
+
+/// Each service as `Metrics::know_services` takes it: name, reached over TLS, injects.
+fn metric_series(policy: &Policy) -> impl Iterator<Item = (&str, bool, bool)> {
+    policy.services.iter().map(|s| {
+        (
+            s.name.as_str(),
+            s.scheme == crate::policy::Scheme::Https,
+            s.inject.is_some(),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -605,6 +605,9 @@ async fn failure_and_redaction_series_start_at_zero_for_every_service() {
     }
     let redacted = "keyward_secrets_redacted_total{service=\"plain\"}";
     assert_eq!(common::metric_value(&text, redacted), Some(0.0));
+    // Only series that can grow: no TLS failure for a plain-HTTP service.
+    let plain_tls = "keyward_upstream_errors_total{kind=\"tls\",service=\"plain\"}";
+    assert_eq!(common::metric_value(&text, plain_tls), None);
     // A service added by a reload.
     let policy = std::fs::read_to_string(&kw.policy_path).unwrap().replace(
         "\nservices:\n",
@@ -615,6 +618,9 @@ async fn failure_and_redaction_series_start_at_zero_for_every_service() {
     assert_eq!(status, 200, "{v}");
     let series = "keyward_upstream_errors_total{kind=\"tls\",service=\"added\"}";
     assert_eq!(kw.metric(series).await, Some(0.0));
+    // (It injects no credential: nothing of it can be redacted.)
+    let series = "keyward_secrets_redacted_total{service=\"added\"}";
+    assert_eq!(kw.metric(series).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
