@@ -22,10 +22,54 @@ pub struct CredentialValue {
     /// Which bytes no reflection holds, so that no occurrence can span one (the redactor lets
     /// a stream's held-back tail go up to the last such byte).
     breaks: Breaks,
-    /// The first two bytes of each reflection's keys, as a set (bit `b0 << 8 | b1`): a short
-    /// text (most header values) that holds none of them holds no occurrence, looked up in one
-    /// pass rather than one search per key.
-    starts: Box<zeroize::Zeroizing<[u64; 1024]>>,
+    /// The first four bytes of each reflection's keys: a short text (most header values, a
+    /// small body) that holds none of them holds no occurrence, looked up in one pass rather
+    /// than one search per key. And the same lowercased, for header names (lowercased on the
+    /// way).
+    starts: StartSet,
+    starts_folded: StartSet,
+}
+
+/// A set of 4-byte strings, as a 65,536-bit filter (a string's bit is a hash of it, so a
+/// string not in the set may be found in it: a text that holds one is then searched).
+/// (`short`: a key under 4 bytes, which no text is spared a search for; spellings have 4.)
+struct StartSet {
+    bits: Box<zeroize::Zeroizing<[u64; 1024]>>,
+    short: bool,
+}
+
+impl StartSet {
+    fn of<'a>(keys: impl Iterator<Item = &'a [u8]>, fold: bool) -> StartSet {
+        let mut set = Box::new(zeroize::Zeroizing::new([0u64; 1024]));
+        let mut short = false;
+        for key in keys {
+            short |= key.len() < 4;
+            if let Some(&[a, b, c, d]) = key.get(..4) {
+                let start = match fold {
+                    true => [a, b, c, d].map(|x| x.to_ascii_lowercase()),
+                    false => [a, b, c, d],
+                };
+                let bit = start_bit(start);
+                set[bit >> 6] |= 1 << (bit & 63);
+            }
+        }
+        StartSet { bits: set, short }
+    }
+
+    /// Whether four bytes in a row of `hay` may be in the set.
+    fn any_in(&self, hay: &[u8]) -> bool {
+        let set: &[u64; 1024] = &self.bits;
+        self.short
+            || hay.windows(4).any(|w| {
+                let bit = start_bit([w[0], w[1], w[2], w[3]]);
+                set[bit >> 6] & (1 << (bit & 63)) != 0
+            })
+    }
+}
+
+/// The filter bit of a 4-byte string (a multiplicative hash, top 16 bits).
+fn start_bit(start: [u8; 4]) -> usize {
+    (u32::from_le_bytes(start).wrapping_mul(0x9e37_79b1) >> 16) as usize
 }
 
 /// The bytes no spelling of a value can hold, by the value's class alone (not by which
@@ -175,17 +219,10 @@ impl CredentialValue {
             }
         }
         let breaks = breaks_of(raw, &reflections);
-        let mut starts = Box::new(zeroize::Zeroizing::new([0u64; 1024]));
-        for key in reflections.iter().flat_map(|r| keys_of(r)) {
-            if let [b0, b1, ..] = key {
-                let bit = usize::from(*b0) << 8 | usize::from(*b1);
-                if let Some(word) = starts.get_mut(bit / 64) {
-                    *word |= 1 << (bit % 64);
-                }
-            }
-        }
+        let keys = || reflections.iter().flat_map(|r| keys_of(r));
         CredentialValue {
-            starts,
+            starts: StartSet::of(keys(), false),
+            starts_folded: StartSet::of(keys(), true),
             folded: Zeroizing::new(raw.to_ascii_lowercase()),
             secret,
             // (Of the parts matched on: a byte there is in every occurrence, cut or whole.)
@@ -218,15 +255,15 @@ impl CredentialValue {
         self.breaks
     }
 
-    /// Whether `hay` has two bytes in a row that begin a reflection's key (else no occurrence of
-    /// any, whole or cut short, is in it). One pass over `hay`: for short texts.
+    /// Whether `hay` may have four bytes in a row that begin a reflection's key (else no
+    /// occurrence of any, whole or cut short, is in it). One pass over `hay`: for short texts.
     pub fn may_begin_in(&self, hay: &[u8]) -> bool {
-        hay.windows(2).any(|w| {
-            let bit = usize::from(w[0]) << 8 | usize::from(w[1]);
-            self.starts
-                .get(bit / 64)
-                .is_some_and(|word| word & (1 << (bit % 64)) != 0)
-        })
+        self.starts.any_in(hay)
+    }
+
+    /// The same for a lowercased text (a header name).
+    pub fn may_begin_in_folded(&self, hay: &[u8]) -> bool {
+        self.starts_folded.any_in(hay)
     }
 }
 

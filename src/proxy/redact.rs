@@ -24,6 +24,11 @@ const MARK: &[u8] = b"[redacted]";
 /// costs more than a `memchr` walk over a header value or a small body).
 const SMALL_HAY: usize = 1024;
 
+/// Haystacks shorter than this (header values) are first looked through for a key's first
+/// four bytes in one pass (`CredentialValue::may_begin_in`); longer ones are searched at once,
+/// as a search per key (`memchr` of its first byte) costs less than the pass over them.
+const FILTERED_HAY: usize = 128;
+
 /// The byte strings that must not reach the agent, and a streaming scanner over them.
 pub struct Redactor {
     /// The credential's reflections (derived once per value, see `CredentialValue`).
@@ -32,6 +37,8 @@ pub struct Redactor {
     /// keys' gates.
     extra: Option<Zeroizing<Vec<u8>>>,
     extra_gates: [Option<u8>; 2],
+    /// The first four bytes of its keys (`may_begin_in`).
+    extra_starts: Zeroizing<[[u8; 4]; 2]>,
     longest: usize,
     carry: BytesMut,
     found: u64,
@@ -56,6 +63,13 @@ impl Redactor {
             extra_gates: extra
                 .as_deref()
                 .map_or([None; 2], |e| keys_of(e).map(gate_of)),
+            extra_starts: Zeroizing::new(extra.as_deref().map_or([[0; 4]; 2], |e| {
+                keys_of(e).map(|k| {
+                    let mut start = [0; 4];
+                    start.copy_from_slice(k.get(..4).unwrap_or(&[0; 4]));
+                    start
+                })
+            })),
             extra,
             longest: 0,
             carry: BytesMut::new(),
@@ -103,18 +117,15 @@ impl Redactor {
         extra.chain(reflections)
     }
 
-    /// Whether an occurrence may begin in `hay`: for a short one (a header value, a small
-    /// body), a pass over its pairs of bytes (`CredentialValue::may_begin_in`) spares the
-    /// search per needle; a long one is searched at once (memmem is faster than the pass).
+    /// Whether an occurrence may begin in `hay`: for a short one (a header value), a pass over
+    /// its 4-byte windows (`CredentialValue::may_begin_in`) spares a search per key.
     fn may_begin_in(&self, hay: &[u8]) -> bool {
-        hay.len() >= SMALL_HAY
+        hay.len() >= FILTERED_HAY
             || self.value.may_begin_in(hay)
-            || self.extra.as_deref().is_some_and(|e| {
-                keys_of(e)
-                    .iter()
-                    .filter_map(|k| k.get(..2))
-                    .any(|start| hay.windows(2).any(|w| w == start))
-            })
+            || (self.extra.is_some()
+                && hay
+                    .windows(4)
+                    .any(|w| self.extra_starts.iter().any(|s| w == s)))
     }
 
     /// Occurrences replaced so far.
@@ -131,7 +142,8 @@ impl Redactor {
             .filter(|name| {
                 let name = name.as_str().as_bytes();
                 // (A name is lowercase on the way: any key, in any case, cut or whole.)
-                self.needles().flat_map(|(n, _)| keys_of(n)).any(|key| {
+                let may = self.extra.is_some() || self.value.may_begin_in_folded(name);
+                may && self.needles().flat_map(|(n, _)| keys_of(n)).any(|key| {
                     name.len() >= key.len()
                         && name.windows(key.len()).any(|w| w.eq_ignore_ascii_case(key))
                 })
