@@ -28,6 +28,8 @@ pub struct CredentialValue {
     /// way).
     starts: StartSet,
     starts_folded: StartSet,
+    /// How long every spelling's keys are (`keys_of`).
+    key_len: usize,
 }
 
 /// A set of 4-byte strings, as a 65,536-bit filter (a string's bit is a hash of it, so a
@@ -114,9 +116,13 @@ pub fn match_len(len: usize) -> usize {
     len.div_ceil(3).max(8).min(len)
 }
 
-/// A spelling's head and tail keys (`match_len` bytes at each end).
-pub fn keys_of(needle: &[u8]) -> [&[u8]; 2] {
-    let k = match_len(needle.len());
+/// A spelling's head and tail keys: `k` bytes at each end (all of it if it is shorter). Every
+/// spelling of a value has keys of one length, `match_len` of the value's own: spellings that
+/// share their first (or last) bytes then share their keys, found or not found together, so
+/// what is replaced does not tell how far a guess at the next character went (a spelling
+/// with a longer key, matched one character later, told it).
+pub fn keys_of(needle: &[u8], k: usize) -> [&[u8]; 2] {
+    let k = k.min(needle.len());
     let head = needle.get(..k).unwrap_or(needle);
     let tail = needle.get(needle.len() - k..).unwrap_or(needle);
     [head, tail]
@@ -219,8 +225,10 @@ impl CredentialValue {
             }
         }
         let breaks = breaks_of(raw, &reflections);
-        let keys = || reflections.iter().flat_map(|r| keys_of(r));
+        let key_len = match_len(raw.len());
+        let keys = || reflections.iter().flat_map(|r| keys_of(r, key_len));
         CredentialValue {
+            key_len,
             starts: StartSet::of(keys(), false),
             starts_folded: StartSet::of(keys(), true),
             folded: Zeroizing::new(raw.to_ascii_lowercase()),
@@ -228,7 +236,7 @@ impl CredentialValue {
             // (Of the parts matched on: a byte there is in every occurrence, cut or whole.)
             reflection_gates: reflections
                 .iter()
-                .map(|r| keys_of(r).map(gate_of))
+                .map(|r| keys_of(r, key_len).map(gate_of))
                 .collect(),
             breaks,
             reflections,
@@ -248,6 +256,11 @@ impl CredentialValue {
     /// `gate_of` each reflection's head and tail keys, in the same order.
     pub fn reflection_gates(&self) -> &[[Option<u8>; 2]] {
         &self.reflection_gates
+    }
+
+    /// How long every spelling's keys are (`keys_of`).
+    pub fn key_len(&self) -> usize {
+        self.key_len
     }
 
     /// Which bytes no reflection holds.

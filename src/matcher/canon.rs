@@ -686,6 +686,9 @@ mod tests {
         for (i, part) in parts.iter().enumerate() {
             let b = part.as_bytes();
             let mut s = String::new();
+            // Every byte the segment decodes to: percent-encoded bytes of 0x80 and up must
+            // make, with the rest, UTF-8 text without C1 controls or structural look-alikes.
+            let mut decoded = Vec::new();
             let mut j = 0;
             while j < b.len() {
                 if b[j] == b'%' {
@@ -697,6 +700,7 @@ mod tests {
                     if b"/\\%;".contains(&v) || v < 0x20 || v == 0x7f {
                         return None;
                     }
+                    decoded.push(v);
                     if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
                         s.push(char::from(v));
                     } else {
@@ -708,7 +712,16 @@ mod tests {
                         return None;
                     }
                     s.push(char::from(b[j]));
+                    decoded.push(b[j]);
                     j += 1;
+                }
+            }
+            if decoded.iter().any(|&d| d >= 0x80) {
+                let text = std::str::from_utf8(&decoded).ok()?;
+                if text.chars().any(|c| {
+                    ('\u{80}'..='\u{9F}').contains(&c) || super::is_structural_lookalike(c)
+                }) {
+                    return None;
                 }
             }
             if (s.is_empty() && i + 1 != parts.len())

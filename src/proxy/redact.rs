@@ -58,13 +58,14 @@ impl Redactor {
                     .iter()
                     .any(|r| r.as_slice() == e.as_slice())
         });
+        let key_len = value.key_len();
         let mut r = Redactor {
             value,
             extra_gates: extra
                 .as_deref()
-                .map_or([None; 2], |e| keys_of(e).map(gate_of)),
+                .map_or([None; 2], |e| keys_of(e, key_len).map(gate_of)),
             extra_starts: Zeroizing::new(extra.as_deref().map_or([[0; 4]; 2], |e| {
-                keys_of(e).map(|k| {
+                keys_of(e, key_len).map(|k| {
                     let mut start = [0; 4];
                     start.copy_from_slice(k.get(..4).unwrap_or(&[0; 4]));
                     start
@@ -143,10 +144,13 @@ impl Redactor {
                 let name = name.as_str().as_bytes();
                 // (A name is lowercase on the way: any key, in any case, cut or whole.)
                 let may = self.extra.is_some() || self.value.may_begin_in_folded(name);
-                may && self.needles().flat_map(|(n, _)| keys_of(n)).any(|key| {
-                    name.len() >= key.len()
-                        && name.windows(key.len()).any(|w| w.eq_ignore_ascii_case(key))
-                })
+                may && self
+                    .needles()
+                    .flat_map(|(n, _)| keys_of(n, self.value.key_len()))
+                    .any(|key| {
+                        name.len() >= key.len()
+                            && name.windows(key.len()).any(|w| w.eq_ignore_ascii_case(key))
+                    })
             })
             .cloned()
             .collect();
@@ -264,9 +268,12 @@ impl Redactor {
         }
         let mut gates = Gates::default();
         self.needles().any(|(n, key_gates)| {
-            keys_of(n).iter().zip(key_gates).any(|(key, gate)| {
-                key.len() <= hay.len() && gates.may_hold(hay, gate) && find(hay, key).is_some()
-            })
+            keys_of(n, self.value.key_len())
+                .iter()
+                .zip(key_gates)
+                .any(|(key, gate)| {
+                    key.len() <= hay.len() && gates.may_hold(hay, gate) && find(hay, key).is_some()
+                })
         })
     }
 
@@ -286,17 +293,21 @@ impl Redactor {
     /// `hay` with every occurrence of every needle replaced by the marker; `None` (nothing
     /// copied) when there is none. Copies that held a needle wipe themselves.
     ///
-    /// An occurrence is found by either of a needle's keys (`credentials::keys_of`: its first
-    /// or its last third), so a reflection cut short at either end is found too:
+    /// An occurrence is found by either of a needle's keys (`credentials::keys_of`: a third of
+    /// the value's length at each end of the spelling), so a reflection cut short at either
+    /// end is found too:
     /// - a whole needle is replaced exactly;
     /// - a cut one is replaced for the needle's whole length on from its head (or back from its
     ///   tail), whatever those bytes are, up to a break (a byte no spelling holds, so the cut
     ///   reflection cannot go on past it): never as far as the match went, which an upstream
-    ///   that echoes the agent's own text would tell it a character at a time. A cut
-    ///   occurrence within a whole one is that one (spellings that share their first or last
-    ///   bytes).
+    ///   that echoes the agent's own text would tell it a character at a time.
     ///
-    /// Occurrences that overlap become one marker. Unless `at_end`, a cut one that may go on
+    /// A cut occurrence whose key lies in a whole one is that one, read by a longer spelling
+    /// that shares its first or last bytes: a whole reflection is replaced exactly, not with
+    /// the bytes around it. (The price: an upstream that echoes a cut copy of the credential
+    /// run on into the agent's own text shows, by the marker's width, whether the agent's
+    /// text completed the credential, when a longer spelling shares its start.) Occurrences
+    /// that overlap become one marker. Unless `at_end`, a cut one that may go on
     /// past the end of `hay` is not replaced yet: `open_from` says where it starts in the
     /// output, for the caller to hold it back whole until the next frame (or the end).
     fn replace_all(&self, hay: &[u8], at_end: bool) -> Option<Replaced> {
@@ -310,7 +321,7 @@ impl Redactor {
         let mut cut: smallvec::SmallVec<[(Span, usize); 4]> = smallvec::SmallVec::new();
         let mut gates = Gates::default();
         for (needle, key_gates) in self.needles() {
-            let [head, tail] = keys_of(needle);
+            let [head, tail] = keys_of(needle, self.value.key_len());
             // Length first: most header values are shorter than most keys.
             if head.len() > hay.len() {
                 continue;
@@ -359,8 +370,6 @@ impl Redactor {
                 }
             }
         }
-        // A cut occurrence whose key lies in a whole one is that one, read by another spelling
-        // that shares its first or last bytes.
         cut.retain(|(_, key_at)| !whole.iter().any(|w| w.start <= *key_at && *key_at < w.end));
         if whole.is_empty() && cut.is_empty() {
             return None;
@@ -620,6 +629,30 @@ mod tests {
                 shown.starts_with("data: [redacted]"),
                 "split at {at}: {shown}"
             );
+        }
+    }
+
+    /// SECURITY: every spelling's keys have the value's key length, so spellings that share
+    /// their first bytes are found together: the marker is as wide whatever the agent's
+    /// guess at the character after the key (with a key per spelling's own length, a longer
+    /// spelling was found one character later, and the wider marker told a right guess).
+    #[test]
+    fn spellings_sharing_a_start_are_found_together_whatever_follows_the_key() {
+        let key = "R5Kjp1vRtA1fjO/S/6ilI+ihN5KXqZ";
+        for known in 10..14 {
+            let outs: std::collections::HashSet<Vec<u8>> =
+                "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+                    .chars()
+                    .map(|g| {
+                        let value = CredentialValue::new(Secret::new(key.into()));
+                        let mut r = Redactor::new(Arc::new(value), None);
+                        let text = format!("{}{g}{}|", &key[..known], ".".repeat(40));
+                        let mut out = push(&mut r, text.as_bytes());
+                        out.extend_from_slice(&r.finish());
+                        out
+                    })
+                    .collect();
+            assert_eq!(outs.len(), 1, "{known} known: {outs:?}");
         }
     }
 
