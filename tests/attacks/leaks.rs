@@ -553,8 +553,8 @@ async fn credential_reflected_inside_a_compressed_body_never_reaches_the_agent()
 
 /// SECURITY (I4): an upstream that echoes what it got cut short ("bad key: <first N bytes>")
 /// would hand the agent all but the credential's last characters, and `secret_egress` would
-/// tell it which guess at the rest is right. A reflection cut past half the credential is
-/// replaced, in a header and in the body, at its end and inside it.
+/// tell it which guess at the rest is right. A reflection cut short that keeps a third of the
+/// credential at either end is replaced, in a header and in the body, at its end and inside it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_echoed_cut_short_is_redacted() {
     let script = ScriptUpstream::start(|req| {
