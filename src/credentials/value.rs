@@ -105,8 +105,9 @@ impl Breaks {
 /// one `memchr` per text answers that for all of them (`proxy::redact`).
 pub const GATE_BYTES: [u8; 3] = [b'%', b'\\', 0];
 
-/// How much of a spelling `len` bytes long the redactor matches on, at its start (the head)
-/// and at its end (the tail): a third of it, at least 8 bytes (a spelling of 8 or fewer, whole).
+/// The length of the keys the redactor finds a value `len` bytes long by, at the start (the
+/// head) and at the end (the tail) of each of its spellings: a third of the value, at least 8
+/// bytes (a value of 8 or fewer, whole).
 /// A reflection cut short is still a reflection: an upstream that echoes the first (or last) N
 /// bytes of what it got ("bad header: Bearer sk-…") would otherwise hand over all but one
 /// character, and the agent could try that one against `secret_egress`. A third, not a half:

@@ -205,8 +205,8 @@ impl Redactor {
             }
             None => (std::mem::take(&mut self.carry), None),
         };
-        // An occurrence the next frame may go on with is held whole, breaks or not (it is
-        // shorter than the longest needle, so this holds no more than that).
+        // An occurrence the next frame may go on with is held whole, breaks or not, with what
+        // overlaps it (at most twice the longest needle: see `replace_all`).
         let from = self.held_from(&out, hold).min(open.unwrap_or(usize::MAX));
         self.carry = out.split_off(from);
         [Bytes::new(), out.freeze()]
@@ -379,6 +379,13 @@ impl Redactor {
         spans.sort_unstable_by_key(|s| (s.start, s.end));
         let mut out = Zeroizing::new(Vec::with_capacity(hay.len()));
         let (mut last, mut count, mut open_from) = (0, 0, None);
+        // Overlapping spans merge; one that holds an open span reaches the end of `hay`, and is
+        // held from its start. Not from further back than twice the longest needle, though: a
+        // chain of overlapping cut occurrences (a line of masked tokens) would otherwise hold,
+        // and rescan, the whole line. Then what precedes the open span's own start (less than
+        // a needle from the end) is replaced.
+        let first_open = spans.iter().filter(|s| s.open).map(|s| s.start).min();
+        let hold_limit = hay.len().saturating_sub(2 * self.longest);
         let mut spans = spans.into_iter().peekable();
         while let Some(mut span) = spans.next() {
             while let Some(next) = spans.next_if(|next| next.start < span.end) {
@@ -387,9 +394,16 @@ impl Redactor {
             }
             out.extend_from_slice(hay.get(last..span.start).unwrap_or_default());
             if span.open {
-                // (It reaches the end of `hay`: nothing follows it.)
+                let held = match first_open {
+                    Some(at) if span.start < hold_limit && at > span.start => {
+                        out.extend_from_slice(MARK);
+                        count += 1;
+                        at
+                    }
+                    _ => span.start,
+                };
                 open_from = Some(out.len());
-                last = span.start;
+                last = held;
                 break;
             }
             out.extend_from_slice(MARK);
@@ -654,6 +668,60 @@ mod tests {
                     .collect();
             assert_eq!(outs.len(), 1, "{known} known: {outs:?}");
         }
+    }
+
+    /// A line of cut reflections closer together than the credential's length chains into
+    /// overlapping spans; what is held back stays bounded (twice the longest needle) and the
+    /// stream goes on, instead of the whole line being held and searched again per frame.
+    #[test]
+    fn a_chain_of_cut_reflections_holds_back_a_bounded_tail() {
+        let mut r = redactor();
+        let frame = "sk-live-01,".repeat(100);
+        let mut out = Vec::new();
+        for _ in 0..40 {
+            out.extend(push(&mut r, frame.as_bytes()));
+            assert!(r.carry.len() <= 2 * r.longest, "{} held", r.carry.len());
+        }
+        assert!(out.len() > 100, "nothing went out before the end");
+        out.extend_from_slice(&r.finish());
+        assert!(!String::from_utf8_lossy(&out).contains("sk-live-0"));
+    }
+
+    /// A cut reflection at a line's start takes bytes back only up to the line break: the
+    /// event before it is intact.
+    #[test]
+    fn a_tail_cut_takes_nothing_back_past_a_line_break() {
+        let key = "sk-live-0123456789abcdef";
+        for n in 8..key.len() {
+            let value = CredentialValue::new(Secret::new(key.into()));
+            let mut r = Redactor::new(Arc::new(value), None);
+            let text = format!("data: first\n\n{}\n\n", &key[key.len() - n..]);
+            let mut out = push(&mut r, text.as_bytes());
+            out.extend_from_slice(&r.finish());
+            assert_eq!(out, b"data: first\n\n[redacted]\n\n", "{n}");
+        }
+    }
+
+    /// The Basic pair's own head, cut short (its first bytes encode the username, which no
+    /// spelling of the value holds), is found too.
+    #[test]
+    fn a_basic_pair_cut_short_is_found_by_its_own_keys() {
+        let value = Arc::new(CredentialValue::new(Secret::new(
+            "sk-live-0123456789abcdef".into(),
+        )));
+        let basic = Injection::Basic {
+            username: "a-long-service-account-name".into(),
+            credential: 0,
+        };
+        let pair = basic_pair("a-long-service-account-name", value.secret());
+        let k = value.key_len();
+        let mut r = Redactor::for_injection(&basic, value);
+        let text = format!("auth: Basic {} end", &pair[..k + 1]);
+        let mut out = push(&mut r, text.as_bytes());
+        out.extend_from_slice(&r.finish());
+        let shown = String::from_utf8_lossy(&out);
+        assert!(shown.starts_with("auth: Basic [redacted]"), "{shown}");
+        assert!(!shown.contains(&pair[..k]), "{shown}");
     }
 
     #[test]
