@@ -1,12 +1,14 @@
 //! Redaction of reflected credentials in responses (I4): an upstream that echoes the injected
 //! credential (in a header, an error message, a debug endpoint) must not hand it to the agent.
 //!
-//! The credential is looked for raw, base64-encoded and percent-encoded; each occurrence is
-//! replaced by `[redacted]` and counted. Bodies are scanned as they stream, with a carry of
-//! the longest needle minus one byte so an occurrence split across frames is still found:
-//! whatever the framing and however long the upstream pauses, the carry goes out only with
-//! the next frame or at the end, except what precedes a break in it: a byte no spelling of
-//! the credential holds (`credentials::Breaks`: for a printable-ASCII value, a line break,
+//! The credential is looked for in each of its spellings (raw, base64, percent-, form- and
+//! JSON-encoded, UTF-16), whole or cut short at either end (`replace_all`); each occurrence
+//! is replaced by `[redacted]` and counted. Bodies are scanned as they stream, with a carry of
+//! the longest needle minus one byte (more only while a cut occurrence found at a frame's end
+//! may go on: at most twice the longest needle) so an occurrence split across frames is still
+//! found: whatever the framing and however long the upstream pauses, the carry goes out only
+//! with the next frame or at the end, except what precedes a break in it: a byte no spelling
+//! of the credential holds (`credentials::Breaks`: for a printable-ASCII value, a line break,
 //! another control byte or a byte of 0x80 or more). Never logs what it finds.
 
 use std::sync::Arc;
