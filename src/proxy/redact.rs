@@ -337,12 +337,15 @@ impl Redactor {
                     }
                     let reach = rest.get(head.len()..).unwrap_or_default();
                     let span = needle.len() - head.len();
+                    // Unless `at_end`, a span that ends less than a key from the end of `hay`
+                    // stays open too: what it would take at its end may begin another
+                    // occurrence, whose key the next frame completes (replaced now, that
+                    // one's rest would come through keyless).
+                    let near_end = !at_end && at + needle.len() + head.len() > hay.len() + 1;
                     let found = match reach.iter().take(span).position(is_break) {
                         Some(b) => Span::new(at, at + head.len() + b, false),
-                        None if reach.len() >= span || at_end => {
-                            Span::new(at, (at + needle.len()).min(hay.len()), false)
-                        }
-                        None => Span::new(at, hay.len(), true),
+                        None if near_end => Span::new(at, hay.len(), true),
+                        None => Span::new(at, (at + needle.len()).min(hay.len()), false),
                     };
                     cut.push((found, at));
                 }
@@ -724,6 +727,70 @@ mod tests {
         let shown = String::from_utf8_lossy(&out);
         assert!(shown.starts_with("auth: Basic [redacted]"), "{shown}");
         assert!(!shown.contains(&pair[..k]), "{shown}");
+    }
+
+    /// A cut occurrence's span that ends just before a frame's end must not take the start of
+    /// the next occurrence, whose key only the next frame completes: held, not replaced, until
+    /// it is (found by the property test below: the second occurrence's rest came through).
+    #[test]
+    fn a_span_ending_at_a_frames_end_waits_for_the_next_occurrences_key() {
+        let key = "sk-live-u8jzPde0IgxLd6GncfBAepfJBd0Kh8oO";
+        let text = format!("aa{}.{}", &key[..34], &key[..19]);
+        // (The first span, 40 bytes from `sk-`, ends 14 bytes before the text's end.)
+        for cut in 1..text.len() {
+            let value = CredentialValue::new(Secret::new(key.into()));
+            let mut r = Redactor::new(Arc::new(value), None);
+            let mut out = push(&mut r, &text.as_bytes()[..cut]);
+            out.extend(push(&mut r, &text.as_bytes()[cut..]));
+            out.extend_from_slice(&r.finish());
+            assert_eq!(out, b"aa[redacted]", "cut at {cut}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// SECURITY (I4): whatever mix of whole reflections, cuts that keep a key at either
+        /// end, and other text an upstream sends, however it is framed, no key-long window of
+        /// the credential reaches the agent.
+        #[test]
+        fn no_key_long_window_of_the_credential_comes_through(
+            pieces in proptest::collection::vec((0u8..4, 0usize..40, "[a-z.,:{}\" \n]{0,12}"), 1..12),
+            cuts in proptest::collection::vec(1usize..400, 0..6),
+        ) {
+            let key = "sk-live-u8jzPde0IgxLd6GncfBAepfJBd0Kh8oO";
+            let k = crate::credentials::CredentialValue::new(Secret::new(key.into())).key_len();
+            let mut text = Vec::new();
+            for (kind, n, filler) in &pieces {
+                let n = k + n % (key.len() - k);
+                match kind {
+                    0 => text.extend_from_slice(key.as_bytes()),
+                    1 => text.extend_from_slice(&key.as_bytes()[..n]),
+                    2 => text.extend_from_slice(&key.as_bytes()[key.len() - n..]),
+                    _ => {}
+                }
+                text.extend_from_slice(filler.as_bytes());
+            }
+            let value = CredentialValue::new(Secret::new(key.into()));
+            let mut r = Redactor::new(Arc::new(value), None);
+            let mut out = Vec::new();
+            let mut at = 0;
+            for cut in &cuts {
+                let end = (at + cut).min(text.len());
+                out.extend(push(&mut r, &text[at..end]));
+                at = end;
+            }
+            out.extend(push(&mut r, &text[at..]));
+            out.extend_from_slice(&r.finish());
+            for window in key.as_bytes().windows(k) {
+                proptest::prop_assert!(
+                    !out.windows(k).any(|w| w == window),
+                    "{:?} in {:?}",
+                    String::from_utf8_lossy(window),
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
     }
 
     #[test]
