@@ -755,18 +755,23 @@ mod tests {
         /// the credential reaches the agent.
         #[test]
         fn no_key_long_window_of_the_credential_comes_through(
-            pieces in proptest::collection::vec((0u8..4, 0usize..40, "[a-z.,:{}\" \n]{0,12}"), 1..12),
+            spelling in 0usize..32,
+            pieces in proptest::collection::vec((0u8..4, 0usize..80, "[a-z.,:{}\" \n]{0,12}"), 1..12),
             cuts in proptest::collection::vec(1usize..400, 0..6),
         ) {
-            let key = "sk-live-u8jzPde0IgxLd6GncfBAepfJBd0Kh8oO";
-            let k = crate::credentials::CredentialValue::new(Secret::new(key.into())).key_len();
+            let key = "sk-live-u8jzPde0IgxL/6GncfBAep+JBd0Kh8oO";
+            let value = CredentialValue::new(Secret::new(key.into()));
+            let k = value.key_len();
+            // One of its spellings (raw, base64, percent, JSON, UTF-16...), whole or cut.
+            let spellings = value.reflections();
+            let form = spellings[spelling % spellings.len()].to_vec();
             let mut text = Vec::new();
             for (kind, n, filler) in &pieces {
-                let n = k + n % (key.len() - k);
+                let n = k + n % (form.len() - k);
                 match kind {
-                    0 => text.extend_from_slice(key.as_bytes()),
-                    1 => text.extend_from_slice(&key.as_bytes()[..n]),
-                    2 => text.extend_from_slice(&key.as_bytes()[key.len() - n..]),
+                    0 => text.extend_from_slice(&form),
+                    1 => text.extend_from_slice(&form[..n]),
+                    2 => text.extend_from_slice(&form[form.len() - n..]),
                     _ => {}
                 }
                 text.extend_from_slice(filler.as_bytes());
@@ -782,7 +787,7 @@ mod tests {
             }
             out.extend(push(&mut r, &text[at..]));
             out.extend_from_slice(&r.finish());
-            for window in key.as_bytes().windows(k) {
+            for window in form.windows(k) {
                 proptest::prop_assert!(
                     !out.windows(k).any(|w| w == window),
                     "{:?} in {:?}",
