@@ -71,11 +71,10 @@ impl ConnPlace {
             return (hold.task().serial != task.serial)
                 .then_some((Reason::InvalidToken, respond::OTHER_TASK));
         }
-        let limits = (
+        match task.hold_connection(
             settings.task_connections_limit(),
             settings.agent_connections_limit(),
-        );
-        match task.hold_connection(limits.0, limits.1) {
+        ) {
             Ok(hold) => {
                 // Requests on one connection are handled one at a time (HTTP/1.1), so no
                 // other claim can have won meanwhile; if one did, this hold is dropped.
@@ -311,9 +310,10 @@ async fn handle_request(
                     // An upgrade nobody asked for is a broken upstream, not something to relay.
                     let service = draft.rec.service.clone().unwrap_or_default();
                     state.metrics.upstream_error(&service, "protocol");
-                    draft.rec.outcome = Some(match unoffered && websocket && to_websocket {
-                        true => "websocket_extension",
-                        false => "unexpected_upgrade",
+                    draft.rec.outcome = Some(if unoffered && websocket && to_websocket {
+                        "websocket_extension"
+                    } else {
+                        "unexpected_upgrade"
                     });
                     let resp = respond::failure(
                         Failure::BadUpstreamAnswer,

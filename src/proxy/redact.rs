@@ -175,10 +175,11 @@ impl Redactor {
     ///
     /// SECURITY: what is held back depends only on lengths and breaks — the stream's last
     /// `longest - 1` bytes, less those up to the last break among them (a byte no spelling
-    /// of the value's class holds) — never on whether they could begin a credential. Holding back only a tail that may begin one
-    /// told the agent, by the delay, which of its guesses (echoed by a streaming upstream)
-    /// were prefixes of the credential: a whole key was recovered that way a character at a
-    /// time. Nor is the tail ever let go before the next frame or the end (it once went out
+    /// of the value's class holds) — never on whether they could begin a credential (a key
+    /// already found is another matter: see `replace_all`). Holding back only a tail that may
+    /// begin one told the agent, by the delay, which of its guesses (echoed by a streaming
+    /// upstream) were prefixes of the credential: a whole key was recovered that way a
+    /// character at a time. Nor is the tail ever let go before the next frame or the end (it once went out
     /// after a 50 ms pause, and an agent that placed the credential across the upstream's
     /// pause got it whole). No occurrence can span a break, so a stream's events (SSE,
     /// NDJSON: a line break) and binary messages (gRPC: a length prefix, protobuf tags) go
