@@ -373,7 +373,7 @@ capabilities:
   github.issues.comment:
     service: github
     risk: medium
-    routes: ["POST /repos/{owner}/{repo}/issues/{number}/comments"]   # quoted: see below
+    routes: [POST /repos/{owner}/{repo}/issues/{number}/comments]
   openai.chat:
     service: openai
     routes: [POST /v1/chat/completions, POST /v1/responses]
@@ -463,20 +463,52 @@ passthrough: []                      # hosts tunnelled blind (no inspection, no 
         assert!(p.passthrough.is_empty());
     }
 
-    // SPEC §3 writes `routes: [POST /repos/{owner}/...]`, which YAML cannot parse (`{` ends a
-    // plain scalar inside `[...]`); the error says how to write it.
+    // SPEC §3 writes `routes: [POST /repos/{owner}/...]`, which is not YAML (`{` ends a plain
+    // scalar inside `[...]`): keyward reads it as the SPEC means it, with every position true.
     #[test]
-    fn spec_flow_route_with_braces_explains_the_fix() {
-        let text = format!(
-            "{ADMIN}services: {{s: {{hosts: [a.example]}}}}\ncapabilities:\n  c:\n    service: s\n    routes: [POST /repos/{{owner}}/{{repo}}/issues/{{number}}/comments]\n"
+    fn flow_routes_with_unquoted_braces_are_read_as_written() {
+        let services = "services: {s: {hosts: [a.example]}}\ncapabilities:\n";
+        let p = ok(&format!(
+            "{ADMIN}{services}  c:\n    service: s\n    routes: [GET /a/{{id}}, POST /b/{{x}}/c/{{*rest}},\n      PUT|PATCH /d/{{y}} ]  # two lines\n  d: {{service: s, routes: [GET /e/{{z}}]}}\n"
+        ));
+        assert_eq!(
+            p.capabilities[0].route_text,
+            ["GET /a/{id}", "POST /b/{x}/c/{*rest}", "PUT|PATCH /d/{y}"]
         );
-        let errs = errors(&text);
-        assert_eq!(errs.len(), 1);
+        assert_eq!(p.capabilities[1].route_text, ["GET /e/{z}"]);
+
+        // A route's own error still points at the item as written.
+        let errs = errors(&format!(
+            "{ADMIN}{services}  c:\n    service: s\n    routes: [GET /a/{{id}}, GET /b/{{id}}/{{id}}]\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
-            errs[0].starts_with("p.yaml:7:26: capabilities.c.routes: invalid YAML: "),
+            errs[0].starts_with("p.yaml:7:27: capabilities.c.routes[1]: "),
             "{errs:?}"
         );
-        assert!(errs[0].contains("must be quoted"), "{errs:?}");
+        assert!(errs[0].contains("parameter `id` appears twice"), "{errs:?}");
+
+        // An item the swap could blur (a `<` of its own, a `:`, a comment) is left to the
+        // YAML error, which says how to write it.
+        for item in ["GET /a/{id}<", "GET /a/{id}:x", "GET /a/{id} #c", "/a/{id}"] {
+            let errs = errors(&format!(
+                "{ADMIN}{services}  c:\n    service: s\n    routes: [{item}]\n"
+            ));
+            assert_eq!(errs.len(), 1, "{item}: {errs:?}");
+            assert!(
+                errs[0].contains("invalid YAML") && errs[0].contains("must be quoted"),
+                "{item}: {errs:?}"
+            );
+        }
+        // Valid YAML is read as YAML: a flow mapping stays a mapping.
+        let errs = errors(&format!(
+            "{ADMIN}{services}  c:\n    service: s\n    routes: [{{GET: /a}}]\n"
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("p.yaml:7:15: capabilities.c.routes[0]: expected a string"),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -5,10 +5,12 @@
 //! Owns the YAML-level rules: one document only, no duplicate keys, no anchors or tags. It must
 //! never put a scalar's value into an error message (a secret may be sitting in the wrong key).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use marked_yaml::types::MarkedScalarNode;
 use marked_yaml::{LoadError, LoaderOptions, Node};
 
 use super::error::{Errors, Pos};
@@ -28,8 +30,22 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
     // Editors hide a byte-order mark; stripping it keeps columns as the user sees them.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     check_single_document(text, errs);
-    let strict = load(text, true)?;
-    match strict {
+    let mut text = Cow::Borrowed(text);
+    let mut braced = Vec::new();
+    let mut strict = load(&text, true)?;
+    // SPEC §3's own `routes: [POST /repos/{owner}/...]`: see `swap_route_braces`.
+    for _ in 0..MAX_BRACED_LINES {
+        let Err(LoadError::ScanError(m, _)) = &strict else {
+            break;
+        };
+        let Some(swapped) = swap_route_braces(&text, marker_pos(Some(m)), &mut braced) else {
+            break;
+        };
+        text = Cow::Owned(swapped);
+        strict = load(&text, true)?;
+    }
+    let text = &*text;
+    let mut node = match strict {
         Ok(node) => Some(node),
         Err(LoadError::DuplicateKey(_)) => {
             // marked-yaml stops at the first duplicate; every one is reported.
@@ -63,6 +79,123 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
             }
             errs.push(pos, &path_at(text, pos), message);
             None
+        }
+    }?;
+    if !braced.is_empty() {
+        restore_route_braces(&mut node, &braced);
+    }
+    Some(node)
+}
+
+/// How many lines of `[...]` routes with unquoted `{param}` a file may hold (each costs one
+/// more parse of the file); past that, the error says to quote them.
+const MAX_BRACED_LINES: usize = 512;
+
+/// YAML ends a plain scalar at `{` inside `[...]`, so SPEC §3's own
+/// `routes: [POST /repos/{owner}/{repo}/issues/{number}/comments]` is not YAML, and no parser
+/// reads it. Users copy it, so when the parser stops at such a brace, the braces of every
+/// route-like item from there to the line's `]` are swapped for `<` and `>` (the same width:
+/// every position stays true) and the file is parsed again; `restore_route_braces` puts them
+/// back into the values. Only a file that is not YAML as written is read differently, and only
+/// an item that begins with a letter and holds no `<`, `>`, quote, `#`, `:` or `[` (which the
+/// swap could blur or YAML reads otherwise). `None` when the stop is not at such an item.
+fn swap_route_braces(text: &str, pos: Pos, braced: &mut Vec<Pos>) -> Option<String> {
+    let line_start = match pos.line {
+        0 => return None,
+        1 => 0,
+        n => text.match_indices('\n').nth(n - 2)?.0 + 1,
+    };
+    let line_end = text[line_start..]
+        .find(['\n', '\r'])
+        .map_or(text.len(), |i| line_start + i);
+    let mut line: Vec<char> = text[line_start..line_end].chars().collect();
+    let at = pos.column.checked_sub(1)?;
+    if line.get(at) != Some(&'{') {
+        return None;
+    }
+    // The item holding the brace starts after the `[` or `,` before it, or at the line's first
+    // non-blank (an item of a list continued from the line above).
+    let mut start = at;
+    while start > 0 && !matches!(line[start - 1], '[' | ',') {
+        start -= 1;
+    }
+    let mut first = true;
+    loop {
+        while line.get(start).is_some_and(|c| *c == ' ' || *c == '\t') {
+            start += 1;
+        }
+        let mut end = start;
+        let mut depth = 0i32;
+        let mut clean = line.get(start).is_some_and(char::is_ascii_alphabetic);
+        while let Some(&c) = line.get(end) {
+            match c {
+                '{' => depth += 1,
+                '}' => depth -= 1,
+                ',' | ']' if depth == 0 => break,
+                '<' | '>' | '"' | '\'' | '#' | ':' | '[' | ']' | ',' => clean = false,
+                _ => {}
+            }
+            clean &= depth >= 0;
+            end += 1;
+        }
+        clean &= depth == 0 && line[start..end].contains(&'{');
+        if clean {
+            for c in &mut line[start..end] {
+                match c {
+                    '{' => *c = '<',
+                    '}' => *c = '>',
+                    _ => {}
+                }
+            }
+            braced.push(Pos::new(pos.line, start + 1));
+        } else if first {
+            return None;
+        }
+        first = false;
+        if line.get(end) != Some(&',') {
+            break;
+        }
+        start = end + 1;
+    }
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..line_start]);
+    out.extend(line);
+    out.push_str(&text[line_end..]);
+    Some(out)
+}
+
+/// Puts back the braces `swap_route_braces` swapped: in every list item that starts where a
+/// swapped one did.
+fn restore_route_braces(node: &mut Node, braced: &[Pos]) {
+    match node {
+        Node::Scalar(_) => {}
+        Node::Mapping(m) => {
+            for (_, value) in m.iter_mut() {
+                restore_route_braces(value, braced);
+            }
+        }
+        Node::Sequence(items) => {
+            for item in items.iter_mut() {
+                if let Node::Scalar(s) = item {
+                    let at = s.span().start().map(|m| marker_pos(Some(m)));
+                    if at.is_some_and(|at| braced.contains(&at)) {
+                        let value: String = s
+                            .as_str()
+                            .chars()
+                            .map(|c| match c {
+                                '<' => '{',
+                                '>' => '}',
+                                c => c,
+                            })
+                            .collect();
+                        let mut restored = MarkedScalarNode::new(*s.span(), value);
+                        restored.set_coerce(s.may_coerce());
+                        *s = restored;
+                    }
+                } else {
+                    restore_route_braces(item, braced);
+                }
+            }
         }
     }
 }
@@ -802,7 +935,18 @@ mod tests {
 
     #[test]
     fn a_route_with_braces_in_a_flow_list_gets_a_hint() {
-        let (_, errs) = parse("routes: [GET /a/{id}]\n");
+        // Read as written when it can be (`swap_route_braces`); else the hint.
+        let (node, errs) = parse("routes: [GET /a/{id}]\n");
+        assert!(errs.is_empty(), "{errs:?}");
+        let routes = node
+            .unwrap()
+            .as_mapping()
+            .unwrap()
+            .get_sequence("routes")
+            .unwrap()
+            .clone();
+        assert_eq!(routes.get_scalar(0).unwrap().as_str(), "GET /a/{id}");
+        let (_, errs) = parse("routes: [GET /a/{id}<]\n");
         assert_eq!(
             errs,
             ["p.yaml:1:17: routes: invalid YAML: while parsing a flow sequence, expected ',' or ']'; inside `[...]` a route with `{param}` must be quoted (`[\"GET /a/{id}\"]`) or written as a `- GET /a/{id}` line"]
