@@ -199,8 +199,9 @@ pub fn decide_connect(
     Err(Denial::bare(Reason::UnknownHost))
 }
 
-/// A task whose request budget is spent could send nothing through a tunnel (and a blind one
-/// would carry requests uncounted): refused before a leaf is issued or anything dialled.
+/// A task whose request budget is spent could send nothing through a tunnel (a blind one
+/// costs one request, taken when it is dialled): refused before a leaf is issued or anything
+/// dialled.
 fn open_unless_spent(task: &Task, open: ConnectDecision) -> Result<ConnectDecision, Denial> {
     match task.budget_spent() {
         true => Err(Denial::bare(Reason::BudgetExhausted)),

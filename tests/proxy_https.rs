@@ -552,6 +552,44 @@ async fn no_secret_leaks_after_hostile_tunnel_traffic() {
     kw.assert_no_leaks().await;
 }
 
+/// What a blind tunnel carries cannot be counted, so each one is a request of the budget:
+/// a task allowed two requests opens two tunnels, not a third; a tunnel that reached nothing
+/// costs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_blind_tunnel_is_one_request_of_the_budget() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint_with(json!({"agent": "bot", "intent": ["plain.issues.read"], "max_requests": 2}))
+        .await;
+    let auth = Harness::proxy_auth(&task);
+    // Nothing listens there (a port just freed): 502, and the request is given back.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (_tcp, head) = connect_raw(
+        kw.proxy_addr,
+        &format!("127.0.0.1:{closed_port}"),
+        Some(&auth),
+    )
+    .await;
+    assert_eq!(head.status, 502, "{}", head.text());
+    let authority = format!("127.0.0.1:{}", f.tcp.addr.port());
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (tcp, head) = connect_raw(kw.proxy_addr, &authority, Some(&auth)).await;
+        assert_eq!(head.status, 200, "{}", head.text());
+        open.push(tcp);
+    }
+    let (_tcp, head) = connect_raw(kw.proxy_addr, &authority, Some(&auth)).await;
+    kw.assert_denied_raw(&head, 429, "budget_exhausted").await;
+    let (_, listed) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(listed["requests_used"], 2, "{listed}");
+    drop(open);
+}
+
 /// A task whose `max_requests` is spent opens no more tunnels, intercepted or blind: 429
 /// `budget_exhausted` at the CONNECT, before a leaf is issued or anything dialled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -298,6 +298,12 @@ async fn passthrough(
         return refuse(&state, generation, draft, denial, Some(respond::IN_FLIGHT)).await;
     };
     draft.in_flight = Some(place);
+    // What a blind tunnel carries cannot be counted, so the tunnel is: one request of the
+    // budget (else a task allowed one request could open tunnels without end).
+    if !task.try_consume() {
+        let denial = Denial::bare(Reason::BudgetExhausted);
+        return refuse(&state, generation, draft, denial, None).await;
+    }
     draft.arm(&state, Reason::Passthrough, None);
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
@@ -311,6 +317,8 @@ async fn passthrough(
     let tcp = match dialled {
         Ok(tcp) => tcp,
         Err(upstream::ConnectError::Blocked) => {
+            // Nothing went through the tunnel: the request is given back.
+            task.refund();
             return refuse(
                 &state,
                 generation,
@@ -318,9 +326,10 @@ async fn passthrough(
                 Denial::bare(Reason::BlockedAddress),
                 None,
             )
-            .await
+            .await;
         }
         Err(e) => {
+            task.refund();
             state.metrics.upstream_error("", e.kind());
             draft.rec.outcome = Some(e.kind());
             let resp = respond::failure(
