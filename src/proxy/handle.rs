@@ -510,14 +510,20 @@ static REQUEST_RANGE: http::HeaderName = http::HeaderName::from_static("request-
 /// Characters of an upstream error's text that are logged.
 const MAX_LOGGED_ERROR: usize = 512;
 
-/// A head over `proxy.max_header_bytes`: 431, recorded like the heads too large to parse
-/// (reason `ambiguous_request`, nothing decided).
+/// A head over `proxy.max_header_bytes`: `ambiguous_request` (nothing of it was decided, as
+/// for the heads too large to parse) answered 431.
 pub async fn refuse_head(state: &State, mut draft: RecordDraft) -> Response<ProxyBody> {
-    draft.rec.outcome = Some("head_too_large");
-    let mut resp = respond::failure(Failure::HeadTooLarge, draft.request_id(), None);
+    draft.rec.outcome = Some(respond::HEAD_TOO_LARGE);
+    let mut resp = respond::deny(&DenyInfo {
+        reason: Reason::AmbiguousRequest,
+        request_id: draft.request_id(),
+        task: None,
+        hint: None,
+        ambiguity: Some(respond::HEAD_TOO_LARGE),
+    });
     // Nothing was authenticated: the connection is not kept (see `refuse`).
     respond::close_after(&mut resp);
-    let status = Failure::HeadTooLarge.status().as_u16();
+    let status = resp.status().as_u16();
     draft.write(state, Reason::AmbiguousRequest, status).await;
     resp
 }

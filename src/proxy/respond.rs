@@ -69,7 +69,11 @@ const OTHER_PORT: &str = "other_port";
 /// A denial: the reason's status, `X-Keyward-Reason`, a problem document; 407s carry the
 /// `Proxy-Authenticate` challenge.
 pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
-    let status = info.reason.status();
+    let status = match info.ambiguity {
+        // RFC 6585's own status: the agent may shorten its headers and retry.
+        Some(HEAD_TOO_LARGE) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        _ => info.reason.status(),
+    };
     let detail = detail(info);
     let problem = Problem {
         kind: format!("urn:keyward:reason:{}", info.reason.as_str()),
@@ -108,6 +112,9 @@ pub const IN_FLIGHT: &str = "in_flight";
 pub const CONNECTIONS: &str = "connections";
 /// The same, for a task whose agent's tasks hold as many connections as one agent's may.
 pub const AGENT_CONNECTIONS: &str = "agent_connections";
+/// `DenyInfo::ambiguity` of an `ambiguous_request` whose head is over `proxy.max_header_bytes`
+/// (nothing of it was decided); answered 431.
+pub const HEAD_TOO_LARGE: &str = "head_too_large";
 /// `DenyInfo::ambiguity` of an `invalid_token` refusal on a connection another task holds.
 pub const OTHER_TASK: &str = "connection_of_another_task";
 
@@ -134,6 +141,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
             None => "A path parameter is outside the constraints the task was minted with.".into(),
         },
         Reason::AmbiguousRequest => match info.ambiguity {
+            Some(HEAD_TOO_LARGE) => "The request line and headers are larger than this proxy accepts (proxy.max_header_bytes); nothing of the request was decided.".into(),
             Some(code) => format!("The request could be read two ways ({code}); send it in canonical form."),
             None => "The request could be read two ways; send it in canonical form.".into(),
         },
@@ -188,8 +196,6 @@ pub enum Failure {
     Unavailable,
     /// the agent's request body broke on the way (malformed chunked encoding)
     BadRequestBody,
-    /// the request head is over `proxy.max_header_bytes`
-    HeadTooLarge,
 }
 
 impl Failure {
@@ -199,7 +205,6 @@ impl Failure {
             Failure::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::BadRequestBody => StatusCode::BAD_REQUEST,
-            Failure::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
 
@@ -210,7 +215,6 @@ impl Failure {
             Failure::GatewayTimeout => "upstream_timeout",
             Failure::Unavailable => "unavailable",
             Failure::BadRequestBody => "bad_request_body",
-            Failure::HeadTooLarge => "head_too_large",
         }
     }
 
@@ -221,7 +225,6 @@ impl Failure {
             Failure::GatewayTimeout => "Upstream timed out",
             Failure::Unavailable => "keyward unavailable",
             Failure::BadRequestBody => "Malformed request body",
-            Failure::HeadTooLarge => "Request head too large",
         }
     }
 
@@ -239,9 +242,6 @@ impl Failure {
             }
             Failure::BadRequestBody => {
                 "The request body broke off or was not valid HTTP framing; it was not sent whole."
-            }
-            Failure::HeadTooLarge => {
-                "The request line and headers are larger than this proxy accepts (proxy.max_header_bytes)."
             }
         }
     }

@@ -448,11 +448,25 @@ async fn a_head_over_the_default_limit_is_431_with_a_problem_document() {
     .await;
     assert_eq!(resp.status, 431, "{}", resp.text());
     let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
-    assert_eq!(problem["reason"], "head_too_large", "{problem}");
+    // SPEC §4.3's word, the same in the header, the problem and the record.
+    assert_eq!(problem["reason"], "ambiguous_request", "{problem}");
+    assert_eq!(problem["status"], 431, "{problem}");
+    assert_eq!(
+        resp.header("x-keyward-reason").as_deref(),
+        Some("ambiguous_request")
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_header_bytes"),
+        "{problem}"
+    );
     let rec = kw
         .audit_where("the oversized head", |r| r["outcome"] == "head_too_large")
         .await;
     assert_eq!(rec["status"], 431, "{rec}");
+    assert_eq!(rec["reason"], "ambiguous_request", "{rec}");
     assert_eq!(f.plain.hits(), 1, "an oversized head reached the upstream");
 
     let resp = get_echo_in_tunnel(&f, &task, &over).await;
