@@ -754,30 +754,64 @@ const TOKEN_BODY_LEN: usize = 43;
 
 /// `text` with every substring shaped like a task token replaced by `[redacted]`, or `None`
 /// when it has none. For what keyward persists of an agent's bytes (an agent may put its own
-/// token in a path); tokens are not stored, so their shape is what can be found.
+/// token in a path); tokens are not stored, so their shape is what can be found. A path's
+/// bytes may be percent-encoded (`%6B` for `k`; the matcher and most servers decode them), or
+/// encoded twice (`%256B`): a token written so is found, and cut as written.
 pub fn redact_tokens(text: &str) -> Option<String> {
+    let is_token_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    // Each unit of `text`: the byte it stands for and where it ends.
     let bytes = text.as_bytes();
-    let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    if memchr::memchr(b'%', bytes).is_none() && memchr::memmem::find(bytes, b"kw_").is_none() {
+        return None;
+    }
+    let mut units: Vec<(u8, usize)> = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while let Some(&b) = bytes.get(at) {
+        let (byte, len) = if b == b'%' {
+            percent_unit(&bytes[at..])
+        } else {
+            (b, 1)
+        };
+        at += len;
+        units.push((byte, at));
+    }
+    let start_of = |u: usize| if u == 0 { 0 } else { units[u - 1].1 };
     let mut out: Option<String> = None;
     let mut copied = 0;
-    let mut from = 0;
-    while let Some(i) = memchr::memmem::find(&bytes[from..], b"kw_").map(|i| i + from) {
-        let body = bytes[i + 3..]
+    let mut u = 0;
+    while u + 3 <= units.len() {
+        if !(units[u].0 == b'k' && units[u + 1].0 == b'w' && units[u + 2].0 == b'_') {
+            u += 1;
+            continue;
+        }
+        let body = units[u + 3..]
             .iter()
-            .take_while(|b| is_token_byte(b))
+            .take_while(|(b, _)| is_token_byte(*b))
             .count();
         if body >= TOKEN_BODY_LEN {
             let o = out.get_or_insert_with(String::new);
-            o.push_str(&text[copied..i]);
+            o.push_str(&text[copied..start_of(u)]);
             o.push_str("[redacted]");
-            copied = i + 3 + body;
+            copied = units[u + 2 + body].1;
         }
-        from = i + 3 + body;
+        u += 3 + body;
     }
     out.map(|mut o| {
         o.push_str(&text[copied..]);
         o
     })
+}
+
+/// The byte a `%` at the start of `b` stands for, and how many bytes say it: `%XX`, `%25XX`
+/// (encoded twice), or the `%` itself when no hex digits follow.
+fn percent_unit(b: &[u8]) -> (u8, usize) {
+    let hex = |i: usize| b.get(i).and_then(|c| char::from(*c).to_digit(16));
+    let byte = |hi: u32, lo: u32| u8::try_from(hi * 16 + lo).unwrap_or(b'%');
+    match (hex(1), hex(2), hex(3), hex(4)) {
+        (Some(2), Some(5), Some(hi), Some(lo)) => (byte(hi, lo), 5),
+        (Some(hi), Some(lo), ..) => (byte(hi, lo), 3),
+        _ => (b'%', 1),
+    }
 }
 
 fn new_token() -> Secret {
@@ -823,6 +857,38 @@ mod tests {
             redact_tokens(&format!("{t}x-more")).as_deref(),
             Some("[redacted]"),
             "a longer run is taken whole"
+        );
+        // Percent-encoded, in part, whole (any case), or twice: found, and cut as written.
+        let enc = |s: &str, every: usize| -> String {
+            s.bytes()
+                .enumerate()
+                .map(|(i, b)| {
+                    if i % every == 0 {
+                        format!("%{b:02x}")
+                    } else {
+                        char::from(b).to_string()
+                    }
+                })
+                .collect()
+        };
+        for spelled in [
+            enc(t, 7),
+            enc(t, 1),
+            enc(t, 1).to_uppercase(),
+            enc(t, 2).replace('%', "%25"),
+        ] {
+            assert_eq!(
+                redact_tokens(&format!("/a/{spelled}/b")).as_deref(),
+                Some("/a/[redacted]/b"),
+                "{spelled}"
+            );
+        }
+        // Other encoded bytes, a lone `%`, and a run too short are left alone.
+        assert_eq!(redact_tokens("/a%2Fb/%41%zz/100%"), None);
+        assert_eq!(redact_tokens(&format!("/%6bw_{}", &t[3..40])), None);
+        assert_eq!(
+            redact_tokens(&format!("/é/{}%41/ü", enc(t, 3))).as_deref(),
+            Some("/é/[redacted]/ü")
         );
     }
 
