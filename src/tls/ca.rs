@@ -73,12 +73,6 @@ pub enum CaError {
     KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("cannot generate a new CA: {0}")]
     Generate(#[source] rcgen::Error),
-    #[error("neither `{}` nor `{}` exists, and the directory `{}` does not either: keyward creates a new CA only in a directory that exists (a mistyped path would otherwise get a CA no agent trusts); fix `ca.cert` / `ca.key`, or create the directory, or run `keyward ca init --dir DIR`", cert.display(), key.display(), dir.display())]
-    NoDirectory {
-        cert: PathBuf,
-        key: PathBuf,
-        dir: PathBuf,
-    },
 }
 
 /// The loaded CA: its certificate (PEM for `keyward ca init` output and agents' trust stores,
@@ -110,20 +104,9 @@ impl CertAuthority {
     pub fn load_or_create(cert: &Path, key: &Path) -> Result<(Self, bool), CaError> {
         match (exists(cert)?, exists(key)?) {
             (true, true) => Ok((Self::load(cert, key)?, false)),
-            (false, false) => {
-                // `ca init` creates directories; serve only files, in a directory that is there.
-                for path in [cert, key] {
-                    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-                    if let Some(dir) = dir.filter(|d| !d.is_dir()) {
-                        return Err(CaError::NoDirectory {
-                            cert: cert.to_owned(),
-                            key: key.to_owned(),
-                            dir: dir.to_owned(),
-                        });
-                    }
-                }
-                Ok((Self::create(cert, key)?, true))
-            }
+            // SPEC §3: "created with its key on first start if both are missing", in a
+            // directory made for it if need be (a fresh checkout of a policy has no `certs/`).
+            (false, false) => Ok((Self::create(cert, key)?, true)),
             (true, false) => Err(CaError::KeyMissing {
                 cert: cert.to_owned(),
                 key: key.to_owned(),
@@ -585,15 +568,11 @@ mod tests {
         let cert = dir.path().join("certs/ca.pem");
         let key = dir.path().join("certs/ca-key.pem");
 
-        // Not in a directory that is not there (a mistyped path), and nothing is created.
-        let err = CertAuthority::load_or_create(&cert, &key).expect_err("no directory");
-        assert!(matches!(err, CaError::NoDirectory { .. }), "{err}");
-        assert!(err.to_string().contains("certs` does not either"), "{err}");
-        assert!(!dir.path().join("certs").exists());
-        fs::create_dir(dir.path().join("certs")).expect("mkdir");
-
+        // The directory is not there yet (SPEC §3's `certs/` in a fresh checkout): made, the
+        // owner's alone.
         let (created, was_created) = CertAuthority::load_or_create(&cert, &key).expect("create");
         assert!(was_created);
+        assert_eq!(mode(&dir.path().join("certs")), 0o700);
         assert_eq!(mode(&key), 0o600);
         assert!(created
             .cert_pem()
