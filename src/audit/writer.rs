@@ -159,7 +159,7 @@ impl AuditLog {
             .name("keyward-audit".into())
             .spawn(move || {
                 let _ = writer_shared.writer.set(std::thread::current());
-                let (sink, chain) = match open_sink(&target) {
+                let (sink, chain) = match make_parent(&target).and_then(|()| open_sink(&target)) {
                     Ok(opened) => opened,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -430,6 +430,32 @@ impl Sink {
             Sink::Stdout(out) => out.flush(),
         }
     }
+}
+
+/// At start, the log file's directory is made if it is not there (`audit.path:
+/// logs/audit.jsonl` beside a fresh policy), the owner's alone. Not when reopening: a
+/// directory gone while keyward runs is a fault to report, not to paper over.
+fn make_parent(target: &AuditTarget) -> Result<(), AuditError> {
+    let AuditTarget::File(path) = target else {
+        return Ok(());
+    };
+    let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if parent.is_dir() {
+        return Ok(());
+    }
+    let mut dirs = std::fs::DirBuilder::new();
+    dirs.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        dirs.mode(0o700);
+    }
+    dirs.create(parent).map_err(|source| AuditError::Open {
+        path: path.clone(),
+        source,
+    })
 }
 
 fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
@@ -917,11 +943,16 @@ mod tests {
         assert!(!log.healthy(), "records went into a removed file");
         log.close().await;
 
-        // A path that cannot be opened again fails the log: nothing is written nowhere.
+        // A path that cannot be opened again fails the log: nothing is written nowhere. (At
+        // start, the directory is made.)
         let sub = dir.path().join("sub");
-        std::fs::create_dir(&sub).unwrap();
         let target = AuditTarget::File(sub.join("audit.jsonl"));
         let log = AuditLog::open(&target, 16, &metrics).await.unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&sub).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o700);
+        }
         log.write(record(0)).await;
         std::fs::remove_dir_all(&sub).unwrap();
         // A file where the directory was: the path cannot be looked at (not a directory).
@@ -976,12 +1007,14 @@ mod tests {
     #[tokio::test]
     async fn open_reports_an_unwritable_path() {
         let dir = tempfile::tempdir().unwrap();
-        let target = AuditTarget::File(dir.path().join("missing-dir").join("audit.jsonl"));
+        // A directory keyward cannot make: under a file.
+        std::fs::write(dir.path().join("a-file"), "").unwrap();
+        let target = AuditTarget::File(dir.path().join("a-file/logs/audit.jsonl"));
         let err = AuditLog::open(&target, 4, &Metrics::new().unwrap())
             .await
             .unwrap_err();
         assert!(matches!(err, AuditError::Open { .. }), "{err}");
-        assert!(err.to_string().contains("missing-dir"));
+        assert!(err.to_string().contains("a-file/logs"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
