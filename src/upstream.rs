@@ -560,7 +560,7 @@ impl ServicePool {
             Ok(Sender::Http2(sender))
         } else {
             let (sender, conn) = http1::Builder::new()
-                .handshake(stream)
+                .handshake(AnswerOverReset::new(stream))
                 .await
                 .map_err(ConnectError::Handshake)?;
             // With upgrades: a WebSocket's `101` hands the connection over to the relay.
@@ -955,6 +955,105 @@ impl Write for UpstreamStream {
             UpstreamStream::Plain(s) => s.is_write_vectored(),
             UpstreamStream::Tls(s, _) => s.is_write_vectored(),
         }
+    }
+}
+
+/// An HTTP/1 upstream connection on which a write that finds the peer gone (reset, broken
+/// pipe) and every write after it count as sent. An upstream that answers a large upload
+/// early (413, 401) and closes without reading the rest resets the connection; its answer is
+/// already in the receive buffer, but hyper fails the exchange on the first failed write, so
+/// the agent would get a 502 (or nothing) instead of the upstream's answer depending on which
+/// came first. With the writes taken as sent, hyper reads on: the answer is relayed, and an
+/// upstream that reset without one still ends the exchange with an error on the read side
+/// (which a reset connection always gives), so nothing waits.
+struct AnswerOverReset<T> {
+    io: T,
+    gone: bool,
+}
+
+impl<T> AnswerOverReset<T> {
+    fn new(io: T) -> Self {
+        AnswerOverReset { io, gone: false }
+    }
+
+    /// `written` as sent when the peer is gone.
+    fn settle(&mut self, r: Poll<io::Result<usize>>, written: usize) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(Err(e)) if peer_gone(&e) => {
+                self.gone = true;
+                Poll::Ready(Ok(written))
+            }
+            other => other,
+        }
+    }
+}
+
+fn peer_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+impl<T: Read + Unpin> Read for AnswerOverReset<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for AnswerOverReset<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.gone {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.settle(r, buf.len())
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let all = bufs.iter().map(|b| b.len()).sum();
+        if this.gone {
+            return Poll::Ready(Ok(all));
+        }
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.settle(r, all)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.gone {
+            return Poll::Ready(Ok(()));
+        }
+        let r = Pin::new(&mut this.io).poll_flush(cx).map_ok(|()| 0);
+        this.settle(r, 0).map_ok(|_| ())
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.gone {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 

@@ -1109,3 +1109,76 @@ async fn refused_authentication_records_name_the_destination_and_never_a_token()
     );
     kw.assert_no_leaks().await;
 }
+
+/// An upstream that answers a large upload early (413) and closes without reading the rest
+/// resets the connection under keyward's writes: the agent still gets the upstream's answer,
+/// not a 502, whichever of the reset and the answer keyward meets first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_to_an_upload_reaches_the_agent_though_the_upstream_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reads each request's head only, answers 413 and closes with the body unread (a reset).
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = upstream.local_addr().unwrap().port();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = upstream.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large")
+                    .await;
+            });
+        }
+    });
+    let f = Fixture::start_with(|p| common::plain_services_at(p, port)).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    const BODY: usize = 32 << 20;
+    for round in 0..16 {
+        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+        let head = format!(
+            "POST http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nContent-Length: {BODY}\r\n\r\n",
+            auth(&task)
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let (mut rd, mut wr) = tcp.into_split();
+        // The agent keeps uploading (as curl does) until keyward stops reading.
+        let upload = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 << 10];
+            let mut sent = 0;
+            while sent < BODY {
+                if wr.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                sent += chunk.len();
+            }
+        });
+        let mut answer = Vec::new();
+        bounded("the answer", async {
+            let mut buf = [0u8; 4096];
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                match rd.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "round {round}: the agent got {text:?} instead of the upstream's 413"
+        );
+        upload.abort();
+    }
+    server.abort();
+}
