@@ -398,13 +398,18 @@ fn check_encoded_text(raw: &str) -> Result<(), Ambiguity> {
 
 /// Characters that NFKC (or Windows' best-fit mapping) turns into text holding `.`, `/`, `\`,
 /// `;`, `%`, `?` or `#`: the ones that could make a normalizing upstream read a dot segment,
-/// a separator or the end of the path.
+/// a separator or the end of the path. The NFKC ones are every such code point of Unicode 14,
+/// listed by
+/// `python3 -c 'import unicodedata as u; print([hex(c) for c in range(128, 0x110000) if not 0xD800 <= c < 0xE000 and set(u.normalize("NFKC", chr(c))) & set("./\\;%?#")])'`
+/// (52; a test holds them all refused).
 fn is_structural_lookalike(c: char) -> bool {
     matches!(
         c,
         '\u{FF03}' | '\u{FF05}' | '\u{FF0E}' | '\u{FF0F}' | '\u{FF1B}' | '\u{FF1F}' | '\u{FF3C}' // fullwidth # % . / ; ? \
             | '\u{FE52}' | '\u{FE54}' | '\u{FE56}' | '\u{FE5F}' | '\u{FE68}' | '\u{FE6A}' // small . ; ? # \ %
+            | '\u{FE14}' | '\u{FE16}' | '\u{FE19}' | '\u{FE30}' // vertical ; ? ... ..
             | '\u{2024}'..='\u{2026}' // one and two dot leader, ellipsis
+            | '\u{2047}'..='\u{2049}' // ?? ?! !?
             | '\u{037E}' // Greek question mark (is `;`)
             | '\u{2100}' | '\u{2101}' | '\u{2105}' | '\u{2106}' // a/c a/s c/o c/u
             | '\u{2488}'..='\u{249B}' // digit full stops `1.`…`20.`
@@ -412,6 +417,7 @@ fn is_structural_lookalike(c: char) -> bool {
             | '\u{33C2}' | '\u{33C7}' | '\u{33D8}' // a.m. Co. p.m.
             | '\u{2044}' | '\u{2215}' | '\u{29F8}' // fraction, division, big solidus (best fit)
             | '\u{2216}' | '\u{29F5}' // set minus, reverse solidus operator (best fit `\`)
+            | '\u{00A5}' | '\u{20A9}' // yen, won: `\` in the Japanese and Korean code pages
             // Invisible characters that sanitizers strip (`.\u{AD}.` would become `..`):
             | '\u{00AD}' | '\u{034F}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
             | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}'
@@ -427,6 +433,35 @@ mod tests {
         match canonicalize(target) {
             Ok(p) => p.segments().map(str::to_owned).collect(),
             Err(e) => panic!("{target:?} refused: {e:?}"),
+        }
+    }
+
+    /// Every code point of Unicode 14 whose NFKC form holds `.`, `/`, `\`, `;`, `%`, `?` or
+    /// `#` (the command in `is_structural_lookalike`'s comment prints them), encoded in a
+    /// path: refused.
+    #[test]
+    fn every_nfkc_structural_lookalike_is_refused() {
+        const NFKC: &[u32] = &[
+            0x37e, 0x2024, 0x2025, 0x2026, 0x2047, 0x2048, 0x2049, 0x2100, 0x2101, 0x2105, 0x2106,
+            0x2488, 0x2489, 0x248a, 0x248b, 0x248c, 0x248d, 0x248e, 0x248f, 0x2490, 0x2491, 0x2492,
+            0x2493, 0x2494, 0x2495, 0x2496, 0x2497, 0x2498, 0x2499, 0x249a, 0x249b, 0x33c2, 0x33c7,
+            0x33d8, 0xfe14, 0xfe16, 0xfe19, 0xfe30, 0xfe52, 0xfe54, 0xfe56, 0xfe5f, 0xfe68, 0xfe6a,
+            0xff03, 0xff05, 0xff0e, 0xff0f, 0xff1b, 0xff1f, 0xff3c, 0x1f100,
+        ];
+        assert_eq!(NFKC.len(), 52);
+        for &cp in NFKC {
+            let c = char::from_u32(cp).unwrap();
+            let mut utf8 = [0u8; 4];
+            let encoded: String = c
+                .encode_utf8(&mut utf8)
+                .bytes()
+                .map(|b| format!("%{b:02X}"))
+                .collect();
+            assert_eq!(
+                canonicalize(&format!("/a/x{encoded}y")).err(),
+                Some(Ambiguity::Lookalike),
+                "U+{cp:04X}"
+            );
         }
     }
 
@@ -471,6 +506,8 @@ mod tests {
             ("/files/.%C2%AD./admin", Lookalike),           // soft hyphen between dots
             ("/a%E2%80%8Bb", Lookalike),                    // zero-width space
             ("/a%EF%BB%BF", Lookalike),                     // BOM
+            ("/a%EF%B8%B0b", Lookalike),                    // vertical two dot leader `..`
+            ("/a%C2%A5b", Lookalike),                       // yen (best fit `\`)
             ("/caf\u{e9}", NonAscii),
             ("/%41\u{e9}", NonAscii),
             ("/a\\b", Backslash),
