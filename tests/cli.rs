@@ -1344,11 +1344,13 @@ async fn serve_exits_after_sigterm_even_when_the_audit_sink_stalls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
     let dir = tempfile::tempdir().unwrap();
+    // A missing directory is made; one under a file cannot be.
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
     let file = edited_policy(
         dir.path(),
         &[(
             "audit: { path: audit.jsonl }",
-            "audit: { path: no-such-dir/audit.jsonl }",
+            "audit: { path: a-file/no-such-dir/audit.jsonl }",
         )],
     );
     let out = keyward(&["serve", "--config", file.to_str().unwrap()]).await;
@@ -1363,7 +1365,7 @@ async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
         1,
         "{err}"
     );
-    assert!(sentence.contains("no-such-dir/audit.jsonl"), "{err}");
+    assert!(sentence.contains("a-file/no-such-dir/audit.jsonl"), "{err}");
 }
 
 /// SIGTERM while `serve` is still starting (a credential `exec` that takes its time) stops it
