@@ -155,7 +155,9 @@ where
         activity: activity.clone(),
         fragments: fragments.clone(),
     };
-    let io = TokioIo::new(Sniff::new(io, fragments));
+    // The protocol ALPN chose, not whichever the first bytes look like (`auto` goes by them):
+    // the fragment sniffing above is chosen by ALPN.
+    let io = TokioIo::new(Sniff::for_alpn(io, fragments, h2));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     tokio::select! {

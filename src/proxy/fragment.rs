@@ -110,8 +110,22 @@ pin_project_lite::pin_project! {
         inner: I,
         log: Arc<FragmentLog>,
         line: Line,
+        protocol: Protocol,
     }
 }
+
+/// What the first bytes of an intercepted connection must be: the protocol ALPN chose. The
+/// server in front of HTTP/1 and HTTP/2 picks by those bytes, and the fragment sniffing (and
+/// the agent's expectations) follow ALPN, so a connection whose bytes say otherwise ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// Anything (the plain listener: HTTP/1 only, which refuses the HTTP/2 preface itself).
+    Any,
+    /// HTTP/2 (`true`) or HTTP/1, `usize` bytes of the preface checked so far.
+    Must(bool, usize),
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<I> Sniff<I> {
     pub fn new(inner: I, log: Arc<FragmentLog>) -> Sniff<I> {
@@ -119,7 +133,46 @@ impl<I> Sniff<I> {
             inner,
             log,
             line: Line::default(),
+            protocol: Protocol::Any,
         }
+    }
+
+    /// The same for an intercepted connection whose ALPN chose HTTP/2 (`h2`) or HTTP/1.
+    pub fn for_alpn(inner: I, log: Arc<FragmentLog>, h2: bool) -> Sniff<I> {
+        Sniff {
+            protocol: Protocol::Must(h2, 0),
+            ..Sniff::new(inner, log)
+        }
+    }
+}
+
+impl Protocol {
+    /// Checks the next bytes read; an error when they are not the chosen protocol's.
+    fn check(&mut self, new: &[u8]) -> io::Result<()> {
+        let Protocol::Must(h2, seen) = *self else {
+            return Ok(());
+        };
+        let rest = &H2_PREFACE[seen..];
+        let n = rest.len().min(new.len());
+        let matches = rest[..n] == new[..n];
+        *self = match (h2, matches) {
+            (true, false) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "ALPN chose h2 but the client spoke something else",
+                ))
+            }
+            (false, true) if seen + n == H2_PREFACE.len() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "ALPN chose HTTP/1.1 but the client sent the HTTP/2 preface",
+                ))
+            }
+            (false, false) => Protocol::Any,
+            _ if seen + n == H2_PREFACE.len() => Protocol::Any,
+            _ => Protocol::Must(h2, seen + n),
+        };
+        Ok(())
     }
 }
 
@@ -132,6 +185,11 @@ impl<I: AsyncRead> AsyncRead for Sniff<I> {
         let this = self.project();
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
+        if *this.protocol != Protocol::Any {
+            if let Some(new) = buf.filled().get(before..) {
+                this.protocol.check(new)?;
+            }
+        }
         if !this.log.stopped.load(Ordering::Acquire) {
             if let Some(new) = buf.filled().get(before..) {
                 this.line.observe(this.log, new);
@@ -278,6 +336,27 @@ impl<I: AsyncWrite> AsyncWrite for Sniff<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes of an intercepted connection, however split, must be the protocol ALPN chose.
+    #[test]
+    fn an_intercepted_connection_speaks_what_alpn_chose() {
+        let run = |h2: bool, chunks: &[&[u8]]| {
+            let mut p = Protocol::Must(h2, 0);
+            chunks.iter().try_for_each(|c| p.check(c)).is_ok()
+        };
+        let (pri, rest) = H2_PREFACE.split_at(5);
+        assert!(run(true, &[H2_PREFACE, b"\0\0\x12\x04"]));
+        assert!(run(true, &[pri, rest, b"frames"]));
+        assert!(!run(true, &[b"GET / HTTP/1.1\r\n"]));
+        assert!(!run(true, &[pri, b"GET"]));
+        assert!(run(false, &[b"GET / HTTP/1.1\r\n", H2_PREFACE]));
+        assert!(
+            run(false, &[pri, b" GET"]),
+            "a prefix of the preface, then not"
+        );
+        assert!(!run(false, &[H2_PREFACE]));
+        assert!(!run(false, &[pri, rest]));
+    }
 
     fn fed(chunks: &[&[u8]]) -> FragmentLog {
         let log = FragmentLog::default();

@@ -326,6 +326,25 @@ async fn a_fragment_in_the_target_is_refused_as_ambiguous() {
         let resp = in_tunnel(&f, &task, &tunnel_get(&f, "GET", target, "")).await;
         assert_ambiguous(kw, &resp, "fragment", target).await;
     }
+    // A tunnel speaks what ALPN chose: HTTP/1.1 sent after choosing h2 (whose heads cannot be
+    // sniffed for fragments) is not served as HTTP/1.1.
+    let mut tls = crate::common::tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let head = tunnel_get(&f, "GET", "/repos/acme/web/issues#frag", "");
+    bounded("write", tls.write_all(head.as_bytes()))
+        .await
+        .unwrap();
+    bounded("flush", tls.flush()).await.unwrap();
+    let mut back = Vec::new();
+    let _ = bounded(
+        "the tunnel to close",
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut back),
+    )
+    .await;
+    assert!(
+        !back.starts_with(b"HTTP/1.1"),
+        "{:?}",
+        String::from_utf8_lossy(&back)
+    );
     assert_eq!(f.tls.hits(), 0, "a request with a fragment was forwarded");
     kw.assert_no_leaks().await;
 }
