@@ -31,6 +31,8 @@ pub mod decide;
 pub mod matcher;
 /// Prometheus metrics of SPEC §8, in one place.
 pub mod metrics;
+/// A listener's connection places, and the strangers that give theirs up when it is full.
+pub mod places;
 /// The policy file: load, check, compile.
 pub mod policy;
 /// The proxy listener and the request flow.

@@ -1133,3 +1133,54 @@ async fn a_rebound_page_cannot_read_a_dual_stack_admin_listener() {
         assert_eq!(resp.status().as_u16(), status, "Host {host}");
     }
 }
+
+/// Clients without the admin token cannot keep the operator out by holding every admin place
+/// with kept-alive probes: with all 256 taken, the oldest of them makes room, and the
+/// operator's revocation goes through at once. Connections that sent the token keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_holding_every_admin_place_make_room_for_the_operator() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let probe = "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let with_token = |method: &str, path: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\n\r\n",
+            kw.admin_token
+        )
+    };
+    // The operator's own kept-alive connection, known by its token.
+    let mut operator = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
+    operator
+        .write_all(with_token("GET", "/v1/tasks").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(common::read_response(&mut operator).await.status, 200);
+    let mut probes = Vec::new();
+    for _ in 0..255 {
+        let mut tcp = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
+        tcp.write_all(probe.as_bytes()).await.unwrap();
+        assert_eq!(common::read_response(&mut tcp).await.status, 200);
+        probes.push(tcp);
+    }
+    // Every place is taken. A new connection revoking the task is served at once.
+    let started = std::time::Instant::now();
+    let mut revoke = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
+    revoke
+        .write_all(with_token("DELETE", &format!("/v1/tasks/{}", task.id)).as_bytes())
+        .await
+        .unwrap();
+    let resp = common::read_response(&mut revoke).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // The oldest probe made room; the operator's connection still works.
+    let mut b = [0u8; 1];
+    let closed = common::bounded("the oldest probe to close", probes[0].read(&mut b)).await;
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    operator
+        .write_all(with_token("GET", "/v1/tasks").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(common::read_response(&mut operator).await.status, 200);
+}

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::places::{self, Strangers};
 use crate::state::State;
 
 pub type AdminResponse = Response<Full<Bytes>>;
@@ -25,16 +26,18 @@ pub type AdminResponse = Response<Full<Bytes>>;
 /// Accepts admin connections until shutdown, then lets open ones finish (bounded).
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    accept(listener, &state, &limit).await;
+    let strangers = Arc::new(Strangers::default());
+    accept(listener, &state, &limit, &strangers).await;
     crate::proxy::conn::drain(&state, &limit, MAX_ADMIN_CONNECTIONS).await;
 }
 
-async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
+async fn accept(
+    listener: TcpListener,
+    state: &Arc<State>,
+    limit: &Arc<Semaphore>,
+    strangers: &Arc<Strangers>,
+) {
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            () = state.stopped() => return,
-        };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = state.stopped() => return,
@@ -43,6 +46,15 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // SECURITY (I7): with every place taken, the oldest connection that has not sent the
+        // admin token makes room (`places`): probes and scrapers keep theirs while there is
+        // room, but clients without the token cannot keep the operator out (of revoking a
+        // task, say) by holding every place with `GET /healthz`.
+        let permit = tokio::select! {
+            p = places::place_for(limit, strangers) => match p { Some(p) => p, None => return },
+            () = state.stopped() => return,
+        };
+        let stranger = Arc::new(strangers.arrive());
         // A connection to a loopback address comes from this machine, and only a web page
         // rebound to it (DNS rebinding) would name another host.
         // (`::ffff:127.0.0.1` on a dual-stack `[::]` listener is loopback too.)
@@ -59,11 +71,16 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
                 .header_read_timeout(settings.header_read_timeout)
                 .max_buf_size(settings.max_header_bytes.max(8192));
             let svc_state = state.clone();
+            let known = stranger.clone();
             let svc = service_fn(move |req| {
                 let state = svc_state.clone();
+                let known = known.clone();
                 async move {
                     if loopback && !names_loopback(&req) {
                         return Ok::<_, Infallible>(foreign_host());
+                    }
+                    if authorized(&state, &req) {
+                        known.known();
                     }
                     Ok(route(&state, req).await)
                 }
@@ -72,6 +89,7 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => return,
+                () = stranger.crowded_out() => return,
                 () = state.stopped() => {}
             }
             conn.as_mut().graceful_shutdown();

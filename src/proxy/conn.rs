@@ -22,6 +22,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use crate::places::Stranger;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::fragment::{FragmentInTarget, FragmentLog, Sniff};
 use crate::proxy::handle::ConnSlot;
@@ -30,7 +31,12 @@ use crate::state::State;
 /// Serves one connection of the plain proxy listener until it closes or keyward shuts down.
 /// Returns the status hyper answered on its own when the connection ended on a request head it
 /// could not parse (that request never reached the service, so the caller records it).
-pub async fn serve_plain<S>(state: &State, stream: TcpStream, svc: S) -> Option<u16>
+pub async fn serve_plain<S>(
+    state: &State,
+    stream: TcpStream,
+    svc: S,
+    stranger: Stranger,
+) -> Option<u16>
 where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
     S::Future: Send + 'static,
@@ -43,7 +49,8 @@ where
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.max_header_bytes.max(8192))
         .keep_alive(true);
-    let activity = Arc::new(Activity::new());
+    let stranger = Arc::new(stranger);
+    let activity = Arc::new(Activity::new(Some(stranger.clone())));
     let fragments = Arc::new(FragmentLog::default());
     let svc = Tracked {
         inner: svc,
@@ -57,6 +64,8 @@ where
     tokio::select! {
         ended = conn.as_mut() => return ended.err().and_then(|e| unparsed_status(&e)),
         _ = activity.idle_for(settings.idle_timeout) => {}
+        // Nothing of a request to finish: closed at once.
+        () = stranger.crowded_out() => return None,
         () = state.stopped() => {}
     }
     conn.as_mut().graceful_shutdown();
@@ -144,7 +153,7 @@ where
         .max_header_list_size(settings.max_header_bytes.max(8192) as u32)
         .max_pending_accept_reset_streams(32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let activity = Arc::new(Activity::new());
+    let activity = Arc::new(Activity::new(None));
     let fragments = Arc::new(FragmentLog::default());
     if h2 {
         // HPACK-coded heads cannot be sniffed (and the h2 crate cuts a `:path` fragment too).
@@ -240,21 +249,30 @@ struct Activity {
     begun: std::sync::atomic::AtomicBool,
     /// Milliseconds after `start` when the last request in flight finished.
     idle_since_ms: AtomicU64,
+    /// The connection's listing among its listener's strangers (plain connections), until
+    /// its first request.
+    stranger: Option<Arc<Stranger>>,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(stranger: Option<Arc<Stranger>>) -> Activity {
         Activity {
             start: Instant::now(),
             in_flight: AtomicUsize::new(0),
             begun: std::sync::atomic::AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
+            stranger,
         }
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.begun.store(true, Ordering::Release);
+        if !self.begun.swap(true, Ordering::AcqRel) {
+            // A request with a token, or one refused (and the connection closed): known.
+            if let Some(stranger) = &self.stranger {
+                stranger.known();
+            }
+        }
         InFlight(self.clone())
     }
 

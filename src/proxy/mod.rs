@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::metrics::ConnKind;
+use crate::places::{self, Strangers};
 use crate::proxy::handle::ConnCtx;
 use crate::state::State;
 
@@ -33,16 +34,18 @@ use crate::state::State;
 /// to finish their requests. Each connection holds a permit of the connection limit.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(state.settings.max_connections));
-    accept(listener, &state, &limit).await;
+    let strangers = Arc::new(Strangers::default());
+    accept(listener, &state, &limit, &strangers).await;
     conn::drain(&state, &limit, state.settings.max_connections).await;
 }
 
-async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore>) {
+async fn accept(
+    listener: TcpListener,
+    state: &Arc<State>,
+    limit: &Arc<Semaphore>,
+    strangers: &Arc<Strangers>,
+) {
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            () = state.stopped() => return,
-        };
         // SECURITY (I7): while the audit queue is backed up (a stalled sink), take no new
         // connection: every request, even one the parser refuses before keyward sees it,
         // leaves a record, and those would wait in memory for as long as the stall lasts.
@@ -69,6 +72,13 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
                 continue;
             }
         };
+        // SECURITY (I7): with every place taken, the oldest connection that has sent no
+        // request yet makes room (`places`): a client without a token cannot hold them all.
+        let permit = tokio::select! {
+            p = places::place_for(limit, strangers) => match p { Some(p) => p, None => return },
+            () = state.stopped() => return,
+        };
+        let stranger = strangers.arrive();
         let state = state.clone();
         tokio::spawn(async move {
             let _open = state.metrics.connection_opened(ConnKind::Http);
@@ -79,7 +89,7 @@ async fn accept(listener: TcpListener, state: &Arc<State>, limit: &Arc<Semaphore
             });
             let svc_state = state.clone();
             let svc = service_fn(move |req| handle::handle(svc_state.clone(), ctx.clone(), req));
-            if let Some(status) = conn::serve_plain(&state, stream, svc).await {
+            if let Some(status) = conn::serve_plain(&state, stream, svc, stranger).await {
                 record::unparsed(&state, client, status);
             }
         });

@@ -339,28 +339,28 @@ async fn http2_continuation_floods_are_cut_off_and_others_are_served() {
     kw.assert_no_leaks().await;
 }
 
+/// Connections that made a request keep their places: one more waits (in the backlog) until
+/// a place frees up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_wait_for_a_free_slot() {
-    let f = Fixture::start_with(|p| with_proxy(p, "  max_connections: 3\n")).await;
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            p,
+            "  max_connections: 3\n  max_task_connections: 4\n  max_agent_connections: 4\n",
+        )
+    })
+    .await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let keep_alive =
+        raw_req(&f, "GET", "plain.test", "/echo", &task, "").replace("Connection: close\r\n", "");
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
-        tcp.write_all(b"GET http://plain.test").await.unwrap();
+        tcp.write_all(keep_alive.as_bytes()).await.unwrap();
+        let resp = crate::common::read_response(&mut tcp).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
         held.push(tcp);
-    }
-    // Give the accept loop a moment to take all three: a bounded poll on the gauge.
-    for _ in 0..100 {
-        if kw
-            .metric("keyward_connections_open{kind=\"http\"}")
-            .await
-            .unwrap_or(0.0)
-            >= 3.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut fourth = TcpStream::connect(kw.proxy_addr).await.unwrap();
     fourth
@@ -373,12 +373,81 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
         early.is_err(),
         "a fourth connection was served over the cap"
     );
-    assert_eq!(f.plain.hits(), 0);
+    assert_eq!(f.plain.hits(), 3);
     drop(held.pop());
     let resp = crate::common::read_response(&mut fourth).await;
     kw.saw(&resp.text());
     assert_eq!(resp.status, 200, "{}", resp.text());
-    assert_eq!(f.plain.hits(), 1);
+    assert_eq!(f.plain.hits(), 4);
+    // The connections that made a request were not closed to make room.
+    for tcp in &mut held {
+        tcp.write_all(keep_alive.as_bytes()).await.unwrap();
+        let resp = crate::common::read_response(tcp).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    kw.assert_no_leaks().await;
+}
+
+/// Connections that have sent no request (silent, or a head that never ends) cannot keep
+/// agents out, however many and however often they come back: with every place taken, the
+/// oldest of them is closed for each connection that knocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_holding_every_place_make_room_for_agents() {
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            p,
+            "  max_connections: 8\n  max_task_connections: 8\n  max_agent_connections: 8\n",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    // One agent connection known by its first request, then every other place held by
+    // strangers: half silent, half dripping a head.
+    let keep_alive =
+        raw_req(&f, "GET", "plain.test", "/echo", &task, "").replace("Connection: close\r\n", "");
+    let mut agent = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    agent.write_all(keep_alive.as_bytes()).await.unwrap();
+    assert_eq!(crate::common::read_response(&mut agent).await.status, 200);
+    let mut strangers = Vec::new();
+    for i in 0..7 {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        if i % 2 == 0 {
+            tcp.write_all(b"GET http://plain.test").await.unwrap();
+        }
+        strangers.push(tcp);
+    }
+    for _ in 0..100 {
+        let open = kw.metric("keyward_connections_open{kind=\"http\"}").await;
+        if open.unwrap_or(0.0) >= 8.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each new agent connection (kept open, so every place stays taken) is served at once
+    // (header_read_timeout is 10 s), and the stranger it displaced is closed, oldest first.
+    let mut agents = Vec::new();
+    for (round, oldest) in strangers.iter_mut().take(3).enumerate() {
+        let started = Instant::now();
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(keep_alive.as_bytes()).await.unwrap();
+        let resp = crate::common::read_response(&mut tcp).await;
+        assert_eq!(resp.status, 200, "round {round}: {}", resp.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "round {round}: waited"
+        );
+        agents.push(tcp);
+        let mut b = [0u8; 1];
+        let closed = bounded("the oldest stranger to close", oldest.read(&mut b)).await;
+        assert!(
+            matches!(closed, Ok(0) | Err(_)),
+            "round {round}: {closed:?}"
+        );
+    }
+    // The agent's own connection kept its place.
+    agent.write_all(keep_alive.as_bytes()).await.unwrap();
+    assert_eq!(crate::common::read_response(&mut agent).await.status, 200);
     kw.assert_no_leaks().await;
 }
 

@@ -1,0 +1,161 @@
+//! A listener's connection places. Every connection holds one for as long as it is open
+//! (`proxy.max_connections`, the admin listener's 256), and a connection that has not yet
+//! shown who it is — a stranger: no request yet on the proxy listener, no request with the
+//! admin token on the admin one — is listed, oldest first. When every place is taken and
+//! another connection knocks, the oldest stranger is closed to make room: clients without a
+//! token cannot keep agents (or the operator) out by holding places open, however often they
+//! reconnect, while connections that showed a token are never closed for this.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+/// One listener's strangers, by arrival.
+#[derive(Default)]
+pub struct Strangers {
+    next: AtomicU64,
+    waiting: Mutex<BTreeMap<u64, Arc<Notify>>>,
+}
+
+impl Strangers {
+    /// Lists a connection just accepted, until it shows who it is (`Stranger::known`) or
+    /// closes.
+    pub fn arrive(self: &Arc<Self>) -> Stranger {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let kick = Arc::new(Notify::new());
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.insert(id, kick.clone());
+        }
+        Stranger {
+            strangers: self.clone(),
+            id,
+            kick,
+            known: AtomicBool::new(false),
+        }
+    }
+
+    /// Tells the oldest stranger to close; false when there is none.
+    fn make_room(&self) -> bool {
+        let oldest = self.waiting.lock().ok().and_then(|mut w| w.pop_first());
+        match oldest {
+            Some((_, kick)) => {
+                // `notify_one` keeps the wake-up for a connection not waiting on it yet.
+                kick.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut waiting) = self.waiting.lock() {
+            waiting.remove(&id);
+        }
+    }
+
+    /// Connections listed now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.waiting.lock().map_or(0, |w| w.len())
+    }
+}
+
+/// A connection's listing; dropping it takes the connection off the list.
+pub struct Stranger {
+    strangers: Arc<Strangers>,
+    id: u64,
+    kick: Arc<Notify>,
+    known: AtomicBool,
+}
+
+impl Stranger {
+    /// The connection showed who it is: off the list for good.
+    pub fn known(&self) {
+        if !self.known.swap(true, Ordering::AcqRel) {
+            self.strangers.remove(self.id);
+        }
+    }
+
+    /// Completes when the connection, still a stranger, is the one to make room; never once
+    /// it is known.
+    pub async fn crowded_out(&self) {
+        loop {
+            self.kick.notified().await;
+            if !self.known.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Stranger {
+    fn drop(&mut self) {
+        self.strangers.remove(self.id);
+    }
+}
+
+/// A place for a connection just accepted: a free one, else, when every place is taken, the
+/// one the oldest stranger gives up (or the next to free up when there is none). `None` once
+/// the limit is closed.
+pub async fn place_for(
+    limit: &Arc<Semaphore>,
+    strangers: &Strangers,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(place) = limit.clone().try_acquire_owned() {
+        return Some(place);
+    }
+    strangers.make_room();
+    limit.clone().acquire_owned().await.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_listener_closes_its_oldest_stranger_for_a_newcomer() {
+        let limit = Arc::new(Semaphore::new(2));
+        let strangers = Arc::new(Strangers::default());
+        // Two connections hold both places: the first still a stranger, the second known.
+        let first = place_for(&limit, &strangers).await.unwrap();
+        let first_stranger = strangers.arrive();
+        let second = place_for(&limit, &strangers).await.unwrap();
+        let second_stranger = strangers.arrive();
+        second_stranger.known();
+        assert_eq!(strangers.len(), 1);
+
+        let newcomer = |limit: &Arc<Semaphore>, strangers: &Arc<Strangers>| {
+            let (limit, strangers) = (limit.clone(), strangers.clone());
+            tokio::spawn(async move { place_for(&limit, &strangers).await })
+        };
+        let third = newcomer(&limit, &strangers);
+        // The stranger is told to close; its place goes to the newcomer once it has.
+        bounded(first_stranger.crowded_out()).await;
+        assert_eq!(strangers.len(), 0);
+        assert!(!third.is_finished());
+        drop((first, first_stranger));
+        let third = bounded(third).await.unwrap();
+        assert!(third.is_some());
+
+        // A known connection is not told, and with no stranger left a newcomer waits for a
+        // place to free up.
+        let fourth = newcomer(&limit, &strangers);
+        let told = tokio::time::timeout(Duration::from_millis(100), second_stranger.crowded_out());
+        assert!(
+            told.await.is_err(),
+            "a known connection was told to make room"
+        );
+        assert!(!fourth.is_finished());
+        drop(second);
+        assert!(bounded(fourth).await.unwrap().is_some());
+    }
+}
