@@ -145,18 +145,36 @@ impl AuditRecord {
 pub const PATH_MAX: usize = 2048;
 pub const SHORT_FIELD_MAX: usize = 256;
 
-/// `json_str` of `s`, cut to at most `max` bytes (at a character's start) plus a note of how
-/// many bytes were cut: `/a/b…(+58976 bytes)`.
+/// `json_str` of `s`, cut so that what is written of it takes at most `max` bytes escaped (a
+/// non-ASCII character takes 6 or 12: cutting the text at `max` bytes let 2 KiB of `é` become
+/// 6 KiB), at a character's start, plus a note of how many bytes of `s` were cut:
+/// `/a/b…(+58976 bytes)`.
 fn json_str_capped(out: &mut Vec<u8>, s: &str, max: usize) {
-    if s.len() <= max {
+    // No byte takes more than 6 escaped (a control byte's `\u0001`).
+    if s.len().saturating_mul(6) <= max {
         return json_str(out, s);
     }
-    let mut cut = max;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
+    let mut written = 0;
+    let cut = s
+        .char_indices()
+        .find(|&(_, c)| {
+            written += escaped_len(c);
+            written > max
+        })
+        .map(|(at, _)| at);
+    match cut.and_then(|cut| Some((s.get(..cut)?, s.len() - cut))) {
+        None => json_str(out, s),
+        Some((kept, rest)) => json_str(out, &format!("{kept}\u{2026}(+{rest} bytes)")),
     }
-    let kept = s.get(..cut).unwrap_or_default();
-    json_str(out, &format!("{kept}\u{2026}(+{} bytes)", s.len() - cut));
+}
+
+/// How many bytes `json_str` writes for `c`.
+fn escaped_len(c: char) -> usize {
+    match c {
+        '"' | '\\' | '\n' | '\r' | '\t' => 2,
+        ' '..='~' => 1,
+        _ => 6 * c.len_utf16(),
+    }
 }
 
 /// A JSON string, in ASCII. Agent-chosen text (a method, a host, a path) may hold anything:
@@ -525,9 +543,32 @@ mod tests {
             .as_str()
             .unwrap()
             .ends_with("\u{2026}(+149 bytes)"));
-        // Cut at a character's start: `é` (2 bytes) straddles byte 2048.
+        // Cut at a character's start: `é` (6 bytes escaped) would end past byte 2048.
         let path = v["path"].as_str().unwrap();
         assert_eq!(path, format!("/{}\u{2026}(+60002 bytes)", "a".repeat(2046)));
+
+        // The cap is on what is written: non-ASCII text (6 bytes a character escaped), quotes
+        // and backslashes (2) are cut sooner.
+        for (unit, escaped) in [("é", 6), ("\u{1F600}", 12), ("\"", 2), ("a", 1)] {
+            let rec = AuditRecord {
+                path: unit.repeat(3000),
+                ..AuditRecord::default()
+            };
+            let mut line = Vec::new();
+            rec.write_json(&mut line);
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            let kept = PATH_MAX / escaped;
+            assert_eq!(
+                v["path"],
+                format!(
+                    "{}\u{2026}(+{} bytes)",
+                    unit.repeat(kept),
+                    (3000 - kept) * unit.len()
+                ),
+                "{unit}"
+            );
+            assert!(line.len() < PATH_MAX + 1024, "{unit}: {} bytes", line.len());
+        }
     }
 
     #[test]
