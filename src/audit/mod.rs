@@ -100,7 +100,13 @@ impl AuditRecord {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"path\":");
-        json_str_capped(out, without_query(&self.path), PATH_MAX);
+        // A request no task stands behind (a 407, a head refused unread) is anyone's: less
+        // of its path is kept, so a flood of them fills the audit disk four times slower.
+        let path_max = match self.task {
+            Some(_) => PATH_MAX,
+            None => SHORT_FIELD_MAX,
+        };
+        json_str_capped(out, without_query(&self.path), path_max);
         out.extend_from_slice(b",\"service\":");
         json_opt_str(out, self.service.as_deref());
         out.extend_from_slice(b",\"capability\":");
@@ -137,7 +143,8 @@ impl AuditRecord {
     }
 }
 
-/// The longest `path` a record keeps, and the longest `method` or `host`. SECURITY: these are
+/// The longest `path` a record keeps (`SHORT_FIELD_MAX` for a request without a task), and
+/// the longest `method` or `host`. SECURITY: these are
 /// the agent's (or anyone's: a 407 is recorded too), and a request head may be 64 KiB; kept
 /// whole, a flood of unauthenticated requests with long paths filled the audit disk at 60 KB a
 /// record, after which keyward refuses every task (no record, no request). A longer one is
@@ -529,6 +536,7 @@ mod tests {
             method: "M".repeat(300),
             host: format!("{}.test", "h".repeat(400)),
             path: format!("/{}é{}", "a".repeat(2046), "b".repeat(60_000)),
+            task: Some("t".into()),
             ..AuditRecord::default()
         };
         let mut line = Vec::new();
@@ -552,6 +560,7 @@ mod tests {
         for (unit, escaped) in [("é", 6), ("\u{1F600}", 12), ("\"", 2), ("a", 1)] {
             let rec = AuditRecord {
                 path: unit.repeat(3000),
+                task: Some("t".into()),
                 ..AuditRecord::default()
             };
             let mut line = Vec::new();
@@ -569,6 +578,18 @@ mod tests {
             );
             assert!(line.len() < PATH_MAX + 1024, "{unit}: {} bytes", line.len());
         }
+        // Without a task (a 407), 256 bytes of it.
+        let rec = AuditRecord {
+            path: "/a".repeat(3000),
+            ..AuditRecord::default()
+        };
+        let mut line = Vec::new();
+        rec.write_json(&mut line);
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(
+            v["path"],
+            format!("{}\u{2026}(+5744 bytes)", "/a".repeat(128))
+        );
     }
 
     #[test]

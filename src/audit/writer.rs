@@ -825,6 +825,7 @@ mod tests {
         // 100 KiB of records: more than the pipe holds, far less than the queue.
         let mut rec = record(0);
         rec.path = format!("/{}", "p".repeat(2000));
+        rec.task = Some("t".into());
         for _ in 0..50 {
             log.write_detached(rec.clone());
         }
@@ -860,6 +861,7 @@ mod tests {
         // 2 KiB records: the pipe (64 KiB) fills, the writer blocks, the queue fills.
         let mut rec = record(0);
         rec.path = format!("/{}", "p".repeat(2000));
+        rec.task = Some("t".into());
         for _ in 0..4096 {
             log.write_detached(rec.clone());
         }
