@@ -375,7 +375,7 @@ async fn handle_request(
                 draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
                 draft.rec.outcome = Some("encoded_response");
                 let resp = respond::failure(
-                    Failure::BadUpstreamAnswer,
+                    Failure::EncodedAnswer,
                     draft.request_id(),
                     draft.rec.task.as_deref(),
                 );

@@ -190,6 +190,8 @@ pub enum Failure {
     /// the upstream was reached but broke off, or answered with what keyward does not relay
     /// (malformed HTTP, an upgrade to something else than WebSocket, a coded body)
     BadUpstreamAnswer,
+    /// the upstream coded (compressed) a credentialed answer though asked not to
+    EncodedAnswer,
     /// the upstream did not answer in time
     GatewayTimeout,
     /// keyward cannot write audit records, or is shutting down
@@ -201,7 +203,9 @@ pub enum Failure {
 impl Failure {
     pub fn status(self) -> StatusCode {
         match self {
-            Failure::BadGateway | Failure::BadUpstreamAnswer => StatusCode::BAD_GATEWAY,
+            Failure::BadGateway | Failure::BadUpstreamAnswer | Failure::EncodedAnswer => {
+                StatusCode::BAD_GATEWAY
+            }
             Failure::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::BadRequestBody => StatusCode::BAD_REQUEST,
@@ -211,7 +215,7 @@ impl Failure {
     fn code(self) -> &'static str {
         match self {
             Failure::BadGateway => "upstream_unreachable",
-            Failure::BadUpstreamAnswer => "upstream_bad_answer",
+            Failure::BadUpstreamAnswer | Failure::EncodedAnswer => "upstream_bad_answer",
             Failure::GatewayTimeout => "upstream_timeout",
             Failure::Unavailable => "unavailable",
             Failure::BadRequestBody => "bad_request_body",
@@ -221,7 +225,7 @@ impl Failure {
     fn title(self) -> &'static str {
         match self {
             Failure::BadGateway => "Upstream unreachable",
-            Failure::BadUpstreamAnswer => "Upstream answer not relayed",
+            Failure::BadUpstreamAnswer | Failure::EncodedAnswer => "Upstream answer not relayed",
             Failure::GatewayTimeout => "Upstream timed out",
             Failure::Unavailable => "keyward unavailable",
             Failure::BadRequestBody => "Malformed request body",
@@ -235,6 +239,9 @@ impl Failure {
             }
             Failure::BadUpstreamAnswer => {
                 "The upstream broke off, or answered with something keyward does not relay (not valid HTTP, an upgrade other than WebSocket, a compressed body it cannot check); nothing of it was passed on."
+            }
+            Failure::EncodedAnswer => {
+                "The upstream compressed (or otherwise coded) its answer although keyward asked for none (Accept-Encoding: identity); keyward cannot check a coded body for the credential it injected, so nothing of it was passed on. The service must answer credentialed requests uncoded."
             }
             Failure::GatewayTimeout => "The upstream did not answer in time.",
             Failure::Unavailable => {

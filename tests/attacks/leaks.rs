@@ -637,6 +637,14 @@ async fn credential_split_over_chunks_of_a_body_read_to_its_close_never_reaches_
             "{path}: part of the credential reached the agent"
         );
         let problem: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+        // The agent (and whoever reads its logs) is told why.
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("Accept-Encoding: identity"),
+            "{problem}"
+        );
         let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
         assert_eq!(rec["outcome"], "encoded_response", "{rec}");
     }
