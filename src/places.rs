@@ -9,14 +9,32 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-/// One listener's strangers, by arrival.
+/// How long a connection just accepted is left to send its first head before it may be the
+/// one to make room: a client sends it at once (it connected to send it), while clients that
+/// reconnect as fast as they are closed would otherwise close every newcomer, agents' too,
+/// before its head is read. It also bounds how fast newcomers get in while strangers hold
+/// every place: a place every `GRACE`.
+const GRACE: Duration = Duration::from_millis(100);
+
+/// One listener's strangers, by arrival: when each came, and how to tell it to go.
 #[derive(Default)]
 pub struct Strangers {
     next: AtomicU64,
-    waiting: Mutex<BTreeMap<u64, Arc<Notify>>>,
+    waiting: Mutex<BTreeMap<u64, (Instant, Arc<Notify>)>>,
+}
+
+/// What `make_room` did.
+enum Room {
+    /// The oldest stranger was told to close.
+    Made,
+    /// The oldest stranger is still within its grace for this long.
+    NotYet(Duration),
+    /// There is no stranger: every place is held by a connection that showed who it is.
+    NoStranger,
 }
 
 impl Strangers {
@@ -26,7 +44,7 @@ impl Strangers {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let kick = Arc::new(Notify::new());
         if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(id, kick.clone());
+            waiting.insert(id, (Instant::now(), kick.clone()));
         }
         Stranger {
             strangers: self.clone(),
@@ -36,17 +54,22 @@ impl Strangers {
         }
     }
 
-    /// Tells the oldest stranger to close; false when there is none.
-    fn make_room(&self) -> bool {
-        let oldest = self.waiting.lock().ok().and_then(|mut w| w.pop_first());
-        match oldest {
-            Some((_, kick)) => {
-                // `notify_one` keeps the wake-up for a connection not waiting on it yet.
-                kick.notify_one();
-                true
-            }
-            None => false,
+    /// Tells the oldest stranger to close, once its grace is over.
+    fn make_room(&self) -> Room {
+        let Ok(mut waiting) = self.waiting.lock() else {
+            return Room::NoStranger;
+        };
+        let Some(oldest) = waiting.first_entry() else {
+            return Room::NoStranger;
+        };
+        let age = oldest.get().0.elapsed();
+        if age < GRACE {
+            return Room::NotYet(GRACE - age);
         }
+        let (_, kick) = oldest.remove();
+        // `notify_one` keeps the wake-up for a connection not waiting on it yet.
+        kick.notify_one();
+        Room::Made
     }
 
     fn remove(&self, id: u64) {
@@ -103,11 +126,22 @@ pub async fn place_for(
     limit: &Arc<Semaphore>,
     strangers: &Strangers,
 ) -> Option<OwnedSemaphorePermit> {
-    if let Ok(place) = limit.clone().try_acquire_owned() {
-        return Some(place);
+    loop {
+        if let Ok(place) = limit.clone().try_acquire_owned() {
+            return Some(place);
+        }
+        let wait = match strangers.make_room() {
+            // Its place comes as it closes; if it showed a token just as it was told (and so
+            // stays), the next stranger is told after a grace.
+            Room::Made => GRACE,
+            Room::NotYet(left) => left,
+            Room::NoStranger => return limit.clone().acquire_owned().await.ok(),
+        };
+        tokio::select! {
+            place = limit.clone().acquire_owned() => return place.ok(),
+            () = tokio::time::sleep(wait) => {}
+        }
     }
-    strangers.make_room();
-    limit.clone().acquire_owned().await.ok()
 }
 
 #[cfg(test)]
@@ -138,7 +172,10 @@ mod tests {
             tokio::spawn(async move { place_for(&limit, &strangers).await })
         };
         let third = newcomer(&limit, &strangers);
-        // The stranger is told to close; its place goes to the newcomer once it has.
+        // The stranger is told to close once its grace is over (not before: it may be an
+        // agent whose head is on its way); its place goes to the newcomer once it has.
+        let early = tokio::time::timeout(GRACE / 2, first_stranger.crowded_out());
+        assert!(early.await.is_err(), "told within its grace");
         bounded(first_stranger.crowded_out()).await;
         assert_eq!(strangers.len(), 0);
         assert!(!third.is_finished());

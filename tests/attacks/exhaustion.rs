@@ -451,6 +451,59 @@ async fn strangers_holding_every_place_make_room_for_agents() {
     kw.assert_no_leaks().await;
 }
 
+/// Clients without a token that outnumber the places and reconnect the moment they are
+/// closed do not keep agents out either: a connection just accepted has a moment to send its
+/// head before it can be the one to make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_reconnecting_at_once_do_not_keep_agents_out() {
+    let f = Fixture::start_with(|p| with_proxy(p, "  max_connections: 8\n")).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let addr = kw.proxy_addr;
+    // Threads of their own (as another process's would be), not tasks sharing keyward's
+    // runtime: they reconnect as fast as the kernel lets them.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn: Vec<_> = (0..96)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut tcp) = std::net::TcpStream::connect(addr) else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let _ = tcp.set_read_timeout(Some(Duration::from_millis(500)));
+                    let _ = tcp.read(&mut [0u8; 1]);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The agent writes its head 30 ms after connecting (a client that connects, then builds
+    // its request; or a slower network): fast churn closed such a newcomer before its head
+    // came.
+    for round in 0..4 {
+        let started = Instant::now();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let head = raw_req(&f, "GET", "plain.test", "/echo", &task, "");
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let resp = crate::common::read_response(&mut tcp).await;
+        assert_eq!(resp.status, 200, "round {round}: {}", resp.text());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "round {round}: {:?}",
+            started.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in churn {
+        let _ = c.join();
+    }
+    kw.assert_no_leaks().await;
+}
+
 /// A client that cannot authenticate does not keep its connection: asking once in a while
 /// without a token (no timeout fires between complete heads) it held every place under
 /// `max_connections`, and tasks waited in the backlog.
