@@ -759,23 +759,24 @@ const TOKEN_BODY_LEN: usize = 43;
 /// encoded twice (`%256B`): a token written so is found, and cut as written.
 pub fn redact_tokens(text: &str) -> Option<String> {
     let is_token_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
-    // Each unit of `text`: the byte it stands for and where it ends.
     let bytes = text.as_bytes();
     if memchr::memchr(b'%', bytes).is_none() && memchr::memmem::find(bytes, b"kw_").is_none() {
         return None;
     }
-    let mut units: Vec<(u8, usize)> = Vec::with_capacity(bytes.len());
-    let mut at = 0;
-    while let Some(&b) = bytes.get(at) {
-        let (byte, len) = if b == b'%' {
-            percent_unit(&bytes[at..])
-        } else {
-            (b, 1)
-        };
-        at += len;
-        units.push((byte, at));
+    // Each unit of `text`: the byte it stands for and where it is written (start, end).
+    // Decoded up to three times: `%6B`, `%256B`, `%25%36%42` all stand for `k`.
+    let mut units: Vec<(u8, usize, usize)> = bytes
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| (b, i, i + 1))
+        .collect();
+    for _ in 0..3 {
+        let decoded = percent_decode_units(&units);
+        if decoded.len() == units.len() {
+            break;
+        }
+        units = decoded;
     }
-    let start_of = |u: usize| if u == 0 { 0 } else { units[u - 1].1 };
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut u = 0;
@@ -786,13 +787,13 @@ pub fn redact_tokens(text: &str) -> Option<String> {
         }
         let body = units[u + 3..]
             .iter()
-            .take_while(|(b, _)| is_token_byte(*b))
+            .take_while(|(b, ..)| is_token_byte(*b))
             .count();
         if body >= TOKEN_BODY_LEN {
             let o = out.get_or_insert_with(String::new);
-            o.push_str(&text[copied..start_of(u)]);
+            o.push_str(&text[copied..units[u].1]);
             o.push_str("[redacted]");
-            copied = units[u + 2 + body].1;
+            copied = units[u + 2 + body].2;
         }
         u += 3 + body;
     }
@@ -802,16 +803,22 @@ pub fn redact_tokens(text: &str) -> Option<String> {
     })
 }
 
-/// The byte a `%` at the start of `b` stands for, and how many bytes say it: `%XX`, `%25XX`
-/// (encoded twice), or the `%` itself when no hex digits follow.
-fn percent_unit(b: &[u8]) -> (u8, usize) {
-    let hex = |i: usize| b.get(i).and_then(|c| char::from(*c).to_digit(16));
-    let byte = |hi: u32, lo: u32| u8::try_from(hi * 16 + lo).unwrap_or(b'%');
-    match (hex(1), hex(2), hex(3), hex(4)) {
-        (Some(2), Some(5), Some(hi), Some(lo)) => (byte(hi, lo), 5),
-        (Some(hi), Some(lo), ..) => (byte(hi, lo), 3),
-        _ => (b'%', 1),
+/// `units` with every `%` followed by two hex digits taken as the byte they spell.
+fn percent_decode_units(units: &[(u8, usize, usize)]) -> Vec<(u8, usize, usize)> {
+    let hex = |u: Option<&(u8, usize, usize)>| u.and_then(|u| char::from(u.0).to_digit(16));
+    let mut out = Vec::with_capacity(units.len());
+    let mut i = 0;
+    while let Some(&unit) = units.get(i) {
+        if let (b'%', Some(hi), Some(lo)) = (unit.0, hex(units.get(i + 1)), hex(units.get(i + 2))) {
+            let byte = u8::try_from(hi * 16 + lo).unwrap_or(b'%');
+            out.push((byte, unit.1, units[i + 2].2));
+            i += 3;
+        } else {
+            out.push(unit);
+            i += 1;
+        }
     }
+    out
 }
 
 fn new_token() -> Secret {
@@ -876,6 +883,8 @@ mod tests {
             enc(t, 1),
             enc(t, 1).to_uppercase(),
             enc(t, 2).replace('%', "%25"),
+            enc(&enc(t, 1), 1),
+            enc(&enc(&enc(t, 3), 2), 5),
         ] {
             assert_eq!(
                 redact_tokens(&format!("/a/{spelled}/b")).as_deref(),
