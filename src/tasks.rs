@@ -756,7 +756,7 @@ const TOKEN_BODY_LEN: usize = 43;
 /// when it has none. For what keyward persists of an agent's bytes (an agent may put its own
 /// token in a path); tokens are not stored, so their shape is what can be found. A path's
 /// bytes may be percent-encoded (`%6B` for `k`; the matcher and most servers decode them), or
-/// encoded twice (`%256B`): a token written so is found, and cut as written.
+/// encoded twice (`%256B`, `%25%36%42`): a token written so is found, and cut as written.
 pub fn redact_tokens(text: &str) -> Option<String> {
     let is_token_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
     let bytes = text.as_bytes();

@@ -500,6 +500,14 @@ passthrough: []                      # hosts tunnelled blind (no inspection, no 
                 "{item}: {errs:?}"
             );
         }
+        // A quoted item after a swapped one is left alone, commas and braces included.
+        let p = ok(&format!(
+            "{ADMIN}{services}  c:\n    service: s\n    routes: [GET /a/{{id}}, \"GET /x/a,b/{{id}}/c,d\", GET /y/{{z}}]\n"
+        ));
+        assert_eq!(
+            p.capabilities[0].route_text,
+            ["GET /a/{id}", "GET /x/a,b/{id}/c,d", "GET /y/{z}"]
+        );
         // Valid YAML is read as YAML: a flow mapping stays a mapping.
         let errs = errors(&format!(
             "{ADMIN}{services}  c:\n    service: s\n    routes: [{{GET: /a}}]\n"

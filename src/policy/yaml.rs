@@ -150,6 +150,10 @@ fn swap_route_braces(text: &str, pos: Pos, braced: &mut Vec<Pos>) -> Option<Stri
             braced.push(Pos::new(pos.line, start + 1));
         } else if first {
             return None;
+        } else {
+            // A quoted item, say, whose commas this split cannot see: the rest of the line is
+            // left as written (a later brace gets its own round).
+            break;
         }
         first = false;
         if line.get(end) != Some(&',') {
