@@ -959,28 +959,43 @@ impl Write for UpstreamStream {
 }
 
 /// An HTTP/1 upstream connection on which a write that finds the peer gone (reset, broken
-/// pipe) and every write after it count as sent. An upstream that answers a large upload
-/// early (413, 401) and closes without reading the rest resets the connection; its answer is
-/// already in the receive buffer, but hyper fails the exchange on the first failed write, so
-/// the agent would get a 502 (or nothing) instead of the upstream's answer depending on which
-/// came first. With the writes taken as sent, hyper reads on: the answer is relayed, and an
-/// upstream that reset without one still ends the exchange with an error on the read side
-/// (which a reset connection always gives), so nothing waits.
+/// pipe), and every write for `ANSWER_GRACE` after it, count as sent. An upstream that answers
+/// a large upload early (413, 401) and closes without reading the rest resets the connection;
+/// its answer is already in the receive buffer, but hyper fails the exchange on the first
+/// failed write, so the agent would get a 502 (or nothing) instead of the upstream's answer
+/// depending on which came first. With the writes taken as sent, hyper reads on: the answer is
+/// relayed, and an upstream that reset without one still ends the exchange with an error on
+/// the read side (which a reset connection always gives), so nothing waits. After the grace
+/// the error comes through: a WebSocket relay (whose upstream is this connection) is not
+/// left writing into nothing.
 struct AnswerOverReset<T> {
     io: T,
-    gone: bool,
+    gone: Option<Instant>,
 }
+
+/// How long writes to a connection found reset still count as sent: time for hyper to read
+/// an answer that was already there.
+const ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 impl<T> AnswerOverReset<T> {
     fn new(io: T) -> Self {
-        AnswerOverReset { io, gone: false }
+        AnswerOverReset { io, gone: None }
+    }
+
+    /// `Some` with what a write now returns, once the peer is gone.
+    fn after_reset(&self, written: usize) -> Option<io::Result<usize>> {
+        let since = self.gone?;
+        Some(match since.elapsed() < ANSWER_GRACE {
+            true => Ok(written),
+            false => Err(io::ErrorKind::BrokenPipe.into()),
+        })
     }
 
     /// `written` as sent when the peer is gone.
     fn settle(&mut self, r: Poll<io::Result<usize>>, written: usize) -> Poll<io::Result<usize>> {
         match r {
             Poll::Ready(Err(e)) if peer_gone(&e) => {
-                self.gone = true;
+                self.gone = Some(Instant::now());
                 Poll::Ready(Ok(written))
             }
             other => other,
@@ -1014,8 +1029,8 @@ impl<T: Write + Unpin> Write for AnswerOverReset<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.gone {
-            return Poll::Ready(Ok(buf.len()));
+        if let Some(r) = this.after_reset(buf.len()) {
+            return Poll::Ready(r);
         }
         let r = Pin::new(&mut this.io).poll_write(cx, buf);
         this.settle(r, buf.len())
@@ -1028,8 +1043,8 @@ impl<T: Write + Unpin> Write for AnswerOverReset<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let all = bufs.iter().map(|b| b.len()).sum();
-        if this.gone {
-            return Poll::Ready(Ok(all));
+        if let Some(r) = this.after_reset(all) {
+            return Poll::Ready(r);
         }
         let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         this.settle(r, all)
@@ -1041,8 +1056,8 @@ impl<T: Write + Unpin> Write for AnswerOverReset<T> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.gone {
-            return Poll::Ready(Ok(()));
+        if let Some(r) = this.after_reset(0) {
+            return Poll::Ready(r.map(|_| ()));
         }
         let r = Pin::new(&mut this.io).poll_flush(cx).map_ok(|()| 0);
         this.settle(r, 0).map_ok(|_| ())
@@ -1050,8 +1065,8 @@ impl<T: Write + Unpin> Write for AnswerOverReset<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.gone {
-            return Poll::Ready(Ok(()));
+        if let Some(r) = this.after_reset(0) {
+            return Poll::Ready(r.map(|_| ()));
         }
         Pin::new(&mut this.io).poll_shutdown(cx)
     }
@@ -1059,6 +1074,62 @@ impl<T: Write + Unpin> Write for AnswerOverReset<T> {
 
 #[cfg(test)]
 mod tests {
+
+    /// A connection the peer has reset: every write fails.
+    struct Reset;
+
+    impl Write for Reset {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn writes_to_a_reset_connection_count_as_sent_for_a_grace_only() {
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let mut io = AnswerOverReset::new(Reset);
+        let mut write = |io: &mut AnswerOverReset<Reset>, buf: &[u8]| match Pin::new(io)
+            .poll_write(&mut cx, buf)
+        {
+            Poll::Ready(r) => r.map_err(|e| e.kind()),
+            Poll::Pending => panic!("pending"),
+        };
+        assert_eq!(write(&mut io, b"hello"), Ok(5));
+        assert_eq!(write(&mut io, b"abc"), Ok(3), "still within the grace");
+        // The grace is over: the reset comes through (a relay is not left writing on).
+        io.gone = io.gone.map(|t| t - ANSWER_GRACE);
+        assert_eq!(write(&mut io, b"abc"), Err(io::ErrorKind::BrokenPipe));
+        // Other errors were never hidden.
+        struct Refused;
+        impl Write for Refused {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Poll::Ready(Err(io::ErrorKind::PermissionDenied.into()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let mut io = AnswerOverReset::new(Refused);
+        let r = Pin::new(&mut io).poll_write(&mut cx, b"x");
+        assert!(matches!(r, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::PermissionDenied));
+    }
 
     /// HTTP/1 connections handshaken over in-memory pipes (the far ends are returned, to keep
     /// the connections open).
