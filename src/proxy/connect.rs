@@ -282,6 +282,23 @@ async fn unless_stopping<F: std::future::Future>(state: &State, fut: F) -> Optio
 
 /// A blind tunnel to a passthrough host: dial first (so a failure is a 502, not a dead tunnel),
 /// then answer 200 and splice bytes both ways.
+/// One request taken from a task's budget, given back when dropped before `keep`.
+struct Charge<'a>(Option<&'a crate::tasks::Task>);
+
+impl Charge<'_> {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if let Some(task) = self.0 {
+            task.refund();
+        }
+    }
+}
+
 async fn passthrough(
     state: Arc<State>,
     generation: &Generation,
@@ -304,6 +321,9 @@ async fn passthrough(
         let denial = Denial::bare(Reason::BudgetExhausted);
         return refuse(&state, generation, draft, denial, None).await;
     }
+    // Given back unless the tunnel opens: a dial that fails, or a CONNECT dropped while it
+    // dials (the agent hung up, shutdown).
+    let charge = Charge(Some(&task));
     draft.arm(&state, Reason::Passthrough, None);
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
@@ -317,8 +337,7 @@ async fn passthrough(
     let tcp = match dialled {
         Ok(tcp) => tcp,
         Err(upstream::ConnectError::Blocked) => {
-            // Nothing went through the tunnel: the request is given back.
-            task.refund();
+            drop(charge);
             return refuse(
                 &state,
                 generation,
@@ -329,7 +348,7 @@ async fn passthrough(
             .await;
         }
         Err(e) => {
-            task.refund();
+            drop(charge);
             state.metrics.upstream_error("", e.kind());
             draft.rec.outcome = Some(e.kind());
             let resp = respond::failure(
@@ -347,6 +366,7 @@ async fn passthrough(
             return resp;
         }
     };
+    charge.keep();
     let _ = tcp.set_nodelay(true);
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
