@@ -1075,19 +1075,19 @@ impl<T: Write + Unpin> Write for AnswerOverReset<T> {
 #[cfg(test)]
 mod tests {
 
-    /// A connection the peer has reset: every write fails.
-    struct Reset;
+    /// A connection whose every write and flush fails with one error.
+    struct Failing(io::ErrorKind);
 
-    impl Write for Reset {
+    impl Write for Failing {
         fn poll_write(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
             _: &[u8],
         ) -> Poll<io::Result<usize>> {
-            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+            Poll::Ready(Err(self.0.into()))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+            Poll::Ready(Err(self.0.into()))
         }
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             Poll::Ready(Ok(()))
@@ -1097,38 +1097,21 @@ mod tests {
     #[test]
     fn writes_to_a_reset_connection_count_as_sent_for_a_grace_only() {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        let mut io = AnswerOverReset::new(Reset);
-        let mut write = |io: &mut AnswerOverReset<Reset>, buf: &[u8]| match Pin::new(io)
+        let mut write = |io: &mut AnswerOverReset<Failing>, buf: &[u8]| match Pin::new(io)
             .poll_write(&mut cx, buf)
         {
             Poll::Ready(r) => r.map_err(|e| e.kind()),
             Poll::Pending => panic!("pending"),
         };
+        let mut io = AnswerOverReset::new(Failing(io::ErrorKind::ConnectionReset));
         assert_eq!(write(&mut io, b"hello"), Ok(5));
         assert_eq!(write(&mut io, b"abc"), Ok(3), "still within the grace");
         // The grace is over: the reset comes through (a relay is not left writing on).
         io.gone = io.gone.map(|t| t - ANSWER_GRACE);
         assert_eq!(write(&mut io, b"abc"), Err(io::ErrorKind::BrokenPipe));
         // Other errors were never hidden.
-        struct Refused;
-        impl Write for Refused {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-                _: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Poll::Ready(Err(io::ErrorKind::PermissionDenied.into()))
-            }
-            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-        }
-        let mut io = AnswerOverReset::new(Refused);
-        let r = Pin::new(&mut io).poll_write(&mut cx, b"x");
-        assert!(matches!(r, Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::PermissionDenied));
+        let mut io = AnswerOverReset::new(Failing(io::ErrorKind::PermissionDenied));
+        assert_eq!(write(&mut io, b"x"), Err(io::ErrorKind::PermissionDenied));
     }
 
     /// HTTP/1 connections handshaken over in-memory pipes (the far ends are returned, to keep

@@ -27,6 +27,11 @@ fn with_proxy(policy: String, settings: &str) -> String {
     )
 }
 
+/// A raw kept-alive `METHOD /echo` on the plain upstream for `task`.
+fn kept_alive(f: &Fixture, method: &str, task: &crate::common::Task) -> String {
+    raw_req(f, method, "plain.test", "/echo", task, "").replace("Connection: close\r\n", "")
+}
+
 /// Waits (bounded) until the peer closes `io`, feeding it one byte of `drip` every 50 ms
 /// (slowloris) while it stays open. Returns how long it took.
 async fn closed_within<S: AsyncRead + AsyncWrite + Unpin>(
@@ -352,8 +357,7 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     .await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let keep_alive =
-        raw_req(&f, "GET", "plain.test", "/echo", &task, "").replace("Connection: close\r\n", "");
+    let keep_alive = kept_alive(&f, "GET", &task);
     let mut held = Vec::new();
     for _ in 0..3 {
         let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
@@ -404,8 +408,7 @@ async fn strangers_holding_every_place_make_room_for_agents() {
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     // One agent connection known by its first request, then every other place held by
     // strangers: half silent, half dripping a head.
-    let keep_alive =
-        raw_req(&f, "GET", "plain.test", "/echo", &task, "").replace("Connection: close\r\n", "");
+    let keep_alive = kept_alive(&f, "GET", &task);
     let mut agent = TcpStream::connect(kw.proxy_addr).await.unwrap();
     agent.write_all(keep_alive.as_bytes()).await.unwrap();
     assert_eq!(crate::common::read_response(&mut agent).await.status, 200);
@@ -575,9 +578,7 @@ async fn one_agent_cannot_hold_every_connection_place_through_many_tasks() {
         tasks.push(kw.mint("bot", json!(["plain.issues.read"])).await);
     }
     let other = kw.mint("reader", json!(["plain.issues.read"])).await;
-    let keep_alive = |task| {
-        raw_req(&f, "GET", "plain.test", "/echo", task, "").replace("Connection: close\r\n", "")
-    };
+    let keep_alive = |task| kept_alive(&f, "GET", task);
     let mut held = Vec::new();
     for task in [&tasks[0], &tasks[0], &tasks[1]] {
         let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
@@ -635,9 +636,7 @@ async fn one_task_cannot_hold_every_connection_place() {
         .mint("bot", json!(["plain.issues.read", "secure.read"]))
         .await;
     let other = kw.mint("reader", json!(["plain.issues.read"])).await;
-    let keep_alive = |task| {
-        raw_req(&f, "GET", "plain.test", "/echo", task, "").replace("Connection: close\r\n", "")
-    };
+    let keep_alive = |task| kept_alive(&f, "GET", task);
     // Two kept-alive connections, one allowed request each, a denied one on the second.
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -647,8 +646,7 @@ async fn one_task_cannot_hold_every_connection_place() {
         assert_eq!(resp.status, 200, "{}", resp.text());
         held.push(tcp);
     }
-    let denied =
-        raw_req(&f, "DELETE", "plain.test", "/echo", &hog, "").replace("Connection: close\r\n", "");
+    let denied = kept_alive(&f, "DELETE", &hog);
     held[1].write_all(denied.as_bytes()).await.unwrap();
     let resp = crate::common::read_response(&mut held[1]).await;
     assert_eq!(resp.status, 403, "{}", resp.text());
