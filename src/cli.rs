@@ -155,6 +155,12 @@ pub enum TaskCommand {
     },
     /// List tasks (never tokens). The admin token comes from KEYWARD_ADMIN_TOKEN.
     List {
+        /// Only this agent's tasks.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only tasks in this state.
+        #[arg(long, value_parser = ["active", "expired", "revoked"])]
+        status: Option<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -798,13 +804,35 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             out!("export HTTPS_PROXY={url} HTTP_PROXY={url} https_proxy={url} http_proxy={url}");
             Ok(())
         }
-        TaskCommand::List { admin } => {
+        TaskCommand::List {
+            agent,
+            status,
+            admin,
+        } => {
+            if let Some(a) = agent.as_deref() {
+                if !a
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                {
+                    return Err(Failure::user(format!(
+                        "--agent {a:?} is not an agent name (letters, digits, `.`, `_`, `-`)"
+                    )));
+                }
+            }
+            let filters: Vec<String> = [("agent", agent), ("status", status)]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+                .collect();
+            let path = match filters.is_empty() {
+                true => "/v1/tasks".to_string(),
+                false => format!("/v1/tasks?{}", filters.join("&")),
+            };
             let out = client::call(
                 &admin.admin,
                 admin.timeout(),
                 &token,
                 Method::GET,
-                "/v1/tasks",
+                &path,
                 None,
             )
             .await

@@ -283,6 +283,40 @@ async fn task_listing_shows_intent_expiry_and_counts_but_never_tokens() {
     );
     let (status, _) = kw.admin(Method::GET, "/v1/tasks/no-such-task", None).await;
     assert_eq!(status, 404);
+
+    // Filters: one agent's tasks, tasks in one state; anything else is a 400 that says why.
+    let ids = |list: &Value| -> Vec<String> {
+        list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (_, list) = kw.admin(Method::GET, "/v1/tasks?agent=reader", None).await;
+    assert_eq!(ids(&list), [b.id.as_str()]);
+    kw.revoke(&b.id).await;
+    let (_, list) = kw.admin(Method::GET, "/v1/tasks?status=active", None).await;
+    assert_eq!(ids(&list), ["list-a"]);
+    let (_, list) = kw
+        .admin(Method::GET, "/v1/tasks?status=revoked&agent=reader", None)
+        .await;
+    assert_eq!(ids(&list), [b.id.as_str()]);
+    let (_, list) = kw.admin(Method::GET, "/v1/tasks?agent=nobody", None).await;
+    assert_eq!(ids(&list), Vec::<String>::new());
+    for query in [
+        "status=gone",
+        "agent=",
+        "agent=a%20b",
+        "owner=acme",
+        "agent=bot&agent=reader",
+    ] {
+        let (status, err) = kw
+            .admin(Method::GET, &format!("/v1/tasks?{query}"), None)
+            .await;
+        assert_eq!(status, 400, "{query}: {err}");
+        assert_eq!(err["reason"], "bad_query", "{query}: {err}");
+    }
     kw.assert_no_leaks().await;
 }
 

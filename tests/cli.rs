@@ -801,6 +801,31 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
             .any(|l| l.starts_with("TICKET-7 ") && l.contains("revoked")),
         "{listing}"
     );
+    // Filtered: the revoked task is not among the active ones, is among bot's.
+    let active = text(
+        &task_cmd(&admin, &token, &["list", "--status", "active"])
+            .await
+            .stdout,
+    );
+    assert!(!active.contains("TICKET-7"), "{active}");
+    let bots = task_cmd(
+        &admin,
+        &token,
+        &["list", "--agent", "bot", "--status", "revoked"],
+    )
+    .await;
+    assert!(
+        text(&bots.stdout).contains("TICKET-7"),
+        "{}",
+        text(&bots.stderr)
+    );
+    let out = task_cmd(&admin, &token, &["list", "--agent", "bot&status=active"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("not an agent name"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A wrong token: exit 1, one sentence naming the refusal, never the token.
     let out = task_cmd(&admin, "not-the-token", &["list"]).await;

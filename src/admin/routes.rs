@@ -22,13 +22,15 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let method = req.method().clone();
     match (&method, path.as_str()) {
         (&Method::POST, "/v1/tasks") => mint(state, req).await,
-        (&Method::GET, "/v1/tasks") => json(
-            StatusCode::OK,
-            &Listing {
-                tasks: &state.tasks.list(),
-                now: SystemTime::now(),
-            },
-        ),
+        (&Method::GET, "/v1/tasks") => match ListFilter::parse(req.uri().query()) {
+            Ok(filter) => {
+                let now = SystemTime::now();
+                let mut tasks = state.tasks.list();
+                tasks.retain(|t| filter.keeps(t, now));
+                json(StatusCode::OK, &Listing { tasks: &tasks, now })
+            }
+            Err(message) => error(StatusCode::BAD_REQUEST, "bad_query", &message),
+        },
         (&Method::POST, "/v1/reload") => match reload_unless_stopping(state).await {
             None => error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -308,6 +310,66 @@ fn bad_request(code: &str, message: &str) -> AdminResponse {
     error(StatusCode::BAD_REQUEST, code, message)
 }
 
+fn status_of(t: &Task, now: SystemTime) -> &'static str {
+    if t.is_revoked() {
+        "revoked"
+    } else if t.is_expired(now) {
+        "expired"
+    } else {
+        "active"
+    }
+}
+
+/// `GET /v1/tasks?agent=NAME&status=active|expired|revoked`: which tasks to list (all by
+/// default; with thousands of live tasks an operator looks for one agent's, or the live ones).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ListFilter {
+    agent: Option<String>,
+    status: Option<&'static str>,
+}
+
+impl ListFilter {
+    fn parse(query: Option<&str>) -> Result<ListFilter, String> {
+        let mut filter = ListFilter::default();
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            // Names are policy keys: no encoding is needed, so none is guessed at.
+            if value.is_empty()
+                || !value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err(format!(
+                    "`{key}` needs a value of letters, digits, `.`, `_` or `-`"
+                ));
+            }
+            match key {
+                "agent" if filter.agent.is_none() => filter.agent = Some(value.to_string()),
+                "status" if filter.status.is_none() => {
+                    filter.status = Some(match value {
+                        "active" => "active",
+                        "expired" => "expired",
+                        "revoked" => "revoked",
+                        _ => return Err("`status` is one of active, expired, revoked".into()),
+                    })
+                }
+                "agent" | "status" => return Err(format!("`{key}` is given twice")),
+                _ => return Err("the task list takes `agent` and `status` only".into()),
+            }
+        }
+        Ok(filter)
+    }
+
+    fn keeps(&self, t: &Task, now: SystemTime) -> bool {
+        self.agent.as_deref().map_or(true, |a| t.agent == a)
+            && self.status.map_or(true, |s| status_of(t, now) == s)
+    }
+}
+
 /// `GET /v1/tasks`: serialized task by task into the answer, without a JSON tree of every
 /// task first (tens of thousands of tasks made one ten times the answer's size).
 struct Listing<'a> {
@@ -372,13 +434,7 @@ fn task_json(t: &Task, now: SystemTime) -> TaskView<'_> {
             },
         })
         .collect();
-    let status = if t.is_revoked() {
-        "revoked"
-    } else if t.is_expired(now) {
-        "expired"
-    } else {
-        "active"
-    };
+    let status = status_of(t, now);
     TaskView {
         agent: &t.agent,
         connections: t.connections(),
