@@ -96,6 +96,9 @@ pub struct CredentialSlot {
     source: SecretSource,
     refresh: Duration,
     cache: ArcSwapOption<Cached>,
+    /// A `file:` source's change seen at the last check, read once the file is still so at
+    /// the next (`check_file`).
+    settling: std::sync::Mutex<Option<Option<FileStamp>>>,
 }
 
 impl CredentialSlot {
@@ -171,12 +174,31 @@ impl StoreInner {
             return;
         };
         let stamp = FileStamp::of(path);
-        // A file that could not be read is tried again at each check, changed or not: fixing
-        // its owner or mode does not always change what the stamp holds.
+        // A file that could not be read is tried again (every other check), changed or not:
+        // fixing its owner or mode does not always change what the stamp holds.
         if stamp.is_some() && stamp == old.stamp && old.value.is_some() {
             return;
         }
-        let value = match read_file(path) {
+        // SECURITY: a change is read once the file has stayed as it is for a whole check, and
+        // only if it did not change while it was read. A writer that rewrites the file in
+        // place in pieces (`>` then writes, an editor, `tee`) would otherwise have its first
+        // piece injected as the credential for a second, and that piece would take the
+        // previous value's place in the egress scan. The old value serves meanwhile.
+        {
+            let Ok(mut settling) = slot.settling.lock() else {
+                return;
+            };
+            if *settling != Some(stamp) {
+                *settling = Some(stamp);
+                return;
+            }
+            *settling = None;
+        }
+        let read = read_file(path);
+        if FileStamp::of(path) != stamp {
+            return;
+        }
+        let value = match read {
             Ok(v) => Some(Arc::new(CredentialValue::new(v))),
             Err(why) => {
                 if old.value.is_some() {
@@ -197,12 +219,19 @@ impl StoreInner {
         self.store(idx, cached);
     }
 
-    /// Every slot's `check_file`, at once (the watchers' work, for tests).
+    /// Every slot's `check_file`, at once (the watchers' work at one tick, for tests).
     #[cfg(test)]
     fn check_files(&self) {
         for idx in 0..self.slots.len() {
             self.check_file(idx);
         }
+    }
+
+    /// Two ticks: a change that stays is read at the second.
+    #[cfg(test)]
+    fn settle_files(&self) {
+        self.check_files();
+        self.check_files();
     }
 }
 
@@ -233,6 +262,7 @@ impl CredentialStore {
                     source: def.source.clone(),
                     refresh: def.refresh.unwrap_or(Duration::from_secs(300)),
                     cache: ArcSwapOption::empty(),
+                    settling: std::sync::Mutex::new(None),
                 })
                 .collect(),
             scan: ArcSwap::from_pointee(ScanSet::new(own.clone())),
@@ -640,8 +670,47 @@ mod tests {
         let store = file_store(&[&path]);
         assert!(store.get(0).is_some());
         std::fs::write(&path, "sk_single_line_value\nsk_second\n").unwrap();
-        store.inner.check_files();
+        store.inner.settle_files();
         assert!(store.get(0).is_none(), "a two-line value was taken");
+    }
+
+    /// A file rewritten in place in pieces: what the first check sees (the first piece) is
+    /// not taken; the file is read once it has stayed as it is for a check.
+    #[test]
+    fn a_file_rewritten_in_pieces_is_read_once_it_has_settled() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "sk_live_the_old_value_0123\n").unwrap();
+        let store = file_store(&[&path]);
+        let value = || store.get(0).map(|v| v.secret().expose().to_string());
+        let mut file = std::fs::File::options()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"sk_live_new_").unwrap();
+        store.inner.check_files();
+        assert_eq!(
+            value().as_deref(),
+            Some("sk_live_the_old_value_0123"),
+            "a piece was taken"
+        );
+        // The writer goes on before the next check: still not read.
+        file.write_all(b"value_4567").unwrap();
+        store.inner.check_files();
+        assert_eq!(value().as_deref(), Some("sk_live_the_old_value_0123"));
+        // Done: read at the next check, and the old value is still looked for on egress.
+        file.write_all(b"89\n").unwrap();
+        store.inner.settle_files();
+        assert_eq!(value().as_deref(), Some("sk_live_new_value_456789"));
+        assert!(store.carried_in(&[b"Bearer sk_live_the_old_value_0123"]));
+        // A file that is gone is noticed the same way: after a check it stays gone.
+        std::fs::remove_file(&path).unwrap();
+        store.inner.check_files();
+        assert!(value().is_some());
+        store.inner.check_files();
+        assert!(value().is_none());
     }
 
     #[test]
@@ -679,6 +748,7 @@ mod tests {
                     source: source.clone(),
                     refresh: Duration::from_secs(300),
                     cache: ArcSwapOption::empty(),
+                    settling: std::sync::Mutex::new(None),
                 })
                 .collect(),
             scan: ArcSwap::from_pointee(ScanSet::new(Vec::new())),
@@ -728,7 +798,7 @@ mod tests {
             let later = std::time::SystemTime::now() + Duration::from_secs(ahead);
             let file = std::fs::File::options().write(true).open(&a).unwrap();
             file.set_modified(later).unwrap();
-            store.inner.check_files();
+            store.inner.settle_files();
         };
         rotate("sk_live_rotated_value_C", 5);
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
@@ -775,7 +845,7 @@ mod tests {
 
         symlink("..2026_new", dir.path().join("..data_tmp")).unwrap();
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
-        store.inner.check_files();
+        store.inner.settle_files();
         assert!(store.carried_in(&[b"Bearer sk_live_after_rotation_"]));
         assert_eq!(
             store.get(0).unwrap().secret().expose(),
