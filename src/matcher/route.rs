@@ -31,7 +31,7 @@ pub enum PatternSegment {
 }
 
 /// A parsed route: `GET|HEAD /repos/{owner}/{repo}`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RoutePattern {
     /// In written order, no duplicates, never TRACE, TRACK or CONNECT.
     pub methods: Vec<Method>,

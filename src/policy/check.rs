@@ -6,6 +6,7 @@
 //! later), and never put a value into a message except the names of credentials, services and
 //! capabilities.
 
+use crate::matcher::route::RoutePattern;
 use std::collections::HashMap;
 
 use super::error::{Errors, Pos};
@@ -161,16 +162,17 @@ fn check_service(
     credential_ix: &HashMap<&str, usize>,
     errs: &mut Errors,
 ) -> Option<ServiceDef> {
-    let mut seen: Vec<&Located<HostPattern>> = Vec::new();
+    let mut seen: HashMap<&HostPattern, Pos> = HashMap::new();
     for host in &s.hosts {
-        if let Some(first) = seen.iter().find(|h| h.value == host.value) {
+        if let Some(first) = seen.get(&host.value) {
             errs.push(
                 host.pos,
                 &host.path,
-                format!("this host is already listed at {}", first.pos),
+                format!("this host is already listed at {first}"),
             );
+        } else {
+            seen.insert(&host.value, host.pos);
         }
-        seen.push(host);
     }
     match (&s.ca_file, s.scheme) {
         (Some(ca), Scheme::Http) => {
@@ -250,13 +252,16 @@ fn check_capability(
     service_ix: &HashMap<&str, usize>,
     errs: &mut Errors,
 ) -> Option<CapabilityDef> {
-    for (i, route) in c.routes.iter().enumerate() {
-        if let Some(first) = c.routes[..i].iter().find(|r| r.value == route.value) {
+    let mut seen: HashMap<&RoutePattern, Pos> = HashMap::new();
+    for route in &c.routes {
+        if let Some(first) = seen.get(&route.value) {
             errs.push(
                 route.pos,
                 &route.path,
-                format!("this route is already listed at {}", first.pos),
+                format!("this route is already listed at {first}"),
             );
+        } else {
+            seen.insert(&route.value, route.pos);
         }
     }
     let name = c.service.as_ref()?;
@@ -348,13 +353,16 @@ fn check_passthrough(
     services: &[RawService],
     errs: &mut Errors,
 ) {
-    for (i, host) in passthrough.iter().enumerate() {
-        if let Some(first) = passthrough[..i].iter().find(|h| h.value == host.value) {
+    let mut seen: HashMap<&HostPattern, Pos> = HashMap::new();
+    for host in passthrough {
+        if let Some(first) = seen.get(&host.value) {
             errs.push(
                 host.pos,
                 &host.path,
-                format!("this host is already listed at {}", first.pos),
+                format!("this host is already listed at {first}"),
             );
+        } else {
+            seen.insert(&host.value, host.pos);
         }
         for s in services {
             if let Some(served) = s

@@ -469,7 +469,7 @@ passthrough: []                      # hosts tunnelled blind (no inspection, no 
     fn flow_routes_with_unquoted_braces_are_read_as_written() {
         let services = "services: {s: {hosts: [a.example]}}\ncapabilities:\n";
         let p = ok(&format!(
-            "{ADMIN}{services}  c:\n    service: s\n    routes: [GET /a/{{id}}, POST /b/{{x}}/c/{{*rest}},\n      PUT|PATCH /d/{{y}} ]  # two lines\n  d: {{service: s, routes: [GET /e/{{z}}]}}\n"
+            "{ADMIN}{services}  c:\n    service: s\n    routes: [GET /a/{{id}}, POST /b/{{x}}/c/{{*rest}}, PUT|PATCH /d/{{y}} ]  # c\n  d: {{service: s, routes: [GET /e/{{z}}]}}\n"
         ));
         assert_eq!(
             p.capabilities[0].route_text,
@@ -490,7 +490,16 @@ passthrough: []                      # hosts tunnelled blind (no inspection, no 
 
         // An item the swap could blur (a `<` of its own, a `:`, a comment) is left to the
         // YAML error, which says how to write it.
-        for item in ["GET /a/{id}<", "GET /a/{id}:x", "GET /a/{id} #c", "/a/{id}"] {
+        // So is one on a line that does not open its list: it may be a value continued from
+        // the line above (an `exec` argument, say), whose braces could not be put back.
+        for item in [
+            "GET /a/{id}<",
+            "GET /a/{id}:x",
+            "GET /a/{id} #c",
+            "/a/{id}",
+            "GET /a,\n      GET /b/{id}",
+            "GET /a\n      /b/{id}",
+        ] {
             let errs = errors(&format!(
                 "{ADMIN}{services}  c:\n    service: s\n    routes: [{item}]\n"
             ));

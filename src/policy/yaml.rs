@@ -34,7 +34,10 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
     let mut braced = Vec::new();
     let mut strict = load(&text, true)?;
     // SPEC §3's own `routes: [POST /repos/{owner}/...]`: see `swap_route_braces`.
-    for _ in 0..MAX_BRACED_LINES {
+    // Each round parses the file again: a large file gets fewer (it is written by a program,
+    // which can quote).
+    let rounds = MAX_BRACED_LINES.min(BRACE_PARSE_BUDGET / text.len().max(1));
+    for _ in 0..rounds {
         let Err(LoadError::ScanError(m, _)) = &strict else {
             break;
         };
@@ -87,9 +90,32 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
     Some(node)
 }
 
+/// `text`'s lines as YAML counts them (a line ends at `\r\n`, `\n` or a lone `\r`), each with
+/// where it starts.
+fn yaml_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let mut rest = Some((0, text));
+    std::iter::from_fn(move || {
+        let (start, tail) = rest?;
+        match tail.find(['\n', '\r']) {
+            None => {
+                rest = None;
+                Some((start, tail))
+            }
+            Some(i) => {
+                let brk = if tail[i..].starts_with("\r\n") { 2 } else { 1 };
+                rest = Some((start + i + brk, &tail[i + brk..]));
+                Some((start, &tail[..i]))
+            }
+        }
+    })
+}
+
 /// How many lines of `[...]` routes with unquoted `{param}` a file may hold (each costs one
 /// more parse of the file); past that, the error says to quote them.
 const MAX_BRACED_LINES: usize = 512;
+/// Bytes of YAML those extra parses may read in all (512 rounds of a 64 KiB file; 16 of a
+/// 2 MiB one): about a second at most.
+const BRACE_PARSE_BUDGET: usize = 32 << 20;
 
 /// YAML ends a plain scalar at `{` inside `[...]`, so SPEC §3's own
 /// `routes: [POST /repos/{owner}/{repo}/issues/{number}/comments]` is not YAML, and no parser
@@ -100,24 +126,44 @@ const MAX_BRACED_LINES: usize = 512;
 /// an item that begins with a letter and holds no `<`, `>`, quote, `#`, `:` or `[` (which the
 /// swap could blur or YAML reads otherwise). `None` when the stop is not at such an item.
 fn swap_route_braces(text: &str, pos: Pos, braced: &mut Vec<Pos>) -> Option<String> {
-    let line_start = match pos.line {
-        0 => return None,
-        1 => 0,
-        n => text.match_indices('\n').nth(n - 2)?.0 + 1,
-    };
-    let line_end = text[line_start..]
-        .find(['\n', '\r'])
-        .map_or(text.len(), |i| line_start + i);
-    let mut line: Vec<char> = text[line_start..line_end].chars().collect();
+    let (line_start, line) = yaml_lines(text).nth(pos.line.checked_sub(1)?)?;
+    let line_end = line_start + line.len();
+    let mut line: Vec<char> = line.chars().collect();
     let at = pos.column.checked_sub(1)?;
     if line.get(at) != Some(&'{') {
         return None;
     }
-    // The item holding the brace starts after the `[` or `,` before it, or at the line's first
-    // non-blank (an item of a list continued from the line above).
+    // The item holding the brace starts after the `[` or `,` before it.
     let mut start = at;
     while start > 0 && !matches!(line[start - 1], '[' | ',') {
         start -= 1;
+    }
+    // The innermost bracket open before it must be a `[` on this line: an item of a list, not
+    // a key of a `{...}`, nor a value continued from the line above (whose start, where its
+    // braces would be put back, is not on this line). Quoted text before it is skipped; a
+    // comment before it means the brace is not what stopped the parser.
+    let mut open = Vec::new();
+    let mut quote: Option<char> = None;
+    let mut i = 0;
+    while i < start {
+        let c = line[i];
+        match (quote, c) {
+            (Some('"'), '\\') => i += 1,
+            (Some('\''), '\'') if line.get(i + 1) == Some(&'\'') => i += 1,
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '[' | '{') => open.push(c),
+            (None, ']' | '}') => {
+                open.pop();
+            }
+            (None, '#') if i == 0 || matches!(line[i - 1], ' ' | '\t') => return None,
+            _ => {}
+        }
+        i += 1;
+    }
+    if quote.is_some() || open.last() != Some(&'[') {
+        return None;
     }
     let mut first = true;
     loop {
@@ -138,7 +184,9 @@ fn swap_route_braces(text: &str, pos: Pos, braced: &mut Vec<Pos>) -> Option<Stri
             clean &= depth >= 0;
             end += 1;
         }
-        clean &= depth == 0 && line[start..end].contains(&'{');
+        // It ends on this line (`,` or `]`): one continued on the next is put back by its
+        // start, and its next line is not looked at here.
+        clean &= depth == 0 && line.get(end).is_some() && line[start..end].contains(&'{');
         if clean {
             for c in &mut line[start..end] {
                 match c {
@@ -365,11 +413,13 @@ fn describe_load_error(e: &LoadError) -> (Pos, String) {
 /// YAML ends a plain scalar at `{` inside a flow list, so `[GET /a/{id}]` (natural for routes)
 /// is a syntax error; recognise it to say how to write it instead.
 fn brace_in_flow_list(text: &str, pos: Pos) -> bool {
-    let Some(line) = text.lines().nth(pos.line.saturating_sub(1)) else {
+    let Some((_, line)) = yaml_lines(text).nth(pos.line.saturating_sub(1)) else {
         return false;
     };
-    let before: String = line.chars().take(pos.column.saturating_sub(1)).collect();
-    line.chars().nth(pos.column.saturating_sub(1)) == Some('{') && before.contains('[')
+    // A route's `/{name}`: the scanner stops at the brace inside a flow collection.
+    let at = pos.column.saturating_sub(1);
+    let mut chars = line.chars().skip(at.saturating_sub(1));
+    at > 0 && chars.next() == Some('/') && chars.next() == Some('{')
 }
 
 /// The parser reads only the first document and silently ignores the rest, which would let
@@ -377,7 +427,7 @@ fn brace_in_flow_list(text: &str, pos: Pos) -> bool {
 fn check_single_document(text: &str, errs: &mut Errors) {
     let mut seen_content = false;
     let mut marker: Option<usize> = None;
-    for (i, line) in text.lines().enumerate() {
+    for (i, (_, line)) in yaml_lines(text).enumerate() {
         let is_marker = ["---", "..."].iter().any(|m| {
             line.strip_prefix(m)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
@@ -950,6 +1000,21 @@ mod tests {
             .unwrap()
             .clone();
         assert_eq!(routes.get_scalar(0).unwrap().as_str(), "GET /a/{id}");
+        // Lines ended by a lone CR are counted as the parser counts them.
+        let (node, errs) = parse("x: 1\rroutes: [GET /a/{id}, GET /b/{c}]\r");
+        assert!(errs.is_empty(), "{errs:?}");
+        let routes = node
+            .unwrap()
+            .as_mapping()
+            .unwrap()
+            .get_sequence("routes")
+            .unwrap()
+            .clone();
+        assert_eq!(routes.get_scalar(1).unwrap().as_str(), "GET /b/{c}");
+        // A value continued on the next line is never swapped (its braces could not be put
+        // back where it starts): an `exec` argument stays as written, or the file is refused.
+        let (node, errs) = parse("exec: [sh, -c, printf %s\n  a/{b}c]\n");
+        assert!(node.is_none() && errs.len() == 1, "{errs:?}");
         let (_, errs) = parse("routes: [GET /a/{id}<]\n");
         assert_eq!(
             errs,
@@ -966,6 +1031,19 @@ mod tests {
         assert!(errs[0].starts_with("p.yaml:2:1: only one YAML document"));
         let (_, errs) = parse("a: 1\n...\ngarbage: [\n");
         assert!(errs[0].starts_with("p.yaml:2:1: only one YAML document"));
+        // A lone CR ends a line for the parser: for this check too.
+        for text in [
+            "a: 1\r---\nb: 2\n",
+            "a: 1\r---\rb: 2\r",
+            "a: 1\r\n---\r\nb: 2\r\n",
+        ] {
+            let (_, errs) = parse(text);
+            assert_eq!(errs.len(), 1, "{text:?}: {errs:?}");
+            assert!(
+                errs[0].starts_with("p.yaml:2:1: only one YAML document"),
+                "{errs:?}"
+            );
+        }
         // Markers before the content, or a closing `...` with nothing after, are fine.
         for ok in [
             "---\na: 1\n",
