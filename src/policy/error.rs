@@ -131,8 +131,8 @@ impl Errors {
             file: self.file.clone(),
             line: pos.line,
             column: pos.column,
-            key_path: key_path.to_owned(),
-            message: message.into(),
+            key_path: hide_pasted_in_path(key_path),
+            message: hide_pasted(&message.into()),
         });
     }
 
@@ -149,9 +149,75 @@ impl Errors {
     }
 }
 
+/// SECURITY: `text` with every `` `quoted` `` name or key that looks like a pasted credential
+/// (`values::looks_pasted`) written as `(hidden: looks like a secret)`. A key, a credential's
+/// name, an unknown key's suggestion: messages quote what the file says, and a key pasted
+/// where a name belongs would otherwise be repeated into a terminal, CI log or keyward's log.
+pub(crate) fn hide_pasted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for (i, part) in text.split('`').enumerate() {
+        if i > 0 {
+            out.push('`');
+        }
+        // Odd parts are inside backticks.
+        match i % 2 == 1 && super::values::looks_pasted(part) {
+            true => out.push_str("(hidden: looks like a secret)"),
+            false => out.push_str(part),
+        }
+    }
+    out
+}
+
+/// The same for a key path: a key that looks pasted ends the path (what follows is under it).
+fn hide_pasted_in_path(path: &str) -> String {
+    let mut end = 0;
+    for (i, key) in path.split('.').enumerate() {
+        let bare = key.split('[').next().unwrap_or(key);
+        if super::values::looks_pasted(bare) {
+            let kept = path.get(..end).unwrap_or("");
+            return match kept.is_empty() {
+                true => "(hidden)".into(),
+                false => format!("{kept}.(hidden)"),
+            };
+        }
+        end += if i == 0 { key.len() } else { key.len() + 1 };
+    }
+    path.to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_that_look_like_pasted_credentials_are_not_repeated() {
+        let mut errs = Errors::new("p.yaml");
+        errs.push(
+            Pos::new(3, 5),
+            "credentials.sk-live-PASTED-1234567890.source",
+            "unknown key `sk-live-PASTED-1234567890` (expected `source`); duplicate key `ghp_abc`",
+        );
+        errs.push(
+            Pos::new(4, 1),
+            "services.github.inject",
+            "unknown key `openai_key`",
+        );
+        let text = errs.finish().to_string();
+        assert!(
+            !text.contains("PASTED") && !text.contains("ghp_abc"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "p.yaml:3:5: credentials.(hidden): unknown key `(hidden: looks like a secret)`"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("services.github.inject: unknown key `openai_key`"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn display_has_file_position_path_and_message() {

@@ -64,7 +64,7 @@ impl Policy {
                 ));
             }
         }
-        out
+        out.iter().map(|w| super::error::hide_pasted(w)).collect()
     }
 
     pub fn credential_index(&self, name: &str) -> Option<usize> {

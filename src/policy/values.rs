@@ -28,33 +28,40 @@ pub(crate) fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Well-known prefixes of API keys and tokens.
+const PREFIXES: &[&str] = &[
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "glpat-",
+    "sk-",
+    "sk_",
+    "rk_",
+    "xox",
+    "AKIA",
+    "ASIA",
+    "AIza",
+    "hf_",
+    "npm_",
+    "pypi-",
+    "eyJ",
+];
+
 /// Whether a string written where a name belongs looks like a token instead (well-known key
-/// prefixes, or long with many digits), so that messages do not repeat it.
+/// prefixes, or long with many digits), or is no name at all, so that messages do not repeat
+/// it.
 pub(crate) fn looks_like_secret(text: &str) -> bool {
-    const PREFIXES: &[&str] = &[
-        "ghp_",
-        "gho_",
-        "ghu_",
-        "ghs_",
-        "ghr_",
-        "github_pat_",
-        "glpat-",
-        "sk-",
-        "sk_",
-        "rk_",
-        "xox",
-        "AKIA",
-        "ASIA",
-        "AIza",
-        "hf_",
-        "npm_",
-        "pypi-",
-        "eyJ",
-    ];
+    check_name(text).is_err() || looks_pasted(text)
+}
+
+/// A name or key that reads like a pasted credential: a known key prefix, or long with
+/// digits in it. Never repeated in an error or warning (`Errors::push` hides it).
+pub(crate) fn looks_pasted(text: &str) -> bool {
     let digits = text.bytes().filter(u8::is_ascii_digit).count();
-    check_name(text).is_err()
-        || PREFIXES.iter().any(|p| text.starts_with(p))
-        || (text.len() >= 24 && digits >= 4)
+    PREFIXES.iter().any(|p| text.starts_with(p)) || (text.len() >= 24 && digits >= 4)
 }
 
 /// `api.github.com`, `*.example.com`, `127.0.0.1`, `::1`, `[::1]`.
