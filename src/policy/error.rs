@@ -127,12 +127,13 @@ impl Errors {
     }
 
     pub fn push(&mut self, pos: Pos, key_path: &str, message: impl Into<String>) {
+        let (key_path, message) = hide_pasted(key_path, &message.into());
         self.list.push(PolicyError {
             file: self.file.clone(),
             line: pos.line,
             column: pos.column,
-            key_path: hide_pasted_in_path(key_path),
-            message: hide_pasted(&message.into()),
+            key_path,
+            message,
         });
     }
 
@@ -149,40 +150,55 @@ impl Errors {
     }
 }
 
-/// SECURITY: `text` with every `` `quoted` `` name or key that looks like a pasted credential
-/// (`values::looks_pasted`) written as `(hidden: looks like a secret)`. A key, a credential's
-/// name, an unknown key's suggestion: messages quote what the file says, and a key pasted
-/// where a name belongs would otherwise be repeated into a terminal, CI log or keyward's log.
-pub(crate) fn hide_pasted(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for (i, part) in text.split('`').enumerate() {
-        if i > 0 {
-            out.push('`');
+/// SECURITY: `message` with every word that looks like a pasted credential
+/// (`values::looks_pasted`; words end at blanks and backticks, so a key holding a backtick is
+/// still caught) written as `(hidden: looks like a secret)`, and `path` cut at the key where
+/// such a word, or a key that looks pasted, begins. Messages quote what the file says, and a
+/// key pasted where a name belongs would otherwise be repeated into a terminal, a CI log or
+/// keyward's log.
+pub(crate) fn hide_pasted(path: &str, message: &str) -> (String, String) {
+    let mut shown = String::with_capacity(message.len());
+    let mut hidden: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut flush = |word: &mut String, shown: &mut String| {
+        if super::values::looks_pasted(word) {
+            shown.push_str("(hidden: looks like a secret)");
+            hidden.push(std::mem::take(word));
+        } else {
+            shown.push_str(word);
+            word.clear();
         }
-        // Odd parts are inside backticks.
-        match i % 2 == 1 && super::values::looks_pasted(part) {
-            true => out.push_str("(hidden: looks like a secret)"),
-            false => out.push_str(part),
+    };
+    for c in message.chars() {
+        if c == '`' || c.is_whitespace() {
+            flush(&mut word, &mut shown);
+            shown.push(c);
+        } else {
+            word.push(c);
         }
     }
-    out
-}
-
-/// The same for a key path: a key that looks pasted ends the path (what follows is under it).
-fn hide_pasted_in_path(path: &str) -> String {
-    let mut end = 0;
-    for (i, key) in path.split('.').enumerate() {
+    flush(&mut word, &mut shown);
+    let mut cut = hidden.iter().filter_map(|h| path.find(h.as_str())).min();
+    let mut at = 0;
+    for key in path.split('.') {
         let bare = key.split('[').next().unwrap_or(key);
         if super::values::looks_pasted(bare) {
-            let kept = path.get(..end).unwrap_or("");
-            return match kept.is_empty() {
-                true => "(hidden)".into(),
-                false => format!("{kept}.(hidden)"),
-            };
+            cut = Some(cut.map_or(at, |c| c.min(at)));
+            break;
         }
-        end += if i == 0 { key.len() } else { key.len() + 1 };
+        at += key.len() + 1;
     }
-    path.to_owned()
+    let path = match cut {
+        None => path.to_owned(),
+        Some(at) => {
+            // Back to the start of the key the cut falls in.
+            match path.get(..at).and_then(|p| p.rfind('.')) {
+                None => "(hidden)".to_owned(),
+                Some(dot) => format!("{}(hidden)", path.get(..=dot).unwrap_or("")),
+            }
+        }
+    };
+    (path, shown)
 }
 
 #[cfg(test)]
@@ -202,11 +218,24 @@ mod tests {
             "services.github.inject",
             "unknown key `openai_key`",
         );
-        let text = errs.finish().to_string();
-        assert!(
-            !text.contains("PASTED") && !text.contains("ghp_abc"),
-            "{text}"
+        // A backtick inside the key, or dots in it, change nothing.
+        errs.push(
+            Pos::new(5, 1),
+            "services.s.x`sk-proj-ABCDEFGHIJ0123456789zz",
+            "unknown key `x`sk-proj-ABCDEFGHIJ0123456789zz`",
         );
+        errs.push(
+            Pos::new(6, 1),
+            "services.s.ABCDEFGHIJKLMNOP.1234.QRSTUVWXYZ",
+            "unknown key `ABCDEFGHIJKLMNOP.1234.QRSTUVWXYZ` (already listed at 12:34)",
+        );
+        let text = errs.finish().to_string();
+        for part in ["PASTED", "ghp_abc", "ABCDEFGHIJ0123456789", "QRSTUVWXYZ"] {
+            assert!(!text.contains(part), "{part}: {text}");
+        }
+        assert!(text.contains("p.yaml:5:1: services.s.(hidden): "), "{text}");
+        assert!(text.contains("p.yaml:6:1: services.s.(hidden): "), "{text}");
+        assert!(text.contains("listed at 12:34"), "{text}");
         assert!(
             text.contains(
                 "p.yaml:3:5: credentials.(hidden): unknown key `(hidden: looks like a secret)`"

@@ -64,7 +64,9 @@ impl Policy {
                 ));
             }
         }
-        out.iter().map(|w| super::error::hide_pasted(w)).collect()
+        out.iter()
+            .map(|w| super::error::hide_pasted("", w).1)
+            .collect()
     }
 
     pub fn credential_index(&self, name: &str) -> Option<usize> {
