@@ -810,9 +810,10 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             admin,
         } => {
             if let Some(a) = agent.as_deref() {
-                if !a
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                if a.is_empty()
+                    || !a
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
                 {
                     return Err(Failure::user(format!(
                         "--agent {a:?} is not an agent name (letters, digits, `.`, `_`, `-`)"

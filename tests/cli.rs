@@ -802,12 +802,13 @@ async fn task_mint_list_and_revoke_drive_the_admin_api() {
         "{listing}"
     );
     // Filtered: the revoked task is not among the active ones, is among bot's.
-    let active = text(
-        &task_cmd(&admin, &token, &["list", "--status", "active"])
-            .await
-            .stdout,
+    let active = task_cmd(&admin, &token, &["list", "--status", "active"]).await;
+    assert!(active.status.success(), "{}", text(&active.stderr));
+    assert!(
+        !text(&active.stdout).contains("TICKET-7"),
+        "{}",
+        text(&active.stdout)
     );
-    assert!(!active.contains("TICKET-7"), "{active}");
     let bots = task_cmd(
         &admin,
         &token,
