@@ -990,27 +990,19 @@ mod tests {
     #[test]
     fn a_route_with_braces_in_a_flow_list_gets_a_hint() {
         // Read as written when it can be (`swap_route_braces`); else the hint.
-        let (node, errs) = parse("routes: [GET /a/{id}]\n");
-        assert!(errs.is_empty(), "{errs:?}");
-        let routes = node
-            .unwrap()
-            .as_mapping()
-            .unwrap()
-            .get_sequence("routes")
-            .unwrap()
-            .clone();
-        assert_eq!(routes.get_scalar(0).unwrap().as_str(), "GET /a/{id}");
+        let route = |text: &str, i: usize| -> String {
+            let (node, errs) = parse(text);
+            assert!(errs.is_empty(), "{text:?}: {errs:?}");
+            let node = node.unwrap();
+            let routes = node.as_mapping().unwrap().get_sequence("routes").unwrap();
+            routes.get_scalar(i).unwrap().as_str().to_owned()
+        };
+        assert_eq!(route("routes: [GET /a/{id}]\n", 0), "GET /a/{id}");
         // Lines ended by a lone CR are counted as the parser counts them.
-        let (node, errs) = parse("x: 1\rroutes: [GET /a/{id}, GET /b/{c}]\r");
-        assert!(errs.is_empty(), "{errs:?}");
-        let routes = node
-            .unwrap()
-            .as_mapping()
-            .unwrap()
-            .get_sequence("routes")
-            .unwrap()
-            .clone();
-        assert_eq!(routes.get_scalar(1).unwrap().as_str(), "GET /b/{c}");
+        assert_eq!(
+            route("x: 1\rroutes: [GET /a/{id}, GET /b/{c}]\r", 1),
+            "GET /b/{c}"
+        );
         // A value continued on the next line is never swapped (its braces could not be put
         // back where it starts): an `exec` argument stays as written, or the file is refused.
         let (node, errs) = parse("exec: [sh, -c, printf %s\n  a/{b}c]\n");
