@@ -9,7 +9,7 @@
 use serde_json::json;
 
 use crate::common::{
-    connect_raw, http_response, plain_services_at, Fixture, Harness, Reply, ScriptUpstream,
+    connect_raw, http_response, plain_fixture_at, Fixture, Harness, Reply, ScriptUpstream,
 };
 use crate::headers::{allowed_record, get, raw_req_at, tunnel_h1};
 
@@ -267,9 +267,8 @@ async fn redirects_are_returned_to_the_agent_and_never_followed() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
 
     let resp = kw
         .raw(&raw_req_at(port, "GET", "plain.test", "/echo", &task, ""))

@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::{
-    bounded, h2_send, http_response, parse_response, plain_services_at, Fixture, Harness, RawResp,
-    Reply, ScriptUpstream,
+    bounded, h2_send, http_response, parse_response, plain_fixture_at, plain_services_at, Fixture,
+    Harness, RawResp, Reply, ScriptUpstream,
 };
 use crate::headers::{
     allowed_record, get, h2_req, raw_req, raw_req_at, tunnel_h1, tunnel_h2, tunnel_tls,
@@ -378,9 +378,8 @@ async fn upstream_sending_two_responses_does_not_answer_the_next_request() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let first = kw
         .raw(&raw_req_at(
             port,
@@ -433,9 +432,8 @@ async fn alt_svc_is_not_relayed() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let resp = kw
         .raw(&raw_req_at(port, "GET", "plain.test", "/echo", &task, ""))
         .await;
@@ -523,9 +521,8 @@ async fn upstream_body_longer_than_its_content_length_is_cut_and_not_reused() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let resp = kw
         .raw(&raw_req_at(
             port,
@@ -618,9 +615,8 @@ async fn upstream_pool_connections_are_never_shared_across_services() {
 async fn agent_request_trailers_cannot_smuggle_a_credential_header() {
     let script = ScriptUpstream::start(|_| Reply::bytes(http_response("200 OK", &[], b"ok"))).await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let head = raw_req_at(
         port,
         "POST",
@@ -828,9 +824,8 @@ async fn upstream_response_with_conflicting_framing_is_not_relayed_as_is() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     for case in ["two-lengths", "list-length", "header-crlf"] {
         let resp = kw
             .raw(&raw_req_at(

@@ -11,8 +11,8 @@ use http_body_util::BodyExt;
 use serde_json::json;
 
 use crate::common::{
-    basic, bounded, connect_raw, h2_send, http_response, plain_services_at, tls_services_at,
-    Fixture, Harness, Reply, ScriptUpstream, Task,
+    basic, bounded, connect_raw, h2_send, http_response, plain_fixture_at, plain_services_at,
+    tls_services_at, Fixture, Harness, Reply, ScriptUpstream, Task,
 };
 use crate::headers::{allowed_record, h2_req, raw_req, raw_req_at, tunnel_tls_at};
 
@@ -50,9 +50,8 @@ async fn credential_reflected_in_one_byte_frames_is_redacted() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let resp = kw
         .raw(&raw_req_at(
             port,
@@ -98,9 +97,8 @@ async fn credential_split_across_a_long_upstream_pause_is_redacted() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let len = "Bearer ".len() + f.creds.api_token.len();
     for split in ["Bearer ".len() + 1, len / 2, len - 1] {
         let resp = kw
@@ -249,9 +247,8 @@ async fn credential_reflected_base64_and_percent_encoded_in_headers_and_body_is_
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let resp = kw
         .raw(&raw_req_at(
             port,
@@ -511,9 +508,8 @@ async fn credential_reflected_inside_a_compressed_body_never_reaches_the_agent()
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let secret_gz =
         gzip_fixed_huffman(format!("you sent: Bearer {}\n", f.creds.api_token).as_bytes());
     for path in ["/reflect-auth?ce=gzip", "/reflect-auth?te=gzip"] {
@@ -570,9 +566,8 @@ async fn credential_echoed_cut_short_is_redacted() {
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let resp = kw
         .raw(&raw_req_at(
             port,
@@ -622,9 +617,8 @@ async fn credential_split_over_chunks_of_a_body_read_to_its_close_never_reaches_
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let key = &f.creds.api_token;
     let half = &key[..key.len() / 2];
     for path in ["/reflect-auth?one-header", "/reflect-auth?two-headers"] {
@@ -923,9 +917,8 @@ async fn credential_reflected_in_a_reason_phrase_header_name_or_informational_re
     })
     .await;
     let port = script.port();
-    let f = Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let (f, task) = plain_fixture_at(&script).await;
     let kw = &f.kw;
-    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     for case in ["reason", "name", "informational"] {
         let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
         let req = raw_req_at(

@@ -329,6 +329,17 @@ pub fn http_response(status: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The standard fixture with its plain services moved to `script`, and a task of `bot` that
+/// reads them (`plain.issues.read`): how a test of an upstream's odd answers starts.
+pub async fn plain_fixture_at(script: &ScriptUpstream) -> (super::Fixture, super::Task) {
+    let port = script.port();
+    let f = super::Fixture::start_with(|p| plain_services_at(p, port)).await;
+    let task =
+        f.kw.mint("bot", serde_json::json!(["plain.issues.read"]))
+            .await;
+    (f, task)
+}
+
 /// The standard policy with every service of the plain upstream (`plain.test`, `query.test`,
 /// `basic.test`, `localhost`, `gone.test`) moved to `port` (a `ScriptUpstream`).
 pub fn plain_services_at(policy: String, port: u16) -> String {
