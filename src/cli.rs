@@ -810,15 +810,9 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             admin,
         } => {
             if let Some(a) = agent.as_deref() {
-                if a.is_empty()
-                    || !a
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-                {
-                    return Err(Failure::user(format!(
-                        "--agent {a:?} is not an agent name (letters, digits, `.`, `_`, `-`)"
-                    )));
-                }
+                crate::policy::check_name(a).map_err(|why| {
+                    Failure::user(format!("--agent {a:?} is not an agent name: {why}"))
+                })?;
             }
             let filters: Vec<String> = [("agent", agent), ("status", status)]
                 .into_iter()

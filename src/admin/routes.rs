@@ -337,18 +337,12 @@ impl ListFilter {
             .filter(|p| !p.is_empty())
         {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            // Names are policy keys: no encoding is needed, so none is guessed at.
-            if value.is_empty()
-                || !value
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            {
-                return Err(format!(
-                    "`{key}` needs a value of letters, digits, `.`, `_` or `-`"
-                ));
-            }
             match key {
-                "agent" if filter.agent.is_none() => filter.agent = Some(value.to_string()),
+                // A name as the policy writes it: no encoding is needed, so none is guessed at.
+                "agent" if filter.agent.is_none() => {
+                    crate::policy::check_name(value).map_err(|why| format!("`agent`: {why}"))?;
+                    filter.agent = Some(value.to_string());
+                }
                 "status" if filter.status.is_none() => {
                     filter.status = Some(match value {
                         "active" => "active",

@@ -26,6 +26,7 @@ pub use model::{
     AdminSettings, AgentDef, AuditSettings, AuditTarget, CaSettings, CapabilityDef, CredentialDef,
     HostPattern, Injection, Policy, ProxySettings, Risk, Scheme, SecretSource, ServiceDef,
 };
+pub(crate) use values::check_name;
 
 use error::{Errors, Pos};
 
