@@ -1162,21 +1162,12 @@ async fn an_early_answer_to_an_upload_reaches_the_agent_though_the_upstream_rese
                 sent += chunk.len();
             }
         });
-        let mut answer = Vec::new();
-        bounded("the answer", async {
-            let mut buf = [0u8; 4096];
-            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => answer.extend_from_slice(&buf[..n]),
-                }
-            }
-        })
-        .await;
-        let text = String::from_utf8_lossy(&answer);
-        assert!(
-            text.starts_with("HTTP/1.1 413"),
-            "round {round}: the agent got {text:?} instead of the upstream's 413"
+        let answer = common::read_response(&mut rd).await;
+        assert_eq!(
+            answer.status,
+            413,
+            "round {round}: the agent got {} instead of the upstream's 413",
+            answer.text()
         );
         upload.abort();
     }
