@@ -951,6 +951,7 @@ mod tests {
             ("a;b", "semicolon"),
             ("a%2", "malformed_percent"),
             ("a%25b", "encoded_percent"),
+            ("a%3Fb", "encoded_delimiter"),
         ] {
             match mint("repo", value) {
                 Err(e @ MintError::NonCanonicalConstraint { .. }) => {

@@ -38,6 +38,10 @@ pub enum Ambiguity {
     EncodedBackslash,
     /// `%25`: double encoding, decoded twice by some stacks.
     EncodedPercent,
+    /// `%3F` or `%23`: a hop that decodes the path before passing it on (nginx's `$uri`,
+    /// Apache's `[P]` rewrites) reads it as the start of the query or fragment and cuts the
+    /// path short there, so the upstream would run a prefix of the route that was matched.
+    EncodedDelimiter,
     /// `%` not followed by two hex digits.
     MalformedPercent,
     /// `;` raw or as `%3B`: path parameters that some servers strip (`..;/`).
@@ -69,6 +73,7 @@ impl Ambiguity {
             Ambiguity::EncodedSlash => "encoded_slash",
             Ambiguity::EncodedBackslash => "encoded_backslash",
             Ambiguity::EncodedPercent => "encoded_percent",
+            Ambiguity::EncodedDelimiter => "encoded_delimiter",
             Ambiguity::MalformedPercent => "malformed_percent",
             Ambiguity::Semicolon => "semicolon",
             Ambiguity::DotSegment => "dot_segment",
@@ -95,6 +100,10 @@ impl fmt::Display for Ambiguity {
             Ambiguity::EncodedBackslash => "the path contains an encoded `\\` (`%5C`)",
             Ambiguity::EncodedPercent => {
                 "the path contains an encoded `%` (`%25`): double encoding"
+            }
+            Ambiguity::EncodedDelimiter => {
+                "the path contains an encoded `?` or `#` (`%3F`, `%23`), which a decoding hop \
+                 reads as the start of the query or fragment"
             }
             Ambiguity::MalformedPercent => "the path contains `%` not followed by two hex digits",
             Ambiguity::Semicolon => {
@@ -362,6 +371,7 @@ fn decode_segment(raw: &str, out: &mut String) -> Result<(), Ambiguity> {
             b'/' => return Err(Ambiguity::EncodedSlash),
             b'\\' => return Err(Ambiguity::EncodedBackslash),
             b'%' => return Err(Ambiguity::EncodedPercent),
+            b'?' | b'#' => return Err(Ambiguity::EncodedDelimiter),
             b';' => return Err(Ambiguity::Semicolon),
             0..=0x1f | 0x7f => return Err(Ambiguity::ControlByte),
             v if is_unreserved(v) => out.push(char::from(v)),
@@ -518,6 +528,9 @@ mod tests {
             ("/a%5c", EncodedBackslash),
             ("/a%25", EncodedPercent),
             ("/a%252e%252e", EncodedPercent),
+            ("/labels/%3F", EncodedDelimiter),
+            ("/issues/1%3f/comments", EncodedDelimiter),
+            ("/issues/1%23/comments", EncodedDelimiter),
             ("/a%", MalformedPercent),
             ("/a%4", MalformedPercent),
             ("/a%4/b", MalformedPercent),
@@ -605,7 +618,7 @@ mod tests {
             ("/a%2Db%5f%2E", &["a-b_."]),
             ("/%3a", &["%3A"]),
             ("/%3A", &["%3A"]),
-            ("/a%3fb%23", &["a%3Fb%23"]),
+            ("/a%21b%40", &["a%21b%40"]),
             ("/%20", &["%20"]),
             ("/caf%c3%a9", &["caf%C3%A9"]),
             ("/x/%61/", &["x", "a", ""]),
@@ -679,6 +692,7 @@ mod tests {
             EncodedSlash,
             EncodedBackslash,
             EncodedPercent,
+            EncodedDelimiter,
             MalformedPercent,
             Semicolon,
             DotSegment,
@@ -734,7 +748,7 @@ mod tests {
                         return None;
                     }
                     let v = u8::from_str_radix(hex, 16).ok()?;
-                    if b"/\\%;".contains(&v) || v < 0x20 || v == 0x7f {
+                    if b"/\\%;?#".contains(&v) || v < 0x20 || v == 0x7f {
                         return None;
                     }
                     decoded.push(v);
@@ -774,8 +788,8 @@ mod tests {
     fn tricky_target() -> impl Strategy<Value = String> {
         let piece = prop::sample::select(vec![
             "a", "b", "~", "/", "/", "/", "//", ".", "..", "%41", "%2e", "%2E", "%2F", "%5c",
-            "%25", "%3a", "%3B", "%00", "%7f", "%", "%4", "%zz", ";", "\\", " ", "\u{e9}", "#",
-            "?", "&", "=", "%c3%A9", "{", "*",
+            "%25", "%3a", "%3B", "%3f", "%23", "%00", "%7f", "%", "%4", "%zz", ";", "\\", " ",
+            "\u{e9}", "#", "?", "&", "=", "%c3%A9", "{", "*",
         ]);
         prop::collection::vec(piece, 0..12).prop_map(|v| v.concat())
     }

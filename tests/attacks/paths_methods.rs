@@ -45,6 +45,10 @@ fn ambiguous_paths() -> Vec<(String, &'static str)> {
         ("/repos/acme%252Fweb/issues", "encoded_percent"),
         ("/repos/acme/web/%252e%252e/issues", "encoded_percent"),
         ("/repos/acme/web/issues%25", "encoded_percent"),
+        // A decoding hop (nginx `$uri`, Apache `[P]`) would cut the path at these.
+        ("/repos/acme/web/issues%3F/labels", "encoded_delimiter"),
+        ("/repos/acme/web/issues%3f", "encoded_delimiter"),
+        ("/repos/acme/web/issues%23/labels", "encoded_delimiter"),
         ("/repos/acme;x=1/web/issues", "semicolon"),
         ("/repos/acme/web/issues;", "semicolon"),
         ("/repos/acme/web/issues/..;/labels", "semicolon"),
