@@ -49,6 +49,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Drops what would let the agent act with the injected credential's authority without
+/// keyward: a session an upstream opens for it (`Set-Cookie`, `Set-Cookie2`) is a bearer
+/// secret that outlives the task, its revocation and its intent, and that no redaction finds
+/// (it is not the credential's value). Called on answers to requests that carried one.
+pub fn strip_session_grants(headers: &mut HeaderMap) {
+    headers.remove(http::header::SET_COOKIE);
+    headers.remove(&SET_COOKIE2);
+}
+
+static SET_COOKIE2: HeaderName = HeaderName::from_static("set-cookie2");
+
 /// Parsed once: removing by `&str` would parse each name again on every request.
 /// `Expect` is not hop-by-hop by name, but keyward answers `100-continue` to the agent itself
 /// and streams the body at once: passed on, it asks an upstream to answer before the body

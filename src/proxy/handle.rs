@@ -327,6 +327,7 @@ async fn handle_request(
                 forward::strip_hop_by_hop(resp.headers_mut());
                 upgrade::mark_upgrade(resp.headers_mut());
                 if let Some(r) = redactor.as_mut() {
+                    forward::strip_session_grants(resp.headers_mut());
                     r.headers(resp.headers_mut());
                 }
                 let recorder = draft.into_recorder(state.clone(), 101, started, upload);
@@ -397,6 +398,7 @@ async fn handle_request(
                 // hyper relays a non-canonical reason phrase it read; the agent gets the
                 // canonical one instead (a reflected credential could hide there).
                 resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
+                forward::strip_session_grants(resp.headers_mut());
                 r.headers(resp.headers_mut());
                 // Redaction may change the body's length, so its framing is left to hyper.
                 if !bodyless {

@@ -443,6 +443,65 @@ async fn alt_svc_is_not_relayed() {
     kw.assert_no_leaks().await;
 }
 
+/// A session an upstream opens for the injected credential (`Set-Cookie`) would give the agent
+/// a bearer secret with the credential's authority that outlives the task: it is not relayed on
+/// a credentialed answer. A service that injects nothing passes its cookies on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_cookies_for_the_credential_are_not_relayed() {
+    let script = ScriptUpstream::start(|_| {
+        Reply::bytes(http_response(
+            "200 OK",
+            &[
+                "Set-Cookie: session=derived-from-the-key; Path=/; HttpOnly",
+                "set-cookie: second=1",
+                "Set-Cookie2: old=1",
+                "X-Kept: 1",
+            ],
+            b"ok",
+        ))
+    })
+    .await;
+    let port = script.port();
+    let f = Fixture::start_with(|p| {
+        plain_services_at(p, port)
+            .replacen(
+                "services:\n",
+                &format!(
+                    "services:\n  open:\n    hosts: [open.test]\n    scheme: http\n    port: {port}\n    connect_to: 127.0.0.1:{port}\n"
+                ),
+                1,
+            )
+            .replacen(
+                "capabilities:\n",
+                "capabilities:\n  open.read: {service: open, routes: [GET /echo]}\n",
+                1,
+            )
+            .replacen("capabilities: [plain.issues.read, ", "capabilities: [open.read, plain.issues.read, ", 1)
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", serde_json::json!(["plain.issues.read", "open.read"]))
+        .await;
+    let resp = kw
+        .raw(&raw_req_at(port, "GET", "plain.test", "/echo", &task, ""))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-kept").as_deref(), Some("1"));
+    assert!(resp.header("set-cookie").is_none(), "{:?}", resp.headers);
+    assert!(resp.header("set-cookie2").is_none(), "{:?}", resp.headers);
+
+    let open = kw
+        .raw(&raw_req_at(port, "GET", "open.test", "/echo", &task, ""))
+        .await;
+    assert_eq!(open.status, 200, "{}", open.text());
+    assert_eq!(
+        open.header("set-cookie").as_deref(),
+        Some("session=derived-from-the-key; Path=/; HttpOnly")
+    );
+    kw.assert_no_leaks().await;
+}
+
 /// An upstream that sends a second response late (a response-splitting bug an agent can feed)
 /// shifts every later response on its connection by one: if another task's request rode that
 /// connection, it would get the first task's chosen bytes and the first task its answer. An
