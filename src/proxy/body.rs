@@ -356,6 +356,7 @@ impl Body for ProxyBody {
                             (Ok(data), None) => Frame::data(data),
                             (Err(frame), r) => match (frame.into_trailers(), r) {
                                 (Ok(mut t), Some(r)) => {
+                                    crate::proxy::forward::strip_session_grants(&mut t);
                                     r.headers(&mut t);
                                     // RFC 9110 §6.5.1: a coding or framing announced after the
                                     // body cannot apply to it; a client that honoured one would
