@@ -98,12 +98,13 @@ impl State {
         // The policy it starts with fixes what only a restart changes.
         let started = generation.policy.policy();
         metrics.know_services(metric_series(started));
+        let tasks = TaskStore::with_limit(started.admin.max_tasks);
         State {
             settings: started.proxy.clone(),
             restart_only: RestartOnly::of(started),
             generation: ArcSwap::from_pointee(generation),
             config_path,
-            tasks: TaskStore::new(),
+            tasks,
             leaves,
             audit,
             metrics,
@@ -359,6 +360,7 @@ impl RestartOnly {
         let AdminSettings {
             listen: admin_listen,
             token,
+            max_tasks,
         } = &new.admin;
         let CaSettings { cert, key } = &new.ca;
         let AuditSettings { path } = &new.audit;
@@ -403,6 +405,7 @@ impl RestartOnly {
             ),
             ("admin.listen", self.admin.listen != *admin_listen),
             ("admin.token", self.admin.token != *token),
+            ("admin.max_tasks", self.admin.max_tasks != *max_tasks),
             ("ca.cert", self.ca.cert != *cert),
             ("ca.key", self.ca.key != *key),
             ("audit.path", self.audit.path != *path),

@@ -359,6 +359,8 @@ pub enum MintError {
     BadTaskId,
     #[error("task id `{0}` is in use")]
     Conflict(String),
+    #[error("keyward holds {0} tasks, as many as `admin.max_tasks` allows; revoke tasks or wait for some to end")]
+    TooMany(usize),
 }
 
 /// A constraint value as a request path's capture holds it (percent-encoded unreserved
@@ -375,18 +377,34 @@ enum Presented<'a> {
 }
 
 /// All live (and recently ended) tasks. Lock-free reads: a sharded map by id and by token hash.
-#[derive(Default)]
 pub struct TaskStore {
     by_id: DashMap<String, Arc<Task>>,
     by_hash: DashMap<[u8; 32], Arc<Task>>,
     /// Each agent's connection count, shared by its tasks (agents are the policy's names, so
     /// this stays small).
     agents: DashMap<String, Arc<AtomicU32>>,
+    /// Tasks held at most (`admin.max_tasks`). Concurrent mints may pass it by a few.
+    limit: usize,
+}
+
+impl Default for TaskStore {
+    fn default() -> Self {
+        Self::with_limit(crate::policy::AdminSettings::DEFAULT_MAX_TASKS)
+    }
 }
 
 impl TaskStore {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_limit(limit: usize) -> Self {
+        TaskStore {
+            by_id: DashMap::new(),
+            by_hash: DashMap::new(),
+            agents: DashMap::new(),
+            limit,
+        }
     }
 
     /// Validates `spec` against the current policy and stores a new task. Returns the task and
@@ -398,6 +416,14 @@ impl TaskStore {
         now: SystemTime,
     ) -> Result<(Arc<Task>, Secret), MintError> {
         let task = build_task(policy, spec, now)?;
+        if self.by_id.len() >= self.limit {
+            // Ended tasks are only kept to be listed: forgotten now rather than in an hour,
+            // before a live one is refused.
+            self.forget(|t| t.ended_at(now).is_some());
+            if self.by_id.len() >= self.limit {
+                return Err(MintError::TooMany(self.limit));
+            }
+        }
         let token = new_token();
         let hash = hash_token(token.expose());
         let agent_connections = self.agents.entry(task.agent.clone()).or_default().clone();
@@ -524,7 +550,10 @@ impl TaskStore {
 
     /// Forgets tasks that ended more than an hour ago; called periodically.
     pub fn purge(&self, now: SystemTime) {
-        let dead = |t: &Task| t.expires_at + FORGET_AFTER <= now;
+        self.forget(|t| t.expires_at + FORGET_AFTER <= now);
+    }
+
+    fn forget(&self, dead: impl Fn(&Task) -> bool) {
         self.by_id.retain(|_, t| !dead(t));
         self.by_hash.retain(|_, t| !dead(t));
     }
@@ -1008,6 +1037,44 @@ mod tests {
         };
         let (task, _token) = store.mint(&policy, spec, now).unwrap();
         (store, task)
+    }
+
+    /// A store holds at most its limit of tasks: a full one forgets its ended tasks before it
+    /// refuses a mint, and refuses while every task it holds is live.
+    #[test]
+    fn a_full_store_forgets_ended_tasks_then_refuses() {
+        let text = format!(
+            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.read: {{service: s, routes: [GET /x]}}\nagents:\n  bot: {{owner: t, capabilities: [s.read], max_ttl: 1h}}\n",
+            crate::policy::testing::ADMIN
+        );
+        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        let spec = |id: &str| MintSpec {
+            agent: "bot".into(),
+            task: Some(id.into()),
+            intent: vec![Grant {
+                capability: "s.read".into(),
+                constraints: Vec::new(),
+            }],
+            ttl: None,
+            max_requests: None,
+        };
+        let now = SystemTime::now();
+        let store = TaskStore::with_limit(2);
+        store.mint(&policy, spec("a"), now).unwrap();
+        store.mint(&policy, spec("b"), now).unwrap();
+        let full = store.mint(&policy, spec("c"), now).map(|_| ()).unwrap_err();
+        assert_eq!(full, MintError::TooMany(2));
+        assert!(full.to_string().contains("admin.max_tasks"), "{full}");
+        assert_eq!(store.len(), 2);
+        // An ended task gives its place at once, not an hour later.
+        store.revoke("a");
+        store.mint(&policy, spec("c"), now).unwrap();
+        assert!(store.get("a").is_none());
+        assert_eq!(store.len(), 2);
+        // Expired ones too.
+        let later = now + Duration::from_secs(7200);
+        store.mint(&policy, spec("d"), later).unwrap();
+        assert_eq!(store.len(), 1);
     }
 
     /// `expires_at` is published to the millisecond: the task ends exactly then, not up to a

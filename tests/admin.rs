@@ -234,6 +234,50 @@ async fn duplicate_task_id_is_409() {
     kw.assert_no_leaks().await;
 }
 
+/// A minting loop cannot grow keyward without end: past `admin.max_tasks` a mint is a 503
+/// that says why, an ended task gives its place at once, and the tasks held keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mint_past_admin_max_tasks_is_503_until_a_task_ends() {
+    let f = Fixture::start_with(|p| {
+        p.replacen(
+            "  token: file:admin-token\n",
+            "  token: file:admin-token\n  max_tasks: 2\n",
+            1,
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let mint = |id: &str| json!({"agent": "bot", "task": id, "intent": ["plain.issues.read"]});
+    let first = kw.mint_with(mint("one")).await;
+    kw.mint_with(mint("two")).await;
+    let (status, v) = kw.mint_body(mint("three")).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(v.get("token").is_none(), "{v}");
+    assert!(v.to_string().contains("too_many_tasks"), "{v}");
+    assert!(v.to_string().contains("admin.max_tasks"), "{v}");
+    // The tasks held still work.
+    let resp = kw
+        .send(kw.agent(&first).get(f.plain_url("plain.test", "/echo")))
+        .await;
+    assert_eq!(resp.status, 200);
+
+    let (status, v) = kw.admin(Method::DELETE, "/v1/tasks/two", None).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = kw.mint_body(mint("three")).await;
+    assert_eq!(status, 201, "{v}");
+    // The revoked task was forgotten to make room: no longer listed.
+    let (_, listing) = kw.admin(Method::GET, "/v1/tasks", None).await;
+    let ids: Vec<&str> = listing["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["task"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{listing}");
+    assert!(ids.contains(&"one") && ids.contains(&"three"), "{listing}");
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_listing_shows_intent_expiry_and_counts_but_never_tokens() {
     let f = Fixture::start().await;

@@ -282,6 +282,12 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             "task_exists",
             &format!("task id `{id}` is in use"),
         ),
+        // Full for now, not a bad request: the same mint succeeds once tasks end.
+        Err(e @ MintError::TooMany(_)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            mint_error_code(&e),
+            &e.to_string(),
+        ),
         Err(e) => bad_request(mint_error_code(&e), &e.to_string()),
     }
 }
@@ -303,6 +309,7 @@ fn mint_error_code(e: &MintError) -> &'static str {
         MintError::ZeroBudget => "invalid_max_requests",
         MintError::BadTaskId => "invalid_task_id",
         MintError::Conflict(_) => "task_exists",
+        MintError::TooMany(_) => "too_many_tasks",
     }
 }
 

@@ -259,7 +259,7 @@ fn read_admin(
     proxy_listen: SocketAddr,
     errs: &mut Errors,
 ) -> Option<AdminSettings> {
-    let map = Map::open(errs, field, &["listen", "token"])?;
+    let map = Map::open(errs, field, &["listen", "token", "max_tasks"])?;
     let listen = match map.get("listen") {
         Some(f) => f.socket_addr(errs).filter(|addr| {
             let clash = listeners_clash(*addr, proxy_listen);
@@ -279,9 +279,15 @@ fn read_admin(
     let token = map
         .require(errs, "token")
         .and_then(|f| secret_source(f, base_dir, errs));
+    let max_tasks = map
+        .get("max_tasks")
+        .and_then(|f| f.integer(errs, 1, 10_000_000))
+        .and_then(|v| usize::try_from(v).ok())
+        .unwrap_or(AdminSettings::DEFAULT_MAX_TASKS);
     Some(AdminSettings {
         listen: listen?,
         token: token?,
+        max_tasks,
     })
 }
 
@@ -663,7 +669,7 @@ services:
         assert_eq!(
             errs,
             [
-                "p.yaml:1:23: admin: unknown key (not repeated: it may be a secret; expected one of: listen, token)",
+                "p.yaml:1:23: admin: unknown key (not repeated: it may be a secret; expected one of: listen, token, max_tasks)",
                 "p.yaml:3:3: credentials.k.source: required key `source` is missing",
                 "p.yaml:3:7: credentials.k: unknown key (not repeated: it may be a secret; expected one of: source, refresh)",
                 "p.yaml:4:27: credentials.j.source: unknown key (not repeated: it may be a secret; expected one of: exec)",

@@ -154,6 +154,13 @@ impl Default for ProxySettings {
 pub struct AdminSettings {
     pub listen: SocketAddr,
     pub token: SecretSource,
+    /// Tasks keyward holds at once (live ones, and ended ones kept an hour for listing): a
+    /// minting loop must not grow memory without end.
+    pub max_tasks: usize,
+}
+
+impl AdminSettings {
+    pub const DEFAULT_MAX_TASKS: usize = 100_000;
 }
 
 /// Where the CA certificate and key live (resolved against the policy file's directory).
