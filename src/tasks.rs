@@ -26,6 +26,8 @@ const MAX_PROXY_AUTH_LEN: usize = 1024;
 const MAX_TASK_ID_LEN: usize = 128;
 /// Revoked and expired tasks are remembered this long, so agents get the precise reason.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
+/// Constraint values one task may hold in all.
+pub const MAX_CONSTRAINT_VALUES: usize = 4096;
 /// `t` cut down to a whole millisecond since the epoch.
 fn whole_millis(t: SystemTime) -> SystemTime {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -65,6 +67,9 @@ pub struct Task {
     used: AtomicU64,
     denied: AtomicU64,
     revoked: AtomicBool,
+    /// When it was revoked or withdrawn: it is forgotten an hour after, not an hour after the
+    /// expiry it will never reach.
+    revoked_at: std::sync::OnceLock<SystemTime>,
     /// Revoked by an operator (not withdrawn by a reload): responses still streaming end too.
     cut: AtomicBool,
     /// Woken when the task is revoked or withdrawn, so the tunnels and relays still open for
@@ -328,6 +333,8 @@ pub enum MintError {
     UnknownParam { capability: String, param: String },
     #[error("constraint on `{0}` lists no values, or an empty one")]
     EmptyConstraint(String),
+    #[error("the intent's constraints list {0} values in all (the intent-wide `where` counts once per capability); at most {MAX_CONSTRAINT_VALUES} are allowed")]
+    TooManyConstraintValues(usize),
     #[error("the intent names no capability")]
     EmptyIntent,
     #[error("capability `{0}` appears twice in the intent")]
@@ -532,6 +539,7 @@ impl TaskStore {
     }
 
     fn end(&self, task: Arc<Task>) -> Option<Arc<Task>> {
+        let _ = task.revoked_at.set(SystemTime::now());
         task.revoked.store(true, Ordering::Release);
         task.revocation.notify_waiters();
         Some(task)
@@ -548,9 +556,16 @@ impl TaskStore {
         counts
     }
 
-    /// Forgets tasks that ended more than an hour ago; called periodically.
+    /// Forgets tasks that ended (expired, or were revoked) more than an hour ago; called
+    /// periodically.
     pub fn purge(&self, now: SystemTime) {
-        self.forget(|t| t.expires_at + FORGET_AFTER <= now);
+        self.forget(|t| {
+            let ended = t
+                .revoked_at
+                .get()
+                .map_or(t.expires_at, |r| (*r).min(t.expires_at));
+            ended + FORGET_AFTER <= now
+        });
     }
 
     fn forget(&self, dead: impl Fn(&Task) -> bool) {
@@ -578,6 +593,17 @@ fn build_task(
         .ok_or_else(|| MintError::UnknownAgent(spec.agent.clone()))?;
     if spec.intent.is_empty() {
         return Err(MintError::EmptyIntent);
+    }
+    // Each value is held for the task's life and the hour after: bounded, since the
+    // intent-wide `where` is copied into every capability of the intent.
+    let values: usize = spec
+        .intent
+        .iter()
+        .flat_map(|g| &g.constraints)
+        .map(|(_, v)| v.len())
+        .sum();
+    if values > MAX_CONSTRAINT_VALUES {
+        return Err(MintError::TooManyConstraintValues(values));
     }
     for (i, grant) in spec.intent.iter().enumerate() {
         let (cap_idx, cap) = policy
@@ -704,6 +730,7 @@ fn build_task(
         used: AtomicU64::new(0),
         denied: AtomicU64::new(0),
         revoked: AtomicBool::new(false),
+        revoked_at: std::sync::OnceLock::new(),
         cut: AtomicBool::new(false),
         revocation: tokio::sync::Notify::new(),
         in_flight: AtomicU32::new(0),
@@ -1075,6 +1102,36 @@ mod tests {
         let later = now + Duration::from_secs(7200);
         store.mint(&policy, spec("d"), later).unwrap();
         assert_eq!(store.len(), 1);
+    }
+
+    /// A revoked task is forgotten an hour after its revocation, not an hour after the expiry
+    /// it will never reach (a 24 h task revoked at once would otherwise be held for 25 h).
+    #[test]
+    fn a_revoked_task_is_forgotten_an_hour_after_revocation() {
+        let now = SystemTime::now();
+        let (store, task) = minted_at(now);
+        let (_, live) = minted_at(now);
+        let live_store = TaskStore::new();
+        live_store.by_id.insert("live".into(), live);
+        store.revoke("t1");
+        let minute = Duration::from_secs(60);
+        assert!(
+            task.expires_at > now + 29 * minute,
+            "the task outlives the checks below"
+        );
+        store.purge(now + 59 * minute);
+        assert!(store.get("t1").is_some(), "kept for an hour to be listed");
+        store.purge(now + 61 * minute);
+        assert!(
+            store.get("t1").is_none(),
+            "forgotten an hour after revocation"
+        );
+        assert_eq!(store.by_hash.len(), 0);
+        // A task never revoked stays until an hour after its expiry.
+        live_store.purge(now + 61 * minute);
+        assert!(live_store.get("live").is_some());
+        live_store.purge(task.expires_at + 61 * minute);
+        assert!(live_store.get("live").is_none());
     }
 
     /// `expires_at` is published to the millisecond: the task ends exactly then, not up to a

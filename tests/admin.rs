@@ -182,6 +182,13 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
             json!({"agent": "bot", "task": "..", "intent": ["plain.issues.read"]}),
             "invalid_task_id",
         ),
+        // Held for the task's life: the values of one task are bounded.
+        (
+            "more constraint values than a task may hold",
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read",
+                "where": {"owner": (0..4097).map(|i| format!("o{i}")).collect::<Vec<_>>()}}]}),
+            "invalid_constraint",
+        ),
     ];
     for (what, body, code) in cases {
         let (status, v) = kw.mint_body(body).await;

@@ -302,7 +302,8 @@ fn mint_error_code(e: &MintError) -> &'static str {
         | MintError::UnmatchableConstraint { .. }
         | MintError::ControlInConstraint { .. }
         | MintError::NonCanonicalConstraint { .. }
-        | MintError::DuplicateConstraint { .. } => "invalid_constraint",
+        | MintError::DuplicateConstraint { .. }
+        | MintError::TooManyConstraintValues(_) => "invalid_constraint",
         MintError::DuplicateCapability(_) => "duplicate_capability",
         MintError::EmptyIntent => "empty_intent",
         MintError::TtlTooLong { .. } | MintError::TtlTooShort => "invalid_ttl",
