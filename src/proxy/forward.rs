@@ -54,8 +54,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// secret that outlives the task, its revocation and its intent, and that no redaction finds
 /// (it is not the credential's value). Called on answers to requests that carried one.
 pub fn strip_session_grants(headers: &mut HeaderMap) {
-    headers.remove(http::header::SET_COOKIE);
-    headers.remove(&SET_COOKIE2);
+    // One look at the names first: most answers carry neither, and a blind removal is a hash
+    // and a probe each.
+    if headers
+        .keys()
+        .any(|name| name == http::header::SET_COOKIE || name == SET_COOKIE2)
+    {
+        headers.remove(http::header::SET_COOKIE);
+        headers.remove(&SET_COOKIE2);
+    }
 }
 
 static SET_COOKIE2: HeaderName = HeaderName::from_static("set-cookie2");
