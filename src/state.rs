@@ -223,7 +223,7 @@ impl State {
         self.metrics.know_services(metric_series(compiled.policy()));
         self.generation.store(Arc::new(generation));
         for task in &orphaned {
-            self.tasks.withdraw(&task.id);
+            self.tasks.withdraw(task);
         }
         if !orphaned.is_empty() {
             const SHOWN: usize = 20;

@@ -24,10 +24,14 @@ use crate::secret::Secret;
 const MAX_PROXY_AUTH_LEN: usize = 1024;
 /// Longest task id accepted at mint time.
 const MAX_TASK_ID_LEN: usize = 128;
-/// Revoked and expired tasks are remembered this long, so agents get the precise reason.
+/// Revoked and expired tasks are remembered this long (less when the store is full), so agents
+/// get the precise reason.
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
-/// Constraint values one task may hold in all.
+/// Constraint values one task may hold in all, and their bytes.
 pub const MAX_CONSTRAINT_VALUES: usize = 4096;
+pub const MAX_CONSTRAINT_BYTES: usize = 64 * 1024;
+/// A full store looks for ended tasks to forget at most this often (a scan of every task).
+const FULL_SWEEP_EVERY_MS: u64 = 1000;
 /// `t` cut down to a whole millisecond since the epoch.
 fn whole_millis(t: SystemTime) -> SystemTime {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -333,8 +337,8 @@ pub enum MintError {
     UnknownParam { capability: String, param: String },
     #[error("constraint on `{0}` lists no values, or an empty one")]
     EmptyConstraint(String),
-    #[error("the intent's constraints list {0} values in all (the intent-wide `where` counts once per capability); at most {MAX_CONSTRAINT_VALUES} are allowed")]
-    TooManyConstraintValues(usize),
+    #[error("the intent's constraints list {0} values, or {1} bytes, in all (the intent-wide `where` counts once per capability); at most {MAX_CONSTRAINT_VALUES} values and {MAX_CONSTRAINT_BYTES} bytes are allowed")]
+    TooManyConstraintValues(usize, usize),
     #[error("the intent names no capability")]
     EmptyIntent,
     #[error("capability `{0}` appears twice in the intent")]
@@ -373,6 +377,10 @@ pub enum MintError {
 /// A constraint value as a request path's capture holds it (percent-encoded unreserved
 /// characters decoded, other triplets in upper case), or why no path holds it.
 fn canonical_value(value: &str) -> Result<String, crate::matcher::canon::Ambiguity> {
+    // As a path, `?` or `#` would end the value there: `web?x` would be held as `web`.
+    if value.contains(['?', '#']) {
+        return Err(crate::matcher::canon::Ambiguity::EncodedDelimiter);
+    }
     let path = crate::matcher::canon::canonicalize(&format!("/{value}"))?;
     Ok(path.tail(0).to_owned())
 }
@@ -392,6 +400,10 @@ pub struct TaskStore {
     agents: DashMap<String, Arc<AtomicU32>>,
     /// Tasks held at most (`admin.max_tasks`). Concurrent mints may pass it by a few.
     limit: usize,
+    /// When a full store last looked for ended tasks (ms since the Unix epoch), and whether a
+    /// task was revoked or withdrawn since.
+    last_sweep_ms: AtomicU64,
+    ended_since_sweep: AtomicBool,
 }
 
 impl Default for TaskStore {
@@ -411,6 +423,8 @@ impl TaskStore {
             by_hash: DashMap::new(),
             agents: DashMap::new(),
             limit,
+            last_sweep_ms: AtomicU64::new(0),
+            ended_since_sweep: AtomicBool::new(false),
         }
     }
 
@@ -423,10 +437,32 @@ impl TaskStore {
         now: SystemTime,
     ) -> Result<(Arc<Task>, Secret), MintError> {
         let task = build_task(policy, spec, now)?;
+        if self.by_id.contains_key(&task.id) {
+            return Err(MintError::Conflict(task.id));
+        }
         if self.by_id.len() >= self.limit {
             // Ended tasks are only kept to be listed: forgotten now rather than in an hour,
-            // before a live one is refused.
-            self.forget(|t| t.ended_at(now).is_some());
+            // before a live one is refused. Only once a task was revoked since the last look,
+            // or a second on (for expiries): the scan write-locks every shard the requests'
+            // authentication reads, so a minting loop against a store full of live tasks must
+            // not repeat it.
+            let now_ms = u64::try_from(
+                now.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis(),
+            )
+            .unwrap_or(u64::MAX);
+            let last = self.last_sweep_ms.load(Ordering::Relaxed);
+            let due = self.ended_since_sweep.swap(false, Ordering::Relaxed)
+                || now_ms.saturating_sub(last) >= FULL_SWEEP_EVERY_MS;
+            if due
+                && self
+                    .last_sweep_ms
+                    .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.forget(|t| t.ended_at(now).is_some());
+            }
             if self.by_id.len() >= self.limit {
                 return Err(MintError::TooMany(self.limit));
             }
@@ -534,12 +570,14 @@ impl TaskStore {
     /// Withdraws a task a reloaded policy no longer allows: refused from its next request on,
     /// for good, while the requests it has in flight finish. Its tunnels and WebSocket relays
     /// end now: they are open channels, not requests, and could otherwise outlive the policy.
-    pub fn withdraw(&self, id: &str) -> Option<Arc<Task>> {
-        self.end(self.get(id)?)
+    pub fn withdraw(&self, task: &Arc<Task>) {
+        // The task itself, not its id: the id may name a newer task by now.
+        self.end(Arc::clone(task));
     }
 
     fn end(&self, task: Arc<Task>) -> Option<Arc<Task>> {
         let _ = task.revoked_at.set(SystemTime::now());
+        self.ended_since_sweep.store(true, Ordering::Relaxed);
         task.revoked.store(true, Ordering::Release);
         task.revocation.notify_waiters();
         Some(task)
@@ -594,17 +632,9 @@ fn build_task(
     if spec.intent.is_empty() {
         return Err(MintError::EmptyIntent);
     }
-    // Each value is held for the task's life and the hour after: bounded, since the
-    // intent-wide `where` is copied into every capability of the intent.
-    let values: usize = spec
-        .intent
-        .iter()
-        .flat_map(|g| &g.constraints)
-        .map(|(_, v)| v.len())
-        .sum();
-    if values > MAX_CONSTRAINT_VALUES {
-        return Err(MintError::TooManyConstraintValues(values));
-    }
+    let own: Vec<&(String, Vec<String>)> =
+        spec.intent.iter().flat_map(|g| &g.constraints).collect();
+    check_constraint_size(&own)?;
     for (i, grant) in spec.intent.iter().enumerate() {
         let (cap_idx, cap) = policy
             .capability(&grant.capability)
@@ -747,6 +777,17 @@ pub fn apply_where(
     mut grants: Vec<Grant>,
     constraints: &[(String, Vec<String>)],
 ) -> Result<Vec<Grant>, MintError> {
+    // Bounded before anything is copied: each intent-wide value may land in every grant.
+    let own: Vec<&(String, Vec<String>)> = grants.iter().flat_map(|g| &g.constraints).collect();
+    let everywhere: Vec<&(String, Vec<String>)> = constraints.iter().collect();
+    let (own_values, own_bytes) = constraint_size(&own);
+    let (all_values, all_bytes) = constraint_size(&everywhere);
+    let copies = grants.len();
+    let values = own_values.saturating_add(all_values.saturating_mul(copies));
+    let bytes = own_bytes.saturating_add(all_bytes.saturating_mul(copies));
+    if values > MAX_CONSTRAINT_VALUES || bytes > MAX_CONSTRAINT_BYTES {
+        return Err(MintError::TooManyConstraintValues(values, bytes));
+    }
     for (param, values) in constraints {
         let mut used = false;
         for grant in &mut grants {
@@ -774,6 +815,25 @@ pub fn apply_where(
         }
     }
     Ok(grants)
+}
+
+/// Values and bytes of a task's constraints.
+fn constraint_size(constraints: &[&(String, Vec<String>)]) -> (usize, usize) {
+    constraints.iter().fold((0, 0), |(n, b), (_, values)| {
+        (
+            n + values.len(),
+            b + values.iter().map(String::len).sum::<usize>(),
+        )
+    })
+}
+
+/// Each value is held for the task's life and the hour after: bounded.
+fn check_constraint_size(constraints: &[&(String, Vec<String>)]) -> Result<(), MintError> {
+    let (values, bytes) = constraint_size(constraints);
+    if values > MAX_CONSTRAINT_VALUES || bytes > MAX_CONSTRAINT_BYTES {
+        return Err(MintError::TooManyConstraintValues(values, bytes));
+    }
+    Ok(())
 }
 
 /// Builds plain grants from capability names and applies intent-wide constraints.
@@ -1008,6 +1068,10 @@ mod tests {
             ("a%2", "malformed_percent"),
             ("a%25b", "encoded_percent"),
             ("a%3Fb", "encoded_delimiter"),
+            // As a path these would end the value early: `web?x` held as `web`.
+            ("web?x", "encoded_delimiter"),
+            ("a.md#x", "encoded_delimiter"),
+            ("?", "encoded_delimiter"),
         ] {
             match mint("repo", value) {
                 Err(e @ MintError::NonCanonicalConstraint { .. }) => {

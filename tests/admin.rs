@@ -189,6 +189,20 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
                 "where": {"owner": (0..4097).map(|i| format!("o{i}")).collect::<Vec<_>>()}}]}),
             "invalid_constraint",
         ),
+        // The intent-wide `where` is held once per capability it applies to: counted so,
+        // before it is copied.
+        (
+            "an intent-wide where over the cap only once copied",
+            json!({"agent": "bot", "intent": ["plain.issues.read", "plain.labels.write"],
+                "where": {"owner": (0..2100).map(|i| format!("o{i}")).collect::<Vec<_>>()}}),
+            "invalid_constraint",
+        ),
+        (
+            "constraint values over the byte cap once copied",
+            json!({"agent": "bot", "intent": ["plain.issues.read", "plain.labels.write"],
+                "where": {"owner": (0..5).map(|i| format!("{i}{}", "o".repeat(8000))).collect::<Vec<_>>()}}),
+            "invalid_constraint",
+        ),
     ];
     for (what, body, code) in cases {
         let (status, v) = kw.mint_body(body).await;

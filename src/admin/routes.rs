@@ -303,7 +303,7 @@ fn mint_error_code(e: &MintError) -> &'static str {
         | MintError::ControlInConstraint { .. }
         | MintError::NonCanonicalConstraint { .. }
         | MintError::DuplicateConstraint { .. }
-        | MintError::TooManyConstraintValues(_) => "invalid_constraint",
+        | MintError::TooManyConstraintValues(..) => "invalid_constraint",
         MintError::DuplicateCapability(_) => "duplicate_capability",
         MintError::EmptyIntent => "empty_intent",
         MintError::TtlTooLong { .. } | MintError::TtlTooShort => "invalid_ttl",

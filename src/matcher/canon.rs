@@ -102,8 +102,8 @@ impl fmt::Display for Ambiguity {
                 "the path contains an encoded `%` (`%25`): double encoding"
             }
             Ambiguity::EncodedDelimiter => {
-                "the path contains an encoded `?` or `#` (`%3F`, `%23`), which a decoding hop \
-                 reads as the start of the query or fragment"
+                "the path contains an encoded `?` or `#` (`%3F`, `%23`), or a constraint value \
+                 either one, which a decoding hop reads as the start of the query or fragment"
             }
             Ambiguity::MalformedPercent => "the path contains `%` not followed by two hex digits",
             Ambiguity::Semicolon => {
