@@ -46,11 +46,11 @@ fn ambiguous_form(target: &str) -> Option<&'static str> {
         return Some("backslash or semicolon");
     }
     let upper = path.to_ascii_uppercase();
-    if ["%2F", "%5C", "%25", "%3B"]
+    if ["%2F", "%5C", "%25", "%3B", "%3F", "%23"]
         .iter()
         .any(|e| upper.contains(e))
     {
-        return Some("encoded separator, percent or semicolon");
+        return Some("encoded separator, percent, semicolon, `?` or `#`");
     }
     let b = upper.as_bytes();
     for i in 0..b.len() {
@@ -160,6 +160,8 @@ fn tricky_target() -> impl Strategy<Value = String> {
         "%25",
         "%3b",
         "%3B",
+        "%3f",
+        "%23",
         "%00",
         "%0A",
         "%1f",

@@ -68,9 +68,9 @@ pub fn ambiguous_form(target: &str) -> Option<&'static str> {
         return Some("semicolon");
     }
     let upper = path.to_ascii_uppercase();
-    for bad in ["%2F", "%5C", "%25", "%3B"] {
+    for bad in ["%2F", "%5C", "%25", "%3B", "%3F", "%23"] {
         if upper.contains(bad) {
-            return Some("encoded separator or percent");
+            return Some("encoded separator, percent, `?` or `#`");
         }
     }
     let bytes = path.as_bytes();
