@@ -1084,11 +1084,7 @@ mod tests {
 
     #[test]
     fn a_ttl_over_max_ttl_by_a_millisecond_says_so() {
-        let text = format!(
-            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.read: {{service: s, routes: [GET /x]}}\nagents:\n  bot: {{owner: t, capabilities: [s.read], max_ttl: 1h}}\n",
-            crate::policy::testing::ADMIN
-        );
-        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        let policy = read_policy();
         let spec = MintSpec {
             agent: "bot".into(),
             task: None,
@@ -1110,11 +1106,7 @@ mod tests {
     }
 
     fn minted_at(now: SystemTime) -> (TaskStore, Arc<Task>) {
-        let text = format!(
-            "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.read: {{service: s, routes: [GET /x]}}\nagents:\n  bot: {{owner: t, capabilities: [s.read], max_ttl: 1h}}\n",
-            crate::policy::testing::ADMIN
-        );
-        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        let policy = read_policy();
         let store = TaskStore::new();
         let spec = MintSpec {
             agent: "bot".into(),
@@ -1130,15 +1122,20 @@ mod tests {
         (store, task)
     }
 
-    /// A store holds at most its limit of tasks: a full one forgets its ended tasks before it
-    /// refuses a mint, and refuses while every task it holds is live.
-    #[test]
-    fn a_full_store_forgets_ended_tasks_then_refuses() {
+    /// One service, one capability (`s.read`: `GET /x`), agent `bot` with a 1 h `max_ttl`.
+    fn read_policy() -> CompiledPolicy {
         let text = format!(
             "{}services:\n  s: {{hosts: [s.example]}}\ncapabilities:\n  s.read: {{service: s, routes: [GET /x]}}\nagents:\n  bot: {{owner: t, capabilities: [s.read], max_ttl: 1h}}\n",
             crate::policy::testing::ADMIN
         );
-        let policy = CompiledPolicy::compile(crate::policy::testing::ok(&text));
+        CompiledPolicy::compile(crate::policy::testing::ok(&text))
+    }
+
+    /// A store holds at most its limit of tasks: a full one forgets its ended tasks before it
+    /// refuses a mint, and refuses while every task it holds is live.
+    #[test]
+    fn a_full_store_forgets_ended_tasks_then_refuses() {
+        let policy = read_policy();
         let spec = |id: &str| MintSpec {
             agent: "bot".into(),
             task: Some(id.into()),
