@@ -275,6 +275,19 @@ async fn mint_past_admin_max_tasks_is_503_until_a_task_ends() {
     assert_eq!(status, 503, "{v}");
     assert!(v.get("token").is_none(), "{v}");
     assert!(v.to_string().contains("too_many_tasks"), "{v}");
+    let raw = kw
+        .http
+        .post(kw.admin_url("/v1/tasks"))
+        .bearer_auth(&kw.admin_token)
+        .json(&mint("four"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 503);
+    assert_eq!(
+        raw.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
     assert!(v.to_string().contains("admin.max_tasks"), "{v}");
     // The tasks held still work.
     let resp = kw

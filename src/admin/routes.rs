@@ -282,12 +282,20 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             "task_exists",
             &format!("task id `{id}` is in use"),
         ),
-        // Full for now, not a bad request: the same mint succeeds once tasks end.
-        Err(e @ MintError::TooMany(_)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            mint_error_code(&e),
-            &e.to_string(),
-        ),
+        // Full for now, not a bad request: the same mint succeeds once tasks end (a full
+        // store looks for ended ones at most once a second, or after a revocation).
+        Err(e @ MintError::TooMany(_)) => {
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                mint_error_code(&e),
+                &e.to_string(),
+            );
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            );
+            resp
+        }
         Err(e) => bad_request(mint_error_code(&e), &e.to_string()),
     }
 }
