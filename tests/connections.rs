@@ -564,13 +564,8 @@ async fn closing_upstream(
             };
             let counter = counter.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if !common::read_request_head(&mut tcp).await {
+                    return;
                 }
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = tcp

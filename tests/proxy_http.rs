@@ -1115,7 +1115,7 @@ async fn refused_authentication_records_name_the_destination_and_never_a_token()
 /// not a 502, whichever of the reset and the answer keyward meets first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_early_answer_to_an_upload_reaches_the_agent_though_the_upstream_reset() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // Reads each request's head only, answers 413 and closes with the body unread (a reset).
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = upstream.local_addr().unwrap().port();
@@ -1125,13 +1125,8 @@ async fn an_early_answer_to_an_upload_reaches_the_agent_though_the_upstream_rese
                 return;
             };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
+                if !common::read_request_head(&mut tcp).await {
+                    return;
                 }
                 let _ = tcp
                     .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 9\r\nConnection: close\r\n\r\ntoo large")

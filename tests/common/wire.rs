@@ -316,6 +316,20 @@ pub async fn exchange_head(proxy: SocketAddr, request: &[u8]) -> (TcpStream, Raw
     (tcp, resp)
 }
 
+/// For a hand-written upstream: reads until a whole request head has arrived (what follows
+/// it, a body, may be read too). `false` when the peer closes or fails first.
+pub async fn read_request_head<R: AsyncRead + Unpin>(io: &mut R) -> bool {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match io.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// Reads one response head (byte by byte) and its Content-Length body from `io`; status 0 when
 /// the peer closes first.
 pub async fn read_head_and_body<R: AsyncRead + Unpin>(io: &mut R) -> RawResp {
