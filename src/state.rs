@@ -348,6 +348,7 @@ impl RestartOnly {
             listen,
             header_read_timeout,
             idle_timeout,
+            send_timeout,
             max_connections,
             max_task_in_flight,
             max_task_connections,
@@ -371,6 +372,7 @@ impl RestartOnly {
                 proxy.header_read_timeout != *header_read_timeout,
             ),
             ("proxy.idle_timeout", proxy.idle_timeout != *idle_timeout),
+            ("proxy.send_timeout", proxy.send_timeout != *send_timeout),
             (
                 "proxy.max_connections",
                 proxy.max_connections != *max_connections,

@@ -888,3 +888,67 @@ async fn shutdown_records_a_tunnel_still_waiting_for_its_handshake() {
             .await;
     assert_eq!(rec["outcome"], "shutdown", "{rec}");
 }
+
+/// An agent that stops reading its answer is disconnected once it has taken no byte for
+/// `send_timeout`: the request ends (recorded, `client_closed`) and gives back its task's
+/// place in flight, instead of holding it, and the upstream connection, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_stops_reading_is_disconnected_after_send_timeout() {
+    let f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  send_timeout: 1s\n  max_task_in_flight: 1\nadmin:",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(keep_alive_get(&f, "/big", &task).as_bytes())
+        .await
+        .unwrap();
+    let mut first = [0u8; 1024];
+    bounded("first bytes of /big", tcp.read(&mut first))
+        .await
+        .unwrap();
+    // And never read again (64 MiB is more than the socket buffers on the way hold).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let rec = kw
+        .audit_where("the unread /big", |r| r["path"] == "/big")
+        .await;
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    assert_eq!(rec["status"], 200, "{rec}");
+    let down = rec["bytes_down"].as_u64().unwrap();
+    assert!(down < 64 << 20, "all of /big was sent: {rec}");
+
+    // The task's one place in flight is free again.
+    let resp = kw
+        .send(kw.agent(&task).get(f.plain_url("plain.test", "/echo")))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    drop(tcp);
+
+    // The same inside an intercepted tunnel: TLS to the agent writes through the deadline.
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let port = f.tls.port();
+    let req = format!("GET /big HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    bounded("first bytes of /big", tls.read(&mut first))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let rec = kw
+        .audit_where("the unread /big in a tunnel", |r| {
+            r["path"] == "/big" && r["host"] == "secure.test"
+        })
+        .await;
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    let resp = kw
+        .send(kw.agent(&task).get(f.tls_url("secure.test", "/echo")))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    drop(tls);
+    kw.assert_no_leaks().await;
+}

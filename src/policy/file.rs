@@ -182,6 +182,7 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
             "listen",
             "header_read_timeout",
             "idle_timeout",
+            "send_timeout",
             "max_connections",
             "max_task_in_flight",
             "max_task_connections",
@@ -200,6 +201,7 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
     let durations = [
         ("header_read_timeout", &mut p.header_read_timeout),
         ("idle_timeout", &mut p.idle_timeout),
+        ("send_timeout", &mut p.send_timeout),
         ("connect_timeout", &mut p.connect_timeout),
         ("upstream_timeout", &mut p.upstream_timeout),
         ("shutdown_timeout", &mut p.shutdown_timeout),
@@ -594,7 +596,7 @@ extra: 1
         assert_eq!(
             errors(&text),
             [
-                "p.yaml:5:3: proxy.bogus: unknown key `bogus` (expected one of: listen, header_read_timeout, idle_timeout, max_connections, max_task_in_flight, max_task_connections, max_agent_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
+                "p.yaml:5:3: proxy.bogus: unknown key `bogus` (expected one of: listen, header_read_timeout, idle_timeout, send_timeout, max_connections, max_task_in_flight, max_task_connections, max_agent_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
                 "p.yaml:9:5: services.s.injct: unknown key `injct`; did you mean `inject`?",
                 "p.yaml:14:5: capabilities.c.description: unknown key `description` (expected one of: service, risk, routes)",
                 "p.yaml:15:1: extra: unknown key `extra` (expected one of: proxy, admin, ca, audit, credentials, services, capabilities, agents, passthrough)",

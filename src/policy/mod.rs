@@ -552,6 +552,7 @@ proxy:
   listen: '[::1]:0'
   header_read_timeout: 5s
   idle_timeout: 2m
+  send_timeout: 45s
   max_connections: 10
   max_header_bytes: 8192
   connect_timeout: 1s 500ms
@@ -575,6 +576,7 @@ passthrough: [updates.example.org]
         assert_eq!(p.proxy.listen, "[::1]:0".parse().unwrap());
         assert_eq!(p.proxy.connect_timeout, Duration::from_millis(1500));
         assert_eq!(p.proxy.shutdown_timeout, Duration::from_secs(25));
+        assert_eq!(p.proxy.send_timeout, Duration::from_secs(45));
         assert_eq!(p.proxy.max_header_bytes, 8192);
         // A quarter of max_connections, unless set.
         assert_eq!(p.proxy.task_connections_limit(), 2);

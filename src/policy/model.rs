@@ -89,6 +89,10 @@ pub struct ProxySettings {
     pub listen: SocketAddr,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// How long an agent may take none of the bytes keyward has for it (a full socket buffer)
+    /// before its connection is closed: an agent that stops reading must not hold a
+    /// connection, an upstream connection and a place in flight for ever.
+    pub send_timeout: Duration,
     pub max_connections: usize,
     /// Requests one task may have in flight at once, so one task cannot starve the others.
     pub max_task_in_flight: u32,
@@ -136,6 +140,7 @@ impl Default for ProxySettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8480)),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
+            send_timeout: Duration::from_secs(60),
             max_connections: 4096,
             max_task_in_flight: 64,
             max_task_connections: None,

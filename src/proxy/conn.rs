@@ -1,7 +1,8 @@
 //! One agent connection: the HTTP/1.1 proxy listener's connections (with upgrades, for CONNECT)
 //! and intercepted TLS connections (HTTP/1.1 or HTTP/2 by ALPN). Time-boxes request heads,
-//! bounds HTTP/2 streams and closes connections idle (no request in flight) for `idle_timeout`;
-//! never time-boxes a streaming body.
+//! bounds HTTP/2 streams and closes connections idle (no request in flight) for `idle_timeout`
+//! or whose agent has taken no byte for `send_timeout`; never time-boxes a streaming body
+//! that is merely quiet.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,6 +58,9 @@ where
         activity: activity.clone(),
         fragments: fragments.clone(),
     };
+    // Tunnels and relays this connection becomes (and TLS intercepted on it) write through
+    // the same deadline.
+    let stream = SendDeadline::new(stream, settings.send_timeout);
     let conn = builder
         .serve_connection(TokioIo::new(Sniff::new(stream, fragments)), svc)
         .with_upgrades();
@@ -417,5 +421,160 @@ impl Body for TrackedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An agent's socket whose writes fail once the agent has taken no byte for `limit`.
+    ///
+    /// SECURITY (I7): a response (or tunnel, or relay) to an agent that stops reading waits on
+    /// a full socket buffer; it is in flight, so `idle_timeout` never ends it, and it would
+    /// hold its connection, its upstream connection and its task's place in flight for ever.
+    /// The clock runs only while a write waits, so a stream that is merely quiet is never
+    /// cut, and a reader that takes any byte starts it again.
+    pub struct SendDeadline<I> {
+        #[pin]
+        inner: I,
+        limit: Duration,
+        // Boxed once, on the first write that has to wait; reset after that.
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        waiting: bool,
+    }
+}
+
+impl<I> SendDeadline<I> {
+    pub fn new(inner: I, limit: Duration) -> SendDeadline<I> {
+        SendDeadline {
+            inner,
+            limit,
+            timer: None,
+            waiting: false,
+        }
+    }
+}
+
+/// Passes a finished write on (the agent took bytes: the clock stops); for one that must
+/// wait, starts the clock if it is not running and fails the write once it runs out.
+fn within_deadline<T>(
+    polled: Poll<std::io::Result<T>>,
+    cx: &mut Context<'_>,
+    limit: Duration,
+    timer: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    waiting: &mut bool,
+) -> Poll<std::io::Result<T>> {
+    if polled.is_ready() {
+        *waiting = false;
+        return polled;
+    }
+    if !*waiting {
+        *waiting = true;
+        let deadline = tokio::time::Instant::now() + limit;
+        match timer {
+            Some(t) => t.as_mut().reset(deadline),
+            None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+    if !timer
+        .as_mut()
+        .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+    {
+        return Poll::Pending;
+    }
+    tracing::info!(
+        send_timeout = ?limit,
+        "an agent took no byte of what keyward sent it for send_timeout: connection closed"
+    );
+    Poll::Ready(Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the agent stopped reading (send_timeout)",
+    )))
+}
+
+impl<I: tokio::io::AsyncRead> tokio::io::AsyncRead for SendDeadline<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite> tokio::io::AsyncWrite for SendDeadline<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, buf);
+        within_deadline(polled, cx, *this.limit, this.timer, this.waiting)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write_vectored(cx, bufs);
+        within_deadline(polled, cx, *this.limit, this.timer, this.waiting)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let polled = this.inner.poll_flush(cx);
+        within_deadline(polled, cx, *this.limit, this.timer, this.waiting)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let polled = this.inner.poll_shutdown(cx);
+        within_deadline(polled, cx, *this.limit, this.timer, this.waiting)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_served_and_a_stopped_one_cut_off() {
+        let (ours, mut agent) = tokio::io::duplex(64);
+        let mut ours = SendDeadline::new(ours, Duration::from_millis(200));
+        let reader = tokio::spawn(async move {
+            // 16 bytes every 100 ms: 2 s for the 320 bytes, ten times the deadline, but never
+            // 200 ms without taking a byte.
+            let mut buf = [0u8; 16];
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                agent.read_exact(&mut buf).await.unwrap();
+            }
+            agent // then it stops reading, and keeps the pipe open
+        });
+        ours.write_all(&[b'x'; 320]).await.unwrap();
+        let _agent = reader.await.unwrap();
+        let started = tokio::time::Instant::now();
+        // The 64-byte pipe is full after the first write; the next waits, and fails once the
+        // deadline has passed since the agent's last read.
+        let mut sent = 0;
+        let err = loop {
+            match ours.write(&[b'y'; 64]).await {
+                Ok(n) => sent += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(sent, 64);
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_millis(300),
+            "{waited:?}"
+        );
     }
 }
