@@ -312,6 +312,74 @@ async fn mint_past_admin_max_tasks_is_503_until_a_task_ends() {
     kw.assert_no_leaks().await;
 }
 
+/// `limit` and `after` page the list in id order: every task once, `next` on every page but
+/// the last, and filters apply within pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_listing_pages_with_limit_and_after() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    for (id, agent) in [
+        ("p5", "bot"),
+        ("p1", "reader"),
+        ("p3", "bot"),
+        ("p2", "bot"),
+        ("p4", "reader"),
+    ] {
+        kw.mint_with(json!({"agent": agent, "task": id, "intent": ["plain.issues.read"]}))
+            .await;
+    }
+    let page = |query: String| async move {
+        let (status, list) = kw
+            .admin(Method::GET, &format!("/v1/tasks?{query}"), None)
+            .await;
+        assert_eq!(status, 200, "{query}: {list}");
+        let ids: Vec<String> = list["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task"].as_str().unwrap().to_string())
+            .collect();
+        (ids, list["next"].as_str().map(String::from))
+    };
+    let mut seen = Vec::new();
+    let mut query = "limit=2".to_string();
+    loop {
+        let (ids, next) = page(query.clone()).await;
+        assert!(ids.len() <= 2, "{ids:?}");
+        seen.extend(ids);
+        match next {
+            Some(after) => query = format!("limit=2&after={after}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["p1", "p2", "p3", "p4", "p5"]);
+    // A page that holds the rest exactly has no `next`; a filter applies before the cut.
+    assert_eq!(
+        page("after=p3".into()).await,
+        (vec!["p4".into(), "p5".into()], None)
+    );
+    assert_eq!(
+        page("agent=bot&limit=1&after=p2".into()).await,
+        (vec!["p3".into()], Some("p3".into()))
+    );
+    // The cursor need not exist any more.
+    assert_eq!(page("after=p25&limit=5".into()).await.0, ["p3", "p4", "p5"]);
+    for query in [
+        "limit=0",
+        "limit=10001",
+        "limit=x",
+        "after=a%20b",
+        "after=",
+        "limit=1&limit=2",
+    ] {
+        let (status, err) = kw
+            .admin(Method::GET, &format!("/v1/tasks?{query}"), None)
+            .await;
+        assert_eq!(status, 400, "{query}: {err}");
+        assert_eq!(err["reason"], "bad_query", "{query}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_listing_shows_intent_expiry_and_counts_but_never_tokens() {
     let f = Fixture::start().await;

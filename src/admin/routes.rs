@@ -26,8 +26,25 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             Ok(filter) => {
                 let now = SystemTime::now();
                 let mut tasks = state.tasks.list();
+                if let Some(after) = &filter.after {
+                    // Sorted by id: the page starts past the cursor, whether or not that task
+                    // still exists.
+                    tasks.drain(..tasks.partition_point(|t| t.id.as_str() <= after.as_str()));
+                }
                 tasks.retain(|t| filter.keeps(t, now));
-                json(StatusCode::OK, &Listing { tasks: &tasks, now })
+                let next = match filter.limit {
+                    Some(limit) if tasks.len() > limit => {
+                        tasks.truncate(limit);
+                        tasks.last().map(|t| t.id.clone())
+                    }
+                    _ => None,
+                };
+                let listing = Listing {
+                    tasks: &tasks,
+                    next: next.as_deref(),
+                    now,
+                };
+                json(StatusCode::OK, &listing)
             }
             Err(message) => error(StatusCode::BAD_REQUEST, "bad_query", &message),
         },
@@ -336,13 +353,20 @@ fn status_of(t: &Task, now: SystemTime) -> &'static str {
     }
 }
 
-/// `GET /v1/tasks?agent=NAME&status=active|expired|revoked`: which tasks to list (all by
-/// default; with thousands of live tasks an operator looks for one agent's, or the live ones).
+/// `GET /v1/tasks?agent=NAME&status=active|expired|revoked&limit=N&after=ID`: which tasks to
+/// list (all by default; with thousands of live tasks an operator looks for one agent's, or
+/// the live ones), and a page of them: at most `limit`, with ids after `after` (the answer's
+/// `next` when more remain).
 #[derive(Debug, Default, PartialEq, Eq)]
 struct ListFilter {
     agent: Option<String>,
     status: Option<&'static str>,
+    limit: Option<usize>,
+    after: Option<String>,
 }
+
+/// The largest page `GET /v1/tasks?limit=` gives.
+const MAX_PAGE: usize = 10_000;
 
 impl ListFilter {
     fn parse(query: Option<&str>) -> Result<ListFilter, String> {
@@ -367,8 +391,30 @@ impl ListFilter {
                         _ => return Err("`status` is one of active, expired, revoked".into()),
                     })
                 }
-                "agent" | "status" => return Err(format!("`{key}` is given twice")),
-                _ => return Err("the task list takes `agent` and `status` only".into()),
+                "limit" if filter.limit.is_none() => {
+                    filter.limit = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|n| (1..=MAX_PAGE).contains(n))
+                            .ok_or_else(|| format!("`limit` is a number from 1 to {MAX_PAGE}"))?,
+                    );
+                }
+                // A task id as minted: no encoding is needed, so none is guessed at.
+                "after" if filter.after.is_none() => {
+                    if !crate::tasks::valid_task_id(value) {
+                        return Err("`after` is a task id (the `next` of the last page)".into());
+                    }
+                    filter.after = Some(value.to_string());
+                }
+                "agent" | "status" | "limit" | "after" => {
+                    return Err(format!("`{key}` is given twice"))
+                }
+                _ => {
+                    return Err(
+                        "the task list takes `agent`, `status`, `limit` and `after` only".into(),
+                    )
+                }
             }
         }
         Ok(filter)
@@ -384,6 +430,8 @@ impl ListFilter {
 /// task first (tens of thousands of tasks made one ten times the answer's size).
 struct Listing<'a> {
     tasks: &'a [Arc<Task>],
+    /// The `after` of the next page, when the page was cut at its `limit`.
+    next: Option<&'a str>,
     now: SystemTime,
 }
 
@@ -396,8 +444,11 @@ impl serde::Serialize for Listing<'_> {
                 s.collect_seq(self.0.tasks.iter().map(|t| task_json(t, self.0.now)))
             }
         }
-        let mut map = s.serialize_map(Some(1))?;
+        let mut map = s.serialize_map(None)?;
         map.serialize_entry("tasks", &Tasks(self))?;
+        if let Some(next) = self.next {
+            map.serialize_entry("next", next)?;
+        }
         map.end()
     }
 }
