@@ -1085,6 +1085,19 @@ async fn admin_listener_bounds_slow_heads_and_slow_bodies() {
     let (status, list) = kw.admin(Method::GET, "/v1/tasks", None).await;
     assert_eq!(status, 200);
     assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");
+
+    // A head over proxy.max_header_bytes (64 KiB by default) is 431, as on the proxy listener,
+    // whatever the route; one just under it is served.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for (size, status) in [(70_000, 431), (60_000, 200)] {
+        let resp = client
+            .get(kw.admin_url("/healthz"))
+            .header("x-padding", "a".repeat(size))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{size}-byte header");
+    }
     kw.assert_no_leaks().await;
 }
 
@@ -1279,6 +1292,17 @@ async fn a_rebound_page_cannot_read_the_admin_listener() {
             let (status, body) = get(path, host.clone()).await;
             assert_eq!(status, 200, "{path} with Host {host}: {body}");
         }
+        // An absolute-form target naming the page's host, with a loopback Host beside it.
+        let raw = format!(
+            "GET http://rebind.attacker.example:{port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            kw.admin_token
+        );
+        let mut tcp = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, raw.as_bytes())
+            .await
+            .unwrap();
+        let resp = common::read_response(&mut tcp).await;
+        assert_eq!(resp.status, 421, "absolute-form {path}: {}", resp.text());
     }
     assert!(kw.metrics().await.contains("keyward_decisions_total"));
 }

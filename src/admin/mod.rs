@@ -76,6 +76,17 @@ async fn accept(
                 let state = svc_state.clone();
                 let known = known.clone();
                 async move {
+                    // The proxy's head limit, counted as the proxy counts it (hyper's own is a
+                    // buffer size, several times larger).
+                    let head =
+                        crate::proxy::identify::head_len(req.method(), req.uri(), req.headers());
+                    if head > state.settings.max_header_bytes {
+                        return Ok::<_, Infallible>(error(
+                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            "head_too_large",
+                            "the request line and headers are larger than proxy.max_header_bytes",
+                        ));
+                    }
                     if loopback && !names_loopback(&req) {
                         return Ok::<_, Infallible>(foreign_host());
                     }
@@ -143,16 +154,26 @@ async fn route(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
 /// rebinding) and read `/metrics` and `/readyz` (agent, service and credential names) as its
 /// own origin; its requests still name the page's host. `*.localhost` never leaves the
 /// machine (RFC 6761). Scrapers reaching a pod address are not concerned.
+/// The authority of an absolute-form target counts as well as `Host` (both must be loopback).
 fn names_loopback<B>(req: &Request<B>) -> bool {
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
-        (None, _) => return true,
-        (Some(h), None) => h.as_bytes(),
+        (None, _) => None,
+        (Some(h), None) => Some(h.as_bytes()),
         (Some(_), Some(_)) => return false,
     };
-    let Ok(host) = std::str::from_utf8(host) else {
-        return false;
-    };
+    let host_ok = host.map_or(true, |h| {
+        std::str::from_utf8(h).is_ok_and(is_loopback_authority)
+    });
+    host_ok
+        && req
+            .uri()
+            .authority()
+            .map_or(true, |a| is_loopback_authority(a.as_str()))
+}
+
+/// Whether `host` (`name[:port]`, `[ip6][:port]`) names this machine.
+fn is_loopback_authority(host: &str) -> bool {
     let (name, port) = match host.strip_prefix('[') {
         Some(rest) => match rest.split_once(']') {
             Some((ip, "")) => (ip, ""),
@@ -295,5 +316,25 @@ mod tests {
             assert!(!names_loopback(&with_hosts(&[bad])), "{bad}");
         }
         assert!(!names_loopback(&with_hosts(&["localhost", "evil.example"])));
+    }
+
+    #[test]
+    fn an_absolute_target_must_name_loopback_too() {
+        let absolute = |target: &str, host: Option<&str>| {
+            let mut req = Request::get(target).body(()).unwrap();
+            if let Some(h) = host {
+                req.headers_mut()
+                    .insert(http::header::HOST, HeaderValue::from_str(h).unwrap());
+            }
+            names_loopback(&req)
+        };
+        assert!(!absolute("http://evil.example/metrics", Some("127.0.0.1")));
+        assert!(!absolute("http://evil.example/metrics", None));
+        assert!(!absolute("http://127.0.0.1/metrics", Some("evil.example")));
+        assert!(absolute(
+            "http://localhost:8481/metrics",
+            Some("127.0.0.1:8481")
+        ));
+        assert!(absolute("/metrics", Some("[::1]:8481")));
     }
 }
