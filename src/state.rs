@@ -214,11 +214,13 @@ impl State {
                     None => true,
                 }),
         };
+        // A task that has expired already ended, and stays expired (as `DELETE` leaves it).
+        let now = std::time::SystemTime::now();
         let orphaned: Vec<_> = self
             .tasks
             .list()
             .into_iter()
-            .filter(|t| !t.is_revoked() && withdrawn(t))
+            .filter(|t| !t.is_revoked() && !t.is_expired(now) && withdrawn(t))
             .collect();
         self.metrics.know_services(metric_series(compiled.policy()));
         self.generation.store(Arc::new(generation));

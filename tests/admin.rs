@@ -1145,8 +1145,12 @@ async fn a_reload_without_an_agent_revokes_its_tasks_for_good() {
     let kw = &f.kw;
     let task = kw.mint("reader", json!(["plain.issues.read"])).await;
     let kept = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let ended = kw
+        .mint_with(json!({"agent": "reader", "intent": ["plain.issues.read"], "ttl": "1s"}))
+        .await;
     let url = f.plain_url("plain.test", "/echo");
     assert_eq!(kw.send(kw.agent(&task).get(&url)).await.status, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
 
     let original = std::fs::read_to_string(&kw.policy_path).unwrap();
     let without = original.replacen(
@@ -1162,12 +1166,19 @@ async fn a_reload_without_an_agent_revokes_its_tasks_for_good() {
         .admin(Method::GET, &format!("/v1/tasks/{}", task.id), None)
         .await;
     assert_eq!(t["status"], "revoked", "{t}");
+    // A task that had already expired stays expired, as with DELETE: it ended on its own.
+    let (_, t) = kw
+        .admin(Method::GET, &format!("/v1/tasks/{}", ended.id), None)
+        .await;
+    assert_eq!(t["status"], "expired", "{t}");
 
     std::fs::write(&kw.policy_path, &original).unwrap();
     let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
     assert_eq!(status, 200, "{v}");
     let resp = kw.send(kw.agent(&task).get(&url)).await;
     kw.assert_denied(&resp, 407, "task_revoked").await;
+    let resp = kw.send(kw.agent(&ended).get(&url)).await;
+    kw.assert_denied(&resp, 407, "task_expired").await;
     // Other agents' tasks are untouched.
     assert_eq!(kw.send(kw.agent(&kept).get(&url)).await.status, 200);
 
