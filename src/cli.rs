@@ -213,6 +213,46 @@ impl Failure {
             code: 1,
         }
     }
+
+    /// A user error whose sentences were printed already (`check`'s one line per error, which
+    /// SPEC §6 makes the whole of its stderr): nothing more to say.
+    fn reported() -> Failure {
+        Failure::user(String::new())
+    }
+}
+
+/// A command-line mistake as one sentence (SPEC §6), from clap's several lines: what is wrong,
+/// then the usage line.
+pub fn usage_mistake(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let usage = text.lines().find_map(|l| l.trim().strip_prefix("Usage: "));
+    let mut sentence =
+        if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            // clap's text is the (sub)command's whole help: name its commands.
+            let commands: Vec<&str> = text
+                .lines()
+                .skip_while(|l| !l.starts_with("Commands:"))
+                .skip(1)
+                .take_while(|l| !l.trim().is_empty())
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|name| *name != "help")
+                .collect();
+            format!("a command is required, one of: {}", commands.join(", "))
+        } else {
+            let said: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("Usage: "))
+                .filter(|l| !l.starts_with("For more information"))
+                .map(|l| l.strip_prefix("error: ").unwrap_or(l))
+                .collect();
+            said.join(" ")
+        };
+    match usage {
+        Some(u) => sentence.push_str(&format!(" (usage: {u})")),
+        None => sentence.push_str(" (see keyward --help)"),
+    }
+    sentence
 }
 
 pub async fn run(cli: Cli) -> Result<(), Failure> {
@@ -457,11 +497,7 @@ fn check(config: &Path) -> Result<(), Failure> {
             for e in &errors.0 {
                 err!("{e}");
             }
-            Err(Failure::user(format!(
-                "{} has {} error(s)",
-                config.display(),
-                errors.0.len()
-            )))
+            Err(Failure::reported())
         }
     }
 }

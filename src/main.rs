@@ -15,9 +15,14 @@ fn main() {
         Ok(cli) => cli,
         // `--help` and `--version` succeed; a usage mistake is a user error (SPEC §6: exit 1),
         // not clap's default 2, which keyward keeps for internal errors.
+        Err(e) if e.use_stderr() => {
+            let line = keyward::cli::usage_mistake(&e);
+            let _ = writeln!(std::io::stderr(), "keyward: {line}");
+            std::process::exit(1);
+        }
         Err(e) => {
             let _ = e.print();
-            std::process::exit(if e.use_stderr() { 1 } else { 0 });
+            std::process::exit(0);
         }
     };
     // `serve` narrates its life at info; one-shot commands speak only to fail (one sentence).
@@ -51,7 +56,9 @@ fn main() {
         Ok(()) => 0,
         Err(failure) => {
             // Not `eprintln!`: a closed stderr must not turn the exit code into a panic's 101.
-            let _ = writeln!(std::io::stderr(), "keyward: {}", failure.message);
+            if !failure.message.is_empty() {
+                let _ = writeln!(std::io::stderr(), "keyward: {}", failure.message);
+            }
             failure.code
         }
     };

@@ -205,6 +205,16 @@ async fn check_reports_every_error_as_file_line_column_key_path_message() {
         expected.len(),
         "one line per error:\n{stdout}{stderr}"
     );
+    // And nothing else (but the log lines RUST_LOG=info asked for, which start with their
+    // timestamp): a script may read every line as an error.
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| !l.starts_with(|c: char| c.is_ascii_digit()))
+            .count(),
+        errors.len(),
+        "stderr holds only the errors:\n{stderr}"
+    );
     // SECURITY: a value is never echoed in an error, a would-be secret least of all.
     assert_absent(
         "sk_literal_admin_value_zq9",
@@ -224,17 +234,23 @@ async fn check_on_a_missing_file_exits_1_with_one_sentence() {
 
 #[tokio::test]
 async fn usage_mistakes_exit_1_and_help_exits_0() {
-    for args in [
-        &[][..],
-        &["bogus"][..],
-        &["check"][..],
-        &["check", "--config", "x.yaml", "--nope"][..],
+    // (arguments, what the one sentence must name)
+    for (args, names) in [
+        (&[][..], "serve, check, explain, task"),
+        (&["task"][..], "mint, list, revoke"),
+        (&["bogus"][..], "'bogus'"),
+        (&["check"][..], "--config"),
+        (&["check", "--config", "x.yaml", "--nope"][..], "'--nope'"),
+        (&["task", "mint", "--agent", "a"][..], "--intent"),
     ] {
         let out = keyward(args).await;
         assert_eq!(out.status.code(), Some(1), "keyward {args:?}");
+        let stderr = text(&out.stderr);
+        // SPEC §6: one clear sentence, on one line.
+        assert_eq!(stderr.lines().count(), 1, "keyward {args:?}:\n{stderr}");
         assert!(
-            !text(&out.stderr).is_empty(),
-            "keyward {args:?} says why on stderr"
+            stderr.starts_with("keyward: ") && stderr.contains(names),
+            "keyward {args:?}: {stderr}"
         );
     }
     for args in [
