@@ -346,7 +346,7 @@ pub enum MintError {
     #[error("capability `{capability}` constrains `{param}` twice (in its own `where` and the intent-wide one, or twice in one)")]
     DuplicateConstraint { capability: String, param: String },
     /// Shown in seconds to the millisecond (`3600.001s`: a `1h1ms` is over an hour).
-    #[error("ttl {}s exceeds agent `{agent}`'s max_ttl of {}s", *.requested_ms as f64 / 1000.0, *.max_ms as f64 / 1000.0)]
+    #[error("ttl {} exceeds agent `{agent}`'s max_ttl of {}", seconds(*.requested_ms), seconds(*.max_ms))]
     TtlTooLong {
         agent: String,
         requested_ms: u64,
@@ -854,6 +854,15 @@ pub fn grants_with_where(
 
 /// Task ids travel in `Proxy-Authorization` user names, audit records and URLs: keep them plain.
 /// `:` would split Basic credentials differently, so it is refused with the rest.
+/// `ms` as seconds to the millisecond (`3600.001s`), in integers: a float would round a
+/// huge ttl to another number.
+fn seconds(ms: u64) -> String {
+    match ms % 1000 {
+        0 => format!("{}s", ms / 1000),
+        frac => format!("{}.{frac:03}s", ms / 1000),
+    }
+}
+
 pub fn valid_task_id(id: &str) -> bool {
     // `.` and `..` would be path segments in `/v1/tasks/{id}` that clients normalize away.
     !id.is_empty()

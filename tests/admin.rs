@@ -232,6 +232,39 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
         assert_eq!(resp.status().as_u16(), 400, "{raw}");
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"], "bad_json", "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("`owner` is named twice"),
+            "{v}"
+        );
+    }
+    // The message says what is wrong, not only that the item matched no form.
+    for (body, says) in [
+        (
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "Where": {"owner": "acme"}}]}),
+            "unknown field `Where`",
+        ),
+        (
+            json!({"agent": "bot", "intent": [{"capability": "plain.issues.read", "where": {"owner": 123}}]}),
+            "a string or a list of strings",
+        ),
+        (json!({"agent": "bot", "intent": [7]}), "a capability name"),
+        // `M` is months to humantime: never taken for minutes.
+        (
+            json!({"agent": "bot", "intent": ["plain.issues.read"], "ttl": "30M"}),
+            "`M` is months",
+        ),
+        (
+            json!({"agent": "reader", "intent": ["plain.issues.read"], "ttl": "18446744073709551s"}),
+            "exceeds agent `reader`'s max_ttl of 600s",
+        ),
+    ] {
+        let (status, v) = kw.mint_body(body.clone()).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message}");
     }
     let (_, list) = kw.admin(Method::GET, "/v1/tasks", None).await;
     assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");

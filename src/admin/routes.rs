@@ -135,11 +135,37 @@ struct MintRequest {
     where_all: Constraints,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum IntentItem {
     Name(String),
     Constrained(ConstrainedItem),
+}
+
+/// By hand rather than `untagged`: serde's untagged error says only that neither form
+/// matched, where the object form's own error (a parameter named twice, an unknown key, a
+/// number for a value) says what is wrong.
+impl<'de> Deserialize<'de> for IntentItem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = IntentItem;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an intent item: a capability name or {\"capability\": ..., \"where\": {...}}",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntentItem, E> {
+                Ok(IntentItem::Name(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<IntentItem, A::Error> {
+                ConstrainedItem::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(IntentItem::Constrained)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// SECURITY: a misspelt `where` must not mint the capability unconstrained.
@@ -184,11 +210,33 @@ impl<'de> Deserialize<'de> for Constraints {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
+}
+
+/// By hand for the same reason as `IntentItem`: say what a value must be.
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a constraint value: a string or a list of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(OneOrMany::Many)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 impl OneOrMany {
@@ -216,21 +264,12 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     };
     let parsed: MintRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
-        Err(e) => {
-            // serde's message for an intent item that matches neither form says only that.
-            let e = e.to_string();
-            let e = if e.contains("untagged enum IntentItem") {
-                "each intent item is a capability name or {\"capability\": ..., \"where\": {...}} with no other keys".to_string()
-            } else {
-                e
-            };
-            return bad_request("bad_json", &format!("invalid mint request: {e}"));
-        }
+        Err(e) => return bad_request("bad_json", &format!("invalid mint request: {e}")),
     };
-    let ttl = match parsed.ttl.as_deref().map(humantime::parse_duration) {
+    let ttl = match parsed.ttl.as_deref().map(crate::policy::parse_duration) {
         None => None,
         Some(Ok(d)) => Some(d),
-        Some(Err(_)) => return bad_request("bad_ttl", "ttl must be a duration such as 30m or 1h"),
+        Some(Err(why)) => return bad_request("bad_ttl", &format!("ttl: {why}")),
     };
     let intent: Vec<Grant> = parsed
         .intent

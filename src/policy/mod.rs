@@ -26,7 +26,7 @@ pub use model::{
     AdminSettings, AgentDef, AuditSettings, AuditTarget, CaSettings, CapabilityDef, CredentialDef,
     HostPattern, Injection, Policy, ProxySettings, Risk, Scheme, SecretSource, ServiceDef,
 };
-pub(crate) use values::check_name;
+pub(crate) use values::{check_name, parse_duration};
 
 use error::{Errors, Pos};
 

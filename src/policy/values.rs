@@ -10,6 +10,20 @@ use super::model::HostPattern;
 
 const MAX_NAME_LEN: usize = 128;
 
+/// A duration as policies and mint requests write it (`30s`, `5m`, `1h 30m`, `500ms`, `2d`):
+/// humantime's, less its calendar units. Its `M` is months, so a `30M` meant as minutes would
+/// be 30 months; and a month or a year is an average, not a length.
+pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, &'static str> {
+    let calendar = text
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .any(|unit| matches!(unit, "M" | "month" | "months" | "y" | "year" | "years"));
+    if calendar {
+        return Err("months and years are not durations here (`M` is months, not minutes): use d, h, m, s or ms");
+    }
+    humantime::parse_duration(text)
+        .map_err(|_| "must be a duration with a unit, like `30s`, `5m` or `1h`")
+}
+
 /// Names of credentials, services, capabilities and agents end up in audit records, metric
 /// labels and intents, so they are kept to a plain character set.
 pub(crate) fn check_name(name: &str) -> Result<(), String> {
@@ -273,6 +287,32 @@ pub(crate) fn check_env_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_have_no_calendar_units() {
+        assert_eq!(
+            parse_duration("30m"),
+            Ok(std::time::Duration::from_secs(1800))
+        );
+        assert_eq!(
+            parse_duration("1h 30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
+        assert_eq!(
+            parse_duration("2d"),
+            Ok(std::time::Duration::from_secs(172_800))
+        );
+        assert_eq!(
+            parse_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        for months in ["30M", "1h30M", "1month", "2 months", "1y", "1year"] {
+            let why = parse_duration(months).unwrap_err();
+            assert!(why.contains("months"), "{months}: {why}");
+        }
+        assert!(parse_duration("30").unwrap_err().contains("unit"));
+        assert!(parse_duration("").is_err());
+    }
 
     #[test]
     fn host_patterns() {

@@ -686,7 +686,7 @@ impl<'a> Field<'a> {
     /// A humantime duration (`30s`, `5m`, `1h 30m`) in `min..=max`.
     pub fn duration(&self, errs: &mut Errors, min: Duration, max: Duration) -> Option<Duration> {
         let text = self.node.as_scalar().map(|s| s.as_str()).unwrap_or("");
-        match humantime::parse_duration(text) {
+        match super::values::parse_duration(text) {
             Ok(d) if d >= min && d <= max => Some(d),
             Ok(_) => {
                 errs.push(
@@ -700,12 +700,8 @@ impl<'a> Field<'a> {
                 );
                 None
             }
-            Err(_) => {
-                errs.push(
-                    self.pos(),
-                    self.path,
-                    "must be a duration with a unit, like `30s`, `5m` or `1h`",
-                );
+            Err(why) => {
+                errs.push(self.pos(), self.path, why);
                 None
             }
         }
