@@ -140,6 +140,8 @@ async fn query_credential_replaces_the_agents_parameter() {
         "api_key[]=dummy",
         "[api_key]=dummy",
         "q=1;api_key=dummy",
+        "x=?api_key=dummy",
+        "x=%26api_key%3Ddummy",
     ] {
         let resp = kw
             .send(

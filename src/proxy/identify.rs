@@ -230,23 +230,43 @@ fn has_method_param(query: &str) -> bool {
 
 /// Whether a query has a parameter that some server reads as `param` although query
 /// injection (which replaces `param` itself, also percent-encoded) leaves it in place: another
-/// case (`API_KEY`), a PHP spelling (`api.key`, `+api_key`, `api_key[]`, `api[key`) or a pair
-/// after `;`, which some servers split on (`a=1;api_key=x`). Such a server could see two
-/// values.
+/// case (`API_KEY`), a PHP spelling (`api.key`, `+api_key`, `api_key[]`, `api[key`), a pair
+/// after `;`, which some servers split on (`a=1;api_key=x`), or a pair that only decoding
+/// makes (`x=%26api_key%3Dy`, for servers that decode the query before splitting it). Such a
+/// server could see two values. A raw `?` in the query counts too: some servers look for
+/// `?api_key=` anywhere in the URL (Hono's `query()`), so `x=?api_key=y` or `??api_key=y`
+/// would be read first.
 pub fn query_lookalike(query: &str, param: &str) -> bool {
+    if query.contains('?') {
+        return true;
+    }
     let want = php_names(param.as_bytes());
+    let reads_as_param = |decoded_key: &[u8]| {
+        let decoded = unicode_folded(decoded_key);
+        let root = structural_root(&decoded);
+        want.contains(&root) || php_names(&decoded).iter().any(|n| want.contains(n))
+    };
     query.split('&').any(|pair| {
         let key = pair.split_once('=').map_or(pair, |(k, _)| k);
         let replaced = key == param
             || crate::credentials::decode_query_name(key.as_bytes()).as_ref() == param.as_bytes();
-        !replaced
+        let lookalike = !replaced
             && pair.split(';').any(|sub| {
                 let key = sub.split_once('=').map_or(sub, |(k, _)| k);
-                let decoded = crate::credentials::decode_query_name(key.as_bytes());
-                let decoded = unicode_folded(&decoded);
-                let root = structural_root(&decoded);
-                want.contains(&root) || php_names(&decoded).iter().any(|n| want.contains(n))
-            })
+                reads_as_param(&crate::credentials::decode_query_name(key.as_bytes()))
+            });
+        // Pairs that appear once `%26`, `%3B` or `%3F` are decoded: injection replaces none
+        // of them, so `param` itself counts.
+        let made_by_decoding = || {
+            crate::credentials::decode_query_name(pair.as_bytes())
+                .split(|&b| matches!(b, b'&' | b';' | b'?'))
+                .skip(1)
+                .any(|made| {
+                    let key = made.split(|&b| b == b'=').next().unwrap_or_default();
+                    key == param.as_bytes() || reads_as_param(key)
+                })
+        };
+        lookalike || (pair.contains('%') && made_by_decoding())
     })
 }
 
@@ -513,6 +533,17 @@ mod tests {
             "ap%u0130_key=x",
             "%EF%BB%BFapi_key=x",
             "%uFEFFapi_key=x",
+            // Read first by servers that look for `?api_key=` in the raw URL.
+            "x=?api_key=mine",
+            "?api_key=mine",
+            "q=1&x=a?b",
+            // Pairs that decoding makes, for servers that decode before they split.
+            "x=%26api_key%3Dmine",
+            "x=1%3Bapi_key=mine",
+            "x%26api_key=mine",
+            "x=%3Fapi_key=mine",
+            "x=%26API.KEY=mine",
+            "x=%u0026api_key=mine",
         ] {
             assert!(query_lookalike(q, "api_key"), "{q}");
         }
@@ -526,6 +557,8 @@ mod tests {
             "q=1&api_key=x;api_key=y",
             "api_keys=x",
             "key=x&api=y",
+            "x=%26other%3Dy",
+            "x=a%20b&y=%2F",
             "",
         ] {
             assert!(!query_lookalike(q, "api_key"), "{q}");
