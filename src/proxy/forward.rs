@@ -71,9 +71,11 @@ static SET_COOKIE2: HeaderName = HeaderName::from_static("set-cookie2");
 /// `Expect` is not hop-by-hop by name, but keyward answers `100-continue` to the agent itself
 /// and streams the body at once: passed on, it asks an upstream to answer before the body
 /// (a `417`, then reading the body as the connection's next request).
-static HOP_BY_HOP: [HeaderName; 10] = [
+static HOP_BY_HOP: [HeaderName; 11] = [
     http::header::CONNECTION,
     http::header::EXPECT,
+    // h2c's upgrade settings: this connection's, never the upstream's (RFC 7540 §3.2.1).
+    HeaderName::from_static("http2-settings"),
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     http::header::PROXY_AUTHORIZATION,
@@ -214,6 +216,7 @@ mod tests {
             ("trailer", "x-sum"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
             ("x-trace", "1"),
             ("x-trace", "2"),
             ("accept", "*/*"),
