@@ -83,8 +83,9 @@ pub enum StartError {
     Audit(String),
     #[error("internal error: {0}")]
     Internal(String),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} (`{setting}`): {source}")]
     Bind {
+        setting: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -178,10 +179,10 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
         .map_err(StartError::Policy)?;
     // (Credentials that cannot be read were each logged with why by the load.)
 
-    let proxy_listener = bind(settings.listen).await?;
-    let admin_listener = bind(admin_listen).await?;
-    let proxy_addr = local_addr(&proxy_listener, settings.listen)?;
-    let admin_addr = local_addr(&admin_listener, admin_listen)?;
+    let proxy_listener = bind("proxy.listen", settings.listen).await?;
+    let admin_listener = bind("admin.listen", admin_listen).await?;
+    let proxy_addr = local_addr(&proxy_listener, "proxy.listen", settings.listen)?;
+    let admin_addr = local_addr(&admin_listener, "admin.listen", admin_listen)?;
 
     let state = Arc::new(State::new(
         generation,
@@ -209,15 +210,26 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     })
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, source })
+        .map_err(|source| StartError::Bind {
+            setting,
+            addr,
+            source,
+        })
 }
 
-fn local_addr(l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    l.local_addr()
-        .map_err(|source| StartError::Bind { addr, source })
+fn local_addr(
+    l: &TcpListener,
+    setting: &'static str,
+    addr: SocketAddr,
+) -> Result<SocketAddr, StartError> {
+    l.local_addr().map_err(|source| StartError::Bind {
+        setting,
+        addr,
+        source,
+    })
 }
 
 /// Forgets long-ended tasks once a minute.

@@ -267,6 +267,34 @@ async fn usage_mistakes_exit_1_and_help_exits_0() {
     }
 }
 
+/// A port already taken: `serve` says which setting names it, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_names_the_listen_setting_whose_port_is_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let policy = std::fs::read_to_string(&file).unwrap();
+    for setting in ["proxy", "admin"] {
+        let edited = policy.replacen(
+            &format!("{setting}: {{ listen: 127.0.0.1:0"),
+            &format!("{setting}: {{ listen: 127.0.0.1:{port}"),
+            1,
+        );
+        assert_ne!(edited, policy);
+        std::fs::write(&file, edited).unwrap();
+        let out = keyward(&["serve", "--config", file.to_str().unwrap()]).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "cannot listen on 127.0.0.1:{port} (`{setting}.listen`)"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
 /// A small valid policy with file credentials (their values are secrets to look for).
 fn explain_policy(dir: &Path) -> (PathBuf, Vec<String>) {
     let secrets = vec![

@@ -61,6 +61,8 @@ pub enum CaError {
     AlreadyExists { path: PathBuf },
     #[error("`{path}` can be read or written by group or others (mode {mode:03o}); run `chmod 600 {path}`", path = path.display())]
     KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("`{}` is not a file; point `ca.key` at the CA key file", path.display())]
+    KeyNotAFile { path: PathBuf },
     #[error("`{}` holds no PEM certificate; point `ca.cert` at the CA certificate (a `-----BEGIN CERTIFICATE-----` block)", path.display())]
     NoCertificate { path: PathBuf },
     #[error("`{}` is not a usable CA certificate: {reason}", path.display())]
@@ -353,15 +355,16 @@ fn read_key_file(path: &Path) -> Result<Vec<u8>, CaError> {
 #[cfg(unix)]
 fn check_key_mode(file: &File, path: &Path) -> Result<(), CaError> {
     use std::os::unix::fs::PermissionsExt;
-    let mode = file
-        .metadata()
-        .map_err(|source| CaError::Read {
+    let meta = file.metadata().map_err(|source| CaError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(CaError::KeyNotAFile {
             path: path.to_owned(),
-            source,
-        })?
-        .permissions()
-        .mode()
-        & 0o777;
+        });
+    }
+    let mode = meta.permissions().mode() & 0o777;
     // SECURITY: whoever can read the CA key can mint certificates every agent trusts.
     if mode & 0o077 != 0 {
         return Err(CaError::KeyPermissions {
@@ -661,6 +664,10 @@ mod tests {
         }
         fs::set_permissions(&key, fs::Permissions::from_mode(0o400)).expect("chmod");
         CertAuthority::load(&cert, &key).expect("0400 is private enough");
+        // A directory is not a key, whatever its mode: say so, not "chmod".
+        let err = CertAuthority::load(&cert, dir.path()).expect_err("a directory");
+        assert!(matches!(err, CaError::KeyNotAFile { .. }), "{err}");
+        assert!(err.to_string().contains("is not a file"), "{err}");
     }
 
     #[test]

@@ -1057,7 +1057,13 @@ async fn byte_ranges_cannot_split_a_reflected_credential() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     let seen = f.plain.last();
     // Also with `_` for `-`, which CGI stacks read alike.
-    for name in ["range", "if-range", "request-range", "request_range", "if_range"] {
+    for name in [
+        "range",
+        "if-range",
+        "request-range",
+        "request_range",
+        "if_range",
+    ] {
         assert!(seen.header(name).is_none(), "{name}: {:?}", seen.headers);
     }
     assert!(!resp.text().contains(&f.creds.api_token));
