@@ -353,6 +353,7 @@ impl RestartOnly {
             send_timeout,
             max_connections,
             max_task_in_flight,
+            max_task_denials_per_second,
             max_task_connections,
             max_agent_connections,
             max_header_bytes,
@@ -382,6 +383,10 @@ impl RestartOnly {
             (
                 "proxy.max_task_in_flight",
                 proxy.max_task_in_flight != *max_task_in_flight,
+            ),
+            (
+                "proxy.max_task_denials_per_second",
+                proxy.max_task_denials_per_second != *max_task_denials_per_second,
             ),
             (
                 "proxy.max_task_connections",

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
@@ -85,7 +85,33 @@ pub struct Task {
     /// Agent connections all the tasks of its agent hold (`proxy.max_agent_connections`):
     /// one counter per agent, shared by its tasks (`TaskStore::agents`).
     agent_connections: Arc<AtomicU32>,
+    /// Denial pacing (`pace_denial`): when the next denial may go out unpaced, in µs since
+    /// `PACING_EPOCH` (GCRA's theoretical arrival time), and the denials waiting now.
+    denial_due_us: AtomicU64,
+    denials_waiting: AtomicU32,
 }
+
+/// How a denial of a task goes out (`Task::pace_denial`).
+pub enum DenialPace {
+    /// At once: the task is within its denial rate.
+    Now,
+    /// After this wait, holding the guard (one of the task's waiting denials) meanwhile.
+    Wait(Duration, PacedDenial),
+    /// At once, closing the connection: the task already has as many denials waiting as it
+    /// may, so each further one costs it a new connection.
+    Flooding,
+}
+
+/// One of a task's denials waiting out its pace.
+pub struct PacedDenial(Arc<Task>);
+
+impl Drop for PacedDenial {
+    fn drop(&mut self) {
+        self.0.denials_waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+static PACING_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
 /// Why a task stopped being valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,6 +131,42 @@ impl TaskEnd {
 }
 
 impl Task {
+    /// SECURITY (I7): paces the task's denials to `per_second` (a second's worth at once),
+    /// with at most `max_waiting` waiting. Every request leaves an audit record, and a refused
+    /// one costs the agent nothing else, so an agent refused in a loop (pipelined, over many
+    /// connections or HTTP/2 streams) could write tens of MB of audit log a second, fill its
+    /// disk, and so stop keyward for every task (no record, no request).
+    pub fn pace_denial(self: &Arc<Self>, per_second: u32, max_waiting: u32) -> DenialPace {
+        let epoch = *PACING_EPOCH.get_or_init(Instant::now);
+        let now = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let interval = 1_000_000 / u64::from(per_second.max(1));
+        let burst = 1_000_000u64;
+        let mut due = self.denial_due_us.load(Ordering::Acquire);
+        loop {
+            let next = due.max(now).saturating_add(interval);
+            let wait = next.saturating_sub(now).saturating_sub(burst);
+            if wait > 0 && self.denials_waiting.load(Ordering::Acquire) >= max_waiting {
+                return DenialPace::Flooding;
+            }
+            match self.denial_due_us.compare_exchange_weak(
+                due,
+                next,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) if wait == 0 => return DenialPace::Now,
+                Ok(_) => {
+                    self.denials_waiting.fetch_add(1, Ordering::AcqRel);
+                    return DenialPace::Wait(
+                        Duration::from_micros(wait),
+                        PacedDenial(Arc::clone(self)),
+                    );
+                }
+                Err(seen) => due = seen,
+            }
+        }
+    }
+
     /// The grant of `capability` in the intent (the first, should it be named twice).
     pub fn grant(&self, capability: &str) -> Option<&Grant> {
         match &self.grant_index {
@@ -766,6 +828,8 @@ fn build_task(
         in_flight: AtomicU32::new(0),
         connections: AtomicU32::new(0),
         agent_connections: Arc::default(),
+        denial_due_us: AtomicU64::new(0),
+        denials_waiting: AtomicU32::new(0),
     })
 }
 
@@ -1129,6 +1193,41 @@ mod tests {
         };
         let (task, _token) = store.mint(&policy, spec, now).unwrap();
         (store, task)
+    }
+
+    /// A second's worth of denials goes at once; then each waits its turn, at most
+    /// `max_waiting` at a time, and past that the connection is to close.
+    #[test]
+    fn denials_are_paced_then_flooding_closes() {
+        let (_store, task) = minted_at(SystemTime::now());
+        for i in 0..10 {
+            assert!(
+                matches!(task.pace_denial(10, 2), DenialPace::Now),
+                "denial {i}"
+            );
+        }
+        let DenialPace::Wait(first, one) = task.pace_denial(10, 2) else {
+            panic!("the 11th denial within a second waits");
+        };
+        let DenialPace::Wait(second, two) = task.pace_denial(10, 2) else {
+            panic!("so does the 12th");
+        };
+        assert!(
+            first > Duration::ZERO && first <= Duration::from_millis(100),
+            "{first:?}"
+        );
+        assert!(
+            second > first && second <= Duration::from_millis(200),
+            "{second:?}"
+        );
+        assert!(matches!(task.pace_denial(10, 2), DenialPace::Flooding));
+        // Once one of the waiting denials has gone out, the next waits behind the others.
+        drop(one);
+        let DenialPace::Wait(third, _three) = task.pace_denial(10, 2) else {
+            panic!("a place to wait is free again");
+        };
+        assert!(third > second, "{third:?}");
+        drop(two);
     }
 
     /// One service, one capability (`s.read`: `GET /x`), agent `bot` with a 1 h `max_ttl`.

@@ -100,11 +100,12 @@ impl AuditRecord {
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"path\":");
-        // A request no task stands behind (a 407, a head refused unread) is anyone's: less
-        // of its path is kept, so a flood of them fills the audit disk four times slower.
-        let path_max = match self.task {
-            Some(_) => PATH_MAX,
-            None => SHORT_FIELD_MAX,
+        // A request no task stands behind (a 407, a head refused unread) is anyone's, and a
+        // refused one cost its agent nothing: less of their paths is kept, so a flood of them
+        // fills the audit disk several times slower.
+        let path_max = match (&self.task, self.decision) {
+            (Some(_), decision) if decision != "deny" => PATH_MAX,
+            _ => SHORT_FIELD_MAX,
         };
         json_str_capped(out, without_query(&self.path), path_max);
         out.extend_from_slice(b",\"service\":");
@@ -143,7 +144,8 @@ impl AuditRecord {
     }
 }
 
-/// The longest `path` a record keeps (`SHORT_FIELD_MAX` for a request without a task), and
+/// The longest `path` a record keeps (`SHORT_FIELD_MAX` for a request without a task, or
+/// refused), and
 /// the longest `method` or `host`. SECURITY: these are
 /// the agent's (or anyone's: a 407 is recorded too), and a request head may be 64 KiB; kept
 /// whole, a flood of unauthenticated requests with long paths filled the audit disk at 60 KB a
@@ -578,18 +580,22 @@ mod tests {
             );
             assert!(line.len() < PATH_MAX + 1024, "{unit}: {} bytes", line.len());
         }
-        // Without a task (a 407), 256 bytes of it.
-        let rec = AuditRecord {
-            path: "/a".repeat(3000),
-            ..AuditRecord::default()
-        };
-        let mut line = Vec::new();
-        rec.write_json(&mut line);
-        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(
-            v["path"],
-            format!("{}\u{2026}(+5744 bytes)", "/a".repeat(128))
-        );
+        // Without a task (a 407), or refused, 256 bytes of it.
+        for (task, decision) in [(None, "deny"), (Some("t".to_string()), "deny")] {
+            let rec = AuditRecord {
+                path: "/a".repeat(3000),
+                task,
+                decision,
+                ..AuditRecord::default()
+            };
+            let mut line = Vec::new();
+            rec.write_json(&mut line);
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(
+                v["path"],
+                format!("{}\u{2026}(+5744 bytes)", "/a".repeat(128))
+            );
+        }
     }
 
     #[test]

@@ -822,10 +822,12 @@ mod tests {
     async fn a_write_that_blocks_backs_the_log_up_with_the_queue_nearly_empty() {
         let dir = tempfile::tempdir().unwrap();
         let (log, go, reader) = log_into_unread_pipe(dir.path()).await;
-        // 100 KiB of records: more than the pipe holds, far less than the queue.
+        // 100 KiB of records: more than the pipe holds, far less than the queue. (Allowed
+        // requests' records: a refusal's path is cut to 256 bytes.)
         let mut rec = record(0);
         rec.path = format!("/{}", "p".repeat(2000));
         rec.task = Some("t".into());
+        rec.decision = "allow";
         for _ in 0..50 {
             log.write_detached(rec.clone());
         }

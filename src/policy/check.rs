@@ -514,7 +514,7 @@ credentials:
                 "p.yaml:2:35: agents.bot.capabilities[0]: undefined capability `nope`; no capability is defined",
                 "p.yaml:2:51: agents.bot.max_ttl: must be a duration with a unit, like `30s`, `5m` or `1h`",
                 "p.yaml:4:11: proxy.listen: must be an IP address and port, like `127.0.0.1:8480` or `[::1]:8480`",
-                "p.yaml:5:3: proxy.whatever: unknown key `whatever` (expected one of: listen, header_read_timeout, idle_timeout, send_timeout, max_connections, max_task_in_flight, max_task_connections, max_agent_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
+                "p.yaml:5:3: proxy.whatever: unknown key `whatever` (expected one of: listen, header_read_timeout, idle_timeout, send_timeout, max_connections, max_task_in_flight, max_task_denials_per_second, max_task_connections, max_agent_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
                 "p.yaml:7:15: credentials.k.source: literal secrets are not allowed; write `env:NAME`, `file:PATH` or `{exec: [command, args...]}`",
             ]
         );

@@ -185,6 +185,7 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
             "send_timeout",
             "max_connections",
             "max_task_in_flight",
+            "max_task_denials_per_second",
             "max_task_connections",
             "max_agent_connections",
             "max_header_bytes",
@@ -222,6 +223,12 @@ fn read_proxy(field: Field<'_>, errs: &mut Errors) -> ProxySettings {
         .and_then(|f| f.integer(errs, 1, 1_000_000))
     {
         p.max_task_in_flight = u32::try_from(v).unwrap_or(p.max_task_in_flight);
+    }
+    if let Some(v) = map
+        .get("max_task_denials_per_second")
+        .and_then(|f| f.integer(errs, 1, 1_000_000))
+    {
+        p.max_task_denials_per_second = u32::try_from(v).unwrap_or(p.max_task_denials_per_second);
     }
     if let Some(v) = map
         .get("max_task_connections")
@@ -596,7 +603,7 @@ extra: 1
         assert_eq!(
             errors(&text),
             [
-                "p.yaml:5:3: proxy.bogus: unknown key `bogus` (expected one of: listen, header_read_timeout, idle_timeout, send_timeout, max_connections, max_task_in_flight, max_task_connections, max_agent_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
+                "p.yaml:5:3: proxy.bogus: unknown key `bogus` (expected one of: listen, header_read_timeout, idle_timeout, send_timeout, max_connections, max_task_in_flight, max_task_denials_per_second, max_task_connections, max_agent_connections, max_header_bytes, connect_timeout, upstream_timeout, shutdown_timeout)",
                 "p.yaml:9:5: services.s.injct: unknown key `injct`; did you mean `inject`?",
                 "p.yaml:14:5: capabilities.c.description: unknown key `description` (expected one of: service, risk, routes)",
                 "p.yaml:15:1: extra: unknown key `extra` (expected one of: proxy, admin, ca, audit, credentials, services, capabilities, agents, passthrough)",

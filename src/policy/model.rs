@@ -96,6 +96,10 @@ pub struct ProxySettings {
     pub max_connections: usize,
     /// Requests one task may have in flight at once, so one task cannot starve the others.
     pub max_task_in_flight: u32,
+    /// Denials of one task answered per second before the rest wait (see
+    /// `Task::pace_denial`): each writes an audit record, and a refusal loop must not fill
+    /// the audit log's disk.
+    pub max_task_denials_per_second: u32,
     /// Connections (and the tunnels they became) one task may hold at once, when set; see
     /// `task_connections_limit`.
     pub max_task_connections: Option<u32>,
@@ -143,6 +147,7 @@ impl Default for ProxySettings {
             send_timeout: Duration::from_secs(60),
             max_connections: 4096,
             max_task_in_flight: 64,
+            max_task_denials_per_second: 50,
             max_task_connections: None,
             max_agent_connections: None,
             max_header_bytes: 65536,

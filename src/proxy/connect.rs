@@ -21,7 +21,7 @@ use crate::metrics::ConnKind;
 use crate::policy::Scheme;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::conn;
-use crate::proxy::handle::{self, ConnCtx, ConnSlot, TunnelCtx};
+use crate::proxy::handle::{self, ConnCtx, ConnPlace, ConnSlot, TunnelCtx};
 use crate::proxy::identify::{parse_authority, TunnelHost};
 use crate::proxy::record::RecordDraft;
 use crate::proxy::respond::{self, DenyInfo, Failure};
@@ -62,15 +62,25 @@ pub async fn handle(
     }
     let task = match state.tasks.authenticate(req.headers()) {
         Ok(t) => t,
-        Err(reason) => return refuse(&state, &generation, draft, Denial::bare(reason), None).await,
+        Err(reason) => {
+            return refuse(
+                &state,
+                &generation,
+                &ctx.slot,
+                draft,
+                Denial::bare(reason),
+                None,
+            )
+            .await
+        }
     };
     draft.set_task(&task);
     if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
-        return refuse(&state, &generation, draft, d, None).await;
+        return refuse(&state, &generation, &ctx.slot, draft, d, None).await;
     }
     if let Some((reason, code)) = ctx.slot.claim(&task, &state.settings) {
         let denial = Denial::bare(reason);
-        let mut resp = refuse(&state, &generation, draft, denial, Some(code)).await;
+        let mut resp = refuse(&state, &generation, &ctx.slot, draft, denial, Some(code)).await;
         // The connection is not kept: it is another task's, or no task holds it.
         respond::close_after(&mut resp);
         return resp;
@@ -97,6 +107,7 @@ pub async fn handle(
             return refuse(
                 &state,
                 &generation,
+                &ctx.slot,
                 draft,
                 Denial::bare(Reason::AmbiguousRequest),
                 code,
@@ -107,7 +118,7 @@ pub async fn handle(
     draft.set_target("CONNECT", Scheme::Https, &host, port, "");
     if let Err(e) = crate::proxy::identify::connect_head(req.headers()) {
         let denial = Denial::bare(e.reason);
-        let mut resp = refuse(&state, &generation, draft, denial, Some(e.code)).await;
+        let mut resp = refuse(&state, &generation, &ctx.slot, draft, denial, Some(e.code)).await;
         // (What follows such a head could be read as a body or as a tunnel's bytes.)
         respond::close_after(&mut resp);
         return resp;
@@ -116,7 +127,7 @@ pub async fn handle(
     // name (or its SNI/DNS lookup) may carry it out.
     if generation.credentials.carried_by(req.uri(), req.headers()) {
         let denial = Denial::bare(Reason::SecretEgress);
-        return refuse(&state, &generation, draft, denial, None).await;
+        return refuse(&state, &generation, &ctx.slot, draft, denial, None).await;
     }
     let decision =
         decide::decide_connect(&generation.policy, &task, &host, port, SystemTime::now());
@@ -124,7 +135,7 @@ pub async fn handle(
     match decision {
         Err(d) => {
             draft.set_denial(&generation.policy, &d);
-            refuse(&state, &generation, draft, d, None).await
+            refuse(&state, &generation, &ctx.slot, draft, d, None).await
         }
         Ok(ConnectDecision::Intercept { service }) => {
             draft.set_match(&generation.policy, service, None, None);
@@ -150,10 +161,12 @@ pub async fn handle(
 async fn refuse(
     state: &State,
     generation: &Generation,
+    place: &ConnPlace,
     draft: RecordDraft,
     denial: Denial,
     code: Option<&'static str>,
 ) -> Response<ProxyBody> {
+    let flooding = place.pace_denial(state).await;
     let (hint, code) = respond::explain(&generation.policy, &denial, code, &draft.rec.host);
     let task = draft.rec.task.clone();
     let mut resp = respond::deny(&DenyInfo {
@@ -164,6 +177,9 @@ async fn refuse(
         ambiguity: code,
     });
     respond::close_unless_authenticated(&mut resp, denial.reason, task.as_deref());
+    if flooding {
+        respond::close_after(&mut resp);
+    }
     draft
         .write(state, denial.reason, denial.reason.status().as_u16())
         .await;
@@ -312,14 +328,22 @@ async fn passthrough(
     // as a WebSocket relay does; else one task could hold every connection with idle tunnels.
     let Some(place) = task.enter(state.settings.max_task_in_flight) else {
         let denial = Denial::bare(Reason::BudgetExhausted);
-        return refuse(&state, generation, draft, denial, Some(respond::IN_FLIGHT)).await;
+        return refuse(
+            &state,
+            generation,
+            &slot,
+            draft,
+            denial,
+            Some(respond::IN_FLIGHT),
+        )
+        .await;
     };
     draft.in_flight = Some(place);
     // What a blind tunnel carries cannot be counted, so the tunnel is: one request of the
     // budget (else a task allowed one request could open tunnels without end).
     if !task.try_consume() {
         let denial = Denial::bare(Reason::BudgetExhausted);
-        return refuse(&state, generation, draft, denial, None).await;
+        return refuse(&state, generation, &slot, draft, denial, None).await;
     }
     // Given back unless the tunnel opens: a dial that fails, or a CONNECT dropped while it
     // dials (the agent hung up, shutdown).
@@ -341,6 +365,7 @@ async fn passthrough(
             return refuse(
                 &state,
                 generation,
+                &slot,
                 draft,
                 Denial::bare(Reason::BlockedAddress),
                 None,

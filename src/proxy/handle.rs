@@ -27,7 +27,7 @@ use crate::proxy::respond::{self, DenyInfo, Failure};
 use crate::proxy::upgrade;
 use crate::reason::Reason;
 use crate::state::{Generation, State};
-use crate::tasks::{ConnectionsFull, Task};
+use crate::tasks::{ConnectionsFull, DenialPace, Task};
 
 /// Where a request came from.
 #[derive(Clone)]
@@ -91,6 +91,32 @@ impl ConnPlace {
     /// Whether a task holds the connection.
     pub fn held(&self) -> bool {
         self.holder.get().is_some()
+    }
+
+    /// SECURITY (I7): a denial on a connection a task holds waits out that task's denial
+    /// pace (`Task::pace_denial`; shutdown cuts the wait short). Returns whether the
+    /// connection is to close after it: the task has as many denials waiting as it may, so
+    /// each further one costs it a new connection.
+    pub async fn pace_denial(&self, state: &State) -> bool {
+        let Some(hold) = self.holder.get() else {
+            return false;
+        };
+        let settings = &state.settings;
+        let pace = hold.task().pace_denial(
+            settings.max_task_denials_per_second,
+            settings.max_task_in_flight,
+        );
+        match pace {
+            DenialPace::Now => false,
+            DenialPace::Wait(wait, _waiting) => {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = state.stopped() => {}
+                }
+                false
+            }
+            DenialPace::Flooding => true,
+        }
     }
 }
 
@@ -711,6 +737,7 @@ async fn refuse(
             draft.rec.service = t.service.clone();
         }
     }
+    let flooding = ctx.slot.pace_denial(state).await;
     let (hint, code) = respond::explain(
         &generation.policy,
         &refusal.denial,
@@ -729,14 +756,16 @@ async fn refuse(
     match &ctx.tunnel {
         // Graceful close: HTTP/1.1 answers this request with `Connection: close`, HTTP/2
         // sends GOAWAY after it.
-        Some(t) if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+        Some(t)
+            if flooding || reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
+        {
             t.close.notify_one()
         }
         Some(_) => {}
         None => {
             respond::close_unless_authenticated(&mut resp, reason, task.as_deref());
             // Nor one that no task holds: its task holds all the connections it may.
-            if !ctx.slot.held() {
+            if flooding || !ctx.slot.held() {
                 respond::close_after(&mut resp);
             }
         }

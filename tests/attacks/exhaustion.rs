@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{bounded, connect_raw, Fixture, Harness, Reply, ScriptUpstream};
+use crate::common::{bounded, connect_raw, read_response, Fixture, Harness, Reply, ScriptUpstream};
 use crate::headers::{raw_req, raw_req_at, tunnel_tls};
 
 /// The standard policy with `settings` (YAML lines under `proxy:`) added.
@@ -946,4 +946,90 @@ async fn a_long_path_is_cut_in_its_record() {
         "{} bytes",
         kw.audit_text().len()
     );
+}
+
+/// SECURITY (I7): a task refused in a loop is paced (each refusal writes an audit record, and
+/// a loop of them, pipelined or over many connections, wrote tens of MB a second until the
+/// audit disk filled and keyward refused every task): a second's worth of its denials goes at
+/// once, the rest wait their turn; with `max_task_in_flight` of them waiting, a further one is
+/// answered at once but closes its connection. Another task's refusals are not slowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_refusal_loop_is_paced_and_a_flood_loses_its_connections() {
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            p,
+            "  max_task_denials_per_second: 1\n  max_task_in_flight: 2\n",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let looper = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    // DELETE is not granted: method_not_allowed, on a connection the task keeps.
+    let refused = |task: &crate::common::Task| kept_alive(&f, "DELETE", task);
+
+    // Three refusals one after another: the first at once, then one a second.
+    let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let start = Instant::now();
+    for i in 0..3 {
+        tcp.write_all(refused(&looper).as_bytes()).await.unwrap();
+        let resp = bounded("a paced refusal", read_response(&mut tcp)).await;
+        assert_eq!(resp.status, 403, "refusal {i}: {}", resp.text());
+        assert_eq!(
+            resp.header("connection"),
+            None,
+            "refusal {i} kept its connection"
+        );
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "3 refusals in {took:?}"
+    );
+
+    // Another task's refusal is its own: at once.
+    let start = Instant::now();
+    let resp = kw
+        .raw(&raw_req(&f, "DELETE", "plain.test", "/echo", &other, ""))
+        .await;
+    assert_eq!(resp.status, 403);
+    assert!(
+        start.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // Two more of the looper's wait (about 1 s and 2 s); a third, with both waiting, is
+    // answered at once and its connection closed.
+    let mut waiting = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(refused(&looper).as_bytes()).await.unwrap();
+        waiting.push(tcp);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut flood = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    flood.write_all(refused(&looper).as_bytes()).await.unwrap();
+    let resp = bounded("the flooding refusal", read_response(&mut flood)).await;
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert_eq!(resp.header("connection").as_deref(), Some("close"));
+    let mut rest = Vec::new();
+    let n = bounded(
+        "the flooding connection closes",
+        flood.read_to_end(&mut rest),
+    )
+    .await
+    .unwrap();
+    assert_eq!(n, 0);
+    for mut tcp in waiting {
+        let resp = bounded("a waiting refusal", read_response(&mut tcp)).await;
+        assert_eq!(resp.status, 403);
+        assert_eq!(resp.header("connection"), None);
+    }
+    // Every refusal has its record.
+    let records = kw
+        .audit_count(7, |r| r["reason"] == "method_not_allowed")
+        .await;
+    assert_eq!(records.len(), 7);
+    kw.assert_no_leaks().await;
 }
