@@ -228,25 +228,39 @@ pub fn usage_mistake(e: &clap::Error) -> String {
     let usage = text.lines().find_map(|l| l.trim().strip_prefix("Usage: "));
     let mut sentence =
         if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-            // clap's text is the (sub)command's whole help: name its commands.
-            let commands: Vec<&str> = text
-                .lines()
-                .skip_while(|l| !l.starts_with("Commands:"))
-                .skip(1)
-                .take_while(|l| !l.trim().is_empty())
-                .filter_map(|l| l.split_whitespace().next())
-                .filter(|name| *name != "help")
+            // clap's text is the whole help of the command its usage line names.
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let path = usage.unwrap_or_default().split_whitespace().skip(1);
+            for name in path.take_while(|w| !w.starts_with(['<', '[', '-'])) {
+                match cmd.find_subcommand(name) {
+                    Some(sub) => cmd = sub.clone(),
+                    None => break,
+                }
+            }
+            let names: Vec<&str> = cmd
+                .get_subcommands()
+                .map(|c| c.get_name())
+                .filter(|n| *n != "help")
                 .collect();
-            format!("a command is required, one of: {}", commands.join(", "))
+            format!("a command is required, one of: {}", names.join(", "))
         } else {
-            let said: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("Usage: "))
-                .filter(|l| !l.starts_with("For more information"))
-                .map(|l| l.strip_prefix("error: ").unwrap_or(l))
-                .collect();
-            said.join(" ")
+            let mut parts: Vec<String> = Vec::new();
+            for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                if line.starts_with("Usage: ") || line.starts_with("For more information") {
+                    continue;
+                }
+                match (line.strip_prefix("error: "), parts.last_mut()) {
+                    // A tip is a sentence of its own; an argument listed under the error
+                    // continues it.
+                    (Some(said), _) => parts.push(said.to_string()),
+                    (None, Some(last)) if !line.starts_with("tip:") => {
+                        last.push(' ');
+                        last.push_str(line);
+                    }
+                    (None, _) => parts.push(line.to_string()),
+                }
+            }
+            parts.join("; ")
         };
     match usage {
         Some(u) => sentence.push_str(&format!(" (usage: {u})")),

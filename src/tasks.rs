@@ -139,28 +139,41 @@ impl Task {
     pub fn pace_denial(self: &Arc<Self>, per_second: u32, max_waiting: u32) -> DenialPace {
         let epoch = *PACING_EPOCH.get_or_init(Instant::now);
         let now = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.pace_denial_at(now, per_second, max_waiting)
+    }
+
+    /// `pace_denial` at `now` (µs since `PACING_EPOCH`): a generic cell rate algorithm, whose
+    /// one atomic is when the next denial is due.
+    fn pace_denial_at(self: &Arc<Self>, now: u64, per_second: u32, max_waiting: u32) -> DenialPace {
         let interval = 1_000_000 / u64::from(per_second.max(1));
         let burst = 1_000_000u64;
         let mut due = self.denial_due_us.load(Ordering::Acquire);
         loop {
             let next = due.max(now).saturating_add(interval);
             let wait = next.saturating_sub(now).saturating_sub(burst);
-            if wait > 0 && self.denials_waiting.load(Ordering::Acquire) >= max_waiting {
-                return DenialPace::Flooding;
-            }
+            // A denial that would wait takes its place among the waiting first, so that
+            // denials on several threads at once cannot all find one free.
+            let waiting = if wait > 0 {
+                let previous = self.denials_waiting.fetch_add(1, Ordering::AcqRel);
+                let guard = PacedDenial(Arc::clone(self));
+                if previous >= max_waiting {
+                    return DenialPace::Flooding; // (the guard's drop gives the place back)
+                }
+                Some(guard)
+            } else {
+                None
+            };
             match self.denial_due_us.compare_exchange_weak(
                 due,
                 next,
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) if wait == 0 => return DenialPace::Now,
                 Ok(_) => {
-                    self.denials_waiting.fetch_add(1, Ordering::AcqRel);
-                    return DenialPace::Wait(
-                        Duration::from_micros(wait),
-                        PacedDenial(Arc::clone(self)),
-                    );
+                    return match waiting {
+                        None => DenialPace::Now,
+                        Some(guard) => DenialPace::Wait(Duration::from_micros(wait), guard),
+                    }
                 }
                 Err(seen) => due = seen,
             }
@@ -916,8 +929,6 @@ pub fn grants_with_where(
     apply_where(policy, grants, constraints)
 }
 
-/// Task ids travel in `Proxy-Authorization` user names, audit records and URLs: keep them plain.
-/// `:` would split Basic credentials differently, so it is refused with the rest.
 /// `ms` as seconds to the millisecond (`3600.001s`), in integers: a float would round a
 /// huge ttl to another number.
 fn seconds(ms: u64) -> String {
@@ -927,6 +938,8 @@ fn seconds(ms: u64) -> String {
     }
 }
 
+/// Task ids travel in `Proxy-Authorization` user names, audit records and URLs: keep them plain.
+/// `:` would split Basic credentials differently, so it is refused with the rest.
 pub fn valid_task_id(id: &str) -> bool {
     // `.` and `..` would be path segments in `/v1/tasks/{id}` that clients normalize away.
     !id.is_empty()
@@ -1200,34 +1213,39 @@ mod tests {
     #[test]
     fn denials_are_paced_then_flooding_closes() {
         let (_store, task) = minted_at(SystemTime::now());
+        // 10 a second, at most 2 waiting; `ms` after the 5 s mark.
+        let at = |ms: u64| task.pace_denial_at(5_000_000 + ms * 1000, 10, 2);
         for i in 0..10 {
-            assert!(
-                matches!(task.pace_denial(10, 2), DenialPace::Now),
-                "denial {i}"
-            );
+            assert!(matches!(at(i), DenialPace::Now), "denial {i}");
         }
-        let DenialPace::Wait(first, one) = task.pace_denial(10, 2) else {
+        let DenialPace::Wait(first, one) = at(20) else {
             panic!("the 11th denial within a second waits");
         };
-        let DenialPace::Wait(second, two) = task.pace_denial(10, 2) else {
+        assert_eq!(first, Duration::from_millis(80));
+        let DenialPace::Wait(second, two) = at(20) else {
             panic!("so does the 12th");
         };
-        assert!(
-            first > Duration::ZERO && first <= Duration::from_millis(100),
-            "{first:?}"
+        assert_eq!(second, Duration::from_millis(180));
+        assert!(matches!(at(30), DenialPace::Flooding));
+        assert_eq!(
+            task.denials_waiting.load(Ordering::Acquire),
+            2,
+            "a flooding denial waits for nothing"
         );
-        assert!(
-            second > first && second <= Duration::from_millis(200),
-            "{second:?}"
-        );
-        assert!(matches!(task.pace_denial(10, 2), DenialPace::Flooding));
         // Once one of the waiting denials has gone out, the next waits behind the others.
         drop(one);
-        let DenialPace::Wait(third, _three) = task.pace_denial(10, 2) else {
+        let DenialPace::Wait(third, three) = at(40) else {
             panic!("a place to wait is free again");
         };
-        assert!(third > second, "{third:?}");
-        drop(two);
+        assert_eq!(third, Duration::from_millis(260));
+        drop((two, three));
+        // After a quiet spell, a second's worth goes at once again.
+        for i in 0..10 {
+            assert!(
+                matches!(at(1500 + i), DenialPace::Now),
+                "after a pause, {i}"
+            );
+        }
     }
 
     /// One service, one capability (`s.read`: `GET /x`), agent `bot` with a 1 h `max_ttl`.

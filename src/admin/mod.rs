@@ -77,7 +77,7 @@ async fn accept(
                 let known = known.clone();
                 async move {
                     // The proxy's head limit, counted as the proxy counts it (hyper's own is a
-                    // buffer size, several times larger).
+                    // read buffer's size, which a head may pass before it is refused).
                     let head =
                         crate::proxy::identify::head_len(req.method(), req.uri(), req.headers());
                     if head > state.settings.max_header_bytes {

@@ -145,8 +145,7 @@ impl AuditRecord {
 }
 
 /// The longest `path` a record keeps (`SHORT_FIELD_MAX` for a request without a task, or
-/// refused), and
-/// the longest `method` or `host`. SECURITY: these are
+/// refused), and the longest `method` or `host`. SECURITY: these are
 /// the agent's (or anyone's: a 407 is recorded too), and a request head may be 64 KiB; kept
 /// whole, a flood of unauthenticated requests with long paths filled the audit disk at 60 KB a
 /// record, after which keyward refuses every task (no record, no request). A longer one is

@@ -233,13 +233,10 @@ fn has_method_param(query: &str) -> bool {
 /// case (`API_KEY`), a PHP spelling (`api.key`, `+api_key`, `api_key[]`, `api[key`), a pair
 /// after `;`, which some servers split on (`a=1;api_key=x`), or a pair that only decoding
 /// makes (`x=%26api_key%3Dy`, for servers that decode the query before splitting it). Such a
-/// server could see two values. A raw `?` in the query counts too: some servers look for
-/// `?api_key=` anywhere in the URL (Hono's `query()`), so `x=?api_key=y` or `??api_key=y`
-/// would be read first.
+/// server could see two values. A raw `?` splits like `;`: some servers look for `?api_key=`
+/// anywhere in the URL (Hono's `query()`), so `x=?api_key=y` or `??api_key=y` would be read
+/// first.
 pub fn query_lookalike(query: &str, param: &str) -> bool {
-    if query.contains('?') {
-        return true;
-    }
     let want = php_names(param.as_bytes());
     let reads_as_param = |decoded_key: &[u8]| {
         let decoded = unicode_folded(decoded_key);
@@ -251,19 +248,19 @@ pub fn query_lookalike(query: &str, param: &str) -> bool {
         let replaced = key == param
             || crate::credentials::decode_query_name(key.as_bytes()).as_ref() == param.as_bytes();
         let lookalike = !replaced
-            && pair.split(';').any(|sub| {
+            && pair.split([';', '?']).any(|sub| {
                 let key = sub.split_once('=').map_or(sub, |(k, _)| k);
                 reads_as_param(&crate::credentials::decode_query_name(key.as_bytes()))
             });
-        // Pairs that appear once `%26`, `%3B` or `%3F` are decoded: injection replaces none
-        // of them, so `param` itself counts.
+        // Pairs that appear once `%26`, `%3B`, `%3F` or `%3D` are decoded: injection replaces
+        // none of them (but the pair it replaces itself), so `param` itself counts.
         let made_by_decoding = || {
             crate::credentials::decode_query_name(pair.as_bytes())
                 .split(|&b| matches!(b, b'&' | b';' | b'?'))
-                .skip(1)
-                .any(|made| {
+                .enumerate()
+                .any(|(i, made)| {
                     let key = made.split(|&b| b == b'=').next().unwrap_or_default();
-                    key == param.as_bytes() || reads_as_param(key)
+                    (i > 0 || !replaced) && reads_as_param(key)
                 })
         };
         lookalike || (pair.contains('%') && made_by_decoding())
@@ -536,7 +533,7 @@ mod tests {
             // Read first by servers that look for `?api_key=` in the raw URL.
             "x=?api_key=mine",
             "?api_key=mine",
-            "q=1&x=a?b",
+            "x=1?API_KEY=mine",
             // Pairs that decoding makes, for servers that decode before they split.
             "x=%26api_key%3Dmine",
             "x=1%3Bapi_key=mine",
@@ -544,6 +541,9 @@ mod tests {
             "x=%3Fapi_key=mine",
             "x=%26API.KEY=mine",
             "x=%u0026api_key=mine",
+            // A name that decodes to the pair itself.
+            "api_key%3Dmine",
+            "api_key%3Dmine=z",
         ] {
             assert!(query_lookalike(q, "api_key"), "{q}");
         }
@@ -559,6 +559,9 @@ mod tests {
             "key=x&api=y",
             "x=%26other%3Dy",
             "x=a%20b&y=%2F",
+            // A `?` inside a value that names nothing like it.
+            "redirect=https://x.example/?a=b",
+            "q=1&x=a?b",
             "",
         ] {
             assert!(!query_lookalike(q, "api_key"), "{q}");
