@@ -188,6 +188,18 @@ fn common_checks(parts: &Parts) -> Result<(), TargetError> {
     if !plain_chunked(&parts.headers) {
         return Err(ambiguous("transfer_coding"));
     }
+    // RFC 9113 §8.2.1: an HTTP/2 field value that starts or ends with a blank is malformed.
+    // HTTP/1 parsers (an upstream's) trim it, so the upstream would read another value than
+    // keyward did.
+    if parts.version == Version::HTTP_2
+        && parts.headers.values().any(|v| {
+            let v = v.as_bytes();
+            let blank = |b: &u8| matches!(b, b' ' | b'\t');
+            v.first().is_some_and(blank) || v.last().is_some_and(blank)
+        })
+    {
+        return Err(ambiguous("field_value_blank"));
+    }
     // `Forwarded` (RFC 7239) is fine for `for=` and `by=`, which a proxy in front may add;
     // its `host=` is a host override.
     if parts
@@ -494,6 +506,35 @@ fn parse_port(p: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http2_field_values_with_blanks_at_either_end_are_refused() {
+        let tunnel = TunnelHost {
+            host: "secure.test".into(),
+            port: 443,
+        };
+        let target = |version: Version, value: &'static str| {
+            let (parts, ()) = http::Request::get("https://secure.test/x")
+                .version(version)
+                .header("x-a", value)
+                .body(())
+                .unwrap()
+                .into_parts();
+            tunnel_target(&parts, &tunnel)
+                .map(|_| ())
+                .map_err(|e| e.code)
+        };
+        for value in [" lead", "trail ", "\ttab", "x\t"] {
+            assert_eq!(
+                target(Version::HTTP_2, value),
+                Err("field_value_blank"),
+                "{value:?}"
+            );
+            // HTTP/1's parser trimmed them already: what keyward sees is what is sent.
+            assert_eq!(target(Version::HTTP_11, value), Ok(()), "{value:?}");
+        }
+        assert_eq!(target(Version::HTTP_2, "in between"), Ok(()));
+    }
 
     #[test]
     fn query_lookalikes_of_the_injected_parameter_are_found() {
