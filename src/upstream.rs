@@ -364,8 +364,16 @@ impl ServicePool {
         join_cookies(req.headers_mut());
         let carries_body = !req.body().is_end_stream();
         if carries_body {
-            req.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            let headers = req.headers_mut();
+            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            // hyper sends a GET's (or HEAD's) body of unknown length as no body at all
+            // unless told how to frame it: a search API's query would vanish.
+            if !headers.contains_key(http::header::CONTENT_LENGTH) {
+                headers.insert(
+                    http::header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
         }
         match sender.try_send_request(req).await {
             Ok(resp) => {

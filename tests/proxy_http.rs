@@ -1170,3 +1170,23 @@ async fn an_early_answer_to_an_upload_reaches_the_agent_though_the_upstream_rese
     }
     server.abort();
 }
+
+/// A GET may carry a body (search APIs take one): it reaches the upstream whole, chunked or
+/// with a length.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_body_reaches_the_upstream_with_it() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    for (framing, body) in [
+        ("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n0\r\n\r\n"),
+        ("Content-Length: 5\r\n", "hello"),
+    ] {
+        let req = raw_get(&f, "plain.test", "/echo", &task, framing) + body;
+        let resp = kw.raw(&req).await;
+        assert_eq!(resp.status, 200, "{framing}: {}", resp.text());
+        let seen = f.plain.last();
+        assert_eq!(seen.method, "GET");
+        assert_eq!(seen.body, b"hello", "{framing}: {seen:?}");
+    }
+}
