@@ -166,7 +166,6 @@ async fn refuse(
     denial: Denial,
     code: Option<&'static str>,
 ) -> Response<ProxyBody> {
-    let flooding = place.pace_denial(state).await;
     let (hint, code) = respond::explain(&generation.policy, &denial, code, &draft.rec.host);
     let task = draft.rec.task.clone();
     let mut resp = respond::deny(&DenyInfo {
@@ -177,12 +176,13 @@ async fn refuse(
         ambiguity: code,
     });
     respond::close_unless_authenticated(&mut resp, denial.reason, task.as_deref());
-    if flooding {
-        respond::close_after(&mut resp);
-    }
     draft
         .write(state, denial.reason, denial.reason.status().as_u16())
         .await;
+    // After the record, as in `handle::refuse`.
+    if place.pace_denial(state).await {
+        respond::close_after(&mut resp);
+    }
     resp
 }
 

@@ -737,7 +737,6 @@ async fn refuse(
             draft.rec.service = t.service.clone();
         }
     }
-    let flooding = ctx.slot.pace_denial(state).await;
     let (hint, code) = respond::explain(
         &generation.policy,
         &refusal.denial,
@@ -753,6 +752,10 @@ async fn refuse(
         ambiguity: code,
     });
     draft.write(state, reason, reason.status().as_u16()).await;
+    // Recorded first: an agent that hangs up while its refusal waits still leaves the record
+    // (and the connection's next request is read only after the answer, so the records are
+    // paced all the same).
+    let flooding = ctx.slot.pace_denial(state).await;
     match &ctx.tunnel {
         // Graceful close: HTTP/1.1 answers this request with `Connection: close`, HTTP/2
         // sends GOAWAY after it.

@@ -1026,10 +1026,15 @@ async fn a_tasks_refusal_loop_is_paced_and_a_flood_loses_its_connections() {
         assert_eq!(resp.status, 403);
         assert_eq!(resp.header("connection"), None);
     }
+    // A refusal whose agent hangs up while it waits is recorded all the same.
+    let mut gone = TcpStream::connect(kw.proxy_addr).await.unwrap();
+    gone.write_all(refused(&looper).as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(gone);
     // Every refusal has its record.
     let records = kw
-        .audit_count(7, |r| r["reason"] == "method_not_allowed")
+        .audit_count(8, |r| r["reason"] == "method_not_allowed")
         .await;
-    assert_eq!(records.len(), 7);
+    assert_eq!(records.len(), 8);
     kw.assert_no_leaks().await;
 }
