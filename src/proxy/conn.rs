@@ -173,13 +173,20 @@ where
     let io = TokioIo::new(Sniff::for_alpn(io, fragments, h2));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
+    // How long the graceful close may take: as long as a drain would, but for a close keyward
+    // asked for itself.
+    let mut grace = settings.shutdown_timeout;
     tokio::select! {
         ended = conn.as_mut() => {
             return ended
                 .err()
                 .and_then(|e| e.downcast_ref::<hyper::Error>().and_then(unparsed_status));
         }
-        _ = close.notified() => {}
+        // SECURITY (I7): after a 407 or a flooding refusal. HTTP/2's graceful close waits for
+        // the client's PING answer before it stops taking streams, and a client that never
+        // answers went on opening streams (each refused and recorded at once) for the whole
+        // drain time: it gets a moment to read the answer, then the connection goes.
+        _ = close.notified() => grace = CLOSE_GRACE,
         _ = activity.idle_for(settings.idle_timeout) => {}
         () = state.stopped() => {
             // HTTP/2's graceful close waits for the client to answer a PING, which an idle
@@ -207,11 +214,15 @@ where
     tokio::select! {
         _ = conn => {}
         () = state.drain_ended() => {}
-        () = tokio::time::sleep(settings.shutdown_timeout) => {}
+        () = tokio::time::sleep(grace) => {}
         () = idle_then_flushed, if h2 => {}
     }
     None
 }
+
+/// How long a tunnel keyward closes (after a 407 or a flooding refusal) is still driven, so
+/// that answer reaches the agent.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// How long an HTTP/2 connection that went idle during shutdown's drain is still driven, so
 /// the frames of its last response leave before it is dropped.
@@ -431,7 +442,8 @@ pin_project_lite::pin_project! {
     /// a full socket buffer; it is in flight, so `idle_timeout` never ends it, and it would
     /// hold its connection, its upstream connection and its task's place in flight for ever.
     /// The clock runs only while a write waits, so a stream that is merely quiet is never
-    /// cut, and a reader that takes any byte starts it again.
+    /// cut; it starts again when the socket takes bytes again, which the kernel reports once a
+    /// good part of its send buffer has drained (nginx's `send_timeout` works the same way).
     pub struct SendDeadline<I> {
         #[pin]
         inner: I,

@@ -757,11 +757,17 @@ async fn refuse(
     // paced all the same).
     let flooding = ctx.slot.pace_denial(state).await;
     match &ctx.tunnel {
+        // A flooding tunnel is closed and this refusal held, unanswered, until it is gone
+        // (`conn::CLOSE_GRACE`): an HTTP/2 client opened streams, each refused and recorded
+        // at once, for as long as the graceful close took; held, they count against its
+        // concurrent streams instead.
+        Some(t) if flooding => {
+            t.close.notify_one();
+            return std::future::pending().await;
+        }
         // Graceful close: HTTP/1.1 answers this request with `Connection: close`, HTTP/2
         // sends GOAWAY after it.
-        Some(t)
-            if flooding || reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED =>
-        {
+        Some(t) if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
             t.close.notify_one()
         }
         Some(_) => {}

@@ -1038,3 +1038,65 @@ async fn a_tasks_refusal_loop_is_paced_and_a_flood_loses_its_connections() {
     assert_eq!(records.len(), 8);
     kw.assert_no_leaks().await;
 }
+
+/// SECURITY (I7): a flooding task's HTTP/2 tunnel goes within a moment, with few records, even
+/// for a client that never answers PING. HTTP/2's graceful close waits for that answer before
+/// it stops taking streams, and such a client went on opening them, each refused and recorded
+/// at once, for as long as the close took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_flood_ignoring_ping_loses_its_tunnel_with_few_records() {
+    let f = Fixture::start_with(|p| {
+        with_proxy(
+            p,
+            "  max_task_denials_per_second: 1\n  max_task_in_flight: 2\n",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    // GET / on secure.test (no route of secure.read), END_STREAM | END_HEADERS.
+    let authority = format!("secure.test:{}", f.tls.port());
+    let mut block = vec![0x82, 0x87, 0x84, 0x01, authority.len() as u8];
+    block.extend_from_slice(authority.as_bytes());
+    // Four tunnels at once, each opening a stream every millisecond; never a PING answer.
+    let start = Instant::now();
+    let mut floods = Vec::new();
+    for _ in 0..4 {
+        let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+        let block = block.clone();
+        floods.push(tokio::spawn(async move {
+            let (mut rd, mut wr) = tokio::io::split(tls);
+            let writer = tokio::spawn(async move {
+                let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+                out.extend(frame(4, 0, 0, &[]));
+                for id in (1u32..20_000).step_by(2) {
+                    out.extend(frame(1, 0x5, id, &block));
+                    if wr.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n) = bounded("a flooding tunnel ends", rd.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            writer.abort();
+        }));
+    }
+    for flood in floods {
+        flood.await.unwrap();
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the tunnels stayed open {took:?}"
+    );
+    let records = kw
+        .audit_count(4, |r| r["reason"] == "route_not_in_intent")
+        .await;
+    assert!(records.len() <= 12, "{} refusals recorded", records.len());
+}
