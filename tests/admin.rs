@@ -401,6 +401,7 @@ async fn task_listing_pages_with_limit_and_after() {
         "limit=0",
         "limit=10001",
         "limit=x",
+        "limit=+3",
         "after=a%20b",
         "after=",
         "limit=1&limit=2",

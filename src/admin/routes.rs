@@ -432,9 +432,9 @@ impl ListFilter {
                 }
                 "limit" if filter.limit.is_none() => {
                     filter.limit = Some(
-                        value
-                            .parse()
-                            .ok()
+                        Some(value)
+                            .filter(|v| v.bytes().all(|b| b.is_ascii_digit()))
+                            .and_then(|v| v.parse().ok())
                             .filter(|n| (1..=MAX_PAGE).contains(n))
                             .ok_or_else(|| format!("`limit` is a number from 1 to {MAX_PAGE}"))?,
                     );
