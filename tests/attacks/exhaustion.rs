@@ -268,6 +268,21 @@ async fn http2_rapid_reset_flood_is_cut_off_and_others_are_served() {
     kw.assert_no_leaks().await;
 }
 
+/// The HTTP/2 client preface and an empty SETTINGS frame.
+fn h2_preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(4, 0, 0, &[]));
+    out
+}
+
+/// An HPACK block for `GET /` on secure.test (https, the fixture's port).
+fn get_root_block(f: &Fixture) -> Vec<u8> {
+    let authority = format!("secure.test:{}", f.tls.port());
+    let mut block = vec![0x82, 0x87, 0x84, 0x41, authority.len() as u8];
+    block.extend_from_slice(authority.as_bytes());
+    block
+}
+
 /// An HTTP/2 frame header plus payload.
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
@@ -281,11 +296,8 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 /// returns whether keyward closed the connection (bounded) without answering stream 1.
 async fn continuation_flood(f: &Fixture, task: &crate::common::Task, fragment: &[u8], n: usize) {
     let mut tls = tunnel_tls(f, task, "secure.test", &[b"h2"]).await;
-    let authority = format!("secure.test:{}", f.tls.port());
-    let mut block = vec![0x82, 0x87, 0x84, 0x41, authority.len() as u8];
-    block.extend_from_slice(authority.as_bytes());
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend(frame(4, 0, 0, &[]));
+    let block = get_root_block(f);
+    let mut out = h2_preface();
     out.extend(frame(1, 0x1, 1, &block)); // END_STREAM, no END_HEADERS
     let writer = async {
         if tls.write_all(&out).await.is_err() {
@@ -1054,10 +1066,8 @@ async fn an_http2_flood_ignoring_ping_loses_its_tunnel_with_few_records() {
     .await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
-    // GET / on secure.test (no route of secure.read), END_STREAM | END_HEADERS.
-    let authority = format!("secure.test:{}", f.tls.port());
-    let mut block = vec![0x82, 0x87, 0x84, 0x01, authority.len() as u8];
-    block.extend_from_slice(authority.as_bytes());
+    // GET / on secure.test: no route of secure.read.
+    let block = get_root_block(&f);
     // Four tunnels at once, each opening a stream every millisecond; never a PING answer.
     let start = Instant::now();
     let mut floods = Vec::new();
@@ -1067,8 +1077,7 @@ async fn an_http2_flood_ignoring_ping_loses_its_tunnel_with_few_records() {
         floods.push(tokio::spawn(async move {
             let (mut rd, mut wr) = tokio::io::split(tls);
             let writer = tokio::spawn(async move {
-                let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-                out.extend(frame(4, 0, 0, &[]));
+                let mut out = h2_preface();
                 for id in (1u32..20_000).step_by(2) {
                     out.extend(frame(1, 0x5, id, &block));
                     if wr.write_all(&out).await.is_err() {
