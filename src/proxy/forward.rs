@@ -67,6 +67,33 @@ pub fn strip_session_grants(headers: &mut HeaderMap) {
 
 static SET_COOKIE2: HeaderName = HeaderName::from_static("set-cookie2");
 
+/// Whether the header name `name` is `want`, or `want` with some `-` written `_`: CGI stacks
+/// (`HTTP_IF_RANGE`) and servers that copy them read the two alike.
+pub fn spelt_as(name: &str, want: &str) -> bool {
+    name.len() == want.len()
+        && name
+            .bytes()
+            .zip(want.bytes())
+            .all(|(b, w)| b == w || (b == b'_' && w == b'-'))
+}
+
+/// Removes `Range`, `If-Range` and `Request-Range` (the pre-RFC 2616 spelling Apache httpd
+/// still honours when `Range` is absent), also written with `_` for `-`, which CGI stacks read
+/// alike (`HTTP_IF_RANGE`).
+pub fn strip_ranges(headers: &mut HeaderMap) {
+    let is_range = |name: &HeaderName| {
+        ["range", "if-range", "request-range"]
+            .iter()
+            .any(|want| spelt_as(name.as_str(), want))
+    };
+    // One look at the names; a removal only for what is there.
+    let doomed: smallvec::SmallVec<[HeaderName; 2]> =
+        headers.keys().filter(|n| is_range(n)).cloned().collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
 /// Parsed once: removing by `&str` would parse each name again on every request.
 /// `Expect` is not hop-by-hop by name, but keyward answers `100-continue` to the agent itself
 /// and streams the body at once: passed on, it asks an upstream to answer before the body
@@ -204,6 +231,26 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_go_in_every_spelling() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "range",
+            "if-range",
+            "request-range",
+            "request_range",
+            "if_range",
+            "range-unit",
+            "x-range",
+        ] {
+            h.insert(name, "bytes=0-3".parse().unwrap());
+        }
+        strip_ranges(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["range-unit", "x-range"]);
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_in_connection_are_removed() {
