@@ -312,9 +312,6 @@ impl AuditLog {
         self.shared.written.load(Ordering::SeqCst)
     }
 
-    /// Writes everything queued so far (including detached writes still waiting for room),
-    /// syncs the file and stops the writer. Records sent afterwards are lost and make the log
-    /// unhealthy. A second call returns at once.
     /// Records lost since start (not written, for whatever reason).
     pub fn lost(&self) -> u64 {
         self.shared.lost.load(Ordering::Relaxed)
@@ -326,6 +323,9 @@ impl AuditLog {
         handed.saturating_sub(self.shared.written.load(Ordering::SeqCst))
     }
 
+    /// Writes everything queued so far (including detached writes still waiting for room),
+    /// syncs the file and stops the writer. Records sent afterwards are lost and make the log
+    /// unhealthy. A second call returns at once.
     pub async fn close(&self) {
         loop {
             let done = self.shared.detached_done.notified();
