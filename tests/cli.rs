@@ -1334,6 +1334,59 @@ fn signal(child: &tokio::process::Child, signal: &str) {
     assert!(sent.success());
 }
 
+/// logrotate moves the audit file, then sends SIGHUP. When keyward was idle for a while, its
+/// writer notices the move when the SIGHUP arrives and opens the path again: the one chain end
+/// it logs for that is the rotated file's (what a collector keeps), not the new empty file's.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_rotation_logs_the_rotated_files_chain_end_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let served = serve(file.to_str().unwrap()).await;
+    let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
+    let refused = common::raw_exchange(
+        proxy,
+        b"GET http://api.test/a HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(refused.status, 407);
+    let audit = dir.path().join("audit.jsonl");
+    let text = bounded("the record", async {
+        loop {
+            let text = std::fs::read_to_string(&audit).unwrap_or_default();
+            if text.ends_with('\n') {
+                return text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let hash = text
+        .split("\"hash\":\"")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("\"}\n");
+    std::fs::rename(&audit, dir.path().join("audit.jsonl.1")).unwrap();
+    // Idle past the writer's path check (1 s), so the SIGHUP is what wakes it.
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    signal(&served.child, "-HUP");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    signal(&served.child, "-TERM");
+    let (status, log) = served.finish().await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    let reopened: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("audit chain end") && l.contains("reopened"))
+        .collect();
+    assert_eq!(reopened.len(), 1, "{log}");
+    // A rotation asked for is not reported as a file removed under keyward.
+    assert!(!log.contains("removed, moved or replaced"), "{log}");
+    assert!(
+        reopened[0].contains("seq=1") && reopened[0].contains(hash),
+        "{log}"
+    );
+}
+
 /// Records the audit log could not write make the exit after SIGTERM an error (2), saying so:
 /// a supervisor must not read the run as clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -432,6 +432,12 @@ impl Sink {
     }
 }
 
+/// Device and inode of what `path` names now.
+fn path_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// At start, the log file's directory is made if it is not there (`audit.path:
 /// logs/audit.jsonl` beside a fresh policy), the owner's alone. Not when reopening: a
 /// directory gone while keyward runs is a fault to report, not to paper over.
@@ -553,8 +559,12 @@ impl Writer {
                 self.finish(None);
                 return; // every AuditLog handle is gone
             }
-            // Between batches: nothing is chained to the old file yet.
-            self.check_path();
+            // Between batches: nothing is chained to the old file yet. A reopen asked for
+            // (logrotate's SIGHUP after it moved the file) follows the move itself, after the
+            // records queued before it went to the moved file: no warning for a rotation.
+            if !msgs.iter().any(|m| matches!(m, Msg::Reopen(_))) {
+                self.check_path();
+            }
             let mut batch = 0u64;
             let mut close = None;
             loop {
@@ -613,8 +623,14 @@ impl Writer {
     /// Syncs the current file and opens the target path again: a rotated (moved) file is left
     /// complete, and a new file at the path starts its own chain at `seq` 1 (or continues the
     /// file found there). On failure the old file stays in use.
+    /// A path that still names the open file is left as it is: nothing was rotated (a reload
+    /// without rotation, or a rotation the path check already followed), and logging the chain
+    /// end again would name the new file's, not the rotated one's, as the last.
     fn reopen(&mut self) -> Result<(), String> {
-        if !matches!(self.target, AuditTarget::File(_)) {
+        let AuditTarget::File(path) = &self.target else {
+            return Ok(());
+        };
+        if self.identity.is_some() && path_identity(path) == self.identity {
             return Ok(());
         }
         if let Err(e) = self.sink.sync() {
@@ -641,13 +657,10 @@ impl Writer {
             return;
         }
         self.path_checked = Instant::now();
-        use std::os::unix::fs::MetadataExt;
-        let here = std::fs::metadata(path);
-        if let Ok(m) = &here {
-            if (m.dev(), m.ino()) == identity {
-                return;
-            }
+        if path_identity(path) == Some(identity) {
+            return;
         }
+        let here = std::fs::metadata(path);
         // A path that cannot be looked at (a directory made unreadable, a file where the
         // directory was) may still name the open file: only one removed for sure counts then.
         let removed = self.sink.identity_links() == Some(0);
