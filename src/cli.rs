@@ -744,7 +744,15 @@ fn print_denial(policy: &CompiledPolicy, d: &decide::Denial) {
         out!("closest:    {}", policy.capability_at(c).name);
     }
     if let Some(h) = d.hint {
-        out!("would allow: {}", policy.capability_at(h).name);
+        let cap = policy.capability_at(h);
+        match cap.risk.needs_approval() {
+            true => out!(
+                "would allow: {} (risk {}: needs an approval, which keyward cannot grant yet)",
+                cap.name,
+                cap.risk.as_str()
+            ),
+            false => out!("would allow: {}", cap.name),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use smallvec::SmallVec;
 
 use crate::matcher::canon::CanonPath;
 use crate::matcher::route::{RouteMatch, RoutePattern};
-use crate::policy::{CompiledPolicy, Risk, RouteRef, Scheme};
+use crate::policy::{CompiledPolicy, RouteRef, Scheme};
 use crate::reason::Reason;
 use crate::tasks::{Grant, Task};
 
@@ -123,8 +123,8 @@ pub fn decide(
         let grant = held.then(|| task.grant(&cap.name)).flatten();
         let Some(grant) = grant else {
             // Suggest only what this agent could be given: a task for it can be minted.
-            if method_ok && held && best.hint.is_none() {
-                best.hint = Some(ci);
+            if method_ok && held {
+                best.hint = better_hint(policy, best.hint, ci);
             }
             continue;
         };
@@ -143,7 +143,7 @@ pub fn decide(
             best = closer(best, candidate(Reason::ConstraintMismatch));
             continue;
         }
-        if matches!(cap.risk, Risk::High | Risk::Critical) {
+        if cap.risk.needs_approval() {
             // Approvals do not exist yet: high-risk capabilities always need one.
             best = closer(best, candidate(Reason::ApprovalRequired));
             continue;
@@ -182,7 +182,7 @@ pub fn decide_connect(
                 );
             }
             if held {
-                hint.get_or_insert(ci);
+                hint = better_hint(policy, hint, ci);
             }
         }
         return Err(Denial {
@@ -197,6 +197,20 @@ pub fn decide_connect(
         return open_unless_spent(task, ConnectDecision::Tunnel);
     }
     Err(Denial::bare(Reason::UnknownHost))
+}
+
+/// The capability to suggest of `hint` (the first found) and `ci`: the first, unless only `ci`
+/// could be used without an approval (a task that includes it would be allowed now).
+fn better_hint(policy: &CompiledPolicy, hint: Option<usize>, ci: usize) -> Option<usize> {
+    match hint {
+        Some(h)
+            if !policy.capability_at(h).risk.needs_approval()
+                || policy.capability_at(ci).risk.needs_approval() =>
+        {
+            Some(h)
+        }
+        _ => Some(ci),
+    }
 }
 
 /// A task whose request budget is spent could send nothing through a tunnel (a blind one
@@ -277,4 +291,86 @@ pub fn normalize_host(raw: &str) -> Option<String> {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     });
     ok.then(|| host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matcher::canon::canonicalize;
+    use crate::policy::testing::{ok, ADMIN};
+    use crate::tasks::{Grant, MintSpec, TaskStore};
+
+    /// Two capabilities that allow `DELETE /things/{id}`, one of them high-risk; the agent
+    /// holds both (and a third), the task only the third.
+    fn policy(high_first: bool) -> CompiledPolicy {
+        let (first, second) = match high_first {
+            true => ("high", "low"),
+            false => ("low", "high"),
+        };
+        let text = format!(
+            "{ADMIN}
+credentials:
+  k: {{ source: env:K }}
+services:
+  api:
+    hosts: [api.test]
+    inject: {{ header: x-key, value: \"${{credential}}\", credential: k }}
+capabilities:
+  a.first:
+    service: api
+    risk: {first}
+    routes: [DELETE /things/{{id}}]
+  b.second:
+    service: api
+    risk: {second}
+    routes: [DELETE /things/{{id}}]
+  c.read:
+    service: api
+    routes: [GET /other]
+agents:
+  bot:
+    owner: t
+    capabilities: [a.first, b.second, c.read]
+    max_ttl: 1h
+"
+        );
+        CompiledPolicy::compile(ok(&text))
+    }
+
+    fn hint_for_delete(policy: &CompiledPolicy) -> String {
+        let spec = MintSpec {
+            agent: "bot".into(),
+            task: None,
+            intent: vec![Grant {
+                capability: "c.read".into(),
+                constraints: Default::default(),
+            }],
+            ttl: None,
+            max_requests: None,
+        };
+        let now = SystemTime::now();
+        let (task, _) = TaskStore::new().mint(policy, spec, now).unwrap();
+        let path = canonicalize("/things/1").unwrap();
+        let facts = RequestFacts {
+            scheme: Scheme::Https,
+            host: "api.test",
+            port: 443,
+            method: &http::Method::DELETE,
+            path: &path,
+        };
+        let denial = decide(policy, &task, &facts, now).unwrap_err();
+        assert_eq!(denial.reason, Reason::RouteNotInIntent);
+        policy.capability_at(denial.hint.unwrap()).name.clone()
+    }
+
+    // The suggestion is one a new task could use: a capability that needs an approval is
+    // named only when no other would allow the request.
+    #[test]
+    fn the_hint_prefers_a_capability_that_needs_no_approval() {
+        for high_first in [true, false] {
+            let p = policy(high_first);
+            let want = if high_first { "b.second" } else { "a.first" };
+            assert_eq!(hint_for_delete(&p), want, "high first: {high_first}");
+        }
+    }
 }

@@ -632,6 +632,19 @@ async fn high_risk_capability_requires_approval() {
         .unwrap()
         .contains("`plain.admin`"));
     assert_eq!(rec["risk"], "high");
+    // A task without it is not told to ask for it as if that would do: it would be refused.
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let resp = kw
+        .send(
+            kw.agent(&other)
+                .delete(f.plain_url("plain.test", "/admin/everything")),
+        )
+        .await;
+    let (problem, _) = kw.assert_denied(&resp, 403, "route_not_in_intent").await;
+    assert_eq!(problem["capability"], "plain.admin", "{problem}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("needs an approval"), "{problem}");
+    assert!(!detail.contains("ask for a task"), "{problem}");
     assert_eq!(f.plain.hits(), 0);
     kw.assert_no_leaks().await;
 }
@@ -1029,6 +1042,13 @@ async fn revoking_a_task_cuts_its_upload_and_withholds_a_pending_answer() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 407"), "{answer}");
     assert!(!answer.contains("slow answer"), "{answer}");
+    // A 407 ends the connection it is sent on (README), as one for a new request does.
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
     let rec = kw
         .audit_where("the withheld answer", |r| r["path"] == "/slow")
         .await;

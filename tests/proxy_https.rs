@@ -192,6 +192,11 @@ async fn connect_to_a_configured_host_outside_the_intent_is_route_not_in_intent(
         .assert_denied_raw(&head, 403, "route_not_in_intent")
         .await;
     assert_eq!(problem["capability"], "secure.read", "{problem}");
+    // Decided by host alone: the detail says so, rather than that this capability would allow
+    // a request it has not seen.
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("decided at CONNECT"), "{problem}");
+    assert!(detail.contains("`secure.read` reaches it"), "{problem}");
     assert_eq!(rec["host"], "secure.test");
     assert_eq!(kw.metric(LEAVES).await, Some(0.0));
     assert_eq!(f.tls.hits(), 0);
@@ -395,6 +400,9 @@ async fn revoked_task_is_refused_on_the_next_request_of_a_kept_alive_tunnel() {
     kw.assert_denied_raw(&second, 407, "task_revoked").await;
     kw.saw(&second.text());
     assert_eq!(f.tls.hits(), 1);
+    // The answer says the connection ends (README: "with `Connection: close`"), so a client
+    // does not send its next request into a tunnel that is closing...
+    assert_eq!(second.header("connection").as_deref(), Some("close"));
     // ...and keyward closes the tunnel after that answer: EOF (or a reset), never more bytes.
     let mut rest = Vec::new();
     let closed = bounded("tunnel close", tls.read_to_end(&mut rest)).await;

@@ -56,7 +56,7 @@ impl Policy {
         }
         for (i, cap) in self.capabilities.iter().enumerate() {
             let granted = self.agents.iter().any(|a| a.capabilities.contains(&i));
-            if granted && matches!(cap.risk, Risk::High | Risk::Critical) {
+            if granted && cap.risk.needs_approval() {
                 out.push(format!(
                     "capability `{}` is {}-risk: every request for it is denied `approval_required` (approvals do not exist yet)",
                     cap.name,
@@ -363,6 +363,11 @@ pub enum Risk {
 }
 
 impl Risk {
+    /// Requests under a capability of this tier need an approval (until approvals exist,
+    /// they are always refused as `approval_required`).
+    pub fn needs_approval(self) -> bool {
+        matches!(self, Risk::High | Risk::Critical)
+    }
     pub fn as_str(self) -> &'static str {
         match self {
             Risk::Low => "low",

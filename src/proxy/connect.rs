@@ -135,7 +135,8 @@ pub async fn handle(
     match decision {
         Err(d) => {
             draft.set_denial(&generation.policy, &d);
-            refuse(&state, &generation, &ctx.slot, draft, d, None).await
+            let code = (d.reason == Reason::RouteNotInIntent).then_some(respond::AT_CONNECT);
+            refuse(&state, &generation, &ctx.slot, draft, d, code).await
         }
         Ok(ConnectDecision::Intercept { service }) => {
             draft.set_match(&generation.policy, service, None, None);
@@ -266,6 +267,7 @@ async fn intercept(
             service: draft.rec.service.clone(),
             close: close.clone(),
             relay: relay.clone(),
+            h2,
         }),
     });
     let svc_state = state.clone();

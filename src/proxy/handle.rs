@@ -131,6 +131,8 @@ pub struct TunnelCtx {
     /// One permit, held by the WebSocket relay the tunnel's connection became (if any): the
     /// tunnel's own record waits for it, since the tunnel stays open as that relay.
     pub relay: Arc<tokio::sync::Semaphore>,
+    /// The agent speaks HTTP/2 in the tunnel (ALPN `h2`), else HTTP/1.1.
+    pub h2: bool,
 }
 
 /// The service function of both listeners. Never fails toward hyper.
@@ -738,10 +740,8 @@ async fn refuse(
             t.close.notify_one();
             return std::future::pending().await;
         }
-        // Graceful close: HTTP/1.1 answers this request with `Connection: close`, HTTP/2
-        // sends GOAWAY after it.
-        Some(t) if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
-            t.close.notify_one()
+        Some(_) if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+            end_connection(ctx, &mut resp)
         }
         Some(_) => {}
         None => {
@@ -753,6 +753,21 @@ async fn refuse(
         }
     }
     resp
+}
+
+/// A 407 ends the connection it is sent on, inside a tunnel the tunnel (SPEC §4.2), gracefully:
+/// HTTP/1.1 answers with `Connection: close` (said here: hyper adds it only if the close
+/// reaches the connection before the answer's head is written), HTTP/2 sends GOAWAY after it.
+fn end_connection(ctx: &ConnCtx, resp: &mut Response<ProxyBody>) {
+    match &ctx.tunnel {
+        Some(t) => {
+            if !t.h2 {
+                respond::close_after(resp);
+            }
+            t.close.notify_one();
+        }
+        None => respond::close_after(resp),
+    }
 }
 
 /// The answer to an allowed request whose task ended (revoked, expired) while it was out: the
@@ -773,16 +788,14 @@ async fn ended_in_flight(
     draft.rec.bytes_up = upload.bytes();
     draft.rec.outcome = Some(end.as_str());
     let task = draft.rec.task.clone();
-    let resp = respond::deny(&DenyInfo {
+    let mut resp = respond::deny(&DenyInfo {
         reason,
         request_id: draft.request_id(),
         task: task.as_deref(),
         hint: None,
         ambiguity: None,
     });
-    if let Some(t) = &ctx.tunnel {
-        t.close.notify_one();
-    }
+    end_connection(ctx, &mut resp);
     draft
         .write(state, Reason::Allowed, reason.status().as_u16())
         .await;
@@ -795,10 +808,16 @@ mod tests {
 
     #[test]
     fn lookalike_headers_are_found() {
-        let mut h = http::HeaderMap::new();
-        h.insert("x_api_key", "a".parse().unwrap());
         let name = http::HeaderName::from_static("x-api-key");
-        assert!(has_lookalike(&h, &name));
+        // lighttpd's CGI and FastCGI turn every character but letters and digits into `_`.
+        for spelling in ["x_api_key", "x.api.key", "x~api-key", "x_api.key"] {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::HeaderName::from_bytes(spelling.as_bytes()).unwrap(),
+                "a".parse().unwrap(),
+            );
+            assert!(has_lookalike(&h, &name), "{spelling}");
+        }
         let mut ok = http::HeaderMap::new();
         ok.insert("x-api-key", "a".parse().unwrap());
         ok.insert("x-api-keys", "a".parse().unwrap());

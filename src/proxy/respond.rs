@@ -36,9 +36,17 @@ pub struct DenyInfo<'a> {
     pub request_id: &'a str,
     pub task: Option<&'a str>,
     /// A capability that would have allowed the request.
-    pub hint: Option<&'a str>,
+    pub hint: Option<Hint<'a>>,
     /// Extra precision for `ambiguous_request` (a closed-set code such as `dot_segment`).
     pub ambiguity: Option<&'static str>,
+}
+
+/// A capability named in a denial.
+#[derive(Clone, Copy)]
+pub struct Hint<'a> {
+    pub name: &'a str,
+    /// Its risk tier needs an approval: a task that includes it would still be refused.
+    pub needs_approval: bool,
 }
 
 /// What a denial tells the agent beyond its reason (SPEC §4.3): the capability that would
@@ -49,12 +57,18 @@ pub fn explain<'p>(
     denial: &Denial,
     code: Option<&'static str>,
     host: &str,
-) -> (Option<&'p str>, Option<&'static str>) {
+) -> (Option<Hint<'p>>, Option<&'static str>) {
     let named = match denial.reason {
         Reason::ConstraintMismatch | Reason::ApprovalRequired => denial.capability.or(denial.hint),
         _ => denial.hint,
     };
-    let hint = named.map(|c| policy.capability_at(c).name.as_str());
+    let hint = named.map(|c| {
+        let cap = policy.capability_at(c);
+        Hint {
+            name: cap.name.as_str(),
+            needs_approval: cap.risk.needs_approval(),
+        }
+    });
     let code = match denial.reason {
         Reason::UnknownHost if code.is_none() && policy.serves_host(host) => Some(OTHER_PORT),
         _ => code,
@@ -83,7 +97,7 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
         reason: info.reason.as_str(),
         request_id: info.request_id,
         task: info.task,
-        capability: info.hint,
+        capability: info.hint.map(|h| h.name),
     };
     let mut resp = problem_response(status, &problem);
     resp.headers_mut().insert(
@@ -115,15 +129,26 @@ pub const AGENT_CONNECTIONS: &str = "agent_connections";
 /// `DenyInfo::ambiguity` of an `ambiguous_request` whose head is over `proxy.max_header_bytes`
 /// (nothing of it was decided); answered 431.
 pub const HEAD_TOO_LARGE: &str = "head_too_large";
+/// `DenyInfo::ambiguity` of a `route_not_in_intent` refusal of a CONNECT (decided by host).
+pub const AT_CONNECT: &str = "connect";
 /// `DenyInfo::ambiguity` of an `invalid_token` refusal on a connection another task holds.
 pub const OTHER_TASK: &str = "connection_of_another_task";
 
 fn detail(info: &DenyInfo<'_>) -> String {
-    let ask = |what: &str| match info.hint {
-        Some(cap) => {
-            format!("{what} Capability `{cap}` would allow it; ask for a task that includes it.")
+    let ask = |what: &str| {
+        match info.hint {
+        Some(Hint {
+            name,
+            needs_approval: false,
+        }) => {
+            format!("{what} Capability `{name}` would allow it; ask for a task that includes it.")
         }
+        Some(Hint {
+            name,
+            needs_approval: true,
+        }) => format!("{what} Capability `{name}` would allow it, but it is high-risk and needs an approval, which keyward cannot grant yet."),
         None => format!("{what} No capability this agent may hold allows it."),
+    }
     };
     match info.reason {
         Reason::Allowed | Reason::Passthrough => String::new(),
@@ -134,9 +159,15 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::TaskRevoked => "The task was revoked.".into(),
         Reason::UnknownHost if info.ambiguity == Some(OTHER_PORT) => "The host belongs to a configured service, but on another port or scheme (an `https` service is reached through CONNECT, an `http` one in absolute form).".into(),
         Reason::UnknownHost => "The host is not a configured service or passthrough host.".into(),
+        Reason::RouteNotInIntent if info.ambiguity == Some(AT_CONNECT) => match info.hint {
+            // Decided by host alone: the capability named is one that reaches the host, not
+            // necessarily the one the agent's request (not read yet) needs.
+            Some(Hint { name, .. }) => format!("No capability of the task's intent reaches this host (decided at CONNECT, before any request was read). Capability `{name}` reaches it; the capabilities a request needs can be checked with `keyward explain`."),
+            None => "No capability of the task's intent reaches this host (decided at CONNECT, before any request was read), and no capability this agent may hold does.".into(),
+        },
         Reason::RouteNotInIntent => ask("The request is not in the task's intent."),
         Reason::MethodNotAllowed => ask("The path is in the task's intent but this method is not."),
-        Reason::ConstraintMismatch => match info.hint {
+        Reason::ConstraintMismatch => match info.hint.map(|h| h.name) {
             Some(cap) => format!("A path parameter is outside the constraints the task was minted with for capability `{cap}`; ask for a task whose constraints include it."),
             None => "A path parameter is outside the constraints the task was minted with.".into(),
         },
@@ -151,7 +182,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::BudgetExhausted if info.ambiguity == Some(AGENT_CONNECTIONS) => "The agent's tasks hold as many proxy connections as one agent's may (proxy.max_agent_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted if info.ambiguity == Some(CONNECTIONS) => "The task holds as many proxy connections as one task may (proxy.max_task_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
-        Reason::ApprovalRequired => match info.hint {
+        Reason::ApprovalRequired => match info.hint.map(|h| h.name) {
             Some(cap) => format!("Capability `{cap}` is high-risk and needs an approval."),
             None => "The capability is high-risk and needs an approval.".into(),
         },
