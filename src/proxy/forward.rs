@@ -67,14 +67,17 @@ pub fn strip_session_grants(headers: &mut HeaderMap) {
 
 static SET_COOKIE2: HeaderName = HeaderName::from_static("set-cookie2");
 
-/// Whether the header name `name` is `want`, or `want` with some `-` written `_`: CGI stacks
-/// (`HTTP_IF_RANGE`) and servers that copy them read the two alike.
+/// Whether the header name `name` is the lowercase `want` in any case, or `want` with some `-` written as
+/// another character that is not a letter or digit (`_`, `.`, `~`, ...): CGI stacks
+/// (`HTTP_IF_RANGE`) and servers that copy them read `_` as `-`, and some (lighttpd's CGI and
+/// FastCGI) turn every such character into `_`.
 pub fn spelt_as(name: &str, want: &str) -> bool {
+    let separator = |b: u8| !b.is_ascii_alphanumeric();
     name.len() == want.len()
         && name
             .bytes()
             .zip(want.bytes())
-            .all(|(b, w)| b == w || (b == b'_' && w == b'-'))
+            .all(|(b, w)| b.to_ascii_lowercase() == w || (separator(b) && separator(w)))
 }
 
 /// Removes `Range`, `If-Range` and `Request-Range` (the pre-RFC 2616 spelling Apache httpd

@@ -12,6 +12,7 @@ use http::{HeaderMap, Method, Version};
 use crate::decide::normalize_host;
 use crate::matcher::canon::{canonicalize, Ambiguity, CanonPath};
 use crate::policy::Scheme;
+use crate::proxy::forward::spelt_as;
 use crate::proxy::fragment::FragmentInTarget;
 use crate::reason::Reason;
 
@@ -362,25 +363,21 @@ fn is_method_name(name: impl Iterator<Item = u8>) -> bool {
     want.next().is_none()
 }
 
-/// SECURITY: CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable,
-/// so `X_HTTP_Method_Override` is honoured as the override it spells.
-/// The detail code of the override header `name` spells, in any case and with `_` for `-`.
+/// The detail code of the override header `name` spells, in any case and also with `_` or another separator for `-` (`forward::spelt_as`). SECURITY:
+/// CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable, so
+/// `X_HTTP_Method_Override` is honoured as the override it spells.
 fn override_code(name: &str) -> Option<&'static str> {
     // Every override name starts with `x-`/`x_`: most headers are out after one byte.
     if !name.starts_with(['x', 'X']) {
         return None;
     }
-    OVERRIDES.iter().find_map(|&(o, code)| {
-        let same = o.len() == name.len()
-            && o.bytes()
-                .zip(name.bytes())
-                .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'));
-        same.then_some(code)
-    })
+    OVERRIDES
+        .iter()
+        .find_map(|&(o, code)| spelt_as(name, o).then_some(code))
 }
 
-/// The detail code for a header that is one keyward reads or removes, spelled with `_` for
-/// `-`, which a server that reads `_` as `-` (CGI-style, as some do for every header) takes
+/// The detail code for a header that is one keyward reads or removes, spelled with `_` (or
+/// another separator) for `-`, which a server that reads `_` as `-` (CGI-style, as some do for every header) takes
 /// for the real one. SECURITY:
 /// - `Content-Length`, `Transfer-Encoding`: that server frames the body by it, keyward and
 ///   the parser do not; the body would be read two ways, and what the upstream takes for the
@@ -393,17 +390,15 @@ fn lookalike_code(name: &str) -> Option<&'static str> {
         ("transfer-encoding", "framing_lookalike"),
         ("sec-websocket-extensions", "header_lookalike"),
     ];
-    if !name.contains('_') {
+    if !name
+        .bytes()
+        .any(|b| b != b'-' && !b.is_ascii_alphanumeric())
+    {
         return None;
     }
-    SPECIAL.iter().find_map(|&(real, code)| {
-        let same = real.len() == name.len()
-            && real
-                .bytes()
-                .zip(name.bytes())
-                .all(|(a, b)| a == b.to_ascii_lowercase() || (a == b'-' && b == b'_'));
-        same.then_some(code)
-    })
+    SPECIAL
+        .iter()
+        .find_map(|&(real, code)| spelt_as(name, real).then_some(code))
 }
 
 /// Whether the request's transfer coding, if any, is `chunked` alone. With another coding
@@ -652,6 +647,8 @@ mod tests {
             "x_method_override",
             "x-http-method",
             "x_http_method",
+            "x.http.method",
+            "X.HTTP~Method",
         ] {
             assert!(is_method_override_name(name), "{name}");
         }

@@ -820,6 +820,7 @@ async fn path_and_host_override_headers_are_refused_in_every_spelling() {
         ("Transfer_Encoding: chunked", "framing_lookalike"),
         ("content_length: 40", "framing_lookalike"),
         ("Content_length: 0", "framing_lookalike"),
+        ("Content.Length: 0", "framing_lookalike"),
         // What keyward removes from a credentialed upgrade, in a spelling it would not.
         (
             "Sec_WebSocket_Extensions: permessage-deflate",
