@@ -738,6 +738,13 @@ fn explain(
     Ok(())
 }
 
+/// A 2xx answer without what keyward's admin API answers.
+fn not_keyward(admin: &str, what: &str) -> Failure {
+    Failure::user(format!(
+        "{admin} answered without {what}; is it keyward's admin API?"
+    ))
+}
+
 fn print_denial(policy: &CompiledPolicy, d: &decide::Denial) {
     out!("decision:   deny\nreason:     {}", d.reason.as_str());
     if let Some(c) = d.capability {
@@ -852,12 +859,16 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             )
             .await
             .map_err(fail)?;
-            let url = out["proxy_url"].as_str().unwrap_or_default();
-            out!(
-                "# task {} expires {}",
-                out["task"].as_str().unwrap_or_default(),
-                out["expires_at"].as_str().unwrap_or_default()
-            );
+            // SECURITY: an `export` of empty proxy variables (any server's 200 without a task)
+            // would send the agent around keyward; only a whole answer is printed.
+            let minted = ["proxy_url", "task", "expires_at"].map(|k| out[k].as_str());
+            let [Some(url), Some(task), Some(expires)] = minted else {
+                return Err(not_keyward(&admin.admin, "a task and its proxy URL"));
+            };
+            if url.is_empty() || out["token"].as_str().is_none() {
+                return Err(not_keyward(&admin.admin, "a task and its proxy URL"));
+            }
+            out!("# task {task} expires {expires}");
             // Both cases: curl reads only the lowercase `http_proxy`, other clients the upper.
             out!("export HTTPS_PROXY={url} HTTP_PROXY={url} https_proxy={url} http_proxy={url}");
             Ok(())
@@ -892,10 +903,7 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             .map_err(fail)?;
             let empty = Vec::new();
             let Some(tasks) = out["tasks"].as_array() else {
-                return Err(Failure::user(format!(
-                    "{} answered without a task list; is it keyward's admin API?",
-                    admin.admin
-                )));
+                return Err(not_keyward(&admin.admin, "a task list"));
             };
             // Columns as wide as their widest entry (task ids and agents vary a lot).
             let rows: Vec<[String; 6]> = tasks
@@ -972,10 +980,10 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             // The id becomes a path segment: `main?x=1` or `../x` must not address another.
             if !crate::tasks::valid_task_id(&id) {
                 return Err(Failure::user(format!(
-                    "`{id}` is not a task id (1-128 characters of A-Z a-z 0-9 . _ -)"
+                    "`{id}` is not a task id (1-128 characters of A-Z a-z 0-9 . _ -, and not `.` or `..`)"
                 )));
             }
-            client::call(
+            let out = client::call(
                 &admin.admin,
                 admin.timeout(),
                 &token,
@@ -985,6 +993,10 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
             )
             .await
             .map_err(fail)?;
+            // Only keyward's answer says it was revoked: any other server's 200 must not.
+            if out["task"].as_str() != Some(id.as_str()) || out["status"].as_str().is_none() {
+                return Err(not_keyward(&admin.admin, "the revoked task"));
+            }
             out!("revoked {id}");
             Ok(())
         }

@@ -441,7 +441,7 @@ pub enum MintError {
     },
     #[error("max_requests must be at least 1")]
     ZeroBudget,
-    #[error("task id must be 1-128 characters of A-Z a-z 0-9 . _ -")]
+    #[error("task id must be 1-128 characters of A-Z a-z 0-9 . _ -, and not `.` or `..`")]
     BadTaskId,
     #[error("task id `{0}` is in use")]
     Conflict(String),

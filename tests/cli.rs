@@ -929,6 +929,45 @@ async fn task_commands_give_up_on_an_admin_api_that_never_answers() {
     held.abort();
 }
 
+/// Any other server's 200 is not taken for keyward's answer: `mint` must not print an
+/// `export` of empty proxy variables (evaluated, it would send the agent around keyward), nor
+/// `revoke` say a task was revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_commands_refuse_an_answer_that_is_not_keywards() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = other.local_addr().unwrap().to_string();
+    let server = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = other.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = tcp.read(&mut buf).await;
+                let body = "{\"ok\":true}";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    for args in [
+        &["mint", "--agent", "bot", "--intent", "x.read"][..],
+        &["revoke", "TICKET-1"][..],
+        &["list"][..],
+    ] {
+        let out = task_cmd(&admin, "whatever", args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: {}", text(&out.stdout));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("is it keyward's admin API?"),
+            "{args:?}: {err}"
+        );
+    }
+    server.abort();
+}
+
 /// `keyward audit verify` checks the files keyward wrote: a whole chain is ok (with its last
 /// hash, to keep elsewhere); an edited or removed record is named by its line; exit 1.
 #[cfg(unix)]

@@ -127,7 +127,7 @@ impl CertAuthority {
     /// signs verifies against it.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, CaError> {
         let key_pem = read_key_file(key)?;
-        let cert_pem = fs::read(cert).map_err(|source| CaError::Read {
+        let cert_pem = super::read_pem_file(cert).map_err(|source| CaError::Read {
             path: cert.to_owned(),
             source,
         })?;
@@ -345,10 +345,19 @@ fn read_key_file(path: &Path) -> Result<Vec<u8>, CaError> {
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let file = super::open_nonblocking(path).map_err(read_err)?;
     check_key_mode(&file, path)?;
     let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(read_err)?;
+    // Bounded as `read_pem_file` is (a key is a few hundred bytes).
+    file.take(super::MAX_PEM_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > super::MAX_PEM_BYTES {
+        return Err(read_err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "larger than 4 MiB, so not a PEM key",
+        )));
+    }
     Ok(bytes)
 }
 
@@ -668,6 +677,9 @@ mod tests {
         let err = CertAuthority::load(&cert, dir.path()).expect_err("a directory");
         assert!(matches!(err, CaError::KeyNotAFile { .. }), "{err}");
         assert!(err.to_string().contains("is not a file"), "{err}");
+        // Nor is a certificate: `/dev/zero` named by mistake is refused, not read for ever.
+        let err = CertAuthority::load(Path::new("/dev/zero"), &key).expect_err("/dev/zero");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -67,7 +67,7 @@ fn add_system_roots(roots: &mut RootCertStore) {
 /// Adds every certificate of a PEM file. Unlike the system store, each one must be usable: the
 /// operator named this file for this service, so a bad entry is a configuration error.
 fn add_pem_roots(roots: &mut RootCertStore, path: &Path) -> Result<(), TlsError> {
-    let pem = std::fs::read(path).map_err(|source| TlsError::ReadCaFile {
+    let pem = super::read_pem_file(path).map_err(|source| TlsError::ReadCaFile {
         path: path.to_owned(),
         source,
     })?;
@@ -178,6 +178,24 @@ mod tests {
             matches!(err, TlsError::InvalidCaCertificate { .. }),
             "{err}"
         );
+
+        // Named by mistake: read no further than a PEM file could be, and not at all when it
+        // is not a regular file (a FIFO would hold the read, /dev/zero never ends).
+        let big = dir.path().join("big.pem");
+        let file = fs::File::create(&big).expect("create");
+        file.set_len(64 * 1024 * 1024).expect("sparse file");
+        let err = client_config(Some(&big)).expect_err("big");
+        assert!(err.to_string().contains("larger than 4 MiB"), "{err}");
+        let fifo = dir.path().join("fifo.pem");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        for path in [fifo.as_path(), Path::new("/dev/zero")] {
+            let err = client_config(Some(path)).expect_err("not a file");
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
     }
 
     #[test]
