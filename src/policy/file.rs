@@ -6,7 +6,7 @@
 //! never put a value into a message: `credentials.*.source` and `admin.token` least of all.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use marked_yaml::Node;
@@ -62,7 +62,13 @@ pub(crate) struct RawAgent {
 }
 
 /// Walks the whole tree; every problem goes to `errs`, and the mirror holds whatever was valid.
-pub(crate) fn read(root: &Node, base_dir: &Path, errs: &mut Errors) -> RawPolicy {
+/// `policy_file` is the file being read (what `audit.path` must not name).
+pub(crate) fn read(
+    root: &Node,
+    base_dir: &Path,
+    policy_file: &Path,
+    errs: &mut Errors,
+) -> RawPolicy {
     let top = Field {
         node: root,
         key_pos: Pos::START,
@@ -97,11 +103,12 @@ pub(crate) fn read(root: &Node, base_dir: &Path, errs: &mut Errors) -> RawPolicy
             None
         }
     };
-    RawPolicy {
+    let (audit, audit_at) = read_audit(map.get("audit"), base_dir, errs);
+    let raw = RawPolicy {
         proxy,
         admin,
         ca: read_ca(map.get("ca"), base_dir, errs),
-        audit: read_audit(map.get("audit"), base_dir, errs),
+        audit,
         credentials: named(map.get("credentials"), errs, |name, f, errs| {
             Some(RawCredential {
                 name,
@@ -117,7 +124,63 @@ pub(crate) fn read(root: &Node, base_dir: &Path, errs: &mut Errors) -> RawPolicy
             .get("passthrough")
             .map(|f| host_list(f, errs))
             .unwrap_or_default(),
+    };
+    if let (AuditTarget::File(path), Some(at)) = (&raw.audit.path, audit_at) {
+        if let Some(what) = audit_clash(&raw, path, policy_file) {
+            errs.push(
+                at,
+                "audit.path",
+                format!("names {what}: audit records would be appended to it; give the audit log a file of its own"),
+            );
+        }
     }
+    raw
+}
+
+/// What else of the policy's files the audit log's path names, if anything (compared as
+/// written, `.` and `..` resolved; a symbolic link is not followed).
+fn audit_clash(raw: &RawPolicy, audit: &Path, policy_file: &Path) -> Option<String> {
+    let audit = lexical(audit);
+    let same = |other: &Path| lexical(other) == audit;
+    if same(policy_file) {
+        return Some("the policy file itself".into());
+    }
+    if same(&raw.ca.cert) {
+        return Some("the CA certificate (`ca.cert`)".into());
+    }
+    if same(&raw.ca.key) {
+        return Some("the CA key (`ca.key`)".into());
+    }
+    let credential = raw
+        .credentials
+        .iter()
+        .find(|c| matches!(&c.source, Some((SecretSource::File(f), _)) if same(f)));
+    if let Some(c) = credential {
+        return Some(format!("the file of credential `{}`", c.name.value));
+    }
+    raw.services
+        .iter()
+        .find(|s| s.ca_file.as_ref().is_some_and(|f| same(&f.value)))
+        .map(|s| format!("the `tls.ca_file` of service `{}`", s.name.value))
+}
+
+/// `path` with `.` dropped and `..` taking off the component before it, without asking the
+/// file system.
+fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 impl RawPolicy {
@@ -312,18 +375,30 @@ fn read_ca(field: Option<Field<'_>>, base_dir: &Path, errs: &mut Errors) -> CaSe
     let Some(map) = field.and_then(|f| Map::open(errs, f, &["cert", "key"])) else {
         return ca;
     };
+    let mut key_at = None;
     for (key, slot) in [("cert", &mut ca.cert), ("key", &mut ca.key)] {
         if let Some(v) = map.get(key).and_then(|f| f.string(errs)) {
             *slot = base_dir.join(v.value);
+            key_at = Some((v.pos, v.path));
         }
+    }
+    if let Some((pos, path)) = key_at.filter(|_| lexical(&ca.cert) == lexical(&ca.key)) {
+        errs.push(pos, &path, "`ca.cert` and `ca.key` name the same file; the certificate and its private key are two files");
     }
     ca
 }
 
-fn read_audit(field: Option<Field<'_>>, base_dir: &Path, errs: &mut Errors) -> AuditSettings {
+/// The audit settings, and where `audit.path` is written (when it is).
+fn read_audit(
+    field: Option<Field<'_>>,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> (AuditSettings, Option<Pos>) {
     let mut path = AuditTarget::File(base_dir.join("audit.jsonl"));
+    let mut at = None;
     if let Some(map) = field.and_then(|f| Map::open(errs, f, &["path"])) {
         if let Some(v) = map.get("path").and_then(|f| f.string(errs)) {
+            at = Some(v.pos);
             path = if v.value == "-" {
                 AuditTarget::Stdout
             } else {
@@ -331,7 +406,7 @@ fn read_audit(field: Option<Field<'_>>, base_dir: &Path, errs: &mut Errors) -> A
             };
         }
     }
-    AuditSettings { path }
+    (AuditSettings { path }, at)
 }
 
 /// `env:NAME`, `file:PATH` or `{exec: [argv...]}`. Anything else is taken for a literal secret.

@@ -80,7 +80,8 @@ pub fn parse(file_name: &str, text: &str, base_dir: &Path) -> Result<Policy, Pol
     let Some(root) = yaml::parse_document(text, &mut errs) else {
         return Err(errs.finish());
     };
-    let raw = file::read(&root, base_dir, &mut errs);
+    let own = base_dir.join(Path::new(file_name).file_name().unwrap_or_default());
+    let raw = file::read(&root, base_dir, &own, &mut errs);
     let policy = check::check(raw, version_of(text), &mut errs);
     match policy {
         Some(policy) if errs.is_empty() => Ok(policy),
@@ -542,6 +543,43 @@ passthrough: []                      # hosts tunnelled blind (no inspection, no 
         );
         assert!(p.services.is_empty() && p.agents.is_empty());
         assert_eq!(p.proxy.task_connections_limit(), 1024);
+    }
+
+    // The audit log appends to its file: a path that names another of the policy's files
+    // would corrupt it (the policy itself fails its next load; the CA key, its key). Nor can
+    // the CA's certificate and key share a file (`serve` would refuse to create the second).
+    #[test]
+    fn files_that_would_be_written_over_are_refused() {
+        let cases = [
+            (
+                "audit: {path: p.yaml}\n",
+                "p.yaml:3:15: audit.path: names the policy file itself",
+            ),
+            (
+                "audit: {path: ./certs/../certs/ca-key.pem}\n",
+                "p.yaml:3:15: audit.path: names the CA key (`ca.key`)",
+            ),
+            (
+                "ca: {cert: a.pem, key: b.pem}\naudit: {path: a.pem}\n",
+                "p.yaml:4:15: audit.path: names the CA certificate (`ca.cert`)",
+            ),
+            (
+                "audit: {path: /run/k}\ncredentials: {k: {source: 'file:/run/k'}}\n",
+                "p.yaml:3:15: audit.path: names the file of credential `k`",
+            ),
+            (
+                "ca: {cert: same.pem, key: ./same.pem}\n",
+                "p.yaml:3:27: ca.key: `ca.cert` and `ca.key` name the same file",
+            ),
+        ];
+        for (text, want) in cases {
+            let errs = errors(&format!("{ADMIN}{text}"));
+            assert!(
+                errs.len() == 1 && errs[0].starts_with(want),
+                "{text}: {errs:?}"
+            );
+        }
+        ok(&format!("{ADMIN}audit: {{path: logs/p.yaml}}\n"));
     }
 
     #[test]
