@@ -40,9 +40,23 @@ impl Generation {
         previous: Option<&Generation>,
         own_secrets: &[Arc<Secret>],
     ) -> Result<Generation, PolicyErrors> {
-        let policy = CompiledPolicy::compile(policy);
-        let upstreams = Upstreams::build(&policy, settings.connect_timeout, own)
-            .map_err(|e| PolicyErrors::whole_file(&source.display().to_string(), e.to_string()))?;
+        let file = source.display().to_string();
+        // Compiling a large policy (and reading its CA files) takes a while: off the async
+        // workers, which keep serving meanwhile (with one worker, a sidecar's, nothing would).
+        let (timeout, own) = (settings.connect_timeout, Arc::clone(own));
+        let built = tokio::task::spawn_blocking(move || {
+            let policy = CompiledPolicy::compile(policy);
+            let upstreams = Upstreams::build(&policy, timeout, &own);
+            (policy, upstreams)
+        })
+        .await;
+        let Ok((policy, upstreams)) = built else {
+            return Err(PolicyErrors::whole_file(
+                &file,
+                "compiling the policy failed",
+            ));
+        };
+        let upstreams = upstreams.map_err(|e| PolicyErrors::whole_file(&file, e.to_string()))?;
         let credentials =
             CredentialStore::load(&policy, previous.map(|g| &g.credentials), own_secrets).await;
         credentials.spawn_refreshers();
@@ -183,7 +197,15 @@ impl State {
     }
 
     async fn reload_from(&self, path: &Path) -> Result<Reloaded, PolicyErrors> {
-        let policy = policy::load(path)?;
+        // Reading and checking are blocking and, for a large policy, slow: off the workers.
+        let owned = path.to_owned();
+        let policy = match tokio::task::spawn_blocking(move || policy::load(&owned)).await {
+            Ok(loaded) => loaded?,
+            Err(_) => {
+                let file = path.display().to_string();
+                return Err(PolicyErrors::whole_file(&file, "reading the policy failed"));
+            }
+        };
         for w in policy.warnings() {
             tracing::warn!("{}: {w}", path.display());
         }
