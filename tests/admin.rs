@@ -739,6 +739,32 @@ async fn wrong_methods_and_unknown_tasks_get_a_reason_in_words() {
         (413, &json!("body_too_large")),
         "{v}"
     );
+    // ...and said at once when the length is declared, not after waiting for the body.
+    let mut tcp = tokio::net::TcpStream::connect(kw.admin_addr).await.unwrap();
+    let head = format!(
+        "POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{{",
+        kw.admin_token
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, head.as_bytes())
+        .await
+        .unwrap();
+    let answer = common::read_response(&mut tcp).await;
+    assert_eq!(answer.status, 413, "{}", answer.text());
+    // The body is a JSON object: serde would read a struct from an array of its fields.
+    let resp = kw
+        .http
+        .post(kw.admin_url("/v1/tasks"))
+        .bearer_auth(&kw.admin_token)
+        .header("content-type", "application/json")
+        .body(r#"["bot","arr1",["plain.issues.read"],"10m",5,{}]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"], "bad_json", "{v}");
+    let (status, _) = kw.admin(Method::GET, "/v1/tasks/arr1", None).await;
+    assert_eq!(status, 404);
     let (status, v) = kw.admin(Method::GET, "/v1/nothing-here", None).await;
     assert_eq!((status, &v["error"]), (404, &json!("not_found")), "{v}");
 }

@@ -249,19 +249,28 @@ impl OneOrMany {
 }
 
 async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the body is over 64 KiB",
+        )
+    };
+    // Said up front: answered at once, not after waiting for a body that will not fit.
+    if hyper::body::Body::size_hint(req.body()).lower() > MAX_BODY as u64 {
+        return too_large();
+    }
     // A body trickled in slowly is bounded like a request head.
     let read = Limited::new(req.into_body(), MAX_BODY).collect();
     let body = match tokio::time::timeout(state.settings.header_read_timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the body is over 64 KiB",
-            )
-        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
         _ => return bad_request("bad_body", "the body could not be read in time"),
     };
+    // serde reads a struct from a JSON array too (its fields in order): one input form only.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return bad_request("bad_json", "the mint request must be a JSON object");
+    }
     let parsed: MintRequest = match serde_json::from_slice(&body) {
         Ok(p) => p,
         Err(e) => return bad_request("bad_json", &format!("invalid mint request: {e}")),
