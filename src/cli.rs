@@ -517,6 +517,7 @@ fn check(config: &Path) -> Result<(), Failure> {
 }
 
 /// `--intent a, b` names `a` and `b` (a shell-quoted list often has blanks after its commas).
+/// `--intent a,b` as names; blanks around them and empty items (`a, b,`) are dropped.
 fn capabilities(intent: Vec<String>) -> Vec<String> {
     intent
         .into_iter()
@@ -531,6 +532,7 @@ fn parse_where(items: &[String]) -> Result<Vec<(String, Vec<String>)>, Failure> 
     for item in items {
         let (k, v) = item
             .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
             .ok_or_else(|| Failure::user(format!("--where `{item}` must be KEY=VALUE")))?;
         match out.iter_mut().find(|(key, _)| key == k) {
             Some((_, vals)) => vals.push(v.to_string()),
@@ -836,7 +838,8 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                 .into_iter()
                 .map(|(k, v)| (k, serde_json::json!(v)))
                 .collect();
-            let mut body = serde_json::json!({ "agent": agent, "intent": capabilities(intent) });
+            let intent = capabilities(intent);
+            let mut body = serde_json::json!({ "agent": agent, "intent": intent });
             if !wh.is_empty() {
                 body["where"] = serde_json::Value::Object(wh);
             }

@@ -340,6 +340,32 @@ passthrough: [blind.test]
     (file, secrets)
 }
 
+/// A constraint without a parameter name (`--where =acme`) is a usage mistake, said so before
+/// anything is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_refuses_a_constraint_without_a_parameter_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let config = file.to_str().unwrap();
+    let url = "https://api.test/repos/acme/web/issues";
+    for (extra, says) in [
+        (&["--where", "=acme"][..], "must be KEY=VALUE"),
+        (&["--where", "acme"][..], "must be KEY=VALUE"),
+    ] {
+        let mut args = vec!["explain", "--config", config, "--agent", "bot"];
+        args.extend_from_slice(&["--intent", "api.issues.read"]);
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["GET", url]);
+        let out = keyward(&args).await;
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(says), "{extra:?}: {err}");
+        // (Its own log lines aside: RUST_LOG=info here.)
+        let said: Vec<&str> = err.lines().filter(|l| l.starts_with("keyward: ")).collect();
+        assert_eq!(said.len(), 1, "{err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_prints_decision_reason_capability_route_and_credential_name_never_a_secret() {
     let dir = tempfile::tempdir().unwrap();

@@ -36,14 +36,23 @@ impl fmt::Display for PolicyError {
 /// escape, and a raw line break, terminal sequence or reordering would break the
 /// one-line-per-error output, forge a line in keyward's log, or show another text than it is.
 fn escaped(f: &mut fmt::Formatter<'_>, text: &str) -> fmt::Result {
+    // Also the invisible ones (zero-width space and joiners, soft hyphen, word joiner, BOM):
+    // `k\u{200b}` must not read as `k`.
     let hidden = |c: char| {
         c.is_control()
             || matches!(
                 c,
-                '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+                '\u{2028}'
+                    | '\u{2029}'
+                    | '\u{061c}'
+                    | '\u{00ad}'
+                    | '\u{034f}'
+                    | '\u{180e}'
+                    | '\u{feff}'
             )
+            || ('\u{200b}'..='\u{200f}').contains(&c)
             || ('\u{202a}'..='\u{202e}').contains(&c)
-            || ('\u{2066}'..='\u{2069}').contains(&c)
+            || ('\u{2060}'..='\u{2069}').contains(&c)
     };
     for part in text.split_inclusive(hidden) {
         match part.char_indices().last() {
@@ -267,11 +276,11 @@ mod tests {
         errs.push(
             Pos::new(4, 3),
             "capabilities.x\u{1b}[31mRED\ny",
-            "unknown key `x\u{1b}[31mRED\ny`; did you mean `é\u{85}`?\u{2028}\u{202e}",
+            "unknown key `x\u{1b}[31mRED\ny\u{200b}`; did you mean `é\u{85}`?\u{2028}\u{202e}",
         );
         assert_eq!(
             errs.finish().to_string(),
-            "p.yaml:4:3: capabilities.x\\u{1b}[31mRED\\u{a}y: unknown key `x\\u{1b}[31mRED\\u{a}y`; did you mean `é\\u{85}`?\\u{2028}\\u{202e}"
+            "p.yaml:4:3: capabilities.x\\u{1b}[31mRED\\u{a}y: unknown key `x\\u{1b}[31mRED\\u{a}y\\u{200b}`; did you mean `é\\u{85}`?\\u{2028}\\u{202e}"
         );
     }
 

@@ -20,8 +20,10 @@ pub(crate) fn parse_duration(text: &str) -> Result<std::time::Duration, &'static
     if calendar {
         return Err("months and years are not durations here (`M` is months, not minutes): use d, h, m, s or ms");
     }
-    humantime::parse_duration(text)
-        .map_err(|_| "must be a duration with a unit, like `30s`, `5m` or `1h`")
+    humantime::parse_duration(text).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => "is too long a duration",
+        _ => "must be a duration with a unit, like `30s`, `5m` or `1h`",
+    })
 }
 
 /// Names of credentials, services, capabilities and agents end up in audit records, metric
@@ -133,7 +135,7 @@ pub(crate) fn parse_host(text: &str) -> Result<String, String> {
     }
     if let Some(inner) = text.strip_prefix('[') {
         let Some(inner) = inner.strip_suffix(']') else {
-            return Err("a host must not include a port; use the service's `port:`".into());
+            return Err("a host must not include a port (a service's port is its `port:`; a passthrough host is tunnelled on any port)".into());
         };
         return inner
             .parse::<Ipv6Addr>()
@@ -143,7 +145,7 @@ pub(crate) fn parse_host(text: &str) -> Result<String, String> {
     if text.contains(':') {
         return match text.parse::<Ipv6Addr>() {
             Ok(ip) => Ok(ip.to_string()),
-            Err(_) => Err("a host must not include a port; use the service's `port:`".into()),
+            Err(_) => Err("a host must not include a port (a service's port is its `port:`; a passthrough host is tunnelled on any port)".into()),
         };
     }
     let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
@@ -188,6 +190,9 @@ pub(crate) fn parse_host(text: &str) -> Result<String, String> {
 /// `connect_to: HOST:PORT` (`127.0.0.1:9443`, `[::1]:9443`, `backend.internal:443`).
 pub(crate) fn parse_authority(text: &str) -> Result<(String, u16), String> {
     const USAGE: &str = "must be `HOST:PORT`, like `127.0.0.1:9443` or `[::1]:9443`";
+    if text.contains("://") {
+        return Err(format!("{USAGE}, without a scheme"));
+    }
     let (host, port) = if let Some(rest) = text.strip_prefix('[') {
         let (inner, port) = rest.split_once("]:").ok_or(USAGE)?;
         (format!("[{inner}]"), port)
@@ -312,6 +317,11 @@ mod tests {
         }
         assert!(parse_duration("30").unwrap_err().contains("unit"));
         assert!(parse_duration("").is_err());
+        // It has a unit: what is wrong is its size.
+        assert_eq!(
+            parse_duration("99999999999999999999d"),
+            Err("is too long a duration")
+        );
     }
 
     #[test]
@@ -393,6 +403,15 @@ mod tests {
             "a/b:1",
         ] {
             assert!(parse_authority(bad).is_err(), "{bad:?} accepted");
+        }
+        // Each says what is wrong with it.
+        for (bad, says) in [
+            ("http://1.2.3.4:80", "without a scheme"),
+            ("::1:9443", "in brackets"),
+            ("a.test:0", "from 1 to 65535"),
+        ] {
+            let why = parse_authority(bad).unwrap_err();
+            assert!(why.contains(says), "{bad}: {why}");
         }
     }
 
