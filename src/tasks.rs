@@ -243,6 +243,28 @@ impl Task {
     /// Completes when an operator revokes the task (not when a reload withdraws it: its
     /// requests in flight finish). No timer: a request waiting on its upstream awaits this
     /// beside the upstream, and the timer wheel would cost every request.
+    /// Completes when what the task has in flight must stop (`cut_at`): an operator revoked
+    /// it, or it expired. A reload's withdrawal alone does not complete it.
+    pub async fn cut(&self) -> TaskEnd {
+        loop {
+            let revoked = self.revocation.notified();
+            tokio::pin!(revoked);
+            // Registered before the flags are read, so a revocation in between is not missed.
+            revoked.as_mut().enable();
+            if let Some(end) = self.cut_at(SystemTime::now()) {
+                return end;
+            }
+            let left = self
+                .expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            tokio::select! {
+                _ = revoked => {}
+                _ = tokio::time::sleep(left) => {}
+            }
+        }
+    }
+
     pub async fn revoked_by_operator(&self) {
         let notified = self.revocation.notified();
         tokio::pin!(notified);

@@ -132,6 +132,7 @@ pub async fn serve_intercepted<I, S>(
     svc: S,
     close: Arc<Notify>,
     slot: ConnSlot,
+    task: Arc<crate::tasks::Task>,
 ) -> Option<u16>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -139,9 +140,11 @@ where
     S::Future: Send + 'static,
 {
     let settings = &state.settings;
+    let (cut_tx, cut) = tokio::sync::watch::channel(false);
     let mut builder = auto::Builder::new(StreamExecutor {
         state: state.clone(),
         slot,
+        cut,
     });
     builder
         .http1()
@@ -173,6 +176,22 @@ where
     let io = TokioIo::new(Sniff::for_alpn(io, fragments, h2));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
+    // SECURITY (I3): a revoked or expired task's responses stop at once. A response the agent
+    // does not take (an HTTP/2 stream whose window it never opens, a socket it does not read
+    // while the kernel buffer still has room) is not polled, so it cannot notice by itself:
+    // after a moment for what can end on its own (a request waiting on its upstream gets
+    // its 407), HTTP/2 streams still open are dropped (reset, recorded) and an HTTP/1
+    // connection with a response still out is closed. An idle connection stays: its next
+    // request gets the 407 (SPEC §4.2).
+    let cut_watch = async {
+        task.cut().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+        let _ = cut_tx.send(true);
+        if h2 || activity.is_idle() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::pin!(cut_watch);
     // How long the graceful close may take: as long as a drain would, but for a close keyward
     // asked for itself.
     let mut grace = settings.shutdown_timeout;
@@ -200,6 +219,7 @@ where
         // first bytes without hyper's head timer, so a client silent after the handshake held
         // the tunnel until the idle timeout. Nothing is in flight: close it at once.
         () = activity.no_first_request_within(settings.header_read_timeout) => return None,
+        () = &mut cut_watch => return None,
     }
     conn.as_mut().graceful_shutdown();
     // An HTTP/2 connection whose last stream ends during the drain would still wait for the
@@ -216,6 +236,7 @@ where
         () = state.drain_ended() => {}
         () = tokio::time::sleep(grace) => {}
         () = idle_then_flushed, if h2 => {}
+        () = cut_watch => {}
     }
     None
 }
@@ -237,6 +258,9 @@ const H2_FLUSH_GRACE: Duration = Duration::from_millis(200);
 struct StreamExecutor {
     state: Arc<State>,
     slot: ConnSlot,
+    /// Changes when the tunnel's task was cut (see `serve_intercepted`): the streams open
+    /// then are dropped.
+    cut: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<F> hyper::rt::Executor<F> for StreamExecutor
@@ -245,12 +269,23 @@ where
 {
     fn execute(&self, stream: F) {
         let (state, slot) = (self.state.clone(), self.slot.clone());
+        let mut cut = self.cut.clone();
+        // Only a cut after it began ends a stream: one begun after the cut is the next
+        // request, answered with the 407.
+        cut.borrow_and_update();
         tokio::spawn(async move {
             let _slot = slot;
+            let cut = async {
+                // (An error: the connection is gone, and the stream ends with it.)
+                if cut.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 biased;
                 () = stream => {}
                 () = state.drain_ended() => {}
+                () = cut => {}
             }
         });
     }

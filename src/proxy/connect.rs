@@ -272,7 +272,7 @@ async fn intercept(
     });
     let svc_state = state.clone();
     let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    let served = conn::serve_intercepted(&state, tls, h2, svc, close, slot).await;
+    let served = conn::serve_intercepted(&state, tls, h2, svc, close, slot, task.clone()).await;
     if let Some(status) = served {
         crate::proxy::record::unparsed(&state, client, status);
     }

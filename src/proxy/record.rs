@@ -270,12 +270,19 @@ impl Recorder {
         self.draft.in_flight.as_ref().map(|slot| slot.shared_task())
     }
 
-    /// How a response that stopped before its end ended: keyward cut it at shutdown, or the
-    /// agent went away.
+    /// How a response that stopped before its end ended: keyward cut it at shutdown or because
+    /// its task was revoked or expired, or the agent went away.
     pub fn cut_outcome(&self) -> &'static str {
-        match self.state.drain_over() {
-            true => "shutdown",
-            false => "client_closed",
+        if self.state.drain_over() {
+            return "shutdown";
+        }
+        // Dropped because its task was revoked or expired (`conn::serve_intercepted`).
+        match self
+            .task()
+            .and_then(|t| t.cut_at(std::time::SystemTime::now()))
+        {
+            Some(end) => end.as_str(),
+            None => "client_closed",
         }
     }
 

@@ -1109,3 +1109,107 @@ async fn an_http2_flood_ignoring_ping_loses_its_tunnel_with_few_records() {
         .await;
     assert!(records.len() <= 12, "{} refusals recorded", records.len());
 }
+
+/// An HTTP/2 stream the agent takes nothing more of (it never opens the stream's window) is
+/// never polled again, so it cannot notice its task's end by itself; with the client's
+/// 64 KiB window keyward's socket never fills either, so `send_timeout` does not fire. A
+/// revocation still ends it at once: the stream is reset, its record written, its place in
+/// flight (and its upstream connection) freed. The tunnel stays for the next request's 407.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_ends_http2_streams_the_agent_stopped_taking() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (mut client, conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let mut bodies = Vec::new();
+    for _ in 0..2 {
+        let req = http::Request::builder()
+            .uri(f.tls_url("secure.test", "/big"))
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = bounded("response head", resp).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        // Held, never read: no window is given back.
+        bodies.push(resp.into_body());
+    }
+    let (_, v) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(v["requests_in_flight"], 2, "{v}");
+
+    kw.revoke(&task.id).await;
+    let recs = kw
+        .audit_count(2, |r| r["task"] == task.id.as_str() && r["path"] == "/big")
+        .await;
+    for rec in &recs {
+        assert_eq!(rec["outcome"], "task_revoked", "{rec}");
+        assert_eq!(rec["reason"], "allowed", "{rec}");
+    }
+    let (_, v) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(v["requests_in_flight"], 0, "{v}");
+    // Each stream was reset: what the client still holds ends in an error, not the body's end.
+    for mut body in bodies {
+        let ended = bounded("stream reset", async {
+            loop {
+                match body.data().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Some(e),
+                    None => return None,
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_some(), "a cut stream ended as if whole");
+    }
+    // The tunnel itself stays: its next request gets the 407 (SPEC §4.2).
+    let req = http::Request::builder()
+        .uri(f.tls_url("secure.test", "/echo"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = bounded("the 407", resp).await.unwrap();
+    assert_eq!(resp.status(), 407);
+    driver.abort();
+    kw.assert_no_leaks().await;
+}
+
+/// The same over HTTP/1.1 in a tunnel: an agent that stopped reading a large answer (keyward's
+/// writes wait on a full socket, so the answer is not polled) loses the connection soon after
+/// its task is revoked, not at `send_timeout`; the record says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_ends_an_http1_answer_the_agent_stopped_reading() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut tls = tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let authority = format!("secure.test:{}", f.tls.port());
+    let request = format!("GET /big HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    bounded("write", tls.write_all(request.as_bytes()))
+        .await
+        .unwrap();
+    let mut head = [0u8; 512];
+    let n = bounded("head", tls.read(&mut head)).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    // Then nothing more is read, until the socket buffers are full.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    kw.revoke(&task.id).await;
+    let rec = kw
+        .audit_where("the cut answer", |r| {
+            r["task"] == task.id.as_str() && r["path"] == "/big"
+        })
+        .await;
+    assert_eq!(rec["outcome"], "task_revoked", "{rec}");
+    let (_, v) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(v["requests_in_flight"], 0, "{v}");
+    drop(tls);
+    kw.assert_no_leaks().await;
+}
