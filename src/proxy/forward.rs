@@ -49,6 +49,44 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether the agent's `TE` says it takes trailers. `TE` is hop-by-hop, so it is removed with
+/// the rest; what keyward itself accepts from the upstream is `trailers` (it relays them),
+/// said again when the agent asked for them: gRPC servers refuse a request without it.
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::TE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|coding| {
+            let name = coding.split(|&b| b == b';').next().unwrap_or_default();
+            name.trim_ascii().eq_ignore_ascii_case(b"trailers")
+        })
+}
+
+/// A status without a registered reason phrase, answered over HTTP/1.1 with none of the
+/// upstream's (a credentialed answer's phrase is dropped): hyper would write `<none>`; the
+/// class's name is written instead.
+pub fn name_unknown_status<B>(resp: &mut http::Response<B>) {
+    let status = resp.status();
+    if status.canonical_reason().is_some()
+        || resp
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .is_some()
+    {
+        return;
+    }
+    let class: &'static [u8] = match status.as_u16() / 100 {
+        1 => b"Informational",
+        2 => b"Success",
+        3 => b"Redirection",
+        4 => b"Client Error",
+        _ => b"Server Error",
+    };
+    resp.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(class));
+}
+
 /// Drops what would let the agent act with the injected credential's authority without
 /// keyward: a session an upstream opens for it (`Set-Cookie`, `Set-Cookie2`) is a bearer
 /// secret that outlives the task, its revocation and its intent, and that no redaction finds

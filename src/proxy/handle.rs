@@ -430,6 +430,7 @@ async fn handle_request(
                     resp.headers_mut().remove(http::header::CONTENT_LENGTH);
                 }
             }
+            forward::name_unknown_status(&mut resp);
             let recorder = draft.into_recorder(state.clone(), status.as_u16(), started, upload);
             let (parts, body) = resp.into_parts();
             if bodyless {
@@ -634,7 +635,14 @@ fn prepare(
     draft.set_permit(&generation.policy, &permit);
 
     let websocket = upgrade::wants_websocket(parts);
+    let trailers = forward::accepts_trailers(&parts.headers);
     forward::strip_hop_by_hop(&mut parts.headers);
+    if trailers {
+        // keyward relays trailers, and gRPC servers refuse a request without it.
+        parts
+            .headers
+            .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    }
     if websocket {
         upgrade::mark_upgrade(&mut parts.headers);
     }

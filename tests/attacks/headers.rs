@@ -315,7 +315,6 @@ async fn hop_by_hop_and_proxy_headers_are_not_forwarded() {
     for hop in [
         "proxy-connection",
         "keep-alive",
-        "te",
         "trailer",
         "upgrade",
         "proxy-authenticate",
@@ -328,6 +327,8 @@ async fn hop_by_hop_and_proxy_headers_are_not_forwarded() {
         );
     }
     assert_eq!(f.plain.last().header("x-kept").as_deref(), Some("stays"));
+    // Of the agent's `TE`, only what keyward itself accepts (`trailers`) is said again.
+    assert_eq!(f.plain.last().header_all("te"), ["trailers"]);
     // The agent's token never travels, in any header.
     assert!(!format!("{:?}", f.plain.last().headers).contains(&task.token));
     allowed_record(kw, &task, "/echo").await;
@@ -590,4 +591,74 @@ async fn upstream_host_header_is_written_from_the_decided_target_not_the_agents(
     let rec = allowed_record(kw, &task, "/echo").await;
     assert_eq!(rec["host"], "plain.test");
     kw.assert_no_leaks().await;
+}
+
+/// `TE` is hop-by-hop and goes with the rest; what keyward itself accepts, `trailers`, is
+/// said again when the agent asked for it (gRPC servers refuse a request without it), and
+/// nothing else of the agent's `TE` travels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_trailers_is_said_to_the_upstream_when_the_agent_asks_for_trailers() {
+    use crate::common::{plain_fixture_at, Reply, ScriptUpstream};
+    let script =
+        ScriptUpstream::start(|_| Reply::bytes(crate::common::http_response("200 OK", &[], b"ok")))
+            .await;
+    let port = script.port();
+    let (f, task) = plain_fixture_at(&script).await;
+    let kw = &f.kw;
+    for (extra, want) in [
+        ("TE: trailers\r\n", vec!["trailers"]),
+        (
+            "TE: gzip;q=0.5, Trailers\r\nConnection: TE\r\n",
+            vec!["trailers"],
+        ),
+        ("TE: gzip\r\n", vec![]),
+        ("", vec![]),
+    ] {
+        let resp = kw
+            .raw(&raw_req_at(
+                port,
+                "GET",
+                "plain.test",
+                "/echo",
+                &task,
+                extra,
+            ))
+            .await;
+        assert_eq!(resp.status, 200, "{extra:?}");
+        let seen = script.seen().pop().unwrap();
+        assert_eq!(seen.header_all("te"), want, "{extra:?}: {}", seen.head);
+    }
+    kw.assert_no_leaks().await;
+}
+
+/// A status without a registered reason phrase keeps a phrase: a credentialed answer's own is
+/// dropped (a reflected credential could hide there), and hyper would write `<none>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_status_gets_its_class_as_reason_phrase() {
+    use crate::common::{plain_fixture_at, Reply, ScriptUpstream};
+    let script = ScriptUpstream::start(|_| {
+        Reply::bytes(crate::common::http_response("599 My Own Reason", &[], b""))
+    })
+    .await;
+    let port = script.port();
+    let (f, task) = plain_fixture_at(&script).await;
+    let kw = &f.kw;
+    let answer = raw_exchange_text(
+        kw.proxy_addr,
+        &raw_req_at(port, "GET", "plain.test", "/echo", &task, ""),
+    )
+    .await;
+    let status_line = answer.lines().next().unwrap_or_default();
+    assert_eq!(status_line, "HTTP/1.1 599 Server Error", "{answer}");
+    kw.assert_no_leaks().await;
+}
+
+/// Sends `request` and returns the whole answer as text (the connection closes after it).
+async fn raw_exchange_text(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = crate::common::bounded("the answer", tcp.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
