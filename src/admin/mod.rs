@@ -69,7 +69,7 @@ async fn accept(
             builder
                 .timer(TokioTimer::new())
                 .header_read_timeout(settings.header_read_timeout)
-                .max_buf_size(settings.max_header_bytes.max(8192));
+                .max_buf_size(settings.parser_head_limit());
             let svc_state = state.clone();
             let known = stranger.clone();
             let svc = service_fn(move |req| {

@@ -116,6 +116,14 @@ pub struct ProxySettings {
 }
 
 impl ProxySettings {
+    /// How large a head the HTTP parser reads (its buffer, HTTP/2's header list): over
+    /// `max_header_bytes` by 16 KiB, so that a head somewhat over the limit reaches keyward,
+    /// which answers it with its own 431 problem and record (`head_too_large`) instead of the
+    /// parser's bare one. hyper needs at least 8 KiB.
+    pub fn parser_head_limit(&self) -> usize {
+        self.max_header_bytes.saturating_add(16 * 1024).max(8192)
+    }
+
     /// Connections one task may hold: `max_task_connections`, by default a quarter of
     /// `max_connections`, so one task cannot take every place from the others.
     pub fn task_connections_limit(&self) -> u32 {

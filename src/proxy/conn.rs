@@ -48,7 +48,7 @@ where
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192))
+        .max_buf_size(settings.parser_head_limit())
         .keep_alive(true);
     let stranger = Arc::new(stranger);
     let activity = Arc::new(Activity::new(Some(stranger.clone())));
@@ -150,14 +150,14 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.max_header_bytes.max(8192));
+        .max_buf_size(settings.parser_head_limit());
     builder
         .http2()
         .timer(TokioTimer::new())
         // A tunnel is one task's: more streams than it may have in flight would only be
         // refused (429), so an HTTP/2 client is told to queue them instead.
         .max_concurrent_streams(settings.max_task_in_flight.min(128))
-        .max_header_list_size(settings.max_header_bytes.max(8192) as u32)
+        .max_header_list_size(u32::try_from(settings.parser_head_limit()).unwrap_or(u32::MAX))
         .max_pending_accept_reset_streams(32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let activity = Arc::new(Activity::new(None));
