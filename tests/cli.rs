@@ -1770,21 +1770,46 @@ async fn sigterm_at_the_end_of_start_up_exits_at_once() {
     }
 }
 
-/// Audit records to `-` with standard output at /dev/null (keyward started with it closed)
-/// go nowhere: `serve` says so at start.
+/// Audit records that would go nowhere are refused at start (fail closed): `-` with standard
+/// output at /dev/null (keyward started with it closed), or a path naming /dev/null. A real
+/// pipe is fine. A parent of the path that is a file is named as the cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn audit_to_stdout_that_is_dev_null_is_warned_about() {
+async fn audit_records_that_would_be_discarded_are_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("afile"), "").unwrap();
+    for (path, says) in [
+        ("\"-\"", "standard output is /dev/null"),
+        ("/dev/null", "audit.path names /dev/null"),
+        ("afile/audit.jsonl", "afile` is not a directory"),
+    ] {
+        let file = edited_policy(
+            dir.path(),
+            &[(
+                "audit: { path: audit.jsonl }",
+                &format!("audit: {{ path: {path} }}"),
+            )],
+        );
+        // (`output()` would pipe standard output whatever was set.)
+        let child = tokio::process::Command::new(BIN)
+            .args(["serve", "--config", file.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let out = child.wait_with_output();
+        let out = bounded(&format!("keyward serve with {path}"), out)
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{path}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains(says), "{path}: {err}");
+    }
+
     let file = edited_policy(
         dir.path(),
         &[("audit: { path: audit.jsonl }", "audit: { path: \"-\" }")],
     );
-    let (mut child, _lines, _log, _) =
-        spawn_serve_until(&file, Stdio::null(), "standard output is /dev/null").await;
-    signal(&child, "-TERM");
-    bounded("keyward exit", child.wait()).await.unwrap();
-
-    // A real pipe is not warned about.
     let (mut child, _lines, log, _) =
         spawn_serve_until(&file, Stdio::piped(), "keyward listening ").await;
     assert!(!log.join("\n").contains("/dev/null"), "{log:?}");

@@ -451,6 +451,14 @@ fn make_parent(target: &AuditTarget) -> Result<(), AuditError> {
     if parent.is_dir() {
         return Ok(());
     }
+    if parent.exists() {
+        // (Else creating it fails with "File exists", which points the wrong way.)
+        let source = io::Error::other(format!("`{}` is not a directory", parent.display()));
+        return Err(AuditError::Open {
+            path: path.clone(),
+            source,
+        });
+    }
     let mut dirs = std::fs::DirBuilder::new();
     dirs.recursive(true);
     #[cfg(unix)]
@@ -467,8 +475,11 @@ fn make_parent(target: &AuditTarget) -> Result<(), AuditError> {
 fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
     match target {
         AuditTarget::Stdout => {
-            if stdout_is_null() {
-                tracing::warn!("audit.path is \"-\" but standard output is /dev/null (closed when keyward started?): every record is discarded");
+            // SECURITY (fail closed): no record may go nowhere unseen.
+            if is_dev_null(rustix::fs::fstat(io::stdout())) {
+                return Err(AuditError::Discarded(
+                    "audit.path is \"-\" and standard output is /dev/null (closed when keyward started?)",
+                ));
             }
             Ok((Sink::Stdout(io::stdout()), Chain::default()))
         }
@@ -487,6 +498,9 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
             };
             let mut file = opts.open(path).map_err(open_err)?;
             let meta = file.metadata().map_err(open_err)?;
+            if is_dev_null(rustix::fs::fstat(&file)) {
+                return Err(AuditError::Discarded("audit.path names /dev/null"));
+            }
             if !meta.is_file() {
                 // A device or pipe: nothing to read back, so the chain starts afresh.
                 let sink = Sink::File {
@@ -523,16 +537,13 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
     }
 }
 
-/// Whether standard output is `/dev/null`: what the Rust runtime puts there when keyward was
-/// started with it closed (`>&-`), and where records written to `-` would go unseen.
-fn stdout_is_null() -> bool {
-    let (Ok(out), Ok(null)) = (
-        rustix::fs::fstat(io::stdout()),
-        rustix::fs::stat("/dev/null"),
-    ) else {
+/// Whether an open file is `/dev/null`: what the Rust runtime puts on standard output when
+/// keyward was started with it closed (`>&-`), and where records would go unseen.
+fn is_dev_null(open: rustix::io::Result<rustix::fs::Stat>) -> bool {
+    let (Ok(open), Ok(null)) = (open, rustix::fs::stat("/dev/null")) else {
         return false;
     };
-    (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
+    (open.st_rdev, open.st_dev, open.st_ino) == (null.st_rdev, null.st_dev, null.st_ino)
 }
 
 struct Writer {
