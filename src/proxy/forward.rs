@@ -24,9 +24,10 @@ pub enum UpstreamError {
     Timeout,
 }
 
-/// Removes hop-by-hop headers and every header named in `Connection` (SPEC §4.6).
+/// Removes hop-by-hop headers and every header named in `Connection` (SPEC §4.6), and says
+/// whether a `TE` among them accepted trailers (see `accepts_trailers`).
 /// SECURITY: called before injection, so `Connection: authorization` cannot strip the credential.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // One look at the names present, then a removal per name found: most requests carry only
     // `Proxy-Authorization`, and nine blind removals (a hash and a probe each) cost more.
     let mut doomed: smallvec::SmallVec<[HeaderName; 4]> = headers
@@ -44,15 +45,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
         );
     }
+    // Looked at only when there is a `TE` (rare outside gRPC): its value goes with it.
+    let trailers = doomed.contains(&http::header::TE) && accepts_trailers(headers);
     for name in doomed {
         headers.remove(name);
     }
+    trailers
 }
 
 /// Whether the agent's `TE` says it takes trailers. `TE` is hop-by-hop, so it is removed with
 /// the rest; what keyward itself accepts from the upstream is `trailers` (it relays them),
 /// said again when the agent asked for them: gRPC servers refuse a request without it.
-pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+fn accepts_trailers(headers: &HeaderMap) -> bool {
     headers
         .get_all(http::header::TE)
         .iter()
@@ -313,7 +317,7 @@ mod tests {
         ] {
             h.append(n, http::HeaderValue::from_static(v));
         }
-        strip_hop_by_hop(&mut h);
+        assert!(strip_hop_by_hop(&mut h), "its TE took trailers");
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "authorization"]);

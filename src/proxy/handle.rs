@@ -349,7 +349,7 @@ async fn handle_request(
                     return resp;
                 };
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
-                forward::strip_hop_by_hop(resp.headers_mut());
+                let _ = forward::strip_hop_by_hop(resp.headers_mut());
                 upgrade::mark_upgrade(resp.headers_mut());
                 if let Some(r) = redactor.as_mut() {
                     forward::strip_session_grants(resp.headers_mut());
@@ -414,7 +414,7 @@ async fn handle_request(
                 && !resp.headers().contains_key(http::header::TRANSFER_ENCODING))
             .then(|| forward::content_length(resp.headers()))
             .flatten();
-            forward::strip_hop_by_hop(resp.headers_mut());
+            let _ = forward::strip_hop_by_hop(resp.headers_mut());
             // SECURITY: `Alt-Svc` invites the agent's client to reach the origin another way
             // (HTTP/3 over UDP, another port), around keyward and its decisions.
             resp.headers_mut().remove(http::header::ALT_SVC);
@@ -635,9 +635,7 @@ fn prepare(
     draft.set_permit(&generation.policy, &permit);
 
     let websocket = upgrade::wants_websocket(parts);
-    let trailers = forward::accepts_trailers(&parts.headers);
-    forward::strip_hop_by_hop(&mut parts.headers);
-    if trailers {
+    if forward::strip_hop_by_hop(&mut parts.headers) {
         // keyward relays trailers, and gRPC servers refuse a request without it.
         parts
             .headers
