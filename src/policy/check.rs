@@ -6,6 +6,7 @@
 //! later), and never put a value into a message except the names of credentials, services and
 //! capabilities.
 
+use crate::matcher::overlap::OverlapIndex;
 use crate::matcher::route::RoutePattern;
 use std::collections::HashMap;
 
@@ -300,11 +301,31 @@ fn check_shared_hosts(
             if sa.port != sb.port || !shares_a_host(sa, sb) {
                 continue;
             }
-            let caps_a = capabilities.iter().filter(|c| service_of(c) == Some(a));
-            for ca in caps_a {
-                let caps_b = capabilities.iter().filter(|c| service_of(c) == Some(b));
-                for cb in caps_b {
-                    report_overlaps(ca, sa, cb, sb, errs);
+            // `b`'s routes indexed once, each of `a`'s looked up: not every pair compared.
+            let mut index = OverlapIndex::new();
+            for (ci, cb) in capabilities.iter().enumerate() {
+                if service_of(cb) == Some(b) {
+                    for (ri, rb) in cb.routes.iter().enumerate() {
+                        index.insert(&rb.value, (ci, ri));
+                    }
+                }
+            }
+            let mut found = Vec::new();
+            for ca in capabilities.iter().filter(|c| service_of(c) == Some(a)) {
+                for ra in &ca.routes {
+                    found.clear();
+                    index.candidates(&ra.value, &mut found);
+                    for &(ci, ri) in &found {
+                        let Some(cb) = capabilities.get(ci) else {
+                            continue;
+                        };
+                        let Some(rb) = cb.routes.get(ri) else {
+                            continue;
+                        };
+                        if ra.value.overlaps(&rb.value) {
+                            report_overlap((ca, ra, sa), (cb, rb, sb), errs);
+                        }
+                    }
                 }
             }
         }
@@ -317,33 +338,20 @@ fn shares_a_host(a: &RawService, b: &RawService) -> bool {
         .any(|x| b.hosts.iter().any(|y| x.value.shares_host_with(&y.value)))
 }
 
-fn report_overlaps(
-    ca: &RawCapability,
-    sa: &RawService,
-    cb: &RawCapability,
-    sb: &RawService,
-    errs: &mut Errors,
-) {
-    for ra in &ca.routes {
-        for rb in &cb.routes {
-            if !ra.value.overlaps(&rb.value) {
-                continue;
-            }
-            let (later, earlier, other_cap, other_svc, this_svc) = if ra.pos > rb.pos {
-                (ra, rb, cb, sb, sa)
-            } else {
-                (rb, ra, ca, sa, sb)
-            };
-            errs.push(
-                later.pos,
-                &later.path,
-                format!(
-                    "a request can match both this route and `{}` of capability `{}` ({}); services `{}` and `{}` share a host and port, so which credential applies would be ambiguous",
-                    earlier.value, other_cap.name.value, earlier.pos, this_svc.name.value, other_svc.name.value
-                ),
-            );
-        }
-    }
+type RouteOf<'a> = (&'a RawCapability, &'a Located<RoutePattern>, &'a RawService);
+
+/// Reports a clash once, at whichever of the two routes is written later.
+fn report_overlap(a: RouteOf<'_>, b: RouteOf<'_>, errs: &mut Errors) {
+    let ((_, later, this_svc), (other_cap, earlier, other_svc)) =
+        if a.1.pos > b.1.pos { (a, b) } else { (b, a) };
+    errs.push(
+        later.pos,
+        &later.path,
+        format!(
+            "a request can match both this route and `{}` of capability `{}` ({}); services `{}` and `{}` share a host and port, so which credential applies would be ambiguous",
+            earlier.value, other_cap.name.value, earlier.pos, this_svc.name.value, other_svc.name.value
+        ),
+    );
 }
 
 /// A passthrough host is tunnelled blind; a service host is inspected and gets a credential.
