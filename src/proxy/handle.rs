@@ -144,7 +144,8 @@ pub async fn handle(
     if req.method() == Method::CONNECT && ctx.tunnel.is_none() {
         return Ok(connect::handle(state, &ctx, req).await);
     }
-    Ok(handle_request(state, &ctx, req).await)
+    let head = req.method() == Method::HEAD;
+    Ok(bodyless_if(head, handle_request(state, &ctx, req).await))
 }
 
 /// The service function inside an intercepted tunnel (CONNECT there is refused as ambiguous).
@@ -153,7 +154,21 @@ pub async fn handle_in_tunnel(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    Ok(handle_request(state, &ctx, req).await)
+    let head = req.method() == Method::HEAD;
+    Ok(bodyless_if(head, handle_request(state, &ctx, req).await))
+}
+
+/// The answer to a `HEAD` carries no body (its `Content-Length` stays, as RFC 9110 §9.3.2
+/// allows). HTTP/1.1 drops one by itself; HTTP/2 would send keyward's problem document as
+/// DATA, a protocol error that hides the refusal from the agent.
+fn bodyless_if(head: bool, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    match head {
+        true => resp.map(|body| match body {
+            ProxyBody::Full(_) => ProxyBody::empty(),
+            upstream => upstream,
+        }),
+        false => resp,
+    }
 }
 
 /// A refusal decided before anything left keyward.

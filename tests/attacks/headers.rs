@@ -679,3 +679,31 @@ async fn raw_exchange_text(addr: std::net::SocketAddr, request: &str) -> String 
     let _ = crate::common::bounded("the answer", tcp.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// keyward's own answer to a `HEAD` carries no body over HTTP/2 either (it sent its problem
+/// document as DATA: a protocol error, and the agent never saw the refusal or its reason).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_head_over_http2_is_answered_without_a_body() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut h2 = tunnel_h2(&f, &task, "secure.test").await;
+    for _ in 0..2 {
+        let req = h2_req("HEAD", &f.tls_url("secure.test", "/not-in-intent"), b"");
+        let resp = h2_send(&mut h2, req).await;
+        assert_eq!(resp.status, 403, "{}", resp.text());
+        assert_eq!(
+            resp.header("x-keyward-reason").as_deref(),
+            Some("route_not_in_intent")
+        );
+        assert!(resp.body.is_empty());
+    }
+    // The connection goes on: an allowed request after them is answered.
+    let resp = h2_send(
+        &mut h2,
+        h2_req("GET", &f.tls_url("secure.test", "/echo"), b""),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    kw.assert_no_leaks().await;
+}
