@@ -223,18 +223,29 @@ impl State {
         .await?;
         let version = generation.policy.version().to_string();
         // SECURITY (SPEC §9): a task whose agent, or one of whose capabilities, the new policy
-        // no longer has (or no longer grants that agent) is refused from its next request on,
-        // for good (putting them back later must not revive it); what it has in flight finishes.
+        // no longer has (or no longer grants that agent), or that runs longer than its agent's
+        // new `max_ttl` allows, is refused from its next request on, for good (putting them
+        // back later must not revive it); what it has in flight finishes.
         let compiled = &generation.policy;
+        let too_long = |t: &crate::tasks::Task| {
+            compiled.agent(&t.agent).is_some_and(|a| {
+                t.expires_at
+                    .duration_since(t.created_at)
+                    .unwrap_or_default()
+                    > a.max_ttl
+            })
+        };
         let withdrawn = |t: &crate::tasks::Task| match compiled.agent_grants(&t.agent) {
             None => true,
-            Some(grants) => t
-                .intent
-                .iter()
-                .any(|g| match compiled.capability(&g.capability) {
-                    Some((i, _)) => !grants.contains(i),
-                    None => true,
-                }),
+            Some(grants) => {
+                too_long(t)
+                    || t.intent
+                        .iter()
+                        .any(|g| match compiled.capability(&g.capability) {
+                            Some((i, _)) => !grants.contains(i),
+                            None => true,
+                        })
+            }
         };
         // A task that has expired already ended, and stays expired (as `DELETE` leaves it).
         let now = std::time::SystemTime::now();
@@ -258,7 +269,7 @@ impl State {
             tracing::info!(
                 count = orphaned.len(),
                 tasks = %ids.join(","),
-                "revoked the tasks whose agent or capabilities the policy no longer has"
+                "revoked the tasks whose agent or capabilities the policy no longer has, or that run longer than their agent's max_ttl now allows"
             );
         }
         tracing::info!(policy_version = %version, "policy reloaded");

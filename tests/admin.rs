@@ -1264,6 +1264,36 @@ async fn a_reload_without_an_agent_revokes_its_tasks_for_good() {
     kw.assert_no_leaks().await;
 }
 
+/// An agent's `max_ttl` lowered by a reload bounds the tasks already minted too: one that
+/// runs longer than the new limit allows is revoked (as a withdrawn capability's task is),
+/// one within it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_lowering_max_ttl_revokes_the_tasks_that_run_longer() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let long = kw
+        .mint_with(json!({"agent": "reader", "intent": ["plain.issues.read"], "ttl": "10m"}))
+        .await;
+    let short = kw
+        .mint_with(json!({"agent": "reader", "intent": ["plain.issues.read"], "ttl": "1m"}))
+        .await;
+    let url = f.plain_url("plain.test", "/echo");
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let lowered = original.replacen(
+        "    capabilities: [plain.issues.read]\n    max_ttl: 10m\n",
+        "    capabilities: [plain.issues.read]\n    max_ttl: 5m\n",
+        1,
+    );
+    assert_ne!(lowered, original);
+    std::fs::write(&kw.policy_path, &lowered).unwrap();
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    let resp = kw.send(kw.agent(&long).get(&url)).await;
+    kw.assert_denied(&resp, 407, "task_revoked").await;
+    assert_eq!(kw.send(kw.agent(&short).get(&url)).await.status, 200);
+    kw.assert_no_leaks().await;
+}
+
 /// An admin token rotated at its source (a `file:` rewritten, as a Secret update does) applies
 /// at the next reload, and the old one stops working; no restart, so no task is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
