@@ -120,19 +120,28 @@ pub async fn drain(state: &State, limit: &tokio::sync::Semaphore, capacity: usiz
     }
 }
 
-/// Serves the HTTP inside an intercepted tunnel until it closes, `close` is notified (an
+/// What ends an intercepted tunnel from outside.
+pub struct TunnelEnds {
+    /// A close keyward asks for (after a 407 or a flooding refusal).
+    pub close: Arc<Notify>,
+    /// The tunnel's task: revoked or expired, its requests are cut.
+    pub task: Arc<crate::tasks::Task>,
+    /// Tells the requests in flight that the task was cut (`TunnelCtx::cut`).
+    pub cut: tokio::sync::watch::Sender<bool>,
+}
+
+/// Serves the HTTP inside an intercepted tunnel until it closes, `ends.close` is notified (an
 /// authentication failure inside the tunnel), or keyward shuts down. Returns what
-/// `serve_plain` returns. A task that ends does not close it: SPEC §4.2 answers its next
-/// request with the 407 that says why, then closes (responses still streaming are cut by
-/// `ProxyBody` at once).
+/// `serve_plain` returns. A task that ends does not close an idle tunnel: SPEC §4.2 answers
+/// its next request with the 407 that says why, then closes; what it has in flight is cut
+/// (see `cut_watch` below).
 pub async fn serve_intercepted<I, S>(
     state: &Arc<State>,
     io: I,
     h2: bool,
     svc: S,
-    close: Arc<Notify>,
+    ends: TunnelEnds,
     slot: ConnSlot,
-    task: Arc<crate::tasks::Task>,
 ) -> Option<u16>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -140,11 +149,15 @@ where
     S::Future: Send + 'static,
 {
     let settings = &state.settings;
-    let (cut_tx, cut) = tokio::sync::watch::channel(false);
+    let TunnelEnds {
+        close,
+        task,
+        cut: cut_tx,
+    } = ends;
     let mut builder = auto::Builder::new(StreamExecutor {
         state: state.clone(),
         slot,
-        cut,
+        cut: cut_tx.subscribe(),
     });
     builder
         .http1()
@@ -176,17 +189,17 @@ where
     let io = TokioIo::new(Sniff::for_alpn(io, fragments, h2));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
-    // SECURITY (I3): a revoked or expired task's responses stop at once. A response the agent
-    // does not take (an HTTP/2 stream whose window it never opens, a socket it does not read
-    // while the kernel buffer still has room) is not polled, so it cannot notice by itself:
-    // after a moment for what can end on its own (a request waiting on its upstream gets
-    // its 407), HTTP/2 streams still open are dropped (reset, recorded) and an HTTP/1
-    // connection with a response still out is closed. An idle connection stays: its next
-    // request gets the 407 (SPEC §4.2).
+    // SECURITY (I3): a revoked or expired task's requests stop at once: the cut is sent to
+    // them (a request waiting on its upstream answers its 407, `handle`). A response the
+    // agent does not take (an HTTP/2 stream whose window it never opens, a socket it does not
+    // read while the kernel buffer still has room) is not polled, so it cannot notice by
+    // itself: after a moment for what ends on its own (those 407s), HTTP/2 streams still open
+    // are dropped (reset, recorded) and an HTTP/1 connection with a response still out is
+    // closed. An idle connection stays: its next request gets the 407 (SPEC §4.2).
     let cut_watch = async {
         task.cut().await;
-        tokio::time::sleep(CLOSE_GRACE).await;
         let _ = cut_tx.send(true);
+        tokio::time::sleep(CLOSE_GRACE).await;
         if h2 || activity.is_idle() {
             std::future::pending::<()>().await;
         }
@@ -259,7 +272,7 @@ struct StreamExecutor {
     state: Arc<State>,
     slot: ConnSlot,
     /// Changes when the tunnel's task was cut (see `serve_intercepted`): the streams open
-    /// then are dropped.
+    /// then are dropped a moment later.
     cut: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -280,6 +293,7 @@ where
                 if cut.changed().await.is_err() {
                     std::future::pending::<()>().await;
                 }
+                tokio::time::sleep(CLOSE_GRACE).await;
             };
             tokio::select! {
                 biased;

@@ -258,6 +258,7 @@ async fn intercept(
     let _held = slot.clone();
     let close = Arc::new(Notify::new());
     let relay = Arc::new(tokio::sync::Semaphore::new(1));
+    let (cut_tx, cut) = tokio::sync::watch::channel(false);
     let ctx = Arc::new(ConnCtx {
         client,
         slot: slot.clone(),
@@ -268,11 +269,17 @@ async fn intercept(
             close: close.clone(),
             relay: relay.clone(),
             h2,
+            cut,
         }),
     });
     let svc_state = state.clone();
     let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    let served = conn::serve_intercepted(&state, tls, h2, svc, close, slot, task.clone()).await;
+    let ends = conn::TunnelEnds {
+        close,
+        task: task.clone(),
+        cut: cut_tx,
+    };
+    let served = conn::serve_intercepted(&state, tls, h2, svc, ends, slot).await;
     if let Some(status) = served {
         crate::proxy::record::unparsed(&state, client, status);
     }

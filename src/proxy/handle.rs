@@ -133,6 +133,8 @@ pub struct TunnelCtx {
     pub relay: Arc<tokio::sync::Semaphore>,
     /// The agent speaks HTTP/2 in the tunnel (ALPN `h2`), else HTTP/1.1.
     pub h2: bool,
+    /// Turns true when the tunnel's task is revoked or expires (`conn::serve_intercepted`).
+    pub cut: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The service function of both listeners. Never fails toward hyper.
@@ -313,13 +315,27 @@ async fn handle_request(
     // SECURITY: a task revoked or expired while its request was out gets no answer (not
     // even the head), and an upload still going is cut (`CountingBody`; a paused one here:
     // the request is dropped, which resets its stream or closes its connection).
+    // Inside a tunnel, expiry too is told at once (its connection watches the task anyway).
+    let tunnel_cut = async {
+        let cut = match ctx.tunnel.as_ref().map(|t| t.cut.clone()) {
+            Some(mut cut) => cut.wait_for(|cut| *cut).await.is_ok(),
+            None => false,
+        };
+        if !cut {
+            std::future::pending::<()>().await;
+        }
+    };
     let sent = tokio::select! {
         biased;
         sent = sending => Some(sent),
         () = task.revoked_by_operator() => None,
+        () = tunnel_cut => None,
     };
     let ended = match &sent {
-        None => Some(crate::tasks::TaskEnd::Revoked),
+        None => Some(
+            task.cut_at(SystemTime::now())
+                .unwrap_or(crate::tasks::TaskEnd::Revoked),
+        ),
         Some(sent) => upload
             .cut_by()
             .or_else(|| task.cut_at(SystemTime::now()).filter(|_| sent.is_ok())),

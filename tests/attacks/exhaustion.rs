@@ -1213,3 +1213,43 @@ async fn a_revocation_ends_an_http1_answer_the_agent_stopped_reading() {
     drop(tls);
     kw.assert_no_leaks().await;
 }
+
+/// A request inside a tunnel still waiting on its upstream when its task expires gets the
+/// 407 then (its tunnel watches the task), over HTTP/2 and HTTP/1.1, and is recorded as cut
+/// by the expiry: not reset, not taken for a client that hung up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_in_a_tunnel_when_its_task_expires_gets_the_407() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
+        let task = kw
+            .mint_with(json!({"agent": "bot", "intent": ["secure.read"], "ttl": "2s"}))
+            .await;
+        let tls = tunnel_tls(&f, &task, "secure.test", &[alpn]).await;
+        let req = http::Request::builder()
+            .uri(f.tls_url("secure.test", "/stall"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let resp = if alpn == b"h2" {
+            let mut h2 = crate::common::h2_over(tls).await;
+            crate::common::h2_send(&mut h2, req).await
+        } else {
+            let mut h1 = crate::common::h1_over(tls).await;
+            crate::common::h1_send(&mut h1, req).await
+        };
+        // (Its record is the allowed request's, cut: checked below.)
+        assert_eq!(resp.status, 407, "{}", resp.text());
+        assert_eq!(
+            resp.header("x-keyward-reason").as_deref(),
+            Some("task_expired")
+        );
+        let rec = kw
+            .audit_where("the cut request", |r| {
+                r["task"] == task.id.as_str() && r["path"] == "/stall"
+            })
+            .await;
+        assert_eq!(rec["outcome"], "task_expired", "{rec}");
+        assert_eq!(rec["status"], 407, "{rec}");
+    }
+    kw.assert_no_leaks().await;
+}

@@ -202,6 +202,7 @@ capabilities:
       - GET /big
       - GET /sse
       - GET /endless
+      - GET /stall
       - GET|POST /echo
   wrongname.read:
     service: wrongname
