@@ -200,12 +200,26 @@ pub enum ProxyBody {
 }
 
 /// Fields a trailer section must not carry (they describe the body before it is read).
-const DEFERRED_NEVER: [http::header::HeaderName; 4] = [
+const DEFERRED_NEVER: [http::header::HeaderName; 6] = [
     http::header::CONTENT_ENCODING,
     http::header::TRANSFER_ENCODING,
     http::header::CONTENT_LENGTH,
     http::header::CONTENT_RANGE,
+    // Nor routing or control data (RFC 9110 §6.5.1), nor an invitation around keyward.
+    http::header::HOST,
+    http::header::ALT_SVC,
 ];
+
+/// Trailers as relayed to the agent, whether or not the answer was credentialed: what may not
+/// be deferred to trailers goes, and so do connection-specific fields (a hop-by-hop name in
+/// HTTP/2 trailers is a protocol error, so the agent's stream was reset, though the record
+/// said `completed`).
+fn clean_trailers(trailers: &mut http::HeaderMap) {
+    let _ = crate::proxy::forward::strip_hop_by_hop(trailers);
+    for name in DEFERRED_NEVER {
+        trailers.remove(name);
+    }
+}
 
 impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
@@ -361,15 +375,14 @@ impl Body for ProxyBody {
                                     // RFC 9110 §6.5.1: a coding or framing announced after the
                                     // body cannot apply to it; a client that honoured one would
                                     // decode bytes the redactor saw only encoded.
-                                    for name in DEFERRED_NEVER {
-                                        t.remove(name);
-                                    }
+                                    clean_trailers(&mut t);
                                     *trailers = Some(t);
                                     *ended = true;
                                     continue;
                                 }
-                                (Ok(trailers), None) => {
+                                (Ok(mut trailers), None) => {
                                     *ended = true;
+                                    clean_trailers(&mut trailers);
                                     finish(recorder, redactor, *bytes, "completed");
                                     Frame::trailers(trailers)
                                 }

@@ -296,7 +296,7 @@ async fn credential_reflected_in_trailers_is_redacted_for_an_http2_agent() {
         let mut parts = chunked_head("Trailer: X-Echo-Key\r\n");
         parts.extend(chunk(b"body"));
         parts.extend(
-            format!("0\r\nX-Echo-Key: {key}\r\nX-Plain: fine\r\nContent-Encoding: gzip\r\nSet-Cookie: s=1\r\n\r\n")
+            format!("0\r\nX-Echo-Key: {key}\r\nX-Plain: fine\r\nContent-Encoding: gzip\r\nSet-Cookie: s=1\r\nConnection: x\r\nKeep-Alive: 5\r\nAlt-Svc: h3=\":443\"\r\nHost: evil.test\r\n\r\n")
                 .into_bytes(),
         );
         Reply::bytes(parts)
@@ -334,6 +334,11 @@ async fn credential_reflected_in_trailers_is_redacted_for_an_http2_agent() {
     assert!(trailers.get("content-encoding").is_none(), "{trailers:?}");
     // Nor does a session opened for the credential reach the agent after the body.
     assert!(trailers.get("set-cookie").is_none(), "{trailers:?}");
+    // Nor connection-specific fields (in HTTP/2 trailers a protocol error: the stream would
+    // be reset), routing data, or an invitation around keyward.
+    for name in ["connection", "keep-alive", "alt-svc", "host"] {
+        assert!(trailers.get(name).is_none(), "{name}: {trailers:?}");
+    }
     assert_eq!(script.hits(), 1);
     // The trailers were the response's last frame: it completed (the agent did not hang up).
     let rec = crate::headers::allowed_record(kw, &task, "/reflect-auth").await;
