@@ -53,7 +53,10 @@ pub async fn handle(
     }
     let head_len = crate::proxy::identify::head_len(req.method(), req.uri(), req.headers());
     if head_len > state.settings.max_header_bytes {
-        return handle::refuse_head(&state, draft).await;
+        draft.rec.outcome = Some(respond::HEAD_TOO_LARGE);
+        let denial = Denial::bare(Reason::AmbiguousRequest);
+        let code = Some(respond::HEAD_TOO_LARGE);
+        return refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
     }
     let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
     // The record of a 407 still names the destination asked for (scrubbed like every field).
@@ -177,9 +180,9 @@ async fn refuse(
         ambiguity: code,
     });
     respond::close_unless_authenticated(&mut resp, denial.reason, task.as_deref());
-    draft
-        .write(state, denial.reason, denial.reason.status().as_u16())
-        .await;
+    // (The response's status: a head too large is 431, not the reason's 400.)
+    let status = resp.status().as_u16();
+    draft.write(state, denial.reason, status).await;
     // After the record, as in `handle::refuse`.
     if place.pace_denial(state).await {
         respond::close_after(&mut resp);

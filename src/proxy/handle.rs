@@ -224,7 +224,17 @@ async fn handle_request(
     if identify::head_len(&parts.method, &parts.uri, &parts.headers)
         > state.settings.max_header_bytes
     {
-        return refuse_head(&state, draft).await;
+        // Nothing of it is decided; inside a tunnel its task and host are known all the same,
+        // and its refusals are paced as the task's others are (`refuse`).
+        draft.rec.outcome = Some(respond::HEAD_TOO_LARGE);
+        if let Some(t) = &ctx.tunnel {
+            draft.set_task(&t.task);
+        }
+        let refusal = Refusal {
+            denial: Denial::bare(Reason::AmbiguousRequest),
+            code: Some(respond::HEAD_TOO_LARGE),
+        };
+        return refuse(&state, &generation, ctx, draft, refusal).await;
     }
 
     let prepared = prepare(&state, &generation, ctx, &mut parts, &mut draft);
@@ -571,24 +581,6 @@ async fn handle_request(
 /// Characters of an upstream error's text that are logged.
 const MAX_LOGGED_ERROR: usize = 512;
 
-/// A head over `proxy.max_header_bytes`: `ambiguous_request` (nothing of it was decided, as
-/// for the heads too large to parse) answered 431.
-pub async fn refuse_head(state: &State, mut draft: RecordDraft) -> Response<ProxyBody> {
-    draft.rec.outcome = Some(respond::HEAD_TOO_LARGE);
-    let mut resp = respond::deny(&DenyInfo {
-        reason: Reason::AmbiguousRequest,
-        request_id: draft.request_id(),
-        task: None,
-        hint: None,
-        ambiguity: Some(respond::HEAD_TOO_LARGE),
-    });
-    // Nothing was authenticated: the connection is not kept (see `refuse`).
-    respond::close_after(&mut resp);
-    let status = resp.status().as_u16();
-    draft.write(state, Reason::AmbiguousRequest, status).await;
-    resp
-}
-
 /// Everything up to the point where the request may leave: identify, read the target, decide,
 /// charge the budget, strip hop-by-hop headers. No I/O happens here.
 fn prepare(
@@ -768,7 +760,8 @@ async fn refuse(
         hint,
         ambiguity: code,
     });
-    draft.write(state, reason, reason.status().as_u16()).await;
+    // (The response's status: a head too large is 431, not the reason's 400.)
+    draft.write(state, reason, resp.status().as_u16()).await;
     // Recorded first: an agent that hangs up while its refusal waits still leaves the record
     // (and the connection's next request is read only after the answer, so the records are
     // paced all the same).

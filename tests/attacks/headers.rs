@@ -535,6 +535,9 @@ async fn oversized_http2_header_list_is_refused_before_the_upstream() {
         .audit_where("the oversized head", |r| r["outcome"] == "head_too_large")
         .await;
     assert_eq!(rec["status"], 431, "{rec}");
+    // Inside a tunnel its task and host are known (and its refusals paced as the task's).
+    assert_eq!(rec["task"], task.id.as_str(), "{rec}");
+    assert_eq!(rec["host"], "secure.test", "{rec}");
     // Far over it: the HTTP/2 layer's own answer, or a reset.
     let mut req = http::Request::builder()
         .method("GET")
