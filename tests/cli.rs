@@ -994,6 +994,38 @@ async fn task_commands_refuse_an_answer_that_is_not_keywards() {
     server.abort();
 }
 
+/// `audit.path` naming another of the policy's files under another spelling (absolute
+/// against relative) or through a link is found by what it names on disk: `check` refuses it
+/// as it does the same spelling.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_an_audit_path_that_is_another_policy_file_by_any_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let credential = dir.path().join("api-token");
+    assert!(credential.exists());
+    std::os::unix::fs::symlink(&file, dir.path().join("link.jsonl")).unwrap();
+    std::fs::hard_link(&credential, dir.path().join("hard.jsonl")).unwrap();
+    for (path, says) in [
+        (credential.display().to_string(), "credential `api_token`"),
+        ("link.jsonl".to_string(), "the policy file itself"),
+        ("hard.jsonl".to_string(), "credential `api_token`"),
+    ] {
+        let file = edited_policy(
+            dir.path(),
+            &[(
+                "audit: { path: audit.jsonl }",
+                &format!("audit: {{ path: {path} }}"),
+            )],
+        );
+        let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+        assert_eq!(out.status.code(), Some(1), "{path}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains("audit.path"), "{path}: {err}");
+        assert!(err.contains(says), "{path}: {err}");
+    }
+}
+
 /// `keyward audit verify` checks the files keyward wrote: a whole chain is ok (with its last
 /// hash, to keep elsewhere); an edited or removed record is named by its line; exit 1.
 #[cfg(unix)]
@@ -1780,6 +1812,7 @@ async fn audit_records_that_would_be_discarded_are_refused_at_start() {
     for (path, says) in [
         ("\"-\"", "standard output is /dev/null"),
         ("/dev/null", "audit.path names /dev/null"),
+        ("/dev/zero", "audit.path names /dev/zero"),
         ("afile/audit.jsonl", "afile` is not a directory"),
     ] {
         let file = edited_policy(

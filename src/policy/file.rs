@@ -151,6 +151,11 @@ fn audit_clash(raw: &RawPolicy, audit: &Path, policy_file: &Path) -> Option<Stri
     if same(&raw.ca.key) {
         return Some("the CA key (`ca.key`)".into());
     }
+    if let Some(SecretSource::File(f)) = raw.admin.as_ref().map(|a| &a.token) {
+        if same(f) {
+            return Some("the admin token's file".into());
+        }
+    }
     let credential = raw
         .credentials
         .iter()

@@ -67,7 +67,46 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    parse(&name, &text, base_dir)
+    let policy = parse(&name, &text, base_dir)?;
+    match audit_names_another_file(&policy, path) {
+        Some(what) => Err(fail(format!("audit.path is the same file as {what} (another spelling, or a link): audit records would be appended to it; give the audit log a file of its own"))),
+        None => Ok(policy),
+    }
+}
+
+/// The other file of the policy's that `audit.path` names, found by what the paths name on
+/// disk (device and inode): the spelling check of `parse` (`file::audit_clash`) cannot see
+/// an absolute path against a relative one, a symbolic or a hard link. Only files that exist
+/// are compared (one created later, by `serve`, is new).
+fn audit_names_another_file(policy: &Policy, policy_file: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let AuditTarget::File(audit) = &policy.audit.path else {
+        return None;
+    };
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let audit = id(audit)?;
+    let mut others: Vec<(String, &Path)> = vec![
+        ("the policy file itself".into(), policy_file),
+        ("the CA certificate (`ca.cert`)".into(), &policy.ca.cert),
+        ("the CA key (`ca.key`)".into(), &policy.ca.key),
+    ];
+    if let SecretSource::File(f) = &policy.admin.token {
+        others.push(("the admin token's file".into(), f));
+    }
+    for c in &policy.credentials {
+        if let SecretSource::File(f) = &c.source {
+            others.push((format!("the file of credential `{}`", c.name), f));
+        }
+    }
+    for s in &policy.services {
+        if let Some(f) = &s.ca_file {
+            others.push((format!("the `tls.ca_file` of service `{}`", s.name), f));
+        }
+    }
+    others
+        .into_iter()
+        .find(|(_, p)| id(p) == Some(audit))
+        .map(|(what, _)| what)
 }
 
 /// Validates policy `text`; `file_name` is only used in error positions, `base_dir` resolves
