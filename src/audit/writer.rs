@@ -501,6 +501,9 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
             if is_dev_null(rustix::fs::fstat(&file)) {
                 return Err(AuditError::Discarded("audit.path names /dev/null"));
             }
+            if is_same_file(rustix::fs::fstat(&file), "/dev/zero") {
+                return Err(AuditError::Discarded("audit.path names /dev/zero"));
+            }
             if !meta.is_file() {
                 // A device or pipe: nothing to read back, so the chain starts afresh.
                 let sink = Sink::File {
@@ -540,10 +543,15 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
 /// Whether an open file is `/dev/null`: what the Rust runtime puts on standard output when
 /// keyward was started with it closed (`>&-`), and where records would go unseen.
 fn is_dev_null(open: rustix::io::Result<rustix::fs::Stat>) -> bool {
-    let (Ok(open), Ok(null)) = (open, rustix::fs::stat("/dev/null")) else {
+    is_same_file(open, "/dev/null")
+}
+
+/// Whether an open file is the one at `path` (a device: /dev/null, /dev/zero).
+fn is_same_file(open: rustix::io::Result<rustix::fs::Stat>, path: &str) -> bool {
+    let (Ok(open), Ok(there)) = (open, rustix::fs::stat(path)) else {
         return false;
     };
-    (open.st_rdev, open.st_dev, open.st_ino) == (null.st_rdev, null.st_dev, null.st_ino)
+    (open.st_rdev, open.st_dev, open.st_ino) == (there.st_rdev, there.st_dev, there.st_ino)
 }
 
 struct Writer {

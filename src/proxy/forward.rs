@@ -85,7 +85,8 @@ pub fn name_unknown_status<B>(resp: &mut http::Response<B>) {
         2 => b"Success",
         3 => b"Redirection",
         4 => b"Client Error",
-        _ => b"Server Error",
+        5 => b"Server Error",
+        _ => b"Unknown",
     };
     resp.extensions_mut()
         .insert(hyper::ext::ReasonPhrase::from_static(class));

@@ -45,8 +45,9 @@ pub struct DenyInfo<'a> {
 #[derive(Clone, Copy)]
 pub struct Hint<'a> {
     pub name: &'a str,
-    /// Its risk tier needs an approval: a task that includes it would still be refused.
-    pub needs_approval: bool,
+    /// Its risk tier (`high`, `critical`) when it needs an approval: a task that includes it
+    /// would still be refused.
+    pub approval: Option<&'static str>,
 }
 
 /// What a denial tells the agent beyond its reason (SPEC §4.3): the capability that would
@@ -66,7 +67,7 @@ pub fn explain<'p>(
         let cap = policy.capability_at(c);
         Hint {
             name: cap.name.as_str(),
-            needs_approval: cap.risk.needs_approval(),
+            approval: cap.risk.needs_approval().then(|| cap.risk.as_str()),
         }
     });
     let code = match denial.reason {
@@ -139,14 +140,14 @@ fn detail(info: &DenyInfo<'_>) -> String {
         match info.hint {
         Some(Hint {
             name,
-            needs_approval: false,
+            approval: None,
         }) => {
             format!("{what} Capability `{name}` would allow it; ask for a task that includes it.")
         }
         Some(Hint {
             name,
-            needs_approval: true,
-        }) => format!("{what} Capability `{name}` would allow it, but it is high-risk and needs an approval, which keyward cannot grant yet."),
+            approval: Some(risk),
+        }) => format!("{what} Capability `{name}` would allow it, but its risk is {risk}: it needs an approval, which keyward cannot grant yet."),
         None => format!("{what} No capability this agent may hold allows it."),
     }
     };
@@ -162,7 +163,10 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::RouteNotInIntent if info.ambiguity == Some(AT_CONNECT) => match info.hint {
             // Decided by host alone: the capability named is one that reaches the host, not
             // necessarily the one the agent's request (not read yet) needs.
-            Some(Hint { name, .. }) => format!("No capability of the task's intent reaches this host (decided at CONNECT, before any request was read). Capability `{name}` reaches it; the capabilities a request needs can be checked with `keyward explain`."),
+            Some(Hint { name, approval }) => format!(
+                "No capability of the task's intent reaches this host (decided at CONNECT, before any request was read). Capability `{name}` reaches it{}; the capabilities a request needs can be checked with `keyward explain`.",
+                approval.map(|risk| format!(" (its risk is {risk}: it needs an approval, which keyward cannot grant yet)")).unwrap_or_default()
+            ),
             None => "No capability of the task's intent reaches this host (decided at CONNECT, before any request was read), and no capability this agent may hold does.".into(),
         },
         Reason::RouteNotInIntent => ask("The request is not in the task's intent."),
@@ -182,8 +186,11 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::BudgetExhausted if info.ambiguity == Some(AGENT_CONNECTIONS) => "The agent's tasks hold as many proxy connections as one agent's may (proxy.max_agent_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted if info.ambiguity == Some(CONNECTIONS) => "The task holds as many proxy connections as one task may (proxy.max_task_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
-        Reason::ApprovalRequired => match info.hint.map(|h| h.name) {
-            Some(cap) => format!("Capability `{cap}` is high-risk and needs an approval."),
+        Reason::ApprovalRequired => match info.hint {
+            Some(Hint { name, approval }) => format!(
+                "Capability `{name}` is {} risk and needs an approval.",
+                approval.unwrap_or("high")
+            ),
             None => "The capability is high-risk and needs an approval.".into(),
         },
         Reason::SecretEgress => "The request carries a real credential's value; it must never leave keyward.".into(),
@@ -313,4 +320,53 @@ fn problem_response(status: StatusCode, problem: &Problem<'_>) -> Response<Proxy
         HeaderValue::from_static("application/problem+json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detail_of(
+        reason: Reason,
+        hint: Option<Hint<'_>>,
+        ambiguity: Option<&'static str>,
+    ) -> String {
+        detail(&DenyInfo {
+            reason,
+            request_id: "r",
+            task: Some("t"),
+            hint,
+            ambiguity,
+        })
+    }
+
+    // A capability that needs an approval is never offered as if a task that includes it
+    // would do, and its tier is named as it is (`critical` is not "high").
+    #[test]
+    fn a_suggested_capability_that_needs_an_approval_says_so() {
+        let plain = Hint {
+            name: "a.read",
+            approval: None,
+        };
+        let critical = Hint {
+            name: "a.drop",
+            approval: Some("critical"),
+        };
+        let asked = detail_of(Reason::RouteNotInIntent, Some(plain), None);
+        assert!(asked.contains("ask for a task that includes it"), "{asked}");
+        for (reason, code) in [
+            (Reason::RouteNotInIntent, None),
+            (Reason::MethodNotAllowed, None),
+            (Reason::RouteNotInIntent, Some(AT_CONNECT)),
+        ] {
+            let said = detail_of(reason, Some(critical), code);
+            assert!(said.contains("`a.drop`"), "{said}");
+            assert!(said.contains("its risk is critical"), "{said}");
+            assert!(!said.contains("ask for a task"), "{said}");
+        }
+        let said = detail_of(Reason::ApprovalRequired, Some(critical), None);
+        assert!(said.contains("is critical risk"), "{said}");
+        let said = detail_of(Reason::RouteNotInIntent, Some(plain), Some(AT_CONNECT));
+        assert!(said.contains("decided at CONNECT"), "{said}");
+    }
 }
