@@ -540,11 +540,6 @@ async fn handle_request(
                 }
                 UpstreamError::Blocked => (Failure::BadGateway, "blocked", String::new()),
             };
-            // Nothing reached the upstream (no connection, no TLS session): the request is
-            // given back to the budget, as a blind tunnel that reaches nothing is.
-            if matches!(kind, "dns" | "connect" | "tls") {
-                task.refund();
-            }
             let service = draft.rec.service.clone().unwrap_or_default();
             // The agent is told only that it failed; the operator learns why. The text can hold
             // what the upstream chose (an HTTP/2 GOAWAY's debug data): the credential it may
