@@ -172,6 +172,7 @@ impl AuditLog {
                 Writer {
                     target,
                     identity: sink.identity(),
+                    size: sink.len(),
                     path_checked: Instant::now(),
                     sink,
                     written: chain.clone(),
@@ -194,16 +195,31 @@ impl AuditLog {
     /// before the denial is sent (SPEC §7). The record is serialized and mostly hashed here, on
     /// the caller's thread (see `chain::Encoded`).
     pub async fn write(&self, rec: AuditRecord) {
-        let encoded = self.encode(rec);
-        let (written_tx, written) = oneshot::channel();
+        // SECURITY (I6): the caller may be dropped while it waits for room (a stream reset, a
+        // connection closed): the record is then handed over as `write_detached` would, not
+        // lost with the future.
+        let mut unsent = Unsent {
+            log: self,
+            rec: Some(self.encode(rec)),
+        };
         // A queue that stays full (a stalled sink) must not hang the answer: past the wait
         // the record is lost, which fails the log closed.
-        let queued = self.tx.send(Msg::Record(encoded, Some(written_tx)));
-        match tokio::time::timeout(WRITE_WAIT, queued).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return self.shared.record_lost("audit log closed"),
-            Err(_) => return self.shared.record_lost("audit queue full"),
-        }
+        let permit = match tokio::time::timeout(WRITE_WAIT, self.tx.reserve()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => {
+                unsent.rec = None;
+                return self.shared.record_lost("audit log closed");
+            }
+            Err(_) => {
+                unsent.rec = None;
+                return self.shared.record_lost("audit queue full");
+            }
+        };
+        let Some(encoded) = unsent.rec.take() else {
+            return;
+        };
+        let (written_tx, written) = oneshot::channel();
+        permit.send(Msg::Record(encoded, Some(written_tx)));
         if let Some(writer) = self.shared.writer.get() {
             writer.unpark(); // cut a gathering pause short
         }
@@ -215,6 +231,11 @@ impl AuditLog {
     /// to a task that waits for room. Outside a tokio runtime it blocks the calling thread.
     pub fn write_detached(&self, rec: AuditRecord) {
         let encoded = self.encode(rec);
+        self.send_detached(encoded);
+    }
+
+    /// `write_detached` of a record already encoded.
+    fn send_detached(&self, encoded: Encoded) {
         let msg = Msg::Record(encoded, None);
         let msg = match self.tx.try_send(msg) {
             Ok(()) => return,
@@ -343,6 +364,20 @@ impl AuditLog {
     }
 }
 
+/// A record `write` has not queued yet: sent detached if `write` is dropped first.
+struct Unsent<'a> {
+    log: &'a AuditLog,
+    rec: Option<Encoded>,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        if let Some(rec) = self.rec.take() {
+            self.log.send_detached(rec);
+        }
+    }
+}
+
 /// Tracks one spawned `write_detached` send. Dropped when the send finished — or when the task
 /// was dropped unpolled because the runtime is shutting down, which must still count as a loss
 /// and must not leave `close` waiting forever.
@@ -403,6 +438,17 @@ impl Sink {
                 regular: true,
             } => file.metadata().ok().map(|m| m.nlink()),
             _ => None,
+        }
+    }
+
+    /// Length of a regular file (0 for the rest).
+    fn len(&self) -> u64 {
+        match self {
+            Sink::File {
+                file,
+                regular: true,
+            } => file.metadata().map_or(0, |m| m.len()),
+            _ => 0,
         }
     }
 
@@ -476,9 +522,9 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
     match target {
         AuditTarget::Stdout => {
             // SECURITY (fail closed): no record may go nowhere unseen.
-            if is_dev_null(rustix::fs::fstat(io::stdout())) {
+            if discards(rustix::fs::fstat(io::stdout())) {
                 return Err(AuditError::Discarded(
-                    "audit.path is \"-\" and standard output is /dev/null (closed when keyward started?)",
+                    "audit.path is \"-\" and standard output is /dev/null or the like (closed when keyward started?)",
                 ));
             }
             Ok((Sink::Stdout(io::stdout()), Chain::default()))
@@ -498,11 +544,10 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
             };
             let mut file = opts.open(path).map_err(open_err)?;
             let meta = file.metadata().map_err(open_err)?;
-            if is_dev_null(rustix::fs::fstat(&file)) {
-                return Err(AuditError::Discarded("audit.path names /dev/null"));
-            }
-            if is_same_file(rustix::fs::fstat(&file), "/dev/zero") {
-                return Err(AuditError::Discarded("audit.path names /dev/zero"));
+            if discards(rustix::fs::fstat(&file)) {
+                return Err(AuditError::Discarded(
+                    "audit.path names a device that discards what is written (/dev/null, /dev/zero, /dev/urandom…)",
+                ));
             }
             if !meta.is_file() {
                 // A device or pipe: nothing to read back, so the chain starts afresh.
@@ -540,24 +585,26 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
     }
 }
 
-/// Whether an open file is `/dev/null`: what the Rust runtime puts on standard output when
-/// keyward was started with it closed (`>&-`), and where records would go unseen.
-fn is_dev_null(open: rustix::io::Result<rustix::fs::Stat>) -> bool {
-    is_same_file(open, "/dev/null")
-}
-
-/// Whether an open file is the one at `path` (a device: /dev/null, /dev/zero).
-fn is_same_file(open: rustix::io::Result<rustix::fs::Stat>, path: &str) -> bool {
-    let (Ok(open), Ok(there)) = (open, rustix::fs::stat(path)) else {
-        return false;
-    };
-    (open.st_rdev, open.st_dev, open.st_ino) == (there.st_rdev, there.st_dev, there.st_ino)
+/// Whether an open file is one of the kernel's memory devices (character devices of major
+/// number 1: /dev/null, /dev/zero, /dev/random, /dev/urandom, under any name), which take
+/// writes and keep nothing: what the Rust runtime puts on standard output when keyward was
+/// started with it closed (`>&-`), and where records would go unseen. Not /dev/full (minor
+/// 7): its writes fail, and so the log does, closed.
+fn discards(open: rustix::io::Result<rustix::fs::Stat>) -> bool {
+    open.is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
+            && rustix::fs::major(st.st_rdev) == 1
+            && rustix::fs::minor(st.st_rdev) != 7
+    })
 }
 
 struct Writer {
     target: AuditTarget,
     /// Device and inode of the regular file the writer has open (see `PATH_CHECK`).
     identity: Option<(u64, u64)>,
+    /// How long that file is, as far as the writer knows: shorter on disk means it was
+    /// truncated under it (logrotate's `copytruncate`).
+    size: u64,
     path_checked: Instant,
     sink: Sink,
     chain: Chain,
@@ -642,14 +689,16 @@ impl Writer {
     /// Syncs the current file and opens the target path again: a rotated (moved) file is left
     /// complete, and a new file at the path starts its own chain at `seq` 1 (or continues the
     /// file found there). On failure the old file stays in use.
-    /// A path that still names the open file is left as it is: nothing was rotated (a reload
-    /// without rotation, or a rotation the path check already followed), and logging the chain
-    /// end again would name the new file's, not the rotated one's, as the last.
+    /// A path that still names the open file, whole, is left as it is: nothing was rotated (a
+    /// reload without rotation, or a rotation the path check already followed), and logging
+    /// the chain end again would name the new file's, not the rotated one's, as the last. A
+    /// file truncated in place (`copytruncate`) is opened again: its chain starts afresh.
     fn reopen(&mut self) -> Result<(), String> {
         let AuditTarget::File(path) = &self.target else {
             return Ok(());
         };
-        if self.identity.is_some() && path_identity(path) == self.identity {
+        let whole = std::fs::metadata(path).is_ok_and(|m| m.len() >= self.size);
+        if self.identity.is_some() && path_identity(path) == self.identity && whole {
             return Ok(());
         }
         if let Err(e) = self.sink.sync() {
@@ -658,6 +707,7 @@ impl Writer {
         let (sink, chain) = open_sink(&self.target).map_err(|e| e.to_string())?;
         self.log_chain_end("reopened");
         self.identity = sink.identity();
+        self.size = sink.len();
         self.sink = sink;
         self.written = chain.clone();
         self.chain = chain;
@@ -742,6 +792,7 @@ impl Writer {
                 self.shared.written.fetch_add(records, Ordering::SeqCst);
                 self.counter.inc_by(records);
                 self.written = self.chain.clone();
+                self.size += buf.len() as u64;
             }
             Err(e) => {
                 // A partial write may have torn a line. Stay failed so the proxy refuses
@@ -916,6 +967,67 @@ mod tests {
         log.close().await;
         let written = reader.join().unwrap();
         assert_eq!(written.iter().filter(|&&b| b == b'\n').count(), 4096);
+        assert!(log.healthy());
+    }
+
+    /// logrotate's `copytruncate` copies the file and truncates it in place: the reopen it
+    /// asks for starts a new chain at `seq` 1 in the emptied file (the path still names the
+    /// same file, so only its length tells).
+    #[tokio::test]
+    async fn a_reopen_after_a_truncation_in_place_starts_a_new_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let log = AuditLog::open(&target, 16, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        for i in 0..3 {
+            log.write(record(i)).await;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        log.reopen().await.unwrap();
+        log.write(record(3)).await;
+        log.close().await;
+        assert_eq!(seqs(&path), [1]);
+        assert_eq!(verify(&path), 1);
+        // Without a truncation, a reopen of the same file goes on with its chain.
+        let log = AuditLog::open(&target, 16, &Metrics::new().unwrap())
+            .await
+            .unwrap();
+        log.reopen().await.unwrap();
+        log.write(record(4)).await;
+        log.close().await;
+        assert_eq!(seqs(&path), [1, 2]);
+    }
+
+    /// A caller of `write` dropped while it waits for room in the queue (its stream reset, its
+    /// connection closed) does not take its record with it.
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_dropped_while_it_waits_for_room_still_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, go, reader) = log_into_unread_pipe(dir.path()).await;
+        let mut rec = record(0);
+        rec.path = format!("/{}", "p".repeat(2000));
+        rec.task = Some("t".into());
+        // More than the queue holds (4,096, besides what fills the pipe): it stays full.
+        for _ in 0..4196 {
+            log.write_detached(rec.clone());
+        }
+        assert!(log.backed_up());
+        let mut dropped = record(1);
+        dropped.path = "/the-dropped-write".into();
+        let waited = tokio::time::timeout(Duration::from_millis(200), log.write(dropped)).await;
+        assert!(waited.is_err(), "the queue had room after all");
+        go.send(()).unwrap();
+        log.close().await;
+        let written = String::from_utf8(reader.join().unwrap()).unwrap();
+        assert_eq!(written.lines().count(), 4197);
+        assert_eq!(written.matches("/the-dropped-write").count(), 1);
         assert!(log.healthy());
     }
 
