@@ -221,8 +221,11 @@ async fn handle_request(
     let (mut parts, body) = req.into_parts();
     draft.rec.method = parts.method.as_str().to_string();
     draft.rec.path = parts.uri.path().to_string();
+    // (A tunnel whose task has ended answers 407 first, whatever the head: SPEC §4.2.)
+    let ended = |t: &TunnelCtx| t.task.ended_at(SystemTime::now()).is_some();
     if identify::head_len(&parts.method, &parts.uri, &parts.headers)
         > state.settings.max_header_bytes
+        && !ctx.tunnel.as_ref().is_some_and(ended)
     {
         // Nothing of it is decided; inside a tunnel its task and host are known all the same,
         // and its refusals are paced as the task's others are (`refuse`).

@@ -551,6 +551,18 @@ async fn oversized_http2_header_list_is_refused_before_the_upstream() {
         Err(e) => assert!(e.is_reset() || e.is_go_away() || e.is_io(), "{e:?}"),
     }
     assert_eq!(f.tls.hits(), 0);
+    // A task that has ended is told so first, whatever its head (SPEC §4.2's 407).
+    kw.revoke(&task.id).await;
+    let mut req = http::Request::builder()
+        .method("GET")
+        .uri(f.tls_url("secure.test", "/echo"));
+    for i in 0..35 {
+        req = req.header(format!("x-pad-{i}"), "p".repeat(2_000));
+    }
+    let (resp, _) = h2.send_request(req.body(()).unwrap(), true).unwrap();
+    let resp = crate::common::bounded("h2 response", resp).await.unwrap();
+    assert_eq!(resp.status(), 407);
+    assert_eq!(resp.headers()["x-keyward-reason"], "task_revoked");
     kw.assert_no_leaks().await;
 }
 
