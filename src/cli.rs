@@ -516,8 +516,8 @@ fn check(config: &Path) -> Result<(), Failure> {
     }
 }
 
-/// `--intent a, b` names `a` and `b` (a shell-quoted list often has blanks after its commas).
-/// `--intent a,b` as names; blanks around them and empty items (`a, b,`) are dropped.
+/// `--intent a, b` names `a` and `b` (a shell-quoted list often has blanks after its commas);
+/// empty items (`a, b,`) are dropped.
 fn capabilities(intent: Vec<String>) -> Vec<String> {
     intent
         .into_iter()

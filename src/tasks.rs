@@ -240,9 +240,6 @@ impl Task {
         }
     }
 
-    /// Completes when an operator revokes the task (not when a reload withdraws it: its
-    /// requests in flight finish). No timer: a request waiting on its upstream awaits this
-    /// beside the upstream, and the timer wheel would cost every request.
     /// Completes when what the task has in flight must stop (`cut_at`): an operator revoked
     /// it, or it expired. A reload's withdrawal alone does not complete it.
     pub async fn cut(&self) -> TaskEnd {
@@ -265,6 +262,9 @@ impl Task {
         }
     }
 
+    /// Completes when an operator revokes the task (not when a reload withdraws it: its
+    /// requests in flight finish). No timer: a request waiting on its upstream awaits this
+    /// beside the upstream, and the timer wheel would cost every request.
     pub async fn revoked_by_operator(&self) {
         let notified = self.revocation.notified();
         tokio::pin!(notified);

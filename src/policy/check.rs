@@ -315,6 +315,9 @@ fn check_shared_hosts(
                 for ra in &ca.routes {
                     found.clear();
                     index.candidates(&ra.value, &mut found);
+                    // In written order (the index's walk is a hash map's): the same errors
+                    // in the same order on every run.
+                    found.sort_unstable();
                     for &(ci, ri) in &found {
                         let Some(cb) = capabilities.get(ci) else {
                             continue;

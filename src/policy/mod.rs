@@ -109,8 +109,9 @@ fn audit_names_another_file(policy: &Policy, policy_file: &Path) -> Option<Strin
         .map(|(what, _)| what)
 }
 
-/// Validates policy `text`; `file_name` is only used in error positions, `base_dir` resolves
-/// relative paths. `Policy::version` is a hash of `text`.
+/// Validates policy `text`; `file_name` names it in error positions (and, in `base_dir`, the
+/// file `audit.path` must not name); `base_dir` resolves relative paths. `Policy::version` is
+/// a hash of `text`.
 pub fn parse(file_name: &str, text: &str, base_dir: &Path) -> Result<Policy, PolicyErrors> {
     let mut errs = Errors::new(file_name);
     if forbidden_characters(text, &mut errs) {

@@ -308,8 +308,6 @@ async fn unless_stopping<F: std::future::Future>(state: &State, fut: F) -> Optio
     }
 }
 
-/// A blind tunnel to a passthrough host: dial first (so a failure is a 502, not a dead tunnel),
-/// then answer 200 and splice bytes both ways.
 /// One request taken from a task's budget, given back when dropped before `keep`.
 struct Charge<'a>(Option<&'a crate::tasks::Task>);
 
@@ -327,6 +325,8 @@ impl Drop for Charge<'_> {
     }
 }
 
+/// A blind tunnel to a passthrough host: dial first (so a failure is a 502, not a dead tunnel),
+/// then answer 200 and splice bytes both ways.
 async fn passthrough(
     state: Arc<State>,
     generation: &Generation,

@@ -191,7 +191,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
                 "Capability `{name}` is {} risk and needs an approval.",
                 approval.unwrap_or("high")
             ),
-            None => "The capability is high-risk and needs an approval.".into(),
+            None => "The capability's risk tier needs an approval.".into(),
         },
         Reason::SecretEgress => "The request carries a real credential's value; it must never leave keyward.".into(),
         Reason::CredentialUnavailable => "The credential for this service cannot be read now; nothing was sent.".into(),
