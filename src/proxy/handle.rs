@@ -338,11 +338,12 @@ async fn handle_request(
             std::future::pending::<()>().await;
         }
     };
+    // (One wait on the task, not two: a tunnel's cut says revocations too.)
     let sent = tokio::select! {
         biased;
         sent = sending => Some(sent),
-        () = task.revoked_by_operator() => None,
-        () = tunnel_cut => None,
+        () = task.revoked_by_operator(), if ctx.tunnel.is_none() => None,
+        () = tunnel_cut, if ctx.tunnel.is_some() => None,
     };
     let ended = match &sent {
         None => Some(
