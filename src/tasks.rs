@@ -223,33 +223,25 @@ impl Task {
     /// Completes when the task is revoked or expires: tunnels, WebSocket relays and
     /// intercepted connections opened for it end then, not at their next request.
     pub async fn ended(&self) -> TaskEnd {
-        let revoked = self.revocation.notified();
-        tokio::pin!(revoked);
-        // Registered before the flag is read, so a revocation in between is not missed.
-        revoked.as_mut().enable();
-        if let Some(end) = self.ended_at(SystemTime::now()) {
-            return end;
-        }
-        let left = self
-            .expires_at
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
-        tokio::select! {
-            _ = revoked => TaskEnd::Revoked,
-            _ = tokio::time::sleep(left) => TaskEnd::Expired,
-        }
+        self.until(Task::ended_at).await
     }
 
     /// Completes when what the task has in flight must stop (`cut_at`): an operator revoked
     /// it, or it expired. A reload's withdrawal alone does not complete it.
     pub async fn cut(&self) -> TaskEnd {
+        self.until(Task::cut_at).await
+    }
+
+    /// Completes when `end` says the task ended: looked at on every revocation (a withdrawal
+    /// wakes it too) and at the expiry.
+    async fn until(&self, end: fn(&Task, SystemTime) -> Option<TaskEnd>) -> TaskEnd {
         loop {
             let revoked = self.revocation.notified();
             tokio::pin!(revoked);
             // Registered before the flags are read, so a revocation in between is not missed.
             revoked.as_mut().enable();
-            if let Some(end) = self.cut_at(SystemTime::now()) {
-                return end;
+            if let Some(ended) = end(self, SystemTime::now()) {
+                return ended;
             }
             let left = self
                 .expires_at

@@ -521,13 +521,7 @@ async fn oversized_http2_header_list_is_refused_before_the_upstream() {
     });
     // Somewhat over `max_header_bytes` (64 KiB): keyward's own 431, problem and record, as
     // over HTTP/1 (the HTTP/2 layer's limit is set 16 KiB higher so that it reaches keyward).
-    let mut req = http::Request::builder()
-        .method("GET")
-        .uri(f.tls_url("secure.test", "/echo"));
-    for i in 0..35 {
-        req = req.header(format!("x-pad-{i}"), "p".repeat(2_000));
-    }
-    let (resp, _) = h2.send_request(req.body(()).unwrap(), true).unwrap();
+    let (resp, _) = h2.send_request(padded_get(&f, 35), true).unwrap();
     let resp = crate::common::bounded("h2 response", resp).await.unwrap();
     assert_eq!(resp.status(), 431);
     assert_eq!(resp.headers()["x-keyward-reason"], "ambiguous_request");
@@ -539,13 +533,7 @@ async fn oversized_http2_header_list_is_refused_before_the_upstream() {
     assert_eq!(rec["task"], task.id.as_str(), "{rec}");
     assert_eq!(rec["host"], "secure.test", "{rec}");
     // Far over it: the HTTP/2 layer's own answer, or a reset.
-    let mut req = http::Request::builder()
-        .method("GET")
-        .uri(f.tls_url("secure.test", "/echo"));
-    for i in 0..60 {
-        req = req.header(format!("x-pad-{i}"), "p".repeat(2_000));
-    }
-    let (resp, _) = h2.send_request(req.body(()).unwrap(), true).unwrap();
+    let (resp, _) = h2.send_request(padded_get(&f, 60), true).unwrap();
     match crate::common::bounded("h2 response", resp).await {
         Ok(r) => assert_eq!(r.status(), 431),
         Err(e) => assert!(e.is_reset() || e.is_go_away() || e.is_io(), "{e:?}"),
@@ -553,13 +541,7 @@ async fn oversized_http2_header_list_is_refused_before_the_upstream() {
     assert_eq!(f.tls.hits(), 0);
     // A task that has ended is told so first, whatever its head (SPEC §4.2's 407).
     kw.revoke(&task.id).await;
-    let mut req = http::Request::builder()
-        .method("GET")
-        .uri(f.tls_url("secure.test", "/echo"));
-    for i in 0..35 {
-        req = req.header(format!("x-pad-{i}"), "p".repeat(2_000));
-    }
-    let (resp, _) = h2.send_request(req.body(()).unwrap(), true).unwrap();
+    let (resp, _) = h2.send_request(padded_get(&f, 35), true).unwrap();
     let resp = crate::common::bounded("h2 response", resp).await.unwrap();
     assert_eq!(resp.status(), 407);
     assert_eq!(resp.headers()["x-keyward-reason"], "task_revoked");
@@ -693,6 +675,17 @@ async fn raw_exchange_text(addr: std::net::SocketAddr, request: &str) -> String 
     let mut out = Vec::new();
     let _ = crate::common::bounded("the answer", tcp.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `GET /echo` on secure.test with `n` headers of 2,000 bytes each.
+fn padded_get(f: &Fixture, n: usize) -> http::Request<()> {
+    let mut req = http::Request::builder()
+        .method("GET")
+        .uri(f.tls_url("secure.test", "/echo"));
+    for i in 0..n {
+        req = req.header(format!("x-pad-{i}"), "p".repeat(2_000));
+    }
+    req.body(()).unwrap()
 }
 
 /// keyward's own answer to a `HEAD` carries no body over HTTP/2 either (it sent its problem
