@@ -235,7 +235,7 @@ impl State {
                     > a.max_ttl
             })
         };
-        let withdrawn = |t: &crate::tasks::Task| match compiled.agent_grants(&t.agent) {
+        let must_end = |t: &crate::tasks::Task| match compiled.agent_grants(&t.agent) {
             None => true,
             Some(grants) => {
                 too_long(t)
@@ -253,7 +253,7 @@ impl State {
             .tasks
             .list()
             .into_iter()
-            .filter(|t| !t.is_revoked() && !t.is_expired(now) && withdrawn(t))
+            .filter(|t| !t.is_revoked() && !t.is_expired(now) && must_end(t))
             .collect();
         self.metrics.know_services(metric_series(compiled.policy()));
         self.generation.store(Arc::new(generation));

@@ -363,9 +363,10 @@ fn is_method_name(name: impl Iterator<Item = u8>) -> bool {
     want.next().is_none()
 }
 
-/// The detail code of the override header `name` spells, in any case and also with `_` or another separator for `-` (`forward::spelt_as`). SECURITY:
-/// CGI-style stacks (PHP, WSGI) map `_` and `-` in header names to the same variable, so
-/// `X_HTTP_Method_Override` is honoured as the override it spells.
+/// The detail code of the override header `name` spells, in any case and also with `_` or
+/// another separator for `-` (`forward::spelt_as`). SECURITY: CGI-style stacks (PHP, WSGI)
+/// map `_` and `-` in header names to the same variable, so `X_HTTP_Method_Override` is
+/// honoured as the override it spells.
 fn override_code(name: &str) -> Option<&'static str> {
     // Every override name starts with `x-`/`x_`: most headers are out after one byte.
     if !name.starts_with(['x', 'X']) {
