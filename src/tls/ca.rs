@@ -340,15 +340,17 @@ fn random_serial(provider: &CryptoProvider) -> SerialNumber {
 
 /// Reads the key file after checking it is private. Opens once and checks the opened file's
 /// mode, so the check and the read see the same file.
-fn read_key_file(path: &Path) -> Result<Vec<u8>, CaError> {
+/// The bytes are wiped when dropped: the CA key signs what every agent trusts.
+fn read_key_file(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, CaError> {
     let read_err = |source| CaError::Read {
         path: path.to_owned(),
         source,
     };
     let file = super::open_nonblocking(path).map_err(read_err)?;
     check_key_mode(&file, path)?;
-    let mut bytes = Vec::new();
-    // Bounded as `read_pem_file` is (a key is a few hundred bytes).
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(4096));
+    // Bounded as `read_pem_file` is (a key is a few hundred bytes); read into room made
+    // beforehand, so no copy left behind by a reallocation holds key bytes.
     file.take(super::MAX_PEM_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
