@@ -756,9 +756,9 @@ fn print_denial(policy: &CompiledPolicy, d: &decide::Denial) {
         let cap = policy.capability_at(h);
         match cap.risk.needs_approval() {
             true => out!(
-                "would allow: {} (risk {}: needs an approval, which keyward cannot grant yet)",
+                "would allow: {} ({})",
                 cap.name,
-                cap.risk.as_str()
+                crate::proxy::respond::approval_note(cap.risk.as_str())
             ),
             false => out!("would allow: {}", cap.name),
         }

@@ -135,9 +135,14 @@ pub const AT_CONNECT: &str = "connect";
 /// `DenyInfo::ambiguity` of an `invalid_token` refusal on a connection another task holds.
 pub const OTHER_TASK: &str = "connection_of_another_task";
 
+/// What a suggested capability of risk tier `risk` (`high`, `critical`) lacks; also said by
+/// `keyward explain`.
+pub fn approval_note(risk: &str) -> String {
+    format!("its risk is {risk}: it needs an approval, which keyward cannot grant yet")
+}
+
 fn detail(info: &DenyInfo<'_>) -> String {
-    let ask = |what: &str| {
-        match info.hint {
+    let ask = |what: &str| match info.hint {
         Some(Hint {
             name,
             approval: None,
@@ -147,9 +152,11 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Some(Hint {
             name,
             approval: Some(risk),
-        }) => format!("{what} Capability `{name}` would allow it, but its risk is {risk}: it needs an approval, which keyward cannot grant yet."),
+        }) => format!(
+            "{what} Capability `{name}` would allow it, but {}.",
+            approval_note(risk)
+        ),
         None => format!("{what} No capability this agent may hold allows it."),
-    }
     };
     match info.reason {
         Reason::Allowed | Reason::Passthrough => String::new(),
@@ -165,7 +172,9 @@ fn detail(info: &DenyInfo<'_>) -> String {
             // necessarily the one the agent's request (not read yet) needs.
             Some(Hint { name, approval }) => format!(
                 "No capability of the task's intent reaches this host (decided at CONNECT, before any request was read). Capability `{name}` reaches it{}; the capabilities a request needs can be checked with `keyward explain`.",
-                approval.map(|risk| format!(" (its risk is {risk}: it needs an approval, which keyward cannot grant yet)")).unwrap_or_default()
+                approval
+                    .map(|risk| format!(" ({})", approval_note(risk)))
+                    .unwrap_or_default()
             ),
             None => "No capability of the task's intent reaches this host (decided at CONNECT, before any request was read), and no capability this agent may hold does.".into(),
         },
