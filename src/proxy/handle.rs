@@ -146,8 +146,7 @@ pub async fn handle(
     if req.method() == Method::CONNECT && ctx.tunnel.is_none() {
         return Ok(connect::handle(state, &ctx, req).await);
     }
-    let head = req.method() == Method::HEAD;
-    Ok(bodyless_if(head, handle_request(state, &ctx, req).await))
+    Ok(answer(state, &ctx, req).await)
 }
 
 /// The service function inside an intercepted tunnel (CONNECT there is refused as ambiguous).
@@ -156,14 +155,15 @@ pub async fn handle_in_tunnel(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let head = req.method() == Method::HEAD;
-    Ok(bodyless_if(head, handle_request(state, &ctx, req).await))
+    Ok(answer(state, &ctx, req).await)
 }
 
-/// The answer to a `HEAD` carries no body (its `Content-Length` stays, as RFC 9110 §9.3.2
-/// allows). HTTP/1.1 drops one by itself; HTTP/2 would send keyward's problem document as
-/// DATA, a protocol error that hides the refusal from the agent.
-fn bodyless_if(head: bool, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+/// `handle_request`'s answer, without a body for a `HEAD` (its `Content-Length` stays, as
+/// RFC 9110 §9.3.2 allows). HTTP/1.1 drops one by itself; HTTP/2 would send keyward's problem
+/// document as DATA, a protocol error that hides the refusal from the agent.
+async fn answer(state: Arc<State>, ctx: &ConnCtx, req: Request<Incoming>) -> Response<ProxyBody> {
+    let head = req.method() == Method::HEAD;
+    let resp = handle_request(state, ctx, req).await;
     match head {
         true => resp.map(|body| match body {
             ProxyBody::Full(_) => ProxyBody::empty(),
