@@ -662,7 +662,8 @@ fn prepare(
     draft.set_permit(&generation.policy, &permit);
 
     let websocket = upgrade::wants_websocket(parts);
-    if forward::strip_hop_by_hop(&mut parts.headers) {
+    let trailers = forward::strip_hop_by_hop(&mut parts.headers);
+    if trailers {
         // keyward relays trailers, and gRPC servers refuse a request without it.
         parts
             .headers
@@ -670,6 +671,12 @@ fn prepare(
     }
     if websocket {
         upgrade::mark_upgrade(&mut parts.headers);
+    } else if trailers {
+        // RFC 9110 §10.1.4: `TE` is named in `Connection` (hyper drops both words for HTTP/2).
+        parts.headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("te"),
+        );
     }
     match &generation.policy.service_at(permit.service()).inject {
         // SECURITY: `X_Api_Key` beside `X-Api-Key` may be merged by some servers.

@@ -641,6 +641,13 @@ async fn te_trailers_is_said_to_the_upstream_when_the_agent_asks_for_trailers() 
         assert_eq!(resp.status, 200, "{extra:?}");
         let seen = script.seen().pop().unwrap();
         assert_eq!(seen.header_all("te"), want, "{extra:?}: {}", seen.head);
+        // A sender of `TE` names it in `Connection` (RFC 9110 §10.1.4); without one, neither.
+        let connection: Vec<String> = seen
+            .header_all("connection")
+            .into_iter()
+            .filter(|v| v.eq_ignore_ascii_case("te"))
+            .collect();
+        assert_eq!(connection.len(), want.len(), "{extra:?}: {}", seen.head);
     }
     kw.assert_no_leaks().await;
 }
