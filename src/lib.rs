@@ -27,6 +27,8 @@ pub mod cli;
 pub mod credentials;
 /// The decision: `decide(policy, task, facts, now) -> Permit | Denial`.
 pub mod decide;
+/// Reading the files an operator names: regular files only, without blocking, bounded.
+pub mod files;
 /// Path canonicalization and route matching (pure).
 pub mod matcher;
 /// Prometheus metrics of SPEC §8, in one place.

@@ -2,7 +2,7 @@
 //! command in its own process group, bounded in time and output). Errors name the source,
 //! never anything it read.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use crate::policy::SecretSource;
@@ -79,33 +79,15 @@ pub async fn read_source(source: &SecretSource) -> Result<Secret, SourceError> {
     }
 }
 
-pub(super) fn read_file(path: &PathBuf) -> Result<Secret, SourceError> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
+pub(super) fn read_file(path: &Path) -> Result<Secret, SourceError> {
+    use crate::files::ReadError;
     let shown = || path.display().to_string();
-    let fail = |e: std::io::Error| SourceError::File(shown(), e.kind());
-    // SECURITY: a regular file only, looked at before it is opened (opening a FIFO or a
-    // device has effects of its own) and opened without blocking (in case one was swapped in
-    // since): a FIFO would hold the read, and with it every later check of the file.
-    if !std::fs::metadata(path).map_err(fail)?.is_file() {
-        return Err(SourceError::NotAFile(shown()));
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-        .map_err(fail)?;
-    if !file.metadata().map_err(fail)?.is_file() {
-        return Err(SourceError::NotAFile(shown()));
-    }
-    // Bounded: `file:/dev/zero` or a log file named by mistake must not fill memory.
     let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(4096));
-    file.take(MAX_SECRET_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(fail)?;
-    if bytes.len() as u64 > MAX_SECRET_BYTES {
-        return Err(SourceError::FileTooLong(shown(), MAX_SECRET_BYTES));
-    }
+    crate::files::read_regular(path, MAX_SECRET_BYTES, &mut bytes).map_err(|e| match e {
+        ReadError::NotAFile => SourceError::NotAFile(shown()),
+        ReadError::TooLarge(limit) => SourceError::FileTooLong(shown(), limit),
+        ReadError::Io(e) => SourceError::File(shown(), e.kind()),
+    })?;
     let text = String::from_utf8(std::mem::take(&mut *bytes)).map_err(|e| {
         zeroize::Zeroize::zeroize(&mut e.into_bytes());
         SourceError::File(shown(), std::io::ErrorKind::InvalidData)

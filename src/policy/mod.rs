@@ -15,7 +15,6 @@ mod service;
 mod values;
 mod yaml;
 
-use std::io::Read;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -43,15 +42,10 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
         errs.finish()
     };
     let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_POLICY_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| fail(format!("cannot read the policy file: {e}")))?;
-    if bytes.len() as u64 > MAX_POLICY_BYTES {
-        return Err(fail(format!(
-            "the policy file is larger than {} MiB",
-            MAX_POLICY_BYTES / (1024 * 1024)
-        )));
-    }
+    crate::files::read_regular(path, MAX_POLICY_BYTES, &mut bytes).map_err(|e| match e {
+        crate::files::ReadError::TooLarge(_) => fail(format!("the policy file is {e}")),
+        e => fail(format!("cannot read the policy file: {e}")),
+    })?;
     let text = String::from_utf8(bytes).map_err(|e| {
         let valid = e.utf8_error().valid_up_to();
         let prefix = e.as_bytes().get(..valid).unwrap_or_default();
@@ -720,6 +714,26 @@ passthrough: [updates.example.org]
                 missing.display()
             )),
             "{shown}"
+        );
+
+        // A FIFO (or a device) would hold the read, and a reload with it: refused unread.
+        let fifo = dir.path().join("fifo.yaml");
+        rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::RUSR).unwrap();
+        assert_eq!(
+            load(&fifo).unwrap_err().to_string(),
+            format!(
+                "{}:1:1: cannot read the policy file: not a regular file",
+                fifo.display()
+            )
+        );
+        let huge = dir.path().join("huge.yaml");
+        std::fs::write(&huge, vec![b'#'; MAX_POLICY_BYTES as usize + 1]).unwrap();
+        assert_eq!(
+            load(&huge).unwrap_err().to_string(),
+            format!(
+                "{}:1:1: the policy file is larger than 4 MiB",
+                huge.display()
+            )
         );
 
         let binary = dir.path().join("bin.yaml");

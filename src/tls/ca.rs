@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -346,20 +346,18 @@ fn read_key_file(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, CaError> {
         path: path.to_owned(),
         source,
     };
-    let file = super::open_nonblocking(path).map_err(read_err)?;
+    let file = crate::files::open_regular(path).map_err(|e| match e {
+        crate::files::ReadError::NotAFile => CaError::KeyNotAFile {
+            path: path.to_owned(),
+        },
+        other => read_err(other.into()),
+    })?;
     check_key_mode(&file, path)?;
+    // Read into room made beforehand (a key is a few hundred bytes), so no copy left behind
+    // by a reallocation holds key bytes.
     let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(4096));
-    // Bounded as `read_pem_file` is (a key is a few hundred bytes); read into room made
-    // beforehand, so no copy left behind by a reallocation holds key bytes.
-    file.take(super::MAX_PEM_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    if bytes.len() as u64 > super::MAX_PEM_BYTES {
-        return Err(read_err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "larger than 4 MiB, so not a PEM key",
-        )));
-    }
+    crate::files::read_bounded(file, super::MAX_PEM_BYTES, &mut bytes)
+        .map_err(|e| read_err(e.into()))?;
     Ok(bytes)
 }
 

@@ -11,7 +11,6 @@ mod der;
 pub mod leaf;
 pub mod upstream;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,35 +24,12 @@ pub use upstream::client_config;
 /// public root is about 200 KiB.
 const MAX_PEM_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Reads a certificate or key file named in the policy. SECURITY: a regular file only, opened
-/// without blocking (a FIFO would hold the read, and with it startup or a reload), and bounded
-/// (`/dev/zero` or a log named by mistake must not fill memory, least of all in a reload of a
-/// running proxy).
+/// Reads a certificate file named in the policy (`crate::files`: a regular file, opened
+/// without blocking, bounded).
 pub(crate) fn read_pem_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error, ErrorKind};
-    let file = open_nonblocking(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
-    }
     let mut bytes = Vec::new();
-    file.take(MAX_PEM_BYTES + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_PEM_BYTES {
-        return Err(Error::new(
-            ErrorKind::InvalidData,
-            "larger than 4 MiB, so not a PEM file",
-        ));
-    }
+    crate::files::read_regular(path, MAX_PEM_BYTES, &mut bytes)?;
     Ok(bytes)
-}
-
-/// Opens for reading without blocking on a FIFO or a device (`O_NONBLOCK`, which changes
-/// nothing for a regular file).
-fn open_nonblocking(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
-        .open(path)
 }
 
 /// Everything that can go wrong while issuing leaves or building rustls configurations.
