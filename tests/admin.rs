@@ -157,6 +157,12 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
         ),
         // Tasks that could never be used: expired before their first request, or held to a
         // value no single path segment is.
+        // The same code for every bad ttl, unparsable or out of range: one branch for scripts.
+        (
+            "a ttl that is not a duration",
+            json!({"agent": "bot", "intent": ["plain.issues.read"], "ttl": "30M"}),
+            "invalid_ttl",
+        ),
         (
             "a ttl under a second",
             json!({"agent": "bot", "intent": ["plain.issues.read"], "ttl": "500ms"}),

@@ -278,7 +278,7 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let ttl = match parsed.ttl.as_deref().map(crate::policy::parse_duration) {
         None => None,
         Some(Ok(d)) => Some(d),
-        Some(Err(why)) => return bad_request("bad_ttl", &format!("ttl: {why}")),
+        Some(Err(why)) => return bad_request("invalid_ttl", &format!("ttl: {why}")),
     };
     let intent: Vec<Grant> = parsed
         .intent
