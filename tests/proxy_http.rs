@@ -664,8 +664,10 @@ async fn request_carrying_a_real_credential_is_secret_egress() {
         )
         .await;
     let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
-    // Recorded and counted under the service the host belongs to.
+    // Recorded and counted under the service the host belongs to; the record names the
+    // credential that leaked (to be rotated), never its value.
     assert_eq!(rec["service"], "plain", "{rec}");
+    assert_eq!(rec["credential"], "api_token", "{rec}");
     let counted = kw
         .metric(r#"keyward_decisions_total{agent="bot",capability="",decision="deny",reason="secret_egress",service="plain"}"#)
         .await;
@@ -678,12 +680,39 @@ async fn request_carrying_a_real_credential_is_secret_egress() {
                 .header("x-note", format!("leaked {}", f.creds.tls_token)),
         )
         .await;
-    kw.assert_denied(&resp, 403, "secret_egress").await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "tls_token", "{rec}");
     // In the query string.
     let resp = kw
         .send(agent.get(f.plain_url("plain.test", &format!("/echo?k={}", f.creds.query_key))))
         .await;
-    kw.assert_denied(&resp, 403, "secret_egress").await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "query_key", "{rec}");
+    // keyward's own admin token, which no policy name can be mistaken for.
+    let resp = kw
+        .send(
+            agent
+                .get(f.plain_url("plain.test", "/echo"))
+                .header("x-note", kw.admin_token.as_str()),
+        )
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "(admin token)", "{rec}");
+    // The operator's log says which secret to rotate, and for which task.
+    let logs = common::captured_logs();
+    let warned = logs
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("secret_egress") && l.contains(&task.id))
+        .collect::<Vec<_>>();
+    for name in ["api_token", "tls_token", "query_key", "(admin token)"] {
+        assert!(
+            warned
+                .iter()
+                .any(|l| l.contains(&format!("credential={name}"))
+                    || l.contains(&format!("credential=\"{name}\""))),
+            "no warning names {name}: {warned:#?}"
+        );
+    }
     assert_eq!(f.plain.hits(), 0);
     kw.assert_no_leaks().await;
 }

@@ -153,12 +153,19 @@ impl StoreInner {
                     Some((idx, cached)) if idx == i => Some(cached.clone()),
                     _ => slot.cache.load_full(),
                 };
+                let owner = Carried::Credential(slot.name.clone());
                 held.map(|c| [c.value.clone(), c.retired.clone()])
                     .into_iter()
                     .flatten()
                     .flatten()
+                    .map(move |v| (owner.clone(), v))
             })
-            .chain(self.own.load().iter().cloned())
+            .chain(
+                self.own
+                    .load()
+                    .iter()
+                    .map(|v| (Carried::AdminToken, v.clone())),
+            )
             .collect();
         self.scan.store(Arc::new(ScanSet::new(values)));
     }
@@ -265,7 +272,11 @@ impl CredentialStore {
                     settling: std::sync::Mutex::new(None),
                 })
                 .collect(),
-            scan: ArcSwap::from_pointee(ScanSet::new(own.clone())),
+            scan: ArcSwap::from_pointee(ScanSet::new(
+                own.iter()
+                    .map(|v| (Carried::AdminToken, v.clone()))
+                    .collect(),
+            )),
             rebuild: std::sync::Mutex::new(()),
             own: ArcSwap::from_pointee(own),
         };
@@ -419,10 +430,10 @@ impl CredentialStore {
             .collect()
     }
 
-    /// Whether any header (name or value), the request target or its authority carries a real
-    /// credential's value (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded.
-    /// For requests and for CONNECT alike (whose target is its authority).
-    pub fn carried_by(&self, uri: &Uri, headers: &http::HeaderMap) -> bool {
+    /// Whose value, if any, a header (name or value), the request target or its authority
+    /// carries (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded. For
+    /// requests and for CONNECT alike (whose target is its authority).
+    pub fn carried_by(&self, uri: &Uri, headers: &http::HeaderMap) -> Option<Carried> {
         let target = uri
             .path_and_query()
             .map(|p| p.as_str().as_bytes())
@@ -455,25 +466,49 @@ impl CredentialStore {
     /// would decode: raw, percent-encoded (any case, any subset of bytes), or base64 (standard
     /// or URL-safe, padded or not, e.g. inside a Basic pair).
     pub fn carried_in(&self, places: &[&[u8]]) -> bool {
-        self.scan(places, &[])
+        self.scan(places, &[]).is_some()
     }
 
     /// The same, ignoring ASCII case: for what is case-folded on the way (header names, hosts).
     pub fn carried_in_any_case(&self, places: &[&[u8]]) -> bool {
-        self.scan(&[], places)
+        self.scan(&[], places).is_some()
     }
 
     /// One pass over the credentials for both kinds of places.
-    fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> bool {
+    fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> Option<Carried> {
         let set = self.inner.scan.load();
         let exact = Places::new(exact, false);
         let folded = Places::new(folded, true);
         if !set.may_start_in(&exact) && !set.may_start_in(&folded) {
-            return false;
+            return None;
         }
-        set.values.iter().any(|value| {
-            exact.contain(value.secret.expose().as_bytes()) || folded.contain(&value.folded)
-        })
+        set.values
+            .iter()
+            .find(|(_, value)| {
+                exact.contain(value.secret.expose().as_bytes()) || folded.contain(&value.folded)
+            })
+            .map(|(owner, _)| owner.clone())
+    }
+}
+
+/// Whose value a request carried (`carried_by`): named in its audit record and log line, so
+/// the operator rotates the secret that leaked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Carried {
+    /// A policy credential (its current value, or the one before its last rotation).
+    Credential(String),
+    /// keyward's admin token: whoever holds it can mint any task.
+    AdminToken,
+}
+
+impl Carried {
+    /// The record's `credential` field: the policy's name, or `(admin token)`, which no policy
+    /// name can be (names start with a letter or digit).
+    pub fn name(&self) -> &str {
+        match self {
+            Carried::Credential(name) => name,
+            Carried::AdminToken => "(admin token)",
+        }
     }
 }
 /// Every readable credential value of a store, and the first `MIN_SCAN_LEN` bytes of each
@@ -481,16 +516,16 @@ impl CredentialStore {
 /// the filter carries no value, which is decided without looking at any value. With 50 values
 /// about one request in twenty with 100 windows goes on to the exact search.
 struct ScanSet {
-    values: Vec<Arc<CredentialValue>>,
+    values: Vec<(Carried, Arc<CredentialValue>)>,
     firsts: Box<[u64; 1024]>,
 }
 
 impl ScanSet {
-    fn new(values: Vec<Arc<CredentialValue>>) -> ScanSet {
+    fn new(values: Vec<(Carried, Arc<CredentialValue>)>) -> ScanSet {
         let mut firsts = Box::new([0u64; 1024]);
         let needles = values
             .iter()
-            .flat_map(|v| [v.secret.expose().as_bytes(), v.folded.as_slice()]);
+            .flat_map(|(_, v)| [v.secret.expose().as_bytes(), v.folded.as_slice()]);
         for first in needles.filter_map(|n| n.get(..MIN_SCAN_LEN)) {
             let bit = filter_bit(window_hash(first));
             if let Some(word) = firsts.get_mut(bit >> 6) {
@@ -716,9 +751,10 @@ mod tests {
     #[test]
     fn the_scan_filter_never_misses_a_present_secret() {
         let secret = "sk_live_0123456789abcdef";
-        let set = ScanSet::new(vec![Arc::new(CredentialValue::new(Secret::new(
-            secret.into(),
-        )))]);
+        let set = ScanSet::new(vec![(
+            Carried::AdminToken,
+            Arc::new(CredentialValue::new(Secret::new(secret.into()))),
+        )]);
         for at in 0..40 {
             let mut place = vec![b'x'; at];
             place.extend_from_slice(secret.as_bytes());
@@ -803,6 +839,22 @@ mod tests {
         rotate("sk_live_rotated_value_C", 5);
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
         assert!(store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
+        // Either value is named as the credential it belongs to, the one to rotate again.
+        let uri = |v: &str| format!("/x?k={v}").parse::<Uri>().unwrap();
+        let headers = http::HeaderMap::new();
+        for (value, owner) in [
+            ("sk_live_first_value_A", "c0"),
+            ("ghp_second_value_BBBB", "c1"),
+        ] {
+            assert_eq!(
+                store.carried_by(&uri(value), &headers),
+                Some(Carried::Credential(owner.into()))
+            );
+        }
+        assert_eq!(
+            store.carried_by(&uri("nothing_secret_here"), &headers),
+            None
+        );
         assert!(store.carried_in(&[b"ghp_second_value_BBBB"]));
         assert_eq!(
             store.get(0).unwrap().secret().expose(),

@@ -128,7 +128,8 @@ pub async fn handle(
     }
     // SECURITY: a real credential in the agent's hands has leaked; not even a blind tunnel's
     // name (or its SNI/DNS lookup) may carry it out.
-    if generation.credentials.carried_by(req.uri(), req.headers()) {
+    if let Some(carried) = generation.credentials.carried_by(req.uri(), req.headers()) {
+        draft.set_egress(&carried);
         let denial = Denial::bare(Reason::SecretEgress);
         return refuse(&state, &generation, &ctx.slot, draft, denial, None).await;
     }

@@ -636,10 +636,11 @@ fn prepare(
         target.path.raw_path(),
     );
     // SECURITY: a real credential in the agent's hands has leaked; never let it travel.
-    if generation
+    if let Some(carried) = generation
         .credentials
         .carried_by(&parts.uri, &parts.headers)
     {
+        draft.set_egress(&carried);
         // Counted and recorded under the host's service when only one serves it.
         let service = generation
             .policy

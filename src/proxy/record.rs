@@ -162,6 +162,19 @@ impl RecordDraft {
         }
     }
 
+    /// A `secret_egress` refusal: the record names whose value the request carried, and so
+    /// does a warning, since that secret has leaked to the agent and must be rotated.
+    pub fn set_egress(&mut self, carried: &crate::credentials::Carried) {
+        self.rec.credential = Some(carried.name().to_string());
+        tracing::warn!(
+            request_id = %self.rec.request_id,
+            task = self.rec.task.as_deref().unwrap_or(""),
+            agent = self.rec.agent.as_deref().unwrap_or(""),
+            credential = carried.name(),
+            "a request carried a credential's value (secret_egress): refused; the credential has leaked to the agent, rotate it"
+        );
+    }
+
     pub fn set_permit(&mut self, policy: &CompiledPolicy, permit: &Permit) {
         self.set_match(
             policy,
