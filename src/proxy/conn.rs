@@ -27,17 +27,18 @@ use crate::places::Stranger;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::fragment::{FragmentInTarget, FragmentLog, Sniff};
 use crate::proxy::handle::ConnSlot;
+use crate::proxy::record::Unparsed;
 use crate::state::State;
 
 /// Serves one connection of the plain proxy listener until it closes or keyward shuts down.
-/// Returns the status hyper answered on its own when the connection ended on a request head it
-/// could not parse (that request never reached the service, so the caller records it).
+/// Returns what ended the connection when that was a request head it could not parse (that
+/// request never reached the service, so the caller records it).
 pub async fn serve_plain<S>(
     state: &State,
     stream: TcpStream,
     svc: S,
     stranger: Stranger,
-) -> Option<u16>
+) -> Option<Unparsed>
 where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
     S::Future: Send + 'static,
@@ -66,7 +67,7 @@ where
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
-        ended = conn.as_mut() => return ended.err().and_then(|e| unparsed_status(&e)),
+        ended = conn.as_mut() => return ended.err().and_then(|e| unparsed(&e)),
         _ = activity.idle_for(settings.idle_timeout) => {}
         // Nothing of a request to finish: closed at once.
         () = stranger.crowded_out() => return None,
@@ -83,15 +84,15 @@ where
     None
 }
 
-/// The status hyper sends for a request head it cannot parse (it answers those itself), or
-/// `CLOSED_UNANSWERED` for the HTTP/2 preface, which it answers by closing.
-fn unparsed_status(e: &hyper::Error) -> Option<u16> {
+/// A request head hyper could not parse, with the status it answered (it answers those
+/// itself), or the HTTP/2 preface, which it answers by closing.
+fn unparsed(e: &hyper::Error) -> Option<Unparsed> {
     if e.is_parse_version_h2() {
-        Some(crate::proxy::record::CLOSED_UNANSWERED)
+        Some(Unparsed::Http2Preface)
     } else if e.is_parse_too_large() {
-        Some(431)
+        Some(Unparsed::Head(431))
     } else if e.is_parse() {
-        Some(400)
+        Some(Unparsed::Head(400))
     } else {
         None
     }
@@ -142,7 +143,7 @@ pub async fn serve_intercepted<I, S>(
     svc: S,
     ends: TunnelEnds,
     slot: ConnSlot,
-) -> Option<u16>
+) -> Option<Unparsed>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
@@ -186,7 +187,7 @@ where
     };
     // The protocol ALPN chose, not whichever the first bytes look like (`auto` goes by them):
     // the fragment sniffing above is chosen by ALPN.
-    let io = TokioIo::new(Sniff::for_alpn(io, fragments, h2));
+    let io = TokioIo::new(Sniff::for_alpn(io, fragments.clone(), h2));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     // SECURITY (I3): a revoked or expired task's requests stop at once: the cut is sent to
@@ -210,9 +211,12 @@ where
     let mut grace = settings.shutdown_timeout;
     tokio::select! {
         ended = conn.as_mut() => {
+            if fragments.saw_other_protocol() {
+                return Some(Unparsed::NotAlpnProtocol);
+            }
             return ended
                 .err()
-                .and_then(|e| e.downcast_ref::<hyper::Error>().and_then(unparsed_status));
+                .and_then(|e| e.downcast_ref::<hyper::Error>().and_then(unparsed));
         }
         // SECURITY (I7): after a 407 or a flooding refusal. HTTP/2's graceful close waits for
         // the client's PING answer before it stops taking streams, and a client that never

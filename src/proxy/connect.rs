@@ -284,8 +284,8 @@ async fn intercept(
         cut: cut_tx,
     };
     let served = conn::serve_intercepted(&state, tls, h2, svc, ends, slot).await;
-    if let Some(status) = served {
-        crate::proxy::record::unparsed(&state, client, status);
+    if let Some(what) = served {
+        crate::proxy::record::unparsed(&state, client, what, Some(&task));
     }
     // A connection that became a WebSocket relay is still this tunnel: it ends with the
     // relay (which ends at the latest at shutdown or when the task ends).

@@ -43,6 +43,8 @@ pub struct FragmentLog {
     /// More than `MAX_NOTES` were waiting: fail closed for the rest of the connection.
     overflowed: AtomicBool,
     notes: Mutex<VecDeque<Note>>,
+    /// The connection's bytes were not the protocol ALPN chose, which ended it (`for_alpn`).
+    not_alpn: AtomicBool,
 }
 
 struct Note {
@@ -84,6 +86,11 @@ impl FragmentLog {
     /// The connection no longer speaks HTTP/1 (tunnel, WebSocket): stop looking at its bytes.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
+    }
+
+    /// Whether the connection ended because its bytes were not the protocol ALPN chose.
+    pub fn saw_other_protocol(&self) -> bool {
+        self.not_alpn.load(Ordering::Acquire)
     }
 
     fn note(&self, note: Note) {
@@ -187,7 +194,10 @@ impl<I: AsyncRead> AsyncRead for Sniff<I> {
         let polled = this.inner.poll_read(cx, buf);
         if *this.protocol != Protocol::Any {
             if let Some(new) = buf.filled().get(before..) {
-                this.protocol.check(new)?;
+                if let Err(e) = this.protocol.check(new) {
+                    this.log.not_alpn.store(true, Ordering::Release);
+                    return Poll::Ready(Err(e));
+                }
             }
         }
         if !this.log.stopped.load(Ordering::Acquire) {

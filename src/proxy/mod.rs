@@ -89,8 +89,8 @@ async fn accept(
             });
             let svc_state = state.clone();
             let svc = service_fn(move |req| handle::handle(svc_state.clone(), ctx.clone(), req));
-            if let Some(status) = conn::serve_plain(&state, stream, svc, stranger).await {
-                record::unparsed(&state, client, status);
+            if let Some(what) = conn::serve_plain(&state, stream, svc, stranger).await {
+                record::unparsed(&state, client, what, None);
             }
         });
     }

@@ -14,16 +14,32 @@ use crate::reason::Reason;
 use crate::state::State;
 use crate::tasks::Task;
 
-/// SECURITY (I6): a request head hyper could not parse is answered by hyper itself (`status`,
-/// 400 or 431) and never reaches `handle`; it still leaves one record, so a probe with
-/// malformed requests leaves a trace. Nothing of it is known but where it came from.
-pub fn unparsed(state: &State, client: SocketAddr, status: u16) {
+/// What ended a connection before a request could be read from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unparsed {
+    /// A head hyper could not parse, answered by hyper itself with this status (400, 431).
+    Head(u16),
+    /// The HTTP/2 preface where HTTP/1.1 was expected: closed unanswered.
+    Http2Preface,
+    /// Inside a tunnel, bytes of the other protocol than ALPN chose: closed unanswered.
+    NotAlpnProtocol,
+}
+
+/// SECURITY (I6): such a connection never reaches `handle`; it still leaves one record, so a
+/// probe with malformed requests leaves a trace. Nothing of it is known but where it came
+/// from, and in a tunnel (`task`) whose it was.
+pub fn unparsed(state: &State, client: SocketAddr, what: Unparsed, task: Option<&Task>) {
     let generation = state.current();
     let mut draft = RecordDraft::new(state, client, generation.policy.version());
-    draft.rec.outcome = Some(match status {
-        CLOSED_UNANSWERED => "http2_preface",
-        _ => "unparsed",
-    });
+    if let Some(task) = task {
+        draft.set_task(task);
+    }
+    let (status, outcome) = match what {
+        Unparsed::Head(status) => (status, "unparsed"),
+        Unparsed::Http2Preface => (CLOSED_UNANSWERED, "http2_preface"),
+        Unparsed::NotAlpnProtocol => (CLOSED_UNANSWERED, "not_alpn_protocol"),
+    };
+    draft.rec.outcome = Some(outcome);
     draft.write_detached(state, Reason::AmbiguousRequest, status);
 }
 
@@ -47,7 +63,8 @@ pub struct RecordDraft {
 /// Status recorded for a request whose agent went away before keyward answered it.
 pub const CLIENT_CLOSED: u16 = 499;
 /// Status recorded for a connection keyward closed without an answer (nginx's 444): an
-/// HTTP/2 preface where HTTP/1.1 was expected (plain HTTP/2 is not offered on the listener).
+/// HTTP/2 preface where HTTP/1.1 was expected (plain HTTP/2 is not offered on the listener),
+/// or, in a tunnel, bytes of the other protocol than ALPN chose.
 pub const CLOSED_UNANSWERED: u16 = 444;
 /// Status recorded for a request still waiting on its upstream when shutdown's drain ran out
 /// (the agent's connection is closed without an answer).

@@ -890,3 +890,42 @@ async fn websocket_frames_keyward_cannot_redact_end_the_relay() {
     assert_eq!(rec["outcome"], "websocket_extension", "{rec}");
     kw.assert_no_leaks().await;
 }
+
+/// Inside a tunnel, bytes of the other protocol than ALPN chose end the connection unanswered,
+/// and each such attempt still leaves its one record, naming the tunnel's task (SECURITY I6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_of_the_other_protocol_in_a_tunnel_are_recorded() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let port = f.tls.port();
+    let h1 = format!("GET /repos/acme/web/issues HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n");
+    let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+    for (alpn, bytes) in [
+        (b"http/1.1".as_slice(), preface),
+        (b"h2".as_slice(), h1.as_bytes()),
+    ] {
+        let mut tls = crate::common::tunnel_tls(&f, &task, "secure.test", &[alpn]).await;
+        bounded("write", tls.write_all(bytes)).await.unwrap();
+        bounded("flush", tls.flush()).await.unwrap();
+        let mut back = Vec::new();
+        let _ = bounded("the tunnel to close", tls.read_to_end(&mut back)).await;
+        assert!(
+            !back.starts_with(b"HTTP/1.1"),
+            "answered as HTTP/1.1: {:?}",
+            String::from_utf8_lossy(&back)
+        );
+    }
+    let recs = kw
+        .audit_count(2, |r| r["outcome"] == "not_alpn_protocol")
+        .await;
+    for rec in &recs {
+        crate::common::assert_record(rec);
+        assert_eq!(rec["reason"], "ambiguous_request", "{rec}");
+        assert_eq!(rec["decision"], "deny", "{rec}");
+        assert_eq!(rec["status"], 444, "{rec}");
+        assert_eq!(rec["task"], task.id.as_str(), "{rec}");
+    }
+    assert_eq!(f.tls.hits(), 0, "nothing reached the upstream");
+    kw.assert_no_leaks().await;
+}
