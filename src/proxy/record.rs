@@ -28,7 +28,7 @@ pub enum Unparsed {
 /// SECURITY (I6): such a connection never reaches `handle`; it still leaves one record, so a
 /// probe with malformed requests leaves a trace. Nothing of it is known but where it came
 /// from, and in a tunnel (`task`) whose it was.
-pub fn unparsed(state: &State, client: SocketAddr, what: Unparsed, task: Option<&Task>) {
+pub fn unparsed(state: &State, client: SocketAddr, what: Unparsed, task: Option<&Arc<Task>>) {
     let generation = state.current();
     let mut draft = RecordDraft::new(state, client, generation.policy.version());
     if let Some(task) = task {
@@ -58,6 +58,9 @@ pub struct RecordDraft {
     armed: Option<(Arc<State>, Reason)>,
     /// The request body's count, for the record of a request dropped while it was sent.
     upload: Option<Arc<crate::proxy::body::Upload>>,
+    /// The task the request was made under, whose denials it counts: the task itself, not
+    /// whichever holds its id by then (a task minted again under an ended one's id).
+    task: Option<Arc<Task>>,
 }
 
 /// Status recorded for a request whose agent went away before keyward answered it.
@@ -120,6 +123,7 @@ impl RecordDraft {
             in_flight: None,
             armed: None,
             upload: None,
+            task: None,
         }
     }
 
@@ -139,9 +143,10 @@ impl RecordDraft {
         &self.rec.request_id
     }
 
-    pub fn set_task(&mut self, task: &Task) {
+    pub fn set_task(&mut self, task: &Arc<Task>) {
         self.rec.task = Some(task.id.clone());
         self.rec.agent = Some(task.agent.clone());
+        self.task = Some(task.clone());
     }
 
     pub fn set_target(&mut self, method: &str, scheme: Scheme, host: &str, port: u16, path: &str) {
@@ -225,7 +230,7 @@ impl RecordDraft {
         self.fill(reason, status);
         emit_metrics(state, &self.rec);
         if reason.decision() == crate::reason::Decision::Deny {
-            if let Some(task) = self.rec.task.as_deref().and_then(|id| state.tasks.get(id)) {
+            if let Some(task) = &self.task {
                 task.count_denied();
             }
         }

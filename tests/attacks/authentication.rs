@@ -591,3 +591,56 @@ async fn expired_task_is_refused_on_plain_http_and_at_connect() {
     assert_eq!(kw.metric(LEAVES).await, Some(0.0));
     kw.assert_no_leaks().await;
 }
+
+/// A tunnel belongs to the task it was opened by, not to its id: once that task ended and was
+/// forgotten, and another was minted under the same id, the old tunnel's refusals are that old
+/// task's. They name it, and neither count against nor show up on the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_tunnels_refusals_are_not_the_new_task_of_the_same_id() {
+    let f = Fixture::start_with(|p| {
+        p.replacen(
+            "  token: file:admin-token\n",
+            "  token: file:admin-token\n  max_tasks: 1\n",
+            1,
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let mint = json!({"agent": "bot", "task": "reused", "intent": ["secure.read"]});
+    let old = kw.mint_with(mint.clone()).await;
+    let mut tunnel = crate::common::tunnel_tls(&f, &old, "secure.test", &[b"http/1.1"]).await;
+    let get = format!(
+        "GET /repos/acme/web/issues HTTP/1.1\r\nHost: secure.test:{}\r\n\r\n",
+        f.tls.port()
+    );
+    bounded("write", tunnel.write_all(get.as_bytes()))
+        .await
+        .unwrap();
+    let first = read_response(&mut tunnel).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    kw.revoke(&old.id).await;
+    // The store holds one task: each mint forgets the ended one to make room, and the id is
+    // free again once forgotten.
+    let filler = kw
+        .mint_with(json!({"agent": "bot", "task": "filler", "intent": ["secure.read"]}))
+        .await;
+    kw.revoke(&filler.id).await;
+    let new = kw.mint_with(mint).await;
+    assert_ne!(new.token, old.token);
+    bounded("write", tunnel.write_all(get.as_bytes()))
+        .await
+        .unwrap();
+    let second = read_response(&mut tunnel).await;
+    kw.saw(&second.text());
+    assert_eq!(second.status, 407, "{}", second.text());
+    let (status, listed) = kw.admin(http::Method::GET, "/v1/tasks/reused", None).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["status"], "active", "{listed}");
+    assert_eq!(listed["requests_denied"], 0, "{listed}");
+    // The new task works, its budget untouched by the old tunnel.
+    let resp = kw
+        .send(kw.agent(&new).get(f.plain_url("plain.test", "/echo")))
+        .await;
+    assert_ne!(resp.status, 407);
+    kw.assert_no_leaks().await;
+}
