@@ -16,39 +16,44 @@ const EXEC_LEFTOVER_GRACE: Duration = Duration::from_millis(200);
 const MAX_SECRET_BYTES: u64 = 64 * 1024;
 
 /// Why a source gave no value, for the operator. Names the source (a variable, a path, a
-/// command's program), never anything it read, nor a command's arguments or output.
+/// command's program), never anything it read, nor a command's arguments or output; a part
+/// of the name that looks like a pasted credential is shown `(hidden)` (`hidden`).
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("environment variable {0} is not set")]
+    #[error("environment variable {name} is not set", name = hidden(.0))]
     EnvUnset(String),
-    #[error("environment variable {0} is not valid UTF-8")]
+    #[error("environment variable {name} is not valid UTF-8", name = hidden(.0))]
     EnvNotUnicode(String),
-    #[error("environment variable {0} is empty")]
+    #[error("environment variable {name} is empty", name = hidden(.0))]
     EnvEmpty(String),
-    #[error("file {0} cannot be read: {1}")]
+    #[error("file {name} cannot be read: {1}", name = hidden(.0))]
     File(String, std::io::ErrorKind),
-    #[error("file {0} is empty")]
+    #[error("file {name} is empty", name = hidden(.0))]
     FileEmpty(String),
-    #[error("{0} holds a line break or another control character inside its value (more than one line?)")]
+    #[error("{name} holds a line break or another control character inside its value (more than one line?)", name = hidden(.0))]
     ControlInValue(String),
-    #[error("{0} is not a regular file")]
+    #[error("{name} is not a regular file", name = hidden(.0))]
     NotAFile(String),
-    #[error("file {0} holds more than {1} bytes: not a secret")]
+    #[error("file {name} holds more than {1} bytes: not a secret", name = hidden(.0))]
     FileTooLong(String, u64),
     #[error("`exec` has no command")]
     ExecNone,
-    #[error("command `{0}` could not be run: {1}")]
+    #[error("command `{name}` could not be run: {1}", name = hidden(.0))]
     ExecSpawn(String, std::io::ErrorKind),
-    #[error("command `{0}` did not finish within {1} s")]
+    #[error("command `{name}` did not finish within {1} s", name = hidden(.0))]
     ExecTimeout(String, u64),
-    #[error("command `{0}` failed ({1})")]
+    #[error("command `{name}` failed ({1})", name = hidden(.0))]
     ExecFailed(String, std::process::ExitStatus),
-    #[error("command `{0}` printed nothing (or only a line break)")]
+    #[error("command `{name}` printed nothing (or only a line break)", name = hidden(.0))]
     ExecEmpty(String),
-    #[error("command `{0}` printed text that is not UTF-8")]
+    #[error("command `{name}` printed text that is not UTF-8", name = hidden(.0))]
     ExecNotUtf8(String),
-    #[error("command `{0}` printed more than {1} bytes: not a secret")]
+    #[error("command `{name}` printed more than {1} bytes: not a secret", name = hidden(.0))]
     ExecTooLong(String, u64),
+}
+
+fn hidden(name: &str) -> std::borrow::Cow<'_, str> {
+    crate::policy::hide_pasted_parts(name)
 }
 
 /// Reads a secret from its source.
@@ -203,6 +208,24 @@ fn trimmed(mut v: String) -> Option<Secret> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SECURITY: a secret pasted after `file:` or `env:` is a path or a name to keyward, and
+    /// the message saying it cannot be read goes to the log: it is not repeated there.
+    #[tokio::test]
+    async fn a_source_that_is_a_pasted_secret_is_not_repeated_in_its_error() {
+        let (file, env) = (
+            "sk-live-abcdef1234567890abcdef",
+            "ghp_0123456789abcdefghijklmnopq",
+        );
+        for (source, pasted) in [
+            (SecretSource::File(format!("./{file}").into()), file),
+            (SecretSource::Env(env.into()), env),
+        ] {
+            let err = read_source(&source).await.unwrap_err().to_string();
+            assert!(err.contains("(hidden)"), "{err}");
+            assert!(!err.contains(&pasted[4..]), "{err}");
+        }
+    }
     use std::time::Instant;
 
     fn exec(script: &str) -> SecretSource {

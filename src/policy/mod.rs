@@ -25,7 +25,7 @@ pub use model::{
     AdminSettings, AgentDef, AuditSettings, AuditTarget, CaSettings, CapabilityDef, CredentialDef,
     HostPattern, Injection, Policy, ProxySettings, Risk, Scheme, SecretSource, ServiceDef,
 };
-pub(crate) use values::{check_name, parse_duration};
+pub(crate) use values::{check_name, hide_pasted_parts, parse_duration};
 
 use error::{Errors, Pos};
 

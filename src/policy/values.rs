@@ -80,6 +80,34 @@ pub(crate) fn looks_pasted(text: &str) -> bool {
     PREFIXES.iter().any(|p| text.starts_with(p)) || (text.len() >= 24 && digits >= 4)
 }
 
+/// `text` (a source's file path, variable or command, as the policy wrote it) with each part
+/// between `/`, blanks and backticks that looks like a pasted credential written `(hidden)`.
+/// SECURITY: `file:sk-live-…` is a secret pasted after `file:`, not a path; messages about
+/// the source (it cannot be read, say) go to logs, `/readyz` and `check`.
+pub(crate) fn hide_pasted_parts(text: &str) -> std::borrow::Cow<'_, str> {
+    let is_sep = |c: char| c == '/' || c == '`' || c.is_whitespace();
+    if !text.split(is_sep).any(looks_pasted) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len());
+    let mut part = String::new();
+    for c in text.chars().chain(std::iter::once('/')) {
+        if is_sep(c) {
+            shown.push_str(if looks_pasted(&part) {
+                "(hidden)"
+            } else {
+                &part
+            });
+            shown.push(c);
+            part.clear();
+        } else {
+            part.push(c);
+        }
+    }
+    shown.pop();
+    std::borrow::Cow::Owned(shown)
+}
+
 /// `api.github.com`, `*.example.com`, `127.0.0.1`, `::1`, `[::1]`.
 pub(crate) fn parse_host_pattern(text: &str) -> Result<HostPattern, String> {
     if let Some(base) = text.strip_prefix("*.") {
@@ -478,6 +506,27 @@ mod tests {
             "vault-db-2",
         ] {
             assert!(!looks_like_secret(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn pasted_parts_of_a_source_are_hidden_and_ordinary_paths_kept() {
+        for (text, shown) in [
+            ("./sk-live-abcdef1234567890abcdef", "./(hidden)"),
+            (
+                "/run/secrets/ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+                "/run/secrets/(hidden)",
+            ),
+            ("ghp_16C7e42F292c6912E7710c838347Ae178B4a", "(hidden)"),
+            (
+                "/var/run/secrets/token-2024-01-01",
+                "/var/run/secrets/token-2024-01-01",
+            ),
+            ("/etc/keyward/github_token", "/etc/keyward/github_token"),
+            ("GITHUB_TOKEN", "GITHUB_TOKEN"),
+            ("vault read sk_live_0123456789abcdef", "vault read (hidden)"),
+        ] {
+            assert_eq!(hide_pasted_parts(text), shown, "{text}");
         }
     }
 
