@@ -302,6 +302,7 @@ pub fn audit_record(i: u64) -> AuditRecord {
         client: "127.0.0.1:51234".into(),
         policy_version: "0123456789abcdef".into(),
         outcome: Some("completed"),
+        detail: None,
     }
 }
 

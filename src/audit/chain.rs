@@ -325,6 +325,7 @@ mod tests {
             client: "127.0.0.1:50312".into(),
             policy_version: "0123456789abcdef".into(),
             outcome: None,
+            detail: None,
         }
     }
 

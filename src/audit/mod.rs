@@ -62,6 +62,11 @@ pub struct AuditRecord {
     /// list: an addition that tells a reviewer whether the agent saw the whole response.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<&'static str>,
+    /// What precisely a refusal refused, from a closed set (`dot_segment`, `host_override`,
+    /// `header_lookalike`, `in_flight`, ...; the problem document's detail says it in words);
+    /// absent when the reason says it all. An addition to SPEC §7, like `outcome`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'static str>,
 }
 
 /// A duration in milliseconds, to the microsecond: `2.521`, never `2.5218800000000003` (the
@@ -139,6 +144,10 @@ impl AuditRecord {
         if let Some(outcome) = self.outcome {
             out.extend_from_slice(b",\"outcome\":");
             json_str(out, outcome);
+        }
+        if let Some(detail) = self.detail {
+            out.extend_from_slice(b",\"detail\":");
+            json_str(out, detail);
         }
         out.push(b'}');
     }
@@ -441,6 +450,7 @@ mod tests {
                 client: "[::1]:50312".into(),
                 policy_version: text.to_string(),
                 outcome: [None, Some("completed")][i % 2],
+                detail: [None, None, Some("dot_segment")][i % 3],
             };
             same(&rec);
         }

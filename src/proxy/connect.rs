@@ -167,18 +167,19 @@ async fn refuse(
     state: &State,
     generation: &Generation,
     place: &ConnPlace,
-    draft: RecordDraft,
+    mut draft: RecordDraft,
     denial: Denial,
     code: Option<&'static str>,
 ) -> Response<ProxyBody> {
     let (hint, code) = respond::explain(&generation.policy, &denial, code, &draft.rec.host);
+    draft.rec.detail = code;
     let task = draft.rec.task.clone();
     let mut resp = respond::deny(&DenyInfo {
         reason: denial.reason,
         request_id: draft.request_id(),
         task: task.as_deref(),
         hint,
-        ambiguity: code,
+        code,
     });
     respond::close_unless_authenticated(&mut resp, denial.reason, task.as_deref());
     // (The response's status: a head too large is 431, not the reason's 400.)

@@ -759,13 +759,14 @@ async fn refuse(
         refusal.code,
         &draft.rec.host,
     );
+    draft.rec.detail = code;
     let task = draft.rec.task.clone();
     let mut resp = respond::deny(&DenyInfo {
         reason,
         request_id: draft.request_id(),
         task: task.as_deref(),
         hint,
-        ambiguity: code,
+        code,
     });
     // (The response's status: a head too large is 431, not the reason's 400.)
     draft.write(state, reason, resp.status().as_u16()).await;
@@ -835,7 +836,7 @@ async fn ended_in_flight(
         request_id: draft.request_id(),
         task: task.as_deref(),
         hint: None,
-        ambiguity: None,
+        code: None,
     });
     end_connection(ctx, &mut resp);
     draft

@@ -118,6 +118,7 @@ impl RecordDraft {
                 client: crate::audit::format_client(client),
                 policy_version: policy_version.to_string(),
                 outcome: None,
+                detail: None,
             },
             started: Instant::now(),
             in_flight: None,

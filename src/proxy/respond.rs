@@ -37,8 +37,9 @@ pub struct DenyInfo<'a> {
     pub task: Option<&'a str>,
     /// A capability that would have allowed the request.
     pub hint: Option<Hint<'a>>,
-    /// Extra precision for `ambiguous_request` (a closed-set code such as `dot_segment`).
-    pub ambiguity: Option<&'static str>,
+    /// What precisely was refused, from a closed set (`dot_segment`, `host_override`,
+    /// `in_flight`, ...): it chooses the detail sentence, and the record keeps it (`detail`).
+    pub code: Option<&'static str>,
 }
 
 /// A capability named in a denial.
@@ -77,14 +78,14 @@ pub fn explain<'p>(
     (hint, code)
 }
 
-/// `DenyInfo::ambiguity` of an `unknown_host` whose host a service has on another port or
+/// `DenyInfo::code` of an `unknown_host` whose host a service has on another port or
 /// scheme.
 const OTHER_PORT: &str = "other_port";
 
 /// A denial: the reason's status, `X-Keyward-Reason`, a problem document; 407s carry the
 /// `Proxy-Authenticate` challenge.
 pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
-    let status = match info.ambiguity {
+    let status = match info.code {
         // RFC 6585's own status: the agent may shorten its headers and retry.
         Some(HEAD_TOO_LARGE) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         _ => info.reason.status(),
@@ -106,7 +107,7 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
         HeaderValue::from_static(info.reason.as_str()),
     );
     if matches!(
-        info.ambiguity,
+        info.code,
         Some(IN_FLIGHT) | Some(CONNECTIONS) | Some(AGENT_CONNECTIONS)
     ) {
         resp.headers_mut()
@@ -121,18 +122,18 @@ pub fn deny(info: &DenyInfo<'_>) -> Response<ProxyBody> {
     resp
 }
 
-/// `DenyInfo::ambiguity` of a `budget_exhausted` refusal for too many requests in flight.
+/// `DenyInfo::code` of a `budget_exhausted` refusal for too many requests in flight.
 pub const IN_FLIGHT: &str = "in_flight";
 /// The same, for a task that holds as many connections as one task may.
 pub const CONNECTIONS: &str = "connections";
 /// The same, for a task whose agent's tasks hold as many connections as one agent's may.
 pub const AGENT_CONNECTIONS: &str = "agent_connections";
-/// `DenyInfo::ambiguity` of an `ambiguous_request` whose head is over `proxy.max_header_bytes`
+/// `DenyInfo::code` of an `ambiguous_request` whose head is over `proxy.max_header_bytes`
 /// (nothing of it was decided); answered 431.
 pub const HEAD_TOO_LARGE: &str = "head_too_large";
-/// `DenyInfo::ambiguity` of a `route_not_in_intent` refusal of a CONNECT (decided by host).
+/// `DenyInfo::code` of a `route_not_in_intent` refusal of a CONNECT (decided by host).
 pub const AT_CONNECT: &str = "connect";
-/// `DenyInfo::ambiguity` of an `invalid_token` refusal on a connection another task holds.
+/// `DenyInfo::code` of an `invalid_token` refusal on a connection another task holds.
 pub const OTHER_TASK: &str = "connection_of_another_task";
 
 /// What a suggested capability of risk tier `risk` (`high`, `critical`) lacks; also said by
@@ -161,13 +162,13 @@ fn detail(info: &DenyInfo<'_>) -> String {
     match info.reason {
         Reason::Allowed | Reason::Passthrough => String::new(),
         Reason::MissingCredentials => "Send Proxy-Authorization: Basic base64(TASK_ID:TOKEN), e.g. HTTPS_PROXY=http://TASK_ID:TOKEN@host:port.".into(),
-        Reason::InvalidToken if info.ambiguity == Some(OTHER_TASK) => "This connection belongs to another task (the first to authenticate on it); send this task's requests on a connection of its own.".into(),
+        Reason::InvalidToken if info.code == Some(OTHER_TASK) => "This connection belongs to another task (the first to authenticate on it); send this task's requests on a connection of its own.".into(),
         Reason::InvalidToken => "The proxy credentials do not name a known task.".into(),
         Reason::TaskExpired => "The task has expired; mint a new one.".into(),
         Reason::TaskRevoked => "The task was revoked.".into(),
-        Reason::UnknownHost if info.ambiguity == Some(OTHER_PORT) => "The host belongs to a configured service, but on another port or scheme (an `https` service is reached through CONNECT, an `http` one in absolute form).".into(),
+        Reason::UnknownHost if info.code == Some(OTHER_PORT) => "The host belongs to a configured service, but on another port or scheme (an `https` service is reached through CONNECT, an `http` one in absolute form).".into(),
         Reason::UnknownHost => "The host is not a configured service or passthrough host.".into(),
-        Reason::RouteNotInIntent if info.ambiguity == Some(AT_CONNECT) => match info.hint {
+        Reason::RouteNotInIntent if info.code == Some(AT_CONNECT) => match info.hint {
             // Decided by host alone: the capability named is one that reaches the host, not
             // necessarily the one the agent's request (not read yet) needs.
             Some(Hint { name, approval }) => format!(
@@ -184,16 +185,16 @@ fn detail(info: &DenyInfo<'_>) -> String {
             Some(cap) => format!("A path parameter is outside the constraints the task was minted with for capability `{cap}`; ask for a task whose constraints include it."),
             None => "A path parameter is outside the constraints the task was minted with.".into(),
         },
-        Reason::AmbiguousRequest => match info.ambiguity {
+        Reason::AmbiguousRequest => match info.code {
             Some(HEAD_TOO_LARGE) => "The request line and headers are larger than this proxy accepts (proxy.max_header_bytes); nothing of the request was decided.".into(),
             Some(code) => format!("The request could be read two ways ({code}); send it in canonical form."),
             None => "The request could be read two ways; send it in canonical form.".into(),
         },
         Reason::HostMismatch => "The request's Host or TLS server name differs from the tunnel's host.".into(),
         Reason::BlockedAddress => "The upstream resolves to a loopback, private, link-local or metadata address.".into(),
-        Reason::BudgetExhausted if info.ambiguity == Some(IN_FLIGHT) => "The task has as many requests in flight as one task may (proxy.max_task_in_flight); retry when one completes.".into(),
-        Reason::BudgetExhausted if info.ambiguity == Some(AGENT_CONNECTIONS) => "The agent's tasks hold as many proxy connections as one agent's may (proxy.max_agent_connections); reuse one, or retry when one closes.".into(),
-        Reason::BudgetExhausted if info.ambiguity == Some(CONNECTIONS) => "The task holds as many proxy connections as one task may (proxy.max_task_connections); reuse one, or retry when one closes.".into(),
+        Reason::BudgetExhausted if info.code == Some(IN_FLIGHT) => "The task has as many requests in flight as one task may (proxy.max_task_in_flight); retry when one completes.".into(),
+        Reason::BudgetExhausted if info.code == Some(AGENT_CONNECTIONS) => "The agent's tasks hold as many proxy connections as one agent's may (proxy.max_agent_connections); reuse one, or retry when one closes.".into(),
+        Reason::BudgetExhausted if info.code == Some(CONNECTIONS) => "The task holds as many proxy connections as one task may (proxy.max_task_connections); reuse one, or retry when one closes.".into(),
         Reason::BudgetExhausted => "The task has used all the requests it was minted with.".into(),
         Reason::ApprovalRequired => match info.hint {
             Some(Hint { name, approval }) => format!(
@@ -335,17 +336,13 @@ fn problem_response(status: StatusCode, problem: &Problem<'_>) -> Response<Proxy
 mod tests {
     use super::*;
 
-    fn detail_of(
-        reason: Reason,
-        hint: Option<Hint<'_>>,
-        ambiguity: Option<&'static str>,
-    ) -> String {
+    fn detail_of(reason: Reason, hint: Option<Hint<'_>>, code: Option<&'static str>) -> String {
         detail(&DenyInfo {
             reason,
             request_id: "r",
             task: Some("t"),
             hint,
-            ambiguity,
+            code,
         })
     }
 

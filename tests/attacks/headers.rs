@@ -177,7 +177,7 @@ async fn separator_lookalikes_of_the_injected_header_are_ambiguous_in_every_mix(
         );
         let resp = h1_send(&mut conn, req).await;
         kw.saw(&resp.text());
-        let (problem, _) = kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+        let (problem, rec) = kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
         assert!(
             problem["detail"]
                 .as_str()
@@ -185,6 +185,7 @@ async fn separator_lookalikes_of_the_injected_header_are_ambiguous_in_every_mix(
                 .contains("header_lookalike"),
             "{name}: {problem}"
         );
+        assert_eq!(rec["detail"], "header_lookalike", "{name}: {rec}");
     }
     // Over HTTP/2 too.
     let mut h2 = tunnel_h2(&f, &task, "secure.test").await;

@@ -105,8 +105,9 @@ async fn assert_ambiguous(kw: &Harness, resp: &RawResp, code: &str, what: &str) 
         detail.contains(&format!("({code})")),
         "{what}: expected {code}: {detail}"
     );
-    // The record names the request but never more than its path, and the problem never
-    // echoes the path back.
+    // The record says what precisely was refused, as the problem does; it names the request
+    // but never more than its path, and the problem never echoes the path back.
+    assert_eq!(rec["detail"], code, "{what}: {rec}");
     assert!(!rec["path"].as_str().unwrap_or("").contains('?'), "{rec}");
     assert!(
         !detail.contains("repos"),
