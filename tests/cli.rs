@@ -1761,6 +1761,12 @@ async fn a_second_sigterm_cuts_the_drain_short() {
         "took {took:?}\n{log}"
     );
     assert!(log.contains("cutting the drain short"), "{log}");
+    // The log says the stop was not clean: what was cut, and where its records are.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("the drain ran out") && l.contains("open=1")),
+        "{log}"
+    );
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
     let rec: serde_json::Value = audit
         .lines()

@@ -530,6 +530,30 @@ async fn passthrough_host_is_tunnelled_blind() {
     assert_eq!(rec["host"], "127.0.0.1");
     assert_eq!(rec["task"], task.id.as_str());
     assert_eq!(kw.metric(LEAVES).await, Some(0.0));
+    // A passthrough host that does not answer is a 502, and the log says so (as it does for
+    // an intercepted upstream), naming the request.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (_, head) = connect_raw(
+        kw.proxy_addr,
+        &format!("127.0.0.1:{closed}"),
+        Some(&Harness::proxy_auth(&task)),
+    )
+    .await;
+    assert_eq!(head.status, 502, "{}", head.text());
+    let rec = kw
+        .audit_where("the unreachable passthrough", |r| r["status"] == 502)
+        .await;
+    let request_id = rec["request_id"].as_str().unwrap();
+    let logs = common::captured_logs();
+    assert!(
+        logs.lines().any(|l| l.contains("WARN")
+            && l.contains("passthrough tunnel could not reach its upstream")
+            && l.contains(request_id)),
+        "{logs}"
+    );
     kw.assert_no_leaks().await;
 }
 

@@ -388,6 +388,14 @@ async fn passthrough(
         }
         Err(e) => {
             drop(charge);
+            tracing::warn!(
+                request_id = %draft.request_id(),
+                host = %draft.rec.host,
+                port = tunnel.port,
+                kind = e.kind(),
+                error = %e,
+                "passthrough tunnel could not reach its upstream"
+            );
             state.metrics.upstream_error("", e.kind());
             draft.rec.outcome = Some(e.kind());
             let resp = respond::failure(
