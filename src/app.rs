@@ -126,17 +126,25 @@ impl Running {
             .is_err()
         {
             return Err(format!(
-                "the audit log took no more records for {} s: {} audit records were not written",
+                "the audit log took no more records for {} s: {} not written",
                 AUDIT_FLUSH_LIMIT.as_secs(),
-                audit.unwritten()
+                records(audit.unwritten())
             ));
         }
         match audit.lost() {
             0 => Ok(()),
             n => Err(format!(
-                "{n} audit records could not be written (see the errors above)"
+                "{} could not be written (see the errors above)",
+                records(n)
             )),
         }
+    }
+}
+
+fn records(n: u64) -> String {
+    match n {
+        1 => "1 audit record".into(),
+        n => format!("{n} audit records"),
     }
 }
 

@@ -59,7 +59,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the proxy and the admin API (logs to stderr; level from RUST_LOG, e.g.
     /// `RUST_LOG=keyward=debug`). SIGHUP reloads the policy and reopens the audit file;
-    /// SIGTERM/SIGINT drain requests in flight and exit 0. KEYWARD_WORKERS sets the number of
+    /// SIGTERM/SIGINT drain requests in flight and exit 0 (2 if audit records were lost).
+    /// KEYWARD_WORKERS sets the number of
     /// worker threads (default: the CPUs keyward may use).
     Serve {
         /// The policy file (YAML).
