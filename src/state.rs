@@ -70,6 +70,8 @@ impl Generation {
 
 pub struct State {
     generation: ArcSwap<Generation>,
+    /// Bumped after each reload swapped a generation in (`until_disallowed`).
+    swapped: tokio::sync::watch::Sender<u64>,
     pub config_path: PathBuf,
     /// Listener settings of the policy the process started with (listeners are not rebound).
     pub settings: ProxySettings,
@@ -117,6 +119,7 @@ impl State {
             settings: started.proxy.clone(),
             restart_only: RestartOnly::of(started),
             generation: ArcSwap::from_pointee(generation),
+            swapped: tokio::sync::watch::Sender::new(0),
             config_path,
             tasks,
             leaves,
@@ -260,6 +263,8 @@ impl State {
         for task in &orphaned {
             self.tasks.withdraw(task);
         }
+        // After the revocations: a channel of a revoked task ends as `task_revoked`.
+        self.swapped.send_modify(|n| *n += 1);
         if !orphaned.is_empty() {
             const SHOWN: usize = 20;
             let mut ids: Vec<&str> = orphaned.iter().take(SHOWN).map(|t| t.id.as_str()).collect();
@@ -287,6 +292,19 @@ impl State {
 
     pub fn next_request_id(&self) -> String {
         self.request_ids.next()
+    }
+
+    /// Resolves once a reload swapped in a policy under which `allowed` no longer holds: for
+    /// the open channels a policy allowed (a blind tunnel, a WebSocket relay), which are not
+    /// requests that finish under the policy they started with, and end with the grant.
+    pub async fn until_disallowed(&self, allowed: impl Fn(&Generation) -> bool) {
+        let mut swaps = self.swapped.subscribe();
+        while swaps.changed().await.is_ok() {
+            if !allowed(&self.current()) {
+                return;
+            }
+        }
+        std::future::pending().await
     }
 
     /// A receiver that changes once, when keyward begins to shut down.

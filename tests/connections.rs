@@ -952,3 +952,42 @@ async fn an_agent_that_stops_reading_is_disconnected_after_send_timeout() {
     drop(tls);
     kw.assert_no_leaks().await;
 }
+
+/// A blind tunnel is an open channel, not a request that finishes under the policy it started
+/// with: a reload that takes its host off `passthrough` closes it (outcome `policy_changed`),
+/// while a reload that keeps the host leaves it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_takes_a_host_off_passthrough_closes_its_tunnels() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tunnel = echo_tunnel(kw, f.tcp.addr.port(), &task).await;
+    let reload = || async {
+        let (status, v) = kw.admin(http::Method::POST, "/v1/reload", None).await;
+        assert_eq!(status, 200, "{v}");
+    };
+    // The same policy again: the tunnel carries on.
+    reload().await;
+    tunnel.write_all(b"pong").await.unwrap();
+    let mut echo = [0u8; 4];
+    bounded("the tunnel after a reload", tunnel.read_exact(&mut echo))
+        .await
+        .unwrap();
+    assert_eq!(&echo, b"pong");
+    // Without the host: closed, and its record says why. The task itself stays active.
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let without = original.replacen("passthrough: [127.0.0.1]\n", "", 1);
+    assert_ne!(without, original);
+    std::fs::write(&kw.policy_path, &without).unwrap();
+    reload().await;
+    expect_closed(&mut tunnel, "the tunnel to a host no longer passthrough").await;
+    let rec = kw
+        .audit_where("the closed tunnel", |r| r["method"] == "CONNECT")
+        .await;
+    assert_eq!(rec["outcome"], "policy_changed", "{rec}");
+    assert_eq!(rec["bytes_up"], 8, "{rec}");
+    let (_, t) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(t["status"], "active", "{t}");
+}

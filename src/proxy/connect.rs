@@ -421,10 +421,21 @@ async fn passthrough(
         let _open = state.metrics.connection_opened(ConnKind::Tunnel);
         match on_upgrade.await {
             Ok(upgraded) => {
-                let shutdown = state.shutdown_signal();
                 let agent = TokioIo::new(upgraded);
                 let idle = Some(state.settings.idle_timeout);
-                let spliced = upgrade::splice(agent, tcp, &task, shutdown, idle).await;
+                // Ends when a reload takes the host off `passthrough`, or gives it to a
+                // service (whose traffic is intercepted): the operator cuts the channel.
+                let (host, port) = (&tunnel.host, tunnel.port);
+                let still_blind = |g: &crate::state::Generation| {
+                    g.policy.is_passthrough(host)
+                        && g.policy.host_table(Scheme::Https, host, port).is_none()
+                };
+                let ends = upgrade::Ends {
+                    task: &task,
+                    shutdown: state.shutdown_signal(),
+                    disallowed: state.until_disallowed(still_blind),
+                };
+                let spliced = upgrade::splice(agent, tcp, ends, idle).await;
                 draft.rec.bytes_up = spliced.from_a;
                 draft.rec.bytes_down = spliced.from_b;
                 draft.rec.outcome = Some(spliced.ended.as_str());

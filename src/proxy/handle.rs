@@ -252,6 +252,8 @@ async fn handle_request(
     };
     // The agent side of a WebSocket upgrade stays here; it never travels upstream.
     let agent_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    // A relay is decided again at each reload (`State::until_disallowed`).
+    let ws_method = websocket.then(|| parts.method.clone());
 
     // Inject (hop-by-hop already gone) and aim at the decided destination.
     let injected = match credentials::inject(
@@ -415,17 +417,27 @@ async fn handle_request(
                     .tunnel
                     .as_ref()
                     .and_then(|t| t.relay.clone().try_acquire_owned().ok());
+                let method = ws_method.unwrap_or(http::Method::GET);
                 tokio::spawn(async move {
                     let (_slot, _open, _in_tunnel) = (slot, open, in_tunnel);
-                    upgrade::relay(
-                        agent_upgrade,
-                        upstream_upgrade,
-                        recorder,
-                        &task,
+                    // An open channel, not a request that finishes under the policy it
+                    // started with: it ends when a reload no longer allows its upgrade.
+                    let still_allowed = |g: &crate::state::Generation| {
+                        let facts = RequestFacts {
+                            scheme: target.scheme,
+                            host: &target.host,
+                            port: target.port,
+                            method: &method,
+                            path: &target.path,
+                        };
+                        decide::decide(&g.policy, &task, &facts, SystemTime::now()).is_ok()
+                    };
+                    let ends = upgrade::Ends {
+                        task: &task,
                         shutdown,
-                        redactor,
-                    )
-                    .await
+                        disallowed: state.until_disallowed(still_allowed),
+                    };
+                    upgrade::relay(agent_upgrade, upstream_upgrade, recorder, ends, redactor).await
                 });
                 let mut out = Response::new(ProxyBody::empty());
                 *out.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;

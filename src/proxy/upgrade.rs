@@ -4,6 +4,7 @@
 //! tunnels use too; when a credential was injected, the upstream's frames are read and
 //! redacted on the way (`ws_redact`).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -56,12 +57,11 @@ pub fn mark_upgrade(headers: &mut HeaderMap) {
 /// Relays bytes between the agent and the upstream once both upgrades complete, then finishes
 /// the request's audit record with the byte counts. With a `redactor` (a credential was
 /// injected), the upstream's messages reach the agent redacted (`ws_redact`).
-pub async fn relay(
+pub async fn relay<D: Future<Output = ()>>(
     agent: OnUpgrade,
     upstream: OnUpgrade,
     recorder: Recorder,
-    task: &Task,
-    shutdown: watch::Receiver<bool>,
+    ends: Ends<'_, D>,
     redactor: Option<Box<Redactor>>,
 ) {
     let (agent, upstream) = match tokio::join!(agent, upstream) {
@@ -69,12 +69,12 @@ pub async fn relay(
         _ => return recorder.complete(0, "upgrade_failed", 0),
     };
     let Some(redactor) = redactor else {
-        let spliced = splice(agent, upstream, task, shutdown, None).await;
+        let spliced = splice(agent, upstream, ends, None).await;
         return recorder.complete_relay(spliced.from_a, spliced.from_b, outcome(&spliced), 0);
     };
     let seen = Arc::new(Seen::default());
     let upstream = RedactedReads::new(upstream, redactor, seen.clone());
-    let spliced = splice(agent, upstream, task, shutdown, None).await;
+    let spliced = splice(agent, upstream, ends, None).await;
     let outcome = match seen.broken.load(Ordering::Relaxed) {
         true => "websocket_protocol_error",
         false => outcome(&spliced),
@@ -101,6 +101,9 @@ pub enum Ended {
     Idle,
     /// The task was revoked or expired: nothing more may cross on its behalf.
     Task(TaskEnd),
+    /// A reload took away what allowed the channel (the route, the grant, the passthrough
+    /// host).
+    Disallowed,
 }
 
 impl Ended {
@@ -112,8 +115,20 @@ impl Ended {
             Ended::Shutdown => "shutdown",
             Ended::Idle => "idle",
             Ended::Task(end) => end.as_str(),
+            Ended::Disallowed => "policy_changed",
         }
     }
+}
+
+/// What ends an open channel (a blind tunnel, a WebSocket relay) from outside, beside either
+/// side closing.
+pub struct Ends<'t, D> {
+    /// Revoked or expired, it takes its channels with it.
+    pub task: &'t Task,
+    /// keyward began to shut down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Resolves when a reload no longer allows the channel (`State::until_disallowed`).
+    pub disallowed: D,
 }
 
 pub struct Spliced {
@@ -131,17 +146,22 @@ pub struct Spliced {
 /// end or shutdown (a `select!` over all three would poll them at every wake-up).
 /// `idle`: close once no byte crossed either way for that long (checked every `idle`, so
 /// between one and two of it).
-pub async fn splice<A, B>(
+pub async fn splice<A, B, D>(
     a: A,
     b: B,
-    task: &Task,
-    mut shutdown: watch::Receiver<bool>,
+    ends: Ends<'_, D>,
     idle: Option<std::time::Duration>,
 ) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     B: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    D: Future<Output = ()>,
 {
+    let Ends {
+        task,
+        mut shutdown,
+        disallowed,
+    } = ends;
     let from_a = Arc::new(AtomicU64::new(0));
     let from_b = Arc::new(AtomicU64::new(0));
     let mut a = Counted {
@@ -171,12 +191,16 @@ where
             seen = now;
         }
     };
+    // In this order: a revoked task's channel ends as `task_revoked` even when the reload
+    // that revoked it also disallowed the channel.
     let ended = tokio::select! {
+        biased;
         copied = &mut copy => match copied {
             Ok(true) => Ended::Closed,
             _ => Ended::Reset,
         },
         end = task.ended() => Ended::Task(end),
+        () = disallowed => Ended::Disallowed,
         _ = shutdown.wait_for(|&stopping| stopping) => Ended::Shutdown,
         () = quiet => Ended::Idle,
     };

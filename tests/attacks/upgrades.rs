@@ -929,3 +929,48 @@ async fn bytes_of_the_other_protocol_in_a_tunnel_are_recorded() {
     assert_eq!(f.tls.hits(), 0, "nothing reached the upstream");
     kw.assert_no_leaks().await;
 }
+
+/// A WebSocket relay is an open channel: a reload that no longer allows its upgrade (the
+/// route taken out of the capability, the task still active) closes it, outcome
+/// `policy_changed`; a reload that still allows it leaves it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_no_longer_allows_a_websocket_closes_its_relay() {
+    let up = Scripted::start(SWITCH_WS).await;
+    let f = fixture_with(&up).await;
+    let kw = &f.kw;
+    let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+    let (mut tcp, resp) =
+        send_head(kw, &upgrade_request(up.port(), "GET", "/socket", &task, WS)).await;
+    assert_eq!(resp.status, 101, "{}", resp.text());
+    async fn exchange(tcp: &mut TcpStream) {
+        bounded("write frame", tcp.write_all(FRAME)).await.unwrap();
+        let mut back = vec![0u8; ECHO.len()];
+        bounded("read echo", tcp.read_exact(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(back, ECHO);
+    }
+    exchange(&mut tcp).await;
+    let reload = || async {
+        let (status, v) = kw.admin(http::Method::POST, "/v1/reload", None).await;
+        assert_eq!(status, 200, "{v}");
+    };
+    reload().await;
+    exchange(&mut tcp).await;
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let narrowed = original.replacen("routes: [GET /socket]", "routes: [GET /socket/v2]", 1);
+    assert_ne!(narrowed, original);
+    std::fs::write(&kw.policy_path, &narrowed).unwrap();
+    reload().await;
+    let mut rest = Vec::new();
+    let _ = bounded("the relay to close", tcp.read_to_end(&mut rest)).await;
+    let rec = kw
+        .audit_where("the websocket", |r| r["status"] == 101)
+        .await;
+    assert_eq!(rec["outcome"], "policy_changed", "{rec}");
+    let (_, t) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(t["status"], "active", "{t}");
+    kw.assert_no_leaks().await;
+}
