@@ -1019,6 +1019,16 @@ pub fn redact_tokens(text: &str) -> Option<String> {
     })
 }
 
+/// Whether `bytes` (as they are: callers decode) hold something shaped like a task token.
+pub fn holds_token(bytes: &[u8]) -> bool {
+    let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    memchr::memmem::find_iter(bytes, b"kw_").any(|at| {
+        bytes.get(at + 3..).is_some_and(|body| {
+            body.iter().take_while(|b| is_token_byte(b)).count() >= TOKEN_BODY_LEN
+        })
+    })
+}
+
 /// `units` with every `%` followed by two hex digits taken as the byte they spell.
 fn percent_decode_units(units: &[(u8, usize, usize)]) -> Vec<(u8, usize, usize)> {
     let hex = |u: Option<&(u8, usize, usize)>| u.and_then(|u| char::from(u.0).to_digit(16));
@@ -1065,6 +1075,24 @@ pub fn random_hex(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_is_found_by_its_shape_anywhere_and_nothing_shorter_is() {
+        let token = new_token();
+        let t = token.expose();
+        for text in [
+            t.to_string(),
+            format!("Bearer {t}"),
+            format!("a:{t}-x"),
+            format!("kw_kw_{t}"),
+        ] {
+            assert!(holds_token(text.as_bytes()), "{text}");
+        }
+        let short = &t[..t.len() - 1];
+        for text in ["", "kw_", "/kw_short/x", short, &format!("{short} tail")] {
+            assert!(!holds_token(text.as_bytes()), "{text}");
+        }
+    }
 
     #[test]
     fn token_shapes_are_redacted_from_persisted_text() {

@@ -459,7 +459,15 @@ impl CredentialStore {
             folded.push(authority.as_str().as_bytes());
         }
         // Header names arrive lowercased and hosts are case-folded: compare them without case.
-        self.scan(&places, &folded)
+        let (exact, folded) = (Places::new(&places, false), Places::new(&folded, true));
+        self.scan_places(&exact, &folded).or_else(|| {
+            // SECURITY: a task token (the agent's own, say) is keyward's secret too: whoever
+            // reads it where it was sent could use the task through keyward.
+            [&exact, &folded]
+                .iter()
+                .any(|p| p.hay.iter().any(|h| crate::tasks::holds_token(h)))
+                .then_some(Carried::TaskToken)
+        })
     }
 
     /// Whether any of `places` carries a real credential's value in a spelling an upstream
@@ -476,10 +484,12 @@ impl CredentialStore {
 
     /// One pass over the credentials for both kinds of places.
     fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> Option<Carried> {
+        self.scan_places(&Places::new(exact, false), &Places::new(folded, true))
+    }
+
+    fn scan_places(&self, exact: &Places<'_>, folded: &Places<'_>) -> Option<Carried> {
         let set = self.inner.scan.load();
-        let exact = Places::new(exact, false);
-        let folded = Places::new(folded, true);
-        if !set.may_start_in(&exact) && !set.may_start_in(&folded) {
+        if !set.may_start_in(exact) && !set.may_start_in(folded) {
             return None;
         }
         set.values
@@ -499,6 +509,8 @@ pub enum Carried {
     Credential(String),
     /// keyward's admin token: whoever holds it can mint any task.
     AdminToken,
+    /// A task token (found by its shape: tokens are not kept).
+    TaskToken,
 }
 
 impl Carried {
@@ -508,6 +520,7 @@ impl Carried {
         match self {
             Carried::Credential(name) => name,
             Carried::AdminToken => "(admin token)",
+            Carried::TaskToken => "(task token)",
         }
     }
 }

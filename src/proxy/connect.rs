@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 
+use crate::credentials::Carried;
 use crate::decide::{self, normalize_host, ConnectDecision, Denial};
 use crate::metrics::ConnKind;
 use crate::policy::Scheme;
@@ -131,7 +132,8 @@ pub async fn handle(
     if let Some(carried) = generation.credentials.carried_by(req.uri(), req.headers()) {
         draft.set_egress(&carried);
         let denial = Denial::bare(Reason::SecretEgress);
-        return refuse(&state, &generation, &ctx.slot, draft, denial, None).await;
+        let code = (carried == Carried::TaskToken).then_some(respond::TASK_TOKEN);
+        return refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
     }
     let decision =
         decide::decide_connect(&generation.policy, &task, &host, port, SystemTime::now());

@@ -14,7 +14,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
-use crate::credentials;
+use crate::credentials::{self, Carried};
 use crate::decide::{self, Denial, RequestFacts};
 use crate::policy::{Injection, ProxySettings};
 use crate::proxy::body::{CountingBody, ProxyBody, Upload};
@@ -659,7 +659,10 @@ fn prepare(
             .host_table(target.scheme, &target.host, target.port)
             .and_then(|t| t.sole_service);
         draft.set_match(&generation.policy, service, None, None);
-        return Err(Reason::SecretEgress.into());
+        return Err(Refusal {
+            denial: Denial::bare(Reason::SecretEgress),
+            code: (carried == Carried::TaskToken).then_some(respond::TASK_TOKEN),
+        });
     }
     let facts = RequestFacts {
         scheme: target.scheme,

@@ -189,13 +189,19 @@ impl RecordDraft {
     /// does a warning, since that secret has leaked to the agent and must be rotated.
     pub fn set_egress(&mut self, carried: &crate::credentials::Carried) {
         self.rec.credential = Some(carried.name().to_string());
-        tracing::warn!(
-            request_id = %self.rec.request_id,
-            task = self.rec.task.as_deref().unwrap_or(""),
-            agent = self.rec.agent.as_deref().unwrap_or(""),
-            credential = carried.name(),
-            "a request carried a credential's value (secret_egress): refused; the credential has leaked to the agent, rotate it"
-        );
+        let (request_id, name) = (&self.rec.request_id, carried.name());
+        let task = self.rec.task.as_deref().unwrap_or("");
+        let agent = self.rec.agent.as_deref().unwrap_or("");
+        match carried {
+            crate::credentials::Carried::TaskToken => tracing::warn!(
+                %request_id, task, agent, credential = name,
+                "a request carried a task token (secret_egress): refused; whoever it was meant for could use that task through keyward"
+            ),
+            _ => tracing::warn!(
+                %request_id, task, agent, credential = name,
+                "a request carried a credential's value (secret_egress): refused; the credential has leaked to the agent, rotate it"
+            ),
+        }
     }
 
     pub fn set_permit(&mut self, policy: &CompiledPolicy, permit: &Permit) {

@@ -135,6 +135,8 @@ pub const HEAD_TOO_LARGE: &str = "head_too_large";
 pub const AT_CONNECT: &str = "connect";
 /// `DenyInfo::code` of an `invalid_token` refusal on a connection another task holds.
 pub const OTHER_TASK: &str = "connection_of_another_task";
+/// `DenyInfo::code` of a `secret_egress` refusal of a request carrying a task token.
+pub const TASK_TOKEN: &str = "task_token";
 
 /// What a suggested capability of risk tier `risk` (`high`, `critical`) lacks; also said by
 /// `keyward explain`.
@@ -203,6 +205,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
             ),
             None => "The capability's risk tier needs an approval.".into(),
         },
+        Reason::SecretEgress if info.code == Some(TASK_TOKEN) => "The request carries a task token (in a header or the target); a token goes only in Proxy-Authorization, never upstream. Where an SDK wants an API key, give it any placeholder: keyward puts the real credential in.".into(),
         Reason::SecretEgress => "The request carries a real credential's value; it must never leave keyward.".into(),
         Reason::CredentialUnavailable => "The credential for this service cannot be read now; nothing was sent.".into(),
     }

@@ -841,7 +841,8 @@ async fn keywards_own_errors_logs_and_records_carry_no_secret() {
         assert_eq!(resp.status, 407, "{}", resp.text());
         kw.assert_denied_raw(&resp, 407, "invalid_token").await;
     }
-    // The task's own token where the credential goes: replaced, never forwarded.
+    // The task's own token where the credential goes: refused, never forwarded.
+    let before = f.plain.hits();
     let resp = kw
         .raw(&raw_req(
             &f,
@@ -852,13 +853,8 @@ async fn keywards_own_errors_logs_and_records_carry_no_secret() {
             &format!("Authorization: Bearer {}\r\n", task.token),
         ))
         .await;
-    assert_eq!(resp.status, 200);
-    assert!(!f
-        .plain
-        .last()
-        .header("authorization")
-        .unwrap()
-        .contains(&task.token));
+    kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(f.plain.hits(), before);
     // A credential as the method: refused (no route has it), and not recorded.
     let resp = kw
         .raw(&raw_req(
@@ -1012,31 +1008,55 @@ async fn credential_in_a_wildcard_host_label_is_secret_egress_with_or_without_ho
     kw.assert_no_leaks().await;
 }
 
+/// A task token is keyward's secret as a credential is: whoever reads it where it was sent
+/// could use the task through keyward. One in the target or a header (raw, percent- or
+/// base64-encoded, in a Basic pair) goes nowhere (`secret_egress`, detail `task_token`), even
+/// in a place keyward would fill; and what keyward keeps of the refusal never has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_own_token_in_an_allowed_path_is_never_recorded() {
+async fn a_task_token_never_leaves_for_an_upstream() {
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    // `{number}` takes any segment, so the route allows it; the upstream gets the agent's bytes.
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let pct: String = other.token.bytes().map(|b| format!("%{b:02X}")).collect();
+    // `{number}` takes any segment, so the route would allow it.
     let path = format!("/repos/acme/web/issues/{}", task.token);
-    let resp = kw
-        .raw(&raw_req(&f, "GET", "plain.test", &path, &task, ""))
-        .await;
-    assert_eq!(resp.status, 200, "{}", resp.text());
-    assert_eq!(f.plain.last().path, path);
-    let rec = allowed_record(kw, &task, "/repos/acme/web/issues/[redacted]").await;
-    assert_eq!(
-        rec["route"], "GET /repos/{owner}/{repo}/issues/{number}",
-        "{rec}"
-    );
-    // The echo upstream hands the path back, so the agent reads its own token: that is not a
-    // leak. What keyward keeps must not have it.
+    let cases = [
+        (path.clone(), String::new()),
+        (format!("/repos/acme/web/issues/{pct}"), String::new()),
+        (
+            "/echo".to_string(),
+            format!("Authorization: Bearer {}\r\n", task.token),
+        ),
+        ("/echo".to_string(), format!("X-Note: {}\r\n", other.token)),
+        (
+            "/echo".to_string(),
+            format!(
+                "X-Basic: Basic {}\r\n",
+                STANDARD.encode(format!("{}:{}", task.id, task.token))
+            ),
+        ),
+    ];
+    for (path, extra) in &cases {
+        let resp = kw
+            .raw(&raw_req(&f, "GET", "plain.test", path, &task, extra))
+            .await;
+        let (problem, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+        assert_eq!(rec["credential"], "(task token)", "{path} {extra}: {rec}");
+        assert_eq!(rec["detail"], "task_token", "{rec}");
+        assert!(
+            problem["detail"].as_str().unwrap().contains("placeholder"),
+            "{problem}"
+        );
+    }
+    assert_eq!(f.plain.hits(), 0, "a task token reached the upstream");
     for (place, text) in [
         ("the audit log", kw.audit_text()),
         ("/metrics", kw.metrics().await),
         ("keyward's log output", crate::common::captured_logs()),
     ] {
         crate::common::assert_absent(&task.token, place, &text);
+        crate::common::assert_absent(&other.token, place, &text);
     }
 }
 
