@@ -1021,8 +1021,12 @@ pub fn redact_tokens(text: &str) -> Option<String> {
 
 /// Whether `bytes` (as they are: callers decode) hold something shaped like a task token.
 pub fn holds_token(bytes: &[u8]) -> bool {
+    // Built once: a searcher's set-up costs more than a search through a header value.
+    static PREFIX: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| memchr::memmem::Finder::new(b"kw_"));
     let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
-    memchr::memmem::find_iter(bytes, b"kw_").any(|at| {
+    prefix.find_iter(bytes).any(|at| {
         bytes.get(at + 3..).is_some_and(|body| {
             body.iter().take_while(|b| is_token_byte(b)).count() >= TOKEN_BODY_LEN
         })
