@@ -495,6 +495,15 @@ impl Signals {
 fn check(config: &Path) -> Result<(), Failure> {
     match policy::load(config) {
         Ok(p) => {
+            // The CA as `serve` would load it, so a broken one fails here and not at start.
+            match crate::tls::CertAuthority::check_files(&p.ca.cert, &p.ca.key) {
+                Ok(None) => {}
+                Ok(Some(note)) => err!("{}: note: {note}", config.display()),
+                Err(e) => {
+                    err!("{}: ca: {e}", config.display());
+                    return Err(Failure::reported());
+                }
+            }
             out!(
                 "{}: ok ({} services, {} capabilities, {} agents; policy_version {})",
                 config.display(),

@@ -95,6 +95,52 @@ async fn check_warns_about_what_cannot_be_used() {
     assert_eq!(warnings, 3, "{stderr}");
 }
 
+/// `check` looks at the CA as `serve` would load it, so a broken one fails before a start:
+/// missing files are only noted (`serve` creates them), a key others can read or a key
+/// without its certificate are errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_checks_the_ca_files_as_serve_would_load_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let args = ["check", "--config", file.to_str().unwrap()];
+    let check = || keyward(&args);
+    let out = check().await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("note: the CA files do not exist yet"),
+        "{stderr}"
+    );
+
+    let init = keyward(&["ca", "init", "--dir", dir.path().to_str().unwrap()]).await;
+    assert_eq!(init.status.code(), Some(0), "{}", text(&init.stderr));
+    let out = check().await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("note:"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let key = dir.path().join("ca-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check().await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(": ca: ") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert!(!text(&out.stdout).contains(": ok"), "{}", text(&out.stdout));
+
+    std::fs::remove_file(&key).unwrap();
+    let out = check().await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("exists but its key"), "{stderr}");
+}
+
 /// A policy with several independent errors, each on a line marked for the test.
 const BROKEN: &str = r#"proxy:
   listen: 127.0.0.1:0

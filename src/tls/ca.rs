@@ -120,6 +120,28 @@ impl CertAuthority {
         }
     }
 
+    /// What `keyward check` can say of the CA files, creating nothing: an error when `serve`
+    /// would refuse them, a note when they cannot be checked here (both missing: `serve`
+    /// creates them; unreadable by this user, as the key often is on a CI runner).
+    pub fn check_files(cert: &Path, key: &Path) -> Result<Option<&'static str>, CaError> {
+        match (exists(cert)?, exists(key)?) {
+            (false, false) => Ok(Some(
+                "the CA files do not exist yet; `keyward serve` creates them at its first start",
+            )),
+            _ => match Self::load_or_create(cert, key) {
+                Ok(_) => Ok(None),
+                Err(CaError::Read { source, .. })
+                    if source.kind() == io::ErrorKind::PermissionDenied =>
+                {
+                    Ok(Some(
+                        "the CA files cannot be read by this user; not checked",
+                    ))
+                }
+                Err(e) => Err(e),
+            },
+        }
+    }
+
     /// Loads an existing CA. Accepts PKCS#8 (EC P-256/P-384, Ed25519, RSA), SEC1 EC and PKCS#1
     /// RSA keys. Checks, so that a broken CA fails at startup rather than at every agent's
     /// handshake: the key file's permissions, that the certificate is a CA (basicConstraints,
