@@ -299,12 +299,15 @@ impl State {
     /// requests that finish under the policy they started with, and end with the grant.
     pub async fn until_disallowed(&self, allowed: impl Fn(&Generation) -> bool) {
         let mut swaps = self.swapped.subscribe();
-        while swaps.changed().await.is_ok() {
+        // Looked at once first: a reload may have come between the decision and now.
+        loop {
             if !allowed(&self.current()) {
                 return;
             }
+            if swaps.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
-        std::future::pending().await
     }
 
     /// A receiver that changes once, when keyward begins to shut down.
