@@ -431,8 +431,9 @@ impl CredentialStore {
     }
 
     /// Whose value, if any, a header (name or value), the request target or its authority
-    /// carries (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded. For
-    /// requests and for CONNECT alike (whose target is its authority).
+    /// carries (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded: a
+    /// credential's, the admin token, or a task token (found by its shape). For requests and
+    /// for CONNECT alike (whose target is its authority).
     pub fn carried_by(&self, uri: &Uri, headers: &http::HeaderMap) -> Option<Carried> {
         let target = uri
             .path_and_query()
@@ -514,8 +515,8 @@ pub enum Carried {
 }
 
 impl Carried {
-    /// The record's `credential` field: the policy's name, or `(admin token)`, which no policy
-    /// name can be (names start with a letter or digit).
+    /// The record's `credential` field: the policy's name, or `(admin token)` or `(task
+    /// token)`, which no policy name can be (names start with a letter or digit).
     pub fn name(&self) -> &str {
         match self {
             Carried::Credential(name) => name,
