@@ -635,6 +635,25 @@ impl TaskStore {
         self.by_id.get(id).map(|t| t.value().clone())
     }
 
+    /// Whether `bytes` (as they are: callers decode) hold the token of a task this store
+    /// knows. Shaped like one (`kw_` and 43 token characters) is not enough: random base64
+    /// (a JWT's signature) and snake_case names (`peak_kw_…`) take that shape too.
+    pub fn knows_token_in(&self, bytes: &[u8]) -> bool {
+        // Built once: a searcher's set-up costs more than a search through a header value.
+        static PREFIX: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+            std::sync::OnceLock::new();
+        let prefix = PREFIX.get_or_init(|| memchr::memmem::Finder::new(b"kw_"));
+        let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+        prefix.find_iter(bytes).any(|at| {
+            let Some(candidate) = bytes.get(at..at + 3 + TOKEN_BODY_LEN) else {
+                return false;
+            };
+            candidate[3..].iter().all(is_token_byte)
+                && std::str::from_utf8(candidate)
+                    .is_ok_and(|token| self.by_hash.contains_key(&hash_token(token)))
+        })
+    }
+
     /// All tasks, sorted by id.
     pub fn list(&self) -> Vec<Arc<Task>> {
         let mut all: Vec<_> = self.by_id.iter().map(|t| t.value().clone()).collect();
@@ -1019,20 +1038,6 @@ pub fn redact_tokens(text: &str) -> Option<String> {
     })
 }
 
-/// Whether `bytes` (as they are: callers decode) hold something shaped like a task token.
-pub fn holds_token(bytes: &[u8]) -> bool {
-    // Built once: a searcher's set-up costs more than a search through a header value.
-    static PREFIX: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
-        std::sync::OnceLock::new();
-    let prefix = PREFIX.get_or_init(|| memchr::memmem::Finder::new(b"kw_"));
-    let is_token_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
-    prefix.find_iter(bytes).any(|at| {
-        bytes.get(at + 3..).is_some_and(|body| {
-            body.iter().take_while(|b| is_token_byte(b)).count() >= TOKEN_BODY_LEN
-        })
-    })
-}
-
 /// `units` with every `%` followed by two hex digits taken as the byte they spell.
 fn percent_decode_units(units: &[(u8, usize, usize)]) -> Vec<(u8, usize, usize)> {
     let hex = |u: Option<&(u8, usize, usize)>| u.and_then(|u| char::from(u.0).to_digit(16));
@@ -1081,20 +1086,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_token_is_found_by_its_shape_anywhere_and_nothing_shorter_is() {
-        let token = new_token();
+    fn a_known_token_is_found_anywhere_and_its_shape_alone_is_not() {
+        let policy = read_policy();
+        let store = TaskStore::new();
+        let spec = MintSpec {
+            agent: "bot".into(),
+            task: Some("t1".into()),
+            intent: vec![Grant {
+                capability: "s.read".into(),
+                constraints: Vec::new(),
+            }],
+            ttl: None,
+            max_requests: None,
+        };
+        let (_, token) = store.mint(&policy, spec, SystemTime::now()).unwrap();
         let t = token.expose();
         for text in [
             t.to_string(),
             format!("Bearer {t}"),
             format!("a:{t}-x"),
             format!("kw_kw_{t}"),
+            format!("peak{t}"),
         ] {
-            assert!(holds_token(text.as_bytes()), "{text}");
+            assert!(store.knows_token_in(text.as_bytes()), "{text}");
         }
+        // Shaped like a token, or a token cut short, but no task's.
+        let shaped = format!("kw_{}", "0".repeat(TOKEN_BODY_LEN));
+        let other = new_token();
         let short = &t[..t.len() - 1];
-        for text in ["", "kw_", "/kw_short/x", short, &format!("{short} tail")] {
-            assert!(!holds_token(text.as_bytes()), "{text}");
+        for text in ["", "kw_", "/kw_short/x", short, &shaped, other.expose()] {
+            assert!(!store.knows_token_in(text.as_bytes()), "{text}");
         }
     }
 

@@ -698,6 +698,34 @@ async fn request_carrying_a_real_credential_is_secret_egress() {
         .await;
     let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
     assert_eq!(rec["credential"], "(admin token)", "{rec}");
+    // Several at once: each is named, the admin token too (each has leaked).
+    let resp = kw
+        .send(
+            agent
+                .get(f.plain_url("plain.test", &format!("/echo?k={}", kw.admin_token)))
+                .header("x-note", f.creds.api_token.as_str()),
+        )
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "api_token, (admin token)", "{rec}");
+    // Named even when the request is refused for another reason too (a dot segment).
+    let resp = kw
+        .send(
+            agent
+                .get(f.plain_url("plain.test", "/a/%2e%2e/echo"))
+                .header("x-note", f.creds.query_key.as_str()),
+        )
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "query_key", "{rec}");
+    // As the method: named, and the record keeps no more of it than `[redacted]`.
+    let method = reqwest::Method::from_bytes(f.creds.api_token.as_bytes()).unwrap();
+    let resp = kw
+        .send(agent.request(method, f.plain_url("plain.test", "/echo")))
+        .await;
+    let (_, rec) = kw.assert_denied(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "api_token", "{rec}");
+    assert_eq!(rec["method"], "[redacted]", "{rec}");
     // The operator's log says which secret to rotate, and for which task.
     let logs = common::captured_logs();
     let warned = logs

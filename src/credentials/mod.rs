@@ -430,16 +430,22 @@ impl CredentialStore {
             .collect()
     }
 
-    /// Whose value, if any, a header (name or value), the request target or its authority
-    /// carries (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded: a
-    /// credential's, the admin token, or a task token (found by its shape). For requests and
-    /// for CONNECT alike (whose target is its authority).
-    pub fn carried_by(&self, uri: &Uri, headers: &http::HeaderMap) -> Option<Carried> {
+    /// Whose values, if any, the method, a header (name or value), the request target or its
+    /// authority carries (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded:
+    /// every credential's, the admin token, a task token of `tasks`; empty when none. For
+    /// requests and for CONNECT alike (whose target is its authority).
+    pub fn carried_by(
+        &self,
+        method: &http::Method,
+        uri: &Uri,
+        headers: &http::HeaderMap,
+        tasks: &crate::tasks::TaskStore,
+    ) -> Vec<Carried> {
         let target = uri
             .path_and_query()
             .map(|p| p.as_str().as_bytes())
             .unwrap_or(b"");
-        let mut places: Vec<&[u8]> = vec![target];
+        let mut places: Vec<&[u8]> = vec![target, method.as_str().as_bytes()];
         // `Proxy-Authorization` (name and value) is keyward's own and never forwarded: a
         // credential there goes nowhere (and fails authentication), so it is not worth decoding
         // on every request.
@@ -461,44 +467,56 @@ impl CredentialStore {
         }
         // Header names arrive lowercased and hosts are case-folded: compare them without case.
         let (exact, folded) = (Places::new(&places, false), Places::new(&folded, true));
-        self.scan_places(&exact, &folded).or_else(|| {
-            // SECURITY: a task token (the agent's own, say) is keyward's secret too: whoever
-            // reads it where it was sent could use the task through keyward.
-            [&exact, &folded]
-                .iter()
-                .any(|p| p.hay.iter().any(|h| crate::tasks::holds_token(h)))
-                .then_some(Carried::TaskToken)
-        })
+        let mut found = self.scan_places(&exact, &folded, false);
+        // SECURITY: a task token (the agent's own, say) is keyward's secret too: whoever
+        // reads it where it was sent could use the task through keyward.
+        if [&exact, &folded]
+            .iter()
+            .any(|p| p.hay.iter().any(|h| tasks.knows_token_in(h)))
+        {
+            found.push(Carried::TaskToken);
+        }
+        found
     }
 
     /// Whether any of `places` carries a real credential's value in a spelling an upstream
     /// would decode: raw, percent-encoded (any case, any subset of bytes), or base64 (standard
     /// or URL-safe, padded or not, e.g. inside a Basic pair).
     pub fn carried_in(&self, places: &[&[u8]]) -> bool {
-        self.scan(places, &[]).is_some()
+        self.scan(places, &[])
     }
 
     /// The same, ignoring ASCII case: for what is case-folded on the way (header names, hosts).
     pub fn carried_in_any_case(&self, places: &[&[u8]]) -> bool {
-        self.scan(&[], places).is_some()
+        self.scan(&[], places)
     }
 
     /// One pass over the credentials for both kinds of places.
-    fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> Option<Carried> {
-        self.scan_places(&Places::new(exact, false), &Places::new(folded, true))
+    fn scan(&self, exact: &[&[u8]], folded: &[&[u8]]) -> bool {
+        let (exact, folded) = (Places::new(exact, false), Places::new(folded, true));
+        !self.scan_places(&exact, &folded, true).is_empty()
     }
 
-    fn scan_places(&self, exact: &Places<'_>, folded: &Places<'_>) -> Option<Carried> {
+    /// Whose values `exact` and `folded` hold: every owner once (a rotated credential's two
+    /// values are one), or only the first found (`first`).
+    fn scan_places(&self, exact: &Places<'_>, folded: &Places<'_>, first: bool) -> Vec<Carried> {
         let set = self.inner.scan.load();
+        let mut found: Vec<Carried> = Vec::new();
         if !set.may_start_in(exact) && !set.may_start_in(folded) {
-            return None;
+            return found;
         }
-        set.values
-            .iter()
-            .find(|(_, value)| {
-                exact.contain(value.secret.expose().as_bytes()) || folded.contain(&value.folded)
-            })
-            .map(|(owner, _)| owner.clone())
+        for (owner, value) in set.values.iter() {
+            if found.contains(owner) {
+                continue;
+            }
+            if exact.contain(value.secret.expose().as_bytes()) || folded.contain(&value.folded) {
+                found.push(owner.clone());
+                if first {
+                    break;
+                }
+            }
+        }
+        found
     }
 }
 
@@ -510,7 +528,7 @@ pub enum Carried {
     Credential(String),
     /// keyward's admin token: whoever holds it can mint any task.
     AdminToken,
-    /// A task token (found by its shape: tokens are not kept).
+    /// The token of a task keyward knows (tokens are kept only as hashes).
     TaskToken,
 }
 
@@ -854,21 +872,25 @@ mod tests {
         assert!(store.carried_in(&[b"/x?k=sk_live_rotated_value_C"]));
         assert!(store.carried_in(&[b"/x?k=sk_live_first_value_A"]));
         // Either value is named as the credential it belongs to, the one to rotate again.
-        let uri = |v: &str| format!("/x?k={v}").parse::<Uri>().unwrap();
-        let headers = http::HeaderMap::new();
-        for (value, owner) in [
-            ("sk_live_first_value_A", "c0"),
-            ("ghp_second_value_BBBB", "c1"),
-        ] {
-            assert_eq!(
-                store.carried_by(&uri(value), &headers),
-                Some(Carried::Credential(owner.into()))
-            );
-        }
+        // Each once, however many of its values are there.
+        let tasks = crate::tasks::TaskStore::new();
+        let carried = |q: &str| {
+            let uri = format!("/x?{q}").parse::<Uri>().unwrap();
+            store.carried_by(&http::Method::GET, &uri, &http::HeaderMap::new(), &tasks)
+        };
+        let named = |names: &[&str]| -> Vec<Carried> {
+            names
+                .iter()
+                .map(|n| Carried::Credential(n.to_string()))
+                .collect()
+        };
+        assert_eq!(carried("k=sk_live_first_value_A"), named(&["c0"]));
+        assert_eq!(carried("k=ghp_second_value_BBBB"), named(&["c1"]));
         assert_eq!(
-            store.carried_by(&uri("nothing_secret_here"), &headers),
-            None
+            carried("a=ghp_second_value_BBBB&b=sk_live_first_value_A&c=sk_live_rotated_value_C"),
+            named(&["c0", "c1"])
         );
+        assert_eq!(carried("k=nothing_secret_here"), vec![]);
         assert!(store.carried_in(&[b"ghp_second_value_BBBB"]));
         assert_eq!(
             store.get(0).unwrap().secret().expose(),

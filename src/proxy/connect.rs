@@ -16,7 +16,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 
-use crate::credentials::Carried;
 use crate::decide::{self, normalize_host, ConnectDecision, Denial};
 use crate::metrics::ConnKind;
 use crate::policy::Scheme;
@@ -129,10 +128,14 @@ pub async fn handle(
     }
     // SECURITY: a real credential in the agent's hands has leaked; not even a blind tunnel's
     // name (or its SNI/DNS lookup) may carry it out.
-    if let Some(carried) = generation.credentials.carried_by(req.uri(), req.headers()) {
+    let carried =
+        generation
+            .credentials
+            .carried_by(req.method(), req.uri(), req.headers(), &state.tasks);
+    if !carried.is_empty() {
         draft.set_egress(&carried);
         let denial = Denial::bare(Reason::SecretEgress);
-        let code = (carried == Carried::TaskToken).then_some(respond::TASK_TOKEN);
+        let code = respond::egress_code(&carried);
         return refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
     }
     let decision =

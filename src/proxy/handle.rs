@@ -14,7 +14,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
-use crate::credentials::{self, Carried};
+use crate::credentials;
 use crate::decide::{self, Denial, RequestFacts};
 use crate::policy::{Injection, ProxySettings};
 use crate::proxy::body::{CountingBody, ProxyBody, Upload};
@@ -633,11 +633,37 @@ fn prepare(
         });
     }
 
+    if let Some(t) = &ctx.tunnel {
+        draft.set_host(&t.host.host, t.host.port);
+    }
+    // SECURITY: a real secret in the agent's hands has leaked; never let it travel. Looked
+    // for first, so that a leak is named even in a request refused for another reason too.
+    let carried =
+        generation
+            .credentials
+            .carried_by(&parts.method, &parts.uri, &parts.headers, &state.tasks);
+    if !carried.is_empty() {
+        draft.set_egress(&carried);
+        // The request as it came (scrubbed when written), counted and recorded under the
+        // host's service when only one serves it.
+        let scheme = match (&ctx.tunnel, parts.uri.scheme_str()) {
+            (None, Some("http")) => crate::policy::Scheme::Http,
+            _ => crate::policy::Scheme::Https,
+        };
+        let (host, port) = (draft.rec.host.clone(), draft.rec.port.unwrap_or(0));
+        draft.set_target(parts.method.as_str(), scheme, &host, port, parts.uri.path());
+        let service = generation
+            .policy
+            .host_table(scheme, &host, port)
+            .and_then(|t| t.sole_service);
+        draft.set_match(&generation.policy, service, None, None);
+        return Err(Refusal {
+            denial: Denial::bare(Reason::SecretEgress),
+            code: respond::egress_code(&carried),
+        });
+    }
     let target = match &ctx.tunnel {
-        Some(t) => {
-            draft.set_host(&t.host.host, t.host.port);
-            identify::tunnel_target(parts, &t.host)?
-        }
+        Some(t) => identify::tunnel_target(parts, &t.host)?,
         None => identify::absolute_target(parts)?,
     };
     draft.set_target(
@@ -647,23 +673,6 @@ fn prepare(
         target.port,
         target.path.raw_path(),
     );
-    // SECURITY: a real credential in the agent's hands has leaked; never let it travel.
-    if let Some(carried) = generation
-        .credentials
-        .carried_by(&parts.uri, &parts.headers)
-    {
-        draft.set_egress(&carried);
-        // Counted and recorded under the host's service when only one serves it.
-        let service = generation
-            .policy
-            .host_table(target.scheme, &target.host, target.port)
-            .and_then(|t| t.sole_service);
-        draft.set_match(&generation.policy, service, None, None);
-        return Err(Refusal {
-            denial: Denial::bare(Reason::SecretEgress),
-            code: (carried == Carried::TaskToken).then_some(respond::TASK_TOKEN),
-        });
-    }
     let facts = RequestFacts {
         scheme: target.scheme,
         host: &target.host,

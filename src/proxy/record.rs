@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::AuditRecord;
+use crate::credentials::Carried;
 use crate::decide::{Denial, Permit};
 use crate::policy::{CompiledPolicy, Scheme};
 use crate::proxy::body::Upload;
@@ -187,21 +188,25 @@ impl RecordDraft {
 
     /// A `secret_egress` refusal: the record names whose value the request carried, and so
     /// does a warning, since that secret has leaked to the agent and must be rotated.
-    pub fn set_egress(&mut self, carried: &crate::credentials::Carried) {
-        self.rec.credential = Some(carried.name().to_string());
-        let (request_id, name) = (&self.rec.request_id, carried.name());
+    /// Every secret found is named (`a, (admin token)`): each has leaked.
+    pub fn set_egress(&mut self, carried: &[Carried]) {
+        let names: Vec<&str> = carried.iter().map(Carried::name).collect();
+        let names = names.join(", ");
+        let request_id = &self.rec.request_id;
         let task = self.rec.task.as_deref().unwrap_or("");
         let agent = self.rec.agent.as_deref().unwrap_or("");
-        match carried {
-            crate::credentials::Carried::TaskToken => tracing::warn!(
-                %request_id, task, agent, credential = name,
+        if carried.iter().all(|c| *c == Carried::TaskToken) {
+            tracing::warn!(
+                %request_id, task, agent, credential = %names,
                 "a request carried a task token (secret_egress): refused; whoever it was meant for could use that task through keyward"
-            ),
-            _ => tracing::warn!(
-                %request_id, task, agent, credential = name,
-                "a request carried a credential's value (secret_egress): refused; the credential has leaked to the agent, rotate it"
-            ),
+            );
+        } else {
+            tracing::warn!(
+                %request_id, task, agent, credential = %names,
+                "a request carried a secret's value (secret_egress): refused; it has leaked to the agent, rotate it"
+            );
         }
+        self.rec.credential = Some(names);
     }
 
     pub fn set_permit(&mut self, policy: &CompiledPolicy, permit: &Permit) {

@@ -138,6 +138,15 @@ pub const OTHER_TASK: &str = "connection_of_another_task";
 /// `DenyInfo::code` of a `secret_egress` refusal of a request carrying a task token.
 pub const TASK_TOKEN: &str = "task_token";
 
+/// The `DenyInfo::code` of a `secret_egress` refusal of a request carrying `carried`: task
+/// tokens alone have a sentence of their own.
+pub fn egress_code(carried: &[crate::credentials::Carried]) -> Option<&'static str> {
+    carried
+        .iter()
+        .all(|c| *c == crate::credentials::Carried::TaskToken)
+        .then_some(TASK_TOKEN)
+}
+
 /// What a suggested capability of risk tier `risk` (`high`, `critical`) lacks; also said by
 /// `keyward explain`.
 pub fn approval_note(risk: &str) -> String {

@@ -1050,6 +1050,26 @@ async fn a_task_token_never_leaves_for_an_upstream() {
         );
     }
     assert_eq!(f.plain.hits(), 0, "a task token reached the upstream");
+    // What is only shaped like a token is no task's, and goes: a snake_case name, a run of
+    // zeros, and base64 that happens to hold `kw_` and 43 token characters (a JWT's).
+    let shaped = format!("kw_{}", "0".repeat(43));
+    let jwt = format!(
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.abcKkw_{}",
+        "Zq9".repeat(15)
+    );
+    for (path, extra) in [
+        (
+            "/repos/acme/web/issues/network_kw_bytes_received_total_per_interface_and_direction",
+            String::new(),
+        ),
+        ("/echo", format!("X-Request-Id: {shaped}\r\n")),
+        ("/echo", format!("X-Session: Bearer {jwt}\r\n")),
+    ] {
+        let resp = kw
+            .raw(&raw_req(&f, "GET", "plain.test", path, &task, &extra))
+            .await;
+        assert_eq!(resp.status, 200, "{path} {extra}: {}", resp.text());
+    }
     for (place, text) in [
         ("the audit log", kw.audit_text()),
         ("/metrics", kw.metrics().await),
