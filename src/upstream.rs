@@ -365,7 +365,15 @@ impl ServicePool {
         let carries_body = !req.body().is_end_stream();
         if carries_body {
             let headers = req.headers_mut();
-            headers.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            // (`te` stays named beside it: RFC 9110 §10.1.4.)
+            let connection = match headers.contains_key(http::header::TE) {
+                true => "close, te",
+                false => "close",
+            };
+            headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static(connection),
+            );
             // hyper sends a GET's (or HEAD's) body of unknown length as no body at all
             // unless told how to frame it: a search API's query would vanish.
             if !headers.contains_key(http::header::CONTENT_LENGTH) {

@@ -650,6 +650,20 @@ async fn te_trailers_is_said_to_the_upstream_when_the_agent_asks_for_trailers() 
             .collect();
         assert_eq!(connection.len(), want.len(), "{extra:?}: {}", seen.head);
     }
+    // With a body too, where the connection is also closed after the answer.
+    for (extra, want) in [("TE: trailers\r\n", "close, te"), ("", "close")] {
+        let req = raw_req_at(port, "POST", "plain.test", "/echo", &task, extra)
+            .replace("\r\n\r\n", "\r\nContent-Length: 3\r\n\r\nabc");
+        let resp = kw.raw(&req).await;
+        assert_eq!(resp.status, 200, "{extra:?}");
+        let seen = script.seen().pop().unwrap();
+        assert_eq!(
+            seen.header_all("connection"),
+            [want],
+            "{extra:?}: {}",
+            seen.head
+        );
+    }
     kw.assert_no_leaks().await;
 }
 
