@@ -120,6 +120,14 @@ impl Running {
         for t in self.tasks {
             let _ = tokio::time::timeout(bound, t).await;
         }
+        // The operator learns that the stop was not clean, and where to look.
+        let cut = self.state.cut_by_stop();
+        if cut > 0 {
+            tracing::warn!(
+                cut,
+                "the stop cut requests or WebSocket relays still in flight (the drain ran out: proxy.shutdown_timeout, or a second signal; relays are closed at once); their records say outcome `shutdown`"
+            );
+        }
         let audit = &self.state.audit;
         if tokio::time::timeout(AUDIT_FLUSH_LIMIT, audit.close())
             .await

@@ -309,11 +309,6 @@ impl Metrics {
 
     /// Counts an open connection until the returned guard is dropped, so every exit path of a
     /// connection task (error, hang-up, panic unwind) decrements it.
-    /// The proxy listener's connections open now, of every kind.
-    pub fn connections_open(&self) -> i64 {
-        self.connections_open.iter().map(IntGauge::get).sum()
-    }
-
     pub fn connection_opened(&self, kind: ConnKind) -> ConnGauge {
         let gauge = self.connections_open[kind.index()].clone();
         gauge.inc();

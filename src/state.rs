@@ -94,6 +94,8 @@ pub struct State {
     /// Set by a second SIGTERM/SIGINT: the drain ends now.
     drain_cut: tokio::sync::watch::Sender<bool>,
     request_ids: RequestIds,
+    /// Requests (and WebSocket relays) cut by the stop: their records say `shutdown`.
+    cut_by_stop: std::sync::atomic::AtomicU64,
     /// One reload at a time, each reading the file when its turn comes: two that overlapped
     /// (a slow credential `exec`) swapped in whichever finished last, an older file's policy.
     reloading: tokio::sync::Mutex<()>,
@@ -133,6 +135,7 @@ impl State {
             drain_ends: std::sync::OnceLock::new(),
             drain_cut: tokio::sync::watch::Sender::new(false),
             request_ids: RequestIds::new(),
+            cut_by_stop: std::sync::atomic::AtomicU64::new(0),
             reloading: tokio::sync::Mutex::new(()),
         }
     }
@@ -308,6 +311,17 @@ impl State {
                 return std::future::pending().await;
             }
         }
+    }
+
+    /// Counts a request (or relay) cut by the stop.
+    pub fn count_cut_by_stop(&self) {
+        self.cut_by_stop
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How many requests (and relays) the stop cut.
+    pub fn cut_by_stop(&self) -> u64 {
+        self.cut_by_stop.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A receiver that changes once, when keyward begins to shut down.

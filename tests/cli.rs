@@ -1806,8 +1806,9 @@ async fn a_second_sigterm_cuts_the_drain_short() {
     assert!(log.contains("cutting the drain short"), "{log}");
     // The log says the stop was not clean: what was cut, and where its records are.
     assert!(
-        log.lines()
-            .any(|l| l.contains("WARN") && l.contains("the drain ran out") && l.contains("open=1")),
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("the stop cut requests")
+            && l.contains("cut=1")),
         "{log}"
     );
     let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();

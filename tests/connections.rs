@@ -309,6 +309,14 @@ async fn shutdown_cuts_what_the_drain_cannot_finish_and_records_it() {
     // Both agents' connections are closed.
     expect_closed_after_data(&mut stalled).await;
     expect_closed_after_data(&mut streaming).await;
+    // And the log says how many were cut, and where to look.
+    let logs = common::captured_logs();
+    assert!(
+        logs.lines().any(|l| l.contains("WARN")
+            && l.contains("the stop cut requests")
+            && l.contains("cut=2")),
+        "{logs}"
+    );
 }
 
 /// Reads until the peer closes (whatever it sent before).

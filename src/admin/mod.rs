@@ -28,7 +28,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
     let strangers = Arc::new(Strangers::default());
     accept(listener, &state, &limit, &strangers).await;
-    crate::proxy::conn::drain(&state, &limit, MAX_ADMIN_CONNECTIONS, || {}).await;
+    crate::proxy::conn::drain(&state, &limit, MAX_ADMIN_CONNECTIONS).await;
 }
 
 async fn accept(

@@ -109,17 +109,10 @@ pub const CUT_GRACE: Duration = Duration::from_secs(2);
 /// streams they became) have ended, on their own or cut when the drain ran out. Called once
 /// the listener stopped accepting; without it the runtime would drop requests still in flight
 /// at exit, and their records with them.
-/// `ran_out` is called if the drain ends with connections still open, as they are cut.
-pub async fn drain(
-    state: &State,
-    limit: &tokio::sync::Semaphore,
-    capacity: usize,
-    ran_out: impl FnOnce(),
-) {
+pub async fn drain(state: &State, limit: &tokio::sync::Semaphore, capacity: usize) {
     let all = u32::try_from(capacity).unwrap_or(u32::MAX);
     let cut_and_recorded = async {
         state.drain_ended().await;
-        ran_out();
         tokio::time::sleep(CUT_GRACE).await;
     };
     tokio::select! {

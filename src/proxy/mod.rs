@@ -36,17 +36,7 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
     let limit = Arc::new(Semaphore::new(state.settings.max_connections));
     let strangers = Arc::new(Strangers::default());
     accept(listener, &state, &limit, &strangers).await;
-    // The operator learns that the stop was not clean, and where to look.
-    let ran_out = || {
-        let open = state.metrics.connections_open();
-        if open > 0 {
-            tracing::warn!(
-                open,
-                "the drain ran out (proxy.shutdown_timeout, or a second signal): cutting the agents' connections still open; the requests cut are recorded with outcome `shutdown`"
-            );
-        }
-    };
-    conn::drain(&state, &limit, state.settings.max_connections, ran_out).await;
+    conn::drain(&state, &limit, state.settings.max_connections).await;
 }
 
 async fn accept(

@@ -238,6 +238,7 @@ impl RecordDraft {
     }
 
     fn finish(&mut self, state: &State, reason: Reason, status: u16) {
+        count_cut_by_stop(state, &self.rec);
         self.scrub(state);
         self.fill(reason, status);
         emit_metrics(state, &self.rec);
@@ -370,8 +371,16 @@ impl Recorder {
         state
             .metrics
             .request_duration(service, draft.started.elapsed().as_secs_f64());
+        count_cut_by_stop(&state, &draft.rec);
         emit_metrics(&state, &draft.rec);
         state.audit.write_detached(std::mem::take(&mut draft.rec));
+    }
+}
+
+/// A tunnel closed at the stop is its normal end; a request or relay cut is not.
+fn count_cut_by_stop(state: &State, rec: &AuditRecord) {
+    if rec.outcome == Some("shutdown") && rec.method != "CONNECT" {
+        state.count_cut_by_stop();
     }
 }
 
