@@ -87,7 +87,11 @@ pub(crate) fn looks_pasted(text: &str) -> bool {
 pub(crate) fn hide_pasted_parts(text: &str) -> std::borrow::Cow<'_, str> {
     let is_sep = |c: char| c == '/' || c == '`' || c.is_whitespace();
     if !text.split(is_sep).any(looks_pasted) {
-        return std::borrow::Cow::Borrowed(text);
+        // `/` is a base64 character: such a secret's parts are short, and look like nothing.
+        return match looks_like_base64_secret(text.trim_start_matches("./")) {
+            true => std::borrow::Cow::Borrowed("(hidden)"),
+            false => std::borrow::Cow::Borrowed(text),
+        };
     }
     let mut shown = String::with_capacity(text.len());
     let mut part = String::new();
@@ -106,6 +110,19 @@ pub(crate) fn hide_pasted_parts(text: &str) -> std::borrow::Cow<'_, str> {
     }
     shown.pop();
     std::borrow::Cow::Owned(shown)
+}
+
+/// Base64 of random bytes, as an AWS secret access key is: long, only base64 characters, and
+/// mixed case with digits, as paths seldom are.
+fn looks_like_base64_secret(text: &str) -> bool {
+    let count = |f: fn(&u8) -> bool| text.bytes().filter(f).count();
+    text.len() >= 24
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'=' | b'-' | b'_'))
+        && count(u8::is_ascii_uppercase) >= 4
+        && count(u8::is_ascii_lowercase) >= 4
+        && count(u8::is_ascii_digit) >= 1
 }
 
 /// `api.github.com`, `*.example.com`, `127.0.0.1`, `::1`, `[::1]`.
@@ -525,6 +542,21 @@ mod tests {
             ("/etc/keyward/github_token", "/etc/keyward/github_token"),
             ("GITHUB_TOKEN", "GITHUB_TOKEN"),
             ("vault read sk_live_0123456789abcdef", "vault read (hidden)"),
+            // Base64 secrets hold `/`, which leaves their parts short.
+            ("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "(hidden)"),
+            (
+                "./dGhpcyBpcyBhIHNlY3JldCB2YWx1ZQ/x+y/z9a8b7c6d5e4f3g2h1",
+                "(hidden)",
+            ),
+            ("/run/secrets/github/token", "/run/secrets/github/token"),
+            (
+                "/Users/JaneDoe/Library/KeywardKeys",
+                "/Users/JaneDoe/Library/KeywardKeys",
+            ),
+            (
+                "/etc/keyward/creds/2024-01-01/github-token",
+                "/etc/keyward/creds/2024-01-01/github-token",
+            ),
         ] {
             assert_eq!(hide_pasted_parts(text), shown, "{text}");
         }
