@@ -974,3 +974,47 @@ async fn a_reload_that_no_longer_allows_a_websocket_closes_its_relay() {
     assert_eq!(t["status"], "active", "{t}");
     kw.assert_no_leaks().await;
 }
+
+/// A reload that lands while an upgrade waits for its `101` is not missed: the relay that
+/// starts after it looks at the policy first, and ends at once when its upgrade would no
+/// longer be allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_an_upgrade_closes_the_relay_it_no_longer_allows() {
+    let (answer, answered) = tokio::sync::oneshot::channel::<()>();
+    let (port, head) = ws_upstream(move |mut tcp| async move {
+        let _ = answered.await;
+        tcp.write_all(SWITCH_WS.as_bytes()).await.unwrap();
+        // Holds the relay open from its side.
+        let mut sink = Vec::new();
+        let _ = tcp.read_to_end(&mut sink).await;
+    })
+    .await;
+    let f = fixture_on(port).await;
+    let kw = &f.kw;
+    let task = kw.mint("wsbot", json!(["ws.socket"])).await;
+    let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    let upgrade = upgrade_request(port, "GET", "/socket", &task, WS);
+    bounded("write", tcp.write_all(upgrade.as_bytes()))
+        .await
+        .unwrap();
+    bounded("the upstream sees the upgrade", head)
+        .await
+        .unwrap();
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let narrowed = original.replacen("routes: [GET /socket]", "routes: [GET /socket/v2]", 1);
+    std::fs::write(&kw.policy_path, &narrowed).unwrap();
+    let (status, v) = kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    answer.send(()).unwrap();
+    let resp = read_response(&mut tcp).await;
+    assert_eq!(resp.status, 101, "{}", resp.text());
+    let mut rest = Vec::new();
+    let _ = bounded("the relay to close", tcp.read_to_end(&mut rest)).await;
+    let rec = kw
+        .audit_where("the websocket", |r| r["status"] == 101)
+        .await;
+    assert_eq!(rec["outcome"], "policy_changed", "{rec}");
+    kw.assert_no_leaks().await;
+}
