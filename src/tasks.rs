@@ -639,6 +639,10 @@ impl TaskStore {
     /// knows. Shaped like one (`kw_` and 43 token characters) is not enough: random base64
     /// (a JWT's signature) and snake_case names (`peak_kw_…`) take that shape too.
     pub fn knows_token_in(&self, bytes: &[u8]) -> bool {
+        if bytes.len() < 3 + TOKEN_BODY_LEN {
+            // Most header values: too short to hold one.
+            return false;
+        }
         // Built once: a searcher's set-up costs more than a search through a header value.
         static PREFIX: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
             std::sync::OnceLock::new();
