@@ -14,7 +14,7 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::sync::Notify;
 
-use crate::credentials;
+use crate::credentials::{self, Carried};
 use crate::decide::{self, Denial, RequestFacts};
 use crate::policy::{Injection, ProxySettings};
 use crate::proxy::body::{CountingBody, ProxyBody, Upload};
@@ -643,24 +643,7 @@ fn prepare(
             .credentials
             .carried_by(&parts.method, &parts.uri, &parts.headers, &state.tasks);
     if !carried.is_empty() {
-        draft.set_egress(&carried);
-        // The request as it came (scrubbed when written), counted and recorded under the
-        // host's service when only one serves it.
-        let scheme = match (&ctx.tunnel, parts.uri.scheme_str()) {
-            (None, Some("http")) => crate::policy::Scheme::Http,
-            _ => crate::policy::Scheme::Https,
-        };
-        let (host, port) = (draft.rec.host.clone(), draft.rec.port.unwrap_or(0));
-        draft.set_target(parts.method.as_str(), scheme, &host, port, parts.uri.path());
-        let service = generation
-            .policy
-            .host_table(scheme, &host, port)
-            .and_then(|t| t.sole_service);
-        draft.set_match(&generation.policy, service, None, None);
-        return Err(Refusal {
-            denial: Denial::bare(Reason::SecretEgress),
-            code: respond::egress_code(&carried),
-        });
+        return Err(egress_refusal(generation, ctx, parts, draft, &carried));
     }
     let target = match &ctx.tunnel {
         Some(t) => identify::tunnel_target(parts, &t.host)?,
@@ -750,6 +733,34 @@ struct Prepared {
     target: Target,
     permit: decide::Permit,
     websocket: bool,
+}
+
+/// The `secret_egress` refusal of a request that carried `carried`, before its target was
+/// read: recorded as it came (scrubbed when written), named, and counted under the host's
+/// service when only one serves it.
+fn egress_refusal(
+    generation: &Generation,
+    ctx: &ConnCtx,
+    parts: &http::request::Parts,
+    draft: &mut RecordDraft,
+    carried: &[Carried],
+) -> Refusal {
+    draft.set_egress(carried);
+    let scheme = match (&ctx.tunnel, parts.uri.scheme_str()) {
+        (None, Some("http")) => crate::policy::Scheme::Http,
+        _ => crate::policy::Scheme::Https,
+    };
+    let (host, port) = (draft.rec.host.clone(), draft.rec.port.unwrap_or(0));
+    draft.set_target(parts.method.as_str(), scheme, &host, port, parts.uri.path());
+    let service = generation
+        .policy
+        .host_table(scheme, &host, port)
+        .and_then(|t| t.sole_service);
+    draft.set_match(&generation.policy, service, None, None);
+    Refusal {
+        denial: Denial::bare(Reason::SecretEgress),
+        code: respond::egress_code(carried),
+    }
 }
 
 fn has_lookalike(headers: &http::HeaderMap, injected: &http::HeaderName) -> bool {
