@@ -1091,19 +1091,7 @@ mod tests {
 
     #[test]
     fn a_known_token_is_found_anywhere_and_its_shape_alone_is_not() {
-        let policy = read_policy();
-        let store = TaskStore::new();
-        let spec = MintSpec {
-            agent: "bot".into(),
-            task: Some("t1".into()),
-            intent: vec![Grant {
-                capability: "s.read".into(),
-                constraints: Vec::new(),
-            }],
-            ttl: None,
-            max_requests: None,
-        };
-        let (_, token) = store.mint(&policy, spec, SystemTime::now()).unwrap();
+        let (store, _, token) = minted_with_token(SystemTime::now());
         let t = token.expose();
         for text in [
             t.to_string(),
@@ -1263,6 +1251,11 @@ mod tests {
     }
 
     fn minted_at(now: SystemTime) -> (TaskStore, Arc<Task>) {
+        let (store, task, _) = minted_with_token(now);
+        (store, task)
+    }
+
+    fn minted_with_token(now: SystemTime) -> (TaskStore, Arc<Task>, Secret) {
         let policy = read_policy();
         let store = TaskStore::new();
         let spec = MintSpec {
@@ -1275,8 +1268,8 @@ mod tests {
             ttl: None,
             max_requests: None,
         };
-        let (task, _token) = store.mint(&policy, spec, now).unwrap();
-        (store, task)
+        let (task, token) = store.mint(&policy, spec, now).unwrap();
+        (store, task, token)
     }
 
     /// A second's worth of denials goes at once; then each waits its turn, at most
