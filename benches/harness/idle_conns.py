@@ -4,9 +4,11 @@
 Starts `keyward serve` (release build) on a generated loopback-only policy, mints a task, then
 opens N connections that each CONNECT to an intercepted host, finish the TLS handshake with
 keyward's leaf and stay idle. Prints keyward's RSS before and after, and per connection.
-No upstream is needed: nothing is sent inside the tunnels. Everything stops by itself.
+No upstream is needed: nothing is sent inside the tunnels, or (`request`) one request that
+keyward refuses itself (403), as an agent's connection between two requests is. Everything
+stops by itself.
 
-    python3 benches/harness/idle_conns.py [N]     (default 2000; raises its own open-files limit)
+    python3 benches/harness/idle_conns.py [N] [request]   (default 2000; raises its own open-files limit)
 """
 import base64
 import json
@@ -24,10 +26,11 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.environ.get("KEYWARD_BIN", os.path.join(ROOT, "target", "release", "keyward"))
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+REQUEST = len(sys.argv) > 2 and sys.argv[2] == "request"
 TOKEN = "idle-bench-admin-token"
 
 POLICY = """
-proxy: {{ listen: 127.0.0.1:0, max_connections: {max_conns}, idle_timeout: 10m }}
+proxy: {{ listen: 127.0.0.1:0, max_connections: {max_conns}, max_task_connections: {max_conns}, max_agent_connections: {max_conns}, idle_timeout: 10m }}
 admin: {{ listen: 127.0.0.1:0, token: env:KEYWARD_ADMIN_TOKEN }}
 ca: {{ cert: {d}/ca.pem, key: {d}/ca-key.pem }}
 audit: {{ path: {d}/audit.jsonl }}
@@ -90,11 +93,24 @@ def main():
                 head += chunk
             if not head.startswith(b"HTTP/1.1 200"):
                 sys.exit(f"connection {i}: {head!r}")
-            conns.append(ctx.wrap_socket(s, server_hostname="api.idle.test"))
+            tls = ctx.wrap_socket(s, server_hostname="api.idle.test")
+            if REQUEST:
+                tls.sendall(b"GET /not-granted HTTP/1.1\r\nHost: api.idle.test\r\n\r\n")
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += tls.recv(4096)
+                length = int(re.search(rb"(?i)content-length: *(\d+)", answer).group(1))
+                body = answer.split(b"\r\n\r\n", 1)[1]
+                while len(body) < length:
+                    body += tls.recv(4096)
+                if not answer.startswith(b"HTTP/1.1 403"):
+                    sys.exit(f"connection {i}: {answer[:80]!r}")
+            conns.append(tls)
         took = time.time() - start
         time.sleep(1.0)
         after = rss_kib(kw.pid)
-        print(f"{N} idle intercepted connections (CONNECT + TLS 1.3 handshake each, {took:.1f} s to open)")
+        what = "CONNECT + TLS 1.3 handshake" + (" + one request" if REQUEST else "")
+        print(f"{N} idle intercepted connections ({what} each, {took:.1f} s to open)")
         print(f"keyward RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after, "
               f"{(after - before) / N:.1f} KiB per connection")
         for c in conns:
