@@ -492,6 +492,9 @@ impl Signals {
     }
 }
 
+/// Tasks asked for at once by `task list`.
+const LIST_PAGE: usize = 500;
+
 fn check(config: &Path) -> Result<(), Failure> {
     match policy::load(config) {
         Ok(p) => {
@@ -896,28 +899,40 @@ async fn task(command: TaskCommand) -> Result<(), Failure> {
                     Failure::user(format!("--agent {a:?} is not an agent name: {why}"))
                 })?;
             }
-            let filters: Vec<String> = [("agent", agent), ("status", status)]
+            let mut filters: Vec<String> = [("agent", agent), ("status", status)]
                 .into_iter()
                 .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
                 .collect();
-            let path = match filters.is_empty() {
-                true => "/v1/tasks".to_string(),
-                false => format!("/v1/tasks?{}", filters.join("&")),
-            };
-            let out = client::call(
-                &admin.admin,
-                admin.timeout(),
-                &token,
-                Method::GET,
-                &path,
-                None,
-            )
-            .await
-            .map_err(fail)?;
+            // Page by page: a whole list of tasks with many constraints runs to megabytes,
+            // which keyward would hold while answering. (Task ids need no escaping.)
+            filters.push(format!("limit={LIST_PAGE}"));
+            let mut tasks: Vec<serde_json::Value> = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page_query = match &after {
+                    Some(id) => format!("{}&after={id}", filters.join("&")),
+                    None => filters.join("&"),
+                };
+                let out = client::call(
+                    &admin.admin,
+                    admin.timeout(),
+                    &token,
+                    Method::GET,
+                    &format!("/v1/tasks?{page_query}"),
+                    None,
+                )
+                .await
+                .map_err(fail)?;
+                let Some(page) = out["tasks"].as_array() else {
+                    return Err(not_keyward(&admin.admin, "a task list"));
+                };
+                tasks.extend(page.iter().cloned());
+                match out["next"].as_str() {
+                    Some(next) if after.as_deref() != Some(next) => after = Some(next.to_string()),
+                    _ => break,
+                }
+            }
             let empty = Vec::new();
-            let Some(tasks) = out["tasks"].as_array() else {
-                return Err(not_keyward(&admin.admin, "a task list"));
-            };
             // Columns as wide as their widest entry (task ids and agents vary a lot).
             let rows: Vec<[String; 6]> = tasks
                 .iter()

@@ -804,6 +804,42 @@ async fn task_cmd(admin: &str, token: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `task list` pages through the list (500 at a time), so it shows every task once however
+/// many there are, and keyward never answers the whole list at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_list_shows_every_task_across_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let mut served = serve(file.to_str().unwrap()).await;
+    let admin = field(&served.line, "admin").to_string();
+    let token = secrets[1].clone();
+    let http = reqwest::Client::new();
+    for i in 0..1001 {
+        let resp = bounded(
+            "mint",
+            http.post(format!("http://{admin}/v1/tasks"))
+                .bearer_auth(&token)
+                .json(&serde_json::json!({"agent": "bot", "task": format!("t-{i:04}"), "intent": ["api.issues.read"]}))
+                .send(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status().as_u16(), 201);
+    }
+    let out = task_cmd(&admin, &token, &["list"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    let ids: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|id| id.starts_with("t-"))
+        .collect();
+    let want: Vec<String> = (0..1001).map(|i| format!("t-{i:04}")).collect();
+    assert_eq!(ids, want);
+    served.child.start_kill().unwrap();
+    let _ = served.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_mint_list_and_revoke_drive_the_admin_api() {
     let dir = tempfile::tempdir().unwrap();
