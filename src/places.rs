@@ -144,10 +144,39 @@ pub async fn place_for(
     }
 }
 
+/// How many places a listener of `max_connections` can really give, under an open-files
+/// limit of `limit` (`None`: unlimited): two descriptors a connection (the agent's, and an
+/// upstream's) and 512 for the rest, as `keyward serve` warns at start. Past the limit
+/// `accept` fails before any place is full, and no stranger gives its place up: clients
+/// without a token would keep agents out until `header_read_timeout`.
+pub fn fitting(max_connections: usize, limit: Option<u64>) -> usize {
+    let Some(limit) = limit else {
+        return max_connections;
+    };
+    let room = usize::try_from(limit.saturating_sub(512) / 2).unwrap_or(usize::MAX);
+    max_connections.min(room.max(1))
+}
+
+/// `fitting` under this process's open-files limit.
+pub fn fitting_open_files(max_connections: usize) -> usize {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    fitting(max_connections, limit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn places_fit_under_the_open_files_limit() {
+        assert_eq!(fitting(4096, None), 4096);
+        assert_eq!(fitting(4096, Some(1 << 20)), 4096);
+        // Two descriptors a connection, 512 for the rest.
+        assert_eq!(fitting(4096, Some(8704)), 4096);
+        assert_eq!(fitting(4096, Some(1024)), 256);
+        assert_eq!(fitting(4096, Some(256)), 1, "at least one place");
+    }
 
     async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(5), f)

@@ -804,6 +804,38 @@ async fn task_cmd(admin: &str, token: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Under an open-files limit too low for `proxy.max_connections`, keyward takes only as many
+/// connections as fit (two descriptors each, 512 for the rest) and says so: past the limit,
+/// `accept` would fail before any place was full, and silent clients would never give theirs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_open_files_limit_caps_the_places_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let mut cmd = tokio::process::Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "ulimit -n 600 && exec {BIN} serve --config {}",
+            file.display()
+        ),
+    ]);
+    let mut served = serve_cmd(cmd).await;
+    let admin = field(&served.line, "admin").to_string();
+    // Serving all the same.
+    let health = bounded("healthz", reqwest::get(format!("http://{admin}/healthz")))
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    served.child.start_kill().unwrap();
+    let (_, log) = served.finish().await;
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("fewer connections than proxy.max_connections")
+            && l.contains("places=44")),
+        "{log}"
+    );
+}
+
 /// `task list` pages through the list (500 at a time), so it shows every task once however
 /// many there are, and keyward never answers the whole list at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
