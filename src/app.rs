@@ -350,10 +350,13 @@ mod open_files {
         let now = getrlimit(Resource::Nofile).current.unwrap_or(CEILING);
         let wanted = needed(max_connections);
         if now < wanted {
+            // (`proxy::serve` takes only as many: `places::fitting`.)
+            let places = crate::places::fitting(max_connections, Some(now));
             tracing::warn!(
                 limit = now,
                 wanted,
-                "the open-files limit is below what proxy.max_connections needs (an agent and an upstream descriptor per connection); raise it (ulimit -n, LimitNOFILE=, the container's nofile) or lower max_connections"
+                places,
+                "the open-files limit is below what proxy.max_connections needs (an agent and an upstream descriptor per connection), so the proxy takes only this many connections at once, and silent clients still give their places up to agents; raise the limit (ulimit -n, LimitNOFILE=, the container's nofile) or lower max_connections"
             );
         }
     }

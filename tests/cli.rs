@@ -830,7 +830,7 @@ async fn a_low_open_files_limit_caps_the_places_and_says_so() {
     let (_, log) = served.finish().await;
     assert!(
         log.lines().any(|l| l.contains("WARN")
-            && l.contains("fewer connections than proxy.max_connections")
+            && l.contains("the proxy takes only this many connections at once")
             && l.contains("places=44")),
         "{log}"
     );

@@ -33,14 +33,8 @@ use crate::state::State;
 /// Accepts connections until shutdown, then waits (at most `proxy.shutdown_timeout`) for the open ones
 /// to finish their requests. Each connection holds a permit of the connection limit.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
+    // Under a low open-files limit, only as many as fit (`keyward serve` warned at start).
     let places = crate::places::fitting_open_files(state.settings.max_connections);
-    if places < state.settings.max_connections {
-        tracing::warn!(
-            max_connections = state.settings.max_connections,
-            places,
-            "the open-files limit leaves room for fewer connections than proxy.max_connections: keyward takes at most this many at once, so that silent clients still give their places up to agents"
-        );
-    }
     let limit = Arc::new(Semaphore::new(places));
     let strangers = Arc::new(Strangers::default());
     accept(listener, &state, &limit, &strangers).await;
