@@ -348,7 +348,7 @@ mod open_files {
             }
         }
         let now = getrlimit(Resource::Nofile).current.unwrap_or(CEILING);
-        let wanted = needed(max_connections);
+        let wanted = crate::places::descriptors_needed(max_connections);
         if now < wanted {
             // (`proxy::serve` takes only as many: `places::fitting`.)
             let places = crate::places::fitting(max_connections, Some(now));
@@ -359,13 +359,5 @@ mod open_files {
                 "the open-files limit is below what proxy.max_connections needs (an agent and an upstream descriptor per connection), so the proxy takes only this many connections at once, and silent clients still give their places up to agents; raise the limit (ulimit -n, LimitNOFILE=, the container's nofile) or lower max_connections"
             );
         }
-    }
-
-    /// Two descriptors per agent connection, and room for the admin listener, pooled
-    /// upstream connections, the audit log and the CA files.
-    pub fn needed(max_connections: usize) -> u64 {
-        (max_connections as u64)
-            .saturating_mul(2)
-            .saturating_add(512)
     }
 }

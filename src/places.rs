@@ -153,9 +153,21 @@ pub fn fitting(max_connections: usize, limit: Option<u64>) -> usize {
     let Some(limit) = limit else {
         return max_connections;
     };
-    let room = usize::try_from(limit.saturating_sub(512) / 2).unwrap_or(usize::MAX);
-    max_connections.min(room.max(1))
+    let room = limit.saturating_sub(SPARE_DESCRIPTORS) / DESCRIPTORS_PER_CONNECTION;
+    max_connections.min(usize::try_from(room).unwrap_or(usize::MAX).max(1))
 }
+
+/// The open-files limit `max_connections` needs: the inverse of `fitting`.
+pub fn descriptors_needed(max_connections: usize) -> u64 {
+    (max_connections as u64)
+        .saturating_mul(DESCRIPTORS_PER_CONNECTION)
+        .saturating_add(SPARE_DESCRIPTORS)
+}
+
+/// An agent's descriptor and an upstream's.
+const DESCRIPTORS_PER_CONNECTION: u64 = 2;
+/// The admin listener, pooled upstream connections, the audit log, the CA files.
+const SPARE_DESCRIPTORS: u64 = 512;
 
 /// `fitting` under this process's open-files limit.
 pub fn fitting_open_files(max_connections: usize) -> usize {
@@ -176,6 +188,11 @@ mod tests {
         assert_eq!(fitting(4096, Some(8704)), 4096);
         assert_eq!(fitting(4096, Some(1024)), 256);
         assert_eq!(fitting(4096, Some(256)), 1, "at least one place");
+        // The limit `keyward serve` asks for fits them all, and one less does not.
+        let needed = descriptors_needed(4096);
+        assert_eq!(needed, 8704);
+        assert_eq!(fitting(4096, Some(needed)), 4096);
+        assert_eq!(fitting(4096, Some(needed - 2)), 4095);
     }
 
     async fn bounded<T>(f: impl std::future::Future<Output = T>) -> T {
