@@ -128,6 +128,8 @@ impl CertAuthority {
             (false, false) => Ok(Some(
                 "the CA files do not exist yet; `keyward serve` creates them at its first start",
             )),
+            // Both exist (loaded and checked) or one is missing (its error): nothing is
+            // created, which `load_or_create` does only when both are missing.
             _ => match Self::load_or_create(cert, key) {
                 Ok(_) => Ok(None),
                 Err(CaError::Read { source, .. })
