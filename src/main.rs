@@ -10,18 +10,16 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Turns transparent huge pages off for this process unless the operator chose with
-/// `MIMALLOC_ALLOW_THP` (which mimalloc itself reads before `main`).
+/// Turns transparent huge pages off for this process, on kernels that give them to every
+/// large mapping (`always`; mimalloc is built not to ask for them, `no_thp`, for `madvise`).
 ///
-/// mimalloc asks for huge pages on its arenas, and then a few KiB touched in a 2 MiB region
-/// make all of it resident: 2,000 idle intercepted connections held 115 MiB instead of 78, and
-/// an idle keyward 27 MiB instead of 12 (`benches/README.md`, "Huge pages").
+/// With huge pages a few KiB touched in a 2 MiB region make all of it resident: 2,000 idle
+/// intercepted connections held 115 MiB instead of 80, and an idle keyward 27 MiB instead of
+/// 12 (`benches/README.md`, "Huge pages").
 fn keep_small_pages() {
+    // A kernel without the flag (before 3.15) keeps its default: nothing to report.
     #[cfg(target_os = "linux")]
-    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
-        // A kernel without the flag (before 3.15) keeps its default: nothing to report.
-        let _ = rustix::thread::disable_transparent_huge_pages(true);
-    }
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
 
 fn main() {
