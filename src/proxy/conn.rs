@@ -19,7 +19,6 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -138,14 +137,14 @@ pub struct TunnelEnds {
 /// (see `cut_watch` below).
 pub async fn serve_intercepted<I, S>(
     state: &Arc<State>,
-    io: I,
+    mut io: I,
     h2: bool,
     svc: S,
     ends: TunnelEnds,
     slot: ConnSlot,
 ) -> Option<Unparsed>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncBufRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
     S::Future: Send + 'static,
 {
@@ -155,25 +154,6 @@ where
         task,
         cut: cut_tx,
     } = ends;
-    let mut builder = auto::Builder::new(StreamExecutor {
-        state: state.clone(),
-        slot,
-        cut: cut_tx.subscribe(),
-    });
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .max_buf_size(settings.parser_head_limit());
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        // A tunnel is one task's: more streams than it may have in flight would only be
-        // refused (429), so an HTTP/2 client is told to queue them instead.
-        .max_concurrent_streams(settings.max_task_in_flight.min(128))
-        .max_header_list_size(u32::try_from(settings.parser_head_limit()).unwrap_or(u32::MAX))
-        .max_pending_accept_reset_streams(32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
     let activity = Arc::new(Activity::new(None));
     let fragments = Arc::new(FragmentLog::default());
     if h2 {
@@ -185,11 +165,52 @@ where
         activity: activity.clone(),
         fragments: fragments.clone(),
     };
-    // The protocol ALPN chose, not whichever the first bytes look like (`auto` goes by them):
-    // the fragment sniffing above is chosen by ALPN.
+    // Nothing of hyper's is built before the client's first bytes can be read (they are not
+    // taken: hyper reads them whole): its buffers (16 KiB) would be held by every connection
+    // that has yet to send a request. Nothing is in flight, so any end closes at once.
+    let first_bytes = std::future::poll_fn(|cx| {
+        Pin::new(&mut io)
+            .poll_fill_buf(cx)
+            .map(|read| read.is_ok_and(|bytes| !bytes.is_empty()))
+    });
+    tokio::select! {
+        // End of stream or a TLS error: hyper would have ended there too, with nothing to
+        // record.
+        readable = first_bytes => if !readable {
+            return None;
+        },
+        _ = activity.idle_for(settings.idle_timeout) => return None,
+        () = state.stopped() => return None,
+        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
+    }
+    // `Sniff` holds the client to the protocol ALPN chose, so hyper's builder for that one
+    // serves it (not hyper-util's `auto`, which reads the first bytes to guess and handed them
+    // on as a short first read, doubling the read buffer every idle connection keeps).
     let io = TokioIo::new(Sniff::for_alpn(io, fragments.clone(), h2));
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
+    let mut conn = if h2 {
+        let executor = StreamExecutor {
+            state: state.clone(),
+            slot,
+            cut: cut_tx.subscribe(),
+        };
+        let mut builder = hyper::server::conn::http2::Builder::new(executor);
+        builder
+            .timer(TokioTimer::new())
+            // A tunnel is one task's: more streams than it may have in flight would only be
+            // refused (429), so an HTTP/2 client is told to queue them instead.
+            .max_concurrent_streams(settings.max_task_in_flight.min(128))
+            .max_header_list_size(u32::try_from(settings.parser_head_limit()).unwrap_or(u32::MAX))
+            .max_pending_accept_reset_streams(32)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        Intercepted::H2(Box::pin(builder.serve_connection(io, svc)))
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            .max_buf_size(settings.parser_head_limit());
+        Intercepted::H1(Box::pin(builder.serve_connection(io, svc).with_upgrades()))
+    };
     // SECURITY (I3): a revoked or expired task's requests stop at once: the cut is sent to
     // them (a request waiting on its upstream answers its 407, `handle`). A response the
     // agent does not take (an HTTP/2 stream whose window it never opens, a socket it does not
@@ -210,13 +231,11 @@ where
     // asked for itself.
     let mut grace = settings.shutdown_timeout;
     tokio::select! {
-        ended = conn.as_mut() => {
+        ended = &mut conn => {
             if fragments.saw_other_protocol() {
                 return Some(Unparsed::NotAlpnProtocol);
             }
-            return ended
-                .err()
-                .and_then(|e| e.downcast_ref::<hyper::Error>().and_then(unparsed));
+            return ended.err().and_then(|e| unparsed(&e));
         }
         // SECURITY (I7): after a 407 or a flooding refusal. HTTP/2's graceful close waits for
         // the client's PING answer before it stops taking streams, and a client that never
@@ -238,7 +257,7 @@ where
         () = activity.no_first_request_within(settings.header_read_timeout) => return None,
         () = &mut cut_watch => return None,
     }
-    conn.as_mut().graceful_shutdown();
+    conn.graceful_shutdown();
     // An HTTP/2 connection whose last stream ends during the drain would still wait for the
     // client's PING answer: once idle it gets a moment to flush its last frames (the select
     // keeps polling it meanwhile), then closes.
@@ -256,6 +275,53 @@ where
         () = cut_watch => {}
     }
     None
+}
+
+type H1Conn<I, S> =
+    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Sniff<I>>, Tracked<S>>;
+type H2Conn<I, S> =
+    hyper::server::conn::http2::Connection<TokioIo<Sniff<I>>, Tracked<S>, StreamExecutor>;
+
+/// An intercepted connection as ALPN chose it, each boxed so that the tunnel's task holds only
+/// the one it serves.
+enum Intercepted<I, S>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    H1(Pin<Box<H1Conn<I, S>>>),
+    H2(Pin<Box<H2Conn<I, S>>>),
+}
+
+impl<I, S> Intercepted<I, S>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Intercepted::H1(conn) => conn.as_mut().graceful_shutdown(),
+            Intercepted::H2(conn) => conn.as_mut().graceful_shutdown(),
+        }
+    }
+}
+
+impl<I, S> Future for Intercepted<I, S>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Intercepted::H1(conn) => conn.as_mut().poll(cx),
+            Intercepted::H2(conn) => conn.as_mut().poll(cx),
+        }
+    }
 }
 
 /// How long a tunnel keyward closes (after a 407 or a flooding refusal) is still driven, so
