@@ -199,7 +199,11 @@ async fn refuse(
 
 /// Terminates the agent's TLS with a leaf for the CONNECT host and serves HTTP/1.1 or HTTP/2
 /// inside, every request decided under the tunnel's task.
-async fn intercept(
+///
+/// An async block, not an `async fn`: that would keep its arguments twice in the state every
+/// tunnel holds for its whole life (~600 bytes).
+#[allow(clippy::manual_async_fn)]
+fn intercept(
     state: Arc<State>,
     client: SocketAddr,
     slot: ConnSlot,
@@ -207,102 +211,110 @@ async fn intercept(
     task: Arc<crate::tasks::Task>,
     tunnel: TunnelHost,
     on_upgrade: hyper::upgrade::OnUpgrade,
-) {
-    let Ok(upgraded) = on_upgrade.await else {
-        draft.rec.outcome = Some("client_closed");
-        return draft.write_detached(&state, Reason::Allowed, 200);
-    };
-    let _open = state.metrics.connection_opened(ConnKind::Intercepted);
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            draft.rec.outcome = Some("client_closed");
+            return draft.write_detached(&state, Reason::Allowed, 200);
+        };
+        let _open = state.metrics.connection_opened(ConnKind::Intercepted);
+        // Boxed, so its futures are freed once it is done: the tunnel's task keeps, for its
+        // whole life, a slot as large as its largest state, and that should be the serving one.
+        let (tls, h2) = match Box::pin(terminate_tls(&state, upgraded, &tunnel.host)).await {
+            Ok(done) => done,
+            Err(NotTerminated(outcome, reason)) => {
+                draft.rec.outcome = Some(outcome);
+                return draft.write_detached(&state, reason, 200);
+            }
+        };
+        // The connection's place is given back only after the tunnel's record is written
+        // (below): shutdown closes the audit log once every place is back.
+        let _held = slot.clone();
+        let close = Arc::new(Notify::new());
+        let relay = Arc::new(tokio::sync::Semaphore::new(1));
+        let (cut_tx, cut) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(ConnCtx {
+            client,
+            slot: slot.clone(),
+            tunnel: Some(TunnelCtx {
+                task: task.clone(),
+                host: tunnel,
+                service: draft.rec.service.clone(),
+                close: close.clone(),
+                relay: relay.clone(),
+                h2,
+                cut,
+            }),
+        });
+        let svc_state = state.clone();
+        let svc =
+            service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
+        let ends = conn::TunnelEnds {
+            close,
+            task: task.clone(),
+            cut: cut_tx,
+        };
+        let served = conn::serve_intercepted(&state, tls, h2, svc, ends, slot).await;
+        if let Some(what) = served {
+            crate::proxy::record::unparsed(&state, client, what, Some(&task));
+        }
+        // A connection that became a WebSocket relay is still this tunnel: it ends with the
+        // relay (which ends at the latest at shutdown or when the task ends).
+        let _ = relay.acquire().await;
+        let end = task.ended_at(SystemTime::now());
+        draft.rec.outcome = Some(match end {
+            Some(e) => e.as_str(),
+            None if state.stopping() => "shutdown",
+            None => "closed",
+        });
+        draft.write_detached(&state, Reason::Allowed, 200);
+    }
+}
+
+/// The agent's side of an intercepted tunnel, once its TLS is terminated.
+type AgentTls = tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Why a tunnel ended before its TLS was terminated: its record's outcome and reason.
+struct NotTerminated(&'static str, Reason);
+
+/// Terminates the agent's TLS with a leaf for `host`; the stream (boxed: it outlives this
+/// future in the tunnel's task), and whether ALPN chose HTTP/2.
+async fn terminate_tls(
+    state: &State,
+    upgraded: hyper::upgrade::Upgraded,
+    host: &str,
+) -> Result<(Box<AgentTls>, bool), NotTerminated> {
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(
         rustls::server::Acceptor::default(),
         TokioIo::new(upgraded),
     );
     // SECURITY (I7): a client that stalls its handshake (slowloris) holds a connection slot.
     let handshake_timeout = HANDSHAKE_TIMEOUT.min(state.settings.header_read_timeout);
-    let start =
-        match unless_stopping(&state, tokio::time::timeout(handshake_timeout, acceptor)).await {
-            None => {
-                draft.rec.outcome = Some("shutdown");
-                return draft.write_detached(&state, Reason::Allowed, 200);
-            }
-            Some(Ok(Ok(start))) => start,
-            Some(_) => {
-                draft.rec.outcome = Some("tls_handshake_failed");
-                return draft.write_detached(&state, Reason::Allowed, 200);
-            }
-        };
+    let hello = unless_stopping(state, tokio::time::timeout(handshake_timeout, acceptor));
+    let start = match hello.await {
+        None => return Err(NotTerminated("shutdown", Reason::Allowed)),
+        Some(Ok(Ok(start))) => start,
+        Some(_) => return Err(NotTerminated("tls_handshake_failed", Reason::Allowed)),
+    };
     // SECURITY: domain fronting — the name the client asks TLS for must be the CONNECT host.
     if let Some(sni) = start.client_hello().server_name() {
-        if normalize_host(sni).as_deref() != Some(tunnel.host.as_str()) {
-            draft.rec.outcome = Some("tls_refused");
-            return draft.write_detached(&state, Reason::HostMismatch, 200);
+        if normalize_host(sni).as_deref() != Some(host) {
+            return Err(NotTerminated("tls_refused", Reason::HostMismatch));
         }
     }
-    let config = match state.leaves.server_config(&tunnel.host).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "could not issue a leaf certificate");
-            draft.rec.outcome = Some("leaf_failed");
-            return draft.write_detached(&state, Reason::Allowed, 200);
-        }
-    };
-    // ALPN is read inside the arm: a borrowed local that lived on would keep a second slot
-    // for the TLS stream in this task across the connection's life (~1.3 KiB each).
+    let config = state.leaves.server_config(host).await.map_err(|e| {
+        tracing::error!(error = %e, "could not issue a leaf certificate");
+        NotTerminated("leaf_failed", Reason::Allowed)
+    })?;
     let handshake = tokio::time::timeout(handshake_timeout, start.into_stream(config));
-    let (tls, h2) = match unless_stopping(&state, handshake).await {
-        None => {
-            draft.rec.outcome = Some("shutdown");
-            return draft.write_detached(&state, Reason::Allowed, 200);
-        }
+    match unless_stopping(state, handshake).await {
+        None => Err(NotTerminated("shutdown", Reason::Allowed)),
         Some(Ok(Ok(tls))) => {
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            (tls, h2)
+            Ok((Box::new(tls), h2))
         }
-        Some(_) => {
-            draft.rec.outcome = Some("tls_handshake_failed");
-            return draft.write_detached(&state, Reason::Allowed, 200);
-        }
-    };
-    // The connection's place is given back only after the tunnel's record is written (below):
-    // shutdown closes the audit log once every place is back.
-    let _held = slot.clone();
-    let close = Arc::new(Notify::new());
-    let relay = Arc::new(tokio::sync::Semaphore::new(1));
-    let (cut_tx, cut) = tokio::sync::watch::channel(false);
-    let ctx = Arc::new(ConnCtx {
-        client,
-        slot: slot.clone(),
-        tunnel: Some(TunnelCtx {
-            task: task.clone(),
-            host: tunnel,
-            service: draft.rec.service.clone(),
-            close: close.clone(),
-            relay: relay.clone(),
-            h2,
-            cut,
-        }),
-    });
-    let svc_state = state.clone();
-    let svc = service_fn(move |req| handle::handle_in_tunnel(svc_state.clone(), ctx.clone(), req));
-    let ends = conn::TunnelEnds {
-        close,
-        task: task.clone(),
-        cut: cut_tx,
-    };
-    let served = conn::serve_intercepted(&state, tls, h2, svc, ends, slot).await;
-    if let Some(what) = served {
-        crate::proxy::record::unparsed(&state, client, what, Some(&task));
+        Some(_) => Err(NotTerminated("tls_handshake_failed", Reason::Allowed)),
     }
-    // A connection that became a WebSocket relay is still this tunnel: it ends with the
-    // relay (which ends at the latest at shutdown or when the task ends).
-    let _ = relay.acquire().await;
-    let end = task.ended_at(SystemTime::now());
-    draft.rec.outcome = Some(match end {
-        Some(e) => e.as_str(),
-        None if state.stopping() => "shutdown",
-        None => "closed",
-    });
-    draft.write_detached(&state, Reason::Allowed, 200);
 }
 
 /// `fut`, unless keyward begins to shut down first (`None`): a tunnel still in its TLS
