@@ -4,12 +4,13 @@
 Starts `keyward serve` (release build) on a generated loopback-only policy, mints a task, then
 opens N connections that each CONNECT to an intercepted host, finish the TLS handshake with
 keyward's leaf and stay idle. Prints keyward's RSS before and after, and per connection.
-No upstream is needed: nothing is sent inside the tunnels, or (`request`) one request that
-keyward refuses itself (403), as an agent's connection between two requests is. Everything
-stops by itself.
+Without `request` nothing is sent inside the tunnels. With `request` each tunnel first carries
+one allowed request to an HTTPS upstream this script runs (its certificate made with `openssl`),
+as an agent's connection between two requests is. Everything stops by itself.
 
     python3 benches/harness/idle_conns.py [N] [request]   (default 2000; raises its own open-files limit)
 """
+import asyncio
 import base64
 import json
 import os
@@ -20,6 +21,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -39,13 +41,78 @@ credentials:
 services:
   api:
     hosts: [api.idle.test]
-    connect_to: 127.0.0.1:9
+    connect_to: 127.0.0.1:{upstream_port}
+    tls: {{ ca_file: {d}/upstream-ca.pem }}
     inject: {{ header: Authorization, value: "Bearer ${{credential}}", credential: key }}
 capabilities:
   api.read: {{ service: api, risk: low, routes: [GET /x] }}
 agents:
   bench: {{ owner: bench, capabilities: [api.read], max_ttl: 1h }}
 """
+
+
+def upstream_certificate(d):
+    """A CA and a leaf for api.idle.test signed by it, in `d`."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{d}/upstream-ca.key", "-out", f"{d}/upstream-ca.pem", "-days", "1",
+            "-subj", "/CN=idle bench upstream CA")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", f"{d}/upstream.key", "-out", f"{d}/upstream.csr", "-subj", "/CN=api.idle.test")
+    with open(f"{d}/upstream.ext", "w") as f:
+        f.write("subjectAltName=DNS:api.idle.test\nbasicConstraints=CA:FALSE\n")
+    openssl("x509", "-req", "-in", f"{d}/upstream.csr", "-CA", f"{d}/upstream-ca.pem",
+            "-CAkey", f"{d}/upstream-ca.key", "-CAcreateserial", "-out", f"{d}/upstream.pem",
+            "-days", "1", "-extfile", f"{d}/upstream.ext")
+
+
+def start_upstream(d):
+    """An HTTPS upstream on loopback answering every request `200 ok`, in a daemon thread;
+    returns its port."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(f"{d}/upstream.pem", f"{d}/upstream.key")
+    ready = threading.Event()
+    port = []
+
+    async def answer(reader, writer):
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve():
+        server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=ctx, backlog=4096)
+        port.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        await asyncio.Event().wait()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    if not ready.wait(10):
+        sys.exit("the upstream did not start")
+    return port[0]
+
+
+def read_answer(tls):
+    """One HTTP/1.1 response (Content-Length or chunked) from `tls`; returns its head."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = tls.recv(4096)
+        if not chunk:
+            sys.exit(f"closed before the answer: {answer!r}")
+        answer += chunk
+    head, body = answer.split(b"\r\n\r\n", 1)
+    length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    done = (lambda b: len(b) >= int(length.group(1))) if length else (lambda b: b.endswith(b"0\r\n\r\n"))
+    while not done(body):
+        chunk = tls.recv(4096)
+        if not chunk:
+            sys.exit(f"closed during the body: {answer!r}")
+        body += chunk
+    return head
 
 
 def rss_kib(pid):
@@ -57,15 +124,20 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * N + 1024)), hard))
     d = tempfile.mkdtemp(prefix="keyward-idle.")
+    upstream_certificate(d)
+    upstream_port = start_upstream(d) if REQUEST else 9  # never dialled without `request`
     with open(f"{d}/policy.yaml", "w") as f:
-        f.write(POLICY.format(d=d, max_conns=N + 100))
+        f.write(POLICY.format(d=d, max_conns=N + 100, upstream_port=upstream_port))
     env = dict(os.environ, KEYWARD_ADMIN_TOKEN=TOKEN, IDLE_BENCH_KEY="sk-idle-" + os.urandom(8).hex(),
                RUST_LOG="warn")
     kw = subprocess.Popen([BIN, "serve", "--config", f"{d}/policy.yaml"], env=env,
                           stderr=subprocess.PIPE, text=True)
     try:
-        line = kw.stderr.readline()
-        m = re.search(r"proxy=(\S+) admin=(\S+) ca=(\S+)", line)
+        for _ in range(20):  # warnings (the open-files limit, say) may come first
+            line = kw.stderr.readline()
+            m = re.search(r"proxy=(\S+) admin=(\S+) ca=(\S+)", line)
+            if m:
+                break
         if not m:
             sys.exit(f"keyward did not start: {line}")
         proxy, admin, ca = m.group(1), m.group(2), m.group(3)
@@ -95,21 +167,15 @@ def main():
                 sys.exit(f"connection {i}: {head!r}")
             tls = ctx.wrap_socket(s, server_hostname="api.idle.test")
             if REQUEST:
-                tls.sendall(b"GET /not-granted HTTP/1.1\r\nHost: api.idle.test\r\n\r\n")
-                answer = b""
-                while b"\r\n\r\n" not in answer:
-                    answer += tls.recv(4096)
-                length = int(re.search(rb"(?i)content-length: *(\d+)", answer).group(1))
-                body = answer.split(b"\r\n\r\n", 1)[1]
-                while len(body) < length:
-                    body += tls.recv(4096)
-                if not answer.startswith(b"HTTP/1.1 403"):
-                    sys.exit(f"connection {i}: {answer[:80]!r}")
+                tls.sendall(b"GET /x HTTP/1.1\r\nHost: api.idle.test\r\n\r\n")
+                head = read_answer(tls)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    sys.exit(f"connection {i}: {head[:80]!r}")
             conns.append(tls)
         took = time.time() - start
         time.sleep(1.0)
         after = rss_kib(kw.pid)
-        what = "CONNECT + TLS 1.3 handshake" + (" + one request" if REQUEST else "")
+        what = "CONNECT + TLS 1.3 handshake" + (" + one allowed request" if REQUEST else "")
         print(f"{N} idle intercepted connections ({what} each, {took:.1f} s to open)")
         print(f"keyward RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after, "
               f"{(after - before) / N:.1f} KiB per connection")
