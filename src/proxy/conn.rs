@@ -44,14 +44,28 @@ where
 {
     let _ = stream.set_nodelay(true);
     let settings = &state.settings;
+    let stranger = Arc::new(stranger);
+    let activity = Arc::new(Activity::new(Some(stranger.clone())));
+    // Nothing of hyper's is built before the client's first bytes arrive: a connection that
+    // stays silent holds ~1 KiB instead of hyper's buffers (12 KiB). Nothing is in flight, so
+    // any end closes at once; the head's time counts from the connection's start, as hyper's
+    // would have.
+    // (`peek`, not `readable`: a new socket reads as readable before any byte came.)
+    let mut first = [0u8; 1];
+    tokio::select! {
+        peeked = stream.peek(&mut first) => if !peeked.is_ok_and(|n| n > 0) {
+            return None;
+        },
+        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
+        () = stranger.crowded_out() => return None,
+        () = state.stopped() => return None,
+    }
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout)
         .max_buf_size(settings.parser_head_limit())
         .keep_alive(true);
-    let stranger = Arc::new(stranger);
-    let activity = Arc::new(Activity::new(Some(stranger.clone())));
     let fragments = Arc::new(FragmentLog::default());
     let svc = Tracked {
         inner: svc,
@@ -70,6 +84,8 @@ where
         _ = activity.idle_for(settings.idle_timeout) => {}
         // Nothing of a request to finish: closed at once.
         () = stranger.crowded_out() => return None,
+        // (hyper's head timer began only at the first bytes.)
+        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
         () = state.stopped() => {}
     }
     conn.as_mut().graceful_shutdown();

@@ -101,6 +101,30 @@ async fn slowloris_request_heads_are_cut_at_the_header_read_timeout() {
     kw.assert_no_leaks().await;
 }
 
+/// A head's time counts from the connection's start, not from its first byte: a client silent
+/// for most of `header_read_timeout` does not get a second one by then dripping its head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_begun_late_is_cut_at_the_header_read_timeout_after_connecting() {
+    let f = Fixture::start_with(|p| with_proxy(p, "  header_read_timeout: 1s\n")).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let head = raw_req(&f, "GET", "plain.test", "/echo", &task, "");
+    let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    let connected = Instant::now();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    closed_within(&mut tcp, head.as_bytes(), Duration::from_secs(4)).await;
+    let took = connected.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "closed {took:?} after connecting"
+    );
+    assert_eq!(f.plain.hits(), 0);
+    still_serving(&f).await;
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_tls_handshake_is_cut_and_recorded() {
     let f = Fixture::start_with(|p| with_proxy(p, "  header_read_timeout: 300ms\n")).await;
