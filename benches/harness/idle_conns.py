@@ -6,9 +6,10 @@ opens N connections that each CONNECT to an intercepted host, finish the TLS han
 keyward's leaf and stay idle. Prints keyward's RSS before and after, and per connection.
 Without `request` nothing is sent inside the tunnels. With `request` each tunnel first carries
 one allowed request to an HTTPS upstream this script runs (its certificate made with `openssl`),
-as an agent's connection between two requests is. Everything stops by itself.
+as an agent's connection between two requests is; `h2` does the same over HTTP/2 (ALPN `h2`,
+with the `h2` Python package). Everything stops by itself.
 
-    python3 benches/harness/idle_conns.py [N] [request]   (default 2000; raises its own open-files limit)
+    python3 benches/harness/idle_conns.py [N] [request|h2]   (default 2000; raises its own open-files limit)
 """
 import asyncio
 import base64
@@ -28,7 +29,8 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.environ.get("KEYWARD_BIN", os.path.join(ROOT, "target", "release", "keyward"))
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-REQUEST = len(sys.argv) > 2 and sys.argv[2] == "request"
+REQUEST = len(sys.argv) > 2 and sys.argv[2] in ("request", "h2")
+H2 = len(sys.argv) > 2 and sys.argv[2] == "h2"
 TOKEN = "idle-bench-admin-token"
 
 POLICY = """
@@ -115,6 +117,35 @@ def read_answer(tls):
     return head
 
 
+def h2_get(tls, i):
+    """One HTTP/2 GET /x on `tls` (ALPN h2), read to its end; the connection stays open."""
+    import h2.connection
+    import h2.events
+    if tls.selected_alpn_protocol() != "h2":
+        sys.exit(f"connection {i}: ALPN chose {tls.selected_alpn_protocol()!r}")
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "api.idle.test"),
+                          (":path", "/x")], end_stream=True)
+    tls.sendall(conn.data_to_send())
+    status = None
+    while True:
+        data = tls.recv(65536)
+        if not data:
+            sys.exit(f"connection {i}: closed during the HTTP/2 answer")
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = dict(event.headers).get(b":status")
+            if isinstance(event, h2.events.DataReceived):
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if isinstance(event, h2.events.StreamEnded):
+                tls.sendall(conn.data_to_send())
+                if status != b"200":
+                    sys.exit(f"connection {i}: HTTP/2 status {status!r}")
+                return
+        tls.sendall(conn.data_to_send())
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
@@ -149,6 +180,8 @@ def main():
         auth = base64.b64encode(f"{minted['task']}:{minted['token']}".encode()).decode()
         host, port = proxy.rsplit(":", 1)
         ctx = ssl.create_default_context(cafile=ca)
+        if H2:
+            ctx.set_alpn_protocols(["h2"])
         time.sleep(0.5)
         before = rss_kib(kw.pid)
         conns = []
@@ -167,15 +200,18 @@ def main():
                 sys.exit(f"connection {i}: {head!r}")
             tls = ctx.wrap_socket(s, server_hostname="api.idle.test")
             if REQUEST:
-                tls.sendall(b"GET /x HTTP/1.1\r\nHost: api.idle.test\r\n\r\n")
-                head = read_answer(tls)
-                if not head.startswith(b"HTTP/1.1 200"):
-                    sys.exit(f"connection {i}: {head[:80]!r}")
+                if H2:
+                    h2_get(tls, i)
+                else:
+                    tls.sendall(b"GET /x HTTP/1.1\r\nHost: api.idle.test\r\n\r\n")
+                    head = read_answer(tls)
+                    if not head.startswith(b"HTTP/1.1 200"):
+                        sys.exit(f"connection {i}: {head[:80]!r}")
             conns.append(tls)
         took = time.time() - start
         time.sleep(1.0)
         after = rss_kib(kw.pid)
-        what = "CONNECT + TLS 1.3 handshake" + (" + one allowed request" if REQUEST else "")
+        what = "CONNECT + TLS 1.3 handshake" + (" + one allowed request" if REQUEST else "") + (" over HTTP/2" if H2 else "")
         print(f"{N} idle intercepted connections ({what} each, {took:.1f} s to open)")
         print(f"keyward RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB after, "
               f"{(after - before) / N:.1f} KiB per connection")
