@@ -56,7 +56,7 @@ where
         peeked = stream.peek(&mut first) => if !peeked.is_ok_and(|n| n > 0) {
             return None;
         },
-        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
+        _ = activity.lapsed(settings) => return None,
         () = stranger.crowded_out() => return None,
         () = state.stopped() => return None,
     }
@@ -81,11 +81,13 @@ where
     tokio::pin!(conn);
     tokio::select! {
         ended = conn.as_mut() => return ended.err().and_then(|e| unparsed(&e)),
-        _ = activity.idle_for(settings.idle_timeout) => {}
+        // (hyper's head timer began only at the first bytes: `lapsed` keeps the first head to
+        // `header_read_timeout` from the start.)
+        lapse = activity.lapsed(settings) => if lapse == Lapse::NoFirstRequest {
+            return None;
+        },
         // Nothing of a request to finish: closed at once.
         () = stranger.crowded_out() => return None,
-        // (hyper's head timer began only at the first bytes.)
-        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
         () = state.stopped() => {}
     }
     conn.as_mut().graceful_shutdown();
@@ -195,9 +197,8 @@ where
         readable = first_bytes => if !readable {
             return None;
         },
-        _ = activity.idle_for(settings.idle_timeout) => return None,
+        _ = activity.lapsed(settings) => return None,
         () = state.stopped() => return None,
-        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
     }
     // `Sniff` holds the client to the protocol ALPN chose, so hyper's builder for that one
     // serves it (not hyper-util's `auto`, which reads the first bytes to guess and handed them
@@ -258,7 +259,12 @@ where
         // answers went on opening streams (each refused and recorded at once) for the whole
         // drain time: it gets a moment to read the answer, then the connection goes.
         _ = close.notified() => grace = CLOSE_GRACE,
-        _ = activity.idle_for(settings.idle_timeout) => {}
+        // SECURITY (I7): hyper's head timer does not cover the time before the first bytes,
+        // nor HTTP/2: a client silent after the handshake, or that never begins a request,
+        // is closed `header_read_timeout` after the tunnel began. Nothing is in flight: at once.
+        lapse = activity.lapsed(settings) => if lapse == Lapse::NoFirstRequest {
+            return None;
+        },
         () = state.stopped() => {
             // HTTP/2's graceful close waits for the client to answer a PING, which an idle
             // (or stuck) client may never do: with nothing in flight, close at once, as an
@@ -267,10 +273,6 @@ where
                 return None;
             }
         }
-        // SECURITY (I7): the protocol sniffing in front of HTTP/1 and HTTP/2 waits for the
-        // first bytes without hyper's head timer, so a client silent after the handshake held
-        // the tunnel until the idle timeout. Nothing is in flight: close it at once.
-        () = activity.no_first_request_within(settings.header_read_timeout) => return None,
         () = &mut cut_watch => return None,
     }
     conn.graceful_shutdown();
@@ -438,32 +440,40 @@ impl Activity {
         }
     }
 
-    /// Completes when `limit` has passed since the connection started without a request
-    /// having begun; never otherwise.
-    async fn no_first_request_within(&self, limit: Duration) {
-        tokio::time::sleep(limit.saturating_sub(self.start.elapsed())).await;
-        if self.begun.load(Ordering::Acquire) {
-            std::future::pending::<()>().await;
-        }
-    }
-
-    /// Completes once the connection has had no request in flight for `limit`. A request
-    /// whose response is still streaming counts as in flight, however quiet it is.
-    async fn idle_for(&self, limit: Duration) {
+    /// Completes when the connection has had no request in flight for `idle_timeout`
+    /// (`Idle`; a request whose response is still streaming counts as in flight, however quiet
+    /// it is), or when `header_read_timeout` has passed since it started without a request
+    /// having begun (`NoFirstRequest`). One timer for both: this is polled with the
+    /// connection at every wake-up.
+    async fn lapsed(&self, settings: &crate::policy::ProxySettings) -> Lapse {
         loop {
-            let wait = if self.in_flight.load(Ordering::Acquire) > 0 {
-                limit
+            let elapsed = self.start.elapsed();
+            let mut wait = if self.in_flight.load(Ordering::Acquire) > 0 {
+                settings.idle_timeout
             } else {
                 let since = Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire));
-                let idle = self.start.elapsed().saturating_sub(since);
-                match limit.checked_sub(idle) {
+                let idle = elapsed.saturating_sub(since);
+                match settings.idle_timeout.checked_sub(idle) {
                     Some(left) if !left.is_zero() => left,
-                    _ => return,
+                    _ => return Lapse::Idle,
                 }
             };
+            if !self.begun.load(Ordering::Acquire) {
+                match settings.header_read_timeout.checked_sub(elapsed) {
+                    Some(left) if !left.is_zero() => wait = wait.min(left),
+                    _ => return Lapse::NoFirstRequest,
+                }
+            }
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// Why `Activity::lapsed` completed.
+#[derive(Debug, PartialEq, Eq)]
+enum Lapse {
+    Idle,
+    NoFirstRequest,
 }
 
 /// One request in flight, from the call into the service until its response body is done or
