@@ -252,7 +252,12 @@ where
             if fragments.saw_other_protocol() {
                 return Some(Unparsed::NotAlpnProtocol);
             }
-            return ended.err().and_then(|e| unparsed(&e));
+            // The preface after an HTTP/1.1 request (`Sniff` looks only at the first bytes)
+            // is the other protocol than ALPN chose too.
+            return match ended.err().and_then(|e| unparsed(&e)) {
+                Some(Unparsed::Http2Preface) => Some(Unparsed::NotAlpnProtocol),
+                other => other,
+            };
         }
         // SECURITY (I7): after a 407 or a flooding refusal. HTTP/2's graceful close waits for
         // the client's PING answer before it stops taking streams, and a client that never

@@ -23,7 +23,7 @@ use crate::proxy::body::ProxyBody;
 use crate::proxy::conn;
 use crate::proxy::handle::{self, ConnCtx, ConnPlace, ConnSlot, TunnelCtx};
 use crate::proxy::identify::{parse_authority, TunnelHost};
-use crate::proxy::record::RecordDraft;
+use crate::proxy::record::{self, RecordDraft};
 use crate::proxy::respond::{self, DenyInfo, Failure};
 use crate::proxy::upgrade;
 use crate::reason::Reason;
@@ -256,7 +256,11 @@ fn intercept(
         };
         let served = conn::serve_intercepted(&state, tls, h2, svc, ends, slot).await;
         if let Some(what) = served {
-            crate::proxy::record::unparsed(&state, client, what, Some(&task));
+            let tunnel = record::InTunnel {
+                task: &task,
+                connect: &draft.rec,
+            };
+            record::unparsed(&state, client, what, Some(tunnel));
         }
         // A connection that became a WebSocket relay is still this tunnel: it ends with the
         // relay (which ends at the latest at shutdown or when the task ends).

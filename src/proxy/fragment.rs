@@ -133,6 +133,8 @@ enum Protocol {
 }
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// The length of the preface's `PRI * HTTP/2.0`.
+const H2_REQUEST_LINE: usize = 14;
 
 impl<I> Sniff<I> {
     pub fn new(inner: I, log: Arc<FragmentLog>) -> Sniff<I> {
@@ -169,7 +171,9 @@ impl Protocol {
                     "ALPN chose h2 but the client spoke something else",
                 ))
             }
-            (false, true) if seen + n == H2_PREFACE.len() => {
+            // No HTTP/1 request begins with the preface's request line: HTTP/1 ends there
+            // (hyper would answer it 400 once the line is in, before the rest came).
+            (false, true) if seen + n >= H2_REQUEST_LINE => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "ALPN chose HTTP/1.1 but the client sent the HTTP/2 preface",

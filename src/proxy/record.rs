@@ -26,14 +26,25 @@ pub enum Unparsed {
     NotAlpnProtocol,
 }
 
+/// The tunnel an unparsed request came in: whose it was and where it led (its CONNECT's
+/// record).
+pub struct InTunnel<'a> {
+    pub task: &'a Arc<Task>,
+    pub connect: &'a AuditRecord,
+}
+
 /// SECURITY (I6): such a connection never reaches `handle`; it still leaves one record, so a
 /// probe with malformed requests leaves a trace. Nothing of it is known but where it came
-/// from, and in a tunnel (`task`) whose it was.
-pub fn unparsed(state: &State, client: SocketAddr, what: Unparsed, task: Option<&Arc<Task>>) {
+/// from, and in a tunnel whose it was and where it led.
+pub fn unparsed(state: &State, client: SocketAddr, what: Unparsed, tunnel: Option<InTunnel>) {
     let generation = state.current();
     let mut draft = RecordDraft::new(state, client, generation.policy.version());
-    if let Some(task) = task {
+    if let Some(InTunnel { task, connect }) = tunnel {
         draft.set_task(task);
+        draft.rec.scheme = Scheme::Https.as_str();
+        draft.rec.host.clone_from(&connect.host);
+        draft.rec.port = connect.port;
+        draft.rec.service.clone_from(&connect.service);
     }
     let (status, outcome) = match what {
         Unparsed::Head(status) => (status, "unparsed"),

@@ -892,7 +892,8 @@ async fn websocket_frames_keyward_cannot_redact_end_the_relay() {
 }
 
 /// Inside a tunnel, bytes of the other protocol than ALPN chose end the connection unanswered,
-/// and each such attempt still leaves its one record, naming the tunnel's task (SECURITY I6).
+/// and each such attempt still leaves its one record, naming the tunnel's task and where it
+/// led (SECURITY I6): however the preface is split, and after an HTTP/1.1 request too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_of_the_other_protocol_in_a_tunnel_are_recorded() {
     let f = Fixture::start().await;
@@ -901,23 +902,43 @@ async fn bytes_of_the_other_protocol_in_a_tunnel_are_recorded() {
     let port = f.tls.port();
     let h1 = format!("GET /repos/acme/web/issues HTTP/1.1\r\nHost: secure.test:{port}\r\n\r\n");
     let preface: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
-    for (alpn, bytes) in [
-        (b"http/1.1".as_slice(), preface),
-        (b"h2".as_slice(), h1.as_bytes()),
-    ] {
+    let (line, rest) = preface.split_at(16); // "PRI * HTTP/2.0\r\n" alone, then the rest
+                                             // (ALPN, what is written with a pause after each piece, whether a request comes first)
+    type Case<'a> = (&'a [u8], &'a [&'a [u8]], bool);
+    let cases: [Case; 4] = [
+        (b"http/1.1", &[preface], false),
+        (b"h2", &[h1.as_bytes()], false),
+        (b"http/1.1", &[line, rest], false),
+        (b"http/1.1", &[preface], true),
+    ];
+    for (alpn, writes, request_first) in cases {
+        let label = format!("{} {writes:?}", String::from_utf8_lossy(alpn));
         let mut tls = crate::common::tunnel_tls(&f, &task, "secure.test", &[alpn]).await;
-        bounded("write", tls.write_all(bytes)).await.unwrap();
-        bounded("flush", tls.flush()).await.unwrap();
+        if request_first {
+            bounded("write", tls.write_all(h1.as_bytes()))
+                .await
+                .unwrap();
+            let answer = crate::common::read_response(&mut tls).await;
+            assert_eq!(answer.status, 200, "{label}: {}", answer.text());
+        }
+        for bytes in writes {
+            bounded("write", tls.write_all(bytes)).await.unwrap();
+            bounded("flush", tls.flush()).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let mut back = Vec::new();
         let _ = bounded("the tunnel to close", tls.read_to_end(&mut back)).await;
         assert!(
             !back.starts_with(b"HTTP/1.1"),
-            "answered as HTTP/1.1: {:?}",
+            "{label}: answered as HTTP/1.1: {:?}",
             String::from_utf8_lossy(&back)
         );
     }
+    let connect = kw
+        .audit_where("the tunnel", |r| r["method"] == "CONNECT")
+        .await;
     let recs = kw
-        .audit_count(2, |r| r["outcome"] == "not_alpn_protocol")
+        .audit_count(4, |r| r["outcome"] == "not_alpn_protocol")
         .await;
     for rec in &recs {
         crate::common::assert_record(rec);
@@ -925,8 +946,17 @@ async fn bytes_of_the_other_protocol_in_a_tunnel_are_recorded() {
         assert_eq!(rec["decision"], "deny", "{rec}");
         assert_eq!(rec["status"], 444, "{rec}");
         assert_eq!(rec["task"], task.id.as_str(), "{rec}");
+        assert_eq!(rec["scheme"], "https", "{rec}");
+        assert_eq!(rec["host"], "secure.test", "{rec}");
+        assert_eq!(rec["port"], port, "{rec}");
+        assert_eq!(rec["service"], connect["service"], "{rec}");
+        assert!(rec["service"].is_string(), "{rec}");
     }
-    assert_eq!(f.tls.hits(), 0, "nothing reached the upstream");
+    assert_eq!(
+        f.tls.hits(),
+        1,
+        "only the one HTTP/1.1 request reached the upstream"
+    );
     kw.assert_no_leaks().await;
 }
 
