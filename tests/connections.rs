@@ -822,6 +822,67 @@ async fn shutdown_records_the_http2_streams_it_cuts_and_their_tunnel() {
     assert_eq!(tunnels[0]["reason"], "allowed");
 }
 
+/// An HTTP/2 upload still arriving when the drain ends is cut by keyward, and recorded so
+/// (`shutdown`, 503), not as an agent that hung up: the stream's body breaks when its
+/// connection is cut, which read as a hang-up in about half the runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_records_the_http2_uploads_it_cuts_as_shutdown() {
+    use futures_util::StreamExt;
+    let mut f = Fixture::start_with(|p| {
+        let p = with_shutdown_timeout(p, "300ms");
+        common::extend_policy(
+            &p,
+            "",
+            "  secure.upload:\n    service: secure\n    risk: low\n    routes: [POST /upload]\n",
+            "  uploader:\n    owner: tests\n    capabilities: [secure.upload]\n    max_ttl: 1h\n",
+        )
+    })
+    .await;
+    let task = f.kw.mint("uploader", json!(["secure.upload"])).await;
+    let tls = common::tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    type Upload = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+    let (mut h2, conn) = bounded(
+        "h2 handshake",
+        hyper::client::conn::http2::handshake::<_, _, Upload>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        ),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut responses = Vec::new();
+    for _ in 0..4 {
+        // One frame of the body, then nothing more: the upload is still arriving.
+        let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+            http_body::Frame::data(bytes::Bytes::from_static(b"partial")),
+        )]);
+        let body = http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(
+            first.chain(futures_util::stream::pending()),
+        ));
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://secure.test:{}/upload", f.tls.port()))
+            .body(body)
+            .unwrap();
+        bounded("h2 ready", h2.ready()).await.unwrap();
+        responses.push(tokio::spawn(h2.send_request(req)));
+    }
+    // (The upstream counts a request once it has read its body: give the heads time to go.)
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    f.kw.stop().await;
+    for response in responses {
+        response.abort();
+    }
+    let records = f.kw.audit_records();
+    let uploads: Vec<_> = records.iter().filter(|r| r["path"] == "/upload").collect();
+    assert_eq!(uploads.len(), 4, "{records:?}");
+    for rec in uploads {
+        assert_eq!(rec["outcome"], "shutdown", "{rec}");
+        assert_eq!(rec["status"], 503, "{rec}");
+    }
+}
+
 /// An idle HTTP/2 connection (nothing in flight) closes at once at shutdown, like an idle
 /// HTTP/1 one: HTTP/2's graceful close waits for the client to answer a PING, which a stuck
 /// client never does, and that held shutdown for the whole drain.

@@ -522,7 +522,12 @@ async fn handle_request(
         Err(UpstreamError::Failed { .. }) if upload.agent_failed() => {
             draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
             draft.rec.bytes_up = upload.bytes();
+            // (An HTTP/2 upload the drain's end cut reads as a hang-up too: keyward's doing.)
             let status = match upload.agent_hung_up() {
+                true if state.drain_over() => {
+                    draft.rec.outcome = Some("shutdown");
+                    crate::proxy::record::CUT_BY_SHUTDOWN
+                }
                 true => {
                     draft.rec.outcome = Some("client_closed");
                     CLIENT_CLOSED
