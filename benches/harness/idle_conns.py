@@ -98,15 +98,20 @@ def start_upstream(d):
     return port[0]
 
 
-def read_answer(tls):
-    """One HTTP/1.1 response (Content-Length or chunked) from `tls`; returns its head."""
+def read_head(sock, size, what):
+    """Reads `sock` `size` bytes at a time up to the end of a response head; returns all read."""
     answer = b""
     while b"\r\n\r\n" not in answer:
-        chunk = tls.recv(4096)
+        chunk = sock.recv(size)
         if not chunk:
-            sys.exit(f"closed before the answer: {answer!r}")
+            sys.exit(f"{what}: closed before the answer's head: {answer!r}")
         answer += chunk
-    head, body = answer.split(b"\r\n\r\n", 1)
+    return answer
+
+
+def read_answer(tls):
+    """One HTTP/1.1 response (Content-Length or chunked) from `tls`; returns its head."""
+    head, body = read_head(tls, 4096, "the request").split(b"\r\n\r\n", 1)
     length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
     done = (lambda b: len(b) >= int(length.group(1))) if length else (lambda b: b.endswith(b"0\r\n\r\n"))
     while not done(body):
@@ -190,12 +195,8 @@ def main():
             s = socket.create_connection((host, int(port)), timeout=10)
             s.sendall(f"CONNECT api.idle.test:443 HTTP/1.1\r\nHost: api.idle.test:443\r\n"
                       f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = s.recv(1)
-                if not chunk:
-                    sys.exit(f"connection {i}: closed during CONNECT: {head!r}")
-                head += chunk
+            # One byte at a time: what follows the head is keyward's TLS, read by `ssl`.
+            head = read_head(s, 1, f"connection {i}: the CONNECT")
             if not head.startswith(b"HTTP/1.1 200"):
                 sys.exit(f"connection {i}: {head!r}")
             tls = ctx.wrap_socket(s, server_hostname="api.idle.test")
