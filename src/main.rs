@@ -14,8 +14,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// large mapping (`always`; mimalloc is built not to ask for them, `no_thp`, for `madvise`).
 ///
 /// With huge pages a few KiB touched in a 2 MiB region make all of it resident: 2,000 idle
-/// intercepted connections held 115 MiB instead of 80, and an idle keyward 27 MiB instead of
-/// 12 (`benches/README.md`, "Huge pages").
+/// intercepted connections held 114 MiB instead of 80, and an idle keyward 26 MiB instead of
+/// 11 (`benches/README.md`, "Huge pages").
 fn keep_small_pages() {
     // A kernel without the flag (before 3.15) keeps its default: nothing to report.
     #[cfg(target_os = "linux")]

@@ -47,7 +47,7 @@ where
     let stranger = Arc::new(stranger);
     let activity = Arc::new(Activity::new(Some(stranger.clone())));
     // Nothing of hyper's is built before the client's first bytes arrive: a connection that
-    // stays silent holds ~1 KiB instead of hyper's buffers (12 KiB). Nothing is in flight, so
+    // stays silent holds ~3 KiB instead of ~12 (hyper's buffers). Nothing is in flight, so
     // any end closes at once; the head's time counts from the connection's start, as hyper's
     // would have.
     // (`peek`, not `readable`: a new socket reads as readable before any byte came.)
