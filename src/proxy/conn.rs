@@ -76,11 +76,16 @@ where
     // the same deadline.
     let stream = SendDeadline::new(stream, settings.send_timeout);
     let conn = builder
-        .serve_connection(TokioIo::new(Sniff::new(stream, fragments)), svc)
+        .serve_connection(TokioIo::new(Sniff::new(stream, fragments.clone())), svc)
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
-        ended = conn.as_mut() => return ended.err().and_then(|e| unparsed(&e)),
+        ended = conn.as_mut() => {
+            if fragments.saw_other_protocol() {
+                return Some(Unparsed::Http2Preface);
+            }
+            return ended.err().and_then(|e| unparsed(&e));
+        }
         // (hyper's head timer began only at the first bytes: `lapsed` keeps the first head to
         // `header_read_timeout` from the start.)
         lapse = activity.lapsed(settings) => if lapse == Lapse::NoFirstRequest {

@@ -43,7 +43,8 @@ pub struct FragmentLog {
     /// More than `MAX_NOTES` were waiting: fail closed for the rest of the connection.
     overflowed: AtomicBool,
     notes: Mutex<VecDeque<Note>>,
-    /// The connection's bytes were not the protocol ALPN chose, which ended it (`for_alpn`).
+    /// The connection's bytes were not the protocol it must speak (ALPN's, or HTTP/1 on the
+    /// plain listener), which ended it.
     not_alpn: AtomicBool,
 }
 
@@ -88,7 +89,7 @@ impl FragmentLog {
         self.stopped.store(true, Ordering::Release);
     }
 
-    /// Whether the connection ended because its bytes were not the protocol ALPN chose.
+    /// Whether the connection ended because its bytes were not the protocol it must speak.
     pub fn saw_other_protocol(&self) -> bool {
         self.not_alpn.load(Ordering::Acquire)
     }
@@ -126,7 +127,7 @@ pin_project_lite::pin_project! {
 /// the agent's expectations) follow ALPN, so a connection whose bytes say otherwise ends.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocol {
-    /// Anything (the plain listener: HTTP/1 only, which refuses the HTTP/2 preface itself).
+    /// Anything (what follows the first bytes once they are not the HTTP/2 preface).
     Any,
     /// HTTP/2 (`true`) or HTTP/1, `usize` bytes of the preface checked so far.
     Must(bool, usize),
@@ -137,12 +138,14 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const H2_REQUEST_LINE: usize = 14;
 
 impl<I> Sniff<I> {
+    /// The plain listener's connections, which speak HTTP/1 (the HTTP/2 preface ends them,
+    /// from its request line on, however it arrives).
     pub fn new(inner: I, log: Arc<FragmentLog>) -> Sniff<I> {
         Sniff {
             inner,
             log,
             line: Line::default(),
-            protocol: Protocol::Any,
+            protocol: Protocol::Must(false, 0),
         }
     }
 
@@ -176,7 +179,7 @@ impl Protocol {
             (false, true) if seen + n >= H2_REQUEST_LINE => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "ALPN chose HTTP/1.1 but the client sent the HTTP/2 preface",
+                    "HTTP/1.1 was expected but the client sent the HTTP/2 preface",
                 ))
             }
             (false, false) => Protocol::Any,

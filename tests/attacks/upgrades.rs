@@ -518,6 +518,21 @@ async fn h2c_prior_knowledge_and_upgrades_to_keyward_itself_are_refused() {
     crate::common::assert_record(&rec);
     assert_eq!(rec["reason"], "ambiguous_request", "{rec}");
     assert_eq!(rec["status"], 444, "{rec}");
+    // The same preface in two pieces, its request line and blank line first: the parser
+    // alone would answer that 400 before the rest came.
+    let mut tcp = bounded("connect", TcpStream::connect(kw.proxy_addr))
+        .await
+        .unwrap();
+    bounded("write", tcp.write_all(b"PRI * HTTP/2.0\r\n\r\n"))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let _ = bounded("write", tcp.write_all(b"SM\r\n\r\n")).await;
+    let mut back = Vec::new();
+    let _ = bounded("keyward closes", tcp.read_to_end(&mut back)).await;
+    assert!(back.is_empty(), "{:?}", String::from_utf8_lossy(&back));
+    let recs = kw.audit_count(2, |r| r["outcome"] == "http2_preface").await;
+    assert!(recs.iter().all(|r| r["status"] == 444), "{recs:?}");
     // An origin-form h2c upgrade addressed to keyward itself.
     let (_, resp) = send_head(
         kw,
