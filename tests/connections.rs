@@ -822,6 +822,26 @@ async fn shutdown_records_the_http2_streams_it_cuts_and_their_tunnel() {
     assert_eq!(tunnels[0]["reason"], "allowed");
 }
 
+/// A client that has sent part of a head has no request in flight: the stop closes it at
+/// once, as it closes a silent one, and does not wait out the drain for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_head_still_arriving() {
+    let mut f = Fixture::start_with(|p| with_shutdown_timeout(p, "5s")).await;
+    let mut tcp = TcpStream::connect(f.kw.proxy_addr).await.unwrap();
+    tcp.write_all(b"GET http://plain.test/").await.unwrap();
+    // (Time for keyward to read the first bytes and begin parsing.)
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    f.kw.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "the stop took {took:?}; the drain is 5 s"
+    );
+    let mut rest = Vec::new();
+    let _ = bounded("closed", tcp.read_to_end(&mut rest)).await;
+}
+
 /// An HTTP/2 upload still arriving when the drain ends is cut by keyward, and recorded so
 /// (`shutdown`, 503), not as an agent that hung up: the stream's body breaks when its
 /// connection is cut, which read as a hang-up in about half the runs.

@@ -93,7 +93,11 @@ where
         },
         // Nothing of a request to finish: closed at once.
         () = stranger.crowded_out() => return None,
-        () = state.stopped() => {}
+        // Nothing in flight (a head still arriving is no request yet): closed at once, or a
+        // client with one byte sent would hold the stop for the whole drain.
+        () = state.stopped() => if activity.is_idle() {
+            return None;
+        },
     }
     conn.as_mut().graceful_shutdown();
     // Bounded by the drain at shutdown (which a second signal cuts short), else (an idle or
