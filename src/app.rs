@@ -195,8 +195,8 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
         .map_err(StartError::Policy)?;
     // (Credentials that cannot be read were each logged with why by the load.)
 
-    let proxy_listener = bind("proxy.listen", settings.listen).await?;
-    let admin_listener = bind("admin.listen", admin_listen).await?;
+    let proxy_listener = bind("proxy.listen", settings.listen)?;
+    let admin_listener = bind("admin.listen", admin_listen)?;
     let proxy_addr = local_addr(&proxy_listener, "proxy.listen", settings.listen)?;
     let admin_addr = local_addr(&admin_listener, "admin.listen", admin_listen)?;
 
@@ -226,14 +226,28 @@ pub async fn start(config: &Path) -> Result<Running, StartError> {
     })
 }
 
-async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            setting,
-            addr,
-            source,
-        })
+/// How many accepted-but-not-yet-taken connections a listener's queue holds (the kernel caps
+/// it at `net.core.somaxconn`). The usual 128 overflowed under a burst of new connections,
+/// and each overflowed client waited a full second to retry its SYN.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let listen = || {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restart can bind while old connections linger.
+        #[cfg(unix)]
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind {
+        setting,
+        addr,
+        source,
+    })
 }
 
 fn local_addr(

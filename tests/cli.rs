@@ -790,6 +790,40 @@ async fn serve_runs_one_worker_per_cpu_it_may_use() {
     }
 }
 
+/// The listeners queue as many new connections as the kernel allows (4,096 asked for), not
+/// the usual 128, which overflowed under a burst and held each client that overflowed for a
+/// second.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_listens_with_a_deep_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    let served = serve(file.to_str().unwrap()).await;
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    for key in ["proxy", "admin"] {
+        let addr: std::net::SocketAddr = field(&served.line, key).parse().unwrap();
+        // `ss` shows a listening socket's backlog as its Send-Q.
+        let out = std::process::Command::new("ss")
+            .args(["-ltnH", &format!("sport = :{}", addr.port())])
+            .output()
+            .unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let backlog: u32 = listing
+            .split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no listening socket in {listing:?}"))
+            .parse()
+            .unwrap();
+        assert_eq!(backlog, somaxconn.min(4096), "{key}: {listing}");
+    }
+    let (code, log) = served.refuse_one_then_terminate().await;
+    assert_eq!(code.code(), Some(0), "{log}");
+}
+
 /// keyward turns transparent huge pages off for itself: with them, mimalloc's arenas made a
 /// few touched KiB cost 2 MiB each (an idle keyward held 27 MiB instead of 12).
 #[cfg(target_os = "linux")]
