@@ -45,7 +45,7 @@ pub struct FragmentLog {
     notes: Mutex<VecDeque<Note>>,
     /// The connection's bytes were not the protocol it must speak (ALPN's, or HTTP/1 on the
     /// plain listener), which ended it.
-    not_alpn: AtomicBool,
+    other_protocol: AtomicBool,
 }
 
 struct Note {
@@ -91,7 +91,7 @@ impl FragmentLog {
 
     /// Whether the connection ended because its bytes were not the protocol it must speak.
     pub fn saw_other_protocol(&self) -> bool {
-        self.not_alpn.load(Ordering::Acquire)
+        self.other_protocol.load(Ordering::Acquire)
     }
 
     fn note(&self, note: Note) {
@@ -122,9 +122,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// What the first bytes of an intercepted connection must be: the protocol ALPN chose. The
-/// server in front of HTTP/1 and HTTP/2 picks by those bytes, and the fragment sniffing (and
-/// the agent's expectations) follow ALPN, so a connection whose bytes say otherwise ends.
+/// What the first bytes of a connection must be: the protocol ALPN chose in a tunnel, HTTP/1
+/// on the plain listener. The fragment sniffing (and the agent's expectations) follow it, and
+/// the parser would answer half a preface as a bad HTTP/1 request, so a connection whose bytes
+/// say otherwise ends.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Protocol {
     /// Anything (what follows the first bytes once they are not the HTTP/2 preface).
@@ -202,7 +203,7 @@ impl<I: AsyncRead> AsyncRead for Sniff<I> {
         if *this.protocol != Protocol::Any {
             if let Some(new) = buf.filled().get(before..) {
                 if let Err(e) = this.protocol.check(new) {
-                    this.log.not_alpn.store(true, Ordering::Release);
+                    this.log.other_protocol.store(true, Ordering::Release);
                     return Poll::Ready(Err(e));
                 }
             }
