@@ -1002,17 +1002,8 @@ async fn a_reload_that_no_longer_allows_a_websocket_closes_its_relay() {
     };
     reload().await;
     exchange(&mut tcp).await;
-    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
-    let narrowed = original.replacen("routes: [GET /socket]", "routes: [GET /socket/v2]", 1);
-    assert_ne!(narrowed, original);
-    std::fs::write(&kw.policy_path, &narrowed).unwrap();
-    reload().await;
-    let mut rest = Vec::new();
-    let _ = bounded("the relay to close", tcp.read_to_end(&mut rest)).await;
-    let rec = kw
-        .audit_where("the websocket", |r| r["status"] == 101)
-        .await;
-    assert_eq!(rec["outcome"], "policy_changed", "{rec}");
+    take_the_socket_route_out(kw).await;
+    closed_by_the_reload(kw, &mut tcp).await;
     let (_, t) = kw
         .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
         .await;
@@ -1047,19 +1038,30 @@ async fn a_reload_during_an_upgrade_closes_the_relay_it_no_longer_allows() {
     bounded("the upstream sees the upgrade", head)
         .await
         .unwrap();
-    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
-    let narrowed = original.replacen("routes: [GET /socket]", "routes: [GET /socket/v2]", 1);
-    std::fs::write(&kw.policy_path, &narrowed).unwrap();
-    let (status, v) = kw.admin(http::Method::POST, "/v1/reload", None).await;
-    assert_eq!(status, 200, "{v}");
+    take_the_socket_route_out(kw).await;
     answer.send(()).unwrap();
     let resp = read_response(&mut tcp).await;
     assert_eq!(resp.status, 101, "{}", resp.text());
+    closed_by_the_reload(kw, &mut tcp).await;
+    kw.assert_no_leaks().await;
+}
+
+/// Rewrites `GET /socket` in the policy to `GET /socket/v2` and reloads it.
+async fn take_the_socket_route_out(kw: &Harness) {
+    let original = std::fs::read_to_string(&kw.policy_path).unwrap();
+    let narrowed = original.replacen("routes: [GET /socket]", "routes: [GET /socket/v2]", 1);
+    assert_ne!(narrowed, original);
+    std::fs::write(&kw.policy_path, &narrowed).unwrap();
+    let (status, v) = kw.admin(http::Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+/// Waits for the relay on `tcp` to close and checks its record says the reload closed it.
+async fn closed_by_the_reload(kw: &Harness, tcp: &mut TcpStream) {
     let mut rest = Vec::new();
     let _ = bounded("the relay to close", tcp.read_to_end(&mut rest)).await;
     let rec = kw
         .audit_where("the websocket", |r| r["status"] == 101)
         .await;
     assert_eq!(rec["outcome"], "policy_changed", "{rec}");
-    kw.assert_no_leaks().await;
 }
