@@ -386,6 +386,63 @@ passthrough: [blind.test]
     (file, secrets)
 }
 
+/// An `http` and an `https` service on one host and port never see the same request (a CONNECT
+/// or an `https://` URI reaches only the `https` one), so `check` accepts them, and each
+/// request is decided for, and gets the credential of, the service of its own scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_and_an_https_service_may_share_a_host_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        r#"
+proxy: { listen: 127.0.0.1:0 }
+admin: { listen: 127.0.0.1:0, token: env:KW_TEST_ADMIN }
+ca: { cert: ca.pem, key: ca-key.pem }
+audit: { path: audit.jsonl }
+credentials:
+  tls_key: { source: env:KW_TEST_TLS_KEY }
+  clear_key: { source: env:KW_TEST_CLEAR_KEY }
+services:
+  secure:
+    hosts: [api.test]
+    port: 8443
+    inject: { header: Authorization, value: "Bearer ${credential}", credential: tls_key }
+  clear:
+    hosts: [api.test]
+    scheme: http
+    port: 8443
+    allow_cleartext: true
+    inject: { header: Authorization, value: "Bearer ${credential}", credential: clear_key }
+capabilities:
+  secure.read: { service: secure, routes: ["GET /items/{id}"] }
+  clear.read: { service: clear, routes: ["GET /items/{id}"] }
+agents:
+  bot: { owner: tests, capabilities: [secure.read, clear.read], max_ttl: 1h }
+"#,
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    let out = keyward(&["check", "--config", config]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    for (url, capability, credential) in [
+        ("https://api.test:8443/items/1", "secure.read", "tls_key"),
+        ("http://api.test:8443/items/1", "clear.read", "clear_key"),
+    ] {
+        let intent = "secure.read,clear.read";
+        let args = [
+            "explain", "--config", config, "--agent", "bot", "--intent", intent, "GET", url,
+        ];
+        let out = keyward(&args).await;
+        let stdout = text(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+        assert!(stdout.contains("allowed"), "{url}: {stdout}");
+        assert!(stdout.contains(capability), "{url}: {stdout}");
+        assert!(stdout.contains(credential), "{url}: {stdout}");
+    }
+}
+
 /// A constraint without a parameter name (`--where =acme`) is a usage mistake, said so before
 /// anything is decided.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -282,9 +282,12 @@ fn check_capability(
     })
 }
 
-/// SPEC §3: two services that share a host (and port) must not have routes that can match the
-/// same request — which credential to inject would be ambiguous, and ambiguity fails closed.
-/// Each clash is reported once, at whichever of the two routes is written later.
+/// SPEC §3: two services that share a host (and scheme and port) must not have routes that can
+/// match the same request — which credential to inject would be ambiguous, and ambiguity fails
+/// closed. Services of different schemes never see the same request (a CONNECT or an
+/// `https://` URI reaches only `https` services, an `http://` URI only `http` ones), so they
+/// may share a host and port. Each clash is reported once, at whichever of the two routes is
+/// written later.
 fn check_shared_hosts(
     services: &[RawService],
     capabilities: &[RawCapability],
@@ -298,7 +301,7 @@ fn check_shared_hosts(
     };
     for (a, sa) in services.iter().enumerate() {
         for (b, sb) in services.iter().enumerate().skip(a + 1) {
-            if sa.port != sb.port || !shares_a_host(sa, sb) {
+            if sa.scheme != sb.scheme || sa.port != sb.port || !shares_a_host(sa, sb) {
                 continue;
             }
             // `b`'s routes indexed once, each of `a`'s looked up: not every pair compared.
@@ -486,12 +489,16 @@ services:
   gh-a: {{hosts: [api.github.com]}}
   gh-b: {{hosts: ['*.github.com']}}
   gh-c: {{hosts: [api.github.com], port: 8443}}
+  gh-d: {{hosts: [api.github.com], scheme: http, port: 443}}
 capabilities:
   a.read:
     service: gh-a
     routes: ['GET /repos/{{owner}}/{{repo}}', POST /x]
   c.read:
     service: gh-c
+    routes: ['GET /repos/{{owner}}/{{repo}}']
+  d.read:
+    service: gh-d
     routes: ['GET /repos/{{owner}}/{{repo}}']
   b.read:
     service: gh-b
@@ -502,7 +509,7 @@ capabilities:
         );
         assert_eq!(
             errors(&text),
-            ["p.yaml:17:9: capabilities.b.read.routes[0]: a request can match both this route and `GET /repos/{owner}/{repo}` of capability `a.read` (10:14); services `gh-b` and `gh-a` share a host and port, so which credential applies would be ambiguous"]
+            ["p.yaml:21:9: capabilities.b.read.routes[0]: a request can match both this route and `GET /repos/{owner}/{repo}` of capability `a.read` (11:14); services `gh-b` and `gh-a` share a host and port, so which credential applies would be ambiguous"]
         );
     }
 
