@@ -91,8 +91,8 @@ impl fmt::Display for Ambiguity {
             Ambiguity::NotOriginForm => "the request target is not a path starting with `/`",
             Ambiguity::Fragment => "the request target contains a fragment (`#`)",
             Ambiguity::ControlByte => {
-                "the request target contains a space, a control byte or DEL \
-                 (raw, or percent-encoded in the path)"
+                "the request target contains a raw space, a control byte or DEL (the last two \
+                 also percent-encoded in the path)"
             }
             Ambiguity::NonAscii => "the path contains a raw non-ASCII byte; percent-encode it",
             Ambiguity::Backslash => "the path contains `\\`",
