@@ -1011,6 +1011,84 @@ async fn an_agent_hanging_up_before_the_answer_still_leaves_a_record() {
     assert_eq!(listed["requests_used"], 1, "{listed}");
 }
 
+/// A client that half-closes after its request (`ncat`, `nc -N`, `socat`, a script's
+/// `shutdown(SHUT_WR)`) still gets its refusal, whose record says it was sent; the connection
+/// closes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_reaches_an_agent_that_half_closed_after_its_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let get = |path: &str, auth: &str| {
+        format!(
+            "GET http://plain.test:{port}{path} HTTP/1.1\r\nHost: plain.test:{port}\r\n{auth}\r\n"
+        )
+    };
+    let with_token = format!("Proxy-Authorization: {}\r\n", auth(&task));
+    for (request, status, reason) in [
+        (get("/repos/a/b/issues", ""), 407, "missing_credentials"),
+        (
+            get("/repos/a/b/labels", &with_token),
+            403,
+            "route_not_in_intent",
+        ),
+        (
+            get("/repos/a/../b/issues", &with_token),
+            400,
+            "ambiguous_request",
+        ),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        bounded("the answer, then the close", tcp.read_to_end(&mut answer))
+            .await
+            .unwrap();
+        let resp = common::parse_response(&answer);
+        assert_eq!(resp.status, status, "{reason}: {}", resp.text());
+        assert_eq!(resp.header("x-keyward-reason").as_deref(), Some(reason));
+        let id = serde_json::from_slice::<Value>(&resp.body).unwrap()["request_id"].clone();
+        let rec = kw.audit_where(reason, |r| r["request_id"] == id).await;
+        assert_eq!(rec["status"], status, "{rec}");
+    }
+    assert_eq!(f.plain.hits(), 0);
+}
+
+/// A request forwarded upstream whose agent then closes its side is dropped at once (the
+/// agent is taken as gone, as hyper, nginx and squid take it): no answer, one record
+/// (`client_closed`, 499).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_request_whose_agent_half_closes_is_dropped_as_gone() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let port = f.plain.port();
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let request = format!(
+        "GET http://plain.test:{port}/slow HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\n\r\n",
+        auth(&task)
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // The upstream takes 600 ms; half-close once it has the request.
+    upstream_saw_more_than(&f, 0).await;
+    tcp.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    bounded("the close", tcp.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let rec = kw
+        .audit_where("the dropped request", |r| r["path"] == "/slow")
+        .await;
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    assert_eq!(rec["status"], 499, "{rec}");
+    assert_eq!(kw.audit_count(1, |r| r["path"] == "/slow").await.len(), 1);
+}
+
 /// An agent that goes away in the middle of its request body is recorded as gone
 /// (`client_closed`, 499), not as one that sent a malformed body (`agent_body_error`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -649,3 +649,30 @@ async fn a_spent_budget_refuses_new_tunnels() {
         leaves
     );
 }
+
+/// Inside an intercepted HTTP/1.1 tunnel too, an agent that half-closes after its request
+/// (TLS `close_notify`) still gets its refusal, and the tunnel then closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_a_tunnel_reaches_an_agent_that_sent_close_notify() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let request = format!(
+        "GET /nothing/here HTTP/1.1\r\nHost: secure.test:{}\r\n\r\n",
+        f.tls.port()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    bounded("the answer, then the close", tls.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    let resp = common::parse_response(&answer);
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert_eq!(
+        resp.header("x-keyward-reason").as_deref(),
+        Some("route_not_in_intent")
+    );
+    assert_eq!(f.tls.hits(), 0);
+}

@@ -37,6 +37,7 @@ pub async fn serve_plain<S>(
     stream: TcpStream,
     svc: S,
     stranger: Stranger,
+    agent: Arc<AgentSide>,
 ) -> Option<Unparsed>
 where
     S: Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>,
@@ -45,7 +46,7 @@ where
     let _ = stream.set_nodelay(true);
     let settings = &state.settings;
     let stranger = Arc::new(stranger);
-    let activity = Arc::new(Activity::new(Some(stranger.clone())));
+    let activity = Arc::new(Activity::new(Some(stranger.clone()), agent));
     // Nothing of hyper's is built before the client's first bytes arrive: a connection that
     // stays silent holds ~3 KiB instead of ~12 (hyper's buffers). Nothing is in flight, so
     // any end closes at once; the head's time counts from the connection's start, as hyper's
@@ -76,7 +77,13 @@ where
     // the same deadline.
     let stream = SendDeadline::new(stream, settings.send_timeout);
     let conn = builder
-        .serve_connection(TokioIo::new(Sniff::new(stream, fragments.clone())), svc)
+        .serve_connection(
+            TokioIo::new(HalfClose {
+                inner: Sniff::new(stream, fragments.clone()),
+                activity: activity.clone(),
+            }),
+            svc,
+        )
         .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
@@ -169,6 +176,7 @@ pub async fn serve_intercepted<I, S>(
     svc: S,
     ends: TunnelEnds,
     slot: ConnSlot,
+    agent: Arc<AgentSide>,
 ) -> Option<Unparsed>
 where
     I: tokio::io::AsyncBufRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -181,7 +189,7 @@ where
         task,
         cut: cut_tx,
     } = ends;
-    let activity = Arc::new(Activity::new(None));
+    let activity = Arc::new(Activity::new(None, agent));
     let fragments = Arc::new(FragmentLog::default());
     if h2 {
         // HPACK-coded heads cannot be sniffed (and the h2 crate cuts a `:path` fragment too).
@@ -212,7 +220,7 @@ where
     // `Sniff` holds the client to the protocol ALPN chose, so hyper's builder for that one
     // serves it (not hyper-util's `auto`, which reads the first bytes to guess and handed them
     // on as a short first read, doubling the read buffer every idle connection keeps).
-    let io = TokioIo::new(Sniff::for_alpn(io, fragments.clone(), h2));
+    let io = Sniff::for_alpn(io, fragments.clone(), h2);
     let mut conn = if h2 {
         let executor = StreamExecutor {
             state: state.clone(),
@@ -228,13 +236,17 @@ where
             .max_header_list_size(u32::try_from(settings.parser_head_limit()).unwrap_or(u32::MAX))
             .max_pending_accept_reset_streams(32)
             .keep_alive_interval(Some(Duration::from_secs(30)));
-        Intercepted::H2(Box::pin(builder.serve_connection(io, svc)))
+        Intercepted::H2(Box::pin(builder.serve_connection(TokioIo::new(io), svc)))
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(settings.header_read_timeout)
             .max_buf_size(settings.parser_head_limit());
+        let io = TokioIo::new(HalfClose {
+            inner: io,
+            activity: activity.clone(),
+        });
         Intercepted::H1(Box::pin(builder.serve_connection(io, svc).with_upgrades()))
     };
     // SECURITY (I3): a revoked or expired task's requests stop at once: the cut is sent to
@@ -310,7 +322,7 @@ where
 }
 
 type H1Conn<I, S> =
-    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Sniff<I>>, Tracked<S>>;
+    hyper::server::conn::http1::UpgradeableConnection<TokioIo<HalfClose<Sniff<I>>>, Tracked<S>>;
 type H2Conn<I, S> =
     hyper::server::conn::http2::Connection<TokioIo<Sniff<I>>, Tracked<S>, StreamExecutor>;
 
@@ -418,21 +430,72 @@ struct Activity {
     /// The connection's listing among its listener's strangers (plain connections), until
     /// its first request.
     stranger: Option<Arc<Stranger>>,
+    agent: Arc<AgentSide>,
+}
+
+/// What the agent's side of one connection has done, shared by the connection, which reads
+/// it, and its requests, which say when they wait on their upstream.
+#[derive(Default)]
+pub struct AgentSide {
+    /// The agent's end of stream was read (it closed, or only half-closed, its side).
+    ended: std::sync::atomic::AtomicBool,
+    /// The request in flight (HTTP/1: one at a time) waits on its upstream.
+    awaiting_upstream: std::sync::atomic::AtomicBool,
+    /// hyper's read of that end of stream, held (`HalfClose`) until nothing is in flight.
+    parked_reader: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl AgentSide {
+    /// The request in flight now waits on its upstream: an agent that ends its side from
+    /// here on went away, and the request is dropped (`TrackedFuture`).
+    pub fn awaiting_upstream(&self) {
+        self.awaiting_upstream.store(true, Ordering::Release);
+    }
+
+    fn ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+
+    /// Holds `waker` until the last request in flight ends (the lock is taken only after the
+    /// agent's end of stream, never per request).
+    fn park_reader(&self, waker: &std::task::Waker) {
+        let mut parked = self
+            .parked_reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match parked.as_mut() {
+            Some(w) => w.clone_from(waker),
+            None => *parked = Some(waker.clone()),
+        }
+    }
+
+    fn wake_reader(&self) {
+        let parked = self
+            .parked_reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(waker) = parked {
+            waker.wake();
+        }
+    }
 }
 
 impl Activity {
-    fn new(stranger: Option<Arc<Stranger>>) -> Activity {
+    fn new(stranger: Option<Arc<Stranger>>, agent: Arc<AgentSide>) -> Activity {
         Activity {
             start: Instant::now(),
             in_flight: AtomicUsize::new(0),
             begun: std::sync::atomic::AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             stranger,
+            agent,
         }
     }
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.agent.awaiting_upstream.store(false, Ordering::Release);
         if !self.begun.swap(true, Ordering::AcqRel) {
             // A request with a token, or one refused (and the connection closed): known.
             if let Some(stranger) = &self.stranger {
@@ -494,11 +557,25 @@ enum Lapse {
 /// dropped (the client went away).
 struct InFlight(Arc<Activity>);
 
+impl InFlight {
+    /// Whether the agent's end of stream was read while this request was in flight.
+    fn agent_ended(&self) -> bool {
+        self.0.agent.ended()
+    }
+
+    /// Whether it was, and the request waits on its upstream.
+    fn left_waiting(&self) -> bool {
+        self.agent_ended() && self.0.agent.awaiting_upstream.load(Ordering::Acquire)
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.0.start.elapsed().as_millis() as u64;
         self.0.idle_since_ms.fetch_max(now, Ordering::AcqRel);
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.agent.ended() {
+            self.0.agent.wake_reader();
+        }
     }
 }
 
@@ -529,7 +606,7 @@ where
         TrackedFuture {
             guard: Some(self.activity.begin()),
             switch: may_switch.then(|| (self.fragments.clone(), connect)),
-            inner: Box::pin(self.inner.call(req)),
+            inner: Some(Box::pin(self.inner.call(req))),
         }
     }
 }
@@ -543,7 +620,8 @@ pin_project_lite::pin_project! {
         // Boxed for each request: hyper keeps the slot of the future it holds for the whole
         // connection, and a request's future is large; once written, every idle connection
         // held those pages (8 KiB each after one allowed request; +181 instructions a request).
-        inner: Pin<Box<F>>,
+        // `None` once dropped because the agent went away.
+        inner: Option<Pin<Box<F>>>,
     }
 }
 
@@ -555,7 +633,22 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let resp = std::task::ready!(this.inner.as_mut().poll(cx))?;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Pending;
+        };
+        let Poll::Ready(resp) = inner.as_mut().poll(cx) else {
+            // The agent's end of stream came while its request waits on the upstream: it went
+            // away (nginx and squid read a half-close so too), and the request is dropped as
+            // hyper would (its record says `client_closed`). Its place in flight goes with
+            // it, which lets hyper read that end of stream and close the connection. A
+            // refusal (whose record is written before it is sent) is still answered.
+            if this.guard.as_ref().is_some_and(InFlight::left_waiting) {
+                *this.inner = None;
+                *this.guard = None;
+            }
+            return Poll::Pending;
+        };
+        let resp = resp?;
         if let Some((log, connect)) = this.switch.take() {
             let status = resp.status();
             if status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
@@ -563,17 +656,14 @@ where
             }
         }
         let guard = this.guard.take();
-        Poll::Ready(Ok(resp.map(|body| TrackedBody {
-            body,
-            _guard: guard,
-        })))
+        Poll::Ready(Ok(resp.map(|body| TrackedBody { body, guard })))
     }
 }
 
 /// A response body that keeps its request counted as in flight until it is done.
 pub struct TrackedBody {
     body: ProxyBody,
-    _guard: Option<InFlight>,
+    guard: Option<InFlight>,
 }
 
 impl Body for TrackedBody {
@@ -584,7 +674,14 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        // What is ready is still written to an agent that only half-closed; one whose end of
+        // stream came while its answer waits on the upstream went away, as above, and the
+        // error ends the connection (the body's drop records `client_closed`).
+        if polled.is_pending() && self.guard.as_ref().is_some_and(InFlight::agent_ended) {
+            return Poll::Ready(Some(Err("the agent closed its connection".into())));
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -593,6 +690,81 @@ impl Body for TrackedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/1 agent connection whose end of stream reaches hyper only once nothing is in
+    /// flight.
+    ///
+    /// hyper (without `half_close`) takes an end of stream read while a request is in flight
+    /// for the agent's hang-up and drops the request, even when its answer is ready: a client
+    /// that half-closes after its request (`ncat`, `nc -N`, `socat`, a script's
+    /// `shutdown(SHUT_WR)`) got nothing back, not even a denial already recorded as sent.
+    /// Held here, the end of stream is noted for `TrackedFuture` and `TrackedBody`, which
+    /// still answer with what is ready and drop what waits on the upstream (the agent went
+    /// away, as hyper and nginx read it); hyper reads it once the last request has ended, and
+    /// closes. (hyper's own `half_close` would wait on the upstream instead, and not see an
+    /// agent that went away until its answer came.)
+    struct HalfClose<I> {
+        #[pin]
+        inner: I,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<I: tokio::io::AsyncRead> tokio::io::AsyncRead for HalfClose<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let agent = &this.activity.agent;
+        if !agent.ended() {
+            let before = buf.filled().len();
+            std::task::ready!(this.inner.poll_read(cx, buf))?;
+            if buf.filled().len() > before || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            agent.ended.store(true, Ordering::Release);
+        }
+        // (Parked before looking, so the last request's end cannot slip between.)
+        agent.park_reader(cx.waker());
+        match this.activity.is_idle() {
+            true => Poll::Ready(Ok(())),
+            false => Poll::Pending,
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncWrite> tokio::io::AsyncWrite for HalfClose<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 

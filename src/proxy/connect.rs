@@ -233,8 +233,10 @@ fn intercept(
         let close = Arc::new(Notify::new());
         let relay = Arc::new(tokio::sync::Semaphore::new(1));
         let (cut_tx, cut) = tokio::sync::watch::channel(false);
+        let agent = Arc::new(crate::proxy::conn::AgentSide::default());
         let ctx = Arc::new(ConnCtx {
             client,
+            agent: agent.clone(),
             slot: slot.clone(),
             tunnel: Some(TunnelCtx {
                 task: task.clone(),
@@ -254,7 +256,7 @@ fn intercept(
             task: task.clone(),
             cut: cut_tx,
         };
-        let served = conn::serve_intercepted(&state, tls, h2, svc, ends, slot).await;
+        let served = conn::serve_intercepted(&state, tls, h2, svc, ends, slot, agent).await;
         if let Some(what) = served {
             let tunnel = record::InTunnel {
                 task: &task,

@@ -38,6 +38,8 @@ pub struct ConnCtx {
     pub slot: ConnSlot,
     /// Set inside an intercepted tunnel: identity and destination are fixed by the CONNECT.
     pub tunnel: Option<TunnelCtx>,
+    /// What the agent's side of the connection has done (HTTP/1: its end of stream).
+    pub agent: Arc<crate::proxy::conn::AgentSide>,
 }
 
 pub type ConnSlot = Arc<ConnPlace>;
@@ -320,6 +322,7 @@ async fn handle_request(
 
     let started = Instant::now();
     draft.arm(&state, Reason::Allowed, Some(&upload));
+    ctx.agent.awaiting_upstream();
     let sending = forward::send(
         &generation.upstreams,
         permit.service(),

@@ -84,14 +84,16 @@ async fn accept(
         let state = state.clone();
         tokio::spawn(async move {
             let _open = state.metrics.connection_opened(ConnKind::Http);
+            let agent = Arc::new(conn::AgentSide::default());
             let ctx = Arc::new(ConnCtx {
                 client,
                 slot: Arc::new(handle::ConnPlace::new(permit)),
                 tunnel: None,
+                agent: agent.clone(),
             });
             let svc_state = state.clone();
             let svc = service_fn(move |req| handle::handle(svc_state.clone(), ctx.clone(), req));
-            if let Some(what) = conn::serve_plain(&state, stream, svc, stranger).await {
+            if let Some(what) = conn::serve_plain(&state, stream, svc, stranger, agent).await {
                 record::unparsed(&state, client, what, None);
             }
         });
