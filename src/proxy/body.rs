@@ -98,7 +98,11 @@ fn is_gone(kind: std::io::ErrorKind) -> bool {
 /// SECURITY: request trailers arrive after the decision, are not scanned for `secret_egress`,
 /// and could carry a second value for the injected header (`x-api-key: dummy` after the real
 /// one) that an upstream merging trailers into headers would use; so they never go upstream.
-pub struct CountingBody<B> {
+pub struct CountingBody<B>
+where
+    B: Body + Unpin,
+    B::Error: AgentBodyError,
+{
     inner: B,
     upload: Arc<Upload>,
     /// The request's task: a body still streaming when it is revoked or expires goes no
@@ -107,7 +111,11 @@ pub struct CountingBody<B> {
     task: Option<Arc<crate::tasks::Task>>,
 }
 
-impl<B> CountingBody<B> {
+impl<B> CountingBody<B>
+where
+    B: Body + Unpin,
+    B::Error: AgentBodyError,
+{
     pub fn new(inner: B, upload: Arc<Upload>, task: Option<Arc<crate::tasks::Task>>) -> Self {
         CountingBody {
             inner,
@@ -167,6 +175,36 @@ where
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+impl<B> Drop for CountingBody<B>
+where
+    B: Body + Unpin,
+    B::Error: AgentBodyError,
+{
+    /// A body dropped before any of it was read may hold its error already: an HTTP/2 stream
+    /// whose data overran its own `content-length` in the same read as its head is reset by
+    /// the HTTP/2 layer at once, and its request dropped as if the agent had left. One look
+    /// (which wakes nothing) tells the record which it was.
+    fn drop(&mut self) {
+        if self.upload.bytes() > 0 || self.upload.agent_failed() || self.inner.is_end_stream() {
+            return;
+        }
+        let waker = std::task::Waker::from(Arc::new(NoWake));
+        let polled = Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(&waker));
+        if let Poll::Ready(Some(Err(e))) = polled {
+            self.upload.agent_failed.store(true, Ordering::Relaxed);
+            if e.is_hang_up() {
+                self.upload.agent_hung_up.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct NoWake;
+
+impl std::task::Wake for NoWake {
+    fn wake(self: Arc<Self>) {}
 }
 
 /// The body the agent receives.

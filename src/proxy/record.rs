@@ -60,7 +60,9 @@ pub fn unparsed(state: &State, client: SocketAddr, what: Unparsed, tunnel: Optio
 /// Once `arm`ed (the request was allowed and keyward waits on the upstream), a draft dropped
 /// unwritten — hyper drops the request's future when the agent hangs up — still writes its
 /// record, outcome `client_closed`, status 499 (nginx's "client closed request"); or, when
-/// shutdown's drain ran out and keyward itself cut the connection, outcome `shutdown`, 503.
+/// shutdown's drain ran out and keyward itself cut the connection, outcome `shutdown`, 503;
+/// or, when the request's body had broken on the agent's side (an HTTP/2 stream reset for
+/// it), outcome `agent_body_error`, 400.
 pub struct RecordDraft {
     pub rec: AuditRecord,
     started: Instant,
@@ -77,6 +79,8 @@ pub struct RecordDraft {
 
 /// Status recorded for a request whose agent went away before keyward answered it.
 pub const CLIENT_CLOSED: u16 = 499;
+/// Status recorded for a request dropped because its body broke on the agent's side.
+const AGENT_BODY_ERROR: u16 = 400;
 /// Status recorded for a connection keyward closed without an answer (nginx's 444): an
 /// HTTP/2 preface where HTTP/1.1 was expected (plain HTTP/2 is not offered on the listener),
 /// or, in a tunnel, bytes of the other protocol than ALPN chose.
@@ -88,8 +92,14 @@ pub const CUT_BY_SHUTDOWN: u16 = 503;
 impl Drop for RecordDraft {
     fn drop(&mut self) {
         if let Some((state, reason)) = self.armed.take() {
+            // (The request's body is dropped first, and said whether it had broken.)
+            let malformed = self
+                .upload
+                .as_ref()
+                .is_some_and(|u| u.agent_failed() && !u.agent_hung_up());
             let (outcome, status) = match state.drain_over() {
                 true => ("shutdown", CUT_BY_SHUTDOWN),
+                false if malformed => ("agent_body_error", AGENT_BODY_ERROR),
                 false => ("client_closed", CLIENT_CLOSED),
             };
             self.rec.outcome = Some(outcome);

@@ -776,6 +776,13 @@ async fn http2_data_longer_than_content_length_never_reaches_the_upstream_whole(
         );
         assert!(s.body.len() <= 3, "{:?}", s.body);
     }
+    // Recorded as the agent's malformed body, not as an agent that left, also when the data
+    // came with the head (the HTTP/2 layer resets that stream before its body is read).
+    let rec = kw
+        .audit_where("the overrunning upload", |r| r["method"] == "POST")
+        .await;
+    assert_eq!(rec["outcome"], "agent_body_error", "{rec}");
+    assert_eq!(rec["status"], 400, "{rec}");
     // The connection (or a new one) still serves a well-formed request.
     let mut h1 = tunnel_h1(&f, &task, "secure.test").await;
     let host = format!("secure.test:{}", f.tls.port());
