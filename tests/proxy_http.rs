@@ -1089,27 +1089,82 @@ async fn an_allowed_request_whose_agent_half_closes_is_dropped_as_gone() {
     assert_eq!(kw.audit_count(1, |r| r["path"] == "/slow").await.len(), 1);
 }
 
-/// An agent that goes away in the middle of its request body is recorded as gone
-/// (`client_closed`, 499), not as one that sent a malformed body (`agent_body_error`).
+/// An agent that goes away in the middle of its request body, closing its connection or only
+/// its sending side, is recorded as gone (`client_closed`, 499), not as one that sent a
+/// malformed body (`agent_body_error`), and its connection is closed at once (not left to the
+/// idle sweep, holding its task's place).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_hanging_up_mid_body_is_recorded_as_gone() {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
-    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-    let head = raw_post_echo(&f, &task, "Content-Length: 100000", "0123456789");
-    tcp.write_all(head.as_bytes()).await.unwrap();
-    // keyward is streaming the body upstream by now; the agent goes.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    drop(tcp);
-    let rec = kw
-        .audit_where("the cut upload", |r| r["path"] == "/echo")
-        .await;
-    common::assert_record(&rec);
-    assert_eq!(rec["outcome"], "client_closed", "{rec}");
-    assert_eq!(rec["status"], 499, "{rec}");
-    assert_eq!(rec["bytes_up"], 10, "{rec}");
+    let open = r#"keyward_connections_open{kind="http"}"#;
+    for half_close in [false, true] {
+        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+        let head = raw_post_echo(&f, &task, "Content-Length: 100000", "0123456789");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        // keyward is streaming the body upstream by now; the agent goes.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut answer = Vec::new();
+        if half_close {
+            tcp.shutdown().await.unwrap();
+            bounded("the close", tcp.read_to_end(&mut answer))
+                .await
+                .unwrap();
+        } else {
+            drop(tcp);
+        }
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        let recs = kw
+            .audit_count(usize::from(half_close) + 1, |r| r["path"] == "/echo")
+            .await;
+        let rec = recs.last().unwrap();
+        common::assert_record(rec);
+        assert_eq!(rec["outcome"], "client_closed", "{rec}");
+        assert_eq!(rec["status"], 499, "{rec}");
+        assert_eq!(rec["bytes_up"], 10, "{rec}");
+        assert_eq!(
+            kw.metric_settled(open, 0.0).await,
+            Some(0.0),
+            "half-close: {half_close}"
+        );
+    }
+}
+
+/// An agent that half-closes after its request, whose upstream cannot be reached, gets what
+/// its record says: the 502, or (when its end of stream came while keyward was still dialling)
+/// nothing, recorded `client_closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_agent_gets_what_its_record_says() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["dead.ping"])).await;
+    let dead = f.dead_port;
+    for round in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+        let request = format!(
+            "GET http://dead.test:{dead}/ping?round={round} HTTP/1.1\r\nHost: dead.test:{dead}\r\nProxy-Authorization: {}\r\n\r\n",
+            auth(&task)
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut answer = Vec::new();
+        bounded("the answer, then the close", tcp.read_to_end(&mut answer))
+            .await
+            .unwrap();
+        let recs = kw.audit_count(round + 1, |r| r["path"] == "/ping").await;
+        let rec = recs.last().unwrap();
+        match answer.is_empty() {
+            true => assert_eq!(rec["status"], 499, "round {round}: nothing came, but {rec}"),
+            false => {
+                let resp = common::parse_response(&answer);
+                assert_eq!(rec["status"], resp.status, "round {round}: {rec}");
+                assert_eq!(resp.status, 502, "{}", resp.text());
+            }
+        }
+    }
 }
 
 /// Revoking a task stops what it has out at once: an upload still being sent goes no further

@@ -676,3 +676,30 @@ async fn a_refusal_in_a_tunnel_reaches_an_agent_that_sent_close_notify() {
     );
     assert_eq!(f.tls.hits(), 0);
 }
+
+/// An agent that sends `close_notify` in the middle of its request body went away: the upload
+/// is recorded `client_closed` and the tunnel closes at once (not at the idle sweep).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_notify_mid_body_ends_the_request_and_the_tunnel_at_once() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: secure.test:{}\r\nContent-Length: 100000\r\n\r\n0123456789",
+        f.tls.port()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    // keyward is streaming the body upstream by now; the agent ends its side.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tls.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    // (`bounded` allows 10 s; the idle sweep would take 90.)
+    let _ = bounded("the close", tls.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    let rec = kw
+        .audit_where("the cut upload", |r| r["path"] == "/echo")
+        .await;
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    assert_eq!(rec["status"], 499, "{rec}");
+}

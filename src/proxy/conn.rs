@@ -419,6 +419,15 @@ where
     }
 }
 
+/// See `AgentSide::awaiting_upstream`.
+pub struct AwaitingUpstream<'a>(&'a AgentSide);
+
+impl Drop for AwaitingUpstream<'_> {
+    fn drop(&mut self) {
+        self.0.awaiting_upstream.store(false, Ordering::Release);
+    }
+}
+
 /// Requests in flight on one connection, and since when there have been none.
 struct Activity {
     start: Instant,
@@ -446,10 +455,11 @@ pub struct AgentSide {
 }
 
 impl AgentSide {
-    /// The request in flight now waits on its upstream: an agent that ends its side from
-    /// here on went away, and the request is dropped (`TrackedFuture`).
-    pub fn awaiting_upstream(&self) {
+    /// The request in flight waits on its upstream until the guard drops: an agent that ends
+    /// its side meanwhile went away, and the request is dropped (`TrackedFuture`).
+    pub fn awaiting_upstream(&self) -> AwaitingUpstream<'_> {
         self.awaiting_upstream.store(true, Ordering::Release);
+        AwaitingUpstream(self)
     }
 
     fn ended(&self) -> bool {
@@ -495,7 +505,6 @@ impl Activity {
 
     fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.agent.awaiting_upstream.store(false, Ordering::Release);
         if !self.begun.swap(true, Ordering::AcqRel) {
             // A request with a token, or one refused (and the connection closed): known.
             if let Some(stranger) = &self.stranger {
@@ -593,7 +602,7 @@ where
     S::Future: Send + 'static,
 {
     type Response = Response<TrackedBody>;
-    type Error = Infallible;
+    type Error = AgentGone;
     type Future = TrackedFuture<S::Future>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
@@ -629,26 +638,29 @@ impl<F> Future for TrackedFuture<F>
 where
     F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
 {
-    type Output = Result<Response<TrackedBody>, Infallible>;
+    type Output = Result<Response<TrackedBody>, AgentGone>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_mut() else {
-            return Poll::Pending;
+            return Poll::Ready(Err(AgentGone));
         };
         let Poll::Ready(resp) = inner.as_mut().poll(cx) else {
             // The agent's end of stream came while its request waits on the upstream: it went
             // away (nginx and squid read a half-close so too), and the request is dropped as
-            // hyper would (its record says `client_closed`). Its place in flight goes with
-            // it, which lets hyper read that end of stream and close the connection. A
-            // refusal (whose record is written before it is sent) is still answered.
+            // hyper would (its record says `client_closed`); the error closes the connection.
+            // A refusal (whose record is written before it is sent) is still answered.
             if this.guard.as_ref().is_some_and(InFlight::left_waiting) {
                 *this.inner = None;
                 *this.guard = None;
+                return Poll::Ready(Err(AgentGone));
             }
             return Poll::Pending;
         };
-        let resp = resp?;
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        };
         if let Some((log, connect)) = this.switch.take() {
             let status = resp.status();
             if status == StatusCode::SWITCHING_PROTOCOLS || (connect && status.is_success()) {
@@ -659,6 +671,11 @@ where
         Poll::Ready(Ok(resp.map(|body| TrackedBody { body, guard })))
     }
 }
+
+/// What ends a connection whose agent went away while its request waited on the upstream.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent closed its connection while its request waited on the upstream")]
+pub struct AgentGone;
 
 /// A response body that keeps its request counted as in flight until it is done.
 pub struct TrackedBody {

@@ -322,7 +322,6 @@ async fn handle_request(
 
     let started = Instant::now();
     draft.arm(&state, Reason::Allowed, Some(&upload));
-    ctx.agent.awaiting_upstream();
     let sending = forward::send(
         &generation.upstreams,
         permit.service(),
@@ -343,12 +342,17 @@ async fn handle_request(
             std::future::pending::<()>().await;
         }
     };
-    // (One wait on the task, not two: a tunnel's cut says revocations too.)
-    let sent = tokio::select! {
-        biased;
-        sent = sending => Some(sent),
-        () = task.revoked_by_operator(), if ctx.tunnel.is_none() => None,
-        () = tunnel_cut, if ctx.tunnel.is_some() => None,
+    // (One wait on the task, not two: a tunnel's cut says revocations too.) An agent that
+    // ends its side during this wait went away (`conn::AgentSide`); after it, what keyward
+    // answers (a 502, the response) is still written to one that only half-closed.
+    let sent = {
+        let _waiting = ctx.agent.awaiting_upstream();
+        tokio::select! {
+            biased;
+            sent = sending => Some(sent),
+            () = task.revoked_by_operator(), if ctx.tunnel.is_none() => None,
+            () = tunnel_cut, if ctx.tunnel.is_some() => None,
+        }
     };
     let ended = match &sent {
         None => Some(
