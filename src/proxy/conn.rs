@@ -2,7 +2,8 @@
 //! and intercepted TLS connections (HTTP/1.1 or HTTP/2 by ALPN). Time-boxes request heads,
 //! bounds HTTP/2 streams and closes connections idle (no request in flight) for `idle_timeout`
 //! or whose agent has taken no byte for `send_timeout`; never time-boxes a streaming body
-//! that is merely quiet.
+//! that is merely quiet. An HTTP/1 agent that half-closes still gets what is ready for it
+//! (`HalfClose`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -419,15 +420,6 @@ where
     }
 }
 
-/// See `AgentSide::awaiting_upstream`.
-pub struct AwaitingUpstream<'a>(&'a AgentSide);
-
-impl Drop for AwaitingUpstream<'_> {
-    fn drop(&mut self) {
-        self.0.awaiting_upstream.store(false, Ordering::Release);
-    }
-}
-
 /// Requests in flight on one connection, and since when there have been none.
 struct Activity {
     start: Instant,
@@ -488,6 +480,15 @@ impl AgentSide {
         if let Some(waker) = parked {
             waker.wake();
         }
+    }
+}
+
+/// See `AgentSide::awaiting_upstream`.
+pub struct AwaitingUpstream<'a>(&'a AgentSide);
+
+impl Drop for AwaitingUpstream<'_> {
+    fn drop(&mut self) {
+        self.0.awaiting_upstream.store(false, Ordering::Release);
     }
 }
 
@@ -621,7 +622,8 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The service's future, handing its in-flight guard on to the response body.
+    /// The service's future, handing its in-flight guard on to the response body; it drops
+    /// the request when the agent goes away while the request waits on its upstream.
     struct TrackedFuture<F> {
         guard: Option<InFlight>,
         // Set when the request may switch the connection away from HTTP/1.
