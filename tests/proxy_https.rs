@@ -651,55 +651,89 @@ async fn a_spent_budget_refuses_new_tunnels() {
 }
 
 /// Inside an intercepted HTTP/1.1 tunnel too, an agent that half-closes after its request
-/// (TLS `close_notify`) still gets its refusal, and the tunnel then closes.
+/// (with TLS `close_notify`, or with a bare TCP end of stream as Python's
+/// `SSLSocket.shutdown(SHUT_WR)` sends it) still gets its refusal, recorded as sent, and the
+/// tunnel then closes; a request waiting on its upstream is dropped and recorded `client_closed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_in_a_tunnel_reaches_an_agent_that_sent_close_notify() {
+async fn a_refusal_in_a_tunnel_reaches_an_agent_that_half_closed() {
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
-    let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
-    let request = format!(
-        "GET /nothing/here HTTP/1.1\r\nHost: secure.test:{}\r\n\r\n",
-        f.tls.port()
-    );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    tls.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    bounded("the answer, then the close", tls.read_to_end(&mut answer))
-        .await
-        .unwrap();
-    let resp = common::parse_response(&answer);
-    assert_eq!(resp.status, 403, "{}", resp.text());
+    let host = format!("secure.test:{}", f.tls.port());
+    for (round, close_notify) in [true, false].into_iter().enumerate() {
+        for (path, status) in [("/nothing/here", 403), ("/stall", 499)] {
+            let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+            let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            tls.write_all(request.as_bytes()).await.unwrap();
+            match close_notify {
+                true => tls.shutdown().await.unwrap(),
+                false => tls.get_mut().0.shutdown().await.unwrap(),
+            }
+            let mut answer = Vec::new();
+            let _ = bounded("the answer, then the close", tls.read_to_end(&mut answer)).await;
+            let case = format!("{path}, close_notify: {close_notify}");
+            match status {
+                499 => assert!(
+                    answer.is_empty(),
+                    "{case}: {}",
+                    String::from_utf8_lossy(&answer)
+                ),
+                _ => {
+                    let resp = common::parse_response(&answer);
+                    assert_eq!(resp.status, status, "{case}: {}", resp.text());
+                }
+            }
+            // One record each, saying what the agent got.
+            let recs = kw
+                .audit_count(round + 1, |r| r["path"] == path && r["method"] == "GET")
+                .await;
+            assert_eq!(recs.len(), round + 1, "{case}");
+            assert_eq!(recs[round]["status"], status, "{case}: {}", recs[round]);
+        }
+    }
     assert_eq!(
-        resp.header("x-keyward-reason").as_deref(),
-        Some("route_not_in_intent")
+        f.tls
+            .seen()
+            .iter()
+            .filter(|s| s.path.starts_with("/nothing"))
+            .count(),
+        0
     );
-    assert_eq!(f.tls.hits(), 0);
 }
 
-/// An agent that sends `close_notify` in the middle of its request body went away: the upload
-/// is recorded `client_closed` and the tunnel closes at once (not at the idle sweep).
+/// An agent that ends its side in the middle of its request body (TLS `close_notify`, or a
+/// bare TCP end of stream) went away: the upload is recorded `client_closed`, the agent gets
+/// nothing, and the tunnel closes at once (not at the idle sweep).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn close_notify_mid_body_ends_the_request_and_the_tunnel_at_once() {
+async fn an_end_of_stream_mid_body_ends_the_request_and_the_tunnel_at_once() {
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
-    let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
-    let head = format!(
-        "POST /echo HTTP/1.1\r\nHost: secure.test:{}\r\nContent-Length: 100000\r\n\r\n0123456789",
-        f.tls.port()
-    );
-    tls.write_all(head.as_bytes()).await.unwrap();
-    // keyward is streaming the body upstream by now; the agent ends its side.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    tls.shutdown().await.unwrap();
-    let mut answer = Vec::new();
-    // (`bounded` allows 10 s; the idle sweep would take 90.)
-    let _ = bounded("the close", tls.read_to_end(&mut answer)).await;
-    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
-    let rec = kw
-        .audit_where("the cut upload", |r| r["path"] == "/echo")
-        .await;
-    assert_eq!(rec["outcome"], "client_closed", "{rec}");
-    assert_eq!(rec["status"], 499, "{rec}");
+    for (round, close_notify) in [true, false].into_iter().enumerate() {
+        let mut tls = common::tunnel_tls(&f, &task, "secure.test", &[b"http/1.1"]).await;
+        let head = format!(
+            "POST /echo HTTP/1.1\r\nHost: secure.test:{}\r\nContent-Length: 100000\r\n\r\n0123456789",
+            f.tls.port()
+        );
+        tls.write_all(head.as_bytes()).await.unwrap();
+        // keyward is streaming the body upstream by now; the agent ends its side.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match close_notify {
+            true => tls.shutdown().await.unwrap(),
+            false => tls.get_mut().0.shutdown().await.unwrap(),
+        }
+        let mut answer = Vec::new();
+        // (`bounded` allows 10 s; the idle sweep would take 90.)
+        let _ = bounded("the close", tls.read_to_end(&mut answer)).await;
+        let case = format!("close_notify: {close_notify}");
+        assert!(
+            answer.is_empty(),
+            "{case}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let recs = kw.audit_count(round + 1, |r| r["path"] == "/echo").await;
+        let rec = &recs[round];
+        assert_eq!(rec["outcome"], "client_closed", "{case}: {rec}");
+        assert_eq!(rec["status"], 499, "{case}: {rec}");
+    }
 }

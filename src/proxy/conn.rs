@@ -742,9 +742,16 @@ impl<I: tokio::io::AsyncRead> tokio::io::AsyncRead for HalfClose<I> {
         let agent = &this.activity.agent;
         if !agent.ended() {
             let before = buf.filled().len();
-            std::task::ready!(this.inner.poll_read(cx, buf))?;
-            if buf.filled().len() > before || buf.remaining() == 0 {
-                return Poll::Ready(Ok(()));
+            match std::task::ready!(this.inner.poll_read(cx, buf)) {
+                Ok(()) if buf.filled().len() > before || buf.remaining() == 0 => {
+                    return Poll::Ready(Ok(()))
+                }
+                Ok(()) => {}
+                // A TLS agent's TCP end of stream without `close_notify` (Python's
+                // `SSLSocket.shutdown(SHUT_WR)` sends that): HTTP/1.1 frames its own
+                // messages, so it ends the agent's side like any other end of stream.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
             agent.ended.store(true, Ordering::Release);
         }
