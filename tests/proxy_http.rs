@@ -42,6 +42,20 @@ async fn upstream_saw_more_than(f: &Fixture, before: usize) {
     .await;
 }
 
+/// Writes `request` on a new connection, half-closes it (as `ncat` or `nc -N` do), and reads
+/// the answer up to keyward's close.
+async fn half_closed_exchange(kw: &Harness, request: &str) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    bounded("the answer, then the close", tcp.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    answer
+}
+
 /// The record of the allowed request of `task` to `path`.
 async fn allowed_record(kw: &Harness, task: &Task, path: &str) -> Value {
     let rec = kw
@@ -1016,7 +1030,6 @@ async fn an_agent_hanging_up_before_the_answer_still_leaves_a_record() {
 /// closes after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_reaches_an_agent_that_half_closed_after_its_request() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
@@ -1040,13 +1053,7 @@ async fn a_refusal_reaches_an_agent_that_half_closed_after_its_request() {
             "ambiguous_request",
         ),
     ] {
-        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
-        tcp.write_all(request.as_bytes()).await.unwrap();
-        tcp.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        bounded("the answer, then the close", tcp.read_to_end(&mut answer))
-            .await
-            .unwrap();
+        let answer = half_closed_exchange(kw, &request).await;
         let resp = common::parse_response(&answer);
         assert_eq!(resp.status, status, "{reason}: {}", resp.text());
         assert_eq!(resp.header("x-keyward-reason").as_deref(), Some(reason));
@@ -1137,23 +1144,16 @@ async fn an_agent_hanging_up_mid_body_is_recorded_as_gone() {
 /// nothing, recorded `client_closed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_closed_agent_gets_what_its_record_says() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["dead.ping"])).await;
     let dead = f.dead_port;
     for round in 0..20 {
-        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
         let request = format!(
             "GET http://dead.test:{dead}/ping?round={round} HTTP/1.1\r\nHost: dead.test:{dead}\r\nProxy-Authorization: {}\r\n\r\n",
             auth(&task)
         );
-        tcp.write_all(request.as_bytes()).await.unwrap();
-        tcp.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        bounded("the answer, then the close", tcp.read_to_end(&mut answer))
-            .await
-            .unwrap();
+        let answer = half_closed_exchange(kw, &request).await;
         let recs = kw.audit_count(round + 1, |r| r["path"] == "/ping").await;
         let rec = recs.last().unwrap();
         match answer.is_empty() {
