@@ -479,7 +479,11 @@ fn canonical_value(value: &str) -> Result<String, crate::matcher::canon::Ambigui
 fn why_not_canonical(value: &str) -> Option<&'static str> {
     let why = canonical_value(value).err()?;
     Some(match why {
-        crate::matcher::canon::Ambiguity::ControlByte if value.contains(' ') => "space",
+        crate::matcher::canon::Ambiguity::ControlByte
+            if value.contains(' ') && !value.bytes().any(|b| b < 0x20 || b == 0x7f) =>
+        {
+            "space"
+        }
         _ => why.as_str(),
     })
 }

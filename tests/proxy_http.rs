@@ -1096,6 +1096,54 @@ async fn an_allowed_request_whose_agent_half_closes_is_dropped_as_gone() {
     assert_eq!(kw.audit_count(1, |r| r["path"] == "/slow").await.len(), 1);
 }
 
+/// A passthrough CONNECT whose agent ends its side while keyward still dials is dropped at
+/// once: nothing answered, recorded `client_closed`, its request given back to the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_connect_whose_agent_leaves_while_dialling_is_dropped() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint_with(json!({"agent": "bot", "intent": ["plain.issues.read"], "max_requests": 5}))
+        .await;
+    // A listener that accepts nothing, its one queue place taken: further SYNs are dropped,
+    // and a dial to it waits (for `connect_timeout`, 10 s).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut queued = Vec::new();
+    for _ in 0..2 {
+        let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(std::time::Duration::from_millis(300), connect).await
+        {
+            queued.push(s);
+        }
+    }
+    let request = format!(
+        "CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nProxy-Authorization: {}\r\n\r\n",
+        auth(&task)
+    );
+    let started = std::time::Instant::now();
+    let answer = half_closed_exchange(kw, &request).await;
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let rec = kw
+        .audit_where("the dropped CONNECT", |r| r["method"] == "CONNECT")
+        .await;
+    assert_eq!(rec["reason"], "passthrough", "{rec}");
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    let (_, listed) = kw
+        .admin(http::Method::GET, &format!("/v1/tasks/{}", task.id), None)
+        .await;
+    assert_eq!(listed["requests_used"], 0, "{listed}");
+    drop((listener, queued));
+}
+
 /// An agent that goes away in the middle of its request body, closing its connection or only
 /// its sending side, is recorded as gone (`client_closed`, 499), not as one that sent a
 /// malformed body (`agent_body_error`), and its connection is closed at once (not left to the

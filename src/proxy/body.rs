@@ -185,9 +185,14 @@ where
     /// A body dropped before any of it was read may hold its error already: an HTTP/2 stream
     /// whose data overran its own `content-length` in the same read as its head is reset by
     /// the HTTP/2 layer at once, and its request dropped as if the agent had left. One look
-    /// (which wakes nothing) tells the record which it was.
+    /// tells the record which it was. (The look registers no waker of ours, but may tell the
+    /// connection the body is wanted; it is being dropped, so that goes nowhere.)
     fn drop(&mut self) {
-        if self.upload.bytes() > 0 || self.upload.agent_failed() || self.inner.is_end_stream() {
+        if self.upload.bytes() > 0
+            || self.upload.agent_failed()
+            || self.inner.is_end_stream()
+            || std::thread::panicking()
+        {
             return;
         }
         let waker = std::task::Waker::from(Arc::new(NoWake));

@@ -440,7 +440,8 @@ struct Activity {
 pub struct AgentSide {
     /// The agent's end of stream was read (it closed, or only half-closed, its side).
     ended: std::sync::atomic::AtomicBool,
-    /// The request in flight (HTTP/1: one at a time) waits on its upstream.
+    /// The request in flight (HTTP/1: one at a time) waits on its upstream. (HTTP/2's
+    /// streams share it too, where it means nothing: `ended` is never set there.)
     awaiting_upstream: std::sync::atomic::AtomicBool,
     /// hyper's read of that end of stream, held (`HalfClose`) until nothing is in flight.
     parked_reader: std::sync::Mutex<Option<std::task::Waker>>,
@@ -454,7 +455,8 @@ impl AgentSide {
         AwaitingUpstream(self)
     }
 
-    fn ended(&self) -> bool {
+    /// Whether the agent's end of stream was read (HTTP/1; never set on HTTP/2).
+    pub fn ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
     }
 
@@ -670,7 +672,11 @@ where
             }
         }
         let guard = this.guard.take();
-        Poll::Ready(Ok(resp.map(|body| TrackedBody { body, guard })))
+        Poll::Ready(Ok(resp.map(|body| TrackedBody {
+            body,
+            guard,
+            cutting: false,
+        })))
     }
 }
 
@@ -683,6 +689,8 @@ pub struct AgentGone;
 pub struct TrackedBody {
     body: ProxyBody,
     guard: Option<InFlight>,
+    /// Set at the first wait after the agent ended its side; the error comes at the next poll.
+    cutting: bool,
 }
 
 impl Body for TrackedBody {
@@ -696,9 +704,15 @@ impl Body for TrackedBody {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         // What is ready is still written to an agent that only half-closed; one whose end of
         // stream came while its answer waits on the upstream went away, as above, and the
-        // error ends the connection (the body's drop records `client_closed`).
+        // error ends the connection (the body's drop records `client_closed`). Not at once:
+        // hyper drops what it has buffered but not flushed when a body fails, so the error
+        // comes at the next poll, after the flush this wake-up lets hyper make.
         if polled.is_pending() && self.guard.as_ref().is_some_and(InFlight::agent_ended) {
-            return Poll::Ready(Some(Err("the agent closed its connection".into())));
+            if self.cutting {
+                return Poll::Ready(Some(Err("the agent closed its connection".into())));
+            }
+            self.cutting = true;
+            cx.waker().wake_by_ref();
         }
         polled
     }
@@ -755,7 +769,10 @@ impl<I: tokio::io::AsyncRead> tokio::io::AsyncRead for HalfClose<I> {
             }
             agent.ended.store(true, Ordering::Release);
         }
-        // (Parked before looking, so the last request's end cannot slip between.)
+        if this.activity.is_idle() {
+            return Poll::Ready(Ok(()));
+        }
+        // (Parked, then looked at again, so the last request's end cannot slip between.)
         agent.park_reader(cx.waker());
         match this.activity.is_idle() {
             true => Poll::Ready(Ok(())),

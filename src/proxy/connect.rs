@@ -163,7 +163,8 @@ pub async fn handle(
         }
         Ok(ConnectDecision::Tunnel) => {
             let slot = ctx.slot.clone();
-            passthrough(state, &generation, slot, draft, task, tunnel, req).await
+            let agent = ctx.agent.clone();
+            passthrough(state, &generation, slot, &agent, draft, task, tunnel, req).await
         }
     }
 }
@@ -352,10 +353,12 @@ impl Drop for Charge<'_> {
 
 /// A blind tunnel to a passthrough host: dial first (so a failure is a 502, not a dead tunnel),
 /// then answer 200 and splice bytes both ways.
+#[allow(clippy::too_many_arguments)] // (each is the CONNECT's own; a struct would only rename them)
 async fn passthrough(
     state: Arc<State>,
     generation: &Generation,
     slot: ConnSlot,
+    agent: &crate::proxy::conn::AgentSide,
     mut draft: RecordDraft,
     task: Arc<crate::tasks::Task>,
     tunnel: TunnelHost,
@@ -383,9 +386,14 @@ async fn passthrough(
         return refuse(&state, generation, &slot, draft, denial, None).await;
     }
     // Given back unless the tunnel opens: a dial that fails, or a CONNECT dropped while it
-    // dials (the agent hung up, shutdown).
+    // dials (the agent hung up or ended its side, shutdown).
     let charge = Charge(Some(&task));
     draft.arm(&state, Reason::Passthrough, None);
+    let waiting = agent.awaiting_upstream();
+    if agent.ended() {
+        // Gone already (`nc -N`): nothing is dialled, and the wait is dropped at once.
+        std::future::pending::<()>().await;
+    }
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
         let named = generation.policy.passthrough_addresses();
@@ -395,6 +403,7 @@ async fn passthrough(
             .map_err(|_| upstream::ConnectError::Timeout)?
     }
     .await;
+    drop(waiting);
     let tcp = match dialled {
         Ok(tcp) => tcp,
         Err(upstream::ConnectError::Blocked) => {

@@ -347,6 +347,11 @@ async fn handle_request(
     // answers (a 502, the response) is still written to one that only half-closed.
     let sent = {
         let _waiting = ctx.agent.awaiting_upstream();
+        // One whose end of stream came with its request (`nc -N`) is gone already: nothing
+        // is sent, and the wait is dropped at once (`conn::TrackedFuture`).
+        if ctx.agent.ended() {
+            std::future::pending::<()>().await;
+        }
         tokio::select! {
             biased;
             sent = sending => Some(sent),

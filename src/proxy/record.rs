@@ -92,7 +92,9 @@ pub const CUT_BY_SHUTDOWN: u16 = 503;
 impl Drop for RecordDraft {
     fn drop(&mut self) {
         if let Some((state, reason)) = self.armed.take() {
-            // (The request's body is dropped first, and said whether it had broken.)
+            // (Best effort: a body still in the request's own future, dialling, is dropped
+            // first and says whether it had broken; one already handed to an upstream
+            // connection's task is dropped after, and this reads as the agent leaving.)
             let malformed = self
                 .upload
                 .as_ref()
