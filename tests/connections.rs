@@ -1080,3 +1080,60 @@ async fn a_reload_that_takes_a_host_off_passthrough_closes_its_tunnels() {
         .await;
     assert_eq!(t["status"], "active", "{t}");
 }
+
+/// HTTP/2 flow control is per stream: an agent that reads its connection but never opens one
+/// stream's window gets that stream reset once `send_timeout` passes with its answer waiting,
+/// the request is recorded `client_closed`, and the task's place in flight is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_whose_window_stays_shut_is_reset_after_send_timeout() {
+    let f = Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  send_timeout: 1s\n  max_task_in_flight: 1\nadmin:",
+        )
+    })
+    .await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = common::tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (mut h2, conn) = bounded(
+        "h2 handshake",
+        h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, bytes::Bytes>(tls),
+    )
+    .await
+    .unwrap();
+    // The connection is driven (its window open): only the stream's stays shut.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .uri(f.tls_url("secure.test", "/big"))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    let started = std::time::Instant::now();
+    let mut body = bounded("the head", resp).await.unwrap().into_body();
+    let ended = bounded("the reset", body.data()).await;
+    assert!(
+        !matches!(ended, Some(Ok(_))),
+        "data came through a shut window: {ended:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900),
+        "{waited:?}"
+    );
+    let rec = kw
+        .audit_where("the unsent /big", |r| r["path"] == "/big")
+        .await;
+    assert_eq!(rec["outcome"], "client_closed", "{rec}");
+    // (What was handed to the HTTP/2 layer counts, though the shut window kept it there.)
+    assert!(rec["bytes_down"].as_u64().unwrap() < 1 << 20, "{rec}");
+    // The task's one place in flight is free again.
+    let resp = kw
+        .send(kw.agent(&task).get(f.tls_url("secure.test", "/echo")))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+}

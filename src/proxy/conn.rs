@@ -381,7 +381,8 @@ const H2_FLUSH_GRACE: Duration = Duration::from_millis(200);
 /// body to the agent). They outlive the connection's own future, so unlike HTTP/1's bodies
 /// they are not dropped, and recorded, when shutdown cuts the connection: each holds the
 /// connection's place, so shutdown waits for it, and is dropped (its record written with
-/// outcome `shutdown`) when the drain runs out.
+/// outcome `shutdown`) when the drain runs out. A stream whose agent opens no window for
+/// what it owes for `send_timeout` is dropped too (`StreamProgress`).
 #[derive(Clone)]
 struct StreamExecutor {
     state: Arc<State>,
@@ -401,6 +402,12 @@ where
         // Only a cut after it began ends a stream: one begun after the cut is the next
         // request, answered with the 407.
         cut.borrow_and_update();
+        let progress = Arc::new(StreamProgress::new());
+        let stalled = {
+            let (progress, limit) = (progress.clone(), state.settings.send_timeout);
+            async move { progress.stalled(limit).await }
+        };
+        let stream = STREAM_PROGRESS.scope(progress, stream);
         tokio::spawn(async move {
             let _slot = slot;
             let cut = async {
@@ -415,8 +422,73 @@ where
                 () = stream => {}
                 () = state.drain_ended() => {}
                 () = cut => {}
+                () = stalled => tracing::info!(
+                    send_timeout = ?state.settings.send_timeout,
+                    "an HTTP/2 agent opened no window for its answer for send_timeout: stream reset"
+                ),
             }
         });
+    }
+}
+
+tokio::task_local! {
+    /// The HTTP/2 stream a response is served on (set by `StreamExecutor`; absent on HTTP/1).
+    static STREAM_PROGRESS: Arc<StreamProgress>;
+}
+
+/// Whether an HTTP/2 stream's response waits on its agent, and since when.
+///
+/// SECURITY (I7): HTTP/2 flow control is per stream. An agent that never opens one stream's
+/// window (while it reads the connection, so `SendDeadline` never fires) left hyper waiting
+/// to send that response for ever, holding the task's place in flight and the upstream
+/// connection. hyper polls a response body only once the agent's window has room, so a body
+/// that was handed its answer (or yielded a frame) and is not polled again waits on the
+/// agent; one that returned `Pending` waits on its upstream, which is never cut for being
+/// quiet.
+struct StreamProgress {
+    start: Instant,
+    /// Milliseconds after `start` (plus one) since when the response waits on the agent; 0
+    /// while it does not.
+    owed_since: AtomicU64,
+}
+
+impl StreamProgress {
+    fn new() -> StreamProgress {
+        StreamProgress {
+            start: Instant::now(),
+            owed_since: AtomicU64::new(0),
+        }
+    }
+
+    fn owe(&self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.owed_since.store(now + 1, Ordering::Release);
+    }
+
+    fn paid(&self) {
+        self.owed_since.store(0, Ordering::Release);
+    }
+
+    /// Completes once the response has waited on the agent for `limit` (looked at every
+    /// `limit` at most, so within twice that).
+    async fn stalled(&self, limit: Duration) {
+        loop {
+            let owed = self.owed_since.load(Ordering::Acquire);
+            let wait = match owed.checked_sub(1) {
+                None => limit,
+                Some(since) => {
+                    let waited = self
+                        .start
+                        .elapsed()
+                        .saturating_sub(Duration::from_millis(since));
+                    match limit.checked_sub(waited) {
+                        Some(left) if !left.is_zero() => left,
+                        _ => return,
+                    }
+                }
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -672,10 +744,16 @@ where
             }
         }
         let guard = this.guard.take();
+        // (HTTP/2: the answer now waits on the agent's window until hyper polls its body.)
+        let progress = STREAM_PROGRESS.try_with(Arc::clone).ok();
+        if let Some(p) = &progress {
+            p.owe();
+        }
         Poll::Ready(Ok(resp.map(|body| TrackedBody {
             body,
             guard,
             cutting: false,
+            progress,
         })))
     }
 }
@@ -691,6 +769,8 @@ pub struct TrackedBody {
     guard: Option<InFlight>,
     /// Set at the first wait after the agent ended its side; the error comes at the next poll.
     cutting: bool,
+    /// HTTP/2: the stream's progress, owed while a frame waits on the agent's window.
+    progress: Option<Arc<StreamProgress>>,
 }
 
 impl Body for TrackedBody {
@@ -701,7 +781,15 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(p) = &self.progress {
+            p.paid();
+        }
         let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let (Some(p), Poll::Ready(Some(Ok(frame)))) = (&self.progress, &polled) {
+            if frame.is_data() {
+                p.owe();
+            }
+        }
         // What is ready is still written to an agent that only half-closed; one whose end of
         // stream came while its answer waits on the upstream went away, as above, and the
         // error ends the connection (the body's drop records `client_closed`). Not at once:
