@@ -521,14 +521,20 @@ pub struct AgentSide {
 
 impl AgentSide {
     /// The request in flight waits on its upstream until the guard drops: an agent that ends
-    /// its side meanwhile went away, and the request is dropped (`TrackedFuture`).
-    pub fn awaiting_upstream(&self) -> AwaitingUpstream<'_> {
+    /// its side meanwhile went away, and the request is dropped (`TrackedFuture`). One whose
+    /// end of stream came with its request (`nc -N`) is gone already: this never completes,
+    /// so nothing is sent, and the request is dropped at once.
+    pub async fn awaiting_upstream(&self) -> AwaitingUpstream<'_> {
         self.awaiting_upstream.store(true, Ordering::Release);
-        AwaitingUpstream(self)
+        let waiting = AwaitingUpstream(self);
+        if self.ended() {
+            std::future::pending::<()>().await;
+        }
+        waiting
     }
 
     /// Whether the agent's end of stream was read (HTTP/1; never set on HTTP/2).
-    pub fn ended(&self) -> bool {
+    fn ended(&self) -> bool {
         self.ended.load(Ordering::Acquire)
     }
 

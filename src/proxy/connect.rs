@@ -162,9 +162,7 @@ pub async fn handle(
             Response::new(ProxyBody::empty())
         }
         Ok(ConnectDecision::Tunnel) => {
-            let slot = ctx.slot.clone();
-            let agent = ctx.agent.clone();
-            passthrough(state, &generation, slot, &agent, draft, task, tunnel, req).await
+            passthrough(state, &generation, ctx, draft, task, tunnel, req).await
         }
     }
 }
@@ -353,17 +351,16 @@ impl Drop for Charge<'_> {
 
 /// A blind tunnel to a passthrough host: dial first (so a failure is a 502, not a dead tunnel),
 /// then answer 200 and splice bytes both ways.
-#[allow(clippy::too_many_arguments)] // (each is the CONNECT's own; a struct would only rename them)
 async fn passthrough(
     state: Arc<State>,
     generation: &Generation,
-    slot: ConnSlot,
-    agent: &crate::proxy::conn::AgentSide,
+    ctx: &ConnCtx,
     mut draft: RecordDraft,
     task: Arc<crate::tasks::Task>,
     tunnel: TunnelHost,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let slot = ctx.slot.clone();
     // I7: a blind tunnel holds one of its task's places in flight for as long as it is open,
     // as a WebSocket relay does; else one task could hold every connection with idle tunnels.
     let Some(place) = task.enter(state.settings.max_task_in_flight) else {
@@ -389,11 +386,7 @@ async fn passthrough(
     // dials (the agent hung up or ended its side, shutdown).
     let charge = Charge(Some(&task));
     draft.arm(&state, Reason::Passthrough, None);
-    let waiting = agent.awaiting_upstream();
-    if agent.ended() {
-        // Gone already (`nc -N`): nothing is dialled, and the wait is dropped at once.
-        std::future::pending::<()>().await;
-    }
+    let waiting = ctx.agent.awaiting_upstream().await;
     let dialled = async {
         let addrs = upstream::resolve(&tunnel.host, tunnel.port).await?;
         let named = generation.policy.passthrough_addresses();

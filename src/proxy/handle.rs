@@ -21,7 +21,7 @@ use crate::proxy::body::{CountingBody, ProxyBody, Upload};
 use crate::proxy::connect;
 use crate::proxy::forward::{self, UpstreamError};
 use crate::proxy::identify::{self, Target, TargetError, TunnelHost};
-use crate::proxy::record::{RecordDraft, CLIENT_CLOSED};
+use crate::proxy::record::RecordDraft;
 use crate::proxy::redact::Redactor;
 use crate::proxy::respond::{self, DenyInfo, Failure};
 use crate::proxy::upgrade;
@@ -346,12 +346,7 @@ async fn handle_request(
     // ends its side during this wait went away (`conn::AgentSide`); after it, what keyward
     // answers (a 502, the response) is still written to one that only half-closed.
     let sent = {
-        let _waiting = ctx.agent.awaiting_upstream();
-        // One whose end of stream came with its request (`nc -N`) is gone already: nothing
-        // is sent, and the wait is dropped at once (`conn::TrackedFuture`).
-        if ctx.agent.ended() {
-            std::future::pending::<()>().await;
-        }
+        let _waiting = ctx.agent.awaiting_upstream().await;
         tokio::select! {
             biased;
             sent = sending => Some(sent),
@@ -535,20 +530,8 @@ async fn handle_request(
             draft.rec.upstream_ms = Some(crate::audit::millis(started.elapsed()));
             draft.rec.bytes_up = upload.bytes();
             // (An HTTP/2 upload the drain's end cut reads as a hang-up too: keyward's doing.)
-            let status = match upload.agent_hung_up() {
-                true if state.drain_over() => {
-                    draft.rec.outcome = Some("shutdown");
-                    crate::proxy::record::CUT_BY_SHUTDOWN
-                }
-                true => {
-                    draft.rec.outcome = Some("client_closed");
-                    CLIENT_CLOSED
-                }
-                false => {
-                    draft.rec.outcome = Some("agent_body_error");
-                    Failure::BadRequestBody.status().as_u16()
-                }
-            };
+            let (outcome, status) = crate::proxy::record::cut_short(&state, Some(&upload));
+            draft.rec.outcome = Some(outcome);
             let resp = respond::failure(
                 Failure::BadRequestBody,
                 draft.request_id(),

@@ -78,16 +78,14 @@ pub struct RecordDraft {
 }
 
 /// Status recorded for a request whose agent went away before keyward answered it.
-pub const CLIENT_CLOSED: u16 = 499;
-/// Status recorded for a request dropped because its body broke on the agent's side.
-const AGENT_BODY_ERROR: u16 = 400;
+const CLIENT_CLOSED: u16 = 499;
 /// Status recorded for a connection keyward closed without an answer (nginx's 444): an
 /// HTTP/2 preface where HTTP/1.1 was expected (plain HTTP/2 is not offered on the listener),
 /// or, in a tunnel, bytes of the other protocol than ALPN chose.
-pub const CLOSED_UNANSWERED: u16 = 444;
+const CLOSED_UNANSWERED: u16 = 444;
 /// Status recorded for a request still waiting on its upstream when shutdown's drain ran out
 /// (the agent's connection is closed without an answer).
-pub const CUT_BY_SHUTDOWN: u16 = 503;
+const CUT_BY_SHUTDOWN: u16 = 503;
 
 impl Drop for RecordDraft {
     fn drop(&mut self) {
@@ -95,15 +93,7 @@ impl Drop for RecordDraft {
             // (Best effort: a body still in the request's own future, dialling, is dropped
             // first and says whether it had broken; one already handed to an upstream
             // connection's task is dropped after, and this reads as the agent leaving.)
-            let malformed = self
-                .upload
-                .as_ref()
-                .is_some_and(|u| u.agent_failed() && !u.agent_hung_up());
-            let (outcome, status) = match state.drain_over() {
-                true => ("shutdown", CUT_BY_SHUTDOWN),
-                false if malformed => ("agent_body_error", AGENT_BODY_ERROR),
-                false => ("client_closed", CLIENT_CLOSED),
-            };
+            let (outcome, status) = cut_short(&state, self.upload.as_deref());
             self.rec.outcome = Some(outcome);
             self.rec.upstream_ms = Some(crate::audit::millis(self.started.elapsed()));
             if let Some(upload) = &self.upload {
@@ -112,6 +102,20 @@ impl Drop for RecordDraft {
             self.finish(&state, reason, status);
             state.audit.write_detached(std::mem::take(&mut self.rec));
         }
+    }
+}
+
+/// The outcome and status of an allowed request that ended before its answer: its body broke
+/// on the agent's side (`agent_body_error`), keyward's shutdown cut it (`shutdown`), or the
+/// agent went away (`client_closed`).
+pub fn cut_short(state: &State, upload: Option<&Upload>) -> (&'static str, u16) {
+    if upload.is_some_and(|u| u.agent_failed() && !u.agent_hung_up()) {
+        let status = crate::proxy::respond::Failure::BadRequestBody.status();
+        ("agent_body_error", status.as_u16())
+    } else if state.drain_over() {
+        ("shutdown", CUT_BY_SHUTDOWN)
+    } else {
+        ("client_closed", CLIENT_CLOSED)
     }
 }
 
