@@ -27,6 +27,18 @@ fn with_shutdown_timeout(policy: String, timeout: &str) -> String {
     )
 }
 
+/// The standard fixture with `send_timeout: 1s` and one place in flight per task: whether a
+/// stuck answer gives its place back shows at the task's next request.
+async fn one_place_and_a_short_send_timeout() -> Fixture {
+    Fixture::start_with(|p| {
+        p.replace(
+            "  listen: 127.0.0.1:0\nadmin:",
+            "  listen: 127.0.0.1:0\n  send_timeout: 1s\n  max_task_in_flight: 1\nadmin:",
+        )
+    })
+    .await
+}
+
 /// A passthrough tunnel to the TCP echo upstream, checked with one round trip.
 async fn echo_tunnel(kw: &Harness, echo_port: u16, task: &Task) -> TcpStream {
     let target = format!("127.0.0.1:{echo_port}");
@@ -983,13 +995,7 @@ async fn shutdown_records_a_tunnel_still_waiting_for_its_handshake() {
 /// place in flight, instead of holding it, and the upstream connection, for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_that_stops_reading_is_disconnected_after_send_timeout() {
-    let f = Fixture::start_with(|p| {
-        p.replace(
-            "  listen: 127.0.0.1:0\nadmin:",
-            "  listen: 127.0.0.1:0\n  send_timeout: 1s\n  max_task_in_flight: 1\nadmin:",
-        )
-    })
-    .await;
+    let f = one_place_and_a_short_send_timeout().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["plain.issues.read"])).await;
     let mut tcp = TcpStream::connect(kw.proxy_addr).await.unwrap();
@@ -1086,13 +1092,7 @@ async fn a_reload_that_takes_a_host_off_passthrough_closes_its_tunnels() {
 /// the request is recorded `client_closed`, and the task's place in flight is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_stream_whose_window_stays_shut_is_reset_after_send_timeout() {
-    let f = Fixture::start_with(|p| {
-        p.replace(
-            "  listen: 127.0.0.1:0\nadmin:",
-            "  listen: 127.0.0.1:0\n  send_timeout: 1s\n  max_task_in_flight: 1\nadmin:",
-        )
-    })
-    .await;
+    let f = one_place_and_a_short_send_timeout().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
     let tls = common::tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
