@@ -860,6 +860,12 @@ async fn unreachable_upstream_is_502_recorded_with_the_allowed_request() {
                 && l.contains("service=\"dead\"")),
         "{metrics}"
     );
+    // And in the service's latency histogram: a failing upstream's requests are not left out.
+    let observed = common::metric_value(
+        &metrics,
+        r#"keyward_request_duration_seconds_count{service="dead"}"#,
+    );
+    assert_eq!(observed, Some(1.0), "{metrics}");
     kw.assert_no_leaks().await;
 }
 

@@ -70,6 +70,8 @@ pub struct RecordDraft {
     /// for an allowed request is when its response (or WebSocket relay) ends.
     pub in_flight: Option<crate::tasks::InFlightSlot>,
     armed: Option<(Arc<State>, Reason)>,
+    /// Armed once: the request was forwarded, and its duration is observed however it ends.
+    forwarded: bool,
     /// The request body's count, for the record of a request dropped while it was sent.
     upload: Option<Arc<crate::proxy::body::Upload>>,
     /// The task the request was made under, whose denials it counts: the task itself, not
@@ -151,6 +153,7 @@ impl RecordDraft {
             started: Instant::now(),
             in_flight: None,
             armed: None,
+            forwarded: false,
             upload: None,
             task: None,
         }
@@ -165,6 +168,7 @@ impl RecordDraft {
         upload: Option<&Arc<crate::proxy::body::Upload>>,
     ) {
         self.armed = Some((state.clone(), reason));
+        self.forwarded = true;
         self.upload = upload.cloned();
     }
 
@@ -265,6 +269,14 @@ impl RecordDraft {
     }
 
     fn finish(&mut self, state: &State, reason: Reason, status: u16) {
+        if self.forwarded {
+            // A forwarded request that got no answer (the upstream failed or timed out, the
+            // agent left) is observed too: the histogram would say nothing of a hung upstream.
+            let service = self.rec.service.as_deref().unwrap_or("");
+            state
+                .metrics
+                .request_duration(service, self.started.elapsed().as_secs_f64());
+        }
         count_cut_by_stop(state, &self.rec);
         self.scrub(state);
         self.fill(reason, status);

@@ -242,6 +242,11 @@ async fn slow_request_body_and_silent_upstream_are_bounded_by_the_upstream_timeo
     let rec = kw.audit_for(problem["request_id"].as_str().unwrap()).await;
     assert_eq!(rec["status"], 504);
     assert_eq!(rec["credential"], "api_token");
+    // A hung upstream's requests are in its latency histogram, at the timeout, not left out.
+    let series = |s: &str| format!("keyward_request_duration_seconds_{s}{{service=\"silent\"}}");
+    assert_eq!(kw.metric(&series("count")).await, Some(1.0));
+    let sum = kw.metric(&series("sum")).await.unwrap_or(0.0);
+    assert!((0.5..3.0).contains(&sum), "observed {sum} s");
     kw.assert_no_leaks().await;
 }
 
