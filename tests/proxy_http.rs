@@ -759,6 +759,103 @@ async fn request_carrying_a_real_credential_is_secret_egress() {
     kw.assert_no_leaks().await;
 }
 
+// An agent without a valid token that holds a real secret has it leaked all the same: the
+// operator must hear of it (record, metric, log), not see one more 407.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_is_named_even_without_a_valid_token() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let port = f.plain.port();
+    let get = |auth: &str, extra: &str| {
+        format!(
+            "GET http://plain.test:{port}/echo HTTP/1.1\r\nHost: plain.test:{port}\r\n{auth}{extra}Connection: close\r\n\r\n"
+        )
+    };
+    let leak = format!("X-Note: {}\r\n", f.creds.api_token);
+    let cases = [
+        ("no token", String::new(), leak.clone(), "api_token"),
+        (
+            "a wrong token",
+            format!(
+                "Proxy-Authorization: {}\r\n",
+                common::basic("t1", "kw_wrong")
+            ),
+            leak.clone(),
+            "api_token",
+        ),
+        (
+            "the admin token as the task token",
+            format!(
+                "Proxy-Authorization: {}\r\n",
+                common::basic("anytask", &kw.admin_token)
+            ),
+            String::new(),
+            "(admin token)",
+        ),
+        (
+            "the admin token as a bearer token",
+            format!("Proxy-Authorization: Bearer {}\r\n", kw.admin_token),
+            String::new(),
+            "(admin token)",
+        ),
+        (
+            "a credential as a bearer token",
+            format!("Proxy-Authorization: Bearer {}\r\n", f.creds.tls_token),
+            String::new(),
+            "tls_token",
+        ),
+    ];
+    for (what, auth, extra, name) in cases {
+        let resp = kw.raw(&get(&auth, &extra)).await;
+        let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+        assert_eq!(rec["credential"], name, "{what}: {rec}");
+        assert_eq!(rec["task"], Value::Null, "{what}: {rec}");
+    }
+    // A CONNECT too, before it is identified.
+    let connect = format!(
+        "CONNECT plain.test:443 HTTP/1.1\r\nHost: plain.test:443\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+        common::basic("anytask", &kw.admin_token)
+    );
+    let resp = kw.raw(&connect).await;
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "(admin token)", "{rec}");
+    assert_eq!(rec["method"], "CONNECT", "{rec}");
+
+    // A revoked task's agent that still sends a real key: named, under its task.
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    kw.revoke(&task.id).await;
+    let resp = kw
+        .raw(&raw_get(&f, "plain.test", "/echo", &task, &leak))
+        .await;
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["task"], task.id.as_str(), "{rec}");
+    assert_eq!(rec["credential"], "api_token", "{rec}");
+    // Its own token in its place is no leak, and another task's id with it is no leak either.
+    let resp = kw.raw(&raw_get(&f, "plain.test", "/echo", &task, "")).await;
+    kw.assert_denied_raw(&resp, 407, "task_revoked").await;
+    let other = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let swapped = format!(
+        "Proxy-Authorization: {}\r\n",
+        common::basic(&other.id, &task.token)
+    );
+    let resp = kw.raw(&get(&swapped, "")).await;
+    kw.assert_denied_raw(&resp, 407, "invalid_token").await;
+
+    let counted = kw
+        .metric(r#"keyward_decisions_total{agent="",capability="",decision="deny",reason="secret_egress",service="plain"}"#)
+        .await;
+    assert_eq!(counted, Some(5.0));
+    let logs = common::captured_logs();
+    assert!(
+        logs.lines().any(|l| l.contains("WARN")
+            && l.contains("secret_egress")
+            && l.contains("(admin token)")),
+        "no warning names the admin token"
+    );
+    assert_eq!(f.plain.hits(), 0);
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreadable_credential_file_is_credential_unavailable() {
     let f = Fixture::start().await;

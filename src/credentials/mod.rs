@@ -433,13 +433,16 @@ impl CredentialStore {
     /// Whose values, if any, the method, a header (name or value), the request target or its
     /// authority carries (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded:
     /// every credential's, the admin token, a task token of `tasks`; empty when none. For
-    /// requests and for CONNECT alike (whose target is its authority).
+    /// requests and for CONNECT alike (whose target is its authority). `Proxy-Authorization`
+    /// is scanned only for a request that failed authentication (`authenticated` false): an
+    /// agent trying the admin token or a credential as its task token has it in hand.
     pub fn carried_by(
         &self,
         method: &http::Method,
         uri: &Uri,
         headers: &http::HeaderMap,
         tasks: &crate::tasks::TaskStore,
+        authenticated: bool,
     ) -> Vec<Carried> {
         let target = uri
             .path_and_query()
@@ -475,6 +478,21 @@ impl CredentialStore {
             .any(|p| p.hay.iter().any(|h| tasks.knows_token_in(h)))
         {
             found.push(Carried::TaskToken);
+        }
+        if !authenticated {
+            // Not for a task token: one there is in its place (a revoked task's, or the right
+            // token under another task's id).
+            let auth: Vec<&[u8]> = headers
+                .get_all(http::header::PROXY_AUTHORIZATION)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
+            let auth = Places::new(&auth, false);
+            for owner in self.scan_places(&auth, &Places::new(&[], true), false) {
+                if !found.contains(&owner) {
+                    found.push(owner);
+                }
+            }
         }
         found
     }
@@ -876,7 +894,13 @@ mod tests {
         let tasks = crate::tasks::TaskStore::new();
         let carried = |q: &str| {
             let uri = format!("/x?{q}").parse::<Uri>().unwrap();
-            store.carried_by(&http::Method::GET, &uri, &http::HeaderMap::new(), &tasks)
+            store.carried_by(
+                &http::Method::GET,
+                &uri,
+                &http::HeaderMap::new(),
+                &tasks,
+                true,
+            )
         };
         let named = |names: &[&str]| -> Vec<Carried> {
             names

@@ -63,7 +63,27 @@ pub async fn handle(
     if let Ok((host, port)) = parse_authority(authority, 443) {
         draft.set_host(&host, port);
     }
-    let task = match state.tasks.authenticate(req.headers()) {
+    let identified = state.tasks.authenticate(req.headers());
+    if let Ok(task) = &identified {
+        draft.set_task(task);
+    }
+    // SECURITY: a real credential in the agent's hands has leaked; not even a blind tunnel's
+    // name (or its SNI/DNS lookup) may carry it out. Looked for first, so that a leak is named
+    // even in a CONNECT refused for another reason too (no token, a wrong one, an ended task's).
+    let carried = generation.credentials.carried_by(
+        req.method(),
+        req.uri(),
+        req.headers(),
+        &state.tasks,
+        identified.is_ok(),
+    );
+    if !carried.is_empty() {
+        draft.set_egress(&carried);
+        let denial = Denial::bare(Reason::SecretEgress);
+        let code = respond::egress_code(&carried);
+        return refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
+    }
+    let task = match identified {
         Ok(t) => t,
         Err(reason) => {
             return refuse(
@@ -77,7 +97,6 @@ pub async fn handle(
             .await
         }
     };
-    draft.set_task(&task);
     if let Err(d) = decide::check_validity(&task, SystemTime::now()) {
         return refuse(&state, &generation, &ctx.slot, draft, d, None).await;
     }
@@ -125,18 +144,6 @@ pub async fn handle(
         // (What follows such a head could be read as a body or as a tunnel's bytes.)
         respond::close_after(&mut resp);
         return resp;
-    }
-    // SECURITY: a real credential in the agent's hands has leaked; not even a blind tunnel's
-    // name (or its SNI/DNS lookup) may carry it out.
-    let carried =
-        generation
-            .credentials
-            .carried_by(req.method(), req.uri(), req.headers(), &state.tasks);
-    if !carried.is_empty() {
-        draft.set_egress(&carried);
-        let denial = Denial::bare(Reason::SecretEgress);
-        let code = respond::egress_code(&carried);
-        return refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
     }
     let decision =
         decide::decide_connect(&generation.policy, &task, &host, port, SystemTime::now());

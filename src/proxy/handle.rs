@@ -602,8 +602,8 @@ fn prepare(
     draft: &mut RecordDraft,
 ) -> Result<Prepared, Refusal> {
     let now = SystemTime::now();
-    let task = match &ctx.tunnel {
-        Some(t) => t.task.clone(),
+    let identified = match &ctx.tunnel {
+        Some(t) => Ok(t.task.clone()),
         None => {
             // SECURITY: an origin-form request (`GET /metrics`) is not a proxy request: 400
             // before anything else, whoever asks, so the proxy listener never looks like the
@@ -621,29 +621,35 @@ fn prepare(
             let https = parts.uri.scheme() == Some(&http::uri::Scheme::HTTPS);
             let port = parts.uri.port_u16().unwrap_or(if https { 443 } else { 80 });
             draft.set_host(&host, port);
-            state.tasks.authenticate(&parts.headers)?
+            state.tasks.authenticate(&parts.headers)
         }
     };
-    draft.set_task(&task);
+    if let Ok(task) = &identified {
+        draft.set_task(task);
+    }
+    if let Some(t) = &ctx.tunnel {
+        draft.set_host(&t.host.host, t.host.port);
+    }
+    // SECURITY: a real secret in the agent's hands has leaked; never let it travel. Looked
+    // for first, so that a leak is named even in a request refused for another reason too
+    // (no token, a wrong one, an ended task's).
+    let carried = generation.credentials.carried_by(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &state.tasks,
+        identified.is_ok(),
+    );
+    if !carried.is_empty() {
+        return Err(egress_refusal(generation, ctx, parts, draft, &carried));
+    }
+    let task = identified?;
     decide::check_validity(&task, now)?;
     if let Some((reason, code)) = ctx.slot.claim(&task, &state.settings) {
         return Err(Refusal {
             denial: Denial::bare(reason),
             code: Some(code),
         });
-    }
-
-    if let Some(t) = &ctx.tunnel {
-        draft.set_host(&t.host.host, t.host.port);
-    }
-    // SECURITY: a real secret in the agent's hands has leaked; never let it travel. Looked
-    // for first, so that a leak is named even in a request refused for another reason too.
-    let carried =
-        generation
-            .credentials
-            .carried_by(&parts.method, &parts.uri, &parts.headers, &state.tasks);
-    if !carried.is_empty() {
-        return Err(egress_refusal(generation, ctx, parts, draft, &carried));
     }
     let target = match &ctx.tunnel {
         Some(t) => identify::tunnel_target(parts, &t.host)?,

