@@ -53,6 +53,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     trailers
 }
 
+/// RFC 9110 §8.6: a `Content-Length` sent more than once with one value (HTTP/2 lets that
+/// through), or with leading zeros, goes on as one canonical value, so no upstream parser can
+/// read another length than keyward's HTTP layer did. False for values that disagree or are
+/// not a plain decimal number (refused as ambiguous).
+pub fn canonical_content_length(headers: &mut HeaderMap) -> bool {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let Some(first) = values.next() else {
+        return true;
+    };
+    let decimal = |v: &http::HeaderValue| {
+        let b = v.as_bytes();
+        if b.is_empty() || !b.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(b).ok()?.parse::<u64>().ok()
+    };
+    let Some(len) = decimal(first) else {
+        return false;
+    };
+    let mut canonical = first.len() == 1 || first.as_bytes().first() != Some(&b'0');
+    for other in values {
+        if decimal(other) != Some(len) {
+            return false;
+        }
+        canonical = false;
+    }
+    if !canonical {
+        headers.insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    }
+    true
+}
+
 /// Whether the agent's `TE` says it takes trailers. `TE` is hop-by-hop, so it is removed with
 /// the rest; what keyward itself accepts from the upstream is `trailers` (it relays them),
 /// said again when the agent asked for them: gRPC servers refuse a request without it.
@@ -277,6 +309,50 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_length_goes_on_once_as_a_plain_decimal_or_is_refused() {
+        let canon = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    http::header::CONTENT_LENGTH,
+                    http::HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            canonical_content_length(&mut h).then(|| {
+                h.get_all(http::header::CONTENT_LENGTH)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(canon(&[]), Some(vec![]));
+        for (sent, sends) in [
+            (&["3"][..], "3"),
+            (&["0"], "0"),
+            (&["00"], "0"),
+            (&["007"], "7"),
+            (&["3", "3"], "3"),
+            (&["3", "03"], "3"),
+            (&["18446744073709551615"], "18446744073709551615"),
+        ] {
+            assert_eq!(canon(sent), Some(vec![sends.to_string()]), "{sent:?}");
+        }
+        for refused in [
+            &["3", "4"][..],
+            &["+3"],
+            &["-3"],
+            &["3, 3"],
+            &[" 3"],
+            &["0x3"],
+            &[""],
+            &["18446744073709551616"],
+            &["3", "x"],
+        ] {
+            assert_eq!(canon(refused), None, "{refused:?}");
+        }
+    }
 
     #[test]
     fn ranges_go_in_every_spelling() {

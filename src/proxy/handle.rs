@@ -675,6 +675,12 @@ fn prepare(
     })?;
     draft.set_permit(&generation.policy, &permit);
 
+    if !forward::canonical_content_length(&mut parts.headers) {
+        return Err(Refusal {
+            denial: Denial::bare(Reason::AmbiguousRequest),
+            code: Some("content_length"),
+        });
+    }
     let websocket = upgrade::wants_websocket(parts);
     let trailers = forward::strip_hop_by_hop(&mut parts.headers);
     if trailers {

@@ -743,6 +743,66 @@ async fn http2_streams_on_one_connection_are_each_decided_on_their_own() {
     kw.assert_no_leaks().await;
 }
 
+// RFC 9110 §8.6: a repeated or zero-padded Content-Length reaches the upstream as one plain
+// value; HTTP/2 passes a repeated one through, and an upstream could read it another way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_reaches_the_upstream_once_and_canonical() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw
+        .mint("bot", json!(["secure.read", "plain.issues.read"]))
+        .await;
+    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
+    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let post = |lengths: &[&str]| {
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri(f.tls_url("secure.test", "/echo"));
+        for l in lengths {
+            req = req.header("content-length", *l);
+        }
+        req.body(()).unwrap()
+    };
+    for lengths in [&["3", "3"][..], &["03"], &["3", "003"]] {
+        bounded(
+            "h2 ready",
+            futures_util::future::poll_fn(|cx| h2.poll_ready(cx)),
+        )
+        .await
+        .unwrap();
+        let (resp, mut stream) = h2.send_request(post(lengths), false).unwrap();
+        stream.send_data(Bytes::from_static(b"abc"), true).unwrap();
+        let resp = bounded("h2 response", resp).await.unwrap();
+        assert_eq!(resp.status(), 200, "{lengths:?}");
+        let seen = f.tls.last();
+        assert_eq!(seen.header_all("content-length"), ["3"], "{lengths:?}");
+        assert_eq!(seen.body, b"abc", "{lengths:?}");
+    }
+    // The same over HTTP/1.1 on the plain listener.
+    let req = format!(
+        "{}abc",
+        raw_req(
+            &f,
+            "POST",
+            "plain.test",
+            "/echo",
+            &task,
+            "Content-Length: 003\r\n"
+        )
+    );
+    let resp = parse_response(&exchange(&f, req.as_bytes()).await);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = f.plain.last();
+    assert_eq!(seen.header_all("content-length"), ["3"]);
+    assert_eq!(seen.body, b"abc");
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_data_longer_than_content_length_never_reaches_the_upstream_whole() {
     let f = Fixture::start().await;
