@@ -503,6 +503,16 @@ async fn task_listing_shows_intent_expiry_and_counts_but_never_tokens() {
         assert_eq!(status, 400, "{query}: {err}");
         assert_eq!(err["reason"], "bad_query", "{query}: {err}");
     }
+    // One task's route takes none: not ignored, and a DELETE with one revokes nothing.
+    for method in [Method::GET, Method::DELETE] {
+        let (status, err) = kw
+            .admin(method.clone(), "/v1/tasks/list-a?force=1", None)
+            .await;
+        assert_eq!(status, 400, "{method}: {err}");
+        assert_eq!(err["reason"], "bad_query", "{method}: {err}");
+    }
+    let (_, list) = kw.admin(Method::GET, "/v1/tasks?status=active", None).await;
+    assert_eq!(ids(&list), ["list-a"]);
     kw.assert_no_leaks().await;
 }
 
@@ -1146,8 +1156,8 @@ async fn admin_listener_bounds_slow_heads_and_slow_bodies() {
     );
     slow.write_all(head.as_bytes()).await.unwrap();
     let resp = common::read_response(&mut slow).await;
-    assert_eq!(resp.status, 400, "{}", resp.text());
-    assert!(resp.text().contains("bad_body"), "{}", resp.text());
+    assert_eq!(resp.status, 408, "{}", resp.text());
+    assert!(resp.text().contains("body_timeout"), "{}", resp.text());
     let (status, list) = kw.admin(Method::GET, "/v1/tasks", None).await;
     assert_eq!(status, 200);
     assert_eq!(list["tasks"].as_array().unwrap().len(), 0, "{list}");

@@ -66,6 +66,12 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
                 )
             }
         },
+        // Its one task, nothing to narrow: a parameter is a mistake, said as the list says it.
+        (_, p) if p.starts_with("/v1/tasks/") && req.uri().query().is_some() => error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "a single task's route takes no query parameters",
+        ),
         (m, p) if p.starts_with("/v1/tasks/") => {
             let id = &p["/v1/tasks/".len()..];
             match *m {
@@ -265,7 +271,14 @@ async fn mint(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let body = match tokio::time::timeout(state.settings.header_read_timeout, read).await {
         Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        _ => return bad_request("bad_body", "the body could not be read in time"),
+        Ok(Err(_)) => return bad_request("bad_body", "the body could not be read"),
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive within header_read_timeout",
+            )
+        }
     };
     // serde reads a struct from a JSON array too (its fields in order): one input form only.
     if body.trim_ascii_start().first() != Some(&b'{') {
