@@ -743,6 +743,19 @@ async fn http2_streams_on_one_connection_are_each_decided_on_their_own() {
     kw.assert_no_leaks().await;
 }
 
+/// An intercepted HTTP/2 connection to `secure.test` on the `h2` crate itself, which sends
+/// what hyper's client would tidy up (a repeated header, data past the content-length).
+async fn raw_h2(f: &Fixture, task: &crate::common::Task) -> h2::client::SendRequest<Bytes> {
+    let tls = tunnel_tls(f, task, "secure.test", &[b"h2"]).await;
+    let (h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    h2
+}
+
 // RFC 9110 §8.6: a repeated or zero-padded Content-Length reaches the upstream as one plain
 // value; HTTP/2 passes a repeated one through, and an upstream could read it another way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -752,13 +765,7 @@ async fn content_length_reaches_the_upstream_once_and_canonical() {
     let task = kw
         .mint("bot", json!(["secure.read", "plain.issues.read"]))
         .await;
-    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
-    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut h2 = raw_h2(&f, &task).await;
     let post = |lengths: &[&str]| {
         let mut req = http::Request::builder()
             .method("POST")
@@ -808,13 +815,7 @@ async fn http2_data_longer_than_content_length_never_reaches_the_upstream_whole(
     let f = Fixture::start().await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
-    let tls = tunnel_tls(&f, &task, "secure.test", &[b"h2"]).await;
-    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut h2 = raw_h2(&f, &task).await;
     let req = http::Request::builder()
         .method("POST")
         .uri(f.tls_url("secure.test", "/echo"))
