@@ -1809,6 +1809,38 @@ async fn serve_with_an_audit_path_it_cannot_open_exits_1_with_one_sentence() {
     assert!(sentence.contains("a-file/no-such-dir/audit.jsonl"), "{err}");
 }
 
+/// Two keywards on one audit file would interleave two hash chains, and `audit verify` would
+/// read honest records as tampered: the second refuses to start, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_serve_on_the_same_audit_log_exits_1_with_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = edited_policy(dir.path(), &[]);
+    let (mut first, lines, log, _) =
+        spawn_serve_until(&file, Stdio::null(), "keyward listening").await;
+    let out = keyward(&["serve", "--config", file.to_str().unwrap()]).await;
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let sentence = err
+        .lines()
+        .find(|l| l.contains("is in use by another process"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(sentence.contains("audit.jsonl"), "{err}");
+    assert!(!err.contains("keyward listening"), "{err}");
+    // The first keeps serving, and once it has stopped the file is free again.
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first keyward stopped"
+    );
+    signal(&first, "-TERM");
+    let status = bounded("keyward exit", first.wait()).await.unwrap();
+    let log = read_rest(lines, log).await;
+    assert_eq!(status.code(), Some(0), "{log}");
+    let (mut again, _lines, _, _) =
+        spawn_serve_until(&file, Stdio::null(), "keyward listening").await;
+    signal(&again, "-TERM");
+    bounded("keyward exit", again.wait()).await.unwrap();
+}
+
 /// SIGTERM while `serve` is still starting (a credential `exec` that takes its time) stops it
 /// at once with exit 0, instead of after the start-up and a listening line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -360,6 +360,8 @@ pub enum AuditError {
     ReadTail { path: PathBuf, source: io::Error },
     #[error("the last MiB of the audit log `{}` holds no keyward audit record; move the file aside or set another audit.path", path.display())]
     NotAnAuditLog { path: PathBuf },
+    #[error("the audit log `{}` is in use by another process (another keyward with the same audit.path?): two writers would interleave two hash chains; give each keyward its own audit.path", path.display())]
+    InUse { path: PathBuf },
     #[error("audit records would be discarded: {0}; set audit.path to a file, or give keyward a standard output that is read")]
     Discarded(&'static str),
     #[error("cannot start the audit writer thread: {0}")]

@@ -464,6 +464,29 @@ impl Sink {
         }
     }
 
+    /// Lets go of the regular file's lock (`lock`), before opening its path again.
+    fn unlock(&self) {
+        if let Sink::File {
+            file,
+            regular: true,
+        } = self
+        {
+            let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock);
+        }
+    }
+
+    /// Takes the lock back when the file stays in use after all (best effort: the other
+    /// process that could take it meanwhile would have to start in that instant).
+    fn relock(&self) {
+        if let Sink::File {
+            file,
+            regular: true,
+        } = self
+        {
+            let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+        }
+    }
+
     fn sync(&mut self) -> io::Result<()> {
         match self {
             Sink::File { file, regular } => {
@@ -549,7 +572,9 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
                     "audit.path names a device that discards what is written (/dev/null, /dev/zero, /dev/urandom…)",
                 ));
             }
-            if !meta.is_file() {
+            if meta.is_file() {
+                lock(&file, path)?;
+            } else {
                 // A device or pipe: nothing to read back, so the chain starts afresh.
                 let sink = Sink::File {
                     file,
@@ -581,6 +606,24 @@ fn open_sink(target: &AuditTarget) -> Result<(Sink, Chain), AuditError> {
                 regular: true,
             };
             Ok((sink, chain))
+        }
+    }
+}
+
+/// SECURITY (tamper evidence): two writers appending to one file interleave two chains (two
+/// `seq` 8s, hashes that do not follow), and `audit verify` reads honest records as tampered.
+/// An exclusive `flock` on the file, held while it is open, makes a second keyward (a copy of
+/// a policy that names the same path) refuse to start. A filesystem without locks (some
+/// network ones) is only warned about.
+fn lock(file: &File, path: &std::path::Path) -> Result<(), AuditError> {
+    match rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(AuditError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot lock the audit log; make sure no other process writes to it");
+            Ok(())
         }
     }
 }
@@ -704,7 +747,16 @@ impl Writer {
         if let Err(e) = self.sink.sync() {
             tracing::warn!(error = %e, "audit log sync before reopening failed");
         }
-        let (sink, chain) = open_sink(&self.target).map_err(|e| e.to_string())?;
+        // The path may name the open file again (truncated in place): its lock is this
+        // writer's, held through another open file, so let go of it first.
+        self.sink.unlock();
+        let (sink, chain) = match open_sink(&self.target) {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.sink.relock();
+                return Err(e.to_string());
+            }
+        };
         self.log_chain_end("reopened");
         self.identity = sink.identity();
         self.size = sink.len();
@@ -817,6 +869,8 @@ impl Writer {
             tracing::error!(error = %e, "audit log sync failed at close");
         }
         self.log_chain_end("closed");
+        // Nothing more is written: a keyward started next may take the file at once.
+        self.sink.unlock();
         if let Some(ack) = ack {
             let _ = ack.send(());
         }
@@ -1150,6 +1204,38 @@ mod tests {
         log.close().await;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_on_the_same_file_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (target, path) = file_target(&dir);
+        let metrics = Metrics::new().unwrap();
+        let first = AuditLog::open(&target, 4, &metrics).await.unwrap();
+        first.write(record(0)).await;
+        // The same file under another name is the same file.
+        let alias = AuditTarget::File(dir.path().join("./audit.jsonl"));
+        for t in [&target, &alias] {
+            let err = AuditLog::open(t, 4, &metrics).await.unwrap_err();
+            assert!(matches!(err, AuditError::InUse { .. }), "{err}");
+            assert!(err.to_string().contains("in use"), "{err}");
+        }
+        // The first writer's own reopen of that file (truncated in place by logrotate's
+        // `copytruncate`) is not refused by its own lock.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        first.reopen().await.unwrap();
+        first.write(record(1)).await;
+        first.close().await;
+        let second = AuditLog::open(&target, 4, &metrics).await.unwrap();
+        second.write(record(2)).await;
+        second.close().await;
+        assert_eq!(seqs(&path), [1, 2]);
+        assert_eq!(verify(&path), 2);
     }
 
     #[tokio::test]
