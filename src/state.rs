@@ -228,6 +228,12 @@ impl State {
         )
         .await?;
         let version = generation.policy.version().to_string();
+        let credentials_unreadable: Vec<String> = generation
+            .credentials
+            .unreadable()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         // SECURITY (SPEC §9): a task whose agent, or one of whose capabilities, the new policy
         // no longer has (or no longer grants that agent), or that runs longer than its agent's
         // new `max_ttl` allows, is refused from its next request on, for good (putting them
@@ -290,6 +296,7 @@ impl State {
         Ok(Reloaded {
             version,
             restart_required,
+            credentials_unreadable,
         })
     }
 
@@ -393,6 +400,9 @@ pub struct Reloaded {
     /// Keys the new file changes that keyward applies only at start (listeners, limits,
     /// timeouts, CA, audit sink); it keeps running with the old values.
     pub restart_required: Vec<&'static str>,
+    /// Credentials of the new policy that cannot be read now (their requests are 502
+    /// `credential_unavailable`, `/readyz` fails): valid policy, not yet a working one.
+    pub credentials_unreadable: Vec<String>,
 }
 
 /// Settings a reload does not apply, besides `proxy.*` (kept in `State::settings`).

@@ -699,6 +699,7 @@ async fn reload_with_an_invalid_policy_keeps_the_old_one_serving() {
     let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["restart_required"], json!([]), "{v}");
+    assert_eq!(v["credentials_unreadable"], json!([]), "{v}");
     let resp = kw.send(agent.get(&url)).await;
     let (_, rec) = kw.assert_denied(&resp, 403, "route_not_in_intent").await;
     assert_ne!(rec["policy_version"], version, "the new policy decided");
@@ -1017,6 +1018,11 @@ agents:
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["ready"], false);
     assert_eq!(v["credentials_unreadable"], json!(["missing"]));
+    // A reload of that policy is valid, and says what it cannot use yet (a `curl -f` of it
+    // is no proof the pod serves).
+    let (status, v) = kw.admin(Method::POST, "/v1/reload", None).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["credentials_unreadable"], json!(["missing"]), "{v}");
     // Liveness does not depend on credentials.
     let resp = reqwest::Client::builder()
         .no_proxy()

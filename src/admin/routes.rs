@@ -56,7 +56,7 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
             ),
             Some(Ok(r)) => json(
                 StatusCode::OK,
-                &json!({ "policy_version": r.version, "restart_required": r.restart_required }),
+                &json!({ "policy_version": r.version, "restart_required": r.restart_required, "credentials_unreadable": r.credentials_unreadable }),
             ),
             Some(Err(errors)) => {
                 let list: Vec<String> = errors.0.iter().map(|e| e.to_string()).collect();
