@@ -23,13 +23,22 @@ const LEAF_CACHE_CAPACITY: usize = 10_000;
 /// Audit records that may wait for the writer before requests wait for it.
 const AUDIT_QUEUE: usize = 65_536;
 
-/// The tokio runtime: one worker per CPU this process may use. `available_parallelism` honours
-/// the affinity mask and the cgroup CPU quota, so a sidecar limited to one CPU runs one worker.
-/// `KEYWARD_WORKERS` overrides it.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let workers = worker_count(std::env::var("KEYWARD_WORKERS").ok().as_deref(), || {
+/// Most worker threads `KEYWARD_WORKERS` may ask for: far past any CPU count that helps, and
+/// short of a number whose threads' stacks alone take the machine down.
+const MAX_WORKERS: usize = 1024;
+
+/// The number of worker threads: one per CPU this process may use. `available_parallelism`
+/// honours the affinity mask and the cgroup CPU quota, so a sidecar limited to one CPU runs one
+/// worker. `KEYWARD_WORKERS` overrides it; a value that is not a whole number from 1 to
+/// `MAX_WORKERS` is a user error (one sentence), not silently replaced by the default.
+pub fn workers() -> Result<usize, String> {
+    worker_count(std::env::var("KEYWARD_WORKERS").ok().as_deref(), || {
         std::thread::available_parallelism().ok().map(|n| n.get())
-    });
+    })
+}
+
+/// The tokio runtime with `workers` worker threads (see `workers`).
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tracing::info!(workers, "starting the async runtime");
     if workers == 1 {
         // One CPU: every task on the thread that runs `main`. No work-stealing queues, and no
@@ -59,14 +68,24 @@ pub(crate) fn warn_if_short(token: &crate::secret::Secret) {
     }
 }
 
-/// Worker threads: `KEYWARD_WORKERS` when it is a positive integer, else the CPUs this process
-/// may use (`available`: affinity mask and cgroup quota on Linux), else 1.
-fn worker_count(var: Option<&str>, available: impl FnOnce() -> Option<usize>) -> usize {
-    var.and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
-        .or_else(available)
-        .filter(|&n| n > 0)
-        .unwrap_or(1)
+/// Worker threads: `KEYWARD_WORKERS` when set, else the CPUs this process may use
+/// (`available`: affinity mask and cgroup quota on Linux), else 1.
+fn worker_count(
+    var: Option<&str>,
+    available: impl FnOnce() -> Option<usize>,
+) -> Result<usize, String> {
+    match var {
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
+            // (Digits and sign only: an environment variable is no secret, but it is echoed
+            // back no longer than a number.)
+            _ => Err(format!(
+                "KEYWARD_WORKERS must be a whole number from 1 to {MAX_WORKERS} (got `{}`); unset it to use one worker per CPU keyward may use",
+                v.chars().take(24).collect::<String>().escape_default()
+            )),
+        },
+        None => Ok(available().filter(|&n| n > 0).unwrap_or(1)),
+    }
 }
 
 /// Why keyward could not start. `exit_code()` maps to SPEC §6: 1 user error, 2 internal.
@@ -325,14 +344,18 @@ mod tests {
     #[test]
     fn workers_follow_the_cpus_the_process_may_use_unless_overridden() {
         // No override: whatever `available_parallelism` reports (affinity, cgroup quota).
-        assert_eq!(worker_count(None, || Some(1)), 1);
-        assert_eq!(worker_count(None, || Some(6)), 6);
-        assert_eq!(worker_count(None, || None), 1);
-        // KEYWARD_WORKERS wins when it is a positive integer; anything else is ignored.
-        assert_eq!(worker_count(Some("3"), || Some(1)), 3);
-        assert_eq!(worker_count(Some(" 2 "), || Some(8)), 2);
-        for bad in ["0", "-1", "many", ""] {
-            assert_eq!(worker_count(Some(bad), || Some(4)), 4, "{bad:?}");
+        assert_eq!(worker_count(None, || Some(1)), Ok(1));
+        assert_eq!(worker_count(None, || Some(6)), Ok(6));
+        assert_eq!(worker_count(None, || None), Ok(1));
+        // KEYWARD_WORKERS wins when it is a whole number from 1 to 1024.
+        assert_eq!(worker_count(Some("3"), || Some(1)), Ok(3));
+        assert_eq!(worker_count(Some(" 2 "), || Some(8)), Ok(2));
+        assert_eq!(worker_count(Some("1024"), || Some(8)), Ok(1024));
+        // Anything else is said, not replaced by the default (or obeyed: 999999 threads).
+        for bad in ["0", "-1", "many", "", "1025", "999999", "2.5"] {
+            let err = worker_count(Some(bad), || Some(4)).unwrap_err();
+            assert!(err.starts_with("KEYWARD_WORKERS must be"), "{bad:?}: {err}");
+            assert!(err.contains(&format!("`{bad}`")), "{bad:?}: {err}");
         }
     }
 }

@@ -55,7 +55,14 @@ fn main() {
         // `eprintln!` to the same closed stderr would panic and turn the exit code into 101.
         .log_internal_errors(false)
         .init();
-    let runtime = match keyward::app::runtime() {
+    let workers = match keyward::app::workers() {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "keyward: {e}");
+            std::process::exit(1);
+        }
+    };
+    let runtime = match keyward::app::runtime(workers) {
         Ok(rt) => rt,
         Err(e) => {
             let _ = writeln!(

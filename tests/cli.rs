@@ -847,6 +847,34 @@ async fn serve_runs_one_worker_per_cpu_it_may_use() {
     }
 }
 
+/// A `KEYWARD_WORKERS` keyward cannot use is said in one sentence and exit 1: not silently
+/// replaced by the default, nor obeyed into a million threads that never get to listen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_worker_count_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, _) = explain_policy(dir.path());
+    for bad in ["0", "abc", "-3", "999999"] {
+        let out = bounded(
+            "keyward exit",
+            tokio::process::Command::new(BIN)
+                .args(["serve", "--config", file.to_str().unwrap()])
+                .env("KEYWARD_WORKERS", bad)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {err}");
+        assert_eq!(err.lines().count(), 1, "{bad}: {err}");
+        assert!(
+            err.contains("KEYWARD_WORKERS must be a whole number from 1 to 1024"),
+            "{err}"
+        );
+        assert!(err.contains(&format!("`{bad}`")), "{err}");
+    }
+}
+
 /// The listeners queue as many new connections as the kernel allows (4,096 asked for), not
 /// the usual 128, which overflowed under a burst and held each client that overflowed for a
 /// second.
