@@ -1278,6 +1278,46 @@ async fn check_refuses_an_audit_path_that_is_another_policy_file_by_any_name() {
     }
 }
 
+/// What `serve` would refuse about the audit path on disk, `check` says first: a directory,
+/// or a device that discards what is written. `/dev/stdout` (a link to whatever standard
+/// output `check` has) and a new file are fine.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_an_audit_path_serve_could_not_use() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("logs")).unwrap();
+    for (path, says) in [
+        ("logs", "is a directory"),
+        ("/tmp", "is a directory"),
+        ("/dev/null", "discards what is written"),
+        ("/dev/zero", "discards what is written"),
+    ] {
+        let file = edited_policy(
+            dir.path(),
+            &[(
+                "audit: { path: audit.jsonl }",
+                &format!("audit: {{ path: {path} }}"),
+            )],
+        );
+        let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+        assert_eq!(out.status.code(), Some(1), "{path}: {out:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains("audit.path"), "{path}: {err}");
+        assert!(err.contains(says), "{path}: {err}");
+    }
+    for path in ["/dev/stdout", "logs/audit.jsonl"] {
+        let file = edited_policy(
+            dir.path(),
+            &[(
+                "audit: { path: audit.jsonl }",
+                &format!("audit: {{ path: {path} }}"),
+            )],
+        );
+        let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+        assert_eq!(out.status.code(), Some(0), "{path}: {out:?}");
+    }
+}
+
 /// `keyward audit verify` checks the files keyward wrote: a whole chain is ok (with its last
 /// hash, to keep elsewhere); an edited or removed record is named by its line; exit 1.
 #[cfg(unix)]

@@ -633,7 +633,7 @@ fn lock(file: &File, path: &std::path::Path) -> Result<(), AuditError> {
 /// writes and keep nothing: what the Rust runtime puts on standard output when keyward was
 /// started with it closed (`>&-`), and where records would go unseen. Not /dev/full (minor
 /// 7): its writes fail, and so the log does, closed.
-fn discards(open: rustix::io::Result<rustix::fs::Stat>) -> bool {
+pub(crate) fn discards(open: rustix::io::Result<rustix::fs::Stat>) -> bool {
     open.is_ok_and(|st| {
         rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::CharacterDevice
             && rustix::fs::major(st.st_rdev) == 1
