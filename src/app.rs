@@ -23,6 +23,22 @@ const LEAF_CACHE_CAPACITY: usize = 10_000;
 /// Audit records that may wait for the writer before requests wait for it.
 const AUDIT_QUEUE: usize = 65_536;
 
+/// Libraries whose debug output carries what crosses the wire: `h2` prints frames (a GOAWAY's
+/// debug data, which an upstream or an agent may fill with a credential), `rustls` whole
+/// handshakes (the agent's server name). Kept at `info` or quieter whatever `RUST_LOG` asks.
+const WIRE_LOGGERS: [&str; 3] = ["h2", "rustls", "tokio_rustls"];
+
+/// SECURITY (I4): whether an event may be logged at all, whatever the filter lets through: not
+/// one more verbose than `info` from `WIRE_LOGGERS`. `RUST_LOG` can still quieten them.
+pub fn wire_safe(target: &str, level: &tracing::Level) -> bool {
+    let wire = WIRE_LOGGERS.iter().any(|w| {
+        target
+            .strip_prefix(w)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    });
+    !wire || *level <= tracing::Level::INFO
+}
+
 /// Most worker threads `KEYWARD_WORKERS` may ask for: far past any CPU count that helps, and
 /// short of a number whose threads' stacks alone take the machine down.
 const MAX_WORKERS: usize = 1024;
@@ -325,7 +341,7 @@ pub fn describe_source(source: &SecretSource) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{tidy_path, worker_count};
+    use super::{tidy_path, wire_safe, worker_count};
     use std::path::Path;
 
     #[test]
@@ -338,6 +354,33 @@ mod tests {
             ("policy/..", "."),
         ] {
             assert_eq!(tidy_path(Path::new(raw)), Path::new(tidy), "{raw}");
+        }
+    }
+
+    #[test]
+    fn the_wire_libraries_never_log_below_info() {
+        use tracing::Level;
+        for target in [
+            "h2",
+            "h2::codec::framed_read",
+            "rustls::server::hs",
+            "tokio_rustls",
+        ] {
+            for level in [Level::TRACE, Level::DEBUG] {
+                assert!(!wire_safe(target, &level), "{target} {level}");
+            }
+            for level in [Level::INFO, Level::WARN, Level::ERROR] {
+                assert!(wire_safe(target, &level), "{target} {level}");
+            }
+        }
+        // keyward's own, and names that only start alike, follow RUST_LOG alone.
+        for target in [
+            "keyward::proxy::conn",
+            "h2c",
+            "rustls_native_certs",
+            "hyper",
+        ] {
+            assert!(wire_safe(target, &Level::TRACE), "{target}");
         }
     }
 

@@ -4,6 +4,8 @@
 use std::io::Write as _;
 
 use clap::Parser;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 // mimalloc: a proxy allocates and frees many small buffers per request on every worker; the
 // system allocator's arenas cost several percent of a core under load (see benches/README.md).
@@ -54,6 +56,10 @@ fn main() {
         // A line that cannot be written (stderr closed) is dropped; reporting that with
         // `eprintln!` to the same closed stderr would panic and turn the exit code into 101.
         .log_internal_errors(false)
+        .finish()
+        .with(tracing_subscriber::filter::filter_fn(|meta| {
+            keyward::app::wire_safe(meta.target(), meta.level())
+        }))
         .init();
     let workers = match keyward::app::workers() {
         Ok(n) => n,

@@ -687,9 +687,14 @@ async fn serve(config: &str) -> Served {
 
 /// Spawns `cmd` (a `keyward serve`, possibly behind a launcher that execs it), waits (bounded)
 /// for the listening line.
-async fn serve_cmd(mut cmd: tokio::process::Command) -> Served {
+async fn serve_cmd(cmd: tokio::process::Command) -> Served {
+    serve_logging(cmd, "info").await
+}
+
+/// `serve_cmd` with `RUST_LOG` set to `level`.
+async fn serve_logging(mut cmd: tokio::process::Command, level: &str) -> Served {
     let mut child = cmd
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", level)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -725,6 +730,65 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
     line.split(' ')
         .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// `RUST_LOG=trace` must not print a secret either: the HTTP/2 and TLS libraries' debug output
+/// (frames, whole handshakes) is kept out, and an agent's server name naming a credential,
+/// which rustls traced, is not in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logging_keeps_the_wire_libraries_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, secrets) = explain_policy(dir.path());
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["serve", "--config", file.to_str().unwrap()]);
+    let served = serve_logging(cmd, "trace").await;
+    let proxy: std::net::SocketAddr = field(&served.line, "proxy").parse().unwrap();
+    let admin = field(&served.line, "admin");
+    let minted: serde_json::Value = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{admin}/v1/tasks"))
+        .bearer_auth(&secrets[1])
+        .json(&serde_json::json!({"agent": "bot", "intent": ["api.issues.read"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let auth = common::basic(
+        minted["task"].as_str().unwrap(),
+        minted["token"].as_str().unwrap(),
+    );
+    let sni = format!(
+        "{}.api.test",
+        secrets[0].to_ascii_lowercase().replace('_', "-")
+    );
+    let (tcp, resp) = common::connect_raw(proxy, "api.test:443", Some(&auth)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let handshake = common::tls_over(tcp, &sni, &ca, &[b"http/1.1"]).await;
+    assert!(
+        handshake.is_err(),
+        "a server name that is not the CONNECT host"
+    );
+    let (_, log) = served.refuse_one_then_terminate().await;
+    assert!(
+        log.contains(" DEBUG keyward::"),
+        "RUST_LOG=trace was not taken:\n{log}"
+    );
+    assert!(!log.contains(&sni), "the server name was logged:\n{log}");
+    let wire: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("DEBUG") || l.contains("TRACE"))
+        .filter(|l| {
+            [" h2::", " rustls::", " tokio_rustls::"]
+                .iter()
+                .any(|t| l.contains(t))
+        })
+        .collect();
+    assert!(wire.is_empty(), "{wire:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
