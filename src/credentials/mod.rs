@@ -434,15 +434,16 @@ impl CredentialStore {
     /// authority carries (SPEC §4.3 `secret_egress`), raw, percent-encoded or base64-encoded:
     /// every credential's, the admin token, a task token of `tasks`; empty when none. For
     /// requests and for CONNECT alike (whose target is its authority). `Proxy-Authorization`
-    /// is scanned only for a request that failed authentication (`authenticated` false): an
-    /// agent trying the admin token or a credential as its task token has it in hand.
+    /// is scanned too unless it authenticated this request (`proxy_auth_used`): one that failed
+    /// (an agent trying the admin token or a credential as its task token has it in hand), or
+    /// one inside a tunnel (which the tunnel's CONNECT authenticated), which keyward drops.
     pub fn carried_by(
         &self,
         method: &http::Method,
         uri: &Uri,
         headers: &http::HeaderMap,
         tasks: &crate::tasks::TaskStore,
-        authenticated: bool,
+        proxy_auth_used: bool,
     ) -> Vec<Carried> {
         let target = uri
             .path_and_query()
@@ -479,9 +480,9 @@ impl CredentialStore {
         {
             found.push(Carried::TaskToken);
         }
-        if !authenticated {
-            // Not for a task token: one there is in its place (a revoked task's, or the right
-            // token under another task's id).
+        if !proxy_auth_used {
+            // Not for a task token: one there is in its place (a revoked task's, the right
+            // token under another task's id, a client that sends it inside the tunnel too).
             let auth: Vec<&[u8]> = headers
                 .get_all(http::header::PROXY_AUTHORIZATION)
                 .iter()

@@ -638,7 +638,7 @@ fn prepare(
         &parts.uri,
         &parts.headers,
         &state.tasks,
-        identified.is_ok(),
+        ctx.tunnel.is_none() && identified.is_ok(),
     );
     if !carried.is_empty() {
         return Err(egress_refusal(generation, ctx, parts, draft, &carried));
