@@ -74,7 +74,10 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
             load(text, false).and_then(Result::ok)
         }
         Err(e) => {
-            let (pos, mut message) = describe_load_error(&e);
+            let (mut pos, mut message) = describe_load_error(&e);
+            if matches!(e, LoadError::ScanError(ref _m, ref scan) if scan.info().contains("tab")) {
+                pos = first_tab_from_line(text, pos.line).unwrap_or(pos);
+            }
             if matches!(e, LoadError::ScanError(..)) && brace_in_flow_list(text, pos) {
                 message.push_str(
                     "; inside `[...]` a route with `{param}` must be quoted (`[\"GET /a/{id}\"]`) or written as a `- GET /a/{id}` line",
@@ -88,6 +91,22 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
         restore_route_braces(&mut node, &braced);
     }
     Some(node)
+}
+
+/// Where the first tab is on line `line` or after (1-based, columns in characters): the
+/// scanner's tab errors point at the scalar or key it was reading, often the line before the
+/// indentation that holds the tab.
+fn first_tab_from_line(text: &str, line: usize) -> Option<Pos> {
+    yaml_lines(text)
+        .enumerate()
+        .skip(line.saturating_sub(1))
+        .find_map(|(i, (_, l))| {
+            let column = l.chars().position(|c| c == '\t')?;
+            Some(Pos {
+                line: i + 1,
+                column: column + 1,
+            })
+        })
 }
 
 /// `text`'s lines as YAML counts them (a line ends at `\r\n`, `\n` or a lone `\r`), each with
@@ -922,7 +941,12 @@ mod tests {
     fn yaml_level_errors_have_positions() {
         let cases = [
             ("a: [1, 2\nb: 3\n", "p.yaml:2:2: a: invalid YAML: "),
-            ("a:\n\tb: 1\n", "p.yaml:2:2: a: invalid YAML: tabs"),
+            ("a:\n\tb: 1\n", "p.yaml:2:1: a: invalid YAML: tabs"),
+            // The scanner names the scalar before the tab; the tab is what is wrong.
+            (
+                "a:\n  b: me\n\tc: 1h\n",
+                "p.yaml:3:1: a.b: invalid YAML: while scanning a plain scalar, found a tab",
+            ),
             ("a: &x 1\nb: *x\n", "p.yaml:1:7: a: YAML anchors"),
             ("a: !!str 1\n", "p.yaml:1:10: a: YAML tags"),
             (
