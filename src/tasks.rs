@@ -424,6 +424,9 @@ pub enum MintError {
     NotGranted { agent: String, capability: String },
     #[error("capability `{capability}` has no route with parameter `{param}`")]
     UnknownParam { capability: String, param: String },
+    /// The intent-wide `where` names a parameter no capability of the intent has.
+    #[error("no capability of the intent has a route with parameter `{0}`")]
+    UnknownIntentParam(String),
     #[error("constraint on `{0}` lists no values, or an empty one")]
     EmptyConstraint(String),
     #[error("the intent's constraints list {0} values, or {1} bytes, in all (the intent-wide `where` counts once per capability); at most {MAX_CONSTRAINT_VALUES} values and {MAX_CONSTRAINT_BYTES} bytes are allowed")]
@@ -932,14 +935,7 @@ pub fn apply_where(
             }
         }
         if !used {
-            return Err(MintError::UnknownParam {
-                capability: grants
-                    .iter()
-                    .map(|g| g.capability.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-                param: param.clone(),
-            });
+            return Err(MintError::UnknownIntentParam(param.clone()));
         }
     }
     Ok(grants)

@@ -220,6 +220,17 @@ async fn mint_refuses_invalid_requests_with_400_and_a_reason() {
         assert!(v.get("token").is_none(), "{what}: {v}");
         kw.saw(&v.to_string());
     }
+    // An intent-wide `where` on a parameter none of the capabilities has: said as such, not
+    // as a capability named by the intent's names joined.
+    let (status, v) = kw
+        .mint_body(json!({"agent": "bot", "intent": ["plain.issues.read", "query.search"], "where": {"bogus": "1"}}))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["reason"], "invalid_constraint", "{v}");
+    assert_eq!(
+        v["message"], "no capability of the intent has a route with parameter `bogus`",
+        "{v}"
+    );
     // A parameter named twice in `where` (JSON a `Value` cannot hold): refused, not "the last
     // one wins", in an item's `where` and in the intent-wide one.
     for raw in [

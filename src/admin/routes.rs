@@ -384,6 +384,7 @@ fn mint_error_code(e: &MintError) -> &'static str {
         MintError::UnknownCapability(_) => "unknown_capability",
         MintError::NotGranted { .. } => "capability_not_granted",
         MintError::UnknownParam { .. }
+        | MintError::UnknownIntentParam(_)
         | MintError::EmptyConstraint(_)
         | MintError::UnmatchableConstraint { .. }
         | MintError::ControlInConstraint { .. }

@@ -213,6 +213,12 @@ fn parse_path(path: &str) -> Result<Vec<PatternSegment>, RouteSyntaxError> {
             "the path is longer than {MAX_PATH_BYTES} bytes"
         )));
     }
+    // Said first: `/items/{id}?x=1` would otherwise read as a malformed `{id}` segment.
+    if path.contains('?') {
+        return Err(RouteSyntaxError::new(
+            "the query string is not part of a route: remove `?` and what follows",
+        ));
+    }
     let mut segments = Vec::new();
     if body.is_empty() {
         return Ok(segments);
@@ -502,6 +508,9 @@ pub(crate) mod tests {
             ("GET /a%2Fb", "`%` is not allowed"),
             ("GET /%7E", "`%` is not allowed"),
             ("GET /a?x=1", "query string"),
+            // Even when a parameter's brace comes before it: the `?` is the mistake.
+            ("POST /items/{id}?x=1", "query string"),
+            ("GET /items/{id}?", "query string"),
             ("GET /a#f", "fragment"),
             ("GET /a;b", "`;` is not allowed"),
             ("GET /a\\b", "`\\` is not allowed"),

@@ -415,6 +415,15 @@ fn read_audit(
 }
 
 /// `env:NAME`, `file:PATH` or `{exec: [argv...]}`. Anything else is taken for a literal secret.
+/// The source word `text` starts with when it is not a source as written: `env` or `file` in
+/// another case (`ENV:NAME`, `File:x`), or `exec` in any case (`exec:cmd`, a scalar).
+fn misspelt_source(text: &str) -> Option<&'static str> {
+    let (prefix, _) = text.split_once(':')?;
+    ["env", "file", "exec"]
+        .into_iter()
+        .find(|known| prefix.eq_ignore_ascii_case(known))
+}
+
 fn secret_source(field: Field<'_>, base_dir: &Path, errs: &mut Errors) -> Option<SecretSource> {
     match field.node {
         Node::Scalar(_) => {
@@ -438,6 +447,14 @@ fn secret_source(field: Field<'_>, base_dir: &Path, errs: &mut Errors) -> Option
                     field.path,
                     "`file:` must be followed by a path",
                 );
+            } else if let Some(known) = misspelt_source(&text) {
+                // (Only the known word is repeated, never the rest of the value.)
+                let message = if known == "exec" {
+                    "`exec` takes a command as a list: `{exec: [command, args...]}`".to_string()
+                } else {
+                    format!("sources are written in lower case: `{known}:`")
+                };
+                errs.push(field.pos(), field.path, message);
             } else {
                 // SECURITY: whatever was written here may be the secret itself; say only that
                 // it is not a source, never what it was.
@@ -722,6 +739,9 @@ credentials:
   c: {source: 'env:'}
   d: {source: [x]}
   e: {source: {exec: []}}
+  f: {source: ENV:GHP_NAME}
+  g: {source: 'File:/run/ghp_x'}
+  h: {source: 'exec:/bin/ghp_cat'}
 ";
         let errs = errors(text);
         assert_eq!(
@@ -733,6 +753,9 @@ credentials:
                 "p.yaml:6:15: credentials.c.source: `env:` must be followed by an environment variable name (letters, digits, `_`)",
                 "p.yaml:7:7: credentials.d.source: literal secrets are not allowed; write `env:NAME`, `file:PATH` or `{exec: [command, args...]}`",
                 "p.yaml:8:16: credentials.e.source.exec: `exec` must name a command: `{exec: [command, args...]}`",
+                "p.yaml:9:15: credentials.f.source: sources are written in lower case: `env:`",
+                "p.yaml:10:15: credentials.g.source: sources are written in lower case: `file:`",
+                "p.yaml:11:15: credentials.h.source: `exec` takes a command as a list: `{exec: [command, args...]}`",
             ]
         );
         let all = errs.join("\n");
