@@ -896,6 +896,9 @@ fn is_blocked_v6(ip: Ipv6Addr) -> bool {
         || (seg[0] & 0xffc0) == 0xfe80 // link-local
         || (seg[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
         || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+        // Teredo 2001::/32: a tunnel to an IPv4 host whose address is stored inverted (no API
+        // serves from one).
+        || (seg[0] == 0x2001 && seg[1] == 0)
 }
 
 fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
@@ -1332,6 +1335,8 @@ mod tests {
             "2002:7f00:1::",
             "fd00:ec2::254",
             "fe80::1",
+            // Teredo, whose client address (inverted) is 127.0.0.1.
+            "2001:0:4136:e378:8000:63bf:80ff:fffe",
         ] {
             assert!(is_blocked(a.parse().unwrap()), "{a} must be blocked");
         }

@@ -215,6 +215,10 @@ async fn host_header_naming_another_host_inside_the_tunnel_is_host_mismatch() {
         format!("other.test:{port}"),
         "other.test".to_string(),
         format!("secure.test:{}", port + 1),
+        // No port is https's 443 (RFC 9110 §4.2.2), not this tunnel's: as `:443` would be,
+        // and as the plain listener refuses the same omission.
+        "secure.test".to_string(),
+        "secure.test:443".to_string(),
     ] {
         let resp = h1_send(&mut conn, get("/x", &host)).await;
         let (_, rec) = kw.assert_denied_raw(&resp, 403, "host_mismatch").await;

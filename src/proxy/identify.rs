@@ -153,8 +153,10 @@ pub fn tunnel_target(parts: &Parts, tunnel: &TunnelHost) -> Result<Target, Targe
     if parts.uri.scheme_str().is_some_and(|s| s != "https") {
         return Err(ambiguous("unsupported_scheme"));
     }
-    // A Host without a port names the tunnel's port; an explicit one must equal it.
-    let (host, port) = parse_authority(named, tunnel.port)?;
+    // A Host without a port names https's port, 443 (RFC 9110 §4.2.2), as on the plain
+    // listener: in a tunnel to another port it names another authority, and is refused like
+    // an explicit `:443` would be. (Clients write a port that is not the default.)
+    let (host, port) = parse_authority(named, 443)?;
     if host != tunnel.host || port != tunnel.port {
         return Err(mismatch());
     }
