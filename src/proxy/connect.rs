@@ -81,7 +81,12 @@ pub async fn handle(
         draft.set_egress(&carried);
         let denial = Denial::bare(Reason::SecretEgress);
         let code = respond::egress_code(&carried);
-        return refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
+        let mut resp = refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
+        // Refused before the task's validity and its hold on the connection were checked:
+        // kept open, such a connection would escape `max_task_connections` (and outlive an
+        // ended task).
+        respond::close_after(&mut resp);
+        return resp;
     }
     let task = match identified {
         Ok(t) => t,

@@ -815,6 +815,10 @@ async fn refuse(
         hint,
         code,
     });
+    // A connection whose task has ended answers one request (a 407, or a refusal looked at
+    // before validity: `secret_egress`), then closes (SPEC §4.2).
+    let ended =
+        reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED || draft.task_ended();
     // (The response's status: a head too large is 431, not the reason's 400.)
     draft.write(state, reason, resp.status().as_u16()).await;
     // Recorded first: an agent that hangs up while its refusal waits still leaves the record
@@ -830,14 +834,12 @@ async fn refuse(
             t.close.notify_one();
             return std::future::pending().await;
         }
-        Some(_) if reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
-            end_connection(ctx, &mut resp)
-        }
+        Some(_) if ended => end_connection(ctx, &mut resp),
         Some(_) => {}
         None => {
             respond::close_unless_authenticated(&mut resp, reason, task.as_deref());
             // Nor one that no task holds: its task holds all the connections it may.
-            if flooding || !ctx.slot.held() {
+            if flooding || ended || !ctx.slot.held() {
                 respond::close_after(&mut resp);
             }
         }

@@ -1138,3 +1138,85 @@ async fn byte_ranges_cannot_split_a_reflected_credential() {
     assert!(!resp.text().contains(&f.creds.api_token));
     kw.assert_no_leaks().await;
 }
+
+/// Far below the idle timeout that would close a connection left open.
+const CLOSED_WITH_THE_ANSWER: Duration = Duration::from_secs(3);
+
+/// A leak is looked for before the task's validity and its hold on the connection: the
+/// refusal closes the connection (a CONNECT's, or a tunnel whose task has ended), so an agent
+/// repeating its own token in a header can neither hold places past `max_task_connections`
+/// nor keep an ended task's tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leak_refused_before_the_task_is_checked_closes_its_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let live = kw.mint("bot", json!(["secure.read"])).await;
+    let ended = kw.mint("bot", json!(["secure.read"])).await;
+    kw.revoke(&ended.id).await;
+    let authority = format!("secure.test:{}", f.tls.port());
+    for task in [&live, &ended] {
+        let connect = format!(
+            "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\nProxy-Authorization: {}\r\nX-A: {}\r\n\r\n",
+            crate::common::Harness::proxy_auth(task),
+            task.token
+        );
+        let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+        tcp.write_all(connect.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        // Closed with the answer, not left to the idle sweep.
+        tokio::time::timeout(CLOSED_WITH_THE_ANSWER, tcp.read_to_end(&mut buf))
+            .await
+            .expect("the connection stayed open after the refusal")
+            .unwrap();
+        let resp = crate::common::parse_response(&buf);
+        kw.saw(&resp.text());
+        let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+        assert_eq!(rec["credential"], "(task token)", "{rec}");
+    }
+    // On the plain listener, a connection its task holds, the task revoked since: the same.
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
+    let kept =
+        raw_req(&f, "GET", "plain.test", "/echo", &task, "").replace("Connection: close\r\n", "");
+    tcp.write_all(kept.as_bytes()).await.unwrap();
+    let first = crate::common::read_response(&mut tcp).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    kw.revoke(&task.id).await;
+    let leaking = kept.replacen(
+        "\r\n\r\n",
+        &format!("\r\nX-A: {}\r\n\r\n", f.creds.api_token),
+        1,
+    );
+    tcp.write_all(leaking.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(CLOSED_WITH_THE_ANSWER, tcp.read_to_end(&mut buf))
+        .await
+        .expect("the connection stayed open after the refusal")
+        .unwrap();
+    let resp = crate::common::parse_response(&buf);
+    kw.saw(&resp.text());
+    kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    // Inside a tunnel whose task was revoked after it opened: the refusal, then the close.
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let mut tls = tunnel_tls_at(&f, &task, "secure.test", f.tls.port(), &[b"http/1.1"]).await;
+    kw.revoke(&task.id).await;
+    let req = format!(
+        "GET /echo HTTP/1.1\r\nHost: {authority}\r\nX-A: {}\r\n\r\n",
+        f.creds.tls_token
+    );
+    bounded("write", tls.write_all(req.as_bytes()))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // (A TLS close without close_notify is an end all the same.)
+    let _ = tokio::time::timeout(CLOSED_WITH_THE_ANSWER, tls.read_to_end(&mut buf))
+        .await
+        .expect("the tunnel stayed open after the refusal");
+    let resp = crate::common::parse_response(&buf);
+    kw.saw(&resp.text());
+    kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(f.tls.hits(), 0);
+    assert_eq!(f.plain.hits(), 1, "only the first, allowed request");
+    kw.assert_no_leaks().await;
+}
