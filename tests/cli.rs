@@ -1350,11 +1350,13 @@ async fn check_refuses_an_audit_path_that_is_another_policy_file_by_any_name() {
 async fn check_refuses_an_audit_path_serve_could_not_use() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("logs")).unwrap();
+    std::os::unix::fs::symlink("/dev/null", dir.path().join("null-link")).unwrap();
     for (path, says) in [
         ("logs", "is a directory"),
         ("/tmp", "is a directory"),
         ("/dev/null", "discards what is written"),
         ("/dev/zero", "discards what is written"),
+        ("null-link", "discards what is written"),
     ] {
         let file = edited_policy(
             dir.path(),
@@ -1366,7 +1368,11 @@ async fn check_refuses_an_audit_path_serve_could_not_use() {
         let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
         assert_eq!(out.status.code(), Some(1), "{path}: {out:?}");
         let err = text(&out.stderr);
-        assert!(err.contains("audit.path"), "{path}: {err}");
+        // At the key, as every policy error: `file:line:column: key.path: message`.
+        assert!(
+            err.contains("policy.yaml:5:16: audit.path: `"),
+            "{path}: {err}"
+        );
         assert!(err.contains(says), "{path}: {err}");
     }
     for path in ["/dev/stdout", "logs/audit.jsonl"] {

@@ -134,7 +134,38 @@ pub(crate) fn read(
             );
         }
     }
+    if let AuditTarget::File(path) = &raw.audit.path {
+        if let Some(why) = audit_path_unusable(path) {
+            errs.push(audit_at.unwrap_or(Pos::START), "audit.path", why);
+        }
+    }
     raw
+}
+
+/// What `serve` would refuse about the audit path as it is on disk now, so `check` (and a
+/// reload) says it first: a directory, or a device that discards what is written (through
+/// links too). Not for the names of standard output or error, which point at whatever `check`
+/// has, not `serve`'s (`serve` looks at them itself).
+fn audit_path_unusable(audit: &Path) -> Option<String> {
+    if std::fs::metadata(audit).is_ok_and(|m| m.is_dir()) {
+        return Some(format!(
+            "`{}` is a directory; name a file (in it, say `audit.jsonl`)",
+            audit.display()
+        ));
+    }
+    let stream = [
+        "/dev/stdout",
+        "/dev/stderr",
+        "/dev/fd",
+        "/proc/self/fd",
+        "/dev/tty",
+    ]
+    .iter()
+    .any(|s| audit.starts_with(s));
+    if !stream && crate::audit::discards(rustix::fs::stat(audit)) {
+        return Some(format!("`{}` is a device that discards what is written: audit records would go nowhere; name a file, or `-` for standard output", audit.display()));
+    }
+    None
 }
 
 /// What else of the policy's files the audit log's path names, if anything (compared as

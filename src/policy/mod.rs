@@ -65,30 +65,7 @@ pub fn load(path: &Path) -> Result<Policy, PolicyErrors> {
     if let Some(what) = audit_names_another_file(&policy, path) {
         return Err(fail(format!("audit.path is the same file as {what} (another spelling, or a link): audit records would be appended to it; give the audit log a file of its own")));
     }
-    if let Some(why) = audit_path_unusable(&policy) {
-        return Err(fail(format!("audit.path {why}")));
-    }
     Ok(policy)
-}
-
-/// What `serve` would refuse about the audit path as it is on disk now, so `check` (and a
-/// reload) says it first: a directory, or a device that discards what is written. Looked at
-/// without following a last link for the device (`/dev/stdout` is one, to whatever standard
-/// output `check` has, not `serve`'s).
-fn audit_path_unusable(policy: &Policy) -> Option<String> {
-    let AuditTarget::File(audit) = &policy.audit.path else {
-        return None;
-    };
-    if std::fs::metadata(audit).is_ok_and(|m| m.is_dir()) {
-        return Some(format!(
-            "`{}` is a directory; name a file (in it, say `audit.jsonl`)",
-            audit.display()
-        ));
-    }
-    if crate::audit::discards(rustix::fs::lstat(audit)) {
-        return Some(format!("`{}` is a device that discards what is written: audit records would go nowhere; name a file, or `-` for standard output", audit.display()));
-    }
-    None
 }
 
 /// The other file of the policy's that `audit.path` names, found by what the paths name on

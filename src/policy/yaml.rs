@@ -77,6 +77,10 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
             let (mut pos, mut message) = describe_load_error(&e);
             if matches!(e, LoadError::ScanError(ref _m, ref scan) if scan.info().contains("tab")) {
                 pos = first_tab_from_line(text, pos.line).unwrap_or(pos);
+            } else if matches!(e, LoadError::ScanError(..)) && tab_before(text, pos) {
+                // (`key:<TAB>value`: the scanner names the value, not the tab it stumbled on.)
+                pos.column -= 1;
+                message.push_str(" (here a tab: use spaces)");
             }
             if matches!(e, LoadError::ScanError(..)) && brace_in_flow_list(text, pos) {
                 message.push_str(
@@ -107,6 +111,15 @@ fn first_tab_from_line(text: &str, line: usize) -> Option<Pos> {
                 column: column + 1,
             })
         })
+}
+
+/// Whether the character just before `pos` (on its line) is a tab.
+fn tab_before(text: &str, pos: Pos) -> bool {
+    pos.column > 1
+        && yaml_lines(text)
+            .nth(pos.line.saturating_sub(1))
+            .and_then(|(_, l)| l.chars().nth(pos.column - 2))
+            == Some('\t')
 }
 
 /// `text`'s lines as YAML counts them (a line ends at `\r\n`, `\n` or a lone `\r`), each with
@@ -942,6 +955,10 @@ mod tests {
         let cases = [
             ("a: [1, 2\nb: 3\n", "p.yaml:2:2: a: invalid YAML: "),
             ("a:\n\tb: 1\n", "p.yaml:2:1: a: invalid YAML: tabs"),
+            (
+                "a:\n  b:\tme\n",
+                "p.yaml:2:5: a: invalid YAML: ':' must be followed by a valid YAML whitespace (here a tab: use spaces)",
+            ),
             // The scanner names the scalar before the tab; the tab is what is wrong.
             (
                 "a:\n  b: me\n\tc: 1h\n",
