@@ -90,7 +90,8 @@ fn worker_count(
     var: Option<&str>,
     available: impl FnOnce() -> Option<usize>,
 ) -> Result<usize, String> {
-    match var {
+    // Empty is unset (a `KEYWARD_WORKERS=${X}` template with `X` unset).
+    match var.filter(|v| !v.trim().is_empty()) {
         Some(v) => match v.trim().parse::<usize>() {
             Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
             // (Digits and sign only: an environment variable is no secret, but it is echoed
@@ -395,7 +396,9 @@ mod tests {
         assert_eq!(worker_count(Some(" 2 "), || Some(8)), Ok(2));
         assert_eq!(worker_count(Some("1024"), || Some(8)), Ok(1024));
         // Anything else is said, not replaced by the default (or obeyed: 999999 threads).
-        for bad in ["0", "-1", "many", "", "1025", "999999", "2.5"] {
+        assert_eq!(worker_count(Some(""), || Some(4)), Ok(4));
+        assert_eq!(worker_count(Some("  "), || Some(4)), Ok(4));
+        for bad in ["0", "-1", "many", "1025", "999999", "2.5"] {
             let err = worker_count(Some(bad), || Some(4)).unwrap_err();
             assert!(err.starts_with("KEYWARD_WORKERS must be"), "{bad:?}: {err}");
             assert!(err.contains(&format!("`{bad}`")), "{bad:?}: {err}");

@@ -514,14 +514,25 @@ async fn task_listing_shows_intent_expiry_and_counts_but_never_tokens() {
         assert_eq!(status, 400, "{query}: {err}");
         assert_eq!(err["reason"], "bad_query", "{query}: {err}");
     }
-    // One task's route takes none: not ignored, and a DELETE with one revokes nothing.
-    for method in [Method::GET, Method::DELETE] {
-        let (status, err) = kw
-            .admin(method.clone(), "/v1/tasks/list-a?force=1", None)
-            .await;
-        assert_eq!(status, 400, "{method}: {err}");
-        assert_eq!(err["reason"], "bad_query", "{method}: {err}");
+    // No other route takes any: not ignored, and a DELETE with one revokes nothing, a POST
+    // mints or reloads nothing.
+    for (method, path) in [
+        (Method::GET, "/v1/tasks/list-a?force=1"),
+        (Method::DELETE, "/v1/tasks/list-a?force=1"),
+        (Method::POST, "/v1/tasks?agent=bot"),
+        (Method::POST, "/v1/reload?dry_run=1"),
+    ] {
+        let body = (method == Method::POST && path.starts_with("/v1/tasks"))
+            .then(|| json!({"agent": "bot", "intent": ["plain.issues.read"]}));
+        let (status, err) = kw.admin(method.clone(), path, body).await;
+        assert_eq!(status, 400, "{method} {path}: {err}");
+        assert_eq!(err["reason"], "bad_query", "{method} {path}: {err}");
     }
+    assert_eq!(
+        kw.metric("keyward_policy_reloads_total{result=\"ok\"}")
+            .await,
+        Some(0.0)
+    );
     let (_, list) = kw.admin(Method::GET, "/v1/tasks?status=active", None).await;
     assert_eq!(ids(&list), ["list-a"]);
     kw.assert_no_leaks().await;

@@ -20,6 +20,16 @@ const MAX_BODY: usize = 64 * 1024;
 pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    // Only the task list takes parameters; on any other route one is a mistake, said rather
+    // than ignored (a `DELETE …?force=1` revokes nothing).
+    let query = req.uri().query().is_some_and(|q| !q.is_empty());
+    if query && !(method == Method::GET && path == "/v1/tasks") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            "this route takes no query parameters",
+        );
+    }
     match (&method, path.as_str()) {
         (&Method::POST, "/v1/tasks") => mint(state, req).await,
         (&Method::GET, "/v1/tasks") => match ListFilter::parse(req.uri().query()) {
@@ -66,12 +76,6 @@ pub async fn v1(state: &Arc<State>, req: Request<Incoming>) -> AdminResponse {
                 )
             }
         },
-        // Its one task, nothing to narrow: a parameter is a mistake, said as the list says it.
-        (_, p) if p.starts_with("/v1/tasks/") && req.uri().query().is_some() => error(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            "a single task's route takes no query parameters",
-        ),
         (m, p) if p.starts_with("/v1/tasks/") => {
             let id = &p["/v1/tasks/".len()..];
             match *m {
