@@ -178,6 +178,12 @@ pub(crate) fn parse_host(text: &str) -> Result<String, String> {
     if text.contains('@') {
         return Err("a host must not contain userinfo (`user@`)".into());
     }
+    if text.contains('%') {
+        return Err(
+            "a host must not contain `%` (an IPv6 zone id, or percent-encoding); write the bare name or address"
+                .into(),
+        );
+    }
     if let Some(inner) = text.strip_prefix('[') {
         let Some(inner) = inner.strip_suffix(']') else {
             return Err("a host must not include a port (a service's port is its `port:`; a passthrough host is tunnelled on any port)".into());
@@ -420,6 +426,11 @@ mod tests {
         ];
         for text in bad {
             assert!(parse_host_pattern(text).is_err(), "{text:?} accepted");
+        }
+        // A zone id is not a port: said as what it is.
+        for text in ["fe80::1%lo", "[fe80::1%25lo]", "a%2eb.com"] {
+            let err = parse_host_pattern(text).unwrap_err();
+            assert!(err.contains("must not contain `%`"), "{text}: {err}");
         }
         let long_label = format!("{}.com", "a".repeat(64));
         assert!(parse_host_pattern(&long_label).is_err());

@@ -73,6 +73,10 @@ pub fn explain<'p>(
     });
     let code = match denial.reason {
         Reason::UnknownHost if code.is_none() && policy.serves_host(host) => Some(OTHER_PORT),
+        // (A CONNECT to it is a tunnel, never this refusal: a request came in absolute form.)
+        Reason::UnknownHost if code.is_none() && policy.is_passthrough(host) => {
+            Some(PASSTHROUGH_ONLY)
+        }
         _ => code,
     };
     (hint, code)
@@ -81,6 +85,8 @@ pub fn explain<'p>(
 /// `DenyInfo::code` of an `unknown_host` whose host a service has on another port or
 /// scheme.
 const OTHER_PORT: &str = "other_port";
+/// `DenyInfo::code` of an `unknown_host` for a passthrough host asked in absolute form.
+const PASSTHROUGH_ONLY: &str = "passthrough_only";
 
 /// A denial: the reason's status, `X-Keyward-Reason`, a problem document; 407s carry the
 /// `Proxy-Authenticate` challenge.
@@ -178,6 +184,7 @@ fn detail(info: &DenyInfo<'_>) -> String {
         Reason::TaskExpired => "The task has expired; mint a new one.".into(),
         Reason::TaskRevoked => "The task was revoked.".into(),
         Reason::UnknownHost if info.code == Some(OTHER_PORT) => "The host belongs to a configured service, but on another port or scheme (an `https` service is reached through CONNECT, an `http` one in absolute form).".into(),
+        Reason::UnknownHost if info.code == Some(PASSTHROUGH_ONLY) => "The host is a passthrough host: it is reached only through CONNECT (a blind tunnel, e.g. an https:// URL through the proxy), not by a plain http:// request.".into(),
         Reason::UnknownHost => "The host is not a configured service or passthrough host.".into(),
         Reason::RouteNotInIntent if info.code == Some(AT_CONNECT) => match info.hint {
             // Decided by host alone: the capability named is one that reaches the host, not

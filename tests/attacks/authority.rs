@@ -377,6 +377,14 @@ async fn wildcard_service_and_passthrough_hosts_match_exactly_one_label() {
         let (_, rec) = kw.assert_denied_raw(&head, 403, "unknown_host").await;
         assert_eq!(rec["method"], "CONNECT", "{rec}");
     }
+    // A passthrough host asked in absolute form is refused, and told how it is reached.
+    let resp = kw
+        .raw(&get(&format!("http://a.pass.test:{port}/x"), "", &task))
+        .await;
+    let (problem, rec) = kw.assert_denied_raw(&resp, 403, "unknown_host").await;
+    assert_eq!(rec["detail"], "passthrough_only", "{rec}");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("only through CONNECT"), "{problem}");
     assert_eq!(kw.metric(LEAVES).await, Some(0.0));
     kw.assert_no_leaks().await;
 }
