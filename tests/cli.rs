@@ -1310,6 +1310,18 @@ async fn task_commands_refuse_an_answer_that_is_not_keywards() {
     server.abort();
 }
 
+/// `keyward check` of the test policy with `audit.path` set to `path`.
+async fn check_with_audit_path(dir: &Path, path: &str) -> Output {
+    let file = edited_policy(
+        dir,
+        &[(
+            "audit: { path: audit.jsonl }",
+            &format!("audit: {{ path: {path} }}"),
+        )],
+    );
+    keyward(&["check", "--config", file.to_str().unwrap()]).await
+}
+
 /// `audit.path` naming another of the policy's files under another spelling (absolute
 /// against relative) or through a link is found by what it names on disk: `check` refuses it
 /// as it does the same spelling.
@@ -1327,14 +1339,7 @@ async fn check_refuses_an_audit_path_that_is_another_policy_file_by_any_name() {
         ("link.jsonl".to_string(), "the policy file itself"),
         ("hard.jsonl".to_string(), "credential `api_token`"),
     ] {
-        let file = edited_policy(
-            dir.path(),
-            &[(
-                "audit: { path: audit.jsonl }",
-                &format!("audit: {{ path: {path} }}"),
-            )],
-        );
-        let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+        let out = check_with_audit_path(dir.path(), &path).await;
         assert_eq!(out.status.code(), Some(1), "{path}: {out:?}");
         let err = text(&out.stderr);
         assert!(err.contains("audit.path"), "{path}: {err}");
@@ -1358,14 +1363,7 @@ async fn check_refuses_an_audit_path_serve_could_not_use() {
         ("/dev/zero", "discards what is written"),
         ("null-link", "discards what is written"),
     ] {
-        let file = edited_policy(
-            dir.path(),
-            &[(
-                "audit: { path: audit.jsonl }",
-                &format!("audit: {{ path: {path} }}"),
-            )],
-        );
-        let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+        let out = check_with_audit_path(dir.path(), path).await;
         assert_eq!(out.status.code(), Some(1), "{path}: {out:?}");
         let err = text(&out.stderr);
         // At the key, as every policy error: `file:line:column: key.path: message`.
@@ -1376,14 +1374,7 @@ async fn check_refuses_an_audit_path_serve_could_not_use() {
         assert!(err.contains(says), "{path}: {err}");
     }
     for path in ["/dev/stdout", "logs/audit.jsonl"] {
-        let file = edited_policy(
-            dir.path(),
-            &[(
-                "audit: { path: audit.jsonl }",
-                &format!("audit: {{ path: {path} }}"),
-            )],
-        );
-        let out = keyward(&["check", "--config", file.to_str().unwrap()]).await;
+        let out = check_with_audit_path(dir.path(), path).await;
         assert_eq!(out.status.code(), Some(0), "{path}: {out:?}");
     }
 }

@@ -466,24 +466,22 @@ impl Sink {
 
     /// Lets go of the regular file's lock (`lock`), before opening its path again.
     fn unlock(&self) {
-        if let Sink::File {
-            file,
-            regular: true,
-        } = self
-        {
-            let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::Unlock);
-        }
+        self.flock(rustix::fs::FlockOperation::Unlock);
     }
 
     /// Takes the lock back when the file stays in use after all (best effort: the other
     /// process that could take it meanwhile would have to start in that instant).
     fn relock(&self) {
+        self.flock(rustix::fs::FlockOperation::NonBlockingLockExclusive);
+    }
+
+    fn flock(&self, op: rustix::fs::FlockOperation) {
         if let Sink::File {
             file,
             regular: true,
         } = self
         {
-            let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+            let _ = rustix::fs::flock(file, op);
         }
     }
 

@@ -1142,13 +1142,24 @@ async fn byte_ranges_cannot_split_a_reflected_credential() {
 /// Far below the idle timeout that would close a connection left open.
 const CLOSED_WITH_THE_ANSWER: Duration = Duration::from_secs(3);
 
+/// The answer on `io`, which must be closed with it, not left to the idle sweep. (A TLS close
+/// without close_notify is an end all the same.)
+async fn answer_then_close<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> crate::common::RawResp {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(CLOSED_WITH_THE_ANSWER, io.read_to_end(&mut buf))
+        .await
+        .expect("the connection stayed open after the refusal");
+    crate::common::parse_response(&buf)
+}
+
 /// A leak is looked for before the task's validity and its hold on the connection: the
 /// refusal closes the connection (a CONNECT's, or a tunnel whose task has ended), so an agent
 /// repeating its own token in a header can neither hold places past `max_task_connections`
 /// nor keep an ended task's tunnel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leak_refused_before_the_task_is_checked_closes_its_connection() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let f = Fixture::start().await;
     let kw = &f.kw;
     let live = kw.mint("bot", json!(["secure.read"])).await;
@@ -1163,13 +1174,7 @@ async fn a_leak_refused_before_the_task_is_checked_closes_its_connection() {
         );
         let mut tcp = tokio::net::TcpStream::connect(kw.proxy_addr).await.unwrap();
         tcp.write_all(connect.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        // Closed with the answer, not left to the idle sweep.
-        tokio::time::timeout(CLOSED_WITH_THE_ANSWER, tcp.read_to_end(&mut buf))
-            .await
-            .expect("the connection stayed open after the refusal")
-            .unwrap();
-        let resp = crate::common::parse_response(&buf);
+        let resp = answer_then_close(&mut tcp).await;
         kw.saw(&resp.text());
         let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
         assert_eq!(rec["credential"], "(task token)", "{rec}");
@@ -1189,12 +1194,7 @@ async fn a_leak_refused_before_the_task_is_checked_closes_its_connection() {
         1,
     );
     tcp.write_all(leaking.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(CLOSED_WITH_THE_ANSWER, tcp.read_to_end(&mut buf))
-        .await
-        .expect("the connection stayed open after the refusal")
-        .unwrap();
-    let resp = crate::common::parse_response(&buf);
+    let resp = answer_then_close(&mut tcp).await;
     kw.saw(&resp.text());
     kw.assert_denied_raw(&resp, 403, "secret_egress").await;
     // Inside a tunnel whose task was revoked after it opened: the refusal, then the close.
@@ -1208,12 +1208,7 @@ async fn a_leak_refused_before_the_task_is_checked_closes_its_connection() {
     bounded("write", tls.write_all(req.as_bytes()))
         .await
         .unwrap();
-    let mut buf = Vec::new();
-    // (A TLS close without close_notify is an end all the same.)
-    let _ = tokio::time::timeout(CLOSED_WITH_THE_ANSWER, tls.read_to_end(&mut buf))
-        .await
-        .expect("the tunnel stayed open after the refusal");
-    let resp = crate::common::parse_response(&buf);
+    let resp = answer_then_close(&mut tls).await;
     kw.saw(&resp.text());
     kw.assert_denied_raw(&resp, 403, "secret_egress").await;
     assert_eq!(f.tls.hits(), 0);
