@@ -90,9 +90,17 @@ impl ConnPlace {
         }
     }
 
-    /// Whether a task holds the connection.
-    pub fn held(&self) -> bool {
-        self.holder.get().is_some()
+    /// Whether the connection stays open after a refusal of `task`'s request: `task` holds it
+    /// and has not ended. Not when no task holds it (its first refusal closes it), another
+    /// task does (a request checked before its claim: `secret_egress`), or the holder ended.
+    pub fn kept_by(&self, task: Option<&Arc<Task>>) -> bool {
+        match (self.holder.get(), task) {
+            (Some(hold), Some(task)) => {
+                hold.task().serial == task.serial
+                    && task.ended_at(std::time::SystemTime::now()).is_none()
+            }
+            _ => false,
+        }
     }
 
     /// SECURITY (I7): a denial on a connection a task holds waits out that task's denial
@@ -819,6 +827,7 @@ async fn refuse(
     // before validity: `secret_egress`), then closes (SPEC §4.2).
     let ended =
         reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED || draft.task_ended();
+    let kept = ctx.slot.kept_by(draft.task());
     // (The response's status: a head too large is 431, not the reason's 400.)
     draft.write(state, reason, resp.status().as_u16()).await;
     // Recorded first: an agent that hangs up while its refusal waits still leaves the record
@@ -838,8 +847,9 @@ async fn refuse(
         Some(_) => {}
         None => {
             respond::close_unless_authenticated(&mut resp, reason, task.as_deref());
-            // Nor one that no task holds: its task holds all the connections it may.
-            if flooding || ended || !ctx.slot.held() {
+            // Nor one this request's task does not hold, alive: one no task holds (its task
+            // holds all the connections it may), another task's, an ended task's.
+            if flooding || ended || !kept {
                 respond::close_after(&mut resp);
             }
         }

@@ -182,6 +182,11 @@ impl RecordDraft {
         self.task = Some(task.clone());
     }
 
+    /// The request's task, when one was identified.
+    pub fn task(&self) -> Option<&Arc<Task>> {
+        self.task.as_ref()
+    }
+
     /// Whether the request's task (when one was identified) has ended: revoked or expired.
     pub fn task_ended(&self) -> bool {
         self.task
