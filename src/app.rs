@@ -94,8 +94,7 @@ fn worker_count(
     match var.filter(|v| !v.trim().is_empty()) {
         Some(v) => match v.trim().parse::<usize>() {
             Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
-            // (Digits and sign only: an environment variable is no secret, but it is echoed
-            // back no longer than a number.)
+            // (Echoed back escaped and cut to 24 characters: the operator's own setting.)
             _ => Err(format!(
                 "KEYWARD_WORKERS must be a whole number from 1 to {MAX_WORKERS} (got `{}`); unset it to use one worker per CPU keyward may use",
                 v.chars().take(24).collect::<String>().escape_default()
@@ -395,9 +394,10 @@ mod tests {
         assert_eq!(worker_count(Some("3"), || Some(1)), Ok(3));
         assert_eq!(worker_count(Some(" 2 "), || Some(8)), Ok(2));
         assert_eq!(worker_count(Some("1024"), || Some(8)), Ok(1024));
-        // Anything else is said, not replaced by the default (or obeyed: 999999 threads).
+        // Empty is unset.
         assert_eq!(worker_count(Some(""), || Some(4)), Ok(4));
         assert_eq!(worker_count(Some("  "), || Some(4)), Ok(4));
+        // Anything else is said, not replaced by the default (or obeyed: 999999 threads).
         for bad in ["0", "-1", "many", "1025", "999999", "2.5"] {
             let err = worker_count(Some(bad), || Some(4)).unwrap_err();
             assert!(err.starts_with("KEYWARD_WORKERS must be"), "{bad:?}: {err}");

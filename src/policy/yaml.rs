@@ -75,7 +75,7 @@ pub(crate) fn parse_document(text: &str, errs: &mut Errors) -> Option<Node> {
         }
         Err(e) => {
             let (mut pos, mut message) = describe_load_error(&e);
-            if matches!(e, LoadError::ScanError(ref _m, ref scan) if scan.info().contains("tab")) {
+            if matches!(e, LoadError::ScanError(_, ref scan) if scan.info().contains("tab")) {
                 pos = first_tab_from_line(text, pos.line).unwrap_or(pos);
             } else if matches!(e, LoadError::ScanError(..)) && tab_before(text, pos) {
                 // (`key:<TAB>value`: the scanner names the value, not the tab it stumbled on.)
