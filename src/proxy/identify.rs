@@ -106,7 +106,10 @@ pub fn absolute_target(parts: &Parts) -> Result<Target, TargetError> {
     let scheme = match uri.scheme_str() {
         Some("http") => Scheme::Http,
         Some("https") => Scheme::Https,
-        _ => return Err(ambiguous("unsupported_scheme")),
+        // `host:port` with a method other than CONNECT (`connect`, lower case, is another
+        // method): not a scheme keyward refuses, no absolute URI at all.
+        None => return Err(ambiguous("not_absolute_form")),
+        Some(_) => return Err(ambiguous("unsupported_scheme")),
     };
     let (host, port) = parse_authority(authority.as_str(), scheme.default_port())?;
     // SECURITY: Host must agree with the URI, or some hop could route by the other one.

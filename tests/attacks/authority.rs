@@ -176,6 +176,16 @@ async fn odd_ports_and_host_spellings_in_the_absolute_uri_are_refused() {
         let resp = kw.raw(&get(&target, "", &task)).await;
         assert_unreadable(kw, &resp, &target, &mut unparsed).await;
     }
+    // `host:port` with another method than CONNECT (`connect` is one): no absolute URI, and
+    // said so, not called a scheme.
+    let resp = kw
+        .raw(&format!(
+            "connect plain.test:{port} HTTP/1.1\r\nHost: plain.test:{port}\r\nProxy-Authorization: {}\r\nConnection: close\r\n\r\n",
+            crate::common::Harness::proxy_auth(&task)
+        ))
+        .await;
+    let (_, rec) = kw.assert_denied_raw(&resp, 400, "ambiguous_request").await;
+    assert_eq!(rec["detail"], "not_absolute_form", "{rec}");
     assert_eq!(f.plain.hits(), 0);
     kw.assert_no_leaks().await;
 }
