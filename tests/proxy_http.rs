@@ -845,6 +845,17 @@ async fn a_secret_is_named_even_without_a_valid_token() {
         .metric(r#"keyward_decisions_total{agent="",capability="",decision="deny",reason="secret_egress",service="plain"}"#)
         .await;
     assert_eq!(counted, Some(5.0));
+    // In a head too large to be decided (65,536 bytes by default; the parser reads 16 KiB
+    // more), on the plain listener and at CONNECT: the leak is named, not a bare 431.
+    let big = format!("X-Big: {}\r\n", "a".repeat(70_000));
+    let resp = kw.raw(&get("", &format!("{big}{leak}"))).await;
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "api_token", "{rec}");
+    let connect =
+        format!("CONNECT plain.test:443 HTTP/1.1\r\nHost: plain.test:443\r\n{big}{leak}\r\n");
+    let resp = kw.raw(&connect).await;
+    let (_, rec) = kw.assert_denied_raw(&resp, 403, "secret_egress").await;
+    assert_eq!(rec["credential"], "api_token", "{rec}");
     let logs = common::captured_logs();
     assert!(
         logs.lines().any(|l| l.contains("WARN")

@@ -53,10 +53,30 @@ pub async fn handle(
     }
     let head_len = crate::proxy::identify::head_len(req.method(), req.uri(), req.headers());
     if head_len > state.settings.max_header_bytes {
-        draft.rec.outcome = Some(respond::HEAD_TOO_LARGE);
-        let denial = Denial::bare(Reason::AmbiguousRequest);
-        let code = Some(respond::HEAD_TOO_LARGE);
-        return refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
+        // A leak is named all the same (see `handle_request`).
+        let carried = generation.credentials.carried_by(
+            req.method(),
+            req.uri(),
+            req.headers(),
+            &state.tasks,
+            false,
+        );
+        let (denial, code) = if carried.is_empty() {
+            draft.rec.outcome = Some(respond::HEAD_TOO_LARGE);
+            (
+                Denial::bare(Reason::AmbiguousRequest),
+                Some(respond::HEAD_TOO_LARGE),
+            )
+        } else {
+            draft.set_egress(&carried);
+            (
+                Denial::bare(Reason::SecretEgress),
+                respond::egress_code(&carried),
+            )
+        };
+        let mut resp = refuse(&state, &generation, &ctx.slot, draft, denial, code).await;
+        respond::close_after(&mut resp);
+        return resp;
     }
     let authority = req.uri().authority().map(|a| a.as_str()).unwrap_or("");
     // The record of a 407 still names the destination asked for (scrubbed like every field).

@@ -243,9 +243,23 @@ async fn handle_request(
         if let Some(t) = &ctx.tunnel {
             draft.set_task(&t.task);
         }
-        let refusal = Refusal {
-            denial: Denial::bare(Reason::AmbiguousRequest),
-            code: Some(respond::HEAD_TOO_LARGE),
+        // A leak is named all the same (the head is bounded by the parser's buffer). Its
+        // `Proxy-Authorization` is scanned too: a task token there is not looked for.
+        let carried = generation.credentials.carried_by(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            &state.tasks,
+            false,
+        );
+        let refusal = if carried.is_empty() {
+            Refusal {
+                denial: Denial::bare(Reason::AmbiguousRequest),
+                code: Some(respond::HEAD_TOO_LARGE),
+            }
+        } else {
+            draft.rec.outcome = None;
+            egress_refusal(&generation, ctx, &parts, &mut draft, &carried)
         };
         return refuse(&state, &generation, ctx, draft, refusal).await;
     }
