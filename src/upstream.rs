@@ -332,6 +332,11 @@ impl ServicePool {
             Sender::Http2(mut h2) => {
                 self.speaks_h2.store(true, Ordering::Relaxed);
                 self.put_http2(h2.clone(), task);
+                // `Connection` is HTTP/1's (keyward names `te` there, RFC 9110 §10.1.4); hyper
+                // drops every header it names before HTTP/2, `te: trailers` with it, which gRPC
+                // servers require.
+                let mut req = req;
+                req.headers_mut().remove(http::header::CONNECTION);
                 h2.send_request(req)
                     .await
                     .map_err(|e| self.http2_failed(e, task))

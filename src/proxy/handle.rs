@@ -510,6 +510,9 @@ async fn handle_request(
                 // canonical one instead (a reflected credential could hide there).
                 resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
                 forward::strip_session_grants(resp.headers_mut());
+                // Ranges were not asked for (`strip_ranges`), so none are offered either: a
+                // download tool would resume by appending the whole answer to its partial file.
+                resp.headers_mut().remove(http::header::ACCEPT_RANGES);
                 r.headers(resp.headers_mut());
                 // Redaction may change the body's length, so its framing is left to hyper.
                 if !bodyless {
@@ -519,7 +522,12 @@ async fn handle_request(
             forward::name_unknown_status(&mut resp);
             let recorder = draft.into_recorder(state.clone(), status.as_u16(), started, upload);
             let (parts, body) = resp.into_parts();
-            if bodyless {
+            // An upstream whose head ended its stream (HTTP/2 HEADERS with END_STREAM: gRPC's
+            // trailers-only answer, its status in the head) gets the same from keyward: an
+            // empty DATA frame after it is an answer without trailers to a gRPC client.
+            let ended =
+                hyper::body::Body::is_end_stream(&body) && declared.map_or(true, |n| n == 0);
+            if bodyless || ended {
                 // The head is the whole answer (HEAD, 204, 304): hyper never reads a body for
                 // it, so whatever an upstream sends after it (HTTP/2 DATA) is not relayed and
                 // the record is complete now.

@@ -1220,6 +1220,74 @@ async fn an_http2_upstream_body_cut_short_is_cut_for_the_agent_too() {
     kw.assert_no_leaks().await;
 }
 
+/// gRPC through keyward: `te: trailers` reaches an HTTP/2 upstream (gRPC servers refuse a call
+/// without it; `Connection: te`, meant for HTTP/1, made hyper drop it), and a trailers-only
+/// answer (HEADERS with END_STREAM, the status in the head) reaches the agent as one, not as a
+/// head and an empty DATA frame (a gRPC client reads that as "no trailers": INTERNAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_keep_te_trailers_and_trailers_only_answers() {
+    let ca = crate::common::TestCa::new();
+    let (acceptor, listener) = h2_only_tls(&ca, &["secure.test"]).await;
+    let port = listener.local_addr().unwrap().port();
+    let te_seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Option<String>>::new()));
+    let seen = te_seen.clone();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = acceptor.accept(tcp).await.unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        while let Some(Ok((req, mut respond))) = conn.accept().await {
+            let te = req
+                .headers()
+                .get("te")
+                .map(|v| v.to_str().unwrap().to_string());
+            seen.lock().unwrap().push(te);
+            let head = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "12")
+                .header("grpc-message", "unimplemented method")
+                .body(())
+                .unwrap();
+            let _ = respond.send_response(head, true);
+        }
+    });
+    let f = fixture_with_tls_upstream_at(port, &ca).await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["secure.read"])).await;
+    let tls = crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"h2"]).await;
+    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://secure.test:{port}/echo"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = h2.send_request(req, false).unwrap();
+    stream
+        .send_data(Bytes::from_static(b"\0\0\0\0\0"), true)
+        .unwrap();
+    let resp = bounded("the answer", resp).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["grpc-status"], "12");
+    assert!(
+        resp.body().is_end_stream(),
+        "the head did not end the stream: the agent's gRPC client sees no trailers"
+    );
+    assert_eq!(*te_seen.lock().unwrap(), [Some("trailers".to_string())]);
+    let rec = kw
+        .audit_where("the gRPC call", |r| r["path"] == "/echo")
+        .await;
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+    assert_eq!(rec["status"], 200, "{rec}");
+    server.abort();
+    kw.assert_no_leaks().await;
+}
+
 /// (connection, head, body) of every request the CL.0 upstream read.
 type Cl0Log = std::sync::Arc<std::sync::Mutex<Vec<(usize, String, Vec<u8>)>>>;
 

@@ -1139,6 +1139,35 @@ async fn byte_ranges_cannot_split_a_reflected_credential() {
     kw.assert_no_leaks().await;
 }
 
+/// Nor does a credentialed answer invite ranges keyward will not pass on: its `Accept-Ranges`
+/// goes, so download tools do not resume by appending a whole answer to a partial file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentialed_answer_does_not_offer_byte_ranges() {
+    let script = ScriptUpstream::start(|_| {
+        Reply::bytes(http_response(
+            "200 OK",
+            &["Accept-Ranges: bytes", "Content-Length: 5"],
+            b"hello",
+        ))
+    })
+    .await;
+    let (f, task) = plain_fixture_at(&script).await;
+    let kw = &f.kw;
+    let resp = kw
+        .raw(&raw_req_at(
+            script.port(),
+            "GET",
+            "plain.test",
+            "/big",
+            &task,
+            "",
+        ))
+        .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("accept-ranges"), None, "{}", resp.text());
+    kw.assert_no_leaks().await;
+}
+
 /// Far below the idle timeout that would close a connection left open.
 const CLOSED_WITH_THE_ANSWER: Duration = Duration::from_secs(3);
 
