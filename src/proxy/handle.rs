@@ -272,7 +272,10 @@ async fn handle_request(
         websocket,
     } = match prepared {
         Ok(p) => p,
-        Err(refusal) => return refuse(&state, &generation, ctx, draft, refusal).await,
+        Err(refusal) => {
+            drain_refused(&parts, body).await;
+            return refuse(&state, &generation, ctx, draft, refusal).await;
+        }
     };
     // The agent side of a WebSocket upgrade stays here; it never travels upstream.
     let agent_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
@@ -877,6 +880,42 @@ async fn refuse(
         }
     }
     resp
+}
+
+/// How much of a refused request's body is read (and dropped) before the refusal is sent, and
+/// for how long at most.
+const DRAIN_BYTES: usize = 8 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads and drops what is left of a refused HTTP/1 request's body, within `DRAIN_BYTES` and
+/// `DRAIN_TIME`: a client that writes its whole upload before it reads (most HTTP/1 clients)
+/// would else meet a connection closed with its bytes unread, which the kernel answers with a
+/// reset that can take the refusal with it, and the agent would see a network error instead of
+/// why. Not when the client waits for `100 Continue` (reading would invite the body), nor over
+/// HTTP/2 (a stream reset stops the upload alone). None of it goes anywhere.
+async fn drain_refused(parts: &http::request::Parts, mut body: Incoming) {
+    use http_body_util::BodyExt as _;
+    let continues = parts
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if parts.version > http::Version::HTTP_11
+        || continues
+        || hyper::body::Body::is_end_stream(&body)
+    {
+        return;
+    }
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let read = frame.data_ref().map_or(0, |d| d.len());
+            left = left.saturating_sub(read);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// A 407 ends the connection it is sent on, inside a tunnel the tunnel (SPEC §4.2), gracefully:

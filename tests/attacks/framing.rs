@@ -853,6 +853,46 @@ async fn http2_data_longer_than_content_length_never_reaches_the_upstream_whole(
     kw.assert_no_leaks().await;
 }
 
+/// Most HTTP/1 clients write a whole upload before they read. A refusal must reach them: a
+/// connection closed with the upload unread is reset, and the reset can take the refusal with
+/// it (the agent saw a broken pipe or a TLS EOF instead of why). keyward reads and drops what
+/// is left of a refused body (bounded) before it answers; none of it goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_written_whole_before_reading_gets_its_refusal() {
+    let f = Fixture::start().await;
+    let kw = &f.kw;
+    let task = kw.mint("bot", json!(["plain.issues.read"])).await;
+    let body = vec![b'B'; 4 << 20];
+    for round in 0..3 {
+        let head = raw_req(
+            &f,
+            "POST",
+            "plain.test",
+            "/not-in-the-intent",
+            &task,
+            &format!("Content-Length: {}\r\n", body.len()),
+        );
+        let mut tcp = TcpStream::connect(f.kw.proxy_addr).await.unwrap();
+        let mut wire = head.into_bytes();
+        wire.extend_from_slice(&body);
+        // Everything first, as `urllib` and `requests` over TLS do; then the answer.
+        let wrote = bounded("the upload", tcp.write_all(&wire)).await;
+        assert!(
+            wrote.is_ok(),
+            "round {round}: the upload was cut: {wrote:?}"
+        );
+        let mut buf = Vec::new();
+        let read = bounded("the answer", tcp.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "round {round}: {read:?}");
+        let resp = parse_response(&buf);
+        kw.saw(&resp.text());
+        kw.assert_denied_raw(&resp, 403, "route_not_in_intent")
+            .await;
+    }
+    assert_eq!(f.plain.hits(), 0, "a refused body went upstream");
+    kw.assert_no_leaks().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expect_continue_on_a_denied_request_sends_no_100_and_no_body_upstream() {
     let f = Fixture::start().await;
