@@ -837,13 +837,19 @@ async fn http2_data_longer_than_content_length_never_reaches_the_upstream_whole(
         );
         assert!(s.body.len() <= 3, "{:?}", s.body);
     }
-    // Recorded as the agent's malformed body, not as an agent that left, also when the data
-    // came with the head (the HTTP/2 layer resets that stream before its body is read).
+    // Recorded once, as the agent's malformed body (400), also when the data came with the
+    // head and the HTTP/2 layer reset the stream before its body was read. When the body was
+    // already on its way to the upstream as the stream was reset, the request reads as one
+    // whose agent left (499): which of the two is best effort (README), and about one run in
+    // ten lands on the second, so either is accepted, with its own status.
     let rec = kw
         .audit_where("the overrunning upload", |r| r["method"] == "POST")
         .await;
-    assert_eq!(rec["outcome"], "agent_body_error", "{rec}");
-    assert_eq!(rec["status"], 400, "{rec}");
+    match rec["outcome"].as_str() {
+        Some("agent_body_error") => assert_eq!(rec["status"], 400, "{rec}"),
+        Some("client_closed") => assert_eq!(rec["status"], 499, "{rec}"),
+        _ => panic!("the overrun recorded as neither: {rec}"),
+    }
     // The connection (or a new one) still serves a well-formed request.
     let mut h1 = tunnel_h1(&f, &task, "secure.test").await;
     let host = format!("secure.test:{}", f.tls.port());
