@@ -14,9 +14,7 @@ use crate::common::{
     bounded, h2_send, http_response, parse_response, plain_fixture_at, plain_services_at, Fixture,
     Harness, RawResp, Reply, ScriptUpstream,
 };
-use crate::headers::{
-    allowed_record, get, h2_req, raw_req, raw_req_at, tunnel_h1, tunnel_h2, tunnel_tls,
-};
+use crate::headers::{allowed_record, get, h2_req, raw_req, raw_req_at, tunnel_h1, tunnel_h2};
 
 /// Writes `bytes` on a fresh connection to the proxy and reads until keyward closes it.
 async fn exchange(f: &Fixture, bytes: &[u8]) -> Vec<u8> {
@@ -746,7 +744,16 @@ async fn http2_streams_on_one_connection_are_each_decided_on_their_own() {
 /// An intercepted HTTP/2 connection to `secure.test` on the `h2` crate itself, which sends
 /// what hyper's client would tidy up (a repeated header, data past the content-length).
 async fn raw_h2(f: &Fixture, task: &crate::common::Task) -> h2::client::SendRequest<Bytes> {
-    let tls = tunnel_tls(f, task, "secure.test", &[b"h2"]).await;
+    raw_h2_at(f, task, f.tls.port()).await
+}
+
+/// `raw_h2` to `secure.test` on `port` (an upstream of the test's own).
+async fn raw_h2_at(
+    f: &Fixture,
+    task: &crate::common::Task,
+    port: u16,
+) -> h2::client::SendRequest<Bytes> {
+    let tls = crate::headers::tunnel_tls_at(f, task, "secure.test", port, &[b"h2"]).await;
     let (h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
         .await
         .unwrap();
@@ -883,12 +890,13 @@ async fn a_refused_upload_written_whole_before_reading_gets_its_refusal() {
         wire.extend_from_slice(&body);
         // Everything first, as `urllib` and `requests` over TLS do; then the answer.
         let wrote = bounded("the upload", tcp.write_all(&wire)).await;
-        assert!(
-            wrote.is_ok(),
-            "round {round}: the upload was cut: {wrote:?}"
-        );
         let mut buf = Vec::new();
         let read = bounded("the answer", tcp.read_to_end(&mut buf)).await;
+        assert!(
+            wrote.is_ok(),
+            "round {round}: the upload was cut ({wrote:?}); read before the cut: {read:?} {}",
+            String::from_utf8_lossy(&buf)
+        );
         assert!(read.is_ok(), "round {round}: {read:?}");
         let resp = parse_response(&buf);
         kw.saw(&resp.text());
@@ -1154,13 +1162,7 @@ async fn agent_request_trailers_never_reach_an_http2_upstream() {
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
     // An HTTP/2 agent sends trailers naming the injected header.
-    let tls = crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"h2"]).await;
-    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut h2 = raw_h2_at(&f, &task, port).await;
     let req = http::Request::builder()
         .method("POST")
         .uri(format!("https://secure.test:{port}/echo"))
@@ -1299,13 +1301,7 @@ async fn grpc_calls_keep_te_trailers_and_trailers_only_answers() {
     let f = fixture_with_tls_upstream_at(port, &ca).await;
     let kw = &f.kw;
     let task = kw.mint("bot", json!(["secure.read"])).await;
-    let tls = crate::headers::tunnel_tls_at(&f, &task, "secure.test", port, &[b"h2"]).await;
-    let (mut h2, conn) = bounded("h2 handshake", h2::client::handshake(tls))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mut h2 = raw_h2_at(&f, &task, port).await;
     let req = http::Request::builder()
         .method("POST")
         .uri(format!("https://secure.test:{port}/echo"))
