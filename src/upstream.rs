@@ -253,11 +253,8 @@ impl ServicePool {
             // the upstream speaks HTTP/2 to everything else.
             return self.send_new(req, true, task).await;
         }
-        if let Some(mut h2) = self.live_http2(task) {
-            return h2
-                .send_request(req)
-                .await
-                .map_err(|e| self.http2_failed(e, task));
+        if let Some(h2) = self.live_http2(task) {
+            return self.send_http2(h2, req, task).await;
         }
         if self.speaks_h2.load(Ordering::Relaxed) {
             let dialled = {
@@ -320,6 +317,21 @@ impl ServicePool {
         self.send_on(dialled, req, task).await
     }
 
+    /// Sends on an HTTP/2 connection. `Connection` is HTTP/1's (keyward names `te` there, RFC
+    /// 9110 §10.1.4), and hyper drops every header it names before HTTP/2: `te: trailers` with
+    /// it, which gRPC servers require. So it goes first.
+    async fn send_http2(
+        self: &Arc<Self>,
+        mut h2: http2::SendRequest<UpBody>,
+        mut req: Request<UpBody>,
+        task: u64,
+    ) -> Result<Response<Incoming>, SendError> {
+        req.headers_mut().remove(http::header::CONNECTION);
+        h2.send_request(req)
+            .await
+            .map_err(|e| self.http2_failed(e, task))
+    }
+
     /// Sends on a connection just dialled (or found by a request that waited for a dial),
     /// keeping an HTTP/2 one for the task.
     async fn send_on(
@@ -329,17 +341,10 @@ impl ServicePool {
         task: u64,
     ) -> Result<Response<Incoming>, SendError> {
         match sender {
-            Sender::Http2(mut h2) => {
+            Sender::Http2(h2) => {
                 self.speaks_h2.store(true, Ordering::Relaxed);
                 self.put_http2(h2.clone(), task);
-                // `Connection` is HTTP/1's (keyward names `te` there, RFC 9110 §10.1.4); hyper
-                // drops every header it names before HTTP/2, `te: trailers` with it, which gRPC
-                // servers require.
-                let mut req = req;
-                req.headers_mut().remove(http::header::CONNECTION);
-                h2.send_request(req)
-                    .await
-                    .map_err(|e| self.http2_failed(e, task))
+                self.send_http2(h2, req, task).await
             }
             Sender::Http1(sender) => match self.send_http1(sender, req, task).await {
                 Ok(resp) => Ok(resp),

@@ -273,7 +273,16 @@ async fn handle_request(
     } = match prepared {
         Ok(p) => p,
         Err(refusal) => {
-            drain_refused(&parts, body).await;
+            // Only on a connection the request's own live task holds: one that shows no valid
+            // token must give its place up at once (a full listener evicts them), not after a
+            // drain, or clients without a token could keep agents out.
+            let kept = match &ctx.tunnel {
+                Some(t) => t.task.ended_at(SystemTime::now()).is_none(),
+                None => ctx.slot.kept_by(draft.task()),
+            };
+            if kept {
+                drain_refused(&parts, body).await;
+            }
             return refuse(&state, &generation, ctx, draft, refusal).await;
         }
     };
