@@ -276,11 +276,7 @@ async fn handle_request(
             // Only on a connection the request's own live task holds: one that shows no valid
             // token must give its place up at once (a full listener evicts them), not after a
             // drain, or clients without a token could keep agents out.
-            let kept = match &ctx.tunnel {
-                Some(t) => t.task.ended_at(SystemTime::now()).is_none(),
-                None => ctx.slot.kept_by(draft.task()),
-            };
-            if kept {
+            if stays_open(ctx, &draft) {
                 drain_refused(&parts, body).await;
             }
             return refuse(&state, &generation, ctx, draft, refusal).await;
@@ -857,11 +853,10 @@ async fn refuse(
         hint,
         code,
     });
-    // A connection whose task has ended answers one request (a 407, or a refusal looked at
-    // before validity: `secret_egress`), then closes (SPEC §4.2).
-    let ended =
-        reason.status() == http::StatusCode::PROXY_AUTHENTICATION_REQUIRED || draft.task_ended();
-    let kept = ctx.slot.kept_by(draft.task());
+    // A 407 ends its connection (SPEC §4.2), and so does any refusal on a connection its
+    // request's task does not hold alive (`stays_open`).
+    let kept = reason.status() != http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        && stays_open(ctx, &draft);
     // (The response's status: a head too large is 431, not the reason's 400.)
     draft.write(state, reason, resp.status().as_u16()).await;
     // Recorded first: an agent that hangs up while its refusal waits still leaves the record
@@ -877,18 +872,27 @@ async fn refuse(
             t.close.notify_one();
             return std::future::pending().await;
         }
-        Some(_) if ended => end_connection(ctx, &mut resp),
+        Some(_) if !kept => end_connection(ctx, &mut resp),
         Some(_) => {}
         None => {
             respond::close_unless_authenticated(&mut resp, reason, task.as_deref());
-            // Nor one this request's task does not hold, alive: one no task holds (its task
-            // holds all the connections it may), another task's, an ended task's.
-            if flooding || ended || !kept {
+            if flooding || !kept {
                 respond::close_after(&mut resp);
             }
         }
     }
     resp
+}
+
+/// Whether a connection stays open after refusing a request: its request's own task holds it
+/// (the tunnel's task, or the plain connection it claimed) and has not ended. Not one no task
+/// holds (its task holds all the connections it may), another task's, or an ended task's
+/// (which answers one request, then closes: SPEC §4.2).
+fn stays_open(ctx: &ConnCtx, draft: &RecordDraft) -> bool {
+    match &ctx.tunnel {
+        Some(t) => t.task.ended_at(SystemTime::now()).is_none(),
+        None => ctx.slot.kept_by(draft.task()),
+    }
 }
 
 /// How much of a refused request's body is read (and dropped) before the refusal is sent, and

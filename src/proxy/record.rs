@@ -187,13 +187,6 @@ impl RecordDraft {
         self.task.as_ref()
     }
 
-    /// Whether the request's task (when one was identified) has ended: revoked or expired.
-    pub fn task_ended(&self) -> bool {
-        self.task
-            .as_ref()
-            .is_some_and(|t| t.ended_at(std::time::SystemTime::now()).is_some())
-    }
-
     pub fn set_target(&mut self, method: &str, scheme: Scheme, host: &str, port: u16, path: &str) {
         self.rec.method = method.to_string();
         self.rec.scheme = scheme.as_str();
